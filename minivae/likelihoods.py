@@ -1,0 +1,112 @@
+"""Reconstruction terms -log p(x|z), in nats, one value per example.
+
+Each is a forward/backward pair.  The forward returns the negative
+log-likelihood summed over the D data dimensions, shape (N,); the backward
+takes the per-example upstream gradient ``dnll`` (N,) and returns the
+gradient with respect to the decoder's raw outputs.
+
+Shapes: ``N`` examples, ``D`` data dimension.  Every function also accepts a
+leading sample axis, (S, N, D) outputs against (N, D) data, by broadcasting;
+the per-example results are then (S, N).
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import get_array_module
+from .gaussian import LOG_2PI
+from .layers import sigmoid, softplus
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned_var")
+
+
+# ----------------------------------------------------------------------------
+# Bernoulli from logits (the "BCE" loss)
+# ----------------------------------------------------------------------------
+def bernoulli_nll_forward(logits, x):
+    """-log Bernoulli(x; p = sigmoid(logits)), summed over D.
+
+    Per pixel, with l the logit:
+        -[x log p + (1 - x) log(1 - p)]
+          = x softplus(-l) + (1 - x) softplus(l)
+          = softplus(l) - x l.
+    Computing it from logits with a stable softplus never takes log(0), even
+    when sigmoid(l) rounds to exactly 0 or 1 (|l| > 17 in float32).  x may be
+    any value in [0, 1] (continuous "probabilities" as targets are allowed).
+
+    Shapes: logits (N, D), x (N, D) -> nll (N,).
+    """
+    ### BEGIN SOLUTION bernoulli_nll_forward
+    nll = (softplus(logits) - x * logits).sum(axis=-1)   # sum_d softplus(l) - x l
+    ### END SOLUTION
+    return nll, (logits, x)
+
+
+def bernoulli_nll_backward(dnll, cache):
+    """d/dl [softplus(l) - x l] = sigmoid(l) - x.
+
+    Shapes: dnll (N,) -> dlogits (N, D).
+    """
+    logits, x = cache
+    ### BEGIN SOLUTION bernoulli_nll_backward
+    dlogits = dnll[..., None] * (sigmoid(logits) - x)     # dL/dl = upstream * (p - x)
+    ### END SOLUTION
+    return dlogits
+
+
+# ----------------------------------------------------------------------------
+# Gaussian with fixed variance (the "MSE" form)
+# ----------------------------------------------------------------------------
+def gaussian_nll_forward(mean, x, var=1.0):
+    """-log N(x; mean, var I) with a fixed scalar variance, summed over D.
+
+        nll = sum_d (x_d - mean_d)^2 / (2 var) + D/2 * log(2 pi var)
+
+    This is the squared error up to a scale and a constant; the constant is
+    kept so the number is a real log-likelihood in nats.
+
+    Shapes: mean, x (N, D) -> nll (N,).
+    """
+    D = x.shape[-1]
+    r = mean - x
+    nll = (r * r).sum(axis=-1) * (0.5 / var) + 0.5 * D * (LOG_2PI + math.log(var))
+    return nll, (r, var)
+
+
+def gaussian_nll_backward(dnll, cache):
+    """d nll / d mean = (mean - x) / var.  dnll (N,) -> dmean (N, D)."""
+    r, var = cache
+    return dnll[..., None] * r * (1.0 / var)
+
+
+# ----------------------------------------------------------------------------
+# Gaussian with a learned per-pixel variance
+# ----------------------------------------------------------------------------
+def gaussian_learned_var_nll_forward(mean, logvar, x):
+    """-log N(x; mean, diag exp(logvar)), the decoder predicting both.
+
+        nll = 1/2 * sum_d [ (x_d - mean_d)^2 exp(-logvar_d) + logvar_d + log 2 pi ]
+
+    Shapes: mean, logvar, x (N, D) -> nll (N,).
+    """
+    xp = get_array_module(mean, logvar, x)
+    D = x.shape[-1]
+    r = mean - x
+    inv_var = xp.exp(-logvar)
+    nll = 0.5 * (r * r * inv_var + logvar).sum(axis=-1) + 0.5 * D * LOG_2PI
+    return nll, (r, inv_var)
+
+
+def gaussian_learned_var_nll_backward(dnll, cache):
+    """Gradients with u = (x - mean)^2 exp(-logvar):
+
+        d nll / d mean   = (mean - x) exp(-logvar)
+        d nll / d logvar = 1/2 * (1 - (x - mean)^2 exp(-logvar))
+
+    dnll (N,) -> (dmean, dlogvar), each (N, D).
+    """
+    r, inv_var = cache
+    g = dnll[..., None]
+    dmean = g * r * inv_var                      # (mean - x) / sigma^2
+    dlogvar = g * (0.5 * (1.0 - r * r * inv_var))  # (1 - r^2 / sigma^2) / 2
+    return dmean, dlogvar
