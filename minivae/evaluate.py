@@ -70,3 +70,18 @@ def negative_elbo(model, x, rng, batch_size=1000):
         for key in tot:
             tot[key] += float(to_numpy(model.parts[key])) * xb.shape[0]
     return {key: v / N for key, v in tot.items()}
+
+
+def report(model, x, rng, iw_k=0, chunk=100, batch_size=500, progress=False):
+    """Evaluation summary of ``model`` on data ``x`` (already binarized if needed).
+
+    Returns a dict of plain Python numbers: ``n``, ``neg_elbo``, ``recon``,
+    ``kl`` (nats per example) and, when ``iw_k > 0``, ``iw_nll`` and ``iw_k``.
+    """
+    parts = negative_elbo(model, x, rng, batch_size=batch_size)
+    out = {"n": int(np.shape(x)[0]), "neg_elbo": parts["loss"], "recon": parts["recon"], "kl": parts["kl"]}
+    if iw_k:
+        ll = iw_log_likelihood(model, x, iw_k, rng, chunk=chunk, batch_size=batch_size)
+        out["iw_k"] = int(iw_k)
+        out["iw_nll"] = float(-ll.mean())
+    return out

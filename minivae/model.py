@@ -197,6 +197,7 @@ class VAE:
 
     def _encoder_backward(self, dmu, dlogvar, cache, grads):
         caches, c_mu, c_lv = cache
+        ### BEGIN SOLUTION vae_backward
         dh, grads["enc.mu.W"], grads["enc.mu.b"] = dense_backward(dmu, c_mu)
         dh_lv, grads["enc.logvar.W"], grads["enc.logvar.b"] = dense_backward(dlogvar, c_lv)
         dh += dh_lv                                    # h feeds both heads: add the two paths
@@ -204,6 +205,7 @@ class VAE:
             c_dense, c_act = caches[i]
             da = self.act_backward(dh, c_act)
             dh, grads[f"enc.{i}.W"], grads[f"enc.{i}.b"] = dense_backward(da, c_dense)
+        ### END SOLUTION
         return dh
 
     def _decoder_forward(self, z):
@@ -223,6 +225,7 @@ class VAE:
 
     def _decoder_backward(self, douts, cache, grads):
         caches, c_outs = cache
+        ### BEGIN SOLUTION vae_backward
         dh, grads["dec.out.W"], grads["dec.out.b"] = dense_backward(douts[0], c_outs[0])
         if len(douts) == 2:
             dh2, grads["dec.out_logvar.W"], grads["dec.out_logvar.b"] = dense_backward(douts[1], c_outs[1])
@@ -231,6 +234,7 @@ class VAE:
             c_dense, c_act = caches[i]
             da = self.act_backward(dh, c_act)
             dh, grads[f"dec.{i}.W"], grads[f"dec.{i}.b"] = dense_backward(da, c_dense)
+        ### END SOLUTION
         return dh
 
     def _recon_forward(self, outs, x):
@@ -287,6 +291,7 @@ class VAE:
 
         # ---- backward: loss = 1/(S N) sum_sn rec_sn + beta/N sum_n kl_n
         grads = self.new_grads()
+        ### BEGIN SOLUTION vae_backward
         drec = xp.full((S, N), 1.0 / (S * N), dtype=self.dtype)      # dloss/drec_sn
         douts = self._recon_backward(drec, c_rec)                     # (S, N, D) each
         dz = self._decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, grads)
@@ -296,6 +301,7 @@ class VAE:
         dmu += dmu_kl
         dlogvar += dlogvar_kl
         self._encoder_backward(dmu, dlogvar, c_enc, grads)
+        ### END SOLUTION
         return loss, grads
 
     def encode(self, x):
