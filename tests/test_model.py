@@ -1,0 +1,224 @@
+"""The whole VAE: gradient checks for every parameter, shapes, dtypes, overfitting, API contracts."""
+import numpy as np
+import pytest
+
+import minivae
+from minivae import VAE, VAEConfig, check_model
+from minivae.backend import BackendError, to_numpy
+from minivae.gradcheck import GradientCheckError
+from conftest import backends
+
+
+def small(likelihood="bernoulli", activation="tanh", hidden=(5, 4), backend="numpy", dtype="float64", seed=1):
+    cfg = VAEConfig(x_dim=6, hidden=hidden, z_dim=3, activation=activation, likelihood=likelihood, dtype=dtype)
+    return VAE(cfg, rng=seed, backend=backend)
+
+
+def data(rng, likelihood, n=4, d=6):
+    if likelihood == "bernoulli":
+        return rng.uniform(0.05, 0.95, (n, d))
+    return rng.standard_normal((n, d))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian_learned_var"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "sigmoid", "softplus"])
+def test_whole_model_gradcheck(backend, likelihood, activation, rng):
+    model = small(likelihood, activation, backend=backend)
+    x = data(rng, likelihood)
+    report = check_model(model, x, n_samples=3, beta=0.7, rng=rng)
+    assert set(report) == set(model.params)
+    assert max(report.values()) < 1e-7, report
+
+
+def test_gradcheck_three_hidden_layers_keras_style(rng):
+    model = small(hidden=(7, 5, 4), activation="relu")
+    report = check_model(model, data(rng, "bernoulli"), n_samples=2, beta=2.5, rng=rng)
+    assert max(report.values()) < 1e-7
+
+
+def test_gradcheck_catches_a_broken_model_backward(rng, monkeypatch):
+    """A planted bug in the model's backward (a wrong sign in the KL gradient) must fail the check."""
+    import minivae.model as mm
+    real = mm.kl_backward
+    monkeypatch.setattr(mm, "kl_backward", lambda d, c: tuple(-g for g in real(d, c)))
+    with pytest.raises(GradientCheckError, match="enc\\."):
+        check_model(small(), data(rng, "bernoulli"), rng=rng)
+
+
+def test_param_names_order_and_shapes():
+    m = VAE(VAEConfig(x_dim=784, hidden=(200, 100), z_dim=8, likelihood="gaussian_learned_var"), rng=0)
+    assert list(m.params) == [
+        "enc.0.W", "enc.0.b", "enc.1.W", "enc.1.b", "enc.mu.W", "enc.mu.b", "enc.logvar.W", "enc.logvar.b",
+        "dec.0.W", "dec.0.b", "dec.1.W", "dec.1.b", "dec.out.W", "dec.out.b", "dec.out_logvar.W", "dec.out_logvar.b"]
+    assert m.params["enc.0.W"].shape == (784, 200) and m.params["dec.0.W"].shape == (8, 100)
+    assert m.params["dec.1.W"].shape == (100, 200) and m.params["dec.out.W"].shape == (200, 784)
+    assert m.size == sum(p.size for p in m.params.values()) == m.flat.size
+    # params are views of the flat buffer
+    m.params["enc.0.b"][:] = 7.0
+    assert np.all(m.flat[784 * 200: 784 * 200 + 200] == 7.0)
+    m.params["enc.0.b"] = np.zeros(200)
+    assert np.all(m.flat[784 * 200: 784 * 200 + 200] == 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        m.params["enc.0.b"] = np.zeros(3)
+
+
+def test_init_matches_pytorch_linear_default_scheme():
+    m = VAE(VAEConfig(), rng=0)
+    W = m.params["enc.0.W"]
+    bound = 1 / np.sqrt(784)
+    assert np.abs(W).max() <= bound and np.abs(W).max() > 0.99 * bound
+    assert abs(W.std() - bound / np.sqrt(3)) < 0.01 * bound
+
+
+def test_loss_parts_and_grads_keys(rng):
+    m = small()
+    x = data(rng, "bernoulli")
+    loss, grads = m.loss(x, beta=0.5)
+    assert list(grads) == list(m.params)
+    assert all(grads[k].shape == m.params[k].shape for k in grads)
+    assert np.isclose(float(loss), float(m.parts["recon"]) + 0.5 * float(m.parts["kl"]))
+    loss2, none = m.loss(x, eps=rng.standard_normal((4, 3)), backward=False)
+    assert none is None and np.isfinite(loss2)
+
+
+def test_eps_controls_the_noise_and_n_samples_averages(rng):
+    m = small()
+    x = data(rng, "bernoulli")
+    eps = rng.standard_normal((3, 4, 3))
+    l_all, _ = m.loss(x, eps=eps, n_samples=3, backward=False)
+    recons = []
+    for s in range(3):
+        m.loss(x, eps=eps[s], backward=False)
+        recons.append(float(m.parts["recon"]))
+    m.loss(x, eps=eps, n_samples=3, backward=False)
+    assert np.isclose(float(m.parts["recon"]), np.mean(recons), rtol=1e-12)
+    assert np.isclose(float(l_all), np.mean(recons) + float(m.parts["kl"]), rtol=1e-12)
+    with pytest.raises(ValueError, match="eps must have shape"):
+        m.loss(x, eps=rng.standard_normal((2, 4, 3)), n_samples=3)
+    with pytest.raises(ValueError, match="eps must have shape"):
+        m.loss(x, eps=rng.standard_normal((4, 2)))
+
+
+def test_bad_inputs_give_clear_errors(rng):
+    m = small()
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 6\)"):
+        m.loss(np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        m.loss(np.full((2, 6), np.nan))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        m.loss(np.full((2, 6), 1.5))
+    with pytest.raises(ValueError, match="n_samples"):
+        m.loss(np.zeros((2, 6)), n_samples=0)
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        VAEConfig(likelihood="poisson")
+    with pytest.raises(ValueError, match="unknown activation"):
+        VAEConfig(activation="swish")
+    with pytest.raises(ValueError, match="dtype"):
+        VAEConfig(dtype="float16")
+    # Gaussian likelihoods accept any finite real data
+    g = small("gaussian")
+    assert np.isfinite(g.loss(np.full((2, 6), 3.0))[0])
+
+
+def test_float32_training_step_stays_float32(rng):
+    m = VAE(VAEConfig(x_dim=20, hidden=(8, 8), z_dim=3), rng=0)
+    assert m.flat.dtype == np.float32
+    opt = minivae.Adam(lr=1e-3, clip_norm=10.0, weight_decay=1e-4)
+    x = rng.uniform(0, 1, (5, 20))        # float64 input is cast to the model's dtype
+    for _ in range(3):
+        loss, grads = m.loss(x, n_samples=2, beta=0.5)
+        assert loss.dtype == np.float32 and grads.flat.dtype == np.float32
+        assert all(g.dtype == np.float32 for g in grads.values())
+        assert all(v.dtype == np.float32 for v in m.parts.values())
+        opt.step(m.params, grads)
+        assert m.flat.dtype == np.float32 and all(p.dtype == np.float32 for p in m.params.values())
+        assert all(a.dtype == np.float32 for st in opt.state for a in st.values())
+    for out in (m.encode(x)[0], m.encode(x)[1], m.decode(np.zeros((2, 3))), m.reconstruct(x), m.sample(4, rng)):
+        assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian_learned_var"])
+def test_tiny_batch_overfits(likelihood):
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(size=(8, 30)) > 0.5).astype(np.float32)
+    m = VAE(VAEConfig(x_dim=30, hidden=(64,), z_dim=4, likelihood=likelihood, obs_var=0.1), rng=0)
+    opt = minivae.Adam(lr=3e-3)
+    first = float(m.loss(x, backward=False)[0])
+    for _ in range(1500):
+        _, g = m.loss(x)
+        opt.step(m.params, g)
+    rec = np.asarray(m.reconstruct(x))
+    if likelihood == "bernoulli":
+        assert float(m.parts["recon"]) < 0.15 * first
+    assert np.mean((rec > 0.5) == (x > 0.5)) == 1.0, "every pixel of the 8 training images is reconstructed"
+
+
+def test_same_seed_same_numbers():
+    rng = np.random.default_rng(5)
+    x = rng.uniform(size=(16, 12))
+    losses = []
+    for _ in range(2):
+        m = VAE(VAEConfig(x_dim=12, hidden=(10,), z_dim=2), rng=42)
+        opt = minivae.Adam()
+        for _ in range(5):
+            loss, g = m.loss(x)
+            opt.step(m.params, g)
+        losses.append((float(loss), m.flat.copy()))
+    assert losses[0][0] == losses[1][0] and np.array_equal(losses[0][1], losses[1][1])
+
+
+def test_decode_sample_reconstruct_shapes_and_ranges(rng):
+    m = VAE(VAEConfig(x_dim=12, hidden=(10,), z_dim=2), rng=0)
+    x = rng.uniform(size=(5, 12))
+    mu, logvar = m.encode(x)
+    assert mu.shape == logvar.shape == (5, 2)
+    p = m.decode(mu)
+    assert p.shape == (5, 12) and p.min() >= 0 and p.max() <= 1
+    assert np.allclose(m.reconstruct(x), p)
+    s1, s2 = m.sample(7, rng=3), m.sample(7, rng=3)
+    assert s1.shape == (7, 12) and np.array_equal(s1, s2)
+    with pytest.raises(ValueError, match="z must have shape"):
+        m.decode(np.zeros((3, 5)))
+
+
+def test_log_weights_match_their_definition(rng):
+    from minivae.gaussian import log_diag_normal, log_standard_normal
+    m = small(dtype="float64")
+    x = data(rng, "bernoulli")
+    eps = rng.standard_normal((5, 4, 3))
+    lw = m.log_weights(x, eps)
+    mu, logvar = m.encode(x)
+    z = mu + np.exp(0.5 * logvar) * eps
+    p = np.asarray(m.decode(z.reshape(-1, 3))).reshape(5, 4, 6)
+    log_px = (x * np.log(p) + (1 - x) * np.log(1 - p)).sum(-1)
+    expected = log_px + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
+    assert np.allclose(lw, expected, rtol=1e-10)
+    # E_q[log w] = ELBO: with the eps, -mean(log w) estimates the loss (MC KL vs analytic KL)
+    eps_many = rng.standard_normal((4000, 4, 3))
+    elbo_mc = np.mean(m.log_weights(x, eps_many))
+    loss, _ = m.loss(x, eps=eps_many, n_samples=4000, backward=False)
+    assert abs(-elbo_mc - float(loss)) < 0.05
+
+
+def test_cupy_request_without_gpu_raises_clearly():
+    if minivae.cupy_available():
+        pytest.skip("a GPU is available here")
+    with pytest.raises(BackendError, match="cupy"):
+        VAE(VAEConfig(), rng=0, backend="cupy")
+
+
+@pytest.mark.gpu
+def test_cupy_matches_numpy_for_same_seed():
+    import cupy
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(6, 12))
+    eps = rng.standard_normal((2, 6, 3))
+    cfg = VAEConfig(x_dim=12, hidden=(10, 8), z_dim=3, dtype="float64")
+    mn, mc = VAE(cfg, rng=7), VAE(cfg, rng=7, backend="cupy")
+    ln, gn = mn.loss(x, eps=eps, n_samples=2)
+    lc, gc = mc.loss(cupy.asarray(x), eps=eps, n_samples=2)
+    assert isinstance(gc["enc.0.W"], cupy.ndarray)
+    assert np.isclose(float(ln), float(lc), rtol=1e-10)
+    for k in gn:
+        assert np.allclose(gn[k], to_numpy(gc[k]), rtol=1e-8, atol=1e-12)
