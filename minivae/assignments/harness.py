@@ -1,0 +1,554 @@
+"""The checking harness for the minivae course exercises.
+
+This one file does all the checking, and it is deliberately standalone
+(NumPy and the standard library only): it never imports the checking tools
+of the package it checks, so a student who edits ``minivae/gradcheck.py``
+cannot change how they are graded.  It runs in three ways:
+
+``python -I harness.py grade --student DIR --exercise ID --reference REF --result FILE``
+    What the grader runs, once per exercise, in a fresh isolated process
+    (``-I``: no PYTHONPATH, no user site, no script directory on sys.path).
+    The student's ``DIR/minivae`` is imported (and checked to really come
+    from DIR); the truth comes from ``REF`` (the grader's ``reference.py``):
+    forward exercises are compared with its formulas, backward exercises with
+    central finite differences of its forward functions, in float64 with a
+    random upstream gradient.  The result is written to FILE as JSON.
+
+``python -I harness.py record --student SRC --reference REF --out FILE``
+    What ``make`` runs on the reference code: the same checks with the local
+    seed, storing every expected forward value so the student copy can check
+    forward exercises without seeing the formulas.
+
+``python check.py [EXERCISE ...]``  (this file, copied into a student copy)
+    The students' local checks: the same checks, in one process, with
+    expected forward values read from ``check_expected.npz`` and finite
+    differences taken through the student's own forward functions.
+
+Each check tests its own exercise only.  A backward check gets its cache from
+the truth's forward (in the layout fixed by the code outside the regions), so
+a bug in ``reparameterize_forward`` does not fail ``reparameterize_backward``;
+when grading, ``vae_backward`` runs with the reference ops patched into the
+student's ``minivae.model``, so only the chaining in model.py is graded.
+
+Each check reports: status (pass / fail / error / not_implemented), the worst
+relative error ``max|a - b| / max(|a| + |b|)`` over everything compared, the
+name of the first wrong quantity (``dW``, ``dlogvar``, ``enc.0.W`` ...) and a
+message.
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+GRAD_TOL = 1e-6      # finite differences vs analytic, float64, h = 1e-5
+VALUE_TOL = 1e-9     # forward values vs the reference formula, float64
+H = 1e-5
+LOCAL_SEED = 0
+EXPECTED_FILE = "check_expected.npz"
+MODULES = ("config", "layers", "gaussian", "likelihoods", "optim", "model")
+OP_MODULE = {"dense_forward": "layers", "relu_forward": "layers", "tanh_forward": "layers",
+             "sigmoid_forward": "layers", "reparameterize_forward": "gaussian", "kl_forward": "gaussian",
+             "bernoulli_nll_forward": "likelihoods"}
+
+
+class CheckFailed(Exception):
+    """Stops one check at the first wrong quantity."""
+
+
+# ----------------------------------------------------------------------------
+# importing the student's package
+# ----------------------------------------------------------------------------
+def import_student(student_dir):
+    """Import ``minivae`` from ``student_dir`` only; return {module name: module}."""
+    student_dir = Path(student_dir).resolve()
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", here)]
+    sys.path.insert(0, str(student_dir))
+    for name in [m for m in sys.modules if m == "minivae" or m.startswith("minivae.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    pkg = importlib.import_module("minivae")
+    origin = Path(pkg.__file__).resolve()
+    if student_dir not in origin.parents:
+        raise ImportError(f"imported minivae from {origin}, not from {student_dir}: "
+                          "the student copy must hold minivae/__init__.py")
+    mods = {"minivae": pkg}
+    for m in MODULES:
+        mods[m] = importlib.import_module(f"minivae.{m}")
+    return mods
+
+
+def load_reference(path):
+    spec = importlib.util.spec_from_file_location("_minivae_grader_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------
+# context: where the truth comes from
+# ----------------------------------------------------------------------------
+class Context:
+    """mode "grade"/"record": truth from the reference module; "local": truth from recorded values."""
+
+    def __init__(self, mode, mods, seed, reference=None, expected=None):
+        self.mode, self.mods, self.seed = mode, mods, seed
+        self.ref, self.expected = reference, expected
+        self.recorded = {}
+
+    def rng(self, exercise_id):
+        return np.random.default_rng([self.seed, zlib.crc32(exercise_id.encode())])
+
+    def op(self, name):
+        """A forward op returning ``(out, cache)``: the reference's, or locally the student's own."""
+        if self.ref is not None:
+            return getattr(self.ref, name)
+        return getattr(self.mods[OP_MODULE[name]], name)
+
+    def expect(self, key, compute):
+        """The expected value stored under ``key``; ``compute()`` uses the reference module."""
+        if self.mode == "local":
+            if key not in self.expected:
+                raise KeyError(f"{EXPECTED_FILE} has no value {key!r}: regenerate the starter with make")
+            return self.expected[key]
+        value = np.asarray(compute(), dtype=np.float64)
+        if self.mode == "record":
+            self.recorded[key] = value
+        return value
+
+    @property
+    def patch_model(self):
+        return self.ref is not None
+
+
+class Result:
+    def __init__(self):
+        self.worst = 0.0
+        self.checked = []
+
+    def compare(self, name, got, want, tol):
+        """Record rel error of ``got`` against ``want``; raise CheckFailed when wrong."""
+        want = np.asarray(want, dtype=np.float64)
+        if not hasattr(got, "shape"):
+            self.worst = float("inf")        # no error can be computed: reported as None / n/a
+            raise CheckFailed((name, f"{name} should be an array of shape {want.shape}, got {type(got).__name__}"))
+        got_np = _to_numpy(got)
+        if tuple(got_np.shape) != tuple(want.shape):
+            self.worst = float("inf")
+            raise CheckFailed((name, f"{name} has shape {tuple(got_np.shape)}, expected {tuple(want.shape)}"))
+        got_np = got_np.astype(np.float64)
+        self.checked.append(name)
+        if want.size == 0:
+            return 0.0
+        if not np.all(np.isfinite(got_np)):
+            self.worst = float("inf")
+            raise CheckFailed((name, f"{name} contains NaN or inf"))
+        diff = np.abs(got_np - want)
+        i = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        err = float(diff[i]) / max(float(np.max(np.abs(got_np) + np.abs(want))), 1e-300)
+        self.worst = max(self.worst, err)
+        if not err <= tol:
+            idx = tuple(int(k) for k in i)
+            raise CheckFailed((name, f"{name} is wrong: rel error {err:.2e} > {tol:.0e}; at index {idx} "
+                                     f"got {float(got_np[i]):.6g}, expected {float(want[i]):.6g}"))
+        return err
+
+
+def _to_numpy(a):
+    if hasattr(a, "get"):      # CuPy
+        a = a.get()
+    return np.asarray(a)
+
+
+def _unpack(value, n, names, what):
+    if n == 1:
+        if isinstance(value, (tuple, list)):
+            raise CheckFailed((names[0], f"{what} should return one array ({names[0]}), got a {len(value)}-tuple"))
+        return (value,)
+    if not isinstance(value, (tuple, list)) or len(value) != n:
+        got = f"a {len(value)}-tuple" if isinstance(value, (tuple, list)) else type(value).__name__
+        raise CheckFailed((names[0], f"{what} should return {n} values ({', '.join(names)}), got {got}"))
+    return tuple(value)
+
+
+def numerical_gradient(f, x, dout, h=H):
+    """Central differences of sum(f() * dout) with respect to x (perturbed in place, restored)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        fp = float(np.sum(f() * dout))
+        flat[i] = old - h
+        fm = float(np.sum(f() * dout))
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * h)
+    return grad
+
+
+def _copy(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, tuple):
+        return tuple(_copy(o) for o in obj)
+    if isinstance(obj, list):
+        return [_copy(o) for o in obj]
+    return obj
+
+
+def check_op_backward(ctx, res, fwd_name, backward, inputs, names, case=""):
+    """Finite differences of the (reference) forward against the student's backward."""
+    fwd = ctx.op(fwd_name)
+    out, cache = fwd(*inputs)
+    out = np.asarray(out, dtype=np.float64)
+    dout = ctx.rng(fwd_name + case).standard_normal(out.shape)
+    nums = [numerical_gradient(lambda: np.asarray(fwd(*inputs)[0], dtype=np.float64), x, dout) for x in inputs]
+    got = backward(dout.copy(), _copy(cache))
+    got = _unpack(got, len(names), names, backward.__name__)
+    for name, g, num in zip(names, got, nums):
+        res.compare(name + case, g, num, GRAD_TOL)
+
+
+# ----------------------------------------------------------------------------
+# the checks, one per exercise
+# ----------------------------------------------------------------------------
+def check_dense_backward(ctx, res):
+    rng = ctx.rng("dense_backward")
+    x, W, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 5)), rng.standard_normal(5)
+    check_op_backward(ctx, res, "dense_forward", ctx.mods["layers"].dense_backward, [x, W, b], ["dx", "dW", "db"])
+
+
+def _activation_check(name, make_x):
+    def check(ctx, res):
+        rng = ctx.rng(name)
+        x = make_x(rng)
+        check_op_backward(ctx, res, name.replace("_backward", "_forward"), getattr(ctx.mods["layers"], name),
+                          [x], ["dx"])
+    return check
+
+
+def _away_from_zero(rng):
+    x = rng.standard_normal((4, 6))
+    return np.sign(x) * (0.2 + np.abs(x))      # ReLU's kink at 0 breaks finite differences
+
+
+check_relu_backward = _activation_check("relu_backward", _away_from_zero)
+check_tanh_backward = _activation_check("tanh_backward", lambda rng: 1.5 * rng.standard_normal((4, 6)))
+check_sigmoid_backward = _activation_check("sigmoid_backward", lambda rng: 3.0 * rng.standard_normal((4, 6)))
+
+
+def _gaussian_inputs(rng, N=4, L=3):
+    mu = rng.standard_normal((N, L))
+    logvar = rng.uniform(-2.5, 2.5, (N, L))     # far from 0, so sigma != sigma^2 shows
+    return mu, logvar
+
+
+def check_reparameterize_forward(ctx, res):
+    rng = ctx.rng("reparameterize_forward")
+    mu, logvar = _gaussian_inputs(rng)
+    f = ctx.mods["gaussian"].reparameterize_forward
+    for case, shape in (("", (4, 3)), (" (S, N, L) eps", (2, 4, 3))):
+        eps = rng.standard_normal(shape)
+        z, cache = _unpack(f(mu.copy(), logvar.copy(), eps.copy()), 2, ["z", "cache"], "reparameterize_forward")
+        want = ctx.expect(f"reparameterize_forward/z{case}", lambda: ctx.ref.reparameterize_forward(mu, logvar, eps)[0])
+        res.compare("z" + case, z, want, VALUE_TOL)
+        sigma = _unpack(cache, 2, ["sigma", "eps"], "the cache of reparameterize_forward")[0]
+        want_sigma = ctx.expect(f"reparameterize_forward/sigma{case}",
+                                lambda: ctx.ref.reparameterize_forward(mu, logvar, eps)[1][0])
+        res.compare("sigma (in the cache)", sigma, want_sigma, VALUE_TOL)
+
+
+def check_reparameterize_backward(ctx, res):
+    rng = ctx.rng("reparameterize_backward")
+    mu, logvar = _gaussian_inputs(rng)
+    back = ctx.mods["gaussian"].reparameterize_backward
+    for case, shape in (("", (4, 3)), (" (S, N, L)", (3, 4, 3))):
+        eps = rng.standard_normal(shape)
+        fwd = ctx.op("reparameterize_forward")
+        ctx_op = _FixedOp(ctx, "reparameterize_forward", lambda m, lv: fwd(m, lv, eps))
+        check_op_backward(ctx_op, res, "reparameterize_forward", back, [mu, logvar], ["dmu", "dlogvar"], case)
+
+
+class _FixedOp:
+    """A context whose op(name) is a given function (to hold some inputs fixed)."""
+
+    def __init__(self, ctx, name, fn):
+        self.ctx, self.name, self.fn = ctx, name, fn
+
+    def op(self, name):
+        return self.fn if name == self.name else self.ctx.op(name)
+
+    def rng(self, key):
+        return self.ctx.rng(key)
+
+
+def check_kl_forward(ctx, res):
+    rng = ctx.rng("kl_forward")
+    mu, logvar = _gaussian_inputs(rng, N=5, L=3)
+    out = ctx.mods["gaussian"].kl_forward(mu.copy(), logvar.copy())
+    kl, cache = _unpack(out, 2, ["kl", "cache"], "kl_forward")
+    res.compare("kl", kl, ctx.expect("kl_forward/kl", lambda: ctx.ref.kl_forward(mu, logvar)[0]), VALUE_TOL)
+    var = _unpack(cache, 2, ["mu", "var"], "the cache of kl_forward")[1]
+    res.compare("var (in the cache)", var, ctx.expect("kl_forward/var", lambda: ctx.ref.kl_forward(mu, logvar)[1][1]),
+                VALUE_TOL)
+
+
+def check_kl_backward(ctx, res):
+    rng = ctx.rng("kl_backward")
+    mu, logvar = _gaussian_inputs(rng, N=5, L=3)
+    check_op_backward(ctx, res, "kl_forward", ctx.mods["gaussian"].kl_backward, [mu, logvar], ["dmu", "dlogvar"])
+
+
+def check_bernoulli_nll_forward(ctx, res):
+    rng = ctx.rng("bernoulli_nll_forward")
+    f = ctx.mods["likelihoods"].bernoulli_nll_forward
+    N, D = 4, 6
+    cases = [
+        ("", 3.0 * rng.standard_normal((N, D)), rng.uniform(0, 1, (N, D))),
+        (" (S, N, D) logits", 3.0 * rng.standard_normal((2, N, D)), (rng.uniform(size=(N, D)) < 0.5) * 1.0),
+        (" (large |logits|)", rng.choice([-1.0, 1.0], (N, D)) * rng.uniform(30, 60, (N, D)),
+         (rng.uniform(size=(N, D)) < 0.5) * 1.0),
+    ]
+    for case, logits, x in cases:
+        nll, _ = _unpack(f(logits.copy(), x.copy()), 2, ["nll", "cache"], "bernoulli_nll_forward")
+        want = ctx.expect(f"bernoulli_nll_forward/nll{case}", lambda: ctx.ref.bernoulli_nll_forward(logits, x)[0])
+        res.compare("nll" + case, nll, want, VALUE_TOL)
+
+
+def check_bernoulli_nll_backward(ctx, res):
+    rng = ctx.rng("bernoulli_nll_backward")
+    back = ctx.mods["likelihoods"].bernoulli_nll_backward
+    N, D = 4, 5
+    x = rng.uniform(0, 1, (N, D))
+    for case, shape in (("", (N, D)), (" (S, N, D)", (2, N, D))):
+        logits = 2.0 * rng.standard_normal(shape)
+        fwd = ctx.op("bernoulli_nll_forward")
+        ctx_op = _FixedOp(ctx, "bernoulli_nll_forward", lambda lg: fwd(lg, x))
+        check_op_backward(ctx_op, res, "bernoulli_nll_forward", back, [logits], ["dlogits"], case)
+
+
+def check_adam_step(ctx, res):
+    rng = ctx.rng("adam_step")
+    shapes = {"a": (3, 4), "b": (5,)}
+    p0 = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    grads_seq = [{k: rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 1) for k, s in shapes.items()}
+                 for _ in range(6)]
+    lr, betas, eps = 0.05, (0.8, 0.95), 1e-3
+    history = None
+    if ctx.mode != "local":
+        history = ctx.ref.adam_run([p0[k] for k in shapes], [[g[k] for k in shapes] for g in grads_seq], lr, betas, eps)
+    opt = ctx.mods["optim"].Adam(lr=lr, betas=betas, eps=eps)
+    params = {k: v.copy() for k, v in p0.items()}
+    for t, grads in enumerate(grads_seq, start=1):
+        opt.step(params, {k: v.copy() for k, v in grads.items()})
+        for i, k in enumerate(shapes):
+            res.compare(f"{k} after step {t}", params[k],
+                        ctx.expect(f"adam_step/p/{k}/{t}", lambda: history[t - 1][0][i]), VALUE_TOL)
+            st = opt.state[i] if isinstance(opt.state, list) and len(opt.state) > i else {}
+            for s, j in (("m", 1), ("v", 2)):
+                if s not in st:
+                    raise CheckFailed((f"{s}[{k}]", f"the optimizer state has no {s!r} for {k}"))
+                res.compare(f"{s}[{k}] after step {t}", st[s],
+                            ctx.expect(f"adam_step/{s}/{k}/{t}", lambda: history[t - 1][j][i]), VALUE_TOL)
+
+
+VAE_CASES = (
+    # (config kwargs, N, S, beta)
+    (dict(x_dim=5, hidden=(4, 3), z_dim=2, activation="tanh", likelihood="bernoulli"), 3, 3, 0.7),
+    (dict(x_dim=4, hidden=(3,), z_dim=2, activation="sigmoid", likelihood="gaussian_learned_var"), 3, 2, 1.3),
+)
+
+
+def check_vae_backward(ctx, res):
+    rng = ctx.rng("vae_backward")
+    model_mod, config_mod = ctx.mods["model"], ctx.mods["config"]
+    saved = {}
+    if ctx.patch_model:       # grade only the model's chaining, with the grader's own ops
+        for name in ctx.ref.MODEL_OPS:
+            if hasattr(model_mod, name):
+                saved[name] = getattr(model_mod, name)
+                setattr(model_mod, name, getattr(ctx.ref, name))
+    wrong = []                # (parameter, message), every wrong parameter of the first bad case
+    try:
+        for kwargs, N, S, beta in VAE_CASES:
+            cfg = config_mod.VAEConfig(dtype="float64", **kwargs)
+            model = model_mod.VAE(cfg, rng=np.random.default_rng(rng.integers(2 ** 31)))
+            if ctx.patch_model:
+                model.act_forward, model.act_backward = ctx.ref.ACTIVATIONS[kwargs["activation"]]
+            x = rng.uniform(0.05, 0.95, (N, kwargs["x_dim"]))
+            eps = rng.standard_normal((S, N, kwargs["z_dim"]))
+            _, grads = model.loss(x, eps=eps.copy(), beta=beta, n_samples=S)
+            grads = {k: _to_numpy(v).copy() for k, v in grads.items()}
+
+            def f():
+                return np.asarray(_to_numpy(model.loss(x, eps=eps.copy(), beta=beta, n_samples=S,
+                                                       backward=False)[0]), dtype=np.float64)
+
+            for name, p in model.params.items():
+                if name not in grads:
+                    raise CheckFailed((name, f"the gradients have no entry {name!r}"))
+                num = numerical_gradient(f, p, np.float64(1.0))
+                try:
+                    res.compare(name, grads[name], num, GRAD_TOL)
+                except CheckFailed as e:
+                    wrong.append(e.args[0])
+            if wrong:
+                case = f"{kwargs['likelihood']} VAE, hidden={kwargs['hidden']}, S={S}, beta={beta}"
+                raise CheckFailed((wrong[0][0], f"{len(wrong)} wrong gradient(s) ({case}): "
+                                               f"{', '.join(w[0] for w in wrong)}; first: {wrong[0][1]}"))
+    finally:
+        for name, fn in saved.items():
+            setattr(model_mod, name, fn)
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in list(globals().items())
+          if name.startswith("check_") and name != "check_op_backward" and callable(fn)}
+
+
+# ----------------------------------------------------------------------------
+# running one check
+# ----------------------------------------------------------------------------
+def _where(exc, student_dir):
+    """'file.py:line' of the innermost frame in the student's code, if any."""
+    if student_dir is None:
+        return ""
+    root = str(Path(student_dir).resolve())
+    for fr in reversed(traceback.extract_tb(exc.__traceback__)):
+        if os.path.abspath(fr.filename).startswith(root + os.sep):
+            return f" (at {os.path.relpath(fr.filename, root)}:{fr.lineno})"
+    return ""
+
+
+def run_check(ctx, exercise_id, student_dir=None):
+    res = Result()
+    out = {"id": exercise_id, "status": "pass", "passed": True, "worst_rel_error": None, "gradient": None,
+           "message": "ok"}
+    t0 = time.perf_counter()
+    try:
+        with np.errstate(all="ignore"):
+            CHECKS[exercise_id](ctx, res)
+    except CheckFailed as e:
+        out.update(status="fail", passed=False, gradient=e.args[0][0], message=e.args[0][1])
+    except NotImplementedError as e:
+        msg = f"NotImplementedError: {e}" if str(e) else "NotImplementedError"
+        other = str(e).split(":")[0][len("exercise "):] if str(e).startswith("exercise ") else exercise_id
+        if other != exercise_id:
+            msg = f"this check uses exercise {other}, which is not done yet ({msg})"
+        out.update(status="not_implemented", passed=False, message=msg)
+    except Exception as e:     # the student's code crashed
+        out.update(status="error", passed=False,
+                   message=f"{type(e).__name__}: {e}{_where(e, student_dir)}".replace("\n", " "))
+    if res.checked or res.worst == float("inf"):
+        out["worst_rel_error"] = res.worst if np.isfinite(res.worst) else None
+    out["checked"] = len(res.checked)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------------
+def _grade(args):
+    result = {"id": args.exercise, "status": "error", "passed": False, "worst_rel_error": None,
+              "gradient": None}
+    try:
+        mods = import_student(args.student)
+    except Exception as e:
+        result["message"] = (f"could not import the student's minivae: {type(e).__name__}: {e}"
+                             f"{_where(e, args.student)}").replace("\n", " ")
+    else:
+        if args.exercise not in CHECKS:
+            result["message"] = f"the grader has no check for exercise {args.exercise!r}"
+        else:
+            ctx = Context("grade", mods, args.seed, reference=load_reference(args.reference))
+            result = run_check(ctx, args.exercise, args.student)
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def _record(args):
+    mods = import_student(args.student)
+    ctx = Context("record", mods, LOCAL_SEED, reference=load_reference(args.reference))
+    bad = []
+    for ex in CHECKS:
+        r = run_check(ctx, ex, args.student)
+        if not r["passed"]:
+            bad.append(f"{ex}: {r['message']}")
+    if bad:
+        print("the reference code fails its own checks:\n  " + "\n  ".join(bad), file=sys.stderr)
+        return 1
+    np.savez_compressed(args.out, **ctx.recorded)
+    return 0
+
+
+def _local(argv):
+    """``python check.py [EXERCISE ...]`` inside a student copy."""
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(prog="python check.py",
+                                description="Run the gradient and forward checks of your exercises.")
+    p.add_argument("exercises", nargs="*", help=f"exercise ids (default: all): {', '.join(CHECKS)}")
+    args = p.parse_args(argv)
+    unknown = [e for e in args.exercises if e not in CHECKS]
+    if unknown:
+        print(f"error: unknown exercise {', '.join(unknown)}; choose from {', '.join(CHECKS)}", file=sys.stderr)
+        return 2
+    try:
+        mods = import_student(here)
+        with np.load(here / EXPECTED_FILE) as z:
+            expected = {k: z[k] for k in z.files}
+    except Exception as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    ctx = Context("local", mods, LOCAL_SEED, expected=expected)
+    passed = 0
+    wanted = args.exercises or list(CHECKS)
+    for ex in wanted:
+        r = run_check(ctx, ex, here)
+        passed += r["passed"]
+        print(format_line(r))
+    print(f"{passed} of {len(wanted)} passed")
+    if not args.exercises or "vae_backward" in args.exercises:
+        print("(here vae_backward runs through your own ops; the grader swaps in reference ops so it grades "
+              "only the chaining)")
+    return 0 if passed == len(wanted) else 1
+
+
+def format_line(r, width=24):
+    err = r.get("worst_rel_error")
+    err_s = f"{err:.1e}" if isinstance(err, (int, float)) else "n/a"
+    status = {"pass": "PASS", "fail": "FAIL", "error": "ERROR", "not_implemented": "TODO",
+              "timeout": "TIMEOUT"}.get(r["status"], r["status"].upper())
+    line = f"  {r['id']:<{width}} {status:<8} worst rel error {err_s:>7}"
+    if not r["passed"]:
+        if r.get("gradient"):
+            line += f"  wrong: {r['gradient']}"
+        line += f"\n  {'':<{width}} {r.get('message', '')}"
+    return line
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("grade", "record"):
+        p = argparse.ArgumentParser(prog="harness")
+        p.add_argument("mode")
+        p.add_argument("--student", required=True)
+        p.add_argument("--reference", required=True)
+        p.add_argument("--exercise")
+        p.add_argument("--result")
+        p.add_argument("--out")
+        p.add_argument("--seed", type=int, default=1)
+        args = p.parse_args(argv)
+        return _grade(args) if args.mode == "grade" else _record(args)
+    return _local(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Generate the student copy (the "starter") from the reference code.
+
+``make_starter(out_dir, exercises)`` writes:
+
+* ``minivae/``: the package, with the body of every selected exercise region
+  replaced by ``raise NotImplementedError("exercise <id>: <hint>")``.  The
+  markers, the docstrings (with the math) and every other line stay as they
+  are.  The ``assignments`` subpackage (the grader) is left out.
+* ``lessons/``, ``pyproject.toml`` and ``requirements.txt`` as in the
+  reference, so ``pip install -e OUT_DIR`` works and the package keeps its name.
+* ``check.py`` (the grader's harness) and ``check_expected.npz`` (the
+  reference's forward values on the local check inputs, recorded here), so a
+  student can run ``python check.py EXERCISE`` without seeing the formulas.
+* ``README.md``: what to do, for the student.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import harness
+from .exercises import BY_ID, EXERCISES, IDS
+from .markers import find_regions, stub_text
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SOURCE = HERE.parents[1]          # the folder holding the reference minivae/
+
+
+def _ignore_package(root):
+    root = Path(root).resolve()
+
+    def ignore(folder, names):
+        skip = {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo", ".egg-info"))}
+        if Path(folder).resolve() == root and "assignments" in names:
+            skip.add("assignments")
+        return skip
+    return ignore
+
+
+def _ignore_misc(folder, names):
+    return {n for n in names if n in ("__pycache__", ".ipynb_checkpoints") or n.endswith((".pyc", ".pyo"))}
+
+
+def scan_regions(package_dir):
+    """{exercise id: [(relative file, line)]} for every marked region under ``package_dir``."""
+    found = {}
+    for path in sorted(Path(package_dir).rglob("*.py")):
+        if "assignments" in path.relative_to(package_dir).parts[:1]:
+            continue
+        rel = path.relative_to(Path(package_dir).parent).as_posix()
+        for r in find_regions(path.read_text(encoding="utf-8"), rel):
+            found.setdefault(r.id, []).append((rel, r.begin + 1))
+    return found
+
+
+def make_starter(out_dir, exercises=None, source=None):
+    """Write the student copy to ``out_dir`` (which must not exist or be empty).
+
+    ``exercises``: ids to stub (default: all; an empty tuple stubs nothing).
+    Returns ``{"out", "stubbed", "regions"}``.
+    """
+    source = Path(source or DEFAULT_SOURCE).resolve()
+    pkg = source / "minivae"
+    if not (pkg / "__init__.py").is_file():
+        raise ValueError(f"{source} has no minivae/__init__.py")
+    ids = IDS if exercises is None else tuple(exercises)
+    unknown = [e for e in ids if e not in BY_ID]
+    if unknown:
+        raise ValueError(f"unknown exercise {', '.join(unknown)}: choose from {', '.join(IDS)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty folder: choose a new OUT_DIR")
+    if out.resolve() == pkg or pkg in out.resolve().parents:
+        raise ValueError(f"{out} is inside the reference package {pkg}")
+
+    found = scan_regions(pkg)
+    unmarked = [e for e in IDS if e not in found]
+    if unmarked:
+        raise ValueError(f"exercise {', '.join(unmarked)} has no ### BEGIN SOLUTION region in {pkg}")
+    extra = sorted(set(found) - set(IDS))
+    if extra:
+        where = ", ".join(f"{e} ({found[e][0][0]}:{found[e][0][1]})" for e in extra)
+        raise ValueError(f"regions with ids the exercise table does not know: {where}")
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(out, pkg, source, ids, found)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)       # it was empty or absent: leave no half-made copy
+        raise
+
+
+def _write(out, pkg, source, ids, found):
+    shutil.copytree(pkg, out / "minivae", ignore=_ignore_package(pkg))
+    hints = {e.id: e.hint for e in EXERCISES}
+    stubbed = set()
+    for path in sorted((out / "minivae").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        new, done = stub_text(text, set(ids), hints, path.relative_to(out).as_posix())
+        if done:
+            compile(new, str(path), "exec")          # the stubbed file must still import
+            path.write_text(new, encoding="utf-8")
+            stubbed.update(done)
+    if (source / "lessons").is_dir():
+        shutil.copytree(source / "lessons", out / "lessons", ignore=_ignore_misc)
+    for name in ("pyproject.toml", "requirements.txt", "LICENSE"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    if not (out / "pyproject.toml").exists():
+        (out / "pyproject.toml").write_text(MINIMAL_PYPROJECT, encoding="utf-8")
+    shutil.copy2(HERE / "harness.py", out / "check.py")
+    _record_expected(source, out / harness.EXPECTED_FILE)
+    (out / "README.md").write_text(student_readme([e for e in IDS if e in stubbed]), encoding="utf-8")
+    return {"out": str(out), "stubbed": [e for e in IDS if e in stubbed], "regions": found}
+
+
+MINIMAL_PYPROJECT = """[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "minivae"
+version = "0.1.0"
+requires-python = ">=3.9"
+dependencies = ["numpy>=1.22", "matplotlib>=3.5", "tqdm>=4.60"]
+
+[tool.setuptools.packages.find]
+include = ["minivae*"]
+
+[tool.setuptools.package-data]
+minivae = ["data/*.gz"]
+"""
+
+
+def _record_expected(source, dest):
+    """Run the checks on the reference code and store the expected forward values."""
+    cmd = [sys.executable, "-I", "-B", str(HERE / "harness.py"), "record", "--student", str(source),
+           "--reference", str(HERE / "reference.py"), "--out", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(dest.parent))
+    if proc.returncode != 0 or not dest.is_file():
+        msg = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()
+        raise RuntimeError("recording the expected values failed: " + " | ".join(msg[-5:]))
+
+
+def student_readme(stubbed):
+    rows = "\n".join(f"| `{BY_ID[e].id}` | `minivae/{BY_ID[e].file}` | {BY_ID[e].title} |" for e in stubbed)
+    if not rows:
+        rows = "| (none) | | |"
+    return f"""# minivae: your assignment
+
+This is a complete copy of minivae, a Variational Autoencoder in NumPy whose
+every gradient is derived by hand, with some pieces left for you to write.
+
+## What to do
+
+Each exercise is a region of code between two markers:
+
+```python
+    ### BEGIN SOLUTION dense_backward
+    raise NotImplementedError("exercise dense_backward: ...")
+    ### END SOLUTION
+```
+
+Replace the `raise` line with your code.  Keep the markers and do not change
+anything outside them: the code around a region (the function's signature,
+the `cache` it receives, the names it returns) is the interface the checks
+and the rest of the library rely on.  The docstring above each region gives
+the formula, the derived gradient and the shapes.
+
+| exercise | file | what |
+|---|---|---|
+{rows}
+
+## Set up
+
+```bash
+python -m venv .venv && . .venv/bin/activate     # optional
+pip install -e .                                   # numpy, matplotlib, tqdm
+```
+
+## Check your work
+
+```bash
+python check.py                      # every exercise
+python check.py dense_backward       # one exercise (several ids are fine)
+```
+
+Backward passes are checked against central finite differences (float64,
+random upstream gradient); forward passes and the Adam step against recorded
+reference values.  Each line shows PASS/FAIL, the worst relative error
+`max|a - b| / max(|a| + |b|)`, and which gradient is wrong.  `TODO` means the
+stub is still there.  Locally, `vae_backward` runs through your own ops, so
+do the op exercises first; the grader uses its own reference ops there and
+grades only how you chain them.
+
+The rest of the library works as usual (data loading, the model's forward
+pass, sampling); training needs the backward exercises done.
+
+Hand in the whole folder.
+"""
