@@ -1,0 +1,7 @@
+"""``python -m minivae <command>``: see :mod:`minivae.cli`."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

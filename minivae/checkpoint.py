@@ -1,0 +1,180 @@
+"""Checkpoints: one ``.npz`` file per run, written atomically, read without pickle.
+
+Layout of the archive (every entry is a plain array; text is a 0-d unicode array):
+
+    format            "minivae-checkpoint-1"
+    config            VAEConfig as JSON
+    epoch             number of completed epochs (int64)
+    param/<name>      every model parameter (enc.0.W, ..., dec.out.b), host NumPy
+    opt/meta          JSON: optimizer name, step count t, current lr
+    opt/<i>.<state>   the optimizer's state arrays (Adam m and v, SGD velocity, ...)
+    rng               JSON: {name: bit_generator.state} of every NumPy Generator of the run
+    settings          JSON of the training settings (see minivae.train.TrainSettings)
+    history           JSON list of per-epoch records
+
+The file is loaded with ``np.load(path, allow_pickle=False)``, so opening a
+checkpoint never executes code.  Writing goes to a temporary file in the same
+folder, which is flushed, fsync'ed and then renamed over the old file with
+``os.replace`` (atomic on POSIX and Windows): a crash or Ctrl-C while saving
+leaves the previous complete checkpoint in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+from .config import VAEConfig
+
+FORMAT = "minivae-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match what was asked of it."""
+
+
+def atomic_write(path, write, mode="wb"):
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX only; harmless to skip elsewhere)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def _text(s):
+    return np.array(str(s))
+
+
+def rng_states(rngs):
+    """JSON text of ``{name: generator.bit_generator.state}``."""
+    return json.dumps({k: g.bit_generator.state for k, g in rngs.items()})
+
+
+def restore_rngs(rngs, text):
+    """Set each Generator in ``rngs`` to the state saved under its name."""
+    states = json.loads(text)
+    for k, g in rngs.items():
+        if k not in states:
+            raise CheckpointError(f"checkpoint has no RNG state for {k!r}")
+        g.bit_generator.state = states[k]
+
+
+def save_checkpoint(path, model, optimizer=None, rngs=None, settings=None, epoch=0, history=None):
+    """Write a checkpoint atomically to ``path`` (see the module docstring)."""
+    arrays = {
+        "format": _text(FORMAT),
+        "config": _text(model.config.to_json()),
+        "epoch": np.array(int(epoch), dtype=np.int64),
+        "settings": _text(json.dumps(settings or {}, sort_keys=True)),
+        "history": _text(json.dumps(history or [])),
+        "rng": _text(rng_states(rngs or {})),
+    }
+    for name, value in model.params.items():
+        arrays["param/" + name] = to_numpy(value)
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        meta = {"name": type(optimizer).__name__.lower(), "t": int(sd["t"]), "lr": float(sd["lr"])}
+        arrays["opt/meta"] = _text(json.dumps(meta))
+        for key, value in sd.items():
+            if key not in ("t", "lr"):
+                arrays["opt/" + key] = np.asarray(value)
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+class Checkpoint:
+    """The parsed contents of a checkpoint file (all on the host)."""
+
+    def __init__(self, path, config, params, epoch, settings, history, rng, opt_meta, opt_state):
+        self.path, self.config, self.params, self.epoch = path, config, params, epoch
+        self.settings, self.history, self.rng = settings, history, rng
+        self.opt_meta, self.opt_state = opt_meta, opt_state
+
+    def build_model(self, backend="numpy"):
+        """A :class:`~minivae.model.VAE` on ``backend`` holding the saved parameters."""
+        from .model import VAE
+        model = VAE(self.config, rng=0, backend=backend)
+        missing = set(model.params) - set(self.params)
+        extra = set(self.params) - set(model.params)
+        if missing or extra:
+            raise CheckpointError(f"{self.path}: parameters do not match the saved config "
+                                  f"(missing {sorted(missing)}, unexpected {sorted(extra)})")
+        for name, value in self.params.items():
+            try:
+                model.params[name] = value.astype(model.dtype, copy=False)
+            except ValueError as exc:
+                raise CheckpointError(f"{self.path}: {exc}") from None
+        return model
+
+    def load_optimizer(self, optimizer, params):
+        """Restore ``optimizer``'s state (it must be of the saved kind)."""
+        if self.opt_meta is None:
+            raise CheckpointError(f"{self.path}: no optimizer state saved")
+        name = type(optimizer).__name__.lower()
+        if self.opt_meta["name"] != name:
+            raise CheckpointError(f"{self.path}: saved with optimizer {self.opt_meta['name']!r}, "
+                                  f"this run uses {name!r}")
+        d = dict(self.opt_state, t=self.opt_meta["t"], lr=self.opt_meta["lr"])
+        try:
+            optimizer.load_state_dict(d, params)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
+        return optimizer
+
+
+def load_checkpoint(path):
+    """Read and check a checkpoint; raises :class:`CheckpointError` with a one-line reason."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        if (path / "checkpoint.npz").exists():
+            path = path / "checkpoint.npz"
+        else:
+            raise CheckpointError(f"{path}: is a folder without a checkpoint.npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({type(exc).__name__}: {exc})") from None
+    for key in ("format", "config", "epoch", "settings", "history", "rng"):
+        if key not in data:
+            raise CheckpointError(f"{path}: missing {key!r}; not a minivae checkpoint")
+    if str(data["format"]) != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {str(data['format'])!r} (expected {FORMAT!r})")
+    try:
+        config = VAEConfig.from_json(str(data["config"]))
+        settings = json.loads(str(data["settings"]))
+        history = json.loads(str(data["history"]))
+        rng = str(data["rng"])
+        json.loads(rng)
+        opt_meta = json.loads(str(data["opt/meta"])) if "opt/meta" in data else None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt metadata ({exc})") from None
+    params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+    opt_state = {k[len("opt/"):]: v for k, v in data.items() if k.startswith("opt/") and k != "opt/meta"}
+    return Checkpoint(path, config, params, int(data["epoch"]), settings, history, rng, opt_meta, opt_state)

@@ -1,0 +1,322 @@
+"""Command line: ``python -m minivae <command>`` (or the ``minivae`` script).
+
+    train        train a VAE (default: 784-400-20 ReLU, Bernoulli, dynamic binarization,
+                 Adam 1e-3, batch 128, 10 epochs, on the embedded MNIST)
+    eval         test negative ELBO (and optionally the importance-weighted bound) of a checkpoint
+    sample       an 8x8 grid of samples from the prior
+    interpolate  decodes along a line in latent space between two test digits
+    manifold     the 2-D latent manifold and the scatter of latent means (z_dim = 2 only)
+    download     fetch a named dataset (mnist, fashion-mnist) into a cache, SHA-256 checked
+
+Bad input ends with one line ``minivae: error: ...`` on stderr and exit status
+2 (no traceback); a diverged run exits with 1, Ctrl-C with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backend import BackendError
+from .data import DataError
+
+EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _hidden(text):
+    try:
+        widths = tuple(int(t) for t in str(text).replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 400 or 200,200, got {text!r}") from None
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected positive widths like 400 or 200,200, got {text!r}")
+    return widths
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+# flag dest -> TrainSettings field (train flags default to None: "not given", so recipes and resumed
+# settings are overridden only by what was typed)
+TRAIN_FIELDS = ("epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "binarize",
+                "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
+                "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits")
+
+
+def build_parser():
+    from .recipes import RECIPES
+    p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a VAE",
+                       description="Train a VAE. Flags override the recipe's fields; with --resume, they override "
+                                   "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
+    t.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="starting settings (default: default)")
+    t.add_argument("--epochs", type=_nonneg_int, help="passes over the training set (default 10)")
+    t.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 128)")
+    t.add_argument("--hidden", type=_hidden, help="hidden widths, e.g. 400 or 200,200 (default 400)")
+    t.add_argument("--latent", type=_positive_int, help="latent dimension z_dim (default 20)")
+    t.add_argument("--activation", choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
+    t.add_argument("--likelihood", choices=["bernoulli", "gaussian", "gaussian_learned_var"])
+    t.add_argument("--obs-var", type=float, help="variance of the fixed-variance Gaussian likelihood (default 1)")
+    t.add_argument("--binarize", choices=["none", "dynamic", "static"],
+                   help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
+    t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
+    t.add_argument("--warmup", type=_nonneg_int,
+                   help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs")
+    t.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    t.add_argument("--optimizer", choices=["adam", "sgd", "adagrad"])
+    t.add_argument("--adam-eps", type=float, help="Adam's epsilon (default 1e-8)")
+    t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, help="L2 penalty coefficient (default 0)")
+    t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value")
+    t.add_argument("--iwae-k", type=_positive_int, help="train on the IWAE bound with K samples")
+    t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension)")
+    t.add_argument("--seed", type=int, help="seed of every random draw of the run (default 0)")
+    t.add_argument("--backend", choices=["numpy", "cupy"])
+    t.add_argument("--dtype", choices=["float32", "float64"])
+    t.add_argument("--valid", type=_nonneg_int, help="hold out N training images and report the valid loss")
+    t.add_argument("--data-dir", help="folder of IDX files in the MNIST layout (default $MINIVAE_DATA or the "
+                                      "embedded MNIST)")
+    t.add_argument("--n-train", type=_positive_int, help="use only the first N training images")
+    t.add_argument("--n-test", type=_positive_int, help="use only the first N test images")
+    t.add_argument("--iw-k", type=_nonneg_int, help="final evaluation: importance-weighted bound with K samples")
+    t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    t.add_argument("--out", help="run folder (default runs/<recipe>-<date>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="test negative ELBO of a checkpoint",
+                       description="Print the test negative ELBO and its parts (the test set is binarized once "
+                                   "with a fixed seed, so numbers compare between runs).")
+    _ckpt_args(e)
+    e.add_argument("--iw-k", type=_nonneg_int, default=0, help="also the importance-weighted bound with K samples")
+    e.add_argument("--n", type=_positive_int, help="evaluate the first N test images only")
+    e.add_argument("--json", help="write the numbers to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="an 8x8 grid of samples from the prior")
+    _ckpt_args(s)
+    s.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
+    s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("interpolate", help="decode a line in latent space between two test digits")
+    _ckpt_args(i)
+    i.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
+    i.add_argument("--a", type=_nonneg_int, default=0, help="index of the first test digit (default 0)")
+    i.add_argument("--b", type=_nonneg_int, default=None,
+                   help="index of the second test digit (default: the first with another label)")
+    i.add_argument("--steps", type=_positive_int, default=10)
+    i.set_defaults(func=cmd_interpolate)
+
+    m = sub.add_parser("manifold", help="2-D latent manifold and latent scatter (z_dim = 2)")
+    _ckpt_args(m)
+    m.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
+    m.add_argument("--grid", type=_positive_int, default=20, help="grid size (default 20)")
+    m.set_defaults(func=cmd_manifold)
+
+    d = sub.add_parser("download", help="download a named dataset into a cache, checking SHA-256")
+    d.add_argument("name", help="dataset: mnist or fashion-mnist")
+    d.add_argument("--cache", help="cache folder (default $MINIVAE_CACHE or ~/.cache/minivae)")
+    d.add_argument("--url", help="base URL replacing the registry's (a mirror)")
+    d.set_defaults(func=cmd_download)
+    return p
+
+
+def _ckpt_args(p):
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.npz (or the run folder holding one)")
+    p.add_argument("--data-dir", help="test data folder (default: the one the run was trained on)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+
+
+# ------------------------------------------------------------------- commands
+def cmd_train(args):
+    from .checkpoint import load_checkpoint
+    from .train import CHECKPOINT, TrainSettings, train
+    overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
+    if args.no_figures:
+        overrides["figures"] = False
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+        ckpt = load_checkpoint(Path(args.out) / CHECKPOINT)
+        saved = dict(ckpt.settings)
+        if args.recipe is not None and args.recipe != saved.get("recipe"):
+            raise ValueError(f"{ckpt.path} was trained with recipe {saved.get('recipe')!r}, not {args.recipe!r}")
+        saved.update(overrides)
+        settings = TrainSettings.from_dict(saved)
+    else:
+        settings = TrainSettings.from_recipe(args.recipe or "default", **overrides)
+    out = args.out or f"runs/{settings.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    history = train(settings, out, resume=args.resume, progress=not args.quiet)
+    print(f"done: {len(history)} epochs in {out} ({time.perf_counter() - t0:.1f}s this session)")
+    return 0
+
+
+def _load(args):
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .train import TrainSettings
+    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        settings = TrainSettings.from_dict(ckpt.settings) if ckpt.settings else TrainSettings()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt.path}: unreadable settings ({exc})") from None
+    model = ckpt.build_model(args.backend)
+    return ckpt, settings, model
+
+
+def _test_data(args, ckpt, settings, n=None):
+    from .checkpoint import CheckpointError
+    from .train import evaluation_data
+    x_eval, x_grey, y = evaluation_data(settings, data_dir=args.data_dir, n=n)
+    if x_eval.shape[1] != ckpt.config.x_dim:
+        raise CheckpointError(f"{ckpt.path}: the model expects {ckpt.config.x_dim} values per image, the test "
+                              f"data has {x_eval.shape[1]}")
+    return x_eval, x_grey, y
+
+
+def _out_dir(args, ckpt):
+    return Path(args.out) if args.out else Path(ckpt.path).parent / "figures"
+
+
+def cmd_eval(args):
+    from . import evaluate
+    ckpt, settings, model = _load(args)
+    if args.n is None:
+        settings.n_test = None          # the whole test set unless --n
+    x_eval, _, _ = _test_data(args, ckpt, settings, n=args.n)
+    rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True)
+    print(f"{ckpt.path} (epoch {ckpt.epoch}, {model!r})")
+    print(f"test -ELBO {rep['neg_elbo']:.4f} nats/image (recon {rep['recon']:.4f}, KL {rep['kl']:.4f}) "
+          f"on {rep['n']} images")
+    for k, v in rep.items():
+        if k in ("neg_elbo", "recon", "kl", "n") or v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, float):
+            print(f"  {k}: {v:.4f}")
+        elif isinstance(v, int):
+            print(f"  {k}: {v}")
+    if isinstance(rep.get("collapse_warning"), str):
+        print(f"  warning: {rep['collapse_warning']}")
+    if args.json:
+        from .checkpoint import atomic_write
+        doc = dict(rep, checkpoint=str(ckpt.path), epoch=ckpt.epoch)
+        atomic_write(args.json, lambda f: f.write(json.dumps(_jsonable(doc), indent=1)), mode="w")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def cmd_sample(args):
+    from . import figures
+    ckpt, _, model = _load(args)
+    nrow = int(np.ceil(np.sqrt(args.n)))
+    path = figures.prior_samples(model, _out_dir(args, ckpt) / "samples.png", np.random.default_rng(args.seed),
+                                 n=args.n, nrow=nrow)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_interpolate(args):
+    from . import figures
+    ckpt, settings, model = _load(args)
+    _, x, y = _test_data(args, ckpt, settings)
+    a = args.a
+    b = args.b
+    if b is None:
+        others = np.flatnonzero(y != y[a]) if a < len(y) else []
+        b = int(others[0]) if len(others) else (a + 1)
+    for idx in (a, b):
+        if idx >= len(x):
+            raise ValueError(f"test index {idx} is out of range (the test set has {len(x)} images)")
+    path = figures.interpolation(model, x[[a]], x[[b]], _out_dir(args, ckpt) / "interpolation.png",
+                                 steps=args.steps)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_manifold(args):
+    from . import figures
+    ckpt, settings, model = _load(args)
+    if model.config.z_dim != 2:
+        raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
+                         f"{model.config.z_dim} (train with --latent 2)")
+    out = _out_dir(args, ckpt)
+    p1 = figures.manifold(model, out / "manifold.png", n=args.grid)
+    _, x, y = _test_data(args, ckpt, settings)
+    p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")
+    print(f"wrote {p1}\nwrote {p2}")
+    return 0
+
+
+def cmd_download(args):
+    from .download import download
+    folder = download(args.name, args.cache, base_url=args.url, progress=print)
+    print(f"{args.name} is in {folder}; train on it with: python -m minivae train --data-dir {folder}")
+    return 0
+
+
+# ----------------------------------------------------------------------- main
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv=None):
+    from .checkpoint import CheckpointError
+    from .download import DownloadError
+    from .train import TrainingDiverged
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        print(f"minivae: {_one_line(exc) if str(exc) else 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as exc:
+        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (CheckpointError, DataError, DownloadError, BackendError, ValueError, FileNotFoundError,
+            OSError) as exc:
+        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

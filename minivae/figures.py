@@ -1,0 +1,191 @@
+"""Figures of a trained VAE, drawn with matplotlib's Agg backend into PNG files.
+
+Every function takes NumPy arrays (or a model) and a path, writes one PNG and
+returns the path.  Images are rows of length D = side * side (28 * 28 for
+MNIST); pixel values are shown on [0, 1] in grey.
+
+* :func:`reconstructions`  originals in the top row, mean reconstructions below
+* :func:`prior_samples`    an 8 x 8 grid of E[x|z], z ~ p(z) = N(0, I)
+* :func:`loss_curves`      train/test negative ELBO and its parts per epoch
+* :func:`interpolation`    decode((1 - t) mu_a + t mu_b) between two encoded digits
+* :func:`neighbourhood`    decodes of z ~ q(z|x) around one encoded digit
+* :func:`manifold`         (z_dim = 2) a grid of decodes at z = (Phi^-1(u), Phi^-1(v)),
+                           u, v evenly spaced in (0, 1): equal probability mass of
+                           the prior between neighbours, as in Kingma & Welling (2014)
+* :func:`latent_scatter`   (z_dim = 2) the posterior means of test digits coloured by label
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import NormalDist
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .backend import to_numpy  # noqa: E402
+
+
+def _side(d):
+    s = int(round(math.sqrt(d)))
+    if s * s != d:
+        raise ValueError(f"cannot show vectors of length {d} as square images")
+    return s
+
+
+def tile(images, nrow, pad=1):
+    """(N, D) rows -> one 2-D mosaic with ``nrow`` images per row (unused cells blank)."""
+    images = np.clip(np.asarray(to_numpy(images), dtype=np.float64), 0.0, 1.0)
+    n, d = images.shape
+    s = _side(d)
+    cols = int(nrow)
+    rows = max(1, math.ceil(n / cols))
+    canvas = np.ones((rows * (s + pad) + pad, cols * (s + pad) + pad))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (s + pad), pad + c * (s + pad)
+        canvas[y:y + s, x:x + s] = images[i].reshape(s, s)
+    return canvas
+
+
+def _save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def image_grid(images, nrow, path, title=None, scale=0.45):
+    """Save (N, D) images as a grid with ``nrow`` images per row."""
+    canvas = tile(images, nrow)
+    h, w = canvas.shape
+    fig, ax = plt.subplots(figsize=(max(2.0, w / 28 * scale * 2), max(1.2, h / 28 * scale * 2)))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def reconstructions(model, x, path, n=10):
+    """Top row: the first ``n`` images of x; bottom row: decode(mu(x))."""
+    x = np.asarray(to_numpy(x))[:n]
+    rec = to_numpy(model.reconstruct(x))
+    return image_grid(np.concatenate([x, rec]), len(x), path,
+                      title="top: test images   bottom: reconstructions E[x | z = mu(x)]")
+
+
+def prior_samples(model, path, rng, n=64, nrow=8):
+    """An nrow x nrow grid of E[x|z] for z ~ N(0, I) drawn from ``rng``."""
+    return image_grid(to_numpy(model.sample(n, rng)), nrow, path, title="E[x|z], z ~ N(0, I)")
+
+
+def loss_curves(history, path):
+    """Two panels: negative ELBO (train/test/valid) and its recon/KL parts, per epoch."""
+    if isinstance(history, (str, Path)):
+        history = json.loads(Path(history).read_text())
+    ep = [r["epoch"] for r in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for split, style in (("train", "-o"), ("test", "-s"), ("valid", "-^")):
+        key = f"{split}_neg_elbo"
+        if history and key in history[0]:
+            a1.plot(ep, [r[key] for r in history], style, ms=3, label=split)
+            a2.plot(ep, [r[f"{split}_recon"] for r in history], style, ms=3, label=f"{split} recon")
+            a2.plot(ep, [r[f"{split}_kl"] for r in history], style.replace("-", "--"), ms=3, label=f"{split} KL")
+    a1.set(xlabel="epoch", ylabel="nats per image", title="negative ELBO")
+    a2.set(xlabel="epoch", ylabel="nats per image", title="reconstruction and KL")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def interpolation(model, xa, xb, path, steps=10):
+    """Decode z_t = (1 - t) mu(xa) + t mu(xb), t = 0..1, for each pair of rows of xa, xb."""
+    xa, xb = np.atleast_2d(to_numpy(xa)), np.atleast_2d(to_numpy(xb))
+    mu_a = to_numpy(model.encode(xa)[0])
+    mu_b = to_numpy(model.encode(xb)[0])
+    t = np.linspace(0.0, 1.0, steps)[None, :, None]
+    z = ((1 - t) * mu_a[:, None, :] + t * mu_b[:, None, :]).reshape(-1, mu_a.shape[1])
+    dec = to_numpy(model.decode(z.astype(model.dtype))).reshape(len(xa), steps, -1)
+    rows = np.concatenate([xa[:, None], dec, xb[:, None]], axis=1).reshape(-1, xa.shape[1])
+    return image_grid(rows, steps + 2, path,
+                      title=f"left/right: two test digits; between: decodes of {steps} points on the line "
+                            "between their latent means")
+
+
+def neighbourhood(model, x, path, rng, n=63, nrow=8):
+    """The digit x (first cell), then decodes of z ~ q(z|x) = N(mu(x), sigma(x)^2)."""
+    x = np.atleast_2d(to_numpy(x))[:1]
+    mu, logvar = (to_numpy(a) for a in model.encode(x))
+    z = mu + np.exp(0.5 * logvar) * rng.standard_normal((n, mu.shape[1]))
+    dec = to_numpy(model.decode(z.astype(model.dtype)))
+    return image_grid(np.concatenate([x, dec]), nrow, path,
+                      title="first: a test digit; others: E[x|z] for z ~ q(z|x)")
+
+
+def manifold(model, path, n=20, lo=0.05, hi=0.95):
+    """(z_dim = 2) an n x n grid of E[x|z] at z = Phi^-1 of an even grid in (lo, hi)^2."""
+    if model.config.z_dim != 2:
+        raise ValueError(f"the 2-D manifold needs a model with a 2-D latent space; this one has z_dim="
+                         f"{model.config.z_dim} (train with --latent 2)")
+    ppf = NormalDist().inv_cdf
+    g = np.array([ppf(u) for u in np.linspace(lo, hi, n)])
+    zy, zx = np.meshgrid(g[::-1], g, indexing="ij")          # rows: z2 from high to low; cols: z1 low to high
+    z = np.stack([zx.ravel(), zy.ravel()], axis=1).astype(model.dtype)
+    dec = to_numpy(model.decode(z))
+    return image_grid(dec, n, path, title=f"E[x|z] on a {n}x{n} grid z = Phi^-1(u), u in [{lo}, {hi}]",
+                      scale=0.35)
+
+
+def latent_scatter(model, x, y, path):
+    """(z_dim = 2) the posterior means mu(x) coloured by the labels y."""
+    if model.config.z_dim != 2:
+        raise ValueError(f"the latent scatter needs z_dim=2; this model has z_dim={model.config.z_dim}")
+    mu = to_numpy(model.encode(np.asarray(x))[0])
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = ax.scatter(mu[:, 0], mu[:, 1], c=np.asarray(y), cmap="tab10", s=3, alpha=0.7)
+    fig.colorbar(sc, ax=ax, label="label")
+    ax.set(xlabel="z1 (posterior mean)", ylabel="z2 (posterior mean)", title="test digits in latent space")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0):
+    """Every figure of a run into ``out_dir/figures``; returns the paths written."""
+    d = Path(out_dir) / "figures"
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x_test)
+    try:
+        _side(x.shape[1])
+    except ValueError:
+        return []                                   # not images: only numbers, no pictures
+    paths = [reconstructions(model, x, d / "reconstructions.png"),
+             prior_samples(model, d / "samples.png", rng)]
+    if history_path is not None and Path(history_path).exists():
+        paths.append(loss_curves(history_path, d / "loss_curves.png"))
+    a, b = _two_different(y_test)
+    paths.append(interpolation(model, x[[a, a + 1]], x[[b, b + 1]], d / "interpolation.png"))
+    paths.append(neighbourhood(model, x[a], d / "neighbourhood.png", rng))
+    if model.config.z_dim == 2:
+        paths.append(manifold(model, d / "manifold.png"))
+        k = min(len(x), 5000)
+        paths.append(latent_scatter(model, x[:k], np.asarray(y_test)[:k], d / "latent_scatter.png"))
+    return paths
+
+
+def _two_different(y):
+    """Indices of the first test image and of the first one with another label."""
+    y = np.asarray(y)
+    n = len(y)
+    if n < 4:
+        return 0, max(0, n - 2)
+    others = np.flatnonzero(y[: n - 1] != y[0])
+    b = int(others[0]) if len(others) else 2
+    return 0, min(b, n - 2)

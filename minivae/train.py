@@ -1,0 +1,531 @@
+"""The training loop, as a library function (the CLI's ``train`` only parses flags).
+
+    from minivae.train import TrainSettings, train
+    s = TrainSettings.from_recipe("default", epochs=2, n_train=5000)
+    history = train(s, "runs/quick")
+
+What a run does
+---------------
+1. Data: the train and test splits from ``settings.data_dir`` (``$MINIVAE_DATA``
+   or the embedded MNIST when None), scaled to [0, 1] and checked once (no NaN
+   or inf; inside [0, 1] for a Bernoulli likelihood).  ``n_train``/``n_test``
+   keep the first rows only; ``valid`` holds out that many random training
+   rows.  Binarization (Bernoulli likelihood):
+
+   * ``dynamic``: every minibatch is re-sampled, x ~ Bernoulli(pixel), each
+     time it is used (the usual choice in the likelihood literature);
+   * ``static``: the training set is binarized once with ``seed``;
+   * ``none``: the grey levels are used as Bernoulli "soft targets".
+
+   The test (and validation) images are binarized once with the fixed seed
+   ``test_seed`` (12345), independent of the training seed, so evaluation
+   numbers are comparable between runs.
+2. Randomness: ``np.random.SeedSequence(seed)`` spawns four independent NumPy
+   Generators: ``init`` (weights), ``shuffle`` (minibatch order),
+   ``binarize`` (dynamic binarization) and ``eps`` (the reparameterization
+   noise, used as ``model.rng``).  Their states are saved in every
+   checkpoint, so ``resume=True`` continues bit-for-bit: the same seed and
+   backend give the same history on CPU, interrupted or not.
+3. Each step: ``model.loss(xb, beta=beta_t, validate=False)`` then
+   ``optimizer.step``.  The KL warm-up is *per step*:
+   ``beta_t = beta * min(1, t / (warmup * steps_per_epoch))`` with t the
+   0-based global step, so beta rises linearly from 0 and reaches ``beta``
+   at the start of epoch ``warmup + 1``.  The learning rate is set per epoch
+   from the recipe's schedule (:func:`minivae.recipes.lr_at_epoch`).
+4. Each epoch: one printed line (train and test negative ELBO in nats per
+   image, their reconstruction and KL parts, the time), ``history.json`` and
+   ``history.csv``, and ``checkpoint.npz``, all written atomically.  The
+   train numbers are the averages over the epoch's minibatches as they were
+   trained (true ELBO, beta = 1 in the sum, even during warm-up); the test
+   numbers use one fixed eps draw (seed ``test_seed``).
+5. A NaN or inf loss stops the run (:class:`TrainingDiverged`, naming the
+   epoch and step) before the bad step is applied or saved; Ctrl-C raises
+   :class:`TrainingInterrupted`.  Either way the last complete checkpoint
+   stays on disk.
+6. At the end: ``results.json`` (the final test report, with the
+   importance-weighted bound when ``iw_k > 0``) and the figures.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import inspect
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import evaluate
+from .backend import get_array_module, get_xp, to_numpy
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
+from .config import VAEConfig
+from .data import BINARIZE, DataError, binarize, check_data, default_data_dir, load_mnist, split_validation, \
+    static_binarize
+from .model import VAE
+from .optim import make_optimizer
+from .recipes import get_recipe, lr_at_epoch, output_bias_init
+
+CHECKPOINT = "checkpoint.npz"
+TEST_SEED = 12345
+# settings that may change when a run is resumed (everything else must match the checkpoint)
+RESUME_MUTABLE = ("epochs", "iw_k", "figures", "backend")
+_DEVICE_STYLE_LOOP = False
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stopped and the last good checkpoint was kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the last checkpoint is."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run (saved as JSON in every checkpoint)."""
+
+    recipe: str = "default"
+    # model
+    hidden: tuple = (400,)
+    latent: int = 20
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    obs_var: float = 1.0
+    dtype: str = "float32"
+    # data
+    binarize: str = "dynamic"
+    data_dir: str | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    valid: int = 0
+    test_seed: int = TEST_SEED
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    adam_eps: float = 1e-8
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    batch_size: int = 128
+    epochs: int = 10
+    schedule: list | None = None
+    init_output_bias: bool = False
+    # objective
+    beta: float = 1.0
+    warmup: int = 0
+    iwae_k: int | None = None
+    free_bits: float | None = None
+    # run
+    seed: int = 0
+    backend: str = "numpy"
+    iw_k: int = 0
+    figures: bool = True
+
+    @classmethod
+    def from_recipe(cls, name="default", **overrides):
+        """A recipe's fields (:mod:`minivae.recipes`), then ``overrides`` (None values are ignored)."""
+        fields = get_recipe(name)
+        fields["recipe"] = name
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(fields)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def __post_init__(self):
+        if isinstance(self.hidden, (int, np.integer)):
+            self.hidden = (int(self.hidden),)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.schedule is not None:
+            self.schedule = [[int(p), float(lr)] for p, lr in self.schedule]
+        if self.data_dir is not None:
+            self.data_dir = str(self.data_dir)
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    def validate(self):
+        """Raise ValueError with a one-line reason for an impossible setting."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+        need(self.binarize in BINARIZE, f"binarize must be one of {', '.join(BINARIZE)}, got {self.binarize!r}")
+        need(self.binarize == "none" or self.likelihood == "bernoulli",
+             f"binarize={self.binarize!r} only makes sense with the Bernoulli likelihood; use binarize='none'")
+        need(int(self.epochs) == self.epochs and self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        need(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
+             f"batch size must be positive, got {self.batch_size}")
+        need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
+        need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
+        need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            need(v is None or v >= 1, f"{name} must be positive, got {v}")
+        need(self.clip_norm is None or self.clip_norm > 0, f"clip_norm must be positive, got {self.clip_norm}")
+        need(self.iwae_k is None or self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}")
+        need(self.free_bits is None or self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
+        need(not (self.iwae_k is not None and self.free_bits),
+             "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
+        self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
+        return self
+
+    def model_config(self, x_dim):
+        return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
+                         likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var)
+
+    def make_optimizer(self):
+        kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+        if self.optimizer == "adam":
+            kw["eps"] = self.adam_eps
+        elif self.optimizer == "sgd":
+            kw["momentum"] = self.momentum
+        return make_optimizer(self.optimizer, self.lr, **kw)
+
+
+# ---------------------------------------------------------------------- data
+def load_split(split, data_dir=None):
+    """(x float32 (N, D), y int64 (N,)) of one split.
+
+    A data folder holds either the four IDX files (MNIST layout) or
+    ``train.npz`` / ``test.npz`` with an ``x`` array (N, D) (or (N, H, W)) of
+    floats and an optional ``y``; the latter is for real-valued data.
+    """
+    d = Path(data_dir) if data_dir is not None else default_data_dir()
+    if not d.is_dir():
+        raise DataError(f"{d}: data directory not found")
+    key = (split, str(d.resolve()), tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                                                 for p in d.iterdir() if p.is_file())))
+    return _load_split_cached(key)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split_cached(key):
+    """Read-only arrays of one split (cached: tests and lessons train many small runs)."""
+    x, y = _read_split(key[0], Path(key[1]))
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+def _read_split(split, d):
+    npz = d / f"{split}.npz"
+    if npz.exists():
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                x = np.asarray(z["x"])
+                y = np.asarray(z["y"]) if "y" in z.files else np.zeros(len(x), dtype=np.int64)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise DataError(f"{npz}: cannot read ({type(exc).__name__}: {exc})") from None
+        if x.ndim < 2 or len(y) != len(x):
+            raise DataError(f"{npz}: expected x (N, D) and y (N,), got shapes {x.shape} and {y.shape}")
+        return x.reshape(len(x), -1).astype(np.float32), y.astype(np.int64)
+    return load_mnist(split, d)
+
+
+class Data:
+    """Preprocessed arrays of a run: grey train/test/valid, and the evaluation copies."""
+
+    def __init__(self, settings):
+        s = settings
+        x_tr, y_tr = load_split("train", s.data_dir)
+        x_te, y_te = load_split("test", s.data_dir)
+        src = s.data_dir or str(default_data_dir())
+        if x_tr.shape[1] != x_te.shape[1]:
+            raise DataError(f"{src}: train images have {x_tr.shape[1]} values, test images {x_te.shape[1]}")
+        if s.n_train:
+            x_tr, y_tr = x_tr[:s.n_train], y_tr[:s.n_train]
+        if s.n_test:
+            x_te, y_te = x_te[:s.n_test], y_te[:s.n_test]
+        check_data(x_tr, s.likelihood, f"{src} (train)")
+        check_data(x_te, s.likelihood, f"{src} (test)")
+        x_va = y_va = None
+        if s.valid:
+            if s.valid >= len(x_tr):
+                raise ValueError(f"valid={s.valid} leaves no training images (only {len(x_tr)})")
+            x_tr, y_tr, x_va, y_va = split_validation(x_tr, y_tr, s.valid, seed=s.seed)
+        dt = np.dtype(s.dtype)
+        self.x_train, self.y_train = x_tr.astype(dt), y_tr
+        self.x_test, self.y_test = x_te.astype(dt), y_te
+        self.x_valid, self.y_valid = (x_va.astype(dt), y_va) if x_va is not None else (None, None)
+        self.x_dim = x_tr.shape[1]
+        if s.binarize == "static":
+            self.x_train = static_binarize(self.x_train, seed=s.seed)
+        if s.binarize != "none":   # evaluation data: binarized once, with a seed independent of the run's
+            self.test_eval = static_binarize(self.x_test, seed=s.test_seed)
+            self.valid_eval = static_binarize(self.x_valid, seed=s.test_seed + 1) if x_va is not None else None
+        else:
+            self.test_eval, self.valid_eval = self.x_test, self.x_valid
+
+
+def evaluation_data(settings, data_dir=None, n=None):
+    """The test set as a run evaluates it: (x_eval, x_grey, y) for ``eval``/figures."""
+    s = settings
+    x, y = load_split("test", data_dir if data_dir is not None else s.data_dir)
+    n = n or s.n_test
+    if n:
+        x, y = x[:n], y[:n]
+    check_data(x, s.likelihood, f"{data_dir or s.data_dir or default_data_dir()} (test)")
+    x = x.astype(np.dtype(s.dtype))
+    x_eval = static_binarize(x, seed=s.test_seed) if s.binarize != "none" else x
+    return x_eval, x, y
+
+
+# ------------------------------------------------------------------- helpers
+def make_rngs(seed):
+    init, shuffle, binar, eps = np.random.SeedSequence(int(seed)).spawn(4)
+    return {"init": np.random.default_rng(init), "shuffle": np.random.default_rng(shuffle),
+            "binarize": np.random.default_rng(binar), "eps": np.random.default_rng(eps)}
+
+
+def beta_at(settings, step, steps_per_epoch):
+    """KL weight at 0-based global ``step`` (linear per-step warm-up over ``warmup`` epochs)."""
+    if not settings.warmup:
+        return float(settings.beta)
+    return float(settings.beta) * min(1.0, step / (settings.warmup * steps_per_epoch))
+
+
+def loss_kwargs(settings, model):
+    """Extra objective keyword arguments for ``model.loss`` (only the ones that are set)."""
+    kw = {}
+    if settings.iwae_k is not None:
+        kw["iwae_k"] = int(settings.iwae_k)
+    if settings.free_bits is not None:
+        kw["free_bits"] = float(settings.free_bits)
+    if kw:
+        params = inspect.signature(model.loss).parameters
+        any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for k in kw:
+            if k not in params and not any_kw:
+                raise ValueError(f"this version of minivae's VAE.loss has no {k!r} option")
+    return kw
+
+
+def write_history(out_dir, history):
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / "history.json", lambda f: f.write(json.dumps(history, indent=1)), mode="w")
+    keys = []
+    for rec in history:
+        keys += [k for k in rec if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for rec in history:
+        w.writerow(rec)
+    atomic_write(out_dir / "history.csv", lambda f: f.write(buf.getvalue()), mode="w")
+
+
+def format_epoch(rec, epochs):
+    line = (f"epoch {rec['epoch']:>3}/{epochs}  "
+            f"train -ELBO {rec['train_neg_elbo']:8.3f} (recon {rec['train_recon']:8.3f}, KL {rec['train_kl']:7.3f})  "
+            f"test -ELBO {rec['test_neg_elbo']:8.3f} (recon {rec['test_recon']:8.3f}, KL {rec['test_kl']:7.3f})")
+    if "valid_neg_elbo" in rec:
+        line += f"  valid -ELBO {rec['valid_neg_elbo']:8.3f}"
+    return line + f"  lr {rec['lr']:.3g}  beta {rec['beta']:.3g}  {rec['time_s']:.1f}s"
+
+
+def _check_resume(settings, ckpt):
+    saved = dict(ckpt.settings)
+    now = settings.to_dict()
+    diffs = [f"{k}={saved.get(k)!r} (this run: {now[k]!r})" for k in now
+             if k not in RESUME_MUTABLE and json.dumps(saved.get(k)) != json.dumps(now[k])]
+    if diffs:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint was trained with different settings: " + "; ".join(diffs))
+
+
+# ---------------------------------------------------------------------- train
+def train(settings, out_dir, resume=False, progress=True, log=print):
+    """Train a VAE as ``settings`` says, writing everything under ``out_dir``.
+
+    ``resume=True`` continues from ``out_dir/checkpoint.npz`` (settings must
+    match it, except ``epochs``, ``iw_k``, ``figures`` and ``backend``) and
+    gives exactly the numbers of an uninterrupted run.  Without ``resume`` an
+    existing checkpoint in ``out_dir`` is an error (nothing is overwritten).
+    Returns the history: a list of per-epoch dicts.
+    """
+    from tqdm import tqdm
+
+    s = settings.validate()
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    ckpt = None
+    if resume:
+        if not ckpt_path.exists():
+            raise CheckpointError(f"{ckpt_path}: checkpoint not found; nothing to resume")
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resume(s, ckpt)
+    elif ckpt_path.exists():
+        raise CheckpointError(f"{out} already holds a run ({CHECKPOINT}); pass resume (--resume) to continue it "
+                              "or choose another output folder")
+
+    xp = get_xp(s.backend)          # BackendError early if cupy is asked for without a GPU
+    data = Data(s)
+    config = s.model_config(data.x_dim)
+    rngs = make_rngs(s.seed)
+    model = VAE(config, rng=rngs["init"], backend=s.backend)
+    model.rng = rngs["eps"]
+    opt = s.make_optimizer()
+    obj_kw = loss_kwargs(s, model)
+    history, start = [], 0
+    if ckpt is not None:
+        if ckpt.config.to_dict() != config.to_dict():
+            raise CheckpointError(f"{ckpt.path}: saved model {ckpt.config.to_dict()} does not match this run's "
+                                  f"{config.to_dict()}")
+        loaded = ckpt.build_model(s.backend)
+        model.params.flat[...] = loaded.flat
+        ckpt.load_optimizer(opt, model.params)
+        restore_rngs(rngs, ckpt.rng)
+        history, start = list(ckpt.history), ckpt.epoch
+    elif s.init_output_bias:
+        model.params["dec.out.b"] = output_bias_init(data.x_train).astype(model.dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "settings.json", lambda f: f.write(json.dumps(s.to_dict(), indent=1)), mode="w")
+
+    n = len(data.x_train)
+    spe = math.ceil(n / s.batch_size)
+    # numpy: check the loss and update the bar every step; cupy: keep the losses on the device and
+    # synchronise every 50 steps (the tests force the device-style loop on numpy to check both agree)
+    on_host = s.backend == "numpy" and not _DEVICE_STYLE_LOOP
+    if not on_host:
+        x_dev = xp.asarray(data.x_train)
+    rand_dtype = np.float32 if model.dtype == np.float32 else np.float64
+    where = {"epoch": start + 1, "step": 0}
+
+    def last_ckpt():
+        if ckpt_path.exists():
+            return f"last good checkpoint kept at {ckpt_path} (epoch {len(history)})"
+        return "no checkpoint was written yet"
+
+    if progress and start < s.epochs:
+        log(f"training {model!r} on {n} images ({data.x_dim} values each), {spe} steps per epoch; "
+            f"writing to {out}")
+    try:
+        for epoch in range(start, s.epochs):
+            where["epoch"] = epoch + 1
+            opt.lr = lr_at_epoch(s.schedule, epoch, s.lr)
+            batches = [np.asarray(b) for b in _batches(n, s.batch_size, rngs["shuffle"])]
+            t0 = time.perf_counter()
+            tot = [0.0, 0.0, 0.0] if on_host else xp.zeros(3, dtype=np.float64)
+            lossbuf = None if on_host else xp.empty(spe, dtype=np.float64)
+            bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False, disable=not progress,
+                       file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+            run_sum, last_shown = 0.0, 0
+            try:
+                for step, idx in enumerate(batches):
+                    where["step"] = step + 1
+                    beta_t = beta_at(s, epoch * spe + step, spe)
+                    if on_host:
+                        xb = data.x_train[idx]
+                        if s.binarize == "dynamic":
+                            xb = binarize(xb, rngs["binarize"])
+                    else:
+                        xb = x_dev[xp.asarray(idx)]
+                        if s.binarize == "dynamic":
+                            u = rngs["binarize"].random(xb.shape, dtype=rand_dtype)
+                            xb = (xp.asarray(u) < xb).astype(model.dtype)
+                    loss, grads = model.loss(xb, beta=beta_t, validate=False, **obj_kw)
+                    nb = len(idx)
+                    parts = model.parts
+                    if on_host:
+                        lv = float(loss)
+                        if not math.isfinite(lv):
+                            raise TrainingDiverged(f"loss became {lv} at epoch {epoch + 1}, step {step + 1}; "
+                                                   f"training stopped, {last_ckpt()}")
+                        tot[0] += lv * nb
+                        tot[1] += float(parts["recon"]) * nb
+                        tot[2] += float(parts["kl"]) * nb
+                        run_sum += lv
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{run_sum / (step + 1):.3f}", refresh=False)
+                    else:
+                        lossbuf[step] = loss
+                        tot[0] += loss * nb
+                        tot[1] += parts["recon"] * nb
+                        tot[2] += parts["kl"] * nb
+                        if (step + 1) % 50 == 0 or step + 1 == spe:
+                            _check_finite(lossbuf, last_shown, step + 1, epoch, last_ckpt)
+                            bar.update(step + 1 - last_shown)
+                            bar.set_postfix(loss=f"{float(lossbuf[:step + 1].mean()):.3f}", refresh=False)
+                            last_shown = step + 1
+                    opt.step(model.params, grads)
+            finally:
+                bar.close()
+            tot = [float(v) for v in (tot if on_host else to_numpy(tot))]
+            rec = {"epoch": epoch + 1, "train_loss": tot[0] / n, "train_neg_elbo": (tot[1] + tot[2]) / n,
+                   "train_recon": tot[1] / n, "train_kl": tot[2] / n}
+            where["step"] = "during the end-of-epoch evaluation"
+            for name, x in (("test", data.test_eval), ("valid", data.valid_eval)):
+                if x is None:
+                    continue
+                ev = evaluate.negative_elbo(model, x, np.random.default_rng(s.test_seed), batch_size=1000)
+                if not all(math.isfinite(v) for v in ev.values()):
+                    raise TrainingDiverged(f"{name} loss became {ev['loss']} after epoch {epoch + 1}; "
+                                           f"training stopped, {last_ckpt()}")
+                rec.update({f"{name}_neg_elbo": ev["loss"], f"{name}_recon": ev["recon"], f"{name}_kl": ev["kl"]})
+            rec.update({"lr": opt.lr, "beta": beta_at(s, (epoch + 1) * spe - 1, spe), "steps": spe,
+                        "time_s": time.perf_counter() - t0})
+            history.append(rec)
+            save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch + 1, history)
+            write_history(out, history)
+            log(format_epoch(rec, s.epochs))
+    except KeyboardInterrupt:
+        step = where["step"]
+        step = f"step {step}" if isinstance(step, int) else step
+        raise TrainingInterrupted(f"interrupted at epoch {where['epoch']}, {step}; {last_ckpt()}") from None
+
+    if history:
+        write_history(out, history)
+    results = finish(model, s, data, out, progress=progress, log=log)
+    atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=1)), mode="w")
+    return history
+
+
+def _batches(n, batch_size, rng):
+    from .data import minibatches
+    return minibatches(n, batch_size, rng)
+
+
+def _check_finite(lossbuf, start, stop, epoch, last_ckpt):
+    xp = get_array_module(lossbuf)
+    seg = lossbuf[start:stop]
+    bad = xp.flatnonzero(~xp.isfinite(seg))
+    if bad.size:
+        i = int(bad[0])
+        raise TrainingDiverged(f"loss became {float(seg[i])} at epoch {epoch + 1}, step {start + i + 1}; "
+                               f"training stopped, {last_ckpt()}")
+
+
+def finish(model, settings, data, out_dir, progress=True, log=print):
+    """Final test report (``results.json``) and figures of a trained model."""
+    s = settings
+    rep = evaluate.report(model, data.test_eval, np.random.default_rng(s.test_seed), iw_k=s.iw_k,
+                          progress=progress)
+    results = {"test": rep}
+    if data.valid_eval is not None:
+        results["valid"] = evaluate.report(model, data.valid_eval, np.random.default_rng(s.test_seed))
+    line = f"final test -ELBO {rep['neg_elbo']:.3f} (recon {rep['recon']:.3f}, KL {rep['kl']:.3f})"
+    if rep.get("iw_nll") is not None:
+        line += f"; IW bound (k={rep['iw_k']}) -log p(x) <= {rep['iw_nll']:.3f}"
+    log(line + f" on {rep['n']} test images")
+    if rep.get("collapse_warning"):
+        log(f"warning: {rep['collapse_warning']}")
+    if s.figures:
+        from . import figures
+        paths = figures.run_figures(model, data.x_test, data.y_test, out_dir, history_path=Path(out_dir) /
+                                    "history.json", seed=s.seed)
+        log(f"figures: {', '.join(str(p) for p in paths)}")
+    return results

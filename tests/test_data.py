@@ -1,0 +1,144 @@
+"""The IDX reader, the embedded MNIST, other data folders and the preprocessing."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from minivae.data import (DataError, binarize, check_data, embedded_dir, load_mnist, minibatches, read_idx,
+                          split_validation, static_binarize)
+from minivae.train import load_split
+
+
+def idx_bytes(a, dtype_code=0x08):
+    a = np.asarray(a, dtype=np.uint8)
+    return bytes([0, 0, dtype_code, a.ndim]) + struct.pack(">" + "I" * a.ndim, *a.shape) + a.tobytes()
+
+
+def write_idx(path, a, gz=True, raw=None):
+    data = raw if raw is not None else idx_bytes(a)
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_dataset(folder, n_train=40, n_test=20, side=28, seed=0):
+    """A small IDX dataset in the MNIST layout (random images, labels 0..9)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, side, side)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return folder
+
+
+def test_read_idx_roundtrip_gz_and_raw(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a.gz", a)), a)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a.idx", a, gz=False)), a)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("truncated", "truncated"),
+    ("too_long", "too long"),
+    ("bad_magic", "bad magic"),
+    ("float_type", "not supported"),
+    ("tiny", "truncated"),
+    ("zero_dim", "dimension is zero"),
+])
+def test_corrupt_idx_gives_one_line_error_naming_the_file(tmp_path, case, fragment):
+    good = idx_bytes(np.ones((3, 2, 2)))
+    raw = {
+        "truncated": good[:-3],
+        "too_long": good + b"\x00",
+        "bad_magic": b"\x01\x02" + good[2:],
+        "float_type": bytes([0, 0, 0x0D]) + good[3:],
+        "tiny": good[:2],
+        "zero_dim": bytes([0, 0, 8, 1]) + struct.pack(">I", 0),
+    }[case]
+    path = write_idx(tmp_path / f"{case}-images.gz", None, raw=raw)
+    with pytest.raises(DataError) as info:
+        read_idx(path)
+    msg = str(info.value)
+    assert str(path) in msg and fragment in msg and "\n" not in msg
+
+
+def test_corrupt_gzip_and_missing_file(tmp_path):
+    p = tmp_path / "broken.gz"
+    p.write_bytes(gzip.compress(idx_bytes(np.ones((50, 4))))[:-12])     # cut inside the gzip stream
+    with pytest.raises(DataError, match="broken.gz"):
+        read_idx(p)
+    with pytest.raises(DataError, match="not found"):
+        read_idx(tmp_path / "nope.gz")
+
+
+def test_embedded_mnist_is_the_full_dataset():
+    x, y = load_mnist("test", embedded_dir())
+    assert x.shape == (10000, 784) and x.dtype == np.float32 and y.dtype == np.int64
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert np.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    xt, yt = load_mnist("train", embedded_dir())
+    assert xt.shape == (60000, 784)
+    assert np.bincount(yt).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert abs(xt.mean() * 255 - 33.318) < 1e-3
+
+
+def test_data_dir_and_env_load_another_idx_dataset(tmp_path, monkeypatch):
+    d = make_dataset(tmp_path / "fake", n_train=30, n_test=12)
+    x, y = load_mnist("train", d)
+    assert x.shape == (30, 784)
+    monkeypatch.setenv("MINIVAE_DATA", str(d))
+    x2, _ = load_mnist("test")
+    assert x2.shape == (12, 784)
+    with pytest.raises(DataError, match="data directory not found"):
+        load_mnist("train", tmp_path / "missing")
+
+
+def test_load_split_reads_npz_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.normal(size=(10, 5)), y=np.arange(10))
+    x, y = load_split("train", tmp_path)
+    assert x.shape == (10, 5) and x.dtype == np.float32 and y.tolist() == list(range(10))
+
+
+def test_label_image_count_mismatch(tmp_path):
+    d = make_dataset(tmp_path / "bad", n_train=10, n_test=5)
+    write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(9))
+    with pytest.raises(DataError, match="10 images but 9 labels"):
+        load_mnist("train", d)
+
+
+def test_check_data():
+    check_data(np.array([[0.0, 1.0]]), "bernoulli")
+    with pytest.raises(DataError, match="outside"):
+        check_data(np.array([[0.0, 1.5]]), "bernoulli")
+    check_data(np.array([[0.0, 1.5]]), "gaussian")
+    with pytest.raises(DataError, match="NaN"):
+        check_data(np.array([[0.0, np.nan]]), "gaussian")
+
+
+def test_binarize_dynamic_and_static():
+    x = np.full((200, 50), 0.3, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    a, b = binarize(x, rng), binarize(x, rng)
+    assert a.dtype == np.float32 and set(np.unique(a)) <= {0.0, 1.0}
+    assert not np.array_equal(a, b)                        # re-sampled each call
+    assert abs(a.mean() - 0.3) < 0.02                      # E[x_bin] = pixel
+    assert np.array_equal(static_binarize(x, 7), static_binarize(x, 7))
+    edge = np.array([[0.0, 1.0]] * 100, dtype=np.float32)
+    assert np.array_equal(binarize(edge, rng), edge)       # 0 and 1 stay put
+
+
+def test_split_validation_and_minibatches():
+    x, y = np.arange(20.0).reshape(10, 2), np.arange(10)
+    xt, yt, xv, yv = split_validation(x, y, 3, seed=1)
+    assert len(xv) == 3 and len(xt) == 7 and sorted(np.concatenate([yt, yv]).tolist()) == list(range(10))
+    assert np.array_equal(xt[:, 0] / 2, yt)                # rows stay paired with labels
+    b1 = minibatches(10, 4, np.random.default_rng(0))
+    b2 = minibatches(10, 4, np.random.default_rng(0))
+    assert [len(b) for b in b1] == [4, 4, 2]
+    assert all(np.array_equal(p, q) for p, q in zip(b1, b2))
+    assert sorted(np.concatenate(b1).tolist()) == list(range(10))

@@ -1,0 +1,215 @@
+"""The training loop: reproducibility, exact resume, divergence, schedules, data checks."""
+import json
+
+import numpy as np
+import pytest
+
+from minivae import VAE
+from minivae.checkpoint import CheckpointError, load_checkpoint
+from minivae.data import DataError
+from minivae.train import Data, TrainingDiverged, TrainSettings, beta_at, train
+
+
+def tiny(**kw):
+    base = dict(n_train=256, n_test=128, epochs=2, batch_size=64, hidden=(32,), latent=2, figures=False)
+    base.update(kw)
+    return TrainSettings.from_recipe("default", **base)
+
+
+def run(settings, out, **kw):
+    lines = []
+    hist = train(settings, out, progress=False, log=lines.append, **kw)
+    return hist, lines
+
+
+def strip_time(history):
+    return [{k: v for k, v in rec.items() if k != "time_s"} for rec in history]
+
+
+def test_same_seed_same_history_other_seed_differs(tmp_path):
+    h1, lines = run(tiny(), tmp_path / "a")
+    h2, _ = run(tiny(), tmp_path / "b")
+    h3, _ = run(tiny(seed=1), tmp_path / "c")
+    assert strip_time(h1) == strip_time(h2)
+    assert strip_time(h1) != strip_time(h3)
+    assert [r["epoch"] for r in h1] == [1, 2]
+    rec = h1[-1]
+    assert abs(rec["train_neg_elbo"] - rec["train_recon"] - rec["train_kl"]) < 1e-6 * rec["train_neg_elbo"]
+    assert abs(rec["test_neg_elbo"] - rec["test_recon"] - rec["test_kl"]) < 1e-4
+    assert h1[1]["train_neg_elbo"] < h1[0]["train_neg_elbo"]       # it learns
+    assert any(line.startswith("epoch   2/2") and "test -ELBO" in line for line in lines)
+    assert json.loads((tmp_path / "a" / "history.json").read_text()) == h1
+    header = (tmp_path / "a" / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train_neg_elbo", "test_neg_elbo", "test_kl", "time_s"} <= set(header)
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["test"]["n"] == 128 and res["test"]["neg_elbo"] == pytest.approx(h1[-1]["test_neg_elbo"], rel=1e-4)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    s = tiny(epochs=3, valid=32)
+    full, _ = run(s, tmp_path / "full")
+    part, _ = run(tiny(epochs=2, valid=32), tmp_path / "part")
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.npz").epoch == 2
+    resumed, lines = run(s, tmp_path / "part", resume=True)
+    assert strip_time(resumed) == strip_time(full)
+    assert len(lines) >= 2 and lines[-2].startswith("epoch   3/3")
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert a.epoch == b.epoch == 3
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+    for k in a.opt_state:
+        assert np.array_equal(a.opt_state[k], b.opt_state[k]), k
+    assert a.opt_meta == b.opt_meta and a.rng == b.rng
+
+
+def test_resume_refuses_other_settings_and_overwrite(tmp_path):
+    run(tiny(epochs=1), tmp_path / "r")
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        run(tiny(epochs=1), tmp_path / "r")
+    with pytest.raises(CheckpointError, match="hidden"):
+        run(tiny(epochs=2, hidden=(16,)), tmp_path / "r", resume=True)
+    with pytest.raises(CheckpointError, match="not found"):
+        run(tiny(), tmp_path / "none", resume=True)
+
+
+def test_nan_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    run(tiny(epochs=1), tmp_path / "ref")
+    original = VAE.loss
+    calls = {"n": 0}
+
+    def poisoned(self, x, *args, **kw):
+        loss, grads = original(self, x, *args, **kw)
+        if grads is not None:                      # training steps only (evaluation has backward=False)
+            calls["n"] += 1
+            if calls["n"] == 4 + 2:                # 4 steps per epoch: epoch 2, step 2
+                loss = loss * np.float32("nan")
+        return loss, grads
+
+    monkeypatch.setattr(VAE, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2") as info:
+        run(tiny(epochs=3), out)
+    assert "last good checkpoint kept" in str(info.value)
+    c = load_checkpoint(out / "checkpoint.npz")
+    ref = load_checkpoint(tmp_path / "ref" / "checkpoint.npz")
+    assert c.epoch == 1 and len(c.history) == 1
+    for k in c.params:                              # the epoch-1 checkpoint, untouched
+        assert np.array_equal(c.params[k], ref.params[k])
+    assert not (out / "results.json").exists()
+
+
+def test_warmup_beta_and_lr_schedule(tmp_path):
+    s = tiny(warmup=2, beta=0.5, epochs=2)
+    assert beta_at(s, 0, 4) == 0.0 and beta_at(s, 4, 4) == pytest.approx(0.25) and beta_at(s, 100, 4) == 0.5
+    h, _ = run(s, tmp_path / "w")
+    assert [r["beta"] for r in h] == pytest.approx([0.5 * 3 / 8, 0.5 * 7 / 8])
+    # during warm-up the objective is recon + beta_t KL, while the reported -ELBO uses beta = 1
+    assert h[0]["train_loss"] < h[0]["train_neg_elbo"]
+
+    r = TrainSettings.from_recipe("burda2015-short", n_train=40, n_test=20, epochs=3, hidden=(16,), latent=2,
+                                  figures=False)
+    assert r.batch_size == 20 and r.activation == "tanh" and r.adam_eps == 1e-4 and r.init_output_bias
+    h, _ = run(r, tmp_path / "b")
+    assert [x["lr"] for x in h] == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7), 1e-3 * 10 ** (-2 / 7)])
+    assert h[0]["steps"] == 2
+
+
+def test_objective_flags_reach_model_loss(tmp_path, monkeypatch):
+    seen = []
+    original = VAE.loss
+
+    def spy(self, x, *args, **kw):
+        if kw.get("backward", True):
+            seen.append({k: kw.get(k) for k in ("iwae_k", "free_bits", "validate")})
+        return original(self, x, *args, **kw)
+
+    monkeypatch.setattr(VAE, "loss", spy)
+    run(tiny(epochs=1), tmp_path / "plain")
+    assert seen and all(s == {"iwae_k": None, "free_bits": None, "validate": False} for s in seen)
+    for name, kw in (("iwae", {"iwae_k": 3}), ("fb", {"free_bits": 0.1})):
+        seen.clear()
+        h, _ = run(tiny(epochs=1, **kw), tmp_path / name)
+        want = {"iwae_k": None, "free_bits": None, "validate": False, **kw}
+        assert seen and all(s == want for s in seen)
+        assert np.isfinite(h[0]["test_neg_elbo"])
+    with pytest.raises(ValueError, match="free bits cannot be combined"):
+        tiny(iwae_k=2, free_bits=0.5).validate()
+
+
+def test_binarization_modes():
+    grey = Data(tiny(binarize="none"))
+    assert len(np.unique(grey.x_train)) > 2 and np.array_equal(grey.test_eval, grey.x_test)
+    st1, st2 = Data(tiny(binarize="static")), Data(tiny(binarize="static"))
+    assert set(np.unique(st1.x_train)) == {0.0, 1.0} and np.array_equal(st1.x_train, st2.x_train)
+    assert not np.array_equal(st1.x_train, Data(tiny(binarize="static", seed=3)).x_train)
+    dyn = Data(tiny(binarize="dynamic"))
+    assert len(np.unique(dyn.x_train)) > 2                       # binarized per minibatch, not up front
+    assert np.array_equal(dyn.test_eval, st1.test_eval)          # the test set: fixed seed, whatever the run's
+    assert np.array_equal(dyn.test_eval, Data(tiny(seed=9)).test_eval)
+    with pytest.raises(ValueError, match="Bernoulli"):
+        tiny(likelihood="gaussian", binarize="dynamic").validate()
+
+
+@pytest.mark.parametrize("value, fragment", [(2.0, "outside"), (np.nan, "NaN")])
+def test_bad_data_is_rejected_before_training(tmp_path, value, fragment):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        x = rng.random((20, 16))
+        x[3, 5] = value
+        np.savez(tmp_path / f"{split}.npz", x=x, y=np.zeros(20, dtype=np.int64))
+    with pytest.raises(DataError, match=fragment):
+        run(tiny(data_dir=str(tmp_path), binarize="none"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_style_loop_matches_the_host_loop(tmp_path, monkeypatch):
+    """The CuPy loop (losses kept on the device, checked every 50 steps) run with NumPy arrays."""
+    import minivae.train as tr
+    s = tiny(epochs=2, batch_size=4)                      # 64 steps per epoch: crosses a 50-step check
+    host, _ = run(s, tmp_path / "host")
+    monkeypatch.setattr(tr, "_DEVICE_STYLE_LOOP", True)
+    dev, _ = run(s, tmp_path / "dev")
+    for a, b in zip(host, dev):
+        for k in a:
+            if k == "time_s":
+                continue
+            if k.startswith("train_"):                     # float64 sums of float32 terms, in another order
+                assert a[k] == pytest.approx(b[k], rel=1e-6), k
+            else:
+                assert a[k] == b[k], k
+    pa, pb = load_checkpoint(tmp_path / "host"), load_checkpoint(tmp_path / "dev")
+    assert all(np.array_equal(pa.params[k], pb.params[k]) for k in pa.params)
+
+
+def test_device_style_loop_reports_the_first_bad_step(tmp_path, monkeypatch):
+    import minivae.train as tr
+    monkeypatch.setattr(tr, "_DEVICE_STYLE_LOOP", True)
+    original = VAE.loss
+    calls = {"n": 0}
+
+    def poisoned(self, x, *args, **kw):
+        loss, grads = original(self, x, *args, **kw)
+        if grads is not None:
+            calls["n"] += 1
+            if calls["n"] >= 64 + 37:                      # epoch 2, step 37 and every later step
+                loss = loss * np.float32("inf")
+        return loss, grads
+
+    monkeypatch.setattr(VAE, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss became inf at epoch 2, step 37;"):
+        run(tiny(epochs=2, batch_size=4), tmp_path / "r")
+    assert load_checkpoint(tmp_path / "r").epoch == 1
+
+
+@pytest.mark.parametrize("kw", [
+    dict(dtype="float64", optimizer="sgd", lr=1e-3, momentum=0.5),
+    dict(optimizer="adagrad", lr=1e-2, clip_norm=5.0, weight_decay=1e-4),
+    dict(likelihood="gaussian", binarize="none", obs_var=0.1),
+    dict(likelihood="gaussian_learned_var", binarize="none", hidden=(16, 8)),
+    dict(binarize="static", activation="tanh", init_output_bias=True, valid=50),
+], ids=["sgd-f64", "adagrad-clip-wd", "gaussian", "learned-var", "static-tanh"])
+def test_option_combinations_train(tmp_path, kw):
+    h, _ = run(tiny(epochs=1, n_train=128, **kw), tmp_path / "r")
+    assert all(np.isfinite(v) for k, v in h[0].items() if isinstance(v, float))
+    c = load_checkpoint(tmp_path / "r")
+    assert c.config.dtype == kw.get("dtype", "float32") and c.opt_meta["name"] == kw.get("optimizer", "adam")
