@@ -29,7 +29,9 @@ def test_lesson_is_a_notebook_style_script_using_the_installed_package(path):
 
 @pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
 def test_lesson_runs_quick_and_its_checks_pass(path, tmp_path):
-    env = dict(os.environ, MPLBACKEND="Agg")
+    # One BLAS thread: the lesson shares the machine with pytest (and, on a busy box, with others); with
+    # oversubscribed BLAS threads a small matmul can run 10x slower.
+    env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(path), "--quick", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

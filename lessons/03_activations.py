@@ -1,0 +1,182 @@
+"""Lesson 03 - Activations and their gradients.
+
+Run:  python lessons/03_activations.py [--quick] [--out DIR] [--seed N]
+
+The nonlinearities between dense layers, each as a forward/backward pair:
+
+    ReLU        y = max(x, 0)                  dy/dx = 1[x > 0]
+    LeakyReLU   y = x if x > 0 else a x         dy/dx = 1 if x > 0 else a
+    tanh        y = tanh(x)                     dy/dx = 1 - y^2
+    sigmoid     y = 1 / (1 + e^{-x})            dy/dx = y (1 - y)
+    softplus    y = log(1 + e^x)                dy/dx = sigmoid(x)
+
+Derivations of the two less obvious ones:
+
+    tanh:    tanh = (e^x - e^{-x}) / (e^x + e^{-x}).  Quotient rule:
+             d tanh/dx = [(e^x + e^{-x})^2 - (e^x - e^{-x})^2] / (e^x + e^{-x})^2 = 1 - tanh^2.
+    sigmoid: s = (1 + e^{-x})^{-1},  ds/dx = e^{-x} / (1 + e^{-x})^2
+             = [1 / (1 + e^{-x})] [e^{-x} / (1 + e^{-x})] = s (1 - s).
+    softplus: d/dx log(1 + e^x) = e^x / (1 + e^x) = sigmoid(x).
+
+tanh and sigmoid cache their *output* y, since the derivative is a function
+of y alone: no exp is recomputed in the backward pass.
+
+Exercises: ``relu_backward``, ``tanh_backward``, ``sigmoid_backward`` in
+minivae/layers.py.
+"""
+# %%
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+import minivae
+from minivae import layers
+from minivae.gradcheck import numerical_gradient, rel_error
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Lesson 03: activations and their gradients")
+    p.add_argument("--quick", action="store_true", help="smaller problem (for tests)")
+    p.add_argument("--out", default="lesson_output/03_activations", help="output folder for figures")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_known_args()[0]
+
+
+def check(cond, claim):
+    assert cond, f"CHECK FAILED: {claim}"
+    print(f"CHECK passed: {claim}")
+
+
+args = parse_args()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(args.seed)
+t0 = time.time()
+
+# %% [markdown]
+# ## 1. Gradient checks of every activation
+#
+# Inputs are float64, drawn away from the ReLU/LeakyReLU kink at 0 (see
+# section 2 for why), with a random upstream gradient.
+
+# %%
+shape = (4, 6) if args.quick else (16, 32)
+x = rng.standard_normal(shape) * 2
+x = np.where(np.abs(x) < 0.1, 0.1 * np.sign(x) + x, x)   # keep |x| >= 0.1 >> h
+worst = 0.0
+for name in ["relu", "leaky_relu", "tanh", "sigmoid", "softplus"]:
+    fwd, bwd = layers.activation(name)
+    rep = minivae.check_op(fwd, bwd, [x.copy()], names=["x"], rng=rng, tol=1e-8)
+    print(f"  {name:10s} rel error {rep['x']:.2e}")
+    worst = max(worst, rep["x"])
+check(worst < 1e-8, "relu, leaky_relu, tanh, sigmoid, softplus backward all pass check_op (rel error < 1e-8)")
+
+# %% [markdown]
+# ## 2. Why gradient checks avoid kinks
+#
+# At x = 0, ReLU has no derivative; minivae defines it as 0 (a subgradient).
+# The central difference straddles the kink:
+#
+#     (relu(0 + h) - relu(0 - h)) / (2h) = (h - 0) / (2h) = 1/2,
+#
+# which matches neither one-sided slope: the check would report a failure
+# that is not a bug.  For any |x| > h both x +- h lie on the same side and the
+# difference is exact.
+
+# %%
+x0 = np.array([0.0])
+fd0 = numerical_gradient(lambda: layers.relu_forward(x0)[0], x0, np.ones(1), h=1e-5)[0]
+an0 = layers.relu_backward(np.ones(1), layers.relu_forward(x0)[1])[0]
+print(f"  at x=0: finite difference {fd0:.6f}, backward {an0:.1f}")
+check(abs(fd0 - 0.5) < 1e-9, "finite differences of ReLU at the kink x=0 give 0.5 (neither 0 nor 1)")
+xs = np.array([-2e-5, 2e-5, -0.3, 0.7])          # |x| > h = 1e-5: safe
+fds = numerical_gradient(lambda: layers.relu_forward(xs)[0], xs, np.ones(4), h=1e-5)
+ans = layers.relu_backward(np.ones(4), layers.relu_forward(xs)[1])
+check(rel_error(ans, fds) < 1e-9, "with |x| > h (even |x| = 2h) the ReLU check is exact")
+
+# %% [markdown]
+# ## 3. Why sigmoid (and log sigmoid) must be written stably
+#
+# Naively, sigmoid(x) = 1 / (1 + exp(-x)).  At x = -1000, exp(1000) overflows
+# to inf (float64 overflows above ~709) and NumPy warns; the answer 1/inf = 0
+# happens to be right, but in float32 the overflow starts at x < -88 and the
+# same pattern inside log() is fatal:
+#
+#     log sigmoid(x) = -log(1 + e^{-x}) = -softplus(-x)
+#
+# Naively log(sigmoid(-1000)) = log(0) = -inf, but the true value is
+# -softplus(1000) = -1000 - log(1 + e^{-1000}) = -1000 to machine precision.
+# minivae's softplus uses max(x, 0) + log1p(exp(-|x|)), and sigmoid only
+# exponentiates -|x| <= 0, so neither can overflow.
+
+# %%
+big = np.array([-1000.0, -50.0, 0.0, 50.0, 1000.0])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    naive = 1.0 / (1.0 + np.exp(-big))
+    naive_logsig = np.log(1.0 / (1.0 + np.exp(-big)))
+overflow_warned = any("overflow" in str(w.message) for w in caught)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")                # the stable versions must not warn at all
+    stable = layers.sigmoid(big)
+    stable_logsig = -layers.softplus(-big)
+print("  x            :", big)
+print("  naive sigmoid:", naive, " (overflow warning:", overflow_warned, ")")
+print("  naive log sig:", naive_logsig)
+print("  -softplus(-x):", stable_logsig)
+check(overflow_warned, "naive 1/(1+exp(-x)) at x=-1000 overflows (NumPy RuntimeWarning)")
+check(np.isneginf(naive_logsig[0]) and stable_logsig[0] == -1000.0,
+      "naive log(sigmoid(-1000)) is -inf while -softplus(1000) gives exactly -1000")
+check(np.all(np.isfinite(stable)) and stable[0] == 0.0 and stable[-1] == 1.0 and stable[2] == 0.5,
+      "minivae sigmoid is finite and warning-free at +-1000 (0, 1/2, 1 where exact)")
+x32 = np.array([-100.0], dtype=np.float32)
+with warnings.catch_warnings(record=True) as caught32:
+    warnings.simplefilter("always")
+    np.exp(-x32)
+check(any("overflow" in str(w.message) for w in caught32),
+      "in float32 exp(-x) already overflows at x = -100 (limit ~ -88.7)")
+
+# %% [markdown]
+# ## 4. Picture: the activations and their derivatives
+#
+# The derivative curves are the backward passes applied to dy = 1; we also
+# overlay finite differences at a few points (kinks excluded).
+
+# %%
+grid = np.linspace(-4, 4, 401 if args.quick else 1601)
+fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+fd_worst = 0.0
+for name in ["relu", "leaky_relu", "tanh", "sigmoid", "softplus"]:
+    fwd, bwd = layers.activation(name)
+    y, c = fwd(grid) if name != "leaky_relu" else fwd(grid, 0.1)   # alpha = 0.1 so the slope is visible
+    d = bwd(np.ones_like(grid), c)
+    axes[0].plot(grid, y, label=name)
+    line, = axes[1].plot(grid, d, label=name)
+    pts = np.array([-3.1, -1.3, -0.6, 0.4, 1.1, 2.9])
+    if name == "leaky_relu":
+        fpts = numerical_gradient(lambda: fwd(pts, 0.1)[0], pts, np.ones_like(pts))
+        dpts = bwd(np.ones_like(pts), fwd(pts, 0.1)[1])
+    else:
+        fpts = numerical_gradient(lambda: fwd(pts)[0], pts, np.ones_like(pts))
+        dpts = bwd(np.ones_like(pts), fwd(pts)[1])
+    fd_worst = max(fd_worst, rel_error(dpts, fpts))
+    axes[1].plot(pts, fpts, "x", color=line.get_color())
+axes[0].set_title("activations y(x)")
+axes[1].set_title("derivatives dy/dx (lines: backward, x: finite differences)")
+for ax in axes:
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.axvline(0, color="gray", lw=0.5)
+    ax.legend(fontsize=8)
+    ax.set_xlabel("x")
+fig.tight_layout()
+fig.savefig(out / "activations.png", dpi=100)
+plt.close(fig)
+check(fd_worst < 1e-8, "plotted derivative curves agree with finite differences at the marked points")
+
+print(f"figures written to {out}/  ({time.time() - t0:.1f} s)")

@@ -1,0 +1,226 @@
+"""Lesson 04 - The latent-variable model and why we need a recognition model.
+
+Run:  python lessons/04_latent_variable_model.py [--quick] [--out DIR] [--seed N]
+
+A latent-variable model generates x in two steps (seed 001 follows Kingma &
+Welling 2014 here):
+
+    z ~ p(z) = N(0, I),        x ~ p(x|z) = N(f(z), sigma_x^2 I),
+
+with f a neural network (the decoder).  The likelihood of one data point is
+the marginal
+
+    p(x) = \int p(x|z) p(z) dz.                                            (1)
+
+It has no closed form once f is nonlinear.  Three ways to compute it:
+
+(a) Quadrature.  With a 2-D z we can sum (1) over a fine grid:
+        p(x) ~ sum_k p(x|z_k) p(z_k) dA.
+    Exact to many digits, but the cost grows exponentially with dim z.  We
+    use it here only as the ground truth.
+
+(b) Naive Monte Carlo from the prior.  (1) is an expectation under p(z):
+        p(x) = E_{z~p(z)}[p(x|z)]  ~  1/S sum_s p(x|z_s),  z_s ~ p(z).
+    Unbiased, but almost every z_s drawn from the prior explains x badly
+    (p(x|z_s) ~ 0); the estimate is dominated by the rare lucky draws that
+    land where the posterior p(z|x) lives, so its variance is huge.
+
+(c) Importance sampling with a recognition model q(z|x).  Multiply and
+    divide by any density q that is > 0 wherever p(x|z)p(z) is:
+        p(x) = E_{z~q(z|x)}[ p(x|z) p(z) / q(z|x) ]  ~  1/S sum_s w_s,   z_s ~ q(z|x).
+    Still unbiased; if q is close to the true posterior p(z|x) =
+    p(x|z)p(z)/p(x), every weight w_s is close to p(x) and the variance is
+    small (zero if q = p(z|x) exactly).  Amortising q(z|x) with an encoder
+    network that outputs (mu, logvar) for any x is the VAE's recognition
+    model; importance-weighting its samples is also how VAE log-likelihoods
+    are evaluated (Burda et al. 2015, "Importance Weighted Autoencoders").
+
+A correction to seed 002, which says the encoder outputs "a zero-mean noise
+distribution q(z|x)" and that "zero mean means z is uniformly distributed":
+both are wrong.  q(z|x) = N(mu(x), diag sigma^2(x)) has an x-dependent mean
+(that is the point: it locates the posterior of *this* x, as the red cloud
+below does); it is the prior p(z) = N(0, I) that has mean zero, and a
+Gaussian is not uniform whatever its mean.
+
+Here q is the diagonal Gaussian with the true posterior's mean and marginal
+variances (computed on the quadrature grid) - a stand-in for a well trained
+encoder.  The toy decoder f is a fixed random tanh network from z in R^2 to
+x in R^16.
+"""
+# %%
+import argparse
+import time
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+import minivae
+from minivae.gaussian import log_diag_normal, log_standard_normal
+from minivae.layers import tanh_forward
+from minivae.likelihoods import gaussian_nll_forward
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Lesson 04: the latent-variable model")
+    p.add_argument("--quick", action="store_true", help="fewer Monte-Carlo repetitions (for tests)")
+    p.add_argument("--out", default="lesson_output/04_latent_variable_model", help="output folder for figures")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (the toy model is fixed)")
+    return p.parse_known_args()[0]
+
+
+def check(cond, claim):
+    assert cond, f"CHECK FAILED: {claim}"
+    print(f"CHECK passed: {claim}")
+
+
+args = parse_args()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(args.seed)
+t0 = time.time()
+
+# %% [markdown]
+# ## 1. A small generative model and one data point
+#
+# The model is fixed (its own seed), so the lesson's numbers are about the
+# estimators, not about a lucky model.
+
+# %%
+L, H, D, SIGMA_X = 2, 16, 16, 0.1
+mrng = np.random.default_rng(1)
+W1 = mrng.standard_normal((L, H)) * 0.8
+b1 = mrng.standard_normal(H) * 0.5
+W2 = mrng.standard_normal((H, D)) / np.sqrt(H)
+b2 = np.zeros(D)
+z_true = mrng.standard_normal(L) * 0.8
+
+
+def decoder(z):
+    """f(z) = tanh(z W1 + b1) W2 + b2, for z (..., L) -> (..., D)."""
+    h, _ = tanh_forward(z @ W1 + b1)
+    return h @ W2 + b2
+
+
+x = decoder(z_true) + SIGMA_X * mrng.standard_normal(D)     # the observed data point
+
+
+def log_lik(z):
+    """log p(x|z) = -gaussian_nll(f(z), x, sigma_x^2), for z (..., L) -> (...)."""
+    return -gaussian_nll_forward(decoder(z), x, SIGMA_X ** 2)[0]
+
+
+def log_joint(z):
+    """log p(x, z) = log p(x|z) + log p(z)."""
+    return log_lik(z) + log_standard_normal(z)
+
+
+# %% [markdown]
+# ## 2. Ground truth by quadrature
+#
+# A coarse grid over [-6, 6]^2 finds where p(x, z) lives; a fine grid of
+# +-10 posterior standard deviations around it gives log p(x).  We confirm
+# the digits by refining the grid.  The normalised grid weights are the
+# true posterior p(z|x) on the grid; its mean and marginal variances define
+# our q(z|x).
+
+# %%
+def quadrature(lo, hi, n):
+    g0, g1 = np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n)
+    dA = (g0[1] - g0[0]) * (g1[1] - g1[0])
+    Z = np.stack(np.meshgrid(g0, g1, indexing="ij"), -1)
+    lj = log_joint(Z)
+    m = lj.max()
+    log_px = m + np.log(np.exp(lj - m).sum() * dA)          # log sum exp, stable
+    post = np.exp(lj - log_px) * dA                          # posterior mass per cell
+    mean = (post[..., None] * Z).sum((0, 1))
+    var = (post[..., None] * (Z - mean) ** 2).sum((0, 1))
+    return log_px, mean, var, Z, post
+
+
+_, m0, v0, _, _ = quadrature((-6, -6), (6, 6), 301)
+sd0 = np.sqrt(v0)
+log_px, post_mean, post_var, Zg, post_grid = quadrature(m0 - 10 * sd0, m0 + 10 * sd0, 401)
+log_px_fine = quadrature(m0 - 12 * sd0, m0 + 12 * sd0, 601)[0]
+px = np.exp(log_px)
+print(f"  log p(x) by quadrature: {log_px:.10f}  (finer grid: {log_px_fine:.10f})")
+print(f"  posterior mean {np.round(post_mean, 3)}, sd {np.round(np.sqrt(post_var), 4)}  (true z {np.round(z_true, 3)})")
+check(abs(log_px - log_px_fine) < 1e-6, "quadrature log p(x) is converged (two grids agree to 1e-6)")
+
+# %% [markdown]
+# ## 3. Naive Monte Carlo versus importance sampling
+#
+# Each estimate uses S samples; we repeat it R times to see its spread.
+
+# %%
+R, S = (100, 100) if args.quick else (400, 200)
+# (b) naive: z ~ p(z)
+z_prior = rng.standard_normal((R, S, L))
+naive = np.exp(log_lik(z_prior)).mean(axis=1)                    # (R,) estimates of p(x)
+# (c) importance sampling: z ~ q(z|x) = N(post_mean, diag post_var), via the reparameterization
+q_mu, q_logvar = post_mean[None], np.log(post_var)[None]         # (1, L)
+z_q = minivae.reparameterize(q_mu, q_logvar, rng.standard_normal((R * S, 1, L))).reshape(R, S, L)
+log_w = log_joint(z_q) - log_diag_normal(z_q, q_mu[0], q_logvar[0])
+iw = np.exp(log_w).mean(axis=1)                                  # (R,)
+
+
+def describe(name, est):
+    m, se = est.mean(), est.std(ddof=1) / np.sqrt(len(est))
+    print(f"  {name:22s} mean/p(x) = {m / px:.4f} +- {se / px:.4f}   sd of one estimate / p(x) = "
+          f"{est.std(ddof=1) / px:.4f}")
+    return m, se
+
+
+m_naive, se_naive = describe("naive MC (prior)", naive)
+m_iw, se_iw = describe("importance sampling", iw)
+ratio = naive.var(ddof=1) / iw.var(ddof=1)
+frac_useless = np.mean(log_lik(z_prior) < log_px + np.log(1e-3))
+print(f"  variance ratio naive / IS = {ratio:.0f};  prior draws with p(x|z) < p(x)/1000: {100 * frac_useless:.1f}%")
+check(abs(m_naive - px) < 4 * se_naive, "naive Monte Carlo is unbiased: its mean is within 4 s.e. of p(x)")
+check(abs(m_iw - px) < 4 * se_iw, "importance sampling is unbiased: its mean is within 4 s.e. of p(x)")
+check(ratio > 100, "importance sampling with q(z|x) has > 100x lower variance than naive Monte Carlo")
+check(frac_useless > 0.8, "more than 80% of prior draws explain x a thousand times worse than average")
+
+# %% [markdown]
+# ## 4. Pictures: where the samples land, and the spread of the estimates
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+ax = axes[0]
+gb = np.linspace(-3.5, 3.5, 281)
+ZB = np.stack(np.meshgrid(gb, gb, indexing="ij"), -1)
+lj = log_joint(ZB)
+ax.contour(ZB[..., 0], ZB[..., 1], np.exp(lj - lj.max()), levels=[0.01, 0.3], colors="b")
+ax.plot(*z_prior[0, :, :].T, "k.", ms=3, label="z ~ p(z) (naive)")
+ax.plot(*z_q[0, :, :].T, "r.", ms=3, label="z ~ q(z|x) (IS)")
+ax.set_title("p(z|x) (blue contours) and where samples land")
+ax.legend(fontsize=8, loc="lower left")
+ax.set_aspect("equal")
+ax = axes[1]
+ax.contourf(Zg[..., 0], Zg[..., 1], post_grid, levels=15, cmap="Blues")
+t = np.linspace(0, 2 * np.pi, 200)
+for k in (1, 2, 3):
+    ax.plot(post_mean[0] + k * np.sqrt(post_var[0]) * np.cos(t), post_mean[1] + k * np.sqrt(post_var[1]) * np.sin(t),
+            "r-", lw=1)
+ax.set_title("zoom: true posterior vs q(z|x) (red: 1,2,3 sd)")
+half = 4 * np.sqrt(post_var).max()
+ax.set_xlim(post_mean[0] - half, post_mean[0] + half)
+ax.set_ylim(post_mean[1] - half, post_mean[1] + half)
+ax.set_aspect("equal")
+ax = axes[2]
+lo = min(naive.min(), iw.min()) / px
+hi = np.percentile(naive / px, 99)
+bins = np.linspace(lo, hi, 60)
+ax.hist(naive / px, bins=bins, alpha=0.6, label=f"naive MC, S={S}")
+ax.hist(iw / px, bins=bins, alpha=0.6, label=f"importance sampling, S={S}")
+ax.axvline(1.0, color="k", ls="--", label="truth (quadrature)")
+ax.set_xlabel("estimate / p(x)")
+ax.set_title(f"{R} repeated estimates of p(x); var ratio {ratio:.0f}x")
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(out / "naive_vs_importance.png", dpi=100)
+plt.close(fig)
+
+print(f"figures written to {out}/  ({time.time() - t0:.1f} s)")

@@ -1,0 +1,155 @@
+"""Lesson 07 - The analytic Gaussian KL and its gradient.
+
+Run:  python lessons/07_gaussian_kl.py [--quick] [--out DIR] [--seed N]
+
+The regulariser of the VAE objective is KL(q(z|x) || p(z)) with
+q = N(mu, diag sigma^2) and p = N(0, I).  For this pair the expectation has a
+closed form (Kingma & Welling 2014, "Auto-Encoding Variational Bayes",
+Appendix B), so no sampling is needed for this term.
+
+Derivation, one latent dimension (the dimensions are independent under both
+q and p, so the log densities and hence the KL add over dimensions):
+
+    KL(q || p) = E_q[ log q(z) - log p(z) ]
+
+    log q(z) = -1/2 log(2 pi) - 1/2 log sigma^2 - (z - mu)^2 / (2 sigma^2)
+    log p(z) = -1/2 log(2 pi) - z^2 / 2
+
+Take expectations under z ~ q, using E_q[(z - mu)^2] = sigma^2 and
+E_q[z^2] = Var + mean^2 = sigma^2 + mu^2:
+
+    E_q[log q] = -1/2 log(2 pi) - 1/2 log sigma^2 - 1/2
+    E_q[log p] = -1/2 log(2 pi) - 1/2 (sigma^2 + mu^2)
+
+    KL = E_q[log q] - E_q[log p]
+       = -1/2 log sigma^2 - 1/2 + 1/2 (sigma^2 + mu^2)
+       = -1/2 (1 + log sigma^2 - mu^2 - sigma^2).
+
+Summing over the L dimensions, with logvar = log sigma^2:
+
+    KL = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))          (>= 0, = 0 iff mu=0, logvar=0)
+
+Its gradient (what kl_backward returns, times the upstream dKL):
+
+    dKL/dmu_j     = mu_j
+    dKL/dlogvar_j = 1/2 (exp(logvar_j) - 1)
+
+(Kingma & Welling write the ELBO term with the opposite sign, -KL =
+1/2 sum(1 + log sigma^2 - mu^2 - sigma^2); the VAE *loss* adds +KL.)
+
+Exercise: ``kl_forward`` and ``kl_backward`` in minivae/gaussian.py.
+"""
+# %%
+import argparse
+import time
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+import minivae
+from minivae.gaussian import kl_backward, kl_forward, kl_per_dim, log_diag_normal, log_standard_normal
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Lesson 07: the analytic Gaussian KL")
+    p.add_argument("--quick", action="store_true", help="fewer Monte-Carlo samples (for tests)")
+    p.add_argument("--out", default="lesson_output/07_gaussian_kl", help="output folder for figures")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_known_args()[0]
+
+
+def check(cond, claim):
+    assert cond, f"CHECK FAILED: {claim}"
+    print(f"CHECK passed: {claim}")
+
+
+args = parse_args()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(args.seed)
+t0 = time.time()
+
+# %% [markdown]
+# ## 1. The closed form, by hand and with minivae
+
+# %%
+N, L = 5, 4
+mu = rng.standard_normal((N, L))
+logvar = rng.uniform(-2.0, 1.0, (N, L))
+kl, cache = kl_forward(mu, logvar)
+kl_hand = -0.5 * np.sum(1 + logvar - mu ** 2 - np.exp(logvar), axis=1)
+print("  KL per example:", np.round(kl, 4))
+check(np.allclose(kl, kl_hand, rtol=1e-12) and np.allclose(kl_per_dim(mu, logvar).sum(1), kl),
+      "kl_forward equals -1/2 sum(1 + logvar - mu^2 - exp(logvar)) (and kl_per_dim sums to it)")
+check(np.all(kl > 0) and kl_forward(np.zeros((1, L)), np.zeros((1, L)))[0][0] == 0.0,
+      "KL > 0 for these q, and exactly 0 when q = p (mu = 0, logvar = 0)")
+
+# %% [markdown]
+# ## 2. Against Monte Carlo: KL = E_q[log q(z) - log p(z)]
+#
+# Draw z = mu + exp(logvar/2) eps, average log q - log p, and compare with the
+# closed form using the Monte-Carlo standard error  sd / sqrt(S).
+
+# %%
+S = 20_000 if args.quick else 400_000
+eps = rng.standard_normal((S, N, L))
+z = minivae.reparameterize(mu, logvar, eps)                       # (S, N, L)
+terms = log_diag_normal(z, mu, logvar) - log_standard_normal(z)   # (S, N)
+kl_mc = terms.mean(axis=0)
+se = terms.std(axis=0, ddof=1) / np.sqrt(S)
+zscores = (kl_mc - kl) / se
+print(f"  S = {S} samples per example")
+for n in range(N):
+    print(f"  example {n}: analytic {kl[n]:.5f}   MC {kl_mc[n]:.5f} +- {se[n]:.5f}   (z = {zscores[n]:+.2f})")
+check(np.all(np.abs(zscores) < 4.5), "Monte-Carlo KL agrees with the closed form within 4.5 standard errors")
+check(np.all(se < 0.02 * kl + 0.02), "the MC standard error is small (< 2% of KL + 0.02), so the test has teeth")
+
+# %% [markdown]
+# ## 3. Gradient check of kl_backward (random upstream gradient, float64)
+
+# %%
+rep = minivae.check_op(kl_forward, kl_backward, [mu.copy(), logvar.copy()], names=["mu", "logvar"],
+                       rng=rng, tol=1e-8)
+print("  rel errors:", {k: f"{v:.1e}" for k, v in rep.items()})
+check(max(rep.values()) < 1e-8, "kl_backward passes check_op: dmu = mu, dlogvar = (exp(logvar) - 1)/2")
+dkl = rng.standard_normal(N)
+dmu, dlv = kl_backward(dkl, cache)
+check(np.allclose(dmu, dkl[:, None] * mu) and np.allclose(dlv, dkl[:, None] * 0.5 * (np.exp(logvar) - 1)),
+      "kl_backward equals the derived formulas times the upstream gradient")
+
+# %% [markdown]
+# ## 4. Picture: the KL of one dimension as a function of (mu, logvar)
+#
+# The minimum is 0 at (0, 0).  Along mu the KL is the parabola mu^2/2; along
+# logvar it is (exp(logvar) - 1 - logvar)/2, which grows exponentially for
+# wide q and only linearly for narrow q: the prior pulls sigma toward 1.
+
+# %%
+m = np.linspace(-3, 3, 121 if args.quick else 301)
+lv = np.linspace(-4, 2, 121 if args.quick else 301)
+M, LV = np.meshgrid(m, lv)
+K = kl_per_dim(M.reshape(-1, 1), LV.reshape(-1, 1)).reshape(M.shape)
+fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+cs = axes[0].contourf(M, LV, K, levels=30, cmap="viridis")
+fig.colorbar(cs, ax=axes[0])
+axes[0].plot(0, 0, "r*", ms=10)
+axes[0].set_xlabel("mu")
+axes[0].set_ylabel("logvar = log sigma^2")
+axes[0].set_title("KL(N(mu, sigma^2) || N(0,1))")
+axes[1].errorbar(kl, kl_mc, yerr=3 * se, fmt="o", label="MC (+-3 s.e.) vs analytic")
+lim = [0, kl.max() * 1.1]
+axes[1].plot(lim, lim, "k--", lw=1, label="y = x")
+axes[1].set_xlabel("analytic KL (nats)")
+axes[1].set_ylabel("Monte-Carlo KL (nats)")
+axes[1].legend()
+axes[1].set_title(f"closed form vs {S} samples")
+fig.tight_layout()
+fig.savefig(out / "gaussian_kl.png", dpi=100)
+plt.close(fig)
+check(K.min() >= 0 and abs(K[np.unravel_index(K.argmin(), K.shape)]) < 1e-3,
+      "on the grid the per-dimension KL is >= 0 with its minimum ~0 at (0, 0)")
+
+print(f"figures written to {out}/  ({time.time() - t0:.1f} s)")
