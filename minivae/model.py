@@ -32,7 +32,7 @@ import numpy as np
 
 from .backend import asarray, backend_name, get_backend, get_xp, to_numpy
 from .config import VAEConfig
-from .gaussian import (kl_backward, kl_forward, log_diag_normal, log_standard_normal,
+from .gaussian import (LOG_2PI, kl_backward, kl_forward, log_diag_normal, log_standard_normal,
                        reparameterize_backward, reparameterize_forward)
 from .layers import activation, dense_backward, dense_forward, sigmoid
 from .likelihoods import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_learned_var_nll_backward,
@@ -255,20 +255,27 @@ class VAE:
         return list(gaussian_learned_var_nll_backward(dnll, cache))
 
     # ------------------------------------------------------------------- API
-    def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True):
+    def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True, iwae_k=None,
+             free_bits=0.0):
         """Mean negative ELBO (nats per example) and its gradients.
 
         x          (N, D) data on the model's scale ([0, 1] for Bernoulli)
         eps        optional noise, (S, N, L) or (N, L); drawn from ``self.rng`` if None
-        beta       weight of the KL term (beta-VAE); 1 gives the true ELBO
+        beta       weight of the KL term (beta-VAE, KL warm-up); 1 gives the true ELBO
         n_samples  S, Monte-Carlo samples of z per example
         backward   False skips the gradients (returns ``(loss, None)``)
+        iwae_k     K: optimise the IWAE bound with K samples instead (see
+                   :meth:`_objective_loss`); eps is then (K, N, L)
+        free_bits  lambda >= 0: the KL term becomes sum_j max(lambda, mean_n KL_nj)
+                   (free bits, Kingma et al. 2016; see :mod:`minivae.objectives`)
 
         Returns ``(loss, grads)``: ``loss`` is a scalar on the model's backend,
         ``grads`` a dict with exactly the keys of ``params``.  The parts are in
         ``self.parts``: ``loss``, ``recon`` (mean -log p(x|z)) and ``kl``
         (mean KL, not multiplied by beta).
         """
+        if iwae_k is not None or free_bits:
+            return self._objective_loss(x, eps, beta, n_samples, backward, validate, iwae_k, free_bits)
         xp = self.xp
         x = self._as_input(x, validate)
         N, L, D = x.shape[0], self.config.z_dim, self.config.x_dim
@@ -302,6 +309,112 @@ class VAE:
         dlogvar += dlogvar_kl
         self._encoder_backward(dmu, dlogvar, c_enc, grads)
         ### END SOLUTION
+        return loss, grads
+
+    def _objective_loss(self, x, eps, beta, n_samples, backward, validate, iwae_k, free_bits):
+        """The IWAE bound (``iwae_k=K``) or the ELBO with free bits (``free_bits=lambda``).
+
+        IWAE (Burda et al. 2015), with the op pair in :mod:`minivae.objectives`:
+
+            log w_nk = log p(x_n|z_nk) + beta * (log p(z_nk) - log q(z_nk|x_n)),
+            z_nk = mu_n + sigma_n * eps_nk,      eps (K, N, L),
+            loss = -1/N sum_n log (1/K) sum_k w_nk.
+
+        beta (KL warm-up) weights the prior/posterior log-ratio inside each
+        weight; beta = 1 is the true IWAE bound.  With K = 1 the loss is
+        exactly the negative ELBO with the *Monte-Carlo* KL estimate,
+        1/N sum_n [ -log p(x_n|z_n) + beta * (log q(z_n|x_n) - log p(z_n)) ],
+        not the analytic-KL ELBO of the default path (equal only in
+        expectation over eps).
+
+        Backward.  g_nk = d loss / d log w_nk = -wtilde_nk / N (normalized
+        importance weights, :func:`~minivae.objectives.iwae_backward`).  Then,
+        with eps held fixed:
+
+        * log p(x|z): the reconstruction term rec = -log p(x|z) gets
+          d loss / d rec_nk = -g_nk, pushed through the decoder to dz.
+        * log p(z) = -1/2 |z|^2 - L/2 log 2pi:  d/dz = -z, so dz += beta * g * (-z).
+          dz then goes through z = mu + sigma * eps to (dmu, dlogvar).
+        * log q(z|x) at z = mu + sigma * eps: (z - mu)^2 / sigma^2 = eps^2, so
+          log q = -1/2 sum_j (eps_j^2 + logvar_j + log 2pi).  Its total
+          derivative is 0 with respect to mu and -1/2 with respect to each
+          logvar_j (the dependence through z and the direct one cancel for
+          mu).  Hence dlogvar_nj += -beta * sum_k g_nk * (-1/2).
+
+        ``self.parts`` for IWAE: ``loss`` (-L_K), ``recon`` (mean over samples
+        and examples of -log p(x|z)), ``kl`` (analytic mean KL, for reporting
+        only: it is not part of the IWAE objective) and ``iwae_k``.
+
+        Free bits: loss = 1/(S N) sum rec + beta * sum_j max(lambda, KLbar_j),
+        KLbar_j the batch-mean analytic KL of dimension j.  ``parts["kl"]``
+        stays the true mean KL; ``parts["kl_objective"]`` is the floored sum.
+        Free bits and IWAE are not combined (IWAE has no separate KL term).
+        """
+        from .objectives import (free_bits_backward, free_bits_forward, iwae_backward, iwae_forward,
+                                 kl_dim_backward, kl_dim_forward)
+        xp = self.xp
+        try:
+            free_bits = float(free_bits)
+        except (TypeError, ValueError):
+            raise ValueError(f"free_bits must be a number >= 0, got {free_bits!r}") from None
+        if not (free_bits >= 0 and np.isfinite(free_bits)):
+            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits}")
+        if iwae_k is not None:
+            if isinstance(iwae_k, bool) or int(iwae_k) != iwae_k or iwae_k < 1:
+                raise ValueError(f"iwae_k must be a positive integer, got {iwae_k}")
+            iwae_k = int(iwae_k)
+            if free_bits:
+                raise ValueError("free_bits cannot be combined with iwae_k (the IWAE bound has no separate KL term)")
+            if n_samples not in (1, iwae_k):
+                raise ValueError(f"n_samples ({n_samples}) and iwae_k ({iwae_k}) disagree; give only iwae_k")
+        x = self._as_input(x, validate)
+        N, L, D = x.shape[0], self.config.z_dim, self.config.x_dim
+        eps = self._as_eps(eps, N, iwae_k if iwae_k is not None else n_samples)
+        S = eps.shape[0]
+        if iwae_k is not None and S != iwae_k:
+            raise ValueError(f"eps has {S} samples but iwae_k is {iwae_k}")
+
+        mu, logvar, c_enc = self._encoder_forward(x)
+        z, c_rep = reparameterize_forward(mu, logvar, eps)                # (S, N, L)
+        outs, c_dec = self._decoder_forward(z.reshape(S * N, L))
+        outs = [o.reshape(S, N, D) for o in outs]
+        rec, c_rec = self._recon_forward(outs, x)                         # (S, N)
+        kl, _ = kl_forward(mu, logvar)
+        recon_mean = rec.mean()
+        if iwae_k is not None:
+            log_pz = log_standard_normal(z)                               # (S, N)
+            log_qz = -0.5 * (eps * eps + logvar + LOG_2PI).sum(axis=-1)   # log q(z|x) via eps
+            log_w = -rec + beta * (log_pz - log_qz)
+            loss, c_iw = iwae_forward(log_w)
+            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl.mean(), "iwae_k": iwae_k}
+        else:
+            kl_dim, c_kld = kl_dim_forward(mu, logvar)                    # (N, L)
+            kl_obj, c_fb = free_bits_forward(kl_dim, free_bits)
+            loss = recon_mean + beta * kl_obj
+            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl.mean(), "kl_objective": kl_obj}
+        if not backward:
+            return loss, None
+
+        grads = self.new_grads()
+        one = xp.asarray(1.0, dtype=self.dtype)
+        if iwae_k is not None:
+            g = iwae_backward(one, c_iw)                                  # (S, N) d loss / d log w
+            drec = -g
+        else:
+            drec = xp.full((S, N), 1.0 / (S * N), dtype=self.dtype)
+        douts = self._recon_backward(drec, c_rec)
+        dz = self._decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, grads).reshape(S, N, L)
+        if iwae_k is not None:
+            dz = dz - (beta * g)[..., None] * z                           # through log p(z): d/dz = -z
+        dmu, dlogvar = reparameterize_backward(dz, c_rep)
+        if iwae_k is not None:
+            dlogvar = dlogvar + (0.5 * beta) * g.sum(axis=0)[:, None]     # through -log q: -(-1/2) per dim
+        else:
+            dkl = free_bits_backward(beta * one, c_fb)                    # (N, L)
+            dmu_kl, dlogvar_kl = kl_dim_backward(dkl, c_kld)
+            dmu = dmu + dmu_kl
+            dlogvar = dlogvar + dlogvar_kl
+        self._encoder_backward(dmu, dlogvar, c_enc, grads)
         return loss, grads
 
     def encode(self, x):

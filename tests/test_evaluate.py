@@ -1,0 +1,185 @@
+"""Evaluation: the importance-weighted log-likelihood, active units, KL per dimension, report."""
+import json
+
+import numpy as np
+import pytest
+
+from minivae import VAE, VAEConfig
+from minivae.evaluate import (active_units, collapse_warning, iw_log_likelihood, kl_per_dim, log_mean_exp,
+                              negative_elbo, posterior_mean_variance, report)
+from minivae.gaussian import log_standard_normal
+
+from conftest import backends
+
+
+def tiny_1d_model(seed=3):
+    """A small Bernoulli VAE with a 1-D latent and a decoder that depends strongly on z."""
+    m = VAE(VAEConfig(x_dim=8, hidden=(6,), z_dim=1, activation="tanh", dtype="float64"), rng=seed)
+    m.params["dec.0.W"] = m.params["dec.0.W"] * 3
+    m.params["dec.out.W"] = m.params["dec.out.W"] * 3
+    return m
+
+
+def exact_log_px(model, x, lim=12.0, n=24001):
+    """log p(x) = log integral p(x|z) p(z) dz by quadrature on a fine grid (1-D latent)."""
+    zg = np.linspace(-lim, lim, n)
+    Z = np.broadcast_to(zg[:, None, None], (n, x.shape[0], 1)).copy()
+    log_joint = model.log_px_given_z(x, Z) + log_standard_normal(Z)        # (n, N)
+    return log_mean_exp(log_joint, axis=0) + np.log(n * (zg[1] - zg[0]))   # Riemann sum in log space
+
+
+def binary_data(n, d, seed=0):
+    return (np.random.default_rng(seed).random((n, d)) < 0.5).astype(np.float64)
+
+
+def test_log_mean_exp_is_stable():
+    a = np.array([[1000.0, -1000.0], [1000.0, -1001.0]])
+    out = log_mean_exp(a, axis=0)
+    assert np.allclose(out, [1000.0, -1000.0 + np.log((1 + np.exp(-1)) / 2)])
+
+
+def test_iw_estimate_converges_to_quadrature():
+    m = tiny_1d_model()
+    x = binary_data(6, 8)
+    exact = exact_log_px(m, x)
+    errs = {k: np.abs(iw_log_likelihood(m, x, k, np.random.default_rng(1), chunk=1000) - exact).mean()
+            for k in (1, 100, 50000)}
+    assert errs[50000] < 0.02
+    assert errs[50000] < 0.1 * errs[1]
+    assert errs[100] < errs[1]
+
+
+def test_quadrature_itself_is_converged():
+    m = tiny_1d_model()
+    x = binary_data(3, 8)
+    assert np.allclose(exact_log_px(m, x), exact_log_px(m, x, lim=15.0, n=60001), atol=1e-8)
+
+
+def test_iw_at_least_elbo_and_nondecreasing_in_k():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, activation="tanh", dtype="float64"), rng=0)
+    x = binary_data(200, 10, seed=2)
+    elbo = -negative_elbo(m, x, np.random.default_rng(0))["loss"]
+    means = [iw_log_likelihood(m, x, k, np.random.default_rng(5)).mean() for k in (1, 4, 16, 64)]
+    assert abs(means[0] - elbo) < 0.1            # k = 1 is an (MC-KL) ELBO estimate
+    assert all(mk >= elbo for mk in means[1:])
+    assert all(b >= a for a, b in zip(means, means[1:]))
+
+
+def test_chunked_equals_unchunked():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(13, 10)
+    k = 37
+    full = iw_log_likelihood(m, x, k, np.random.default_rng(9), chunk=k, batch_size=13)
+    for chunk in (1, 5, 36):
+        part = iw_log_likelihood(m, x, k, np.random.default_rng(9), chunk=chunk, batch_size=13)
+        assert np.allclose(part, full, rtol=0, atol=1e-12)
+    # and against a direct computation with all k x N weights at once
+    eps = np.random.default_rng(9).standard_normal((k, 13, 3))
+    direct = log_mean_exp(m.log_weights(x, eps), axis=0)
+    assert np.allclose(full, direct, rtol=0, atol=1e-12)
+    assert full.dtype == np.float64
+
+
+def test_memory_bound_rows_per_call():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3), rng=0)
+    seen = []
+    orig = m.log_weights
+
+    def spy(xb, eps):
+        seen.append(eps.shape[0] * eps.shape[1])
+        return orig(xb, eps)
+
+    m.log_weights = spy
+    out = iw_log_likelihood(m, binary_data(25, 10), 500, np.random.default_rng(0), chunk=40, batch_size=10)
+    assert max(seen) <= 40 * 10
+    assert sum(seen) == 25 * 500
+    assert out.shape == (25,) and out.dtype == np.float64 and np.isfinite(out).all()
+
+
+def test_iw_float32_model_accumulates_in_float64():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3), rng=0)
+    out = iw_log_likelihood(m, binary_data(4, 10), 50, np.random.default_rng(0))
+    assert out.dtype == np.float64
+
+
+def test_iw_rejects_bad_k():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3), rng=0)
+    with pytest.raises(ValueError, match="k must be"):
+        iw_log_likelihood(m, binary_data(4, 10), 0, np.random.default_rng(0))
+
+
+def linear_encoder_model(scales):
+    """No hidden layer: mu_j(x) = scales[j] * x_0 + 1, so Var_x(mu_j) = scales[j]^2 * Var(x_0)."""
+    L = len(scales)
+    m = VAE(VAEConfig(x_dim=4, hidden=(), z_dim=L, dtype="float64"), rng=0)
+    W = np.zeros((4, L))
+    W[0] = scales
+    m.params["enc.mu.W"] = W
+    m.params["enc.mu.b"] = np.ones(L)
+    return m
+
+
+def test_active_units_on_constructed_model():
+    x = np.zeros((1000, 4))
+    x[::2, 0] = 1.0                                   # x_0 alternates 0/1: variance exactly 1/4
+    # Var(mu_j) = s^2 / 4: 0, 0.0049, 0.0081, 0.0121, 0.25, 1.0 -> 3 active at threshold 0.01
+    scales = np.array([0.0, 0.14, 0.18, 0.22, 1.0, 2.0])
+    m = linear_encoder_model(scales)
+    assert np.allclose(posterior_mean_variance(m, x, batch_size=64), scales ** 2 / 4)
+    assert active_units(m, x) == 3
+    assert active_units(m, x, threshold=0.005) == 4
+    assert active_units(m, x, threshold=0.3) == 1
+
+
+def test_kl_per_dim_sums_to_kl():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=4, dtype="float64"), rng=1)
+    x = binary_data(50, 10)
+    per = kl_per_dim(m, x, batch_size=7)
+    assert per.shape == (4,) and (per >= 0).all()
+    assert np.isclose(per.sum(), negative_elbo(m, x, np.random.default_rng(0))["kl"])
+    mu, logvar = m.encode(x)
+    j = 2
+    direct = 0.5 * (mu[:, j] ** 2 + np.exp(logvar[:, j]) - 1 - logvar[:, j]).mean()
+    assert np.isclose(per[j], direct)
+
+
+def test_collapse_warning():
+    assert collapse_warning(10, 20) is False
+    assert "9 of 20" in collapse_warning(9, 20)
+
+
+def test_report_keys_types_and_collapse():
+    x = np.zeros((40, 4))
+    x[::2, 0] = 1.0
+    m = linear_encoder_model(np.array([0.0, 0.0, 0.0, 1.0]))      # 1 of 4 active: collapse
+    r = report(m, x, np.random.default_rng(0), iw_k=20, chunk=7, batch_size=16, progress=False)
+    for key in ("n", "neg_elbo", "recon", "kl", "iw_k", "iw_nll", "active_units", "n_latent", "kl_per_dim",
+                "au_threshold", "collapse_warning"):
+        assert key in r
+    json.dumps(r)                                                  # plain Python values only
+    assert r["n"] == 40 and r["iw_k"] == 20 and r["active_units"] == 1 and r["n_latent"] == 4
+    assert isinstance(r["kl_per_dim"], list) and len(r["kl_per_dim"]) == 4
+    assert np.isclose(sum(r["kl_per_dim"]), r["kl"])
+    assert "posterior collapse" in r["collapse_warning"]
+    assert r["iw_nll"] <= r["neg_elbo"] + 0.5                     # IW is tighter (up to MC noise)
+
+
+def test_report_without_iw_and_progress(capsys):
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=2), rng=0)
+    r = report(m, binary_data(8, 10), np.random.default_rng(0))
+    assert r["iw_nll"] is None and r["iw_k"] == 0
+    r = report(m, binary_data(8, 10), np.random.default_rng(0), iw_k=30, progress=True)
+    assert np.isfinite(r["iw_nll"])
+    assert "IW log p(x)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_iw_same_on_backend(backend):
+    from minivae.backend import use_backend
+    x = binary_data(6, 10)
+    ref = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    with use_backend(backend):
+        m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    a = iw_log_likelihood(ref, x, 20, np.random.default_rng(2), chunk=6)
+    b = iw_log_likelihood(m, x, 20, np.random.default_rng(2), chunk=6)
+    assert np.allclose(a, b, atol=1e-9)
