@@ -222,6 +222,8 @@ def cmd_eval(args):
             print(f"  {k}: {v:.4f}")
         elif isinstance(v, int):
             print(f"  {k}: {v}")
+    if rep.get("kl_per_dim") is not None:
+        print("  KL per dimension: " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
     if isinstance(rep.get("collapse_warning"), str):
         print(f"  warning: {rep['collapse_warning']}")
     if args.json:
