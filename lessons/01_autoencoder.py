@@ -36,7 +36,6 @@ making the code a random variable with a prior p(z) = N(0, I) and training the
 decoder on codes drawn from q(z|x) (lessons 04-08).
 """
 # %%
-import argparse
 import time
 from pathlib import Path
 
@@ -49,24 +48,13 @@ import minivae
 from minivae.data import load_mnist
 from minivae.layers import dense_backward, dense_forward, relu_backward, relu_forward, sigmoid
 from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 01: the plain autoencoder")
-    p.add_argument("--quick", action="store_true", help="small subset, few steps (for tests)")
-    p.add_argument("--out", default="lesson_output/01_autoencoder", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_known_args()[0]
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/01_autoencoder", "Lesson 01: the plain autoencoder",
+                   quick_help="small subset, few steps (for tests)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

@@ -12,7 +12,6 @@ Exercise: ``dense_backward`` in minivae/layers.py (the region between
 ``### BEGIN SOLUTION dense_backward`` and ``### END SOLUTION``).
 """
 # %%
-import argparse
 import time
 from pathlib import Path
 
@@ -24,24 +23,13 @@ import numpy as np
 import minivae
 from minivae.gradcheck import numerical_gradient, rel_error
 from minivae.layers import dense_backward, dense_forward
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 02: backprop by hand")
-    p.add_argument("--quick", action="store_true", help="smaller problem (for tests)")
-    p.add_argument("--out", default="lesson_output/02_backprop_by_hand", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_known_args()[0]   # parse_known_args: also runs inside Jupyter
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/02_backprop_by_hand", "Lesson 02: backprop by hand",
+                   quick_help="smaller problem (for tests)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

@@ -25,7 +25,6 @@ Exercises: ``relu_backward``, ``tanh_backward``, ``sigmoid_backward`` in
 minivae/layers.py.
 """
 # %%
-import argparse
 import time
 import warnings
 from pathlib import Path
@@ -38,24 +37,13 @@ import numpy as np
 import minivae
 from minivae import layers
 from minivae.gradcheck import numerical_gradient, rel_error
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 03: activations and their gradients")
-    p.add_argument("--quick", action="store_true", help="smaller problem (for tests)")
-    p.add_argument("--out", default="lesson_output/03_activations", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_known_args()[0]
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/03_activations", "Lesson 03: activations and their gradients",
+                   quick_help="smaller problem (for tests)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

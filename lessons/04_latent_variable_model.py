@@ -48,7 +48,6 @@ encoder.  The toy decoder f is a fixed random tanh network from z in R^2 to
 x in R^16.
 """
 # %%
-import argparse
 import time
 from pathlib import Path
 
@@ -61,24 +60,14 @@ import minivae
 from minivae.gaussian import log_diag_normal, log_standard_normal
 from minivae.layers import tanh_forward
 from minivae.likelihoods import gaussian_nll_forward
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 04: the latent-variable model")
-    p.add_argument("--quick", action="store_true", help="fewer Monte-Carlo repetitions (for tests)")
-    p.add_argument("--out", default="lesson_output/04_latent_variable_model", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (the toy model is fixed)")
-    return p.parse_known_args()[0]
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/04_latent_variable_model", "Lesson 04: the latent-variable model",
+                   quick_help="fewer Monte-Carlo repetitions (for tests)",
+                   seed_help="seed of the Monte-Carlo draws (the toy model is fixed)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

@@ -32,7 +32,6 @@ x in R^8), computing every expectation by quadrature on one grid, the
 KL(q || p(z)) term in closed form with minivae.kl_forward (lesson 07).
 """
 # %%
-import argparse
 import time
 from pathlib import Path
 
@@ -44,24 +43,14 @@ import numpy as np
 import minivae
 from minivae.gaussian import kl_forward, log_diag_normal, log_standard_normal
 from minivae.likelihoods import gaussian_nll_forward
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 05: the ELBO, numerically")
-    p.add_argument("--quick", action="store_true", help="coarser grid, fewer samples (for tests)")
-    p.add_argument("--out", default="lesson_output/05_elbo", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo part (the toy model is fixed)")
-    return p.parse_known_args()[0]
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/05_elbo", "Lesson 05: the ELBO, numerically",
+                   quick_help="coarser grid, fewer samples (for tests)",
+                   seed_help="seed of the Monte-Carlo part (the toy model is fixed)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

@@ -45,7 +45,6 @@ Exercise: ``reparameterize_forward`` and ``reparameterize_backward`` in
 minivae/gaussian.py.
 """
 # %%
-import argparse
 import time
 from pathlib import Path
 
@@ -56,24 +55,13 @@ import numpy as np
 
 import minivae
 from minivae.gaussian import reparameterize_backward, reparameterize_forward
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 06: the reparameterization trick")
-    p.add_argument("--quick", action="store_true", help="fewer samples (for tests)")
-    p.add_argument("--out", default="lesson_output/06_reparameterization", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_known_args()[0]
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/06_reparameterization", "Lesson 06: the reparameterization trick",
+                   quick_help="fewer samples (for tests)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

@@ -40,7 +40,6 @@ Its gradient (what kl_backward returns, times the upstream dKL):
 Exercise: ``kl_forward`` and ``kl_backward`` in minivae/gaussian.py.
 """
 # %%
-import argparse
 import time
 from pathlib import Path
 
@@ -51,24 +50,13 @@ import numpy as np
 
 import minivae
 from minivae.gaussian import kl_backward, kl_forward, kl_per_dim, log_diag_normal, log_standard_normal
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 07: the analytic Gaussian KL")
-    p.add_argument("--quick", action="store_true", help="fewer Monte-Carlo samples (for tests)")
-    p.add_argument("--out", default="lesson_output/07_gaussian_kl", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_known_args()[0]
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/07_gaussian_kl", "Lesson 07: the analytic Gaussian KL",
+                   quick_help="fewer Monte-Carlo samples (for tests)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

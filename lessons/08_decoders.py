@@ -39,7 +39,6 @@ Exercise: ``bernoulli_nll_forward`` / ``bernoulli_nll_backward`` in
 minivae/likelihoods.py.
 """
 # %%
-import argparse
 import time
 import warnings
 from pathlib import Path
@@ -53,24 +52,13 @@ import minivae
 from minivae.data import binarize, load_mnist
 from minivae.likelihoods import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_learned_var_nll_backward,
                                  gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward)
+from minivae.lessonkit import check, lesson_args
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="Lesson 08: decoders")
-    p.add_argument("--quick", action="store_true", help="small subset, few steps (for tests)")
-    p.add_argument("--out", default="lesson_output/08_decoders", help="output folder for figures")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_known_args()[0]
-
-
-def check(cond, claim):
-    assert cond, f"CHECK FAILED: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-args = parse_args()
+# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+args = lesson_args("lesson_output/08_decoders", "Lesson 08: decoders",
+                   quick_help="small subset, few steps (for tests)")
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 

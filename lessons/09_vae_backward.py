@@ -39,7 +39,6 @@ Exercise: ``vae_backward`` (the backward in minivae/model.py).
 # feeds two heads, are the classic bugs; the checks below catch both.
 
 # %%
-import argparse
 import os
 import time
 
@@ -54,19 +53,7 @@ import minivae.data  # noqa: E402
 from minivae.gaussian import kl_backward, kl_forward, reparameterize_backward, reparameterize_forward  # noqa: E402
 from minivae.layers import dense_backward, dense_forward, relu_backward, relu_forward  # noqa: E402
 from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller checks (for tests)")
-    p.add_argument("--out", default="lesson_output/09_vae_backward", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def check(cond, claim):
-    assert cond, f"CHECK failed: {claim}"
-    print(f"CHECK passed: {claim}")
+from minivae.lessonkit import check, lesson_args  # noqa: E402
 
 
 # %% [markdown]
@@ -110,8 +97,8 @@ def hand_forward_backward(p, x, eps, beta):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = lesson_args("lesson_output/09_vae_backward", __doc__.splitlines()[0], argv,
+                       quick_help="smaller checks (for tests)")
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
 

@@ -32,7 +32,6 @@ machine); --quick trains 120 steps on a 6k subset.
 # $784 \log 2 \approx 543$ nats: the initial test -ELBO is ~545 nats.
 
 # %%
-import argparse
 import os
 import time
 
@@ -44,30 +43,8 @@ import numpy as np  # noqa: E402
 
 import minivae  # noqa: E402
 import minivae.data  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few steps on a subset (for tests)")
-    p.add_argument("--out", default="lesson_output/10_training_mnist", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def check(cond, claim):
-    assert cond, f"CHECK failed: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-def grid(images, nrow, side=28):
-    """Tile (n, side*side) images into one 2-D array with nrow rows."""
-    images = np.asarray(images).reshape(-1, side, side)
-    ncol = int(np.ceil(len(images) / nrow))
-    out = np.ones((nrow * (side + 1) + 1, ncol * (side + 1) + 1))
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        out[1 + r * (side + 1):1 + r * (side + 1) + side, 1 + c * (side + 1):1 + c * (side + 1) + side] = im
-    return out
+from minivae.figures import tile  # noqa: E402
+from minivae.lessonkit import check, lesson_args  # noqa: E402
 
 
 def test_neg_elbo(model, x_test, seed=123, batch=1000):
@@ -82,8 +59,8 @@ def test_neg_elbo(model, x_test, seed=123, batch=1000):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = lesson_args("lesson_output/10_training_mnist", __doc__.splitlines()[0], argv,
+                       quick_help="few steps on a subset (for tests)")
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
 
@@ -180,7 +157,7 @@ def main(argv=None):
     xs = x_test_bin[:16]
     rec = minivae.to_numpy(model.reconstruct(xs))
     fig, ax = plt.subplots(figsize=(8, 1.4))
-    ax.imshow(grid(np.concatenate([xs, rec]), 2), cmap="gray_r")
+    ax.imshow(tile(np.concatenate([xs, rec]), len(xs)), cmap="gray_r")
     ax.set_title("top: binarized test digits; bottom: mean reconstructions sigmoid(f(mu(x)))", fontsize=9)
     ax.axis("off")
     paths.append(os.path.join(args.out, "reconstructions.png"))
@@ -189,7 +166,7 @@ def main(argv=None):
 
     samples = minivae.to_numpy(model.sample(64, rng=np.random.default_rng(args.seed + 7)))
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.imshow(grid(samples, 8), cmap="gray_r")
+    ax.imshow(tile(samples, 8), cmap="gray_r")
     ax.set_title("64 samples: z ~ N(0, I), shown E[x|z]")
     ax.axis("off")
     paths.append(os.path.join(args.out, "samples.png"))

@@ -35,7 +35,6 @@ Run:  python lessons/11_latent_2d.py [--quick] [--out DIR] [--seed N]
 # it is the likelihood (the posterior is p(z|x), which q(z|x) approximates).
 
 # %%
-import argparse
 import math
 import os
 import time
@@ -48,29 +47,8 @@ import numpy as np  # noqa: E402
 
 import minivae  # noqa: E402
 import minivae.data  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few steps on a subset (for tests)")
-    p.add_argument("--out", default="lesson_output/11_latent_2d", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def check(cond, claim):
-    assert cond, f"CHECK failed: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-def grid(images, nrow, side=28):
-    images = np.asarray(images).reshape(-1, side, side)
-    ncol = int(np.ceil(len(images) / nrow))
-    out = np.ones((nrow * (side + 1) + 1, ncol * (side + 1) + 1))
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        out[1 + r * (side + 1):1 + r * (side + 1) + side, 1 + c * (side + 1):1 + c * (side + 1) + side] = im
-    return out
+from minivae.figures import tile  # noqa: E402
+from minivae.lessonkit import check, fit, lesson_args  # noqa: E402
 
 
 # %% the inverse normal CDF by bisection
@@ -92,22 +70,17 @@ def normal_ppf(u, iters=80):
     return 0.5 * (lo + hi)
 
 
-# %% training (inline loop)
+# %% training (lessonkit.fit: the loop of lesson 10)
 def train(cfg, x_train, n_steps, seed, snapshot_at=None):
     model = minivae.VAE(cfg, rng=np.random.default_rng(seed))
-    opt = minivae.Adam(lr=1e-3)
-    rng = np.random.default_rng(seed + 100)
-    step, snap = 0, None
-    while step < n_steps:
-        for idx in minivae.data.minibatches(len(x_train), 128, rng):
-            _, grads = model.loss(minivae.data.binarize(x_train[idx], rng))
-            opt.step(model.params, grads)
-            step += 1
-            if step == snapshot_at:
-                snap = model.flat.copy()
-            if step >= n_steps:
-                break
-    return model, snap
+    snap = []                                             # the parameters after `snapshot_at` steps
+
+    def keep(step, beta):
+        if step == snapshot_at:
+            snap.append(model.flat.copy())
+
+    fit(model, x_train, n_steps, np.random.default_rng(seed + 100), batch_size=128, on_step=keep)
+    return model, (snap[0] if snap else None)
 
 
 def neg_elbo(model, x, seed=5):
@@ -151,8 +124,8 @@ def purity(assign, y):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = lesson_args("lesson_output/11_latent_2d", __doc__.splitlines()[0], argv,
+                       quick_help="few steps on a subset (for tests)")
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
     paths = []
@@ -191,7 +164,7 @@ def main(argv=None):
     Z = np.array([[zx, zy] for zy in zs[::-1] for zx in zs])    # rows: z2 from top (high) to bottom
     manifold = minivae.to_numpy(model.decode(Z))
     fig, ax = plt.subplots(figsize=(7, 7))
-    ax.imshow(grid(manifold, n), cmap="gray_r")
+    ax.imshow(tile(manifold, n), cmap="gray_r")
     ax.set_title(f"decoded grid z = Phi^-1(u), u in ({0.5 / n:.3f}, {1 - 0.5 / n:.3f})")
     ax.axis("off")
     paths.append(os.path.join(args.out, "manifold.png"))
@@ -251,7 +224,7 @@ def main(argv=None):
         else:
             m, _ = train(minivae.VAEConfig(hidden=hidden, z_dim=L), x_train, n_sweep, args.seed)
         results[L] = neg_elbo(m, x_test_bin)
-        ax.imshow(grid(minivae.to_numpy(m.sample(64, rng=np.random.default_rng(args.seed + 3))), 8),
+        ax.imshow(tile(minivae.to_numpy(m.sample(64, rng=np.random.default_rng(args.seed + 3))), 8),
                   cmap="gray_r")
         ax.set_title(f"z_dim = {L}: test -ELBO {results[L]:.1f}", fontsize=10)
         ax.axis("off")

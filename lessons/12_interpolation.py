@@ -30,7 +30,6 @@ Run:  python lessons/12_interpolation.py [--quick] [--out DIR] [--seed N]
 # Gaussian; spherical interpolation is a common alternative, not needed for the claims here.)
 
 # %%
-import argparse
 import os
 import time
 
@@ -42,29 +41,8 @@ import numpy as np  # noqa: E402
 
 import minivae  # noqa: E402
 import minivae.data  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few steps on a subset (for tests)")
-    p.add_argument("--out", default="lesson_output/12_interpolation", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def check(cond, claim):
-    assert cond, f"CHECK failed: {claim}"
-    print(f"CHECK passed: {claim}")
-
-
-def grid(images, nrow, side=28):
-    images = np.asarray(images).reshape(-1, side, side)
-    ncol = int(np.ceil(len(images) / nrow))
-    out = np.ones((nrow * (side + 1) + 1, ncol * (side + 1) + 1))
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        out[1 + r * (side + 1):1 + r * (side + 1) + side, 1 + c * (side + 1):1 + c * (side + 1) + side] = im
-    return out
+from minivae.figures import tile  # noqa: E402
+from minivae.lessonkit import check, fit, lesson_args  # noqa: E402
 
 
 def neg_elbo_each(model, x, n_eps=8, seed=0):
@@ -78,13 +56,13 @@ def neg_elbo_each(model, x, n_eps=8, seed=0):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = lesson_args("lesson_output/12_interpolation", __doc__.splitlines()[0], argv,
+                       quick_help="few steps on a subset (for tests)")
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
     paths = []
 
-    # %% data and a briefly trained model (inline loop)
+    # %% data and a briefly trained model (lessonkit.fit: the loop of lesson 10)
     x_train, _ = minivae.data.load_mnist("train")
     x_test, y_test = minivae.data.load_mnist("test")
     if args.quick:
@@ -94,15 +72,7 @@ def main(argv=None):
         n_steps, hidden, n_pairs, n_ref = 1400, (256,), 20, 20000
     cfg = minivae.VAEConfig(hidden=hidden, z_dim=16)
     model = minivae.VAE(cfg, rng=np.random.default_rng(args.seed))
-    opt = minivae.Adam(lr=1e-3)
-    step = 0
-    while step < n_steps:
-        for idx in minivae.data.minibatches(len(x_train), 128, rng):
-            _, grads = model.loss(minivae.data.binarize(x_train[idx], rng))
-            opt.step(model.params, grads)
-            step += 1
-            if step >= n_steps:
-                break
+    fit(model, x_train, n_steps, rng, batch_size=128, opt=minivae.Adam(lr=1e-3))   # dynamic binarization, Adam
     x_test_bin = minivae.data.static_binarize(x_test[:1000], seed=1234)
     print(f"trained {model} for {n_steps} steps; test -ELBO "
           f"{float(model.loss(x_test_bin, backward=False)[0]):.1f} nats")
@@ -136,7 +106,7 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(9, 3.4))
     i, j = pairs[0]
     raw = (1 - ts)[:, None] * x_test[i] + ts[:, None] * x_test[j]
-    ax.imshow(grid(np.concatenate([lat_frames[0], pix_frames[0], raw]), 3), cmap="gray_r")
+    ax.imshow(tile(np.concatenate([lat_frames[0], pix_frames[0], raw]), len(ts)), cmap="gray_r")
     ax.set_title("top: linear path in z, decoded;  middle: pixel blend of the two reconstructions;  "
                  "bottom: pixel blend of the original digits", fontsize=8)
     ax.axis("off")
@@ -144,7 +114,7 @@ def main(argv=None):
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(9, 9))
-    ax.imshow(grid(lat_frames[:8].reshape(-1, 784), 8), cmap="gray_r")
+    ax.imshow(tile(lat_frames[:8].reshape(-1, 784), len(ts)), cmap="gray_r")
     ax.set_title("latent paths between 8 pairs of test digits")
     ax.axis("off")
     paths.append(os.path.join(args.out, "interpolation_pairs.png"))
@@ -209,7 +179,7 @@ def main(argv=None):
     d_prior = float(np.linalg.norm(prior - g_a, axis=1).mean())
     rows.append(prior[:10])
     fig, ax = plt.subplots(figsize=(8, 4.6))
-    ax.imshow(grid(np.concatenate([np.concatenate([xa, g_a[None], np.zeros((8, 784))])] + rows), 6),
+    ax.imshow(tile(np.concatenate([np.concatenate([xa, g_a[None], np.zeros((8, 784))])] + rows), 10),
               cmap="gray_r")
     ax.set_title("row 1: digit, g(mu); rows 2-5: z = mu + s sigma eps, s = 0.5, 1, 2, 4; row 6: prior",
                  fontsize=9)

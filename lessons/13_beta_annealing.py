@@ -38,7 +38,6 @@ Run:  python lessons/13_beta_annealing.py [--quick] [--out DIR] [--seed N]
 # mean, and weights the KL by 128 against a per-pixel-averaged squared error (an implicit beta, unstated).
 
 # %%
-import argparse
 import os
 import time
 
@@ -50,36 +49,18 @@ import numpy as np  # noqa: E402
 
 import minivae  # noqa: E402
 import minivae.data  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few steps on a subset (for tests)")
-    p.add_argument("--out", default="lesson_output/13_beta_annealing", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def check(cond, claim):
-    assert cond, f"CHECK failed: {claim}"
-    print(f"CHECK passed: {claim}")
+from minivae.lessonkit import check, fit, lesson_args  # noqa: E402
 
 
 def train(cfg, x_train, n_steps, seed, beta_at):
-    """Inline loop; beta_at(step) gives beta for that step.  Returns the model and per-step (beta, recon, kl)."""
+    """The loop of lesson 10 (lessonkit.fit); beta_at(step) gives beta for that step.
+
+    Returns the model and per-step (beta, recon, kl)."""
     model = minivae.VAE(cfg, rng=np.random.default_rng(seed))
-    opt = minivae.Adam(lr=1e-3)
     rng = np.random.default_rng(seed + 100)          # same data order for every beta
-    hist, step = [], 0
-    while step < n_steps:
-        for idx in minivae.data.minibatches(len(x_train), 128, rng):
-            beta = beta_at(step)
-            _, grads = model.loss(minivae.data.binarize(x_train[idx], rng), beta=beta)
-            opt.step(model.params, grads)
-            hist.append((beta, float(model.parts["recon"]), float(model.parts["kl"])))
-            step += 1
-            if step >= n_steps:
-                break
+    hist = []
+    fit(model, x_train, n_steps, rng, batch_size=128, opt=minivae.Adam(lr=1e-3), beta=beta_at,
+        on_step=lambda step, beta: hist.append((beta, float(model.parts["recon"]), float(model.parts["kl"]))))
     return model, np.array(hist)
 
 
@@ -91,8 +72,8 @@ def evaluate(model, x, eps):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = lesson_args("lesson_output/13_beta_annealing", __doc__.splitlines()[0], argv,
+                       quick_help="few steps on a subset (for tests)")
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
     paths = []

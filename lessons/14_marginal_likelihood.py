@@ -32,7 +32,6 @@ Run:  python lessons/14_marginal_likelihood.py [--quick] [--out DIR] [--seed N]
 # As $k \to \infty$, $\hat p_k \to p(x)$ (law of large numbers), so $\hat{\mathcal L}_k \to \log p(x)$.
 
 # %%
-import argparse
 import os
 import time
 
@@ -45,19 +44,7 @@ import numpy as np  # noqa: E402
 import minivae  # noqa: E402
 import minivae.data  # noqa: E402
 import minivae.evaluate  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer k and examples (for tests)")
-    p.add_argument("--out", default="lesson_output/14_marginal_likelihood", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def check(cond, claim):
-    assert cond, f"CHECK failed: {claim}"
-    print(f"CHECK passed: {claim}")
+from minivae.lessonkit import check, fit, lesson_args  # noqa: E402
 
 
 def log_mean_exp(a, axis=0):
@@ -69,16 +56,7 @@ def log_mean_exp(a, axis=0):
 
 def train(cfg, x_train, n_steps, seed):
     model = minivae.VAE(cfg, rng=np.random.default_rng(seed))
-    opt = minivae.Adam(lr=1e-3)
-    rng = np.random.default_rng(seed + 100)
-    step = 0
-    while step < n_steps:
-        for idx in minivae.data.minibatches(len(x_train), 128, rng):
-            _, grads = model.loss(minivae.data.binarize(x_train[idx], rng))
-            opt.step(model.params, grads)
-            step += 1
-            if step >= n_steps:
-                break
+    fit(model, x_train, n_steps, np.random.default_rng(seed + 100), batch_size=128, opt=minivae.Adam(lr=1e-3))
     return model
 
 
@@ -101,8 +79,8 @@ def nested_estimates(lw, ks):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = lesson_args("lesson_output/14_marginal_likelihood", __doc__.splitlines()[0], argv,
+                       quick_help="fewer k and examples (for tests)")
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
     paths = []

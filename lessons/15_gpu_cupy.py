@@ -30,7 +30,6 @@ Run:  python lessons/15_gpu_cupy.py [--quick] [--out DIR] [--seed N]
 # product differs from the CPU's): relative differences of order 1e-6, not bit-identical.
 
 # %%
-import argparse
 import os
 import time
 
@@ -42,19 +41,7 @@ import numpy as np  # noqa: E402
 
 import minivae  # noqa: E402
 import minivae.data  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer timed steps (for tests)")
-    p.add_argument("--out", default="lesson_output/15_gpu_cupy", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def check(cond, claim):
-    assert cond, f"CHECK failed: {claim}"
-    print(f"CHECK passed: {claim}")
+from minivae.lessonkit import check, lesson_args  # noqa: E402
 
 
 def time_steps(model, x, n_steps, rng, sync=lambda: None):
@@ -85,8 +72,8 @@ def flops_per_image(model):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = lesson_args("lesson_output/15_gpu_cupy", __doc__.splitlines()[0], argv,
+                       quick_help="fewer timed steps (for tests)")
     t0 = time.time()
     x, _ = minivae.data.load_mnist("test")
     cfg = minivae.VAEConfig(hidden=(400,), z_dim=20)
