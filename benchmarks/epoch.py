@@ -1,0 +1,447 @@
+"""Epoch-time benchmark: minivae vs plain PyTorch vs the matmul-only lower bound.
+
+    python benchmarks/epoch.py                       # CPU, 2 threads, batch 128, 5 timed epochs
+    python benchmarks/epoch.py --json result.json    # also write the numbers
+    python benchmarks/epoch.py --backend cupy        # GPU: CuPy vs PyTorch CUDA, batch 128 and 1024
+    python benchmarks/epoch.py --quick               # a smoke test (a few batches; torch optional)
+
+The model is the standard one: 784-400-20 ReLU, Bernoulli decoder, Adam(1e-3),
+float32, on MNIST with dynamic binarization.  In one process the script times,
+interleaved round by round (minivae, torch, bound, minivae, torch, bound, ...):
+
+  minivae    minivae.fast.FastTrainer (the optimized step, tested against model.loss + Adam.step)
+  reference  (with --reference) the readable path: model.loss + Adam.step
+  torch      benchmarks/torch_reference.py, if torch is importable (same init values, data, eps)
+  bound      the exact matrix products of the epoch alone (benchmarks/gemm_bound.py)
+
+and reports the median epoch time of each over the timed rounds (after the
+warm-up rounds), the ratios minivae/torch and minivae/bound, peak memory and
+the machine.  Every epoch includes its data pipeline (gather, binarize, draw
+eps), which is the same code for minivae and torch on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+
+def _preparse_threads(argv):
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return "2"
+
+
+# BLAS thread counts are read when NumPy (and torch) load: set them first.
+_THREADS = _preparse_threads(sys.argv[1:])
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+    os.environ[_v] = _THREADS
+# OpenBLAS worker threads busy-wait for ~2^28 cycles after each call by default; on 2 cores they then
+# compete with the elementwise work (Adam) that follows the last matmul of a step.  A short spin
+# (2^12 cycles) lets them sleep; the bound is measured with the same setting.  Override by setting it.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
+os.environ.setdefault("CUPY_TF32", "0")          # CuPy: no TF32 in float32 matmuls
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import minivae  # noqa: E402
+from minivae.data import load_mnist  # noqa: E402
+from minivae.fast import FastTrainer  # noqa: E402
+
+from gemm_bound import GemmBound, step_flops  # noqa: E402
+
+QUICK_BATCHES = 12
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="batch size(s); default 128 on numpy, 128 and 1024 on cupy")
+    p.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
+    p.add_argument("--adam-threads", type=int, default=None,
+                   help="threads for minivae's NumPy Adam update (default: 2 if --threads >= 2, else 1)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK_BATCHES} batches per 'epoch', 1 warm-up and 2 timed rounds")
+    p.add_argument("--reference", action="store_true", help="also time the readable path (model.loss + Adam.step)")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--block-steps", type=int, default=0,
+                   help="interleave the implementations every this many steps inside each round instead of "
+                        "epoch by epoch (0, the default: whole epochs); each epoch time is the sum of its blocks. "
+                        "Use it on a loaded machine, so that every implementation sees the same load")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.epochs, a.warmup = min(a.epochs, 2), min(a.warmup, 1)
+    if a.epochs < 1 or a.warmup < 0 or a.block_steps < 0:
+        p.error("--epochs must be >= 1, --warmup and --block-steps >= 0")
+    if a.batch_size is None:
+        a.batch_size = [128, 1024] if a.backend == "cupy" else [128]
+    if any(b < 1 for b in a.batch_size):
+        p.error("--batch-size must be positive")
+    if a.adam_threads is None:
+        a.adam_threads = 2 if a.threads >= 2 else 1
+    return a
+
+
+# ----------------------------------------------------------------------------
+# machine description
+# ----------------------------------------------------------------------------
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _blas_info():
+    info = {}
+    try:
+        cfg = np.show_config(mode="dicts")
+        blas = cfg.get("Build Dependencies", {}).get("blas", {})
+        info["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:
+        info["numpy_blas"] = "unknown"
+    try:
+        from threadpoolctl import threadpool_info
+        info["threadpools"] = [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                               for d in threadpool_info()]
+    except Exception:
+        pass
+    return info
+
+
+def machine(args, torch=None):
+    m = {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "threads": args.threads,
+         "adam_threads": args.adam_threads, "python": platform.python_version(), "numpy": np.__version__,
+         "platform": platform.platform(), "loadavg_start": list(os.getloadavg()),
+         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                 "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}}
+    m.update(_blas_info())
+    if torch is not None:
+        m["torch"] = torch.__version__
+        m["torch_threads"] = torch.get_num_threads()
+        cfg = torch.__config__.show()
+        blas = [s.strip() for s in cfg.replace(",", "\n").splitlines() if "BLAS_INFO" in s or "LAPACK_INFO" in s]
+        m["torch_blas"] = "; ".join(blas)
+    if args.backend == "cupy":
+        import cupy as cp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        m["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        m["cupy"] = cp.__version__
+        m["cuda_runtime"] = cp.cuda.runtime.runtimeGetVersion()
+    return m
+
+
+def max_rss_mib():
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
+
+
+# ----------------------------------------------------------------------------
+# data: the same permutation, binarization and eps for every implementation
+# ----------------------------------------------------------------------------
+class HostData:
+    """Epoch e: order and noise from NumPy Generators seeded (seed, e); batches written into fixed buffers."""
+
+    def __init__(self, x, batch_size, z_dim, seed, n_batches=None):
+        self.x, self.N, self.L, self.seed = x, batch_size, z_dim, seed
+        n = len(x)
+        self.sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)][:n_batches]
+        self.n = sum(self.sizes)
+        self.buf = {}
+
+    def _bufs(self, N):
+        if N not in self.buf:
+            e = lambda *s: np.empty(s, np.float32)  # noqa: E731
+            self.buf[N] = (e(N, self.x.shape[1]), e(N, self.x.shape[1]), e(N, self.L))
+        return self.buf[N]
+
+    def epoch(self, e):
+        """Yields (x_binary, eps) per batch; the arrays are reused buffers."""
+        rng = np.random.default_rng([self.seed, e])
+        order = rng.permutation(len(self.x))
+        start = 0
+        for N in self.sizes:
+            xb, u, eps = self._bufs(N)
+            np.take(self.x, order[start:start + N], axis=0, out=xb)
+            rng.random(out=u, dtype=np.float32)
+            np.less(u, xb, out=xb)                  # x ~ Bernoulli(pixel intensity)
+            rng.standard_normal(out=eps, dtype=np.float32)
+            start += N
+            yield xb, eps
+
+
+class DeviceData:
+    """GPU: the training set lives on the device; per epoch, the order comes from a host Generator
+    (uploaded once), the binarization noise and eps are drawn on the device in bulk."""
+
+    def __init__(self, x, batch_size, z_dim, seed, n_batches, framework):
+        self.framework, self.N, self.L, self.seed = framework, batch_size, z_dim, seed
+        n = len(x)
+        self.sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)][:n_batches]
+        self.n = sum(self.sizes)
+        if framework == "cupy":
+            import cupy as cp
+            self.xp = cp
+            self.x = cp.asarray(x)
+        else:
+            import torch
+            self.torch = torch
+            self.x = torch.as_tensor(x, device="cuda")
+
+    def epoch(self, e):
+        order = np.random.default_rng([self.seed, e]).permutation(self.x.shape[0])[:self.n]
+        if self.framework == "cupy":
+            cp = self.xp
+            rs = cp.random.RandomState(self.seed * 1000 + e)
+            order = cp.asarray(order)
+            u_all = rs.random_sample((self.n, self.x.shape[1]), dtype=cp.float32)
+            eps_all = rs.standard_normal((self.n, self.L), dtype=cp.float32)
+            start = 0
+            for N in self.sizes:
+                sl = slice(start, start + N)
+                xb = (u_all[sl] < self.x[order[sl]]).astype(cp.float32)
+                start += N
+                yield xb, eps_all[sl]
+        else:
+            torch = self.torch
+            g = torch.Generator(device="cuda").manual_seed(self.seed * 1000 + e)
+            order = torch.as_tensor(order, device="cuda")
+            u_all = torch.rand((self.n, self.x.shape[1]), generator=g, device="cuda")
+            eps_all = torch.randn((self.n, self.L), generator=g, device="cuda")
+            start = 0
+            for N in self.sizes:
+                xb = (u_all[start:start + N] < self.x[order[start:start + N]]).float()
+                eps = eps_all[start:start + N]
+                start += N
+                yield xb, eps
+
+
+# ----------------------------------------------------------------------------
+# the implementations: each is a callable running one epoch, returning the mean loss
+# ----------------------------------------------------------------------------
+def make_minivae(cfg, args, data, sync, backend):
+    model = minivae.VAE(cfg, rng=args.seed, backend=backend)
+    trainer = FastTrainer(model, minivae.Adam(lr=1e-3), threads=args.adam_threads if backend == "numpy" else 1)
+
+    def epoch(e, block):
+        total = 0.0
+        for i, (xb, eps) in enumerate(data.epoch(e), 1):
+            loss = trainer.step(xb, eps)                 # a device scalar on CuPy: no sync here
+            total = total + (float(loss) if backend == "numpy" else loss) * xb.shape[0]
+            if i % block == 0:
+                sync()
+                yield None
+        sync()
+        yield float(total) / data.n
+
+    return epoch, model, trainer
+
+
+def make_reference(cfg, args, data):
+    model = minivae.VAE(cfg, rng=args.seed)
+    opt = minivae.Adam(lr=1e-3)
+
+    def epoch(e, block):
+        total = 0.0
+        for i, (xb, eps) in enumerate(data.epoch(e), 1):
+            loss, grads = model.loss(xb, eps, validate=False)
+            opt.step(model.params, grads)
+            total += float(loss) * xb.shape[0]
+            if i % block == 0:
+                yield None
+        yield total / data.n
+
+    return epoch
+
+
+def make_torch(cfg, args, data, device, torch):
+    from torch_reference import TorchTrainer, TorchVAE
+    init = minivae.VAE(cfg, rng=args.seed)          # the same initial values as minivae's model
+    tr = TorchTrainer(TorchVAE.from_minivae(init, device=device))
+    on_cuda = device != "cpu"
+
+    def epoch(e, block):
+        total = torch.zeros((), device=device)
+        for i, (xb, eps) in enumerate(data.epoch(e), 1):
+            if not on_cuda:
+                xb, eps = torch.from_numpy(xb), torch.from_numpy(eps)
+            total += tr.step(xb, eps) * xb.shape[0]
+            if i % block == 0:
+                if on_cuda:
+                    torch.cuda.synchronize()
+                yield None
+        if on_cuda:
+            torch.cuda.synchronize()
+        yield float(total) / data.n
+
+    return epoch
+
+
+def make_bound(cfg, data, xp, sync):
+    gb = GemmBound(cfg, xp=xp, sync=sync)
+
+    def epoch(e, block):
+        for i in range(0, len(data.sizes), block):
+            gb.run(data.sizes[i:i + block])
+            if i + block < len(data.sizes):
+                yield None
+        yield float("nan")
+
+    return epoch
+
+
+# ----------------------------------------------------------------------------
+def run_batch_size(args, x, N, torch, report):
+    cfg = minivae.VAEConfig()
+    n_batches = QUICK_BATCHES if args.quick else None
+    gpu = args.backend == "cupy"
+    impls, loss_log, rss = {}, {}, {}
+    if gpu:
+        import cupy as cp
+        sync = cp.cuda.Device().synchronize
+        data_mv = DeviceData(x, N, cfg.z_dim, args.seed, n_batches, "cupy")
+        data_t = DeviceData(x, N, cfg.z_dim, args.seed, n_batches, "torch") if torch is not None else None
+        xp = cp
+    else:
+        sync = lambda: None  # noqa: E731
+        data_mv = data_t = HostData(x, N, cfg.z_dim, args.seed, n_batches)
+        xp = np
+    impls["minivae"], _, trainer = make_minivae(cfg, args, data_mv, sync, args.backend)
+    if args.reference and not gpu:
+        impls["reference"] = make_reference(cfg, args, data_mv)
+    if torch is not None:
+        impls["torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
+    impls["bound"] = make_bound(cfg, data_mv, xp, sync)
+
+    times = {k: [] for k in impls}
+    block = args.block_steps or len(data_mv.sizes)
+    for r in range(args.warmup + args.epochs):
+        gens = {name: run(r, block) for name, run in impls.items()}
+        spent = dict.fromkeys(impls, 0.0)
+        result = {}
+        before = {}
+        while gens:                     # round-robin: `block` steps of each implementation in turn
+            for name in list(gens):
+                if r == 0 and name not in before:
+                    before[name] = max_rss_mib()
+                t0 = time.perf_counter()
+                out = next(gens[name])
+                spent[name] += time.perf_counter() - t0
+                if out is not None:
+                    result[name] = out
+                    del gens[name]
+                    if r == 0:
+                        rss[name] = max_rss_mib() - before[name]
+        for name in impls:
+            dt, loss = spent[name], result[name]
+            if r >= args.warmup:
+                times[name].append(dt)
+            if name in ("minivae", "torch", "reference"):
+                loss_log.setdefault(name, []).append(loss)
+            print(f"  batch {N:5d} round {r:2d}{' (warm-up)' if r < args.warmup else '          '}  "
+                  f"{name:9s} {dt:7.3f} s" + (f"  loss {loss:8.3f}" if loss == loss else ""), flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"batch_size": N, "n_examples": data_mv.n, "n_steps": len(data_mv.sizes),
+           "gflop_per_epoch": sum(step_flops(cfg, n) for n in data_mv.sizes) / 1e9,
+           "times_s": times, "median_s": med, "mean_loss_per_round": loss_log,
+           "peak_rss_increase_first_epoch_mib": rss,
+           "minivae_array_bytes": trainer_bytes(trainer)}
+    res["ratio_minivae_over_bound"] = med["minivae"] / med["bound"]
+    if "torch" in med:
+        res["ratio_minivae_over_torch"] = med["minivae"] / med["torch"]
+        res["ratio_torch_over_bound"] = med["torch"] / med["bound"]
+    if "reference" in med:
+        res["ratio_reference_over_torch"] = med["reference"] / med["torch"] if "torch" in med else None
+        res["ratio_reference_over_bound"] = med["reference"] / med["bound"]
+    if gpu:
+        import cupy as cp
+        res["gpu_memory_mib"] = {"cupy_pool_total": cp.get_default_memory_pool().total_bytes() / 2 ** 20}
+        if torch is not None:
+            res["gpu_memory_mib"]["torch_max_allocated"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    report["runs"].append(res)
+    return res
+
+
+def trainer_bytes(tr):
+    """Bytes of every array the fast trainer owns: parameters, gradients, Adam moments, step buffers."""
+    total = tr.model.flat.nbytes + tr.grads.flat.nbytes
+    for st in tr.opt.state or []:
+        total += sum(a.nbytes for a in st.values())
+    total += tr._tmp.nbytes if tr._tmp is not None else 0
+    for b in tr._bufs.values():
+        for v in vars(b).values():
+            arrays = v.values() if isinstance(v, dict) else (v if isinstance(v, list) else [v])
+            total += sum(a.nbytes for a in arrays)
+    return int(total)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+            if args.backend == "cupy":
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
+                torch.set_float32_matmul_precision("highest")
+        except ImportError:
+            torch = None
+    if args.backend == "cupy":
+        try:
+            minivae.backend.get_xp("cupy")
+        except minivae.BackendError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    x, _ = load_mnist("train")
+    report = {"command": " ".join([os.path.basename(sys.executable), "benchmarks/epoch.py", *sys.argv[1:]]),
+              "backend": args.backend, "quick": args.quick, "epochs": args.epochs, "warmup": args.warmup,
+              "block_steps": args.block_steps,
+              "machine": machine(args, torch), "torch_available": torch is not None, "runs": []}
+    print(f"minivae epoch benchmark: {report['machine']['cpu']}, {args.threads} threads, "
+          f"{report['machine'].get('numpy_blas')}, backend {args.backend}"
+          + ("" if torch is not None else " (torch not importable: skipped)"))
+    for N in args.batch_size:
+        res = run_batch_size(args, x, N, torch, report)
+        med = res["median_s"]
+        print(f"batch {N}: median epoch  " + "  ".join(f"{k} {v:.3f} s" for k, v in med.items()))
+        line = f"batch {N}: minivae/bound {res['ratio_minivae_over_bound']:.2f}"
+        if "ratio_minivae_over_torch" in res:
+            line += f"  minivae/torch {res['ratio_minivae_over_torch']:.2f}"
+        if "ratio_reference_over_bound" in res:
+            line += f"  reference/bound {res['ratio_reference_over_bound']:.2f}"
+        print(line + f"  ({res['gflop_per_epoch']:.1f} GFLOP of matmuls per epoch)")
+    report["machine"]["loadavg_end"] = list(os.getloadavg())
+    report["peak_rss_mib"] = max_rss_mib()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The optimized training step (minivae.fast) against the reference path, op by op and step by step."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minivae
+from minivae.backend import get_xp, to_numpy
+from minivae.fast import FastPathError, FastTrainer
+from minivae.gradcheck import rel_error
+from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {"float64": 1e-12, "float32": 2e-5}
+
+CONFIGS = {
+    "standard": dict(),
+    "two-layer-tanh-gaussian": dict(x_dim=12, hidden=(9, 7), z_dim=3, activation="tanh", likelihood="gaussian",
+                                    obs_var=0.5),
+    "relu-deep": dict(x_dim=10, hidden=(8, 6), z_dim=4),
+    "no-hidden": dict(x_dim=9, hidden=(), z_dim=2),
+    "softplus": dict(x_dim=8, hidden=(5,), z_dim=2, activation="softplus"),
+}
+
+
+def make(name, dtype, backend="numpy", seed=0):
+    cfg = minivae.VAEConfig(dtype=dtype, **CONFIGS[name])
+    return minivae.VAE(cfg, rng=seed, backend=backend)
+
+
+def batch(model, N, seed=1):
+    """Binary (Bernoulli) or real (Gaussian) data and eps, on the model's backend and dtype."""
+    rng = np.random.default_rng(seed)
+    c = model.config
+    if c.likelihood == "bernoulli":
+        x = (rng.random((N, c.x_dim)) < 0.4).astype(model.dtype)
+    else:
+        x = rng.normal(size=(N, c.x_dim)).astype(model.dtype)
+    eps = rng.standard_normal((N, c.z_dim)).astype(model.dtype)
+    return model.xp.asarray(x), model.xp.asarray(eps)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_loss_and_grads_match_reference(name, dtype):
+    model = make(name, dtype)
+    x, eps = batch(model, 33 if name != "standard" else 64)
+    ref_loss, ref_grads = model.loss(x, eps, beta=0.7)
+    ref_parts = {k: float(v) for k, v in model.parts.items()}
+    tr = FastTrainer(model, minivae.Adam())
+    loss, grads = tr.loss_and_grads(x, eps, beta=0.7)
+    tol = TOL[dtype]
+    assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss))
+    for k in ("loss", "recon", "kl"):
+        assert abs(float(tr.parts[k]) - ref_parts[k]) <= tol * max(1.0, abs(ref_parts[k])), k
+    assert list(grads) == list(ref_grads)
+    for k in ref_grads:
+        assert rel_error(grads[k], ref_grads[k]) < tol * 10, k
+    # computing without the loss value gives the same gradients
+    g_copy = grads.flat.copy()
+    none, grads2 = tr.loss_and_grads(x, eps, beta=0.7, need_loss=False)
+    assert none is None and np.array_equal(grads2.flat, g_copy)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_forward_ops_match_reference(dtype):
+    """Intermediate values: fused heads = (mu, logvar) of encode; z; logits = decode_raw(z)."""
+    model = make("standard", dtype)
+    x, eps = batch(model, 40)
+    tr = FastTrainer(model)
+    tr.loss_and_grads(x, eps)
+    B = tr._buffers(40)
+    L = model.config.z_dim
+    mu, logvar = model.encode(x)
+    tol = TOL[dtype]
+    assert rel_error(B.heads[:, :L], mu) < tol and rel_error(B.heads[:, L:], logvar) < tol
+    z = mu + np.exp(0.5 * logvar) * eps
+    assert rel_error(B.z, z) < tol
+    assert rel_error(B.out, model.decode_raw(B.z)[0]) < tol
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_bernoulli_matches_reference_ops(dtype, threads):
+    """The one-exp loss + gradient against bernoulli_nll_forward/backward, extreme logits included
+    (with 2 threads the rows are split in two blocks)."""
+    rng = np.random.default_rng(3)
+    N, D = 200, 784
+    logits = (rng.standard_normal((N, D)) * 8).astype(dtype)
+    logits[0, :6] = [0.0, -0.0, 100.0, -100.0, 1e4, -1e4]     # exp(-|l|) underflows to 0: no inf/nan
+    x = (rng.random((N, D)) < 0.5).astype(dtype)
+    x[1] = rng.random(D).astype(dtype)                          # continuous targets in [0, 1] are allowed
+    model = make("standard", dtype)
+    tr = FastTrainer(model, threads=threads)
+    B = tr._buffers(N)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):   # underflow to 0 is expected
+        recon = tr._likelihood(logits, x, B, 1.0 / N, True)
+    nll, cache = bernoulli_nll_forward(logits, x)
+    dlogits = bernoulli_nll_backward(np.full(N, 1.0 / N, dtype=dtype), cache)
+    tol = TOL[dtype]
+    assert abs(recon - float(nll.sum(dtype=np.float64))) <= tol * float(nll.sum())
+    assert rel_error(B.dout, dlogits) < tol
+    assert np.isfinite(B.dout).all()
+    tr.close()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("threads,block", [(1, 1 << 16), (2, 1 << 16), (1, 1000), (2, 777)])
+def test_adam_steps_match_reference(dtype, threads, block):
+    ref = make("standard", dtype)
+    fast = make("standard", dtype)
+    opt_ref, opt_fast = minivae.Adam(lr=3e-3), minivae.Adam(lr=3e-3)
+    tr = FastTrainer(fast, opt_fast, threads=threads, block=block)
+    for s in range(4):
+        x, eps = batch(ref, 32, seed=10 + s)
+        loss_ref, grads = ref.loss(x, eps)
+        opt_ref.step(ref.params, grads)
+        loss = tr.step(x, eps)
+        assert abs(float(loss) - float(loss_ref)) <= TOL[dtype] * abs(float(loss_ref))
+    tol = TOL[dtype] * (1 if dtype == "float64" else 5)
+    # Adam's update is ~lr per entry whatever the gradient scale, so compare the parameter *changes*
+    start = make("standard", dtype).flat
+    assert rel_error(fast.flat - start, ref.flat - start) < tol * 100
+    assert np.max(np.abs(fast.flat - ref.flat)) < (1e-9 if dtype == "float64" else 1e-5)
+    sd_ref, sd_fast = opt_ref.state_dict(), opt_fast.state_dict()
+    assert sd_fast["t"] == sd_ref["t"] == 4
+    assert rel_error(sd_fast["0.m"], sd_ref["0.m"]) < tol * 10
+    assert rel_error(sd_fast["0.v"], sd_ref["0.v"]) < tol * 10
+    tr.close()
+
+
+def test_two_threads_give_the_same_training():
+    """Threaded Adam is bitwise identical; the threaded likelihood (N >= 128) only regroups a sum."""
+    models = [make("standard", "float32") for _ in range(2)]
+    trainers = [FastTrainer(m, minivae.Adam(), threads=t, block=b) for m, t, b in zip(models, (1, 2), (1 << 16, 5000))]
+    for s in range(3):
+        x, eps = batch(models[0], 16, seed=s)
+        for tr in trainers:
+            tr.step(x, eps)
+    assert np.array_equal(models[0].flat, models[1].flat)
+    x, eps = batch(models[0], 150, seed=9)
+    (l1, g1), (l2, g2) = [(float(l), g.flat.copy()) for l, g in (tr.loss_and_grads(x, eps) for tr in trainers)]
+    assert np.array_equal(g1, g2) and abs(l1 - l2) <= 1e-6 * abs(l1)
+
+
+def test_float32_is_preserved_everywhere():
+    model = make("standard", "float32")
+    tr = FastTrainer(model, minivae.Adam())
+    x, eps = batch(model, 24)
+    loss = tr.step(x, eps)
+    assert loss.dtype == np.float32 and all(v.dtype == np.float32 for v in tr.parts.values())
+    assert model.flat.dtype == np.float32 and tr.grads.flat.dtype == np.float32
+    assert all(a.dtype == np.float32 for a in tr.opt.state[0].values())
+    B = tr._buffers(24)
+    arrays = [a for v in vars(B).values() for a in (v.values() if isinstance(v, dict) else
+                                                     v if isinstance(v, list) else [v])]
+    assert all(a.dtype in (np.float32, np.bool_) for a in arrays)
+    assert tr.W_heads.dtype == np.float32 and tr._tmp.dtype == np.float32
+
+
+def test_other_optimizers_fall_back_to_their_step():
+    for make_opt in (lambda: minivae.SGD(lr=0.01), lambda: minivae.Adam(weight_decay=1e-3, clip_norm=5.0)):
+        ref, fast = make("relu-deep", "float64"), make("relu-deep", "float64")
+        o_ref, o_fast = make_opt(), make_opt()
+        tr = FastTrainer(fast, o_fast)
+        for s in range(3):
+            x, eps = batch(ref, 12, seed=s)
+            o_ref.step(ref.params, ref.loss(x, eps)[1])
+            tr.step(x, eps)
+        assert rel_error(fast.flat, ref.flat) < 1e-12
+
+
+def test_model_stays_usable_and_checkpointable():
+    model = make("standard", "float32")
+    start = model.flat.copy()
+    opt = minivae.Adam()
+    tr = FastTrainer(model, opt)
+    x, eps = batch(model, 16)
+    tr.step(x, eps)
+    assert not np.array_equal(model.flat, start)                # trained in place
+    assert model.params["enc.mu.W"].base is not None            # still views of model.flat
+    model.loss(x, eps)                                          # the reference path still runs
+    opt2 = minivae.Adam()
+    opt2.load_state_dict(opt.state_dict(), model.params)
+    assert opt2.t == 1 and np.array_equal(opt2.state[0]["m"], opt.state[0]["m"])
+
+
+def test_unsupported_and_bad_input_raise_clear_errors():
+    cfg = minivae.VAEConfig(x_dim=6, hidden=(4,), z_dim=2, likelihood="gaussian_learned_var")
+    with pytest.raises(FastPathError, match="gaussian_learned_var"):
+        FastTrainer(minivae.VAE(cfg, rng=0))
+    model = make("standard", "float32")
+    tr = FastTrainer(model)
+    x, eps = batch(model, 8)
+    with pytest.raises(ValueError, match="x must be"):
+        tr.step(x.astype(np.float64), eps)
+    with pytest.raises(ValueError, match="eps must be"):
+        tr.step(x, eps[:4])
+    with pytest.raises(ValueError, match="threads"):
+        FastTrainer(model, threads=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["standard", "relu-deep"])
+def test_cupy_fast_path_matches_numpy_reference(name):
+    cp = get_xp("cupy")
+    host = make(name, "float32")
+    dev = make(name, "float32", backend="cupy")
+    x, eps = batch(host, 64)
+    ref_loss, ref_grads = host.loss(x, eps, beta=0.5)
+    tr = FastTrainer(dev, minivae.Adam())
+    loss, grads = tr.loss_and_grads(cp.asarray(x), cp.asarray(eps), beta=0.5)
+    assert abs(float(loss) - float(ref_loss)) < 1e-4 * abs(float(ref_loss))
+    assert rel_error(to_numpy(grads.flat), ref_grads.flat) < 1e-4
+    opt = minivae.Adam()
+    opt.step(host.params, ref_grads)
+    tr.apply(grads)
+    assert np.max(np.abs(to_numpy(dev.flat) - host.flat)) < 1e-5
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    """benchmarks/epoch.py --quick runs without torch and writes the documented JSON fields."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "epoch.py"), "--quick", "--no-torch",
+                        "--epochs", "1", "--warmup", "0", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["backend"] == "numpy" and d["torch_available"] is False
+    for k in ("cpu", "logical_cpus", "threads", "numpy_blas", "loadavg_start"):
+        assert k in d["machine"], k
+    run = d["runs"][0]
+    assert run["batch_size"] == 128 and run["n_steps"] == 12
+    assert set(run["median_s"]) == {"minivae", "bound"}
+    assert all(v > 0 for v in run["median_s"].values())
+    assert run["ratio_minivae_over_bound"] == pytest.approx(run["median_s"]["minivae"] / run["median_s"]["bound"])
+    assert run["gflop_per_epoch"] == pytest.approx(12 * 128 * 3.28e6 / 1e9)
+    assert np.isfinite(run["mean_loss_per_round"]["minivae"]).all()
+    assert run["minivae_array_bytes"] > 4 * 4 * 648_824        # params, grads, m, v at least
+    assert d["peak_rss_mib"] > 0
