@@ -104,6 +104,9 @@ def build_parser():
     t.add_argument("--n-test", type=_positive_int, help="use only the first N test images")
     t.add_argument("--iw-k", type=_nonneg_int, help="final evaluation: importance-weighted bound with K samples")
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    t.add_argument("--reference-path", action="store_true",
+                   help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
+                        "step (same math, slower)")
     t.add_argument("--out", help="run folder (default runs/<recipe>-<date>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -161,6 +164,8 @@ def cmd_train(args):
     overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
     if args.no_figures:
         overrides["figures"] = False
+    if args.reference_path:
+        overrides["fast"] = False
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")

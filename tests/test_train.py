@@ -72,23 +72,34 @@ def test_resume_refuses_other_settings_and_overwrite(tmp_path):
         run(tiny(), tmp_path / "none", resume=True)
 
 
-def test_nan_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "reference-path"])
+def test_nan_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, monkeypatch, fast):
+    from minivae.fast import FastTrainer
     out = tmp_path / "r"
-    run(tiny(epochs=1), tmp_path / "ref")
-    original = VAE.loss
+    run(tiny(epochs=1, fast=fast), tmp_path / "ref")
     calls = {"n": 0}
 
+    def poison(loss):
+        calls["n"] += 1
+        if calls["n"] == 4 + 2:                    # 4 steps per epoch: epoch 2, step 2
+            loss = loss * np.float32("nan")
+        return loss
+
+    original_loss, original_step = VAE.loss, FastTrainer.step
+
     def poisoned(self, x, *args, **kw):
-        loss, grads = original(self, x, *args, **kw)
+        loss, grads = original_loss(self, x, *args, **kw)
         if grads is not None:                      # training steps only (evaluation has backward=False)
-            calls["n"] += 1
-            if calls["n"] == 4 + 2:                # 4 steps per epoch: epoch 2, step 2
-                loss = loss * np.float32("nan")
+            loss = poison(loss)
         return loss, grads
 
+    def poisoned_step(self, *args, **kw):
+        return poison(original_step(self, *args, **kw))
+
+    monkeypatch.setattr(FastTrainer, "step", poisoned_step)
     monkeypatch.setattr(VAE, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2") as info:
-        run(tiny(epochs=3), out)
+        run(tiny(epochs=3, fast=fast), out)
     assert "last good checkpoint kept" in str(info.value)
     c = load_checkpoint(out / "checkpoint.npz")
     ref = load_checkpoint(tmp_path / "ref" / "checkpoint.npz")
@@ -125,7 +136,7 @@ def test_objective_flags_reach_model_loss(tmp_path, monkeypatch):
         return original(self, x, *args, **kw)
 
     monkeypatch.setattr(VAE, "loss", spy)
-    run(tiny(epochs=1), tmp_path / "plain")
+    run(tiny(epochs=1, fast=False), tmp_path / "plain")      # the readable path calls model.loss every step
     assert seen and all(s == {"iwae_k": None, "free_bits": None, "validate": False} for s in seen)
     for name, kw in (("iwae", {"iwae_k": 3}), ("fb", {"free_bits": 0.1})):
         seen.clear()
@@ -198,7 +209,7 @@ def test_device_style_loop_reports_the_first_bad_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(VAE, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"loss became inf at epoch 2, step 37;"):
-        run(tiny(epochs=2, batch_size=4), tmp_path / "r")
+        run(tiny(epochs=2, batch_size=4, fast=False), tmp_path / "r")
     assert load_checkpoint(tmp_path / "r").epoch == 1
 
 
@@ -214,3 +225,19 @@ def test_option_combinations_train(tmp_path, kw):
     assert all(np.isfinite(v) for k, v in h[0].items() if isinstance(v, float))
     c = load_checkpoint(tmp_path / "r")
     assert c.config.dtype == kw.get("dtype", "float32") and c.opt_meta["name"] == kw.get("optimizer", "adam")
+
+
+def test_fast_path_is_used_and_matches_the_reference_path(tmp_path):
+    """The default run uses minivae.fast; --reference-path gives the same history within float32 rounding."""
+    from minivae.train import fast_trainer, loss_kwargs
+    s_fast = tiny(epochs=2)
+    s_ref = tiny(epochs=2, fast=False)
+    model = VAE(s_fast.model_config(784), rng=0)
+    assert fast_trainer(s_fast, model, s_fast.make_optimizer(), loss_kwargs(s_fast, model)) is not None
+    assert fast_trainer(s_ref, model, s_ref.make_optimizer(), {}) is None
+    assert fast_trainer(s_fast, model, s_fast.make_optimizer(), {"iwae_k": 3}) is None
+    h_fast, _ = run(s_fast, tmp_path / "fast")
+    h_ref, _ = run(s_ref, tmp_path / "ref")
+    for a, b in zip(h_fast, h_ref):
+        for k in ("train_neg_elbo", "train_kl", "test_neg_elbo", "test_recon"):
+            assert a[k] == pytest.approx(b[k], rel=2e-4), k
