@@ -30,7 +30,10 @@ def cli(*args, cwd=None):
 
 def run_isolated(code, path, timeout=120):
     """Run code in a fresh ``python -I`` with only ``path`` added in front of sys.path."""
-    boot = f"import sys; sys.path.insert(0, {str(path)!r})\n" + code
+    boot = (f"import sys; sys.path.insert(0, {str(path)!r})\n"
+            # as in a student's environment: no editable install of the reference to fall back on
+            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            + code)
     return subprocess.run([sys.executable, "-I", "-B", "-c", boot], capture_output=True, text=True,
                           cwd=path, timeout=timeout, env=_env())
 
@@ -263,6 +266,26 @@ last = float(model.loss(x, eps=np.zeros((1, 512, 8)), backward=False)[0])
 print("loss", first, last)
 assert np.isfinite(last) and last < first - 200, (first, last)
 """
+
+
+TRAIN_LOOP = """
+import importlib.util, sys, tempfile, math
+assert importlib.util.find_spec("minivae.fast") is None, "the starter must not ship the fused solutions"
+from minivae.train import TrainSettings, train
+s = TrainSettings.from_recipe("default", n_train=256, n_test=128, epochs=2, batch_size=64, hidden=(32,), latent=2,
+                              figures=False, optimizer="adagrad", lr=0.02)
+h = train(s, tempfile.mkdtemp(), progress=False, log=lambda *a: None)
+assert len(h) == 2 and math.isfinite(h[-1]["test_neg_elbo"]) and h[-1]["train_loss"] < h[0]["train_loss"], h
+print("trained", h[-1]["test_neg_elbo"])
+"""
+
+
+def test_starter_training_loop_runs_the_students_code(tmp_path):
+    out = tmp_path / "partial"
+    make_starter(out, ["adam_step", "tanh_backward", "sigmoid_backward"])
+    assert not (out / "minivae" / "fast.py").exists() and not (out / "minivae" / "assignments").exists()
+    r = run_isolated(TRAIN_LOOP, out)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_starter_data_loading_and_training_run(starter, tmp_path):

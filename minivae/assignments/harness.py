@@ -72,6 +72,9 @@ def import_student(student_dir):
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p not in ("", ".", here)]
     sys.path.insert(0, str(student_dir))
+    # An editable install of the reference (pip install -e) adds a finder *after* the path finder: a module
+    # missing from the student copy would silently come from the reference.  Drop such finders.
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
     for name in [m for m in sys.modules if m == "minivae" or m.startswith("minivae.")]:
         del sys.modules[name]
     importlib.invalidate_caches()
@@ -83,6 +86,9 @@ def import_student(student_dir):
     mods = {"minivae": pkg}
     for m in MODULES:
         mods[m] = importlib.import_module(f"minivae.{m}")
+        where = Path(mods[m].__file__).resolve()
+        if student_dir not in where.parents:
+            raise ImportError(f"imported minivae.{m} from {where}, not from {student_dir}")
     return mods
 
 

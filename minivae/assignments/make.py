@@ -5,7 +5,10 @@
 * ``minivae/``: the package, with the body of every selected exercise region
   replaced by ``raise NotImplementedError("exercise <id>: <hint>")``.  The
   markers, the docstrings (with the math) and every other line stay as they
-  are.  The ``assignments`` subpackage (the grader) is left out.
+  are.  Left out: the ``assignments`` subpackage (the grader) and
+  ``fast.py``, the optimized training step, which holds fused versions of the
+  exercise solutions.  Without it, ``minivae.train`` runs the readable path,
+  so a student's training runs the student's own ops.
 * ``lessons/``, ``pyproject.toml`` and ``requirements.txt`` as in the
   reference, so ``pip install -e OUT_DIR`` works and the package keeps its name.
 * ``check.py`` (the grader's harness) and ``check_expected.npz`` (the
@@ -28,13 +31,17 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parents[1]          # the folder holding the reference minivae/
 
 
+# not copied into the student package: the grader, and the optimized step (it contains fused solutions)
+PACKAGE_LEFT_OUT = ("assignments", "fast.py")
+
+
 def _ignore_package(root):
     root = Path(root).resolve()
 
     def ignore(folder, names):
         skip = {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo", ".egg-info"))}
-        if Path(folder).resolve() == root and "assignments" in names:
-            skip.add("assignments")
+        if Path(folder).resolve() == root:
+            skip.update(n for n in names if n in PACKAGE_LEFT_OUT)
         return skip
     return ignore
 
