@@ -13,6 +13,8 @@ interleaved round by round (minivae, torch, bound, minivae, torch, bound, ...):
   reference  (with --reference) the readable path: model.loss + Adam.step
   torch      benchmarks/torch_reference.py, if torch is importable (same init values, data, eps)
   bound      the exact matrix products of the epoch alone (benchmarks/gemm_bound.py)
+  bound_split  (when minivae uses the split step) the same products as two concurrent half-batches
+             on two threads with one-thread BLAS, as the split step runs them
 
 and reports the median epoch time of each over the timed rounds (after the
 warm-up rounds), the ratios minivae/torch and minivae/bound, peak memory and
@@ -74,6 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
     p.add_argument("--adam-threads", type=int, default=None,
                    help="threads for minivae's NumPy Adam update (default: 2 if --threads >= 2, else 1)")
+    p.add_argument("--split", choices=("on", "off"), default="off",
+                   help="minivae's split step (two half-batches on two threads, one-thread BLAS; NumPy, "
+                        "needs --adam-threads 2); default off, FastTrainer's default")
+    p.add_argument("--data-threads", type=int, choices=(1, 2), default=1,
+                   help="threads filling each batch of the shared CPU data pipeline (default 1)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK_BATCHES} batches per 'epoch', 1 warm-up and 2 timed rounds")
@@ -161,14 +168,25 @@ def max_rss_mib():
 # data: the same permutation, binarization and eps for every implementation
 # ----------------------------------------------------------------------------
 class HostData:
-    """Epoch e: order and noise from NumPy Generators seeded (seed, e); batches written into fixed buffers."""
+    """Epoch e: order and noise from NumPy Generators seeded (seed, e); batches written into fixed buffers.
 
-    def __init__(self, x, batch_size, z_dim, seed, n_batches=None):
+    ``threads=2``: each batch's rows are filled in two halves at once on two threads (NumPy's
+    generators and ufuncs release the GIL), the second half with its own Generator seeded
+    (seed, e, 1); still exact Bernoulli(pixel) draws and deterministic, but a different stream
+    from ``threads=1``.  The same batches go to every implementation either way.
+    """
+
+    def __init__(self, x, batch_size, z_dim, seed, n_batches=None, threads=1):
         self.x, self.N, self.L, self.seed = x, batch_size, z_dim, seed
         n = len(x)
         self.sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)][:n_batches]
         self.n = sum(self.sizes)
         self.buf = {}
+        self.threads = threads
+        self._pool = None
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1)
 
     def _bufs(self, N):
         if N not in self.buf:
@@ -180,15 +198,27 @@ class HostData:
         """Yields (x_binary, eps) per batch; the arrays are reused buffers."""
         rng = np.random.default_rng([self.seed, e])
         order = rng.permutation(len(self.x))
+        rng2 = np.random.default_rng([self.seed, e, 1]) if self._pool is not None else None
         start = 0
         for N in self.sizes:
-            xb, u, eps = self._bufs(N)
-            np.take(self.x, order[start:start + N], axis=0, out=xb)
-            rng.random(out=u, dtype=np.float32)
-            np.less(u, xb, out=xb)                  # x ~ Bernoulli(pixel intensity)
-            rng.standard_normal(out=eps, dtype=np.float32)
+            bufs = self._bufs(N)
+            idx = order[start:start + N]
+            if rng2 is None:
+                self._fill(rng, idx, bufs, 0, N)
+            else:
+                h = N - N // 2
+                fut = self._pool.submit(self._fill, rng2, idx, bufs, h, N)
+                self._fill(rng, idx, bufs, 0, h)
+                fut.result()
             start += N
-            yield xb, eps
+            yield bufs[0], bufs[2]
+
+    def _fill(self, rng, idx, bufs, lo, hi):
+        xb, u, eps = (b[lo:hi] for b in bufs)
+        np.take(self.x, idx[lo:hi], axis=0, out=xb)
+        rng.random(out=u, dtype=np.float32)
+        np.less(u, xb, out=xb)                      # x ~ Bernoulli(pixel intensity)
+        rng.standard_normal(out=eps, dtype=np.float32)
 
 
 class DeviceData:
@@ -242,7 +272,9 @@ class DeviceData:
 # ----------------------------------------------------------------------------
 def make_minivae(cfg, args, data, sync, backend):
     model = minivae.VAE(cfg, rng=args.seed, backend=backend)
-    trainer = FastTrainer(model, minivae.Adam(lr=1e-3), threads=args.adam_threads if backend == "numpy" else 1)
+    split = args.split == "on" and backend == "numpy"
+    trainer = FastTrainer(model, minivae.Adam(lr=1e-3), threads=args.adam_threads if backend == "numpy" else 1,
+                          split=split if args.adam_threads >= 2 else False)
 
     def epoch(e, block):
         total = 0.0
@@ -298,8 +330,8 @@ def make_torch(cfg, args, data, device, torch):
     return epoch
 
 
-def make_bound(cfg, data, xp, sync):
-    gb = GemmBound(cfg, xp=xp, sync=sync)
+def make_bound(cfg, data, xp, sync, split=False):
+    gb = GemmBound(cfg, xp=xp, sync=sync, split=split)
 
     def epoch(e, block):
         for i in range(0, len(data.sizes), block):
@@ -325,7 +357,7 @@ def run_batch_size(args, x, N, torch, report):
         xp = cp
     else:
         sync = lambda: None  # noqa: E731
-        data_mv = data_t = HostData(x, N, cfg.z_dim, args.seed, n_batches)
+        data_mv = data_t = HostData(x, N, cfg.z_dim, args.seed, n_batches, threads=args.data_threads)
         xp = np
     impls["minivae"], _, trainer = make_minivae(cfg, args, data_mv, sync, args.backend)
     if args.reference and not gpu:
@@ -333,6 +365,9 @@ def run_batch_size(args, x, N, torch, report):
     if torch is not None:
         impls["torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
     impls["bound"] = make_bound(cfg, data_mv, xp, sync)
+    if trainer.split:
+        # the same products as two concurrent half-batches with one-thread BLAS, as the split step runs them
+        impls["bound_split"] = make_bound(cfg, data_mv, xp, sync, split=True)
 
     times = {k: [] for k in impls}
     block = args.block_steps or len(data_mv.sizes)
@@ -367,8 +402,12 @@ def run_batch_size(args, x, N, torch, report):
            "gflop_per_epoch": sum(step_flops(cfg, n) for n in data_mv.sizes) / 1e9,
            "times_s": times, "median_s": med, "mean_loss_per_round": loss_log,
            "peak_rss_increase_first_epoch_mib": rss,
-           "minivae_array_bytes": trainer_bytes(trainer)}
+           "minivae_array_bytes": trainer_bytes(trainer), "minivae_split": trainer.split,
+           "minivae_threads": trainer.threads}
     res["ratio_minivae_over_bound"] = med["minivae"] / med["bound"]
+    if "bound_split" in med:
+        res["ratio_minivae_over_bound_split"] = med["minivae"] / med["bound_split"]
+        res["ratio_minivae_over_fastest_bound"] = med["minivae"] / min(med["bound"], med["bound_split"])
     if "torch" in med:
         res["ratio_minivae_over_torch"] = med["minivae"] / med["torch"]
         res["ratio_torch_over_bound"] = med["torch"] / med["bound"]
@@ -385,8 +424,10 @@ def run_batch_size(args, x, N, torch, report):
 
 
 def trainer_bytes(tr):
-    """Bytes of every array the fast trainer owns: parameters, gradients, Adam moments, step buffers."""
+    """Bytes of every array the fast trainer owns: parameters, gradients (two sets with the split step),
+    Adam moments, step buffers."""
     total = tr.model.flat.nbytes + tr.grads.flat.nbytes
+    total += tr._grads2.flat.nbytes if tr._grads2 is not None else 0     # the split step's second half
     for st in tr.opt.state or []:
         total += sum(a.nbytes for a in st.values())
     total += tr._tmp.nbytes if tr._tmp is not None else 0
@@ -418,8 +459,9 @@ def main(argv=None):
             return 2
     x, _ = load_mnist("train")
     report = {"command": " ".join([os.path.basename(sys.executable), "benchmarks/epoch.py", *sys.argv[1:]]),
+              "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "split": args.split,
               "backend": args.backend, "quick": args.quick, "epochs": args.epochs, "warmup": args.warmup,
-              "block_steps": args.block_steps,
+              "block_steps": args.block_steps, "data_threads": args.data_threads,
               "machine": machine(args, torch), "torch_available": torch is not None, "runs": []}
     print(f"minivae epoch benchmark: {report['machine']['cpu']}, {args.threads} threads, "
           f"{report['machine'].get('numpy_blas')}, backend {args.backend}"
@@ -429,6 +471,8 @@ def main(argv=None):
         med = res["median_s"]
         print(f"batch {N}: median epoch  " + "  ".join(f"{k} {v:.3f} s" for k, v in med.items()))
         line = f"batch {N}: minivae/bound {res['ratio_minivae_over_bound']:.2f}"
+        if "ratio_minivae_over_bound_split" in res:
+            line += f"  minivae/bound_split {res['ratio_minivae_over_bound_split']:.2f}"
         if "ratio_minivae_over_torch" in res:
             line += f"  minivae/torch {res['ratio_minivae_over_torch']:.2f}"
         if "ratio_reference_over_bound" in res:

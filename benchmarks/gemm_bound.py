@@ -56,18 +56,31 @@ class GemmBound:
     Operands are random and allocated once per batch size, outputs written with ``out=``.
     """
 
-    def __init__(self, config, xp=np, dtype=np.float32, sync=None, seed=0):
+    def __init__(self, config, xp=np, dtype=np.float32, sync=None, seed=0, split=False):
         self.config, self.xp, self.dtype = config, xp, np.dtype(dtype)
         self.sync = sync or (lambda: None)
         self.rng = np.random.default_rng(seed)
         self._plans = {}
+        # split=True (NumPy): like FastTrainer's split step, each batch is two halves whose products
+        # run at the same time on two Python threads, with one-thread BLAS calls.  Same FLOPs.
+        self.split = split
+        self._pool = None
+        if split:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from minivae.fast import _set_blas_threads, blas_threads_control_available
+            if not blas_threads_control_available():
+                raise RuntimeError("split=True needs NumPy's BLAS to be OpenBLAS")
+            self._set_blas_threads = _set_blas_threads
+            self._pool = ThreadPoolExecutor(1)
 
     def _arr(self, *shape):
         return self.xp.asarray(self.rng.standard_normal(shape, dtype=np.float32).astype(self.dtype))
 
-    def plan(self, N):
-        """[(A, B, out)] of one step at batch size N (cached)."""
-        if N not in self._plans:
+    def plan(self, key):
+        """[(A, B, out)] of one step at batch size N (cached); key N or (N, part) for split halves."""
+        N = key[0] if isinstance(key, tuple) else key
+        if key not in self._plans:
             ops = []
             Ws = {}
             for kind, m, n in step_gemms(self.config, N):
@@ -78,13 +91,31 @@ class GemmBound:
                     ops.append((self._arr(N, m).T, self._arr(N, n), self.xp.empty((m, n), self.dtype)))
                 else:                    # (N, n) @ (m, n).T
                     ops.append((self._arr(N, n), W.T, self.xp.empty((N, m), self.dtype)))
-            self._plans[N] = ops
-        return self._plans[N]
+            self._plans[key] = ops
+        return self._plans[key]
 
     def run(self, batch_sizes):
         """Run the products of one step for every batch size in the list (one epoch)."""
         mm = self.xp.matmul
+        if self.split:
+            self._run_split(batch_sizes)
+            return
         for N in batch_sizes:
             for a, b, o in self.plan(N):
                 mm(a, b, out=o)
         self.sync()
+
+    def _run_split(self, batch_sizes):
+        def half(ops):
+            for a, b, o in ops:
+                np.matmul(a, b, out=o)
+
+        prev = self._set_blas_threads(1)
+        try:
+            for N in batch_sizes:
+                h = N - N // 2
+                fut = self._pool.submit(half, self.plan((N - h, 1)))
+                half(self.plan((h, 0)))
+                fut.result()
+        finally:
+            self._set_blas_threads(prev)

@@ -2,10 +2,15 @@
 
     python benchmarks/profile_step.py [--steps 200] [--threads 2] [--adam-threads 2]
 
+With 2 threads the fast path is profiled twice: without the split ("fast", per
+part) and with it ("split": the two concurrent half-batch passes as one part,
+then Adam, which also adds the second half's gradients).
+
 Reference path: ``model.loss(backward=False)`` times the forward; ``model.loss()``
 minus that is the backward; ``Adam.step`` the update.  Fast path:
 ``FastTrainer.profile`` (forward, likelihood = Bernoulli loss + its gradient,
-backward, adam).  ``gemm`` is the matmul-only time of one step (benchmarks/gemm_bound.py).
+backward, adam).  ``gemm only`` is the matmul-only time of one step (benchmarks/gemm_bound.py),
+``gemm only, split halves`` the same products as two concurrent half-batches with one-thread BLAS.
 Times are per step and per 469-step epoch (batch 128).
 """
 import argparse
@@ -29,7 +34,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import minivae  # noqa: E402
 from minivae.data import load_mnist  # noqa: E402
-from minivae.fast import FastTrainer  # noqa: E402
+from minivae.fast import FastTrainer, blas_threads_control_available  # noqa: E402
 
 from epoch import HostData  # noqa: E402
 from gemm_bound import GemmBound  # noqa: E402
@@ -66,25 +71,29 @@ for i in range(S + W):
         add("reference step (fwd+bwd+adam)", t4 - t2)
 
 adam_threads = args.adam_threads or (2 if args.threads >= 2 else 1)
-tr = FastTrainer(minivae.VAE(cfg, rng=0), minivae.Adam(), threads=adam_threads)
-it = data.epoch(0)
-for i in range(S + W):
-    if i == W:
-        tr.profile = {}
-    x, e = next(it)
-    t0 = time.perf_counter()
-    tr.step(x, e)
-    if i >= W:
-        add("fast step (fwd+bwd+adam)", time.perf_counter() - t0)
-for k, v in tr.profile.items():
-    add("fast " + k, v)
+modes = [("fast", False)] + ([("split", True)] if adam_threads >= 2 and blas_threads_control_available() else [])
+for label, split in modes:
+    tr = FastTrainer(minivae.VAE(cfg, rng=0), minivae.Adam(), threads=adam_threads, split=split)
+    it = data.epoch(0)
+    for i in range(S + W):
+        if i == W:
+            tr.profile = {}
+        x, e = next(it)
+        t0 = time.perf_counter()
+        tr.step(x, e)
+        if i >= W:
+            add(f"{label} step (fwd+bwd+adam)", time.perf_counter() - t0)
+    for k, v in tr.profile.items():
+        add(f"{label} {k}", v)
+    tr.close()
 
-gb = GemmBound(cfg)
-gb.run([N] * W)
-t0 = time.perf_counter()
-gb.run([N] * S)
-add("gemm only", time.perf_counter() - t0)
+for label, split in [("gemm only", False)] + ([("gemm only, split halves", True)] if len(modes) > 1 else []):
+    gb = GemmBound(cfg, split=split)
+    gb.run([N] * W)
+    t0 = time.perf_counter()
+    gb.run([N] * S)
+    add(label, time.perf_counter() - t0)
 print(f"batch {N}, {args.threads} BLAS threads, {adam_threads} Adam threads, {S} steps, "
       f"load average {os.getloadavg()[0]:.1f}")
 for k in sorted(T):
-    print(f"  {k:32s} {T[k] / S * 1e3:7.3f} ms/step  {T[k] / S * steps_per_epoch:6.3f} s/epoch")
+    print(f"  {k:38s} {T[k] / S * 1e3:7.3f} ms/step  {T[k] / S * steps_per_epoch:6.3f} s/epoch")

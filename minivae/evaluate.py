@@ -149,7 +149,8 @@ def collapse_warning(n_active, n_latent):
     """A message when fewer than half of the latent units are active, else False."""
     if n_active < n_latent / 2:
         return (f"posterior collapse: only {n_active} of {n_latent} latent units are active; the rest carry "
-                "no information about x (consider KL warm-up or free bits)")
+                "no information about x (partial collapse is normal for a wide latent: Burda et al. 2015 report "
+                "19-20 of 50 for their VAE; to fight it, try KL warm-up or free bits)")
     return False
 
 

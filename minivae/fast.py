@@ -33,6 +33,14 @@ What is done differently from the reference, and why it is the same math:
 * **The input layer's dx is never computed** (nothing needs dL/dx).
 * **Adam runs over the flat buffer in blocks**, optionally on two threads
   (NumPy ufuncs release the GIL), with the reference's exact op sequence.
+* **Two half-batches at once (NumPy, opt-in: ``threads=2, split=True``).**
+  The loss and every gradient are sums over the rows of the batch, so rows
+  [0, h) and [h, N) can be computed separately -- each half with the same 1/N
+  -- and added.  The halves run on two Python threads with one-thread BLAS
+  calls (NumPy releases the GIL in matmul and in ufuncs), so the elementwise
+  work of one half overlaps the other half's matmuls instead of leaving a core
+  idle; the second half's gradients are added inside the Adam pass.  The
+  grouping is fixed (first half + second half), so results are deterministic.
 * **On CuPy**, the elementwise chains (bias + ReLU, the latent layer, the
   Bernoulli loss and gradient, Adam) are single fused kernels, and nothing
   synchronises with the host: the loss stays on the device.
@@ -44,7 +52,10 @@ likelihoods; one sample of z per example.  A learned output variance raises
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -109,6 +120,71 @@ def _cupy_kernels():
 
 
 # ----------------------------------------------------------------------------
+# One-thread BLAS calls during the split step (OpenBLAS)
+# ----------------------------------------------------------------------------
+# The split step (see FastTrainer) runs two halves of a batch on two Python
+# threads at once; each half's matmuls must then use one BLAS thread, or the two
+# halves would fight over OpenBLAS's worker threads.  So for the duration of
+# the two halves we set OpenBLAS's thread count to 1 and then restore it.
+# (openblas_set_num_threads_local, in OpenBLAS >= 0.3.27, looked like the
+# right tool but in NumPy's scipy-openblas 0.3.31 it changed the count seen by
+# every thread, so we use the plain global setter, and say so.)  The functions
+# are looked up in the OpenBLAS that NumPy has already loaded (RTLD_NOLOAD: we
+# never load a second copy); without them (another BLAS) there is no split.
+_BLAS = []                # [(set, get) or None], filled on first use
+_SETTERS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+            ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+            ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+            ("openblas_set_num_threads", "openblas_get_num_threads"))
+
+
+def _find_blas_threads():
+    if _BLAS:
+        return _BLAS[0]
+    found = None
+    try:
+        base = os.path.dirname(np.__file__)
+        paths = glob.glob(os.path.join(base, "..", "numpy.libs", "*openblas*.so*"))
+        paths += glob.glob(os.path.join(base, ".libs", "*openblas*.so*"))
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            except OSError:
+                continue                                  # not the library NumPy loaded
+            for set_name, get_name in _SETTERS:
+                fset, fget = getattr(lib, set_name, None), getattr(lib, get_name, None)
+                if fset is not None and fget is not None:
+                    fset.argtypes, fset.restype = [ctypes.c_int], None
+                    fget.argtypes, fget.restype = [], ctypes.c_int
+                    found = (fset, fget)
+                    break
+            if found:
+                break
+    except Exception:                                     # no ctypes / odd install: no split
+        found = None
+    _BLAS.append(found)
+    return found
+
+
+def blas_threads_control_available():
+    """True if we can set the thread count of NumPy's BLAS (OpenBLAS), as the split step needs."""
+    return _find_blas_threads() is not None
+
+
+def _set_blas_threads(n):
+    """Set OpenBLAS's thread count (process-wide); returns the previous one."""
+    fset, fget = _find_blas_threads()
+    prev = fget()
+    if prev != n:
+        fset(n)
+    return prev
+
+
+# Batches of fewer rows are not split: two halves of < 32 rows save less than the thread hand-off costs.
+SPLIT_MIN_ROWS = 64
+
+
+# ----------------------------------------------------------------------------
 # Adam over the flat buffer
 # ----------------------------------------------------------------------------
 def adam_update_block(p, g, m, v, tmp, b1, b2, lr_t, eps_t):
@@ -146,6 +222,9 @@ class _Buffers:
         widths = list(H) + [L]
         self.dh = {w: e(N, w) for w in set(widths) | {2 * L}}   # upstream gradients by width
         self.dheads = self.dh[2 * L]
+        Hl = H[-1] if H else D
+        self.dW_heads = e(Hl, 2 * L)                 # gradient of [W_mu | W_lv] and [b_mu | b_lv]
+        self.db_heads = e(2 * L)
         self.mask = {w: xp.empty((N, w), dtype=bool) for w in set(H) | {D}}
 
 
@@ -156,16 +235,41 @@ class FastTrainer:
     ``optimizer``  an optimizer from :mod:`minivae.optim`; a plain Adam (no
                    weight decay, no clipping) gets the blocked/threaded update,
                    anything else falls back to ``optimizer.step``
-    ``threads``    NumPy only: 2 splits the Adam update and the Bernoulli chain
-                   (batches of 128 rows or more) across two threads (default 1)
+    ``threads``    NumPy only: 1 or 2 Python threads for the step (default 1).
+                   With 2, Adam is split across both threads, and so is the
+                   batch (``split``) or else the Bernoulli chain (batches of
+                   128 rows or more)
+    ``split``      NumPy, 2 threads only: each batch of ``SPLIT_MIN_ROWS`` rows or
+                   more is cut into two halves whose forward and backward passes
+                   run at the same time, one per thread, each with one-thread
+                   BLAS calls; the second half's gradients are added to the
+                   first's inside the Adam update.  Needs NumPy's BLAS to be
+                   OpenBLAS (whose thread count we set to 1 while the two
+                   halves run, then restore).  Default off: on an idle 2-CPU
+                   machine it measured no faster than 2-thread BLAS (see
+                   benchmarks/README.md), but it is much more robust when the
+                   other core is busy (OpenBLAS's 2-thread calls then stall)
     ``block``      elements per Adam block (NumPy)
+
+    Why the split: of a step's ~4 ms on 2 CPUs, ~2.6 ms are matmuls that BLAS
+    runs on both cores, and ~2 ms are NumPy elementwise passes (bias, ReLU, the
+    Bernoulli chain, Adam) that run on one core while the other waits.  With
+    two half-batches on two threads, every part of the step keeps both cores
+    busy.  Measured (benchmarks/README.md): two concurrent one-thread products
+    do run in parallel (0.48 ms for two 64x784x400 products vs 0.95 ms one after
+    the other), but the halves slow each other's elementwise work, and on an
+    idle machine the split step is no faster than 2-thread BLAS; it is far
+    faster when another process holds a core.  The numbers are the same math: the loss and the gradients are sums
+    over rows, and the split only groups those sums as (rows of the first half)
+    + (rows of the second half), in a fixed order, so a step is deterministic
+    and differs from the unsplit step by float rounding only.
 
     :meth:`loss_and_grads` returns the mean negative ELBO and the gradients
     (views of one flat buffer, reused between calls); :meth:`step` also
     applies the optimizer.  ``self.parts`` holds ``loss``, ``recon``, ``kl``.
     """
 
-    def __init__(self, model, optimizer=None, threads=1, block=1 << 20):
+    def __init__(self, model, optimizer=None, threads=1, block=1 << 20, split=False):
         check_supported(model.config)
         self.model = model
         self.config = model.config
@@ -178,14 +282,20 @@ class FastTrainer:
         if self.threads not in (1, 2):
             raise ValueError(f"threads must be 1 or 2, got {threads}")
         self.block = int(block)
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and not self.on_gpu else None
+        self._pool = None
+        if self.threads > 1 and not self.on_gpu:
+            self._pool = ThreadPoolExecutor(self.threads - 1)
+        if split and (self._pool is None or not blas_threads_control_available()):
+            raise ValueError("split=True needs threads=2 on NumPy and NumPy's BLAS to be OpenBLAS "
+                             "(to make its calls one-threaded while the two halves run)")
+        self.split = bool(split)
+        self._grads2 = None        # the second half's gradients (split step)
+        self._pending = None       # ... still to be added to self.grads
         L = self.config.z_dim
         p = model.params
         H = self.config.hidden[-1] if self.config.hidden else self.config.x_dim
         self.W_heads = self.xp.empty((H, 2 * L), dtype=self.dtype)
         self.b_heads = self.xp.empty((2 * L,), dtype=self.dtype)
-        self.dW_heads = self.xp.empty_like(self.W_heads)
-        self.db_heads = self.xp.empty_like(self.b_heads)
         self._heads = (p["enc.mu.W"], p["enc.logvar.W"], p["enc.mu.b"], p["enc.logvar.b"])
         self._bufs = {}
         self._tmp = None
@@ -203,10 +313,12 @@ class FastTrainer:
             self.profile[part] = self.profile.get(part, 0.0) + t - self._t0
         self._t0 = t
 
-    def _buffers(self, N):
-        b = self._bufs.get(N)
+    def _buffers(self, N, part=None):
+        """Step buffers for N rows (``part`` 0 / 1: the two halves of a split step)."""
+        key = N if part is None else (N, part)
+        b = self._bufs.get(key)
         if b is None:
-            b = self._bufs[N] = _Buffers(self.xp, self.dtype, N, self.config)
+            b = self._bufs[key] = _Buffers(self.xp, self.dtype, N, self.config)
         return b
 
     def _check(self, x, eps):
@@ -258,17 +370,83 @@ class FastTrainer:
         ``need_loss=False`` skips the loss value (returns None); the
         gradients do not depend on it.
         """
+        loss, g = self._loss_and_grads(x, eps, beta, need_loss)
+        if self._pending is not None:                    # split: g += the second half's gradients
+            self._run_halves(self.grads.flat.size, lambda lo, hi: self._add_pending(lo, hi))
+            self._pending = None
+        return loss, g
+
+    def _loss_and_grads(self, x, eps, beta, need_loss):
+        """loss_and_grads, except that with the split the second half's gradients are left in
+        ``self._pending`` (a flat buffer) for the caller to add: :meth:`step` adds them inside Adam."""
         self._check(x, eps)
-        xp, cfg, p, g = self.xp, self.config, self.model.params, self.grads
-        N, L = x.shape[0], cfg.z_dim
-        K = len(cfg.hidden)
-        B = self._buffers(N)
-        relu = cfg.activation == "relu"
+        cfg, N = self.config, x.shape[0]
         invN = 1.0 / N
         prof = self.profile is not None
         if prof:
             self._tick(None)
+        # [W_mu | W_lv], (H, 2L), and [b_mu | b_lv]: both heads in one matmul
+        L = cfg.z_dim
+        Wmu, Wlv, bmu, blv = self._heads
+        self.W_heads[:, :L] = Wmu
+        self.W_heads[:, L:] = Wlv
+        self.b_heads[:L] = bmu
+        self.b_heads[L:] = blv
+        self._pending = None
+        if self._use_split(N):
+            # Rows [0, h) on this thread, [h, N) on the pool's thread, each with one-thread BLAS;
+            # the second half writes its own gradient buffer.  Every sum is over fixed rows in a
+            # fixed order, so the result does not depend on which thread finishes first.
+            h = N - N // 2
+            B0, B1 = self._buffers(h, 0), self._buffers(N - h, 1)
+            if self._grads2 is None:
+                self._grads2 = self.model.new_grads()
+            prev = _set_blas_threads(1)
+            try:
+                fut = self._pool.submit(self._pass, x[h:], eps[h:], beta, invN, need_loss, B1, self._grads2,
+                                        False, False)
+                try:
+                    recon0, kl0 = self._pass(x[:h], eps[:h], beta, invN, need_loss, B0, self.grads, False, False)
+                finally:
+                    recon1, kl1 = fut.result()
+            finally:
+                _set_blas_threads(prev)
+            self._pending = self._grads2.flat
+            recon = kl = None
+            if need_loss:
+                recon, kl = recon0 + recon1, kl0 + kl1
+            if prof:
+                self._tick("forward+backward (two halves)")
+        else:
+            recon, kl = self._pass(x, eps, beta, invN, need_loss, self._buffers(N), self.grads, prof, True)
+        g = self.grads
+        if not need_loss:
+            self.parts = {}
+            return None, g
+        recon_mean = recon * invN
+        kl_mean = kl * invN
+        loss = recon_mean + beta * kl_mean
+        if self.on_gpu:
+            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl_mean}
+        else:
+            dt = self.dtype.type
+            self.parts = {"loss": dt(loss), "recon": dt(recon_mean), "kl": dt(kl_mean)}
+            loss = self.parts["loss"]
+        return loss, g
 
+    def _use_split(self, N):
+        return self.split and N >= SPLIT_MIN_ROWS
+
+    def _pass(self, x, eps, beta, invN, need_loss, B, g, prof, lik_threads):
+        """Forward and backward for the rows of ``x``, gradients (scaled by ``invN``) into ``g``.
+
+        Returns (sum over these rows of -log p(x|z), sum of KL), or (None, None)
+        when ``need_loss`` is false.  ``lik_threads``: the Bernoulli chain may use the pool.
+        """
+        xp, cfg, p = self.xp, self.config, self.model.params
+        L = cfg.z_dim
+        K = len(cfg.hidden)
+        relu = cfg.activation == "relu"
         # ---- encoder
         h, enc_caches = x, []
         for i in range(K):
@@ -276,11 +454,6 @@ class FastTrainer:
             h, c = self._act_forward(a)
             enc_caches.append((h, c))
         h_enc = h
-        Wmu, Wlv, bmu, blv = self._heads
-        self.W_heads[:, :L] = Wmu                         # [W_mu | W_lv], (H, 2L)
-        self.W_heads[:, L:] = Wlv
-        self.b_heads[:L] = bmu
-        self.b_heads[L:] = blv
         heads = self._dense(h_enc, self.W_heads, self.b_heads, B.heads, False)
         mu, logvar = heads[:, :L], heads[:, L:]
 
@@ -305,7 +478,7 @@ class FastTrainer:
         if prof:
             self._tick("forward")
         # ---- likelihood: dout = dloss/dout (1/N folded in), recon = sum of nll
-        recon = self._likelihood(out, x, B, invN, need_loss)
+        recon = self._likelihood(out, x, B, invN, need_loss, lik_threads)
 
         if prof:
             self._tick("likelihood")
@@ -349,12 +522,12 @@ class FastTrainer:
                 kl = 0.5 * float((mu * mu).sum() + (xp.exp(logvar) - 1.0 - logvar).sum())
 
         # ---- backward through the encoder
-        xp.matmul(h_enc.T, B.dheads, out=self.dW_heads)
-        xp.sum(B.dheads, axis=0, out=self.db_heads)
-        g["enc.mu.W"][...] = self.dW_heads[:, :L]
-        g["enc.logvar.W"][...] = self.dW_heads[:, L:]
-        g["enc.mu.b"][...] = self.db_heads[:L]
-        g["enc.logvar.b"][...] = self.db_heads[L:]
+        xp.matmul(h_enc.T, B.dheads, out=B.dW_heads)
+        xp.sum(B.dheads, axis=0, out=B.db_heads)
+        g["enc.mu.W"][...] = B.dW_heads[:, :L]
+        g["enc.logvar.W"][...] = B.dW_heads[:, L:]
+        g["enc.mu.b"][...] = B.db_heads[:L]
+        g["enc.logvar.b"][...] = B.db_heads[L:]
         if K:
             dh = B.dh[h_enc.shape[1]]
             xp.matmul(B.dheads, self.W_heads.T, out=dh)
@@ -370,21 +543,9 @@ class FastTrainer:
 
         if prof:
             self._tick("backward")
-        if not need_loss:
-            self.parts = {}
-            return None, g
-        recon_mean = recon * invN
-        kl_mean = kl * invN
-        loss = recon_mean + beta * kl_mean
-        if self.on_gpu:
-            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl_mean}
-        else:
-            dt = self.dtype.type
-            self.parts = {"loss": dt(loss), "recon": dt(recon_mean), "kl": dt(kl_mean)}
-            loss = self.parts["loss"]
-        return loss, g
+        return recon, kl
 
-    def _likelihood(self, out, x, B, invN, need_loss):
+    def _likelihood(self, out, x, B, invN, need_loss, threads=True):
         """Fill B.dout with dloss/dout; return sum over the batch of -log p(x|z) (or None)."""
         xp = self.xp
         if self.config.likelihood == "gaussian":
@@ -402,7 +563,7 @@ class FastTrainer:
             _KERNELS["bernoulli"](out, x, self.dtype.type(invN), B.dout, B.t1)
             return B.t1.sum() if need_loss else None
         N = out.shape[0]
-        if self._pool is not None and N >= 128:          # two row blocks on two threads
+        if threads and self._pool is not None and N >= 128:   # two row blocks on two threads
             half = (N // 2 + 63) // 64 * 64
             fut = self._pool.submit(self._bernoulli_rows, out, x, B, invN, need_loss, half, N)
             first = self._bernoulli_rows(out, x, B, invN, need_loss, 0, half)
@@ -443,7 +604,7 @@ class FastTrainer:
 
     def step(self, x, eps, beta=1.0, need_loss=True):
         """One training step: gradients of the loss at ``x`` then the optimizer update. Returns the loss."""
-        loss, grads = self.loss_and_grads(x, eps, beta, need_loss)
+        loss, grads = self._loss_and_grads(x, eps, beta, need_loss)
         if self.profile is not None:
             self._tick(None)
             self.apply(grads)
@@ -453,10 +614,30 @@ class FastTrainer:
         return loss
 
     # ------------------------------------------------------------- optimizer
+    def _run_halves(self, n, fn):
+        """fn(lo, hi) over [0, n): on one thread, or the two halves on two threads."""
+        if self._pool is None:
+            fn(0, n)
+            return
+        half = (n // 2) // 64 * 64
+        fut = self._pool.submit(fn, half, n)
+        try:
+            fn(0, half)
+        finally:
+            fut.result()
+
+    def _add_pending(self, lo, hi):
+        """grads.flat[lo:hi] += the second half's gradients (the split step's reduction)."""
+        gf = self.grads.flat
+        np.add(gf[lo:hi], self._pending[lo:hi], out=gf[lo:hi])
+
     def apply(self, grads):
         """Optimizer update of the model's parameters from ``grads`` (this trainer's buffer)."""
         opt, params = self.opt, self.model.params
+        pending, self._pending = self._pending, None
         if type(opt) is not Adam or opt.weight_decay or opt.clip_norm is not None:
+            if pending is not None:
+                np.add(grads.flat, pending, out=grads.flat)
             opt.step(params, grads)
             return
         from .optim import _pairs
@@ -481,15 +662,11 @@ class FastTrainer:
         def run(lo, hi):
             for s in range(lo, hi, C):
                 e = min(s + C, hi)
+                if pending is not None:                  # split step: g = g(first half) + g(second half)
+                    np.add(gf[s:e], pending[s:e], out=gf[s:e])
                 adam_update_block(pf[s:e], gf[s:e], m[s:e], v[s:e], tmp[s:e], b1, b2, lr_t, eps_t)
 
-        if self._pool is None:
-            run(0, n)
-        else:
-            half = (n // 2) // 64 * 64
-            fut = self._pool.submit(run, half, n)
-            run(0, half)
-            fut.result()
+        self._run_halves(n, run)
 
     def close(self):
         if self._pool is not None:

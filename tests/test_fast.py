@@ -10,7 +10,7 @@ import pytest
 
 import minivae
 from minivae.backend import get_xp, to_numpy
-from minivae.fast import FastPathError, FastTrainer
+from minivae.fast import SPLIT_MIN_ROWS, FastPathError, FastTrainer, blas_threads_control_available
 from minivae.gradcheck import rel_error
 from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward
 
@@ -137,7 +137,8 @@ def test_adam_steps_match_reference(dtype, threads, block):
 def test_two_threads_give_the_same_training():
     """Threaded Adam is bitwise identical; the threaded likelihood (N >= 128) only regroups a sum."""
     models = [make("standard", "float32") for _ in range(2)]
-    trainers = [FastTrainer(m, minivae.Adam(), threads=t, block=b) for m, t, b in zip(models, (1, 2), (1 << 16, 5000))]
+    trainers = [FastTrainer(m, minivae.Adam(), threads=t, block=b, split=False)
+                for m, t, b in zip(models, (1, 2), (1 << 16, 5000))]
     for s in range(3):
         x, eps = batch(models[0], 16, seed=s)
         for tr in trainers:
@@ -146,6 +147,88 @@ def test_two_threads_give_the_same_training():
     x, eps = batch(models[0], 150, seed=9)
     (l1, g1), (l2, g2) = [(float(l), g.flat.copy()) for l, g in (tr.loss_and_grads(x, eps) for tr in trainers)]
     assert np.array_equal(g1, g2) and abs(l1 - l2) <= 1e-6 * abs(l1)
+
+
+needs_split = pytest.mark.skipif(not blas_threads_control_available(),
+                                 reason="NumPy's BLAS is not an OpenBLAS whose thread count we can set")
+
+
+@needs_split
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,N", [("standard", 128), ("standard", 97), ("relu-deep", 64),
+                                    ("two-layer-tanh-gaussian", 80)])
+def test_split_step_matches_reference(name, N, dtype):
+    """Two half-batches on two threads: the same loss, parts and gradients as model.loss."""
+    model = make(name, dtype)
+    x, eps = batch(model, N, seed=5)
+    ref_loss, ref_grads = model.loss(x, eps, beta=0.6)
+    ref_parts = {k: float(v) for k, v in model.parts.items()}
+    tr = FastTrainer(model, minivae.Adam(), threads=2, split=True)
+    assert tr._use_split(N)
+    loss, grads = tr.loss_and_grads(x, eps, beta=0.6)
+    tol = TOL[dtype]
+    assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss))
+    for k in ("loss", "recon", "kl"):
+        assert abs(float(tr.parts[k]) - ref_parts[k]) <= tol * max(1.0, abs(ref_parts[k])), k
+    for k in ref_grads:
+        assert rel_error(grads[k], ref_grads[k]) < tol * 10, k
+    g_copy = grads.flat.copy()
+    none, grads2 = tr.loss_and_grads(x, eps, beta=0.6, need_loss=False)
+    assert none is None and np.array_equal(grads2.flat, g_copy)
+    tr.close()
+
+
+@needs_split
+def test_split_training_is_deterministic_and_matches_one_thread():
+    """Same data -> bitwise the same parameters, run to run; and the split training follows the
+    one-thread fast path (and the reference) within float32 rounding, over several Adam steps."""
+    ref = make("standard", "float32")
+    models = [make("standard", "float32") for _ in range(3)]
+    trainers = [FastTrainer(models[0], minivae.Adam(lr=3e-3), threads=2, split=True),
+                FastTrainer(models[1], minivae.Adam(lr=3e-3), threads=2, split=True, block=20000),
+                FastTrainer(models[2], minivae.Adam(lr=3e-3), threads=1)]
+    opt_ref = minivae.Adam(lr=3e-3)
+    for s in range(4):
+        x, eps = batch(ref, 128, seed=20 + s)
+        loss_ref, grads = ref.loss(x, eps)
+        opt_ref.step(ref.params, grads)
+        losses = [float(tr.step(x, eps)) for tr in trainers]
+        assert losses[0] == losses[1]
+        for loss in losses:
+            assert abs(loss - float(loss_ref)) <= 2e-5 * abs(float(loss_ref))
+    assert trainers[0]._use_split(128) and not trainers[2]._use_split(128)
+    assert np.array_equal(models[0].flat, models[1].flat)          # deterministic, any Adam block size
+    assert np.array_equal(trainers[0].opt.state[0]["v"], trainers[1].opt.state[0]["v"])
+    for m in (models[2], ref):
+        assert np.max(np.abs(models[0].flat - m.flat)) < 1e-5
+    for tr in trainers:
+        tr.close()
+
+
+@needs_split
+def test_split_restores_blas_threads_and_falls_back():
+    from minivae.fast import _find_blas_threads
+    fset, fget = _find_blas_threads()
+    before = fget()
+    model = make("standard", "float32")
+    tr = FastTrainer(model, minivae.Adam(), threads=2, split=True)
+    x, eps = batch(model, SPLIT_MIN_ROWS)
+    tr.step(x, eps)
+    assert fget() == before
+    assert not tr._use_split(SPLIT_MIN_ROWS - 1)                    # small batches are not split
+    # an optimizer without the fused update still gets the summed gradients
+    ref, fast = make("relu-deep", "float64"), make("relu-deep", "float64")
+    o_ref, o_fast = minivae.SGD(lr=0.05, momentum=0.9), minivae.SGD(lr=0.05, momentum=0.9)
+    tr2 = FastTrainer(fast, o_fast, threads=2, split=True)
+    for s in range(3):
+        x, eps = batch(ref, 70, seed=s)
+        o_ref.step(ref.params, ref.loss(x, eps)[1])
+        tr2.step(x, eps)
+    assert rel_error(fast.flat, ref.flat) < 1e-12
+    with pytest.raises(ValueError, match="split"):
+        FastTrainer(model, threads=1, split=True)
+    tr.close()
+    tr2.close()
 
 
 def test_float32_is_preserved_everywhere():
