@@ -109,11 +109,14 @@ def _cupy_kernels():
         d = ((l >= (T)0 ? r : e * r) - x) * invn;
         nll = max(l, (T)0) + log1p(e) - x * l;
         """, "minivae_bernoulli")
+    # 1 - b1 and 1 - b2 come in as arguments, computed in double on the host and then
+    # rounded once, as NumPy rounds the Python float (1.0 - b2) it multiplies by; in the
+    # kernel, (T)1 - b2 in float32 would give 0.00099998713 instead of 0.001f.
     k["adam"] = cp.ElementwiseKernel(
-        "T g, float32 b1, float32 b2, float32 lr_t, float32 eps_t", "T p, T m, T v",
+        "T g, T b1, T c1, T b2, T c2, T lr_t, T eps_t", "T p, T m, T v",
         """
-        m = b1 * m + ((T)1 - b1) * g;
-        v = b2 * v + ((T)1 - b2) * g * g;
+        m = b1 * m + c1 * g;
+        v = b2 * v + c2 * (g * g);
         p -= lr_t * m / (sqrt(v) + eps_t);
         """, "minivae_adam")
     return k
@@ -652,8 +655,8 @@ class FastTrainer:
         eps_t = opt.eps * math.sqrt(bc2)
         pf, gf, m, v = params.flat, grads.flat, st["m"], st["v"]
         if self.on_gpu:
-            f = np.float32
-            _KERNELS["adam"](gf, f(b1), f(b2), f(lr_t), f(eps_t), pf, m, v)
+            f = self.dtype.type
+            _KERNELS["adam"](gf, f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t), pf, m, v)
             return
         if self._tmp is None or self._tmp.shape != pf.shape:
             self._tmp = np.empty_like(pf)

@@ -144,6 +144,15 @@ def test_objective_flags_reach_model_loss(tmp_path, monkeypatch):
         want = {"iwae_k": None, "free_bits": None, "validate": False, **kw}
         assert seen and all(s == want for s in seen)
         assert np.isfinite(h[0]["test_neg_elbo"])
+    # KL warm-up composes with both objectives: beta_t ramps per step inside the IWAE / free-bits loss
+    for name, kw in (("iwae-warm", {"iwae_k": 3}), ("fb-warm", {"free_bits": 0.1})):
+        betas = []
+        monkeypatch.setattr(VAE, "loss", lambda self, x, *a, **k: (
+            betas.append(k.get("beta")) if k.get("backward", True) else None, original(self, x, *a, **k))[1])
+        h, _ = run(tiny(epochs=2, warmup=1, beta=0.5, **kw), tmp_path / name)
+        assert betas == pytest.approx([0.5 * t / 4 for t in range(4)] + [0.5] * 4)    # 4 steps per epoch
+        assert h[0]["beta"] == pytest.approx(0.5 * 3 / 4) and h[1]["beta"] == 0.5
+        assert np.isfinite(h[1]["train_loss"]) and h[0]["train_loss"] < h[0]["train_neg_elbo"]
     with pytest.raises(ValueError, match="free bits cannot be combined"):
         tiny(iwae_k=2, free_bits=0.5).validate()
 
