@@ -80,16 +80,17 @@ def test_chunked_equals_unchunked():
     assert full.dtype == np.float64
 
 
-def test_memory_bound_rows_per_call():
+def test_memory_bound_rows_per_call(monkeypatch):
+    import minivae.evaluate as ev
     m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3), rng=0)
     seen = []
-    orig = m.log_weights
+    orig = ev._log_weights
 
-    def spy(xb, eps):
+    def spy(model, xb, eps):
         seen.append(eps.shape[0] * eps.shape[1])
-        return orig(xb, eps)
+        return orig(model, xb, eps)
 
-    m.log_weights = spy
+    monkeypatch.setattr(ev, "_log_weights", spy)
     out = iw_log_likelihood(m, binary_data(25, 10), 500, np.random.default_rng(0), chunk=40, batch_size=10)
     assert max(seen) <= 40 * 10
     assert sum(seen) == 25 * 500
