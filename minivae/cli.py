@@ -58,7 +58,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 # settings are overridden only by what was typed)
 TRAIN_FIELDS = ("epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
-                "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits")
+                "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads")
 
 
 def build_parser():
@@ -104,6 +104,9 @@ def build_parser():
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")
+    t.add_argument("--threads", type=int, choices=[1, 2],
+                   help="threads for the fast step's Adam update on NumPy (default 2 on a machine with 2 CPUs "
+                        "or more; the trained parameters are the same either way)")
     t.add_argument("--out", help="run folder (default runs/<recipe>-<date>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -54,6 +54,7 @@ import inspect
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ from .recipes import get_recipe, lr_at_epoch, output_bias_init
 CHECKPOINT = "checkpoint.npz"
 TEST_SEED = 12345
 # settings that may change when a run is resumed (everything else must match the checkpoint)
-RESUME_MUTABLE = ("epochs", "iw_k", "figures", "backend")
+RESUME_MUTABLE = ("epochs", "iw_k", "figures", "backend", "threads")
 _DEVICE_STYLE_LOOP = False
 
 
@@ -127,6 +128,8 @@ class TrainSettings:
     iw_k: int = 0
     figures: bool = True
     fast: bool = True          # use minivae.fast.FastTrainer where it supports the run (same math, tested)
+    threads: int | None = None # fast path on NumPy: 1 or 2 Python threads for Adam (None: 2 if the machine
+                               # has 2 CPUs); the parameters are bit-identical either way
 
     @classmethod
     def from_recipe(cls, name="default", **overrides):
@@ -174,6 +177,7 @@ class TrainSettings:
         need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
         need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
         need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
+        need(self.threads in (None, 1, 2), f"threads must be 1 or 2, got {self.threads!r}")
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
             need(v is None or v >= 1, f"{name} must be positive, got {v}")
@@ -496,6 +500,9 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
         step = where["step"]
         step = f"step {step}" if isinstance(step, int) else step
         raise TrainingInterrupted(f"interrupted at epoch {where['epoch']}, {step}; {last_ckpt()}") from None
+    finally:
+        if trainer is not None:
+            trainer.close()
 
     if history:
         write_history(out, history)
@@ -520,9 +527,21 @@ def fast_trainer(settings, model, opt, obj_kw):
         return None
     try:
         check_supported(model.config)
-        return FastTrainer(model, opt)
+        return FastTrainer(model, opt, threads=step_threads(settings) if model.backend == "numpy" else 1)
     except FastPathError:
         return None
+
+
+def step_threads(settings):
+    """Threads for the fast step on NumPy: ``settings.threads``, or 2 when the machine has 2 CPUs or more.
+
+    Adam is elementwise, so its two halves give the same bits as one pass; with batches of 128 rows
+    or more the Bernoulli loss is also summed in two row blocks, which changes the reported loss
+    in its last float64 bits only (never the gradients).
+    """
+    if settings.threads is not None:
+        return int(settings.threads)
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def _batches(n, batch_size, rng):

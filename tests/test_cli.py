@@ -131,6 +131,7 @@ def error_cases(tmp_path, run):
     return [
         (["train", "--no-such-flag"], "unrecognized arguments"),
         (["train", "--hidden", "abc"], "expected widths"),
+        (["train", "--threads", "3"], "invalid choice: 3"),
         (["eval", "--checkpoint", str(tmp_path / "missing.npz")], "checkpoint not found"),
         (["eval", "--checkpoint", str(garbage)], "not a readable .npz checkpoint"),
         (["eval", "--checkpoint", str(run), "--data-dir", str(small)], "expects 784 values"),

@@ -250,3 +250,42 @@ def test_fast_path_is_used_and_matches_the_reference_path(tmp_path):
     for a, b in zip(h_fast, h_ref):
         for k in ("train_neg_elbo", "train_kl", "test_neg_elbo", "test_recon"):
             assert a[k] == pytest.approx(b[k], rel=2e-4), k
+
+
+def test_two_step_threads_give_the_same_parameters(tmp_path, monkeypatch):
+    """--threads 2 splits Adam (and, at 128+ rows, the Bernoulli sum) over two threads: same bits, same run."""
+    import minivae.fast as fast
+    from minivae.train import fast_trainer, loss_kwargs, step_threads
+    made = []
+    real = fast.FastTrainer
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self.threads)
+
+    monkeypatch.setattr(fast, "FastTrainer", Spy)
+    hists = {}
+    for t in (1, 2):
+        s = tiny(epochs=2, batch_size=128, threads=t)
+        hists[t], _ = run(s, tmp_path / f"t{t}")
+    assert made == [1, 2]
+    a, b = load_checkpoint(tmp_path / "t1"), load_checkpoint(tmp_path / "t2")
+    np.testing.assert_array_equal(a.build_model("numpy").flat, b.build_model("numpy").flat)
+    for r1, r2 in zip(hists[1], hists[2]):
+        for k in ("train_neg_elbo", "test_neg_elbo"):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-6), k
+    # resuming with another thread count is allowed (it does not change the numbers)
+    s = tiny(epochs=3, batch_size=128, threads=1)
+    h, _ = run(s, tmp_path / "t2", resume=True)
+    assert len(h) == 3
+    with pytest.raises(ValueError, match="threads must be 1 or 2"):
+        tiny(threads=3).validate()
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert step_threads(tiny()) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert step_threads(tiny()) == 2 and step_threads(tiny(threads=1)) == 1
+    model = VAE(tiny().model_config(784), rng=0)
+    tr = fast_trainer(tiny(threads=2), model, tiny().make_optimizer(), loss_kwargs(tiny(), model))
+    assert tr.threads == 2
+    tr.close()
