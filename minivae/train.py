@@ -129,7 +129,7 @@ class TrainSettings:
     figures: bool = True
     fast: bool = True          # use minivae.fast.FastTrainer where it supports the run (same math, tested)
     threads: int | None = None # fast path on NumPy: 1 or 2 Python threads for Adam (None: 2 if the machine
-                               # has 2 CPUs); the parameters are bit-identical either way
+                               # has 2 CPUs or more); the parameters are bit-identical either way
 
     @classmethod
     def from_recipe(cls, name="default", **overrides):
@@ -527,7 +527,7 @@ def fast_trainer(settings, model, opt, obj_kw):
         return None
     try:
         check_supported(model.config)
-        return FastTrainer(model, opt, threads=step_threads(settings) if model.backend == "numpy" else 1)
+        return FastTrainer(model, opt, threads=step_threads(settings))     # (CuPy: FastTrainer makes no pool)
     except FastPathError:
         return None
 
