@@ -12,9 +12,9 @@ an isolated, time-limited subprocess against the grader's own harness
 (:mod:`.harness`) and reference formulas (:mod:`.reference`).
 """
 from .exercises import BY_ID, EXERCISES, IDS, Exercise, select
-from .grading import grade, grade_one
+from .grading import grade, grade_batch, grade_one
 from .make import make_starter
 from .markers import MarkerError, find_regions, stub_text
 
-__all__ = ["EXERCISES", "BY_ID", "IDS", "Exercise", "select", "grade", "grade_one", "make_starter",
+__all__ = ["EXERCISES", "BY_ID", "IDS", "Exercise", "select", "grade", "grade_batch", "grade_one", "make_starter",
            "MarkerError", "find_regions", "stub_text"]

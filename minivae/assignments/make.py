@@ -18,6 +18,9 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -62,10 +65,16 @@ def scan_regions(package_dir):
     return found
 
 
-def make_starter(out_dir, exercises=None, source=None):
+def make_starter(out_dir, exercises=None, source=None, record_expected=True, lessons=True,
+                 hide_derivations=False, manifest=None):
     """Write the student copy to ``out_dir`` (which must not exist or be empty).
 
     ``exercises``: ids to stub (default: all; an empty tuple stubs nothing).
+    ``lessons``: copy ``lessons/`` (stubbing the chosen exercises' regions there too); a source without
+    it is an error.  ``hide_derivations``: the marked derivation blocks of the exercise docstrings become
+    "derive this: ...".  ``manifest``: a path *outside* the copy where the hashes of every written file
+    and of the grader are stored for ``grade --manifest``.
+    ``record_expected=False`` skips ``check_expected.npz`` (the grader's own pristine copies).
     Returns ``{"out", "stubbed", "regions"}``.
     """
     source = Path(source or DEFAULT_SOURCE).resolve()
@@ -76,7 +85,13 @@ def make_starter(out_dir, exercises=None, source=None):
     unknown = [e for e in ids if e not in BY_ID]
     if unknown:
         raise ValueError(f"unknown exercise {', '.join(unknown)}: choose from {', '.join(IDS)}")
+    if lessons and not (source / "lessons").is_dir():
+        raise ValueError(f"cannot find the lessons folder {source / 'lessons'}: make copies it into the student "
+                         "copy; run from a minivae source checkout or give --source")
     out = Path(out_dir)
+    if manifest is not None and (Path(manifest).resolve() == out.resolve()
+                                 or out.resolve() in Path(manifest).resolve().parents):
+        raise ValueError(f"the manifest {manifest} must not be inside the student copy {out}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder: choose a new OUT_DIR")
     if out.resolve() == pkg or pkg in out.resolve().parents:
@@ -94,34 +109,79 @@ def make_starter(out_dir, exercises=None, source=None):
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _write(out, pkg, source, ids, found)
+        info = _write(out, pkg, source, ids, found, record_expected, lessons, hide_derivations)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)       # it was empty or absent: leave no half-made copy
         raise
+    if manifest is not None:
+        from .grading import grader_hashes
+        files = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in sorted(out.rglob("*")) if p.is_file()}
+        data = {"exercises": info["stubbed"], "hide_derivations": bool(hide_derivations), "files": files,
+                "grader": grader_hashes()}
+        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
+        Path(manifest).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        info["manifest"] = str(manifest)
+    return info
 
 
-def _write(out, pkg, source, ids, found):
+def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hide_derivations=False):
     shutil.copytree(pkg, out / "minivae", ignore=_ignore_package(pkg))
-    hints = {e.id: e.hint for e in EXERCISES}
+    hints = {e.id: (HIDDEN_HINT if hide_derivations and e.kind == "backward" else e.hint) for e in EXERCISES}
     stubbed = set()
-    for path in sorted((out / "minivae").rglob("*.py")):
+    if lessons:
+        shutil.copytree(source / "lessons", out / "lessons", ignore=_ignore_misc)
+    files = sorted((out / "minivae").rglob("*.py")) + (sorted((out / "lessons").glob("*.py")) if lessons else [])
+    for path in files:
         text = path.read_text(encoding="utf-8")
         new, done = stub_text(text, set(ids), hints, path.relative_to(out).as_posix())
-        if done:
+        if hide_derivations and path.parent.name == "minivae":
+            new = hide_derivation_blocks(new)
+        if new != text:
             compile(new, str(path), "exec")          # the stubbed file must still import
             path.write_text(new, encoding="utf-8")
+        if path.parent.name == "minivae":
             stubbed.update(done)
-    if (source / "lessons").is_dir():
-        shutil.copytree(source / "lessons", out / "lessons", ignore=_ignore_misc)
     for name in ("pyproject.toml", "requirements.txt", "LICENSE"):
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
+    if (out / "pyproject.toml").is_file():          # the student copy has no tests/ folder
+        text = (out / "pyproject.toml").read_text(encoding="utf-8")
+        (out / "pyproject.toml").write_text(re.sub(r"(?m)^testpaths\s*=.*\n", "", text), encoding="utf-8")
     if not (out / "pyproject.toml").exists():
         (out / "pyproject.toml").write_text(MINIMAL_PYPROJECT, encoding="utf-8")
     shutil.copy2(HERE / "harness.py", out / "check.py")
-    _record_expected(source, out / harness.EXPECTED_FILE)
+    if record_expected:
+        _record_expected(source, out / harness.EXPECTED_FILE)
     (out / "README.md").write_text(student_readme([e for e in IDS if e in stubbed]), encoding="utf-8")
     return {"out": str(out), "stubbed": [e for e in IDS if e in stubbed], "regions": found}
+
+
+HIDDEN_HINT = "derive this gradient yourself from the forward formula in the docstring, and match every shape"
+_DERIV_BEGIN = re.compile(r"^(?P<indent>[ \t]*)Derivation \((?P<what>[^)]*)\):[ \t]*$")
+_DERIV_END = re.compile(r"^[ \t]*\(end of derivation\)[ \t]*$")
+
+
+def hide_derivation_blocks(text):
+    """Replace each marked derivation block of a docstring by one line "derive this: <what>".
+
+    A block starts with a line ``Derivation (<what>):`` and ends with a line ``(end of derivation)``;
+    the forward formula and the shapes, outside the block, stay.
+    """
+    out, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        m = _DERIV_BEGIN.match(line.rstrip("\n"))
+        if m and not skipping:
+            out.append(f"{m.group('indent')}derive this: {m.group('what')}\n")
+            skipping = True
+        elif skipping:
+            if _DERIV_END.match(line.rstrip("\n")):
+                skipping = False
+        else:
+            out.append(line)
+    if skipping:
+        raise ValueError("a 'Derivation (...):' block is never closed by '(end of derivation)'")
+    return "".join(out)
 
 
 MINIMAL_PYPROJECT = """[build-system]
