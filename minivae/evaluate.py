@@ -43,7 +43,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     The log-weights come from ``model.log_weights`` -- or, when ``minivae.fast``
     is present, from its twin ``minivae.fast.log_weights``, which gives the same
     numbers up to float rounding with about 12x fewer logarithms for the
-    Bernoulli likelihood (1.8x faster in all; tests/test_fast.py compares them).
+    Bernoulli likelihood (1.8x faster in all; the test suite compares them).
 
     Memory bound: one call for the log-weights sees at most
     ``chunk * batch_size`` rows z, so the peak is a few arrays of
@@ -94,8 +94,8 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
 def _log_weights(model, x, eps):
     """model.log_weights, or its faster twin in minivae.fast (the same numbers up to float rounding).
 
-    A student copy made by ``python -m minivae.assignments make`` has no fast.py: it evaluates
-    with the model's own (the student's) code.
+    A copy of minivae without fast.py (a course assignment's) evaluates with the model's own
+    (the student's) code.
     """
     try:
         from .fast import log_weights

@@ -43,9 +43,13 @@ def bernoulli_nll_forward(logits, x):
 
 
 def bernoulli_nll_backward(dnll, cache):
-    """d/dl [softplus(l) - x l] = sigmoid(l) - x.
+    """Backward of nll = sum_d softplus(l_d) - x_d l_d.
 
-    Shapes: dnll (N,) -> dlogits (N, D).
+    Derivation (d nll / d l per pixel):
+    d/dl [softplus(l) - x l] = sigmoid(l) - x.
+    (end of derivation)
+
+    Shapes: dnll (N,) or (S, N) -> dlogits (N, D) or (S, N, D).
     """
     logits, x = cache
     ### BEGIN SOLUTION bernoulli_nll_backward

@@ -515,9 +515,9 @@ def fast_trainer(settings, model, opt, obj_kw):
     """A :class:`minivae.fast.FastTrainer` when the run can use it, else None (the readable path).
 
     The fast path computes the same loss, gradients and update as ``model.loss`` + ``opt.step``
-    (``tests/test_fast.py`` checks it op by op); it covers the plain (beta-)ELBO with one sample
-    and the Bernoulli or fixed-variance Gaussian likelihood.  A student copy made by
-    ``python -m minivae.assignments make`` has no ``fast.py``, so training there runs the student's code.
+    (the test suite checks it op by op); it covers the plain (beta-)ELBO with one sample
+    and the Bernoulli or fixed-variance Gaussian likelihood.  A course assignment's copy of minivae has
+    no ``fast.py``, so training there runs the student's code.
     """
     if not settings.fast or obj_kw:
         return None

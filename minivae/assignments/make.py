@@ -158,7 +158,7 @@ def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hid
 
 
 HIDDEN_HINT = "derive this gradient yourself from the forward formula in the docstring, and match every shape"
-_DERIV_BEGIN = re.compile(r"^(?P<indent>[ \t]*)Derivation \((?P<what>[^)]*)\):[ \t]*$")
+_DERIV_BEGIN = re.compile(r"^(?P<indent>[ \t]*)Derivation \((?P<what>.*)\):[ \t]*$")
 _DERIV_END = re.compile(r"^[ \t]*\(end of derivation\)[ \t]*$")
 
 
