@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minivae.assignments import IDS, grade, make_starter
+from minivae.assignments import IDS, grade, grading, make_starter
 from minivae.assignments.exercises import select
 from minivae.assignments.make import scan_regions
 from minivae.assignments.markers import MarkerError, find_regions, fill_text, region_bodies, stub_text
@@ -42,7 +42,7 @@ def run_isolated(code, path, timeout=120):
 def starter(tmp_path_factory):
     """Every exercise stubbed."""
     out = tmp_path_factory.mktemp("starter") / "course"
-    info = make_starter(out)
+    info = make_starter(out, manifest=out.parent / "course.manifest.json")
     assert info["stubbed"] == list(IDS)
     return out
 
@@ -108,6 +108,8 @@ def test_starter_is_the_reference_with_stubbed_regions(starter):
     assert not (starter / "minivae" / "assignments").exists()
     for name in ("check.py", "check_expected.npz", "README.md", "pyproject.toml"):
         assert (starter / name).is_file(), name
+    # the manifest stays with the instructor, beside the copy, not in it
+    assert not list(starter.rglob("*manifest*"))
     if (REPO / "lessons").is_dir():
         assert sorted(p.name for p in (starter / "lessons").glob("*.py")) == \
             sorted(p.name for p in (REPO / "lessons").glob("*.py"))
@@ -197,10 +199,12 @@ def test_vae_backward_check_names_the_wrong_parameter(unstubbed, tmp_path):
          "        pass                                    # h feeds both heads")
     (res,) = grade(d, ["vae_backward"])["exercises"]
     assert res["status"] == "fail"
-    # the encoder's hidden layers are wrong (first in parameter order: enc.0.W), heads and decoder are right
-    assert res["gradient"] == "enc.0.W"
+    # the encoder's hidden layers are wrong, heads and decoder are right; the worst one is named
+    assert res["gradient"] in ("enc.0.W", "enc.0.b", "enc.1.W", "enc.1.b")
     assert "4 wrong gradient(s)" in res["message"]
-    assert "enc.0.W, enc.0.b, enc.1.W, enc.1.b; first:" in res["message"]
+    assert f"enc.0.W, enc.0.b, enc.1.W, enc.1.b; worst: {res['gradient']} is wrong: rel error" in res["message"]
+    # the header's worst rel error is the one the message quotes
+    assert f"rel error {res['worst_rel_error']:.2e}" in res["message"]
 
 
 def test_hang_crash_wrong_shape_and_bad_import_are_reported(unstubbed, tmp_path):
@@ -221,11 +225,18 @@ def test_hang_crash_wrong_shape_and_bad_import_are_reported(unstubbed, tmp_path)
     assert by["kl_forward"]["status"] == "pass"      # grading went on after the failures
     assert report["score"] == 25
 
+    # a broken file outside the regions is left out of the graded copy (and reported) ...
     (d / "minivae" / "optim.py").write_text("def broken(:\n")
     report = grade(d, ["kl_forward"])
     (res,) = report["exercises"]
-    assert res["status"] == "error" and "could not import the student's minivae" in res["message"]
-    assert "SyntaxError" in res["message"]
+    assert res["status"] == "pass" and any("minivae/optim.py" in n for n in report["notes"]), report
+    # ... a broken region body is reported with its file and line
+    edit(d / "minivae" / "gaussian.py", "    var = xp.exp(logvar)                                   # sigma^2",
+         "    var = xp.exp(logvar                                    # sigma^2")
+    report = grade(d, ["kl_forward"])
+    (res,) = report["exercises"]
+    assert res["status"] == "error" and "SyntaxError" in res["message"], res
+    assert "minivae/gaussian.py" in res["message"]
 
 
 # --------------------------------------------------------- student side

@@ -500,7 +500,7 @@ def check_vae_backward(child, judge, seed, timeout):
         if wrong:         # name the worst one, so the message and worst_rel_error agree
             worst = max(wrong, key=lambda w: float("inf") if w.err is None else w.err)
             raise Fail(worst.quantity, f"{len(wrong)} wrong gradient(s) ({case}): "
-                                       f"{', '.join(w.quantity for w in wrong)}; worst: {worst.message}")
+                                       f"{', '.join(w.quantity for w in wrong)}; worst: {worst.message}", err=worst.err)
 
 
 FORWARD_CHECKS = {"reparameterize_forward": check_reparameterize_forward, "kl_forward": check_kl_forward,
@@ -525,6 +525,8 @@ def run_check(ex_id, child, seed, timeout):
             FORWARD_CHECKS[ex_id](child, judge, seed, timeout)
     except Fail as e:
         out.update(status=e.status, passed=False, gradient=e.quantity, message=e.message)
+        if e.status == "fail" and e.err is None:
+            judge.worst = None         # a wrong type, shape or side effect: no error is defined
     except ChildError as e:
         if str(e) == "timeout":
             out.update(status="timeout", passed=False,

@@ -92,16 +92,15 @@ def read_manifest(path):
 
 # ----------------------------------------------------------- graded copies
 def _functions(tree):
-    """{qualified name: (first line, last line)} of every function in the module."""
+    """{qualified name: (first line, last line)} of the module's functions and methods (not nested ones)."""
     out = {}
 
     def walk(node, prefix):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                name = prefix + child.name
-                if not isinstance(child, ast.ClassDef):
-                    out[name] = (child.lineno, child.end_lineno)
-                walk(child, name + ".")
+            if isinstance(child, ast.ClassDef):
+                walk(child, prefix + child.name + ".")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out[prefix + child.name] = (child.lineno, child.end_lineno)
     walk(tree, "")
     return out
 
@@ -252,7 +251,8 @@ class Run:
         from .make import make_starter
         stub = tuple(self.manifest["exercises"]) if self.manifest else IDS
         self.pristine = self.root / "pristine"
-        make_starter(self.pristine, stub, record_expected=False, lessons=False)
+        make_starter(self.pristine, stub, record_expected=False, lessons=False,
+                     hide_derivations=bool(self.manifest and self.manifest.get("hide_derivations")))
         if self.manifest:
             self._check_pristine()
 

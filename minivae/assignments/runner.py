@@ -98,6 +98,8 @@ def flatten(value, prefix, out, depth=0):
 # --------------------------------------------------------------- student
 def where(exc):
     root = os.path.abspath(os.getcwd()) + os.sep
+    if isinstance(exc, SyntaxError) and exc.filename and os.path.abspath(exc.filename).startswith(root):
+        return f" (at {os.path.relpath(os.path.abspath(exc.filename), root[:-1])}:{exc.lineno})"
     for fr in reversed(traceback.extract_tb(exc.__traceback__)):
         path = os.path.abspath(fr.filename)
         if path.startswith(root):
