@@ -1,4 +1,4 @@
-"""Figures of a trained VAE, drawn with matplotlib's Agg backend into PNG files.
+"""Figures of a trained VAE, drawn into PNG files.
 
 Every function takes NumPy arrays (or a model) and a path, writes one PNG and
 returns the path.  Images are rows of length D = side * side (28 * 28 for
@@ -21,13 +21,19 @@ import math
 from pathlib import Path
 from statistics import NormalDist
 
-import matplotlib
+import numpy as np
+# The object-oriented Figure API draws without pyplot, so importing minivae never changes matplotlib's global
+# backend (a Jupyter session keeps its inline backend) and no GUI window is ever opened; savefig renders with Agg.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .backend import to_numpy
 
-from .backend import to_numpy  # noqa: E402
+
+def _subplots(*args, **kwargs):
+    """``plt.subplots`` without pyplot: a standalone Figure and its axes."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    axes = fig.subplots(*args, **kwargs)
+    return fig, axes
 
 
 def _side(d):
@@ -56,7 +62,6 @@ def _save(fig, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -64,7 +69,7 @@ def image_grid(images, nrow, path, title=None, scale=0.45):
     """Save (N, D) images as a grid with ``nrow`` images per row."""
     canvas = tile(images, nrow)
     h, w = canvas.shape
-    fig, ax = plt.subplots(figsize=(max(2.0, w / 28 * scale * 2), max(1.2, h / 28 * scale * 2)))
+    fig, ax = _subplots(figsize=(max(2.0, w / 28 * scale * 2), max(1.2, h / 28 * scale * 2)))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
@@ -90,7 +95,7 @@ def loss_curves(history, path):
     if isinstance(history, (str, Path)):
         history = json.loads(Path(history).read_text())
     ep = [r["epoch"] for r in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a1, a2) = _subplots(1, 2, figsize=(10, 3.6))
     for split, style in (("train", "-o"), ("test", "-s"), ("valid", "-^")):
         key = f"{split}_neg_elbo"
         if history and key in history[0]:
@@ -149,7 +154,7 @@ def latent_scatter(model, x, y, path):
     if model.config.z_dim != 2:
         raise ValueError(f"the latent scatter needs z_dim=2; this model has z_dim={model.config.z_dim}")
     mu = to_numpy(model.encode(np.asarray(x))[0])
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = _subplots(figsize=(6, 5))
     sc = ax.scatter(mu[:, 0], mu[:, 1], c=np.asarray(y), cmap="tab10", s=3, alpha=0.7)
     fig.colorbar(sc, ax=ax, label="label")
     ax.set(xlabel="z1 (posterior mean)", ylabel="z2 (posterior mean)", title="test digits in latent space")
