@@ -104,9 +104,11 @@ def im2col(x, KH, KW, stride=1, padding=0):
     pixels.  Returns a new C-contiguous array with x's dtype.
     """
     xp = get_array_module(x)
-    N, C, H, W = x.shape
+    _check_x("im2col", x)
+    N, C, H, W = (int(d) for d in x.shape)
     s, p = stride, padding
-    OH, OW = conv_output_size(H, W, KH, KW, s, p)
+    OH, OW = _out_size("im2col", H, W, *conv_output_size(H, W, KH, KW, s, p),
+                       f"KH={KH}, KW={KW}, stride={s}, padding={p}")
     # channels first (C, N, Hp, Wp): then every slice below is one (C, N, OH, OW) block of col, copied as is
     xt = xp.zeros((C, N, H + 2 * p, W + 2 * p), dtype=x.dtype)
     xt[:, :, p:p + H, p:p + W] = x.transpose(1, 0, 2, 3)
@@ -285,9 +287,10 @@ def maxpool2d_forward(x, size=2):
         y[n, c, oh, ow] = max_{0 <= i, j < size} x[n, c, oh·size + i, ow·size + j]
 
     Shapes: x (N, C, H, W) -> y (N, C, H // size, W // size); rows/columns beyond OH·size are dropped (floor).
-    The window is a reshape to (N, C, OH, size, OW, size); the cache keeps, for every window, the index
-    (i·size + j, row-major) of its *first* maximum: the one element that receives the gradient.
-    Returns ``(y, cache)``.
+    The windows are a view of shape (N, C, OH, size, OW, size); we loop over the size² offsets (i, j), each a
+    strided (N, C, OH, OW) slice, never over pixels.  The cache keeps ``arg`` (N, C, OH, OW): for every window
+    the offset a = i·size + j of its *first* maximum in row-major order, the one element that receives the
+    gradient (PyTorch's rule on ties).  Returns ``(y, cache)``.
     """
     op = "maxpool2d_forward"
     k = _check_int(op, "size", size, 1)
@@ -295,33 +298,37 @@ def maxpool2d_forward(x, size=2):
     xp = get_array_module(x)
     N, C, H, W = (int(d) for d in x.shape)
     OH, OW = _out_size(op, H, W, H // k, W // k, f"size={k}")
-    win = x[:, :, :OH * k, :OW * k].reshape(N, C, OH, k, OW, k)
-    win = xp.ascontiguousarray(win.transpose(0, 1, 2, 4, 3, 5)).reshape(N, C, OH, OW, k * k)
-    arg = win.argmax(axis=-1)                      # first maximum in row-major order (argmax's rule)
-    y = win.max(axis=-1)                           # (N, C, OH, OW)
+    win = x[:, :, :OH * k, :OW * k].reshape(N, C, OH, k, OW, k)   # win[:, :, oh, i, ow, j]
+    y = win[:, :, :, 0, :, 0].copy()                               # (N, C, OH, OW)
+    for a in range(1, k * k):
+        xp.maximum(y, win[:, :, :, a // k, :, a % k], out=y)
+    # offsets in decreasing order, so the smallest offset holding the max is written last: the first maximum
+    arg = xp.full((N, C, OH, OW), k * k - 1, dtype=xp.int32)
+    for a in range(k * k - 2, -1, -1):
+        arg[win[:, :, :, a // k, :, a % k] == y] = a
     return y, (arg, (N, C, H, W), k)
 
 
 def maxpool2d_backward(dy, cache):
     """The max passes its gradient to the element it selected, and nothing to the others.
 
-    Within a window, y = x_{a} with a = argmax; so ∂y/∂x_{ij} = 1 if (i, j) = a, else 0, and
+    Within a window, y = x_a with a = argmax; so ∂y/∂x_{ij} = 1 if i·size + j = a, else 0, and
 
-        dx[n, c, oh·size + i, ow·size + j] = dy[n, c, oh, ow] · 1[i·size + j = a[n, c, oh, ow]]
+        dx[n, c, oh·size + i, ow·size + j] = dy[n, c, oh, ow] · 1[i·size + j = arg[n, c, oh, ow]]
 
     On ties only the first maximum (row-major) gets it, as in PyTorch; pixels outside every window get 0.
-    Shapes: dy (N, C, OH, OW) -> dx (N, C, H, W).
+    Shapes: dy (N, C, OH, OW) -> dx (N, C, H, W).  One masked copy per window offset.
     """
     arg, x_shape, k = cache
     xp = get_array_module(dy)
     N, C, H, W = x_shape
     OH, OW = int(dy.shape[2]), int(dy.shape[3])
     ### BEGIN SOLUTION maxpool2d_backward
-    onehot = xp.arange(k * k) == arg[..., None]        # (N, C, OH, OW, k·k): True only at the argmax
-    dwin = onehot * dy[..., None]                      # dL/dx in window = dy at the argmax, 0 elsewhere
-    dwin = dwin.astype(dy.dtype, copy=False).reshape(N, C, OH, OW, k, k).transpose(0, 1, 2, 4, 3, 5)
     dx = xp.zeros((N, C, H, W), dtype=dy.dtype)
-    dx[:, :, :OH * k, :OW * k] = dwin.reshape(N, C, OH * k, OW * k)
+    dwin = dx[:, :, :OH * k, :OW * k].reshape(N, C, OH, k, OW, k)   # a view: writing it writes dx
+    for a in range(k * k):
+        # dL/dx at window offset a = dy where a is the argmax, 0 elsewhere
+        xp.multiply(dy, arg == a, out=dwin[:, :, :, a // k, :, a % k])
     ### END SOLUTION
     return dx
 
@@ -352,10 +359,14 @@ def upsample_nearest2d_backward(dy, cache):
 
         dx[n, c, h, w] = Σ_{0 <= i, j < scale} dy[n, c, h·scale + i, w·scale + j]
 
-    Shapes: dy (N, C, H·scale, W·scale) -> dx (N, C, H, W).
+    Shapes: dy (N, C, H·scale, W·scale) -> dx (N, C, H, W).  scale² strided additions (faster than a
+    reduction over the two short block axes).
     """
     (N, C, H, W), s = cache
     ### BEGIN SOLUTION upsample_nearest2d_backward
-    dx = dy.reshape(N, C, H, s, W, s).sum(axis=(3, 5))   # dL/dx = sum of dL/dy over the block it was copied to
+    blocks = dy.reshape(N, C, H, s, W, s)              # blocks[:, :, h, i, w, j] = dy[:, :, h·s + i, w·s + j]
+    dx = blocks[:, :, :, 0, :, 0].copy()
+    for a in range(1, s * s):
+        dx += blocks[:, :, :, a // s, :, a % s]         # dL/dx = Σ_{i, j} dL/dy over the block x was copied to
     ### END SOLUTION
     return dx
