@@ -43,6 +43,8 @@ from .config import VAEConfig
 from .gaussian import (LOG_2PI, kl_backward, kl_forward, log_diag_normal, log_standard_normal,
                        reparameterize_backward, reparameterize_forward)
 from . import networks
+from .conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
+                   maxpool2d_backward, maxpool2d_forward, upsample_nearest2d_backward, upsample_nearest2d_forward)
 from .layers import activation, dense_backward, dense_forward, sigmoid
 from .likelihoods import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_learned_var_nll_backward,
                           gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward)
@@ -172,7 +174,9 @@ class VAE:
             x = to_numpy(x)
         x = xp.asarray(x, dtype=self.dtype)
         if x.ndim != 2 or x.shape[1] != self.config.x_dim:
-            raise ValueError(f"x must have shape (N, {self.config.x_dim}), got {tuple(x.shape)}")
+            images = "" if self.config.image_shape is None else \
+                f" (images {self.config.image_shape} flattened in (C, H, W) order)"
+            raise ValueError(f"x must have shape (N, {self.config.x_dim}){images}, got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("x is empty (0 rows)")
         if validate:
@@ -201,10 +205,23 @@ class VAE:
     # ---------------------------------------------------------------- pieces
     def _layer_forward(self, layer, h):
         """One layer's op pair, forward: ``h -> (out, cache)`` (see :mod:`minivae.networks`)."""
-        if layer.op == "act":
+        op = layer.op
+        if op == "act":
             return self.act_forward(h)
+        if op == "flatten":                                   # (N, C, H, W) -> (N, C·H·W), (C, H, W) order
+            return h.reshape(h.shape[0], -1), h.shape
+        if op == "unflatten":                                 # (N, C·H·W) -> (N, C, H, W)
+            return h.reshape((h.shape[0], *layer.arg)), h.shape
+        if op == "maxpool":
+            return maxpool2d_forward(h, *layer.arg)
+        if op == "upsample":
+            return upsample_nearest2d_forward(h, *layer.arg)
         W, b = self.params[layer.name + ".W"], self.params[layer.name + ".b"]
-        return dense_forward(h, W, b)
+        if op == "dense":
+            return dense_forward(h, W, b)
+        if op == "conv":
+            return conv2d_forward(h, W, b, *layer.arg)
+        return conv_transpose2d_forward(h, W, b, *layer.arg)
 
     def _layer_backward(self, layer, dout, cache, grads):
         """One layer's op pair, backward: dL/d(out) -> dL/d(in).
@@ -212,9 +229,17 @@ class VAE:
         A layer with parameters writes its dL/dW and dL/db into ``grads[name + ".W"]`` and
         ``grads[name + ".b"]``.
         """
-        if layer.op == "act":
+        op = layer.op
+        if op == "act":
             return self.act_backward(dout, cache)
-        din, grads[layer.name + ".W"], grads[layer.name + ".b"] = dense_backward(dout, cache)
+        if op in ("flatten", "unflatten"):                    # a reshape: its backward reshapes back
+            return dout.reshape(cache)
+        if op == "maxpool":
+            return maxpool2d_backward(dout, cache)
+        if op == "upsample":
+            return upsample_nearest2d_backward(dout, cache)
+        backward = {"dense": dense_backward, "conv": conv2d_backward, "deconv": conv_transpose2d_backward}[op]
+        din, grads[layer.name + ".W"], grads[layer.name + ".b"] = backward(dout, cache)
         return din
 
     def _encoder_forward(self, x):
@@ -505,5 +530,7 @@ class VAE:
     def __repr__(self):
         c = self.config
         arch = "-".join(str(v) for v in (c.x_dim, *c.hidden, c.z_dim))
+        if c.arch != "mlp":
+            arch = f"{c.arch} {'x'.join(map(str, c.image_shape))}-{'-'.join(map(str, (*c.hidden, c.z_dim)))}"
         return (f"VAE({arch}, {c.activation}, {c.likelihood}, {c.dtype}, backend={self.backend}, "
                 f"{self.size} params)")

@@ -20,6 +20,25 @@ For the fully connected VAE (``hidden=(400,)``)::
     decoder   = [dense dec.0 (L, 400), act]
     dec_heads = [dense dec.out (400, 784)]           (+ dense dec.out_logvar for a learned variance)
 
+The convolutional VAEs (``arch="conv"`` and ``"conv-pool"``, image (C, H, W), H and W divisible by
+4, F = (64, H/4, W/4) the feature map, |F| = 64·H/4·W/4) differ only in these lists::
+
+    arch="conv"                                     arch="conv-pool"
+    encoder   unflatten (C, H, W)                   unflatten (C, H, W)
+              conv enc.conv.0 C->32 k4 s2 p1, act   conv enc.conv.0 C->32 k3 p1, act, maxpool 2
+              conv enc.conv.1 32->64 k4 s2 p1, act  conv enc.conv.1 32->64 k3 p1, act, maxpool 2
+              flatten, dense enc.0 |F|->256, act    (the same)
+    enc_heads dense enc.mu, enc.logvar 256->L       (the same)
+    decoder   dense dec.0 L->256, act               (the same)
+              dense dec.1 256->|F|, act             (the same)
+              unflatten F                           unflatten F
+              deconv dec.deconv.0 64->32 k4 s2 p1,  upsample 2, conv dec.conv.0 64->32 k3 p1, act,
+              act                                   upsample 2
+    dec_heads deconv dec.deconv.1 32->C k4 s2 p1    conv dec.conv.1 32->C k3 p1
+
+(256 is ``hidden``; more widths add dense layers as in the fully connected VAE.)  A learned output
+variance adds a head ``dec.out_logvar`` of the same kind as the output head.
+
 The order of the parameters (``model.params``) is the order of the layers in
 ``encoder + enc_heads + decoder + dec_heads``, W before b.
 """
@@ -31,11 +50,15 @@ from typing import NamedTuple
 class Layer(NamedTuple):
     """One op pair and its parameters.
 
-    op    "dense" (y = x @ W + b) or "act" (the config's activation, no parameters)
+    op    "dense" (y = x @ W + b), "act" (the config's activation), "conv" (conv2d), "deconv"
+          (conv_transpose2d), "maxpool", "upsample", "flatten" (N, C, H, W) -> (N, C·H·W) or
+          "unflatten" (N, C·H·W) -> (N, C, H, W)
     name  parameter prefix: the layer owns ``params[name + ".W"]`` and ``params[name + ".b"]``
           (None for a layer without parameters)
-    W     the weight's shape: (in, out) for dense
-    arg   the op's extra arguments (none for dense and act)
+    W     the weight's shape: (in, out) for dense, (F, C, KH, KW) for conv,
+          (C_in, C_out, KH, KW) for deconv
+    arg   the op's extra arguments: (stride, padding) for conv and deconv, (size,) for maxpool,
+          (scale,) for upsample, the (C, H, W) shape for unflatten
     """
 
     op: str
@@ -47,7 +70,8 @@ class Layer(NamedTuple):
         """``[(name.W, shape), (name.b, shape)]``, or ``[]`` for a layer without parameters."""
         if self.name is None:
             return []
-        return [(f"{self.name}.W", tuple(self.W)), (f"{self.name}.b", (self.W[1],))]
+        n_out = self.W[0] if self.op == "conv" else self.W[1]       # conv: F; dense: out; deconv: C_out
+        return [(f"{self.name}.W", tuple(self.W)), (f"{self.name}.b", (n_out,))]
 
 
 ACT = Layer("act")
@@ -84,9 +108,51 @@ def mlp(config):
     return Networks(encoder, enc_heads, decoder, dec_heads)
 
 
+CHANNELS = (32, 64)          # the two convolution widths
+
+
+def conv(config):
+    """The convolutional VAEs, ``arch="conv"`` or ``"conv-pool"`` (see the module docstring)."""
+    c = config
+    C, H, W = c.image_shape
+    c1, c2 = CHANNELS
+    feat = (c2, H // 4, W // 4)
+    n_feat = c2 * (H // 4) * (W // 4)
+    if c.arch == "conv":
+        encoder = [Layer("unflatten", arg=(C, H, W)),
+                   Layer("conv", "enc.conv.0", (c1, C, 4, 4), (2, 1)), ACT,
+                   Layer("conv", "enc.conv.1", (c2, c1, 4, 4), (2, 1)), ACT]
+    else:
+        encoder = [Layer("unflatten", arg=(C, H, W)),
+                   Layer("conv", "enc.conv.0", (c1, C, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,)),
+                   Layer("conv", "enc.conv.1", (c2, c1, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,))]
+    encoder.append(Layer("flatten"))
+    prev = n_feat
+    for i, h in enumerate(c.hidden):
+        encoder += [Layer("dense", f"enc.{i}", (prev, h)), ACT]
+        prev = h
+    enc_heads = [Layer("dense", "enc.mu", (prev, c.z_dim)), Layer("dense", "enc.logvar", (prev, c.z_dim))]
+    decoder, prev = [], c.z_dim
+    for i, h in enumerate((*reversed(c.hidden), n_feat)):
+        decoder += [Layer("dense", f"dec.{i}", (prev, h)), ACT]
+        prev = h
+    decoder.append(Layer("unflatten", arg=feat))
+    if c.arch == "conv":
+        decoder += [Layer("deconv", "dec.deconv.0", (c2, c1, 4, 4), (2, 1)), ACT]
+        heads = [("deconv", "dec.deconv.1", (c1, C, 4, 4), (2, 1))]
+    else:
+        decoder += [Layer("upsample", arg=(2,)), Layer("conv", "dec.conv.0", (c1, c2, 3, 3), (1, 1)), ACT,
+                    Layer("upsample", arg=(2,))]
+        heads = [("conv", "dec.conv.1", (C, c1, 3, 3), (1, 1))]
+    if c.likelihood == "gaussian_learned_var":
+        op, _, w, arg = heads[0]
+        heads.append((op, "dec.out_logvar", w, arg))
+    return Networks(encoder, enc_heads, decoder, [Layer(*h) for h in heads])
+
+
 def build(config):
     """The :class:`Networks` of a config."""
-    return mlp(config)
+    return mlp(config) if config.arch == "mlp" else conv(config)
 
 
 def param_shapes(config):
@@ -95,5 +161,12 @@ def param_shapes(config):
 
 
 def fan_in(w_shape):
-    """The fan-in of a weight of this shape, as PyTorch counts it: ``in`` for a dense (in, out) weight."""
-    return w_shape[0]
+    """The fan-in of a weight of this shape, as PyTorch's default init counts it.
+
+    Dense (in, out): in.  Conv (F, C, KH, KW): C·KH·KW.  PyTorch computes the fan-in of any weight
+    of 3 or more axes as shape[1]·KH·KW, so for a transposed convolution's (C_in, C_out, KH, KW) it
+    is C_out·KH·KW (not C_in); we do the same, so the two inits draw from the same ranges.
+    """
+    if len(w_shape) == 2:
+        return w_shape[0]
+    return w_shape[1] * w_shape[2] * w_shape[3]
