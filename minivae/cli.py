@@ -1,7 +1,8 @@
 """Command line: ``python -m minivae <command>`` (or the ``minivae`` script).
 
     train        train a VAE (default: 784-400-20 ReLU, Bernoulli, dynamic binarization,
-                 Adam 1e-3, batch 128, 10 epochs, on the embedded MNIST)
+                 Adam 1e-3, batch 128, 10 epochs, on the embedded MNIST; --recipe conv for the
+                 convolutional VAE)
     eval         test negative ELBO (and optionally the importance-weighted bound) of a checkpoint
     sample       an 8x8 grid of samples from the prior
     interpolate  decodes along a line in latent space between two test digits
@@ -56,7 +57,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 # flag dest -> TrainSettings field (train flags default to None: "not given", so recipes and resumed
 # settings are overridden only by what was typed)
-TRAIN_FIELDS = ("epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "binarize",
+TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads")
 
@@ -73,7 +74,11 @@ def build_parser():
     t.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="starting settings (default: default)")
     t.add_argument("--epochs", type=_nonneg_int, help="passes over the training set (default 10)")
     t.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 128)")
-    t.add_argument("--hidden", type=_hidden, help="hidden widths, e.g. 400 or 200,200 (default 400)")
+    t.add_argument("--arch", choices=["mlp", "conv", "conv-pool"],
+                   help="network: mlp (fully connected), conv (strided convolutions) or conv-pool (convolutions, "
+                        "pooling, upsampling); conv needs image height and width divisible by 4")
+    t.add_argument("--hidden", type=_hidden, help="hidden widths, e.g. 400 or 200,200 (default 400; for conv the "
+                                                  "dense layers after the convolutions, default 256)")
     t.add_argument("--latent", type=_positive_int, help="latent dimension z_dim (default 20)")
     t.add_argument("--activation", choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
     t.add_argument("--likelihood", choices=["bernoulli", "gaussian", "gaussian_learned_var"])
@@ -203,6 +208,12 @@ def _test_data(args, ckpt, settings, n=None):
     if x_eval.shape[1] != ckpt.config.x_dim:
         raise CheckpointError(f"{ckpt.path}: the model expects {ckpt.config.x_dim} values per image, the test "
                               f"data has {x_eval.shape[1]}")
+    if ckpt.config.image_shape is not None:
+        from .data import image_shape
+        shape = image_shape(args.data_dir if args.data_dir is not None else settings.data_dir, "test")
+        if shape is not None and shape != ckpt.config.image_shape:
+            raise CheckpointError(f"{ckpt.path}: the model expects images of shape {ckpt.config.image_shape}, "
+                                  f"the test data has {shape}")
     return x_eval, x_grey, y
 
 

@@ -8,31 +8,65 @@ from dataclasses import dataclass, field
 from .layers import ACTIVATIONS
 from .likelihoods import LIKELIHOODS
 
+ARCHS = ("mlp", "conv", "conv-pool")
+
 
 @dataclass
 class VAEConfig:
-    """Architecture of a fully connected VAE.
+    """Architecture of a VAE.
 
-    x_dim       D, the data dimension (784 for MNIST)
-    hidden      widths of the hidden layers, any depth: (400,), (200, 200), (128, 64, 32).
-                The decoder mirrors the encoder (reversed widths).
+    x_dim       D, the data dimension (784 for MNIST); C·H·W of ``image_shape`` when that is given
+    hidden      widths of the hidden dense layers, any depth: (400,), (200, 200), (128, 64, 32).
+                The decoder mirrors the encoder (reversed widths).  Default (400,) for "mlp"; for
+                the conv architectures, the dense layers after the convolutions, default (256,)
     z_dim       L, the latent dimension
     activation  hidden nonlinearity: relu, leaky_relu, tanh, sigmoid, softplus
     likelihood  p(x|z): "bernoulli" (logits, BCE), "gaussian" (fixed variance
                 ``obs_var``, the MSE form) or "gaussian_learned_var"
     dtype       "float32" (default, for training) or "float64" (gradient checks)
     obs_var     the fixed variance of the "gaussian" likelihood
+    arch        "mlp" (fully connected), "conv" (strided convolutions / transposed convolutions) or
+                "conv-pool" (convolutions with max-pooling / upsampling); see :mod:`minivae.networks`
+    image_shape (C, H, W) of one image; rows are flattened in (C, H, W) order.  The conv
+                architectures need it (default (1, 28, 28) when x_dim is 784 or not given) and need
+                H and W divisible by 4.  Optional for "mlp" (the figures use it).
     """
 
-    x_dim: int = 784
-    hidden: tuple = (400,)
+    x_dim: int = None
+    hidden: tuple = None
     z_dim: int = 20
     activation: str = "relu"
     likelihood: str = "bernoulli"
     dtype: str = "float32"
     obs_var: float = 1.0
+    arch: str = "mlp"
+    image_shape: tuple = None
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        conv = self.arch != "mlp"
+        if self.image_shape is None and conv and self.x_dim in (None, 784):
+            self.image_shape = (1, 28, 28)
+        if self.image_shape is not None:
+            shape = tuple(self.image_shape)
+            if len(shape) != 3 or any(int(s) != s or s < 1 for s in shape):
+                raise ValueError(f"image_shape must be (C, H, W), three positive integers, got {self.image_shape}")
+            self.image_shape = tuple(int(s) for s in shape)
+            d = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
+            if self.x_dim is not None and int(self.x_dim) != d:
+                raise ValueError(f"x_dim {self.x_dim} does not match image_shape {self.image_shape} "
+                                 f"(C·H·W = {d})")
+            self.x_dim = d
+        elif conv:
+            raise ValueError(f"arch {self.arch!r} needs image_shape=(C, H, W) for x_dim {self.x_dim}")
+        if conv and (self.image_shape[1] % 4 or self.image_shape[2] % 4):
+            raise ValueError(f"arch {self.arch!r} needs image height and width divisible by 4 (two 2x "
+                             f"downsamplings), got image shape {self.image_shape}")
+        if self.x_dim is None:
+            self.x_dim = 784
+        if self.hidden is None:
+            self.hidden = (256,) if conv else (400,)
         if isinstance(self.hidden, int):
             self.hidden = (self.hidden,)
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -53,6 +87,11 @@ class VAEConfig:
     def to_dict(self):
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        if self.image_shape is not None:
+            d["image_shape"] = list(self.image_shape)
+        for k, default in (("arch", "mlp"), ("image_shape", None)):
+            if d[k] == default:        # a fully connected config serialises as before these fields existed
+                del d[k]
         return d
 
     def to_json(self):

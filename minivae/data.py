@@ -111,6 +111,34 @@ def load_mnist(split="train", data_dir=None):
     return x, labels.astype(np.int64)
 
 
+def image_shape(data_dir=None, split="train"):
+    """(1, H, W) of the images in a data folder, or None when it holds flat rows.
+
+    Read from the IDX header (N, H, W) of the ``split`` images, or from the shape of the ``x`` array of
+    ``<split>.npz`` when that is (N, H, W).  The images themselves are not read.
+    """
+    d = Path(data_dir) if data_dir is not None else default_data_dir()
+    npz = d / f"{split}.npz"
+    if npz.exists():
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                shape = z["x"].shape
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise DataError(f"{npz}: cannot read ({type(exc).__name__}: {exc})") from None
+        return (1, *map(int, shape[1:])) if len(shape) == 3 else None
+    path = d / FILES[split][0]
+    if not path.exists() and path.suffix == ".gz" and path.with_suffix("").exists():
+        path = path.with_suffix("")
+    try:
+        with _open(path) as f:
+            head = f.read(16)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if len(head) < 16 or head[3] != 3:
+        raise DataError(f"{path}: expected an IDX file of 3 dimensions (N, rows, cols)")
+    return (1, *struct.unpack(">II", head[8:16]))
+
+
 def check_data(x, likelihood="bernoulli", name="data"):
     """Raise :class:`DataError` if x has NaN/inf, or (Bernoulli) leaves [0, 1]."""
     x = np.asarray(x)

@@ -22,6 +22,9 @@ from .backend import to_numpy
 from .gaussian import kl_per_dim as gaussian_kl_per_dim
 
 
+CONV_ROWS = 1000
+
+
 def log_mean_exp(a, axis=0):
     """Stable log(mean(exp(a))) along ``axis`` (float64 on the host)."""
     a = np.asarray(a, dtype=np.float64)
@@ -50,7 +53,9 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     ``chunk * batch_size * max(D, H)`` model-dtype numbers (decoder
     activations and logits), whatever k and N are: with the defaults, 10,000
     rows of 784 float32 values = 31 MB per array.  k = 5000 on the full
-    10k test set therefore runs in the same memory as k = 100.
+    10k test set therefore runs in the same memory as k = 100.  For the conv
+    architectures the chunk shrinks so that a call sees at most ``CONV_ROWS``
+    rows (the draws, and so the result, do not depend on the chunk).
 
     ``rng`` is a NumPy Generator: the eps noise comes from it on the host, in
     the order (example batch, sample, example, latent), so any ``chunk`` gives
@@ -62,6 +67,9 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     if int(chunk) != chunk or chunk < 1 or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"chunk and batch_size must be positive integers, got {chunk} and {batch_size}")
     k, chunk, batch_size = int(k), int(chunk), int(batch_size)
+    if getattr(model.config, "arch", "mlp") != "mlp":
+        # a conv decoder holds ~100 KB of patches (im2col) per row of z: at most CONV_ROWS rows per call
+        chunk = max(1, min(chunk, CONV_ROWS // batch_size))
     x = np.asarray(to_numpy(x))
     N, L = x.shape[0], model.config.z_dim
     out = np.empty(N, dtype=np.float64)

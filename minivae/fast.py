@@ -47,8 +47,8 @@ What is done differently from the reference, and why it is the same math:
 
 Supported: any hidden depth; every activation (ReLU is specialised, the
 others use the reference ops); Bernoulli and fixed-variance Gaussian
-likelihoods; one sample of z per example.  A learned output variance raises
-:class:`FastPathError`: use the reference path for it.
+likelihoods; one sample of z per example.  A learned output variance and the
+convolutional architectures raise :class:`FastPathError`: use the reference path for them.
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ class FastPathError(ValueError):
 
 def check_supported(config):
     """Raise :class:`FastPathError` (one line) if the fast path cannot train ``config``."""
+    if getattr(config, "arch", "mlp") != "mlp":
+        raise FastPathError(f"the fast path supports the fully connected VAE (arch 'mlp'), not arch "
+                            f"{config.arch!r}; use model.loss + optimizer.step instead")
     if config.likelihood not in ("bernoulli", "gaussian"):
         raise FastPathError(f"the fast path supports the 'bernoulli' and 'gaussian' likelihoods, not "
                             f"{config.likelihood!r}; use model.loss + optimizer.step instead")

@@ -1,8 +1,9 @@
-"""Figures of a trained VAE, drawn with matplotlib's Agg backend into PNG files.
+"""Figures of a trained VAE, drawn into PNG files.
 
 Every function takes NumPy arrays (or a model) and a path, writes one PNG and
 returns the path.  Images are rows of length D = side * side (28 * 28 for
-MNIST); pixel values are shown on [0, 1] in grey.
+MNIST), or H * W for a model whose config records ``image_shape`` (1, H, W);
+pixel values are shown on [0, 1] in grey.
 
 * :func:`reconstructions`  originals in the top row, mean reconstructions below
 * :func:`prior_samples`    an 8 x 8 grid of E[x|z], z ~ p(z) = N(0, I)
@@ -21,13 +22,19 @@ import math
 from pathlib import Path
 from statistics import NormalDist
 
-import matplotlib
+import numpy as np
+# The object-oriented Figure API draws without pyplot, so importing minivae never changes matplotlib's global
+# backend (a Jupyter session keeps its inline backend) and no GUI window is ever opened; savefig renders with Agg.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .backend import to_numpy
 
-from .backend import to_numpy  # noqa: E402
+
+def _subplots(*args, **kwargs):
+    """``plt.subplots`` without pyplot: a standalone Figure and its axes."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    axes = fig.subplots(*args, **kwargs)
+    return fig, axes
 
 
 def _side(d):
@@ -37,18 +44,27 @@ def _side(d):
     return s
 
 
-def tile(images, nrow, pad=1):
-    """(N, D) rows -> one 2-D mosaic with ``nrow`` images per row (unused cells blank)."""
+def _hw(model):
+    """(H, W) of a model's single-channel images, or None (square images of side sqrt(D))."""
+    shape = getattr(model.config, "image_shape", None)
+    return tuple(shape[1:]) if shape is not None and shape[0] == 1 else None
+
+
+def tile(images, nrow, pad=1, shape=None):
+    """(N, D) rows -> one 2-D mosaic with ``nrow`` images per row (unused cells blank).
+
+    ``shape`` (H, W) of one image; default square, H = W = sqrt(D).
+    """
     images = np.clip(np.asarray(to_numpy(images), dtype=np.float64), 0.0, 1.0)
     n, d = images.shape
-    s = _side(d)
+    h, w = (_side(d),) * 2 if shape is None else shape
     cols = int(nrow)
     rows = max(1, math.ceil(n / cols))
-    canvas = np.ones((rows * (s + pad) + pad, cols * (s + pad) + pad))
+    canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad))
     for i in range(n):
         r, c = divmod(i, cols)
-        y, x = pad + r * (s + pad), pad + c * (s + pad)
-        canvas[y:y + s, x:x + s] = images[i].reshape(s, s)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y:y + h, x:x + w] = images[i].reshape(h, w)
     return canvas
 
 
@@ -56,15 +72,14 @@ def _save(fig, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
-def image_grid(images, nrow, path, title=None, scale=0.45):
-    """Save (N, D) images as a grid with ``nrow`` images per row."""
-    canvas = tile(images, nrow)
+def image_grid(images, nrow, path, title=None, scale=0.45, shape=None):
+    """Save (N, D) images as a grid with ``nrow`` images per row (``shape``: (H, W), default square)."""
+    canvas = tile(images, nrow, shape=shape)
     h, w = canvas.shape
-    fig, ax = plt.subplots(figsize=(max(2.0, w / 28 * scale * 2), max(1.2, h / 28 * scale * 2)))
+    fig, ax = _subplots(figsize=(max(2.0, w / 28 * scale * 2), max(1.2, h / 28 * scale * 2)))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
@@ -77,12 +92,12 @@ def reconstructions(model, x, path, n=10):
     x = np.asarray(to_numpy(x))[:n]
     rec = to_numpy(model.reconstruct(x))
     return image_grid(np.concatenate([x, rec]), len(x), path,
-                      title="top: test images   bottom: reconstructions E[x | z = mu(x)]")
+                      title="top: test images   bottom: reconstructions E[x | z = mu(x)]", shape=_hw(model))
 
 
 def prior_samples(model, path, rng, n=64, nrow=8):
     """An nrow x nrow grid of E[x|z] for z ~ N(0, I) drawn from ``rng``."""
-    return image_grid(to_numpy(model.sample(n, rng)), nrow, path, title="E[x|z], z ~ N(0, I)")
+    return image_grid(to_numpy(model.sample(n, rng)), nrow, path, title="E[x|z], z ~ N(0, I)", shape=_hw(model))
 
 
 def loss_curves(history, path):
@@ -90,7 +105,7 @@ def loss_curves(history, path):
     if isinstance(history, (str, Path)):
         history = json.loads(Path(history).read_text())
     ep = [r["epoch"] for r in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a1, a2) = _subplots(1, 2, figsize=(10, 3.6))
     for split, style in (("train", "-o"), ("test", "-s"), ("valid", "-^")):
         key = f"{split}_neg_elbo"
         if history and key in history[0]:
@@ -117,7 +132,7 @@ def interpolation(model, xa, xb, path, steps=10):
     rows = np.concatenate([xa[:, None], dec, xb[:, None]], axis=1).reshape(-1, xa.shape[1])
     return image_grid(rows, steps + 2, path,
                       title=f"left/right: two test digits; between: decodes of {steps} points on the line "
-                            "between their latent means")
+                            "between their latent means", shape=_hw(model))
 
 
 def neighbourhood(model, x, path, rng, n=63, nrow=8):
@@ -127,7 +142,7 @@ def neighbourhood(model, x, path, rng, n=63, nrow=8):
     z = mu + np.exp(0.5 * logvar) * rng.standard_normal((n, mu.shape[1]))
     dec = to_numpy(model.decode(z.astype(model.dtype)))
     return image_grid(np.concatenate([x, dec]), nrow, path,
-                      title="first: a test digit; others: E[x|z] for z ~ q(z|x)")
+                      title="first: a test digit; others: E[x|z] for z ~ q(z|x)", shape=_hw(model))
 
 
 def manifold(model, path, n=20, lo=0.05, hi=0.95):
@@ -141,7 +156,7 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95):
     z = np.stack([zx.ravel(), zy.ravel()], axis=1).astype(model.dtype)
     dec = to_numpy(model.decode(z))
     return image_grid(dec, n, path, title=f"E[x|z] on a {n}x{n} grid z = Phi^-1(u), u in [{lo}, {hi}]",
-                      scale=0.35)
+                      scale=0.35, shape=_hw(model))
 
 
 def latent_scatter(model, x, y, path):
@@ -149,7 +164,7 @@ def latent_scatter(model, x, y, path):
     if model.config.z_dim != 2:
         raise ValueError(f"the latent scatter needs z_dim=2; this model has z_dim={model.config.z_dim}")
     mu = to_numpy(model.encode(np.asarray(x))[0])
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = _subplots(figsize=(6, 5))
     sc = ax.scatter(mu[:, 0], mu[:, 1], c=np.asarray(y), cmap="tab10", s=3, alpha=0.7)
     fig.colorbar(sc, ax=ax, label="label")
     ax.set(xlabel="z1 (posterior mean)", ylabel="z2 (posterior mean)", title="test digits in latent space")
@@ -162,10 +177,11 @@ def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0):
     d = Path(out_dir) / "figures"
     rng = np.random.default_rng(seed)
     x = np.asarray(x_test)
-    try:
-        _side(x.shape[1])
-    except ValueError:
-        return []                                   # not images: only numbers, no pictures
+    if _hw(model) is None:
+        try:
+            _side(x.shape[1])
+        except ValueError:
+            return []                               # not images: only numbers, no pictures
     paths = [reconstructions(model, x, d / "reconstructions.png"),
              prior_samples(model, d / "samples.png", rng)]
     if history_path is not None and Path(history_path).exists():

@@ -6,8 +6,10 @@ minibatch training loop that is not itself the subject of the lesson.  They live
 copied into each file.  Lesson 10 writes its training loop out in full: that loop is what :func:`fit` runs.
 
 * :func:`lesson_args`  ``--quick`` / ``--out DIR`` / ``--seed N``; unknown arguments are ignored, so a lesson
-  also runs as a notebook inside Jupyter (whose kernel passes its own arguments)
+  also runs as a notebook inside Jupyter (whose kernel passes its own arguments).  In a kernel, where no flag
+  can be passed, ``MINIVAE_QUICK=1`` in the environment selects quick mode
 * :func:`check`        assert a claim and print ``CHECK passed: <claim>``
+* :func:`save_figure`  save a figure under the lesson's output folder, and show it inline in a notebook
 * :func:`fit`          shuffle, slice a minibatch, binarize it, loss + grads, optimizer step; ``steps`` times
 
 Image mosaics come from :func:`minivae.figures.tile`.
@@ -33,8 +35,50 @@ def lesson_args(default_out, description, argv=None, quick_help="smaller, faster
     p.add_argument("--out", default=default_out, help="output folder for figures")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     args = p.parse_known_args(argv)[0]
+    args.quick = bool(args.quick or quick_from_env())
     os.makedirs(args.out, exist_ok=True)
     return args
+
+
+def quick_from_env():
+    """True when ``MINIVAE_QUICK`` is set to 1/true/yes (how a notebook kernel asks for quick mode)."""
+    value = os.environ.get("MINIVAE_QUICK", "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"MINIVAE_QUICK must be 1 or 0, got {value!r}")
+
+
+def in_notebook():
+    """True inside a Jupyter (IPython) kernel, where figures can be shown inline."""
+    import sys
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:
+        return False
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def save_figure(fig, out, name):
+    """Save ``fig`` as ``out/name`` (PNG, 100 dpi), show it inline in a notebook, close it; return the path.
+
+    From the command line the figure is only saved.  In a Jupyter kernel it is also displayed, so every
+    lesson reads as a notebook with its pictures.  Closing it keeps pyplot from showing it a second time.
+    """
+    path = os.path.join(out, name)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import display
+        display(fig)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    print(f"figure: {path}")
+    return path
 
 
 def check(cond, claim):

@@ -20,6 +20,14 @@ Parameter names, in order (``model.params`` keeps this order):
     dec.out_logvar.W, dec.out_logvar.b                  only for likelihood="gaussian_learned_var"
 
 Every W is (in, out) and every layer computes y = x @ W + b on batch-first rows.
+
+The networks are lists of layers (:mod:`minivae.networks`), each one op pair
+with its parameters.  The model walks them: forward in order, backward in
+reverse order (:meth:`VAE._layer_forward`, :meth:`VAE._layer_backward`).
+Everything else -- reparameterization, KL, likelihood, the IWAE and free-bits
+objectives, and their one shared backward (:meth:`VAE._loss_backward`) -- is
+written once here, whatever the networks are.
+
 All parameters live in one contiguous buffer, ``model.flat``; each entry of
 ``model.params`` is a reshaped view into it, and the gradients returned by
 :meth:`VAE.loss` are views into a fresh buffer of the same layout
@@ -34,9 +42,14 @@ from .backend import asarray, backend_name, get_backend, get_xp, to_numpy
 from .config import VAEConfig
 from .gaussian import (LOG_2PI, kl_backward, kl_forward, log_diag_normal, log_standard_normal,
                        reparameterize_backward, reparameterize_forward)
+from . import networks
+from .conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
+                   maxpool2d_backward, maxpool2d_forward, upsample_nearest2d_backward, upsample_nearest2d_forward)
 from .layers import activation, dense_backward, dense_forward, sigmoid
 from .likelihoods import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_learned_var_nll_backward,
                           gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward)
+from .objectives import (free_bits_backward, free_bits_forward, iwae_backward, iwae_forward, kl_dim_backward,
+                         kl_dim_forward)
 
 
 class ParamDict(dict):
@@ -70,22 +83,7 @@ def _module_of(a):
 
 def param_shapes(config):
     """Ordered list of ``(name, shape)`` for a config (see the module docstring)."""
-    c = config
-    shapes = []
-    prev = c.x_dim
-    for i, h in enumerate(c.hidden):
-        shapes += [(f"enc.{i}.W", (prev, h)), (f"enc.{i}.b", (h,))]
-        prev = h
-    shapes += [("enc.mu.W", (prev, c.z_dim)), ("enc.mu.b", (c.z_dim,)),
-               ("enc.logvar.W", (prev, c.z_dim)), ("enc.logvar.b", (c.z_dim,))]
-    prev = c.z_dim
-    for i, h in enumerate(reversed(c.hidden)):
-        shapes += [(f"dec.{i}.W", (prev, h)), (f"dec.{i}.b", (h,))]
-        prev = h
-    shapes += [("dec.out.W", (prev, c.x_dim)), ("dec.out.b", (c.x_dim,))]
-    if c.likelihood == "gaussian_learned_var":
-        shapes += [("dec.out_logvar.W", (prev, c.x_dim)), ("dec.out_logvar.b", (c.x_dim,))]
-    return shapes
+    return networks.param_shapes(config)
 
 
 def _layout(shapes):
@@ -107,8 +105,27 @@ def as_generator(rng):
     raise TypeError(f"rng must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
 
 
+def _check_objective(n_samples, iwae_k, free_bits):
+    """Validate ``iwae_k`` and ``free_bits`` for :meth:`VAE.loss`; returns them normalised."""
+    try:
+        free_bits = float(free_bits)
+    except (TypeError, ValueError):
+        raise ValueError(f"free_bits must be a number >= 0, got {free_bits!r}") from None
+    if not (free_bits >= 0 and np.isfinite(free_bits)):
+        raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits}")
+    if iwae_k is not None:
+        if isinstance(iwae_k, bool) or int(iwae_k) != iwae_k or iwae_k < 1:
+            raise ValueError(f"iwae_k must be a positive integer, got {iwae_k}")
+        iwae_k = int(iwae_k)
+        if free_bits:
+            raise ValueError("free_bits cannot be combined with iwae_k (the IWAE bound has no separate KL term)")
+        if n_samples not in (1, iwae_k):
+            raise ValueError(f"n_samples ({n_samples}) and iwae_k ({iwae_k}) disagree; give only iwae_k")
+    return iwae_k, free_bits
+
+
 class VAE:
-    """A fully connected VAE with hand-derived gradients.
+    """A VAE with hand-derived gradients (fully connected by default).
 
     ``VAE(config, rng)`` builds the parameters on the backend current at
     construction (see :mod:`minivae.backend`) and keeps it.  ``rng`` (a NumPy
@@ -127,21 +144,20 @@ class VAE:
         self.xp = get_xp(self.backend)
         self.dtype = np.dtype(self.config.dtype)
         self.rng = as_generator(rng)
-        shapes = param_shapes(self.config)
-        self.layout, self.size = _layout(shapes)
+        self.net = networks.build(self.config)
+        self.layout, self.size = _layout(param_shapes(self.config))
         host = np.empty(self.size, dtype=self.dtype)
-        for name, (offset, shape) in self.layout.items():
-            fan_in = shape[0] if len(shape) == 2 else self._fan_in(name)
-            bound = 1.0 / np.sqrt(fan_in)
-            n = int(np.prod(shape))
-            host[offset:offset + n] = self.rng.uniform(-bound, bound, size=n)
+        for layer in self.net.layers():                  # W and b of a layer share its fan-in
+            if layer.name is None:
+                continue
+            bound = 1.0 / np.sqrt(networks.fan_in(layer.W))
+            for name, shape in layer.param_shapes():
+                offset, n = self.layout[name][0], int(np.prod(shape))
+                host[offset:offset + n] = self.rng.uniform(-bound, bound, size=n)
         self.flat = asarray(host, self.xp, self.dtype)
         self.params = ParamDict(self.flat, self.layout)
         self.act_forward, self.act_backward = activation(self.config.activation)
         self.parts = {}
-
-    def _fan_in(self, bias_name):
-        return self.layout[bias_name[:-1] + "W"][1][0]
 
     # ------------------------------------------------------------------ utils
     def new_grads(self):
@@ -158,7 +174,9 @@ class VAE:
             x = to_numpy(x)
         x = xp.asarray(x, dtype=self.dtype)
         if x.ndim != 2 or x.shape[1] != self.config.x_dim:
-            raise ValueError(f"x must have shape (N, {self.config.x_dim}), got {tuple(x.shape)}")
+            images = "" if self.config.image_shape is None else \
+                f" (images {self.config.image_shape} flattened in (C, H, W) order)"
+            raise ValueError(f"x must have shape (N, {self.config.x_dim}){images}, got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("x is empty (0 rows)")
         if validate:
@@ -185,55 +203,120 @@ class VAE:
         return eps
 
     # ---------------------------------------------------------------- pieces
+    def _layer_forward(self, layer, h):
+        """One layer's op pair, forward: ``h -> (out, cache)`` (see :mod:`minivae.networks`)."""
+        op = layer.op
+        if op == "act":
+            return self.act_forward(h)
+        if op == "flatten":                                   # (N, C, H, W) -> (N, C·H·W), (C, H, W) order
+            return h.reshape(h.shape[0], -1), h.shape
+        if op == "unflatten":                                 # (N, C·H·W) -> (N, C, H, W)
+            return h.reshape((h.shape[0], *layer.arg)), h.shape
+        if op == "maxpool":
+            return maxpool2d_forward(h, *layer.arg)
+        if op == "upsample":
+            return upsample_nearest2d_forward(h, *layer.arg)
+        W, b = self.params[layer.name + ".W"], self.params[layer.name + ".b"]
+        if op == "dense":
+            return dense_forward(h, W, b)
+        if op == "conv":
+            return conv2d_forward(h, W, b, *layer.arg)
+        return conv_transpose2d_forward(h, W, b, *layer.arg)
+
+    def _layer_backward(self, layer, dout, cache, grads):
+        """One layer's op pair, backward: dL/d(out) -> dL/d(in).
+
+        A layer with parameters writes its dL/dW and dL/db into ``grads[name + ".W"]`` and
+        ``grads[name + ".b"]``.
+        """
+        op = layer.op
+        if op == "act":
+            return self.act_backward(dout, cache)
+        if op in ("flatten", "unflatten"):                    # a reshape: its backward reshapes back
+            return dout.reshape(cache)
+        if op == "maxpool":
+            return maxpool2d_backward(dout, cache)
+        if op == "upsample":
+            return upsample_nearest2d_backward(dout, cache)
+        backward = {"dense": dense_backward, "conv": conv2d_backward, "deconv": conv_transpose2d_backward}[op]
+        din, grads[layer.name + ".W"], grads[layer.name + ".b"] = backward(dout, cache)
+        return din
+
     def _encoder_forward(self, x):
-        p, caches, h = self.params, [], x
-        for i in range(len(self.config.hidden)):
-            a, c_dense = dense_forward(h, p[f"enc.{i}.W"], p[f"enc.{i}.b"])
-            h, c_act = self.act_forward(a)
-            caches.append((c_dense, c_act))
-        mu, c_mu = dense_forward(h, p["enc.mu.W"], p["enc.mu.b"])
-        logvar, c_lv = dense_forward(h, p["enc.logvar.W"], p["enc.logvar.b"])
+        """x (N, D) -> ``(mu, logvar, cache)``; mu and logvar are (N, L).
+
+        The cache is ``(caches, c_mu, c_lv)``: one cache per layer of ``self.net.encoder``
+        (in forward order), then the caches of the mu and logvar heads.
+        """
+        h, caches = x, []
+        for layer in self.net.encoder:
+            h, c = self._layer_forward(layer, h)
+            caches.append(c)
+        head_mu, head_lv = self.net.enc_heads
+        mu, c_mu = self._layer_forward(head_mu, h)
+        logvar, c_lv = self._layer_forward(head_lv, h)
         return mu, logvar, (caches, c_mu, c_lv)
 
     def _encoder_backward(self, dmu, dlogvar, cache, grads):
+        """Backward through the encoder.
+
+        dmu, dlogvar  dL/dmu and dL/dlogvar, (N, L) each: every path to the loss already added
+                      (through z and through the KL or log q term)
+        cache         what :meth:`_encoder_forward` returned: the per-layer caches of the
+                      encoder (forward order) and the caches of the two heads
+        grads         the gradient dict (:meth:`new_grads`); every ``enc.*`` entry is written
+
+        Returns dh = dL/dx (N, D), the gradient with respect to the encoder's input.
+        """
         caches, c_mu, c_lv = cache
+        head_mu, head_lv = self.net.enc_heads
         ### BEGIN SOLUTION vae_backward
-        dh, grads["enc.mu.W"], grads["enc.mu.b"] = dense_backward(dmu, c_mu)
-        dh_lv, grads["enc.logvar.W"], grads["enc.logvar.b"] = dense_backward(dlogvar, c_lv)
+        dh = self._layer_backward(head_mu, dmu, c_mu, grads)
+        dh_lv = self._layer_backward(head_lv, dlogvar, c_lv, grads)
         dh += dh_lv                                    # h feeds both heads: add the two paths
-        for i in reversed(range(len(self.config.hidden))):
-            c_dense, c_act = caches[i]
-            da = self.act_backward(dh, c_act)
-            dh, grads[f"enc.{i}.W"], grads[f"enc.{i}.b"] = dense_backward(da, c_dense)
+        for layer, c in zip(reversed(self.net.encoder), reversed(caches)):
+            dh = self._layer_backward(layer, dh, c, grads)
         ### END SOLUTION
         return dh
 
     def _decoder_forward(self, z):
-        """z (M, L) -> raw outputs: (out,) or (mean, logvar) for the learned variance."""
-        p, caches, h = self.params, [], z
-        for i in range(len(self.config.hidden)):
-            a, c_dense = dense_forward(h, p[f"dec.{i}.W"], p[f"dec.{i}.b"])
-            h, c_act = self.act_forward(a)
-            caches.append((c_dense, c_act))
-        out, c_out = dense_forward(h, p["dec.out.W"], p["dec.out.b"])
-        outs, c_outs = [out], [c_out]
-        if self.config.likelihood == "gaussian_learned_var":
-            olv, c_olv = dense_forward(h, p["dec.out_logvar.W"], p["dec.out_logvar.b"])
-            outs.append(olv)
-            c_outs.append(c_olv)
+        """z (M, L) -> ``(outs, cache)``.
+
+        outs is ``[out]`` (logits or mean) or ``[mean, logvar]`` for the learned variance,
+        each (M, D) rows.  The cache is ``(caches, c_outs)``: one cache per layer of
+        ``self.net.decoder`` (forward order), and for each head its cache and the shape of its
+        output before it was flattened to rows.
+        """
+        h, caches = z, []
+        for layer in self.net.decoder:
+            h, c = self._layer_forward(layer, h)
+            caches.append(c)
+        outs, c_outs = [], []
+        for head in self.net.dec_heads:
+            out, c = self._layer_forward(head, h)
+            outs.append(out.reshape(out.shape[0], -1))          # rows (M, D), in (C, H, W) order
+            c_outs.append((c, out.shape))
         return outs, (caches, c_outs)
 
     def _decoder_backward(self, douts, cache, grads):
+        """Backward through the decoder.
+
+        douts  dL/d(out) for each output of :meth:`_decoder_forward`, (M, D) each
+        cache  what :meth:`_decoder_forward` returned: the per-layer caches of the decoder
+               (forward order), and each head's cache with the shape of its output
+        grads  the gradient dict (:meth:`new_grads`); every ``dec.*`` entry is written
+
+        Returns dh = dL/dz (M, L), the gradient with respect to the decoder's input.
+        """
         caches, c_outs = cache
+        heads = self.net.dec_heads
         ### BEGIN SOLUTION vae_backward
-        dh, grads["dec.out.W"], grads["dec.out.b"] = dense_backward(douts[0], c_outs[0])
-        if len(douts) == 2:
-            dh2, grads["dec.out_logvar.W"], grads["dec.out_logvar.b"] = dense_backward(douts[1], c_outs[1])
-            dh += dh2
-        for i in reversed(range(len(self.config.hidden))):
-            c_dense, c_act = caches[i]
-            da = self.act_backward(dh, c_act)
-            dh, grads[f"dec.{i}.W"], grads[f"dec.{i}.b"] = dense_backward(da, c_dense)
+        (c_out, shape), *rest = c_outs
+        dh = self._layer_backward(heads[0], douts[0].reshape(shape), c_out, grads)
+        for head, dout, (c, shape) in zip(heads[1:], douts[1:], rest):
+            dh += self._layer_backward(head, dout.reshape(shape), c, grads)   # g feeds both heads: add
+        for layer, c in zip(reversed(self.net.decoder), reversed(caches)):
+            dh = self._layer_backward(layer, dh, c, grads)
         ### END SOLUTION
         return dh
 
@@ -264,55 +347,13 @@ class VAE:
         beta       weight of the KL term (beta-VAE, KL warm-up); 1 gives the true ELBO
         n_samples  S, Monte-Carlo samples of z per example
         backward   False skips the gradients (returns ``(loss, None)``)
-        iwae_k     K: optimise the IWAE bound with K samples instead (see
-                   :meth:`_objective_loss`); eps is then (K, N, L)
+        iwae_k     K: optimise the IWAE bound with K samples instead; eps is then (K, N, L)
         free_bits  lambda >= 0: the KL term becomes sum_j max(lambda, mean_n KL_nj)
                    (free bits, Kingma et al. 2016; see :mod:`minivae.objectives`)
 
-        Returns ``(loss, grads)``: ``loss`` is a scalar on the model's backend,
-        ``grads`` a dict with exactly the keys of ``params``.  The parts are in
-        ``self.parts``: ``loss``, ``recon`` (mean -log p(x|z)) and ``kl``
-        (mean KL, not multiplied by beta).
-        """
-        if iwae_k is not None or free_bits:
-            return self._objective_loss(x, eps, beta, n_samples, backward, validate, iwae_k, free_bits)
-        xp = self.xp
-        x = self._as_input(x, validate)
-        N, L, D = x.shape[0], self.config.z_dim, self.config.x_dim
-        eps = self._as_eps(eps, N, n_samples)
-        S = eps.shape[0]
-
-        # ---- forward
-        mu, logvar, c_enc = self._encoder_forward(x)                  # (N, L) each
-        z, c_rep = reparameterize_forward(mu, logvar, eps)            # (S, N, L)
-        outs, c_dec = self._decoder_forward(z.reshape(S * N, L))      # (S*N, D) each
-        outs = [o.reshape(S, N, D) for o in outs]
-        rec, c_rec = self._recon_forward(outs, x)                     # (S, N)
-        kl, c_kl = kl_forward(mu, logvar)                             # (N,)
-        recon_mean = rec.mean()
-        kl_mean = kl.mean()
-        loss = recon_mean + beta * kl_mean
-        self.parts = {"loss": loss, "recon": recon_mean, "kl": kl_mean}
-        if not backward:
-            return loss, None
-
-        # ---- backward: loss = 1/(S N) sum_sn rec_sn + beta/N sum_n kl_n
-        grads = self.new_grads()
-        ### BEGIN SOLUTION vae_backward
-        drec = xp.full((S, N), 1.0 / (S * N), dtype=self.dtype)      # dloss/drec_sn
-        douts = self._recon_backward(drec, c_rec)                     # (S, N, D) each
-        dz = self._decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, grads)
-        dmu, dlogvar = reparameterize_backward(dz.reshape(S, N, L), c_rep)
-        dkl = xp.full((N,), beta / N, dtype=self.dtype)               # dloss/dkl_n
-        dmu_kl, dlogvar_kl = kl_backward(dkl, c_kl)
-        dmu += dmu_kl
-        dlogvar += dlogvar_kl
-        self._encoder_backward(dmu, dlogvar, c_enc, grads)
-        ### END SOLUTION
-        return loss, grads
-
-    def _objective_loss(self, x, eps, beta, n_samples, backward, validate, iwae_k, free_bits):
-        """The IWAE bound (``iwae_k=K``) or the ELBO with free bits (``free_bits=lambda``).
+        The three objectives share the whole forward (encoder, reparameterization, decoder,
+        likelihood, KL) and the whole backward (:meth:`_loss_backward`); only the last step, from
+        the terms to one number, differs.
 
         IWAE (Burda et al. 2015), with the op pair in :mod:`minivae.objectives`:
 
@@ -325,48 +366,24 @@ class VAE:
         exactly the negative ELBO with the *Monte-Carlo* KL estimate,
         1/N sum_n [ -log p(x_n|z_n) + beta * (log q(z_n|x_n) - log p(z_n)) ],
         not the analytic-KL ELBO of the default path (equal only in
-        expectation over eps).
-
-        Backward.  g_nk = d loss / d log w_nk = -wtilde_nk / N (normalized
-        importance weights, :func:`~minivae.objectives.iwae_backward`).  Then,
-        with eps held fixed:
-
-        * log p(x|z): the reconstruction term rec = -log p(x|z) gets
-          d loss / d rec_nk = -g_nk, pushed through the decoder to dz.
-        * log p(z) = -1/2 |z|^2 - L/2 log 2pi:  d/dz = -z, so dz += beta * g * (-z).
-          dz then goes through z = mu + sigma * eps to (dmu, dlogvar).
-        * log q(z|x) at z = mu + sigma * eps: (z - mu)^2 / sigma^2 = eps^2, so
-          log q = -1/2 sum_j (eps_j^2 + logvar_j + log 2pi).  Its total
-          derivative is 0 with respect to mu and -1/2 with respect to each
-          logvar_j (the dependence through z and the direct one cancel for
-          mu).  Hence dlogvar_nj += -beta * sum_k g_nk * (-1/2).
-
-        ``self.parts`` for IWAE: ``loss`` (-L_K), ``recon`` (mean over samples
-        and examples of -log p(x|z)), ``kl`` (analytic mean KL, for reporting
-        only: it is not part of the IWAE objective) and ``iwae_k``.
+        expectation over eps).  log q(z|x) at z = mu + sigma * eps is
+        -1/2 sum_j (eps_j^2 + logvar_j + log 2pi), since (z - mu)^2 / sigma^2 = eps^2.
 
         Free bits: loss = 1/(S N) sum rec + beta * sum_j max(lambda, KLbar_j),
-        KLbar_j the batch-mean analytic KL of dimension j.  ``parts["kl"]``
-        stays the true mean KL; ``parts["kl_objective"]`` is the floored sum.
-        Free bits and IWAE are not combined (IWAE has no separate KL term).
+        KLbar_j the batch-mean analytic KL of dimension j.  Free bits and IWAE
+        are not combined (IWAE has no separate KL term).
+
+        Returns ``(loss, grads)``: ``loss`` is a scalar on the model's backend,
+        ``grads`` a dict with exactly the keys of ``params``.  The parts are in
+        ``self.parts``: ``loss``, ``recon`` (mean -log p(x|z)) and ``kl``
+        (mean analytic KL, not multiplied by beta; for IWAE it is reported only,
+        not part of the objective), plus ``iwae_k`` for IWAE and
+        ``kl_objective`` (the floored sum) for free bits.
         """
-        from .objectives import (free_bits_backward, free_bits_forward, iwae_backward, iwae_forward,
-                                 kl_dim_backward, kl_dim_forward)
-        xp = self.xp
-        try:
-            free_bits = float(free_bits)
-        except (TypeError, ValueError):
-            raise ValueError(f"free_bits must be a number >= 0, got {free_bits!r}") from None
-        if not (free_bits >= 0 and np.isfinite(free_bits)):
-            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits}")
-        if iwae_k is not None:
-            if isinstance(iwae_k, bool) or int(iwae_k) != iwae_k or iwae_k < 1:
-                raise ValueError(f"iwae_k must be a positive integer, got {iwae_k}")
-            iwae_k = int(iwae_k)
-            if free_bits:
-                raise ValueError("free_bits cannot be combined with iwae_k (the IWAE bound has no separate KL term)")
-            if n_samples not in (1, iwae_k):
-                raise ValueError(f"n_samples ({n_samples}) and iwae_k ({iwae_k}) disagree; give only iwae_k")
+        objective = "elbo"
+        if iwae_k is not None or free_bits:
+            iwae_k, free_bits = _check_objective(n_samples, iwae_k, free_bits)
+            objective = "iwae" if iwae_k is not None else "free_bits"
         x = self._as_input(x, validate)
         N, L, D = x.shape[0], self.config.z_dim, self.config.x_dim
         eps = self._as_eps(eps, N, iwae_k if iwae_k is not None else n_samples)
@@ -374,48 +391,91 @@ class VAE:
         if iwae_k is not None and S != iwae_k:
             raise ValueError(f"eps has {S} samples but iwae_k is {iwae_k}")
 
-        mu, logvar, c_enc = self._encoder_forward(x)
-        z, c_rep = reparameterize_forward(mu, logvar, eps)                # (S, N, L)
-        outs, c_dec = self._decoder_forward(z.reshape(S * N, L))
+        # ---- forward, shared by every objective
+        mu, logvar, c_enc = self._encoder_forward(x)                  # (N, L) each
+        z, c_rep = reparameterize_forward(mu, logvar, eps)            # (S, N, L)
+        outs, c_dec = self._decoder_forward(z.reshape(S * N, L))      # (S*N, D) each
         outs = [o.reshape(S, N, D) for o in outs]
-        rec, c_rec = self._recon_forward(outs, x)                         # (S, N)
-        kl, _ = kl_forward(mu, logvar)
+        rec, c_rec = self._recon_forward(outs, x)                     # (S, N)
+        kl, c_kl = kl_forward(mu, logvar)                             # (N,)
         recon_mean = rec.mean()
-        if iwae_k is not None:
+        kl_mean = kl.mean()
+
+        # ---- the objective: from the terms to one number
+        if objective == "elbo":
+            loss = recon_mean + beta * kl_mean
+            c_obj = c_kl
+            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl_mean}
+        elif objective == "iwae":
             log_pz = log_standard_normal(z)                               # (S, N)
             log_qz = -0.5 * (eps * eps + logvar + LOG_2PI).sum(axis=-1)   # log q(z|x) via eps
             log_w = -rec + beta * (log_pz - log_qz)
-            loss, c_iw = iwae_forward(log_w)
-            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl.mean(), "iwae_k": iwae_k}
+            loss, c_obj = iwae_forward(log_w)
+            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl_mean, "iwae_k": iwae_k}
         else:
             kl_dim, c_kld = kl_dim_forward(mu, logvar)                    # (N, L)
             kl_obj, c_fb = free_bits_forward(kl_dim, free_bits)
             loss = recon_mean + beta * kl_obj
-            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl.mean(), "kl_objective": kl_obj}
+            c_obj = (c_kld, c_fb)
+            self.parts = {"loss": loss, "recon": recon_mean, "kl": kl_mean, "kl_objective": kl_obj}
         if not backward:
             return loss, None
 
         grads = self.new_grads()
-        one = xp.asarray(1.0, dtype=self.dtype)
-        if iwae_k is not None:
-            g = iwae_backward(one, c_iw)                                  # (S, N) d loss / d log w
-            drec = -g
-        else:
-            drec = xp.full((S, N), 1.0 / (S * N), dtype=self.dtype)
-        douts = self._recon_backward(drec, c_rec)
-        dz = self._decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, grads).reshape(S, N, L)
-        if iwae_k is not None:
-            dz = dz - (beta * g)[..., None] * z                           # through log p(z): d/dz = -z
-        dmu, dlogvar = reparameterize_backward(dz, c_rep)
-        if iwae_k is not None:
-            dlogvar = dlogvar + (0.5 * beta) * g.sum(axis=0)[:, None]     # through -log q: -(-1/2) per dim
-        else:
-            dkl = free_bits_backward(beta * one, c_fb)                    # (N, L)
-            dmu_kl, dlogvar_kl = kl_dim_backward(dkl, c_kld)
-            dmu = dmu + dmu_kl
-            dlogvar = dlogvar + dlogvar_kl
-        self._encoder_backward(dmu, dlogvar, c_enc, grads)
+        self._loss_backward(objective, beta, (z, c_enc, c_rep, c_dec, c_rec, c_obj), grads)
         return loss, grads
+
+    def _loss_backward(self, objective, beta, cache, grads):
+        """The backward of :meth:`loss`, one chain for every objective; fills ``grads``.
+
+        1. The objective's gradients with respect to its terms: drec = dloss/drec (S, N) and the
+           direct paths from the loss to z and to (mu, logvar).
+
+           * ELBO: loss = 1/(S N) sum_sn rec_sn + beta/N sum_n kl_n, so drec_sn = 1/(S N) and
+             dkl_n = beta/N, pushed through the KL op to (dmu, dlogvar).  No direct path to z.
+           * Free bits: drec as for the ELBO; beta goes through the floor
+             (:func:`~minivae.objectives.free_bits_backward`) and the per-dimension KL.
+           * IWAE: g_nk = dloss/dlog w_nk = -wtilde_nk / N (normalized importance weights,
+             :func:`~minivae.objectives.iwae_backward`).  With eps held fixed:
+             rec enters log w with a minus sign, so drec = -g;
+             log p(z) = -1/2 |z|^2 - L/2 log 2pi has d/dz = -z, so dz gets beta * g * (-z);
+             log q(z|x) = -1/2 sum_j (eps_j^2 + logvar_j + log 2pi) has total derivative 0 with
+             respect to mu and -1/2 with respect to each logvar_j, so dlogvar gets
+             -beta * sum_k g_nk * (-1/2).
+
+        2. The chain, the same for all three: reconstruction -> decoder -> dz (+ the direct path)
+           -> reparameterization -> (dmu, dlogvar) (+ the direct paths) -> encoder.
+        """
+        xp = self.xp
+        z, c_enc, c_rep, c_dec, c_rec, c_obj = cache
+        S, N, L = z.shape
+        D = self.config.x_dim
+        ### BEGIN SOLUTION vae_backward
+        one = xp.asarray(1.0, dtype=self.dtype)
+        dz_direct = 0                                                 # loss -> z, not through the decoder
+        if objective == "iwae":
+            g = iwae_backward(one, c_obj)                                 # (S, N) dloss/dlog w
+            drec = -g                                                     # log w = -rec + ...
+            dz_direct = -(beta * g)[..., None] * z                        # through log p(z): d/dz = -z
+            dmu_direct = 0                                                # through -log q: 0 for mu
+            dlogvar_direct = (0.5 * beta) * g.sum(axis=0)[:, None]       # ... and -(-1/2) per logvar_j
+        else:
+            drec = xp.full((S, N), 1.0 / (S * N), dtype=self.dtype)      # dloss/drec_sn
+            if objective == "elbo":
+                dkl = xp.full((N,), beta / N, dtype=self.dtype)           # dloss/dkl_n
+                dmu_direct, dlogvar_direct = kl_backward(dkl, c_obj)
+            else:
+                c_kld, c_fb = c_obj
+                dkl = free_bits_backward(beta * one, c_fb)                # (N, L)
+                dmu_direct, dlogvar_direct = kl_dim_backward(dkl, c_kld)
+        douts = self._recon_backward(drec, c_rec)                         # (S, N, D) each
+        dz = self._decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, grads).reshape(S, N, L)
+        dz += dz_direct                                                   # z feeds the decoder (and log p(z))
+        dmu, dlogvar = reparameterize_backward(dz, c_rep)
+        dmu += dmu_direct                                                 # mu, logvar feed z and the KL
+        dlogvar += dlogvar_direct
+        self._encoder_backward(dmu, dlogvar, c_enc, grads)
+        ### END SOLUTION
 
     def encode(self, x):
         """q(z|x): ``(mu, logvar)``, each (N, L)."""
@@ -470,5 +530,7 @@ class VAE:
     def __repr__(self):
         c = self.config
         arch = "-".join(str(v) for v in (c.x_dim, *c.hidden, c.z_dim))
+        if c.arch != "mlp":
+            arch = f"{c.arch} {'x'.join(map(str, c.image_shape))}-{'-'.join(map(str, (*c.hidden, c.z_dim)))}"
         return (f"VAE({arch}, {c.activation}, {c.likelihood}, {c.dtype}, backend={self.backend}, "
                 f"{self.size} params)")

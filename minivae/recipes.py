@@ -5,6 +5,10 @@ flags override its fields.
 
 * ``default``: the standard small recipe (784-400-20 ReLU, Bernoulli,
   dynamic binarization, Adam 1e-3, batch 128, 10 epochs).
+* ``conv``: the convolutional VAE (``arch="conv"``: two strided convolutions
+  32, 64 and a dense 256 in the encoder, mirrored with transposed
+  convolutions in the decoder; L = 20, ReLU, Bernoulli), dynamic
+  binarization, Adam 1e-3, batch 128, 10 epochs.
 * ``burda2015``: Burda, Grosse & Salakhutdinov (2015), Table 1, one
   stochastic layer: 784-200-200-50 tanh, Bernoulli, dynamic binarization,
   Adam(0.9, 0.999, eps=1e-4), batch 20, 3^i passes at lr 1e-3 * 10^(-i/7) for
@@ -27,6 +31,11 @@ SHORT_PASSES = (1, 2, 3, 6, 12, 24, 48, 96)
 RECIPES = {
     "default": dict(
         hidden=(400,), latent=20, activation="relu", likelihood="bernoulli", binarize="dynamic",
+        optimizer="adam", lr=1e-3, adam_eps=1e-8, batch_size=128, epochs=10, schedule=None,
+        init_output_bias=False,
+    ),
+    "conv": dict(
+        arch="conv", hidden=(256,), latent=20, activation="relu", likelihood="bernoulli", binarize="dynamic",
         optimizer="adam", lr=1e-3, adam_eps=1e-8, batch_size=128, epochs=10, schedule=None,
         init_output_bias=False,
     ),

@@ -66,8 +66,8 @@ from . import evaluate
 from .backend import get_array_module, get_xp, to_numpy
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
 from .config import VAEConfig
-from .data import BINARIZE, DataError, binarize, check_data, default_data_dir, load_mnist, split_validation, \
-    static_binarize
+from .data import BINARIZE, DataError, binarize, check_data, default_data_dir, image_shape, load_mnist, \
+    split_validation, static_binarize
 from .model import VAE
 from .optim import make_optimizer
 from .recipes import get_recipe, lr_at_epoch, output_bias_init
@@ -93,6 +93,7 @@ class TrainSettings:
 
     recipe: str = "default"
     # model
+    arch: str = "mlp"          # "mlp", "conv" or "conv-pool" (minivae.networks)
     hidden: tuple = (400,)
     latent: int = 20
     activation: str = "relu"
@@ -136,6 +137,9 @@ class TrainSettings:
         """A recipe's fields (:mod:`minivae.recipes`), then ``overrides`` (None values are ignored)."""
         fields = get_recipe(name)
         fields["recipe"] = name
+        arch = overrides.get("arch")
+        if arch is not None and arch != fields.get("arch", "mlp") and overrides.get("hidden") is None:
+            fields["hidden"] = VAEConfig(arch=arch).hidden     # another arch: its own dense widths
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(fields)
 
@@ -189,9 +193,12 @@ class TrainSettings:
         self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
         return self
 
-    def model_config(self, x_dim):
+    def model_config(self, x_dim, image_shape=None):
+        """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``."""
+        conv = self.arch != "mlp"
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
-                         likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var)
+                         likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
+                         image_shape=image_shape if conv else None)
 
     def make_optimizer(self):
         kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
@@ -268,6 +275,7 @@ class Data:
         self.x_test, self.y_test = x_te.astype(dt), y_te
         self.x_valid, self.y_valid = (x_va.astype(dt), y_va) if x_va is not None else (None, None)
         self.x_dim = x_tr.shape[1]
+        self.image_shape = image_shape(s.data_dir) if s.arch != "mlp" else None    # (1, H, W) or None
         if s.binarize == "static":
             self.x_train = static_binarize(self.x_train, seed=s.seed)
         if s.binarize != "none":   # evaluation data: binarized once, with a seed independent of the run's
@@ -380,7 +388,7 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
 
     xp = get_xp(s.backend)          # BackendError early if cupy is asked for without a GPU
     data = Data(s)
-    config = s.model_config(data.x_dim)
+    config = s.model_config(data.x_dim, data.image_shape)
     rngs = make_rngs(s.seed)
     model = VAE(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]
@@ -398,7 +406,10 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
         restore_rngs(rngs, ckpt.rng)
         history, start = list(ckpt.history), ckpt.epoch
     elif s.init_output_bias:
-        model.params["dec.out.b"] = output_bias_init(data.x_train).astype(model.dtype)
+        out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for conv
+        b = output_bias_init(data.x_train.reshape(len(data.x_train), model.params[out_b].size, -1).mean(axis=2)
+                             if s.arch != "mlp" else data.x_train)
+        model.params[out_b] = b.reshape(model.params[out_b].shape).astype(model.dtype)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "settings.json", lambda f: f.write(json.dumps(s.to_dict(), indent=1)), mode="w")
 

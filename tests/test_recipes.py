@@ -41,4 +41,11 @@ def test_output_bias_is_the_logit_of_the_mean_pixel():
 def test_unknown_recipe():
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         get_recipe("nope")
-    assert set(RECIPES) == {"default", "burda2015", "burda2015-short"}
+    assert set(RECIPES) == {"default", "conv", "burda2015", "burda2015-short"}
+
+
+def test_conv_recipe_is_the_issues():
+    r = get_recipe("conv")
+    assert r["arch"] == "conv" and r["hidden"] == (256,) and r["latent"] == 20 and r["likelihood"] == "bernoulli"
+    assert r["binarize"] == "dynamic" and r["optimizer"] == "adam" and r["lr"] == 1e-3
+    assert r["batch_size"] == 128 and r["epochs"] == 10
