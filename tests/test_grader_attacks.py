@@ -340,6 +340,11 @@ WRONG_VALUE = {
     "bernoulli_nll_forward": ("nll = (softplus(logits) - x * logits).sum(axis=-1)",
                               "nll = (softplus(logits) + x * logits).sum(axis=-1)"),
     "bernoulli_nll_backward": ("(sigmoid(logits) - x)", "(sigmoid(logits) + x)"),
+    "conv2d_backward": ("dW = (G @ col.T).reshape(W.shape)", "dW = (G @ col.T).reshape(W.shape) / N"),
+    "conv_transpose2d_forward": ("col = W.reshape(Cin, Cout * KH * KW).T @ X",
+                                 "col = W[:, :, ::-1, ::-1].reshape(Cin, Cout * KH * KW).T @ X"),
+    "maxpool2d_backward": ("xp.multiply(dy, arg == a,", "xp.multiply(dy, True,"),
+    "upsample_nearest2d_backward": ("for a in range(1, s * s):", "for a in range(1, 1):"),
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = self.eps * bc2"),
     "vae_backward": ("dh += dh_lv ", "dh = dh_lv "),
 }
@@ -356,6 +361,11 @@ IGNORED_UPSTREAM = {
                               "nll = (softplus(logits) - x * logits).mean(axis=-1)"),
     "bernoulli_nll_backward": ("dlogits = dnll[..., None] * (sigmoid(logits) - x)",
                                "dlogits = (sigmoid(logits) - x) + 0 * dnll[..., None]"),
+    "conv2d_backward": ("db = G.sum(axis=1)", "db = xp.ones(F) * G.shape[1]"),
+    "conv_transpose2d_forward": ("y += b.reshape(1, Cout, 1, 1)", "y += 0 * b.reshape(1, Cout, 1, 1)"),
+    "maxpool2d_backward": ("xp.multiply(dy, arg == a,", "xp.multiply(1.0, arg == a,"),
+    "upsample_nearest2d_backward": ("blocks = dy.reshape(N, C, H, s, W, s)",
+                                    "blocks = (dy * 0 + 1).reshape(N, C, H, s, W, s)"),
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = 0.0"),
     "vae_backward": ("dkl = xp.full((N,), beta / N, dtype=self.dtype)", "dkl = xp.full((N,), 1.0 / N, dtype=self.dtype)"),
 }
@@ -380,11 +390,17 @@ def test_planted_bugs_fail_every_exercise(solved, tmp_path, bugs):
         [(e["id"], e["status"], e["message"]) for e in report["exercises"] if e["status"] != "fail"]
 
 
-def test_one_bug_fails_exactly_its_exercise(solved, tmp_path):
+@pytest.mark.parametrize("exercise", ["kl_forward", "conv2d_backward", "conv_transpose2d_forward",
+                                      "maxpool2d_backward", "upsample_nearest2d_backward"])
+def test_one_typical_mistake_fails_exactly_its_exercise(solved, tmp_path, exercise):
+    # dW averaged instead of summed over the batch, a flipped kernel, the gradient sent to every element of
+    # the pool window, only one copy of an upsampled pixel: each fails its own exercise and nothing else
     d = copy_of(solved, tmp_path / "one")
-    _plant(d, {"kl_forward": WRONG_VALUE["kl_forward"]})
-    report = grade(d, ["kl_forward", "kl_backward", "vae_backward"])
-    assert [e["id"] for e in report["exercises"] if not e["passed"]] == ["kl_forward"]
+    _plant(d, {exercise: WRONG_VALUE[exercise]})
+    ids = ["kl_forward", "kl_backward", "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward",
+           "upsample_nearest2d_backward"]
+    report = grade(d, ids)
+    assert [e["id"] for e in report["exercises"] if not e["passed"]] == [exercise]
 
 
 # ------------------------------------------------------------ course scale

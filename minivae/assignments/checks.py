@@ -239,6 +239,43 @@ def _bern(rng, big):
     return out
 
 
+def _conv(rng, big):
+    if big:
+        x, W = rng.standard_normal((16, 16, 28, 28)), rng.standard_normal((32, 16, 3, 3))
+        b = rng.standard_normal(32)
+        return [OpCase("", lambda x, W, b: ref.conv2d_forward(x, W, b, 1, 1), [x, W, b], ["dx", "dW", "db"])]
+    out = []
+    for label, (N, C, H, Wd), (F, K), s, p in ((" (stride 1, padding 0)", (2, 3, 5, 6), (4, 3), 1, 0),
+                                              (" (stride 2, padding 1)", (3, 2, 7, 6), (3, 4), 2, 1)):
+        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((F, C, K, K)), rng.standard_normal(F)
+        out.append(OpCase(label, lambda x, W, b, s=s, p=p: ref.conv2d_forward(x, W, b, s, p), [x, W, b],
+                          ["dx", "dW", "db"]))
+    return out
+
+
+def _distinct(rng, shape):
+    """Well-separated values (0.01 apart): no two entries of a pooling window within h of each other."""
+    n = int(np.prod(shape))
+    return (rng.permutation(n) * 0.01 - n * 0.005).reshape(shape)
+
+
+def _maxpool(rng, big):
+    if big:
+        return [OpCase("", lambda x: ref.maxpool2d_forward(x, 2), [_distinct(rng, (64, 32, 28, 28))], ["dx"])]
+    return [OpCase(" (size 2, odd H)", lambda x: ref.maxpool2d_forward(x, 2), [_distinct(rng, (2, 3, 5, 6))], ["dx"]),
+            OpCase(" (size 3)", lambda x: ref.maxpool2d_forward(x, 3), [_distinct(rng, (2, 2, 6, 7))], ["dx"])]
+
+
+def _upsample(rng, big):
+    if big:
+        return [OpCase("", lambda x: ref.upsample_nearest2d_forward(x, 2), [rng.standard_normal((64, 32, 14, 14))],
+                       ["dx"])]
+    return [OpCase(" (scale 2)", lambda x: ref.upsample_nearest2d_forward(x, 2), [rng.standard_normal((2, 3, 3, 4))],
+                   ["dx"]),
+            OpCase(" (scale 3)", lambda x: ref.upsample_nearest2d_forward(x, 3), [rng.standard_normal((2, 2, 2, 3))],
+                   ["dx"])]
+
+
 # exercise id -> (qualified backward function, input maker(rng, big) -> [OpCase])
 OP_CHECKS = {
     "dense_backward": ("minivae.layers:dense_backward", _dense),
@@ -250,13 +287,18 @@ OP_CHECKS = {
     "reparameterize_backward": ("minivae.gaussian:reparameterize_backward", _reparam),
     "kl_backward": ("minivae.gaussian:kl_backward", _kl),
     "bernoulli_nll_backward": ("minivae.likelihoods:bernoulli_nll_backward", _bern),
+    "conv2d_backward": ("minivae.conv:conv2d_backward", _conv),
+    "maxpool2d_backward": ("minivae.conv:maxpool2d_backward", _maxpool),
+    "upsample_nearest2d_backward": ("minivae.conv:upsample_nearest2d_backward", _upsample),
 }
 
 # the reference backward of each exercise, for the cost check
 REF_BACKWARD = {"dense_backward": ref.dense_backward, "relu_backward": ref.relu_backward,
                 "tanh_backward": ref.tanh_backward, "sigmoid_backward": ref.sigmoid_backward,
                 "reparameterize_backward": ref.reparameterize_backward, "kl_backward": ref.kl_backward,
-                "bernoulli_nll_backward": ref.bernoulli_nll_backward}
+                "bernoulli_nll_backward": ref.bernoulli_nll_backward, "conv2d_backward": ref.conv2d_backward,
+                "maxpool2d_backward": ref.maxpool2d_backward,
+                "upsample_nearest2d_backward": ref.upsample_nearest2d_backward}
 
 
 def check_op_backward(ex_id, child, judge, seed, timeout):
@@ -360,6 +402,19 @@ def check_bernoulli_nll_forward(child, judge, seed, timeout):
         no_side_effects(rep, (logits, x), {"0": "logits", "1": "x"})
 
 
+def check_conv_transpose2d_forward(child, judge, seed, timeout):
+    rng = rng_for(seed, "conv_transpose2d_forward")
+    for label, (N, C, H, Wd), (Cout, K), s, p in ((" (stride 2, padding 1)", (2, 3, 4, 5), (2, 4), 2, 1),
+                                                  (" (stride 1, padding 0)", (3, 2, 3, 4), (3, 3), 1, 0)):
+        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((C, Cout, K, K)), rng.standard_normal(Cout)
+        args = (x, W, b, s, p)
+        rep = call(child, "minivae.conv:conv_transpose2d_forward", args, timeout)
+        y_want, (X_want, *_) = ref.conv_transpose2d_forward(x, W, b, s, p)
+        k_out, k_cache = take_tuple(rep, "r", 2, ["y", "cache"], "conv_transpose2d_forward")
+        judge.compare("y" + label, take_array(rep, k_out, y_want.shape, "y" + label), y_want, VALUE_TOL)
+        no_side_effects(rep, args, {"0": "x", "1": "W", "2": "b"})
+
+
 def check_adam_step(child, judge, seed, timeout):
     rng = rng_for(seed, "adam_step")
     shapes = {"a": (3, 4), "b": (5,)}
@@ -404,8 +459,15 @@ PROXIED_OPS = {
     "minivae.gaussian:kl_forward": ref.kl_forward, "minivae.gaussian:kl_backward": ref.kl_backward,
     "minivae.likelihoods:bernoulli_nll_forward": ref.bernoulli_nll_forward,
     "minivae.likelihoods:bernoulli_nll_backward": ref.bernoulli_nll_backward,
+    "minivae.conv:conv2d_forward": ref.conv2d_forward, "minivae.conv:conv2d_backward": ref.conv2d_backward,
+    "minivae.conv:conv_transpose2d_forward": ref.conv_transpose2d_forward,
+    "minivae.conv:conv_transpose2d_backward": ref.conv_transpose2d_backward,
+    "minivae.conv:maxpool2d_forward": ref.maxpool2d_forward, "minivae.conv:maxpool2d_backward": ref.maxpool2d_backward,
+    "minivae.conv:upsample_nearest2d_forward": ref.upsample_nearest2d_forward,
+    "minivae.conv:upsample_nearest2d_backward": ref.upsample_nearest2d_backward,
 }
-N_OUT = {"dense_backward": 3, "reparameterize_backward": 2, "kl_backward": 2}
+N_OUT = {"dense_backward": 3, "reparameterize_backward": 2, "kl_backward": 2, "conv2d_backward": 3,
+         "conv_transpose2d_backward": 3}
 
 
 class OpServer:
@@ -504,6 +566,7 @@ def check_vae_backward(child, judge, seed, timeout):
 
 
 FORWARD_CHECKS = {"reparameterize_forward": check_reparameterize_forward, "kl_forward": check_kl_forward,
+                  "conv_transpose2d_forward": check_conv_transpose2d_forward,
                   "bernoulli_nll_forward": check_bernoulli_nll_forward, "adam_step": check_adam_step,
                   "vae_backward": check_vae_backward}
 

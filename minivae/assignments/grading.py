@@ -489,7 +489,7 @@ def format_header(report_dir):
     return f"grading {report_dir}"
 
 
-def format_line(r, width=24):
+def format_line(r, width=28):
     err = r.get("worst_rel_error")
     err_s = f"{err:.1e}" if isinstance(err, (int, float)) else "n/a"
     status = {"pass": "PASS", "fail": "FAIL", "error": "ERROR", "not_implemented": "TODO",

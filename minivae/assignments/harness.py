@@ -37,10 +37,11 @@ VALUE_TOL = 1e-9     # forward values vs the reference formula, float64
 H = 1e-5
 LOCAL_SEED = 0
 EXPECTED_FILE = "check_expected.npz"
-MODULES = ("config", "layers", "gaussian", "likelihoods", "optim", "model")
+MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model")
 OP_MODULE = {"dense_forward": "layers", "relu_forward": "layers", "tanh_forward": "layers",
              "sigmoid_forward": "layers", "reparameterize_forward": "gaussian", "kl_forward": "gaussian",
-             "bernoulli_nll_forward": "likelihoods"}
+             "bernoulli_nll_forward": "likelihoods", "conv2d_forward": "conv", "maxpool2d_forward": "conv",
+             "upsample_nearest2d_forward": "conv"}
 
 
 class CheckFailed(Exception):
@@ -339,6 +340,52 @@ def check_bernoulli_nll_backward(ctx, res):
         check_op_backward(ctx_op, res, "bernoulli_nll_forward", back, [logits], ["dlogits"], case)
 
 
+def check_conv2d_backward(ctx, res):
+    rng = ctx.rng("conv2d_backward")
+    back = ctx.mods["conv"].conv2d_backward
+    for case, (N, C, H, Wd), (F, K), s, p in ((" (stride 1, padding 0)", (2, 3, 5, 6), (4, 3), 1, 0),
+                                             (" (stride 2, padding 1)", (3, 2, 7, 6), (3, 4), 2, 1)):
+        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((F, C, K, K)), rng.standard_normal(F)
+        fwd = ctx.op("conv2d_forward")
+        ctx_op = _FixedOp(ctx, "conv2d_forward", lambda x, W, b, s=s, p=p: fwd(x, W, b, s, p))
+        check_op_backward(ctx_op, res, "conv2d_forward", back, [x, W, b], ["dx", "dW", "db"], case)
+
+
+def check_conv_transpose2d_forward(ctx, res):
+    rng = ctx.rng("conv_transpose2d_forward")
+    f = ctx.mods["conv"].conv_transpose2d_forward
+    for case, (N, C, H, Wd), (Cout, K), s, p in ((" (stride 2, padding 1)", (2, 3, 4, 5), (2, 4), 2, 1),
+                                                 (" (stride 1, padding 0)", (3, 2, 3, 4), (3, 3), 1, 0)):
+        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((C, Cout, K, K)), rng.standard_normal(Cout)
+        y, _ = _unpack(f(x.copy(), W.copy(), b.copy(), s, p), 2, ["y", "cache"], "conv_transpose2d_forward")
+        want = ctx.expect(f"conv_transpose2d_forward/y{case}",
+                          lambda: ctx.ref.conv_transpose2d_forward(x, W, b, s, p)[0])
+        res.compare("y" + case, y, want, VALUE_TOL)
+
+
+def _distinct(rng, shape):
+    n = int(np.prod(shape))
+    return (rng.permutation(n) * 0.01 - n * 0.005).reshape(shape)
+
+
+def check_maxpool2d_backward(ctx, res):
+    rng = ctx.rng("maxpool2d_backward")
+    back = ctx.mods["conv"].maxpool2d_backward
+    for case, shape, k in ((" (size 2, odd H)", (2, 3, 5, 6), 2), (" (size 3)", (2, 2, 6, 7), 3)):
+        fwd = ctx.op("maxpool2d_forward")
+        ctx_op = _FixedOp(ctx, "maxpool2d_forward", lambda x, k=k: fwd(x, k))
+        check_op_backward(ctx_op, res, "maxpool2d_forward", back, [_distinct(rng, shape)], ["dx"], case)
+
+
+def check_upsample_nearest2d_backward(ctx, res):
+    rng = ctx.rng("upsample_nearest2d_backward")
+    back = ctx.mods["conv"].upsample_nearest2d_backward
+    for case, shape, k in ((" (scale 2)", (2, 3, 3, 4), 2), (" (scale 3)", (2, 2, 2, 3), 3)):
+        fwd = ctx.op("upsample_nearest2d_forward")
+        ctx_op = _FixedOp(ctx, "upsample_nearest2d_forward", lambda x, k=k: fwd(x, k))
+        check_op_backward(ctx_op, res, "upsample_nearest2d_forward", back, [rng.standard_normal(shape)], ["dx"], case)
+
+
 def check_adam_step(ctx, res):
     rng = ctx.rng("adam_step")
     shapes = {"a": (3, 4), "b": (5,)}
@@ -514,7 +561,7 @@ def _local(argv):
     return 0 if passed == len(wanted) else 1
 
 
-def format_line(r, width=24):
+def format_line(r, width=28):
     err = r.get("worst_rel_error")
     err_s = f"{err:.1e}" if isinstance(err, (int, float)) else "n/a"
     status = {"pass": "PASS", "fail": "FAIL", "error": "ERROR", "not_implemented": "TODO",
