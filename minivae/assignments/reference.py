@@ -148,7 +148,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0):
     F, _, KH, KW = W.shape
     win = _windows(x, KH, KW, stride, padding)
     OH, OW = win.shape[2], win.shape[3]
-    y = np.einsum("ncijkl,fckl->nfij", win, W) + b[None, :, None, None]
+    y = np.tensordot(win, W, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2) + b[None, :, None, None]
     col = win.transpose(1, 4, 5, 0, 2, 3).reshape(C * KH * KW, N * OH * OW)
     return y, (col, W, (N, C, H, Wd), stride, padding)
 
@@ -170,8 +170,8 @@ def conv2d_backward(dy, cache):
     F, _, KH, KW = W.shape
     OH, OW = dy.shape[2], dy.shape[3]
     win = col.reshape(C, KH, KW, N, OH, OW).transpose(3, 0, 4, 5, 1, 2)
-    dW = np.einsum("nfij,ncijkl->fckl", dy, win)
-    dx = _scatter(np.einsum("nfij,fckl->ncijkl", dy, W), x_shape, s, p)
+    dW = np.tensordot(dy, win, axes=([0, 2, 3], [0, 2, 3]))                   # (F, C, KH, KW)
+    dx = _scatter(np.tensordot(dy, W, axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5), x_shape, s, p)
     return dx, dW, dy.sum(axis=(0, 2, 3))
 
 
@@ -179,7 +179,7 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
     N, Cin, H, Wd = x.shape
     _, Cout, KH, KW = W.shape
     OH, OW = (H - 1) * stride - 2 * padding + KH, (Wd - 1) * stride - 2 * padding + KW
-    y = _scatter(np.einsum("nchw,cdkl->ndhwkl", x, W), (N, Cout, OH, OW), stride, padding)
+    y = _scatter(np.tensordot(x, W, axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5), (N, Cout, OH, OW), stride, padding)
     y = y + b[None, :, None, None]
     X = x.transpose(1, 0, 2, 3).reshape(Cin, N * H * Wd)
     return y, (X, W, (N, Cin, H, Wd), stride, padding)
@@ -191,8 +191,8 @@ def conv_transpose2d_backward(dy, cache):
     _, Cout, KH, KW = W.shape
     win = _windows(dy, KH, KW, s, p)[:, :, :H, :Wd]            # (N, C_out, H, W, KH, KW)
     x = X.reshape(Cin, N, H, Wd).transpose(1, 0, 2, 3)
-    dx = np.einsum("ndhwkl,cdkl->nchw", win, W)
-    dW = np.einsum("nchw,ndhwkl->cdkl", x, win)
+    dx = np.tensordot(win, W, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
+    dW = np.tensordot(x, win, axes=([0, 2, 3], [0, 2, 3]))
     return dx, dW, dy.sum(axis=(0, 2, 3))
 
 
