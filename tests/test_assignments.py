@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minivae.assignments import IDS, grade, grading, make_starter
+from minivae.assignments import IDS, grade, make_starter
 from minivae.assignments.exercises import select
 from minivae.assignments.make import scan_regions
 from minivae.assignments.markers import MarkerError, find_regions, fill_text, region_bodies, stub_text
@@ -310,3 +310,17 @@ def test_starter_data_loading_and_training_run(starter, tmp_path):
     r = run_isolated(TRAIN, starter)
     assert r.returncode != 0
     assert "NotImplementedError: exercise reparameterize_forward" in r.stderr, r.stderr
+
+
+def test_local_backward_check_names_a_wrong_forward(unstubbed, tmp_path):
+    # a wrong kl_forward makes the local kl_backward check fail, and the report names kl_forward as the cause;
+    # the grader, with its own forward, passes kl_backward
+    d = copy_of(unstubbed, tmp_path)
+    edit(d / "minivae" / "gaussian.py", "kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)",
+         "kl = 0.5 * (mu * mu + var - 1.0 + logvar).sum(axis=1)")
+    r = subprocess.run([sys.executable, "-B", "check.py", "kl_backward"], cwd=d, capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert r.returncode == 1 and "wrong: kl_forward" in r.stdout, r.stdout
+    assert "make exercise kl_forward pass first" in r.stdout
+    report = grade(d, ["kl_forward", "kl_backward"])
+    assert [e["passed"] for e in report["exercises"]] == [False, True]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from minivae.assignments import IDS, grade, grading, make_starter
+from minivae.assignments import grade, grading, make_starter
 from minivae.assignments.markers import find_regions
 from minivae.assignments.sandbox import namespaces_available
 

@@ -243,7 +243,7 @@ class Run:
         self.integrity = Integrity(self.manifest)
         self.seed = int(secrets.randbits(31)) if seed is None else int(seed)
         self.timeout = float(timeout)
-        self.namespace = namespace
+        self.namespace = namespace and namespaces_available()      # probed once, before any thread starts
         self.root = Path(tempfile.mkdtemp(prefix="minivae-grade-"))
         os.chmod(self.root, 0o700)
         self._n = 0
@@ -519,6 +519,3 @@ def format_report(report):
     return "\n".join([format_header(report["dir"])] + [format_line(r) for r in report["exercises"]]
                      + [format_footer(report)])
 
-
-def namespaces():
-    return namespaces_available()

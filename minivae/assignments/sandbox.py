@@ -148,6 +148,8 @@ def become_subreaper():
     return _SUBREAPER
 
 
+_live = set()                    # pids of children being run now (all threads)
+_live_lock = threading.Lock()
 _namespace_ok = None
 
 
@@ -161,15 +163,12 @@ def namespaces_available():
                     "sys.exit(0 if l.unshare(0x00020000|0x20000000)==0 and "
                     "l.mount(b'none',b'/',None,16384|(1<<18),None)==0 else 1)")
             try:
-                _namespace_ok = subprocess.run([sys.executable, "-I", "-c", code], timeout=30,
-                                               capture_output=True).returncode == 0
+                with _live_lock:     # not an orphan to another thread's scan
+                    _namespace_ok = subprocess.run([sys.executable, "-I", "-c", code], timeout=30,
+                                                   capture_output=True).returncode == 0
             except (OSError, subprocess.SubprocessError):
                 _namespace_ok = False
     return _namespace_ok
-
-
-_live = set()                    # pids of children being run now (all threads)
-_live_lock = threading.Lock()
 
 
 def _orphans():
@@ -245,10 +244,10 @@ class Child:
                "cover": str(cover) if cover else None}
         self.output_file = Path(output_file)
         self._out = open(self.output_file, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", BOOT, json.dumps(cfg)], cwd=str(workdir),
-                                     env=_env(), stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=subprocess.STDOUT, pass_fds=(req_r, rep_w), start_new_session=True)
-        with _live_lock:
+        with _live_lock:        # registered before another thread's orphan scan can see it
+            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", BOOT, json.dumps(cfg)],
+                                         cwd=str(workdir), env=_env(), stdin=subprocess.DEVNULL, stdout=self._out,
+                                         stderr=subprocess.STDOUT, pass_fds=(req_r, rep_w), start_new_session=True)
             _live.add(self.proc.pid)
         os.close(req_r)
         os.close(rep_w)
