@@ -39,7 +39,7 @@ from pathlib import Path
 from . import checks
 from .exercises import BY_ID, IDS
 from .markers import MarkerError, find_regions, region_bodies
-from .sandbox import Child, namespaces_available
+from .sandbox import Child, ChildError, Zygote, become_subreaper, namespaces_available
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = HERE.parent                          # the installed reference package (solutions included)
@@ -244,6 +244,8 @@ class Run:
         self.seed = int(secrets.randbits(31)) if seed is None else int(seed)
         self.timeout = float(timeout)
         self.namespace = namespace and namespaces_available()      # probed once, before any thread starts
+        become_subreaper()
+        self.zygote = Zygote() if sys.platform.startswith("linux") else None
         self.root = Path(tempfile.mkdtemp(prefix="minivae-grade-"))
         os.chmod(self.root, 0o700)
         self._n = 0
@@ -266,6 +268,8 @@ class Run:
                                    "(the manifest's hash differs): grade with the minivae version that made it")
 
     def close(self):
+        if self.zygote is not None:
+            self.zygote.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self):
@@ -306,8 +310,11 @@ class Run:
             shutil.copytree(slot / "graded" / "minivae", work / "minivae")
             shutil.copy2(HERE / "runner.py", work / "runner.py")
             t1 = time.perf_counter()
-            child = Child(work, slot / f"out-{ex}.txt", hide=hide, cover=self.root,
-                          cpu_seconds=self.timeout + 5, namespace=self.namespace)
+            kwargs = dict(hide=hide, cover=self.root, cpu_seconds=self.timeout + 5, namespace=self.namespace)
+            try:
+                child = Child(work, slot / f"out-{ex}.txt", zygote=self.zygote, **kwargs)
+            except (ChildError, OSError):      # no fork server: start an interpreter
+                child = Child(work, slot / f"out-{ex}.txt", **kwargs)
             try:
                 try:
                     child.hello()

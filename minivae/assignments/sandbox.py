@@ -57,7 +57,8 @@ ENV_ALLOWED = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "SYSTEMROOT")
 
 BOOT = r'''
 import json, os, sys, resource, signal
-cfg = json.loads(sys.argv[1])
+if "cfg" not in globals():
+    cfg = json.loads(sys.argv[1])
 notes = []
 for name, value in cfg["limits"].items():
     try:
@@ -131,6 +132,110 @@ g = {"__name__": "__main__", "__file__": os.path.abspath("runner.py")}
 exec(compile(src, "runner.py", "exec"), g)
 '''
 
+ZYGOTE = r'''
+import ctypes, io, json, os, signal, socket, struct, sys, traceback, types, importlib, resource
+import numpy
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)                       # PR_SET_CHILD_SUBREAPER: orphans come here
+boot = sys.argv[1]
+sock = socket.socket(fileno=int(sys.argv[2]))
+
+def reap(*_):
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+signal.signal(signal.SIGCHLD, reap)
+while True:
+    try:
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
+    except OSError:
+        break
+    if not msg:
+        break
+    cfg = json.loads(msg)
+    pid = os.fork()
+    if pid == 0:                                                # the new student process
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            sock.close()
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(fds[2], 1)
+            os.dup2(fds[2], 2)
+            for fd in (null, fds[2]):
+                os.close(fd)
+            cfg["rfd"], cfg["wfd"] = fds[0], fds[1]
+            os.chdir(cfg["work"])
+            os.environ.clear()
+            os.environ.update(cfg["env"])
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            g = {"__name__": "__boot__", "cfg": cfg}
+            exec(compile(boot, "<boot>", "exec"), g)
+        except SystemExit as e:
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    for fd in fds:
+        os.close(fd)
+    sock.sendall(struct.pack("<q", pid))
+'''
+
+
+class Zygote:
+    """A trusted fork server: Python and NumPy loaded once, one fresh forked process per check.
+
+    It knows nothing of the grading (no reference, no seed): it receives a child's settings and its three
+    file descriptors (request pipe, reply pipe, output file) and forks; the new process then runs BOOT
+    exactly as a freshly started interpreter would.  Saves the interpreter start-up of every check.
+    """
+
+    def __init__(self):
+        import socket
+        self._sock, theirs = socket.socketpair()
+        with _live_lock:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", ZYGOTE, BOOT, str(theirs.fileno())],
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True, env=_env())
+            _live.add(self.proc.pid)
+            _zygotes.add(str(self.proc.pid))
+        theirs.close()
+        self._lock = threading.Lock()
+
+    def spawn(self, cfg, fds):
+        import socket
+        with self._lock, _live_lock:
+            socket.send_fds(self._sock, [json.dumps(cfg).encode()], list(fds))
+            data = b""
+            while len(data) < 8:
+                chunk = self._sock.recv(8 - len(data))
+                if not chunk:
+                    raise ChildError("the grader's fork server stopped")
+                data += chunk
+            pid = struct.unpack("<q", data)[0]
+            _live.add(pid)
+            return pid
+
+    def close(self):
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+        with _live_lock:
+            _live.discard(self.proc.pid)
+            _zygotes.discard(str(self.proc.pid))
+
+
 _SUBREAPER = None
 
 
@@ -149,6 +254,7 @@ def become_subreaper():
 
 
 _live = set()                    # pids of children being run now (all threads)
+_zygotes = set()                 # pids (as text) of fork servers: their orphans are ours to kill too
 _live_lock = threading.Lock()
 _namespace_ok = None
 
@@ -187,7 +293,7 @@ def _orphans():
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and fields[1] == str(me):
+        if len(fields) > 1 and (fields[1] == str(me) or fields[1] in _zygotes):
             pid = int(name)
             with _live_lock:
                 if pid not in _live:
@@ -213,9 +319,23 @@ def reap_orphans(rounds=20):
         for pid in pids:
             try:
                 os.waitpid(pid, 0)
-            except OSError:
+            except OSError:          # a fork server's orphan: it reaps it
                 pass
     return killed
+
+
+def _alive(pid):
+    """Whether pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
 class ChildError(Exception):
@@ -232,7 +352,7 @@ def _env():
 class Child:
     """One student process: ``call(request, timeout)`` sends a request and returns the checked reply."""
 
-    def __init__(self, workdir, output_file, hide=(), cover=None, cpu_seconds=120, namespace=True):
+    def __init__(self, workdir, output_file, hide=(), cover=None, cpu_seconds=120, namespace=True, zygote=None):
         become_subreaper()
         self.workdir = Path(workdir)
         self.namespace = bool(namespace and namespaces_available())
@@ -244,13 +364,27 @@ class Child:
                "cover": str(cover) if cover else None}
         self.output_file = Path(output_file)
         self._out = open(self.output_file, "wb")
-        with _live_lock:        # registered before another thread's orphan scan can see it
-            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", BOOT, json.dumps(cfg)],
-                                         cwd=str(workdir), env=_env(), stdin=subprocess.DEVNULL, stdout=self._out,
-                                         stderr=subprocess.STDOUT, pass_fds=(req_r, rep_w), start_new_session=True)
-            _live.add(self.proc.pid)
-        os.close(req_r)
-        os.close(rep_w)
+        self.proc = None
+        if zygote is not None:  # forked by the fork server: no interpreter start-up
+            cfg.update(work=str(self.workdir), env=_env())
+            try:
+                self.pid = zygote.spawn(cfg, (req_r, rep_w, self._out.fileno()))
+            finally:
+                os.close(req_r)
+                os.close(rep_w)
+        else:
+            with _live_lock:    # registered before another thread's orphan scan can see it
+                self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", BOOT, json.dumps(cfg)],
+                                             cwd=str(workdir), env=_env(), stdin=subprocess.DEVNULL,
+                                             stdout=self._out, stderr=subprocess.STDOUT, pass_fds=(req_r, rep_w),
+                                             start_new_session=True)
+                _live.add(self.proc.pid)
+                self.pid = self.proc.pid
+            os.close(req_r)
+            os.close(rep_w)
+        self._init_rest(cfg)
+
+    def _init_rest(self, cfg):
         self.isolation = {"namespaces": self.namespace, "subreaper": bool(_SUBREAPER),
                           "hidden": cfg["hide"] if self.namespace else []}
         self.closed = False
@@ -312,11 +446,13 @@ class Child:
         return parse_npz(data)
 
     def _died(self, what):
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
-        code = self.proc.returncode
+        code = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            code = self.proc.returncode
         tail = self.output_tail()
         why = f" (exit code {code})" if code is not None else ""
         return f"the student's process {what}{why} before answering" + (f"; last output: {tail}" if tail else "")
@@ -355,16 +491,21 @@ class Child:
             return
         self.closed = True
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)
         except OSError:
             pass
         try:
-            self.proc.kill()
+            os.kill(self.pid, signal.SIGKILL)
         except OSError:
             pass
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.wait()
+        else:                    # the fork server reaps it: wait until it is gone
+            end = time.monotonic() + 10
+            while time.monotonic() < end and _alive(self.pid):
+                time.sleep(0.002)
         with _live_lock:
-            _live.discard(self.proc.pid)
+            _live.discard(self.pid)
         for fd in (self._req_w, self._rep_r):
             try:
                 os.close(fd)
