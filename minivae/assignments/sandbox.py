@@ -16,6 +16,10 @@ BOOT is the grader's own code and runs before any student code:
   double-forked daemons included.  Then every capability is dropped (and
   ``no_new_privs`` set), so the student's code cannot undo any of it.
 
+On Linux the processes are forked by a :class:`Zygote`, a trusted fork server started once per
+run with Python and NumPy loaded and nothing else; each forked process then runs BOOT exactly as a
+new interpreter would.  Elsewhere each check starts its own interpreter.
+
 Whatever of this the OS refused is listed in ``Child.isolation`` and ends up
 in the report.  Independently of the namespace, the parent is a child
 subreaper (``PR_SET_CHILD_SUBREAPER``) and, after each check, kills the
