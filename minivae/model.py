@@ -374,6 +374,8 @@ class VAE:
         if iwae_k is not None and S != iwae_k:
             raise ValueError(f"eps has {S} samples but iwae_k is {iwae_k}")
 
+        if iwae_k is not None and S > self._iwae_chunk(N):
+            return self._iwae_chunked(x, eps, beta, backward)             # bounded memory for large K
         mu, logvar, c_enc = self._encoder_forward(x)
         z, c_rep = reparameterize_forward(mu, logvar, eps)                # (S, N, L)
         outs, c_dec = self._decoder_forward(z.reshape(S * N, L))
@@ -415,6 +417,70 @@ class VAE:
             dmu = dmu + dmu_kl
             dlogvar = dlogvar + dlogvar_kl
         self._encoder_backward(dmu, dlogvar, c_enc, grads)
+        return loss, grads
+
+    # numbers of the widest decoder layer that one IWAE chunk may hold (2**22: 16 MB in float32)
+    IWAE_CHUNK_ELEMENTS = 1 << 22
+
+    def _iwae_chunk(self, N):
+        """Samples per chunk of the IWAE bound: S*N rows of the widest layer within IWAE_CHUNK_ELEMENTS."""
+        width = max(self.config.x_dim, *self.config.hidden)
+        return max(1, self.IWAE_CHUNK_ELEMENTS // (N * width))
+
+    def _iwae_chunked(self, x, eps, beta, backward):
+        """The IWAE loss and gradients of :meth:`_objective_loss`, over the K samples in chunks.
+
+        Same math, memory bounded by one chunk of samples whatever K is.  The softmax
+        weights wtilde need every log w_nk first, so it takes two passes over the chunks:
+        (1) forward only, collecting log_w (K, N); (2) forward again with caches, and the
+        backward of each chunk with its slice of g = d loss / d log_w.  The gradients of the
+        chunks add up (every parameter's gradient is a sum over the S*N rows), so the result
+        equals the one-block computation up to float summation order.
+        """
+        from .objectives import iwae_backward, iwae_forward
+        xp = self.xp
+        S, N, L = eps.shape
+        D = self.config.x_dim
+        step = self._iwae_chunk(N)
+        mu, logvar, c_enc = self._encoder_forward(x)
+        kl, _ = kl_forward(mu, logvar)
+
+        def chunk_forward(s0, s1):
+            z, c_rep = reparameterize_forward(mu, logvar, eps[s0:s1])     # (s, N, L)
+            s = s1 - s0
+            outs, c_dec = self._decoder_forward(z.reshape(s * N, L))
+            rec, c_rec = self._recon_forward([o.reshape(s, N, D) for o in outs], x)   # (s, N)
+            log_pz = log_standard_normal(z)
+            log_qz = -0.5 * (eps[s0:s1] * eps[s0:s1] + logvar + LOG_2PI).sum(axis=-1)
+            return z, rec, -rec + beta * (log_pz - log_qz), (c_rep, c_dec, c_rec)
+
+        log_w = xp.empty((S, N), dtype=self.dtype)
+        rec_sum = 0.0
+        for s0 in range(0, S, step):                                      # pass 1: log-weights only
+            s1 = min(S, s0 + step)
+            _, rec, log_w[s0:s1], _ = chunk_forward(s0, s1)
+            rec_sum = rec_sum + rec.sum()
+        loss, c_iw = iwae_forward(log_w)
+        self.parts = {"loss": loss, "recon": rec_sum / (S * N), "kl": kl.mean(), "iwae_k": S}
+        if not backward:
+            return loss, None
+        g = iwae_backward(xp.asarray(1.0, dtype=self.dtype), c_iw)       # (S, N) d loss / d log w
+        grads, part = self.new_grads(), self.new_grads()
+        dmu = xp.zeros_like(mu)
+        dlogvar = (0.5 * beta) * g.sum(axis=0)[:, None] + xp.zeros_like(logvar)   # through -log q
+        for s0 in range(0, S, step):                                      # pass 2: backward per chunk
+            s1 = min(S, s0 + step)
+            z, _, _, (c_rep, c_dec, c_rec) = chunk_forward(s0, s1)
+            douts = self._recon_backward(-g[s0:s1], c_rec)
+            dz = self._decoder_backward([d.reshape((s1 - s0) * N, D) for d in douts], c_dec, part)
+            dz = dz.reshape(s1 - s0, N, L) - (beta * g[s0:s1])[..., None] * z     # through log p(z)
+            dmu_c, dlogvar_c = reparameterize_backward(dz, c_rep)
+            dmu += dmu_c
+            dlogvar += dlogvar_c
+            grads.flat += part.flat                                       # decoder grads of this chunk
+        part.flat[...] = 0
+        self._encoder_backward(dmu, dlogvar, c_enc, part)
+        grads.flat += part.flat
         return loss, grads
 
     def encode(self, x):
