@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -232,7 +233,19 @@ def cmd_train(args):
     settings.validate()                      # before a default folder is created
     out = args.out or str(new_run_dir("runs", settings.recipe))
     t0 = time.perf_counter()
-    history = train(settings, out, resume=args.resume, progress=not args.quiet, force=args.force)
+    try:
+        history = train(settings, out, resume=args.resume, progress=not args.quiet, force=args.force)
+    except BaseException:
+        if not args.out:                     # a default folder (ours alone) that got nothing is not left behind
+            from .train import LOCK_FILE
+            if sorted(os.listdir(out)) in ([], [LOCK_FILE]):
+                try:
+                    if os.path.exists(os.path.join(out, LOCK_FILE)):
+                        os.unlink(os.path.join(out, LOCK_FILE))
+                    os.rmdir(out)
+                except OSError:
+                    pass
+        raise
     print(f"done: {len(history)} epochs in {out} ({time.perf_counter() - t0:.1f}s this session)")
     return 0
 
@@ -376,8 +389,9 @@ def main(argv=None):
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
-        print(f"minivae: {_one_line(exc) if str(exc) else 'interrupted'}", file=sys.stderr)
-        terminated = isinstance(exc, _Terminated) or getattr(exc, "signum", None) == 15
+        terminated = isinstance(exc, _Terminated) or getattr(exc, "signum", None) == signal.SIGTERM
+        default = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"minivae: {_one_line(exc) if str(exc) else default}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)

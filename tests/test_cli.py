@@ -419,6 +419,8 @@ def test_default_folders_are_unique(tmp_path, capsys, monkeypatch):
         assert run_main(["train", *SMALL], capsys)[0] == 0
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all((r / "checkpoint.npz").exists() for r in runs)
+    code, _, _ = run_main(["train", *SMALL, "--data-dir", tmp_path / "nowhere"], capsys)
+    assert code == 2 and sorted((tmp_path / "runs").iterdir()) == runs      # a failed run leaves no folder
 
 
 def test_train_with_one_test_image_writes_results_and_figures(tmp_path, capsys):
