@@ -383,7 +383,7 @@ def _one_line(exc):
 def main(argv=None):
     from .checkpoint import CheckpointError
     from .download import DownloadError
-    from .train import RunLocked, TrainingDiverged, TrainingInterrupted, _Terminated
+    from .train import RunLocked, TrainingDiverged, _Terminated
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
