@@ -34,9 +34,14 @@
 # toward $p(z \mid x)$; maximising it over the decoder raises $\log p(x)$ (or shrinks the gap).  Note that $(*)$ is
 # an identity, not an inequality chain that happens to be tight: it holds for every $q$.
 #
-# **A correction.**  A Chinese-language article that builds a dense VAE in Keras/TensorFlow writes the VAE objective
-# with an extra term $-\beta\, \mathbb{E}_{z \sim q(z|x)}\big[\mathrm{KL}(q(x \mid z) \,\|\, p_\text{data}(x))\big]$
-# and a $\beta$ on it; that is not the ELBO.  The correct per-example loss is
+# **A correction.**  A Chinese-language tutorial that builds a dense VAE in Keras/TensorFlow, with a $\beta$ weight,
+# writes the objective to be minimised as
+#
+# $$\mathbb{E}\big[\mathrm{KL}(q(z \mid x) \,\|\, p(z))\big]
+#   - \beta\, \mathbb{E}\big[\mathrm{KL}(q(x \mid z) \,\|\, p_\text{data}(x))\big] + \mathbb{E}\big[\log p(x \mid z)\big].$$
+#
+# That is not the ELBO: it has no such second term, and minimising $+\log p(x \mid z)$ makes reconstructions worse
+# (lesson 13 has the rest).  The correct per-example loss is
 #
 # $$-\mathbb{E}_{q(z|x)}\big[\log p(x \mid z)\big] + \mathrm{KL}\big(q(z \mid x) \,\|\, p(z)\big) = -\mathrm{ELBO}.$$
 #
