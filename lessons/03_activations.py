@@ -131,6 +131,19 @@ check(any("overflow" in str(w_.message) for w_ in caught32),
       "in float32 exp(-x) already overflows at x = -100 (limit ~ -88.7)")
 
 # %% [markdown]
+# Rounding is not symmetric either.  In float32, $\sigma(x) = 1 / (1 + e^{-x})$ rounds to exactly 1 once
+# $1 + e^{-x}$ rounds to 1, i.e. once $e^{-x} < 2^{-24}$, from $x \approx 16.6$ on; but $\sigma(x) \approx e^{x}$ rounds
+# to exactly 0 only when $e^{x}$ falls below half the smallest subnormal number,
+# $2^{-150} \approx 7 \times 10^{-46}$, i.e. below $x = -150 \ln 2 \approx -104$.  In between, $\sigma(x)$ is
+# tiny but positive, and $\log \sigma(x)$ would still be finite.
+
+# %%
+s32 = layers.sigmoid(np.array([16.0, 17.0, -103.0, -105.0], dtype=np.float32))
+print("  float32 sigmoid at 16, 17, -103, -105:", s32)
+check(s32.dtype == np.float32 and s32[0] < 1 and s32[1] == 1 and s32[2] > 0 and s32[3] == 0,
+      "float32 sigmoid rounds to 1 from x ~ 17, but to 0 only below x ~ -104 (minivae.likelihoods says so)")
+
+# %% [markdown]
 # ## 4. Picture: the activations and their derivatives
 #
 # The derivative curves are the backward passes applied to $dy = 1$; finite differences at a few points (kinks

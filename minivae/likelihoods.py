@@ -32,7 +32,7 @@ def bernoulli_nll_forward(logits, x):
           = softplus(l) - x l.
     Computing it from logits with a stable softplus never takes log(0), even
     when sigmoid(l) rounds to exactly 0 or 1 (in float32 it rounds to 1 from l ~ 17 on,
-    and to 0 only below l ~ -104, where exp(l) underflows past the subnormals).  x may be
+    and to 0 only below l ~ -104, where exp(l) < 2^-150 underflows to 0).  x may be
     any value in [0, 1] (continuous "probabilities" as targets are allowed).
 
     Shapes: logits (N, D), x (N, D) -> nll (N,).
