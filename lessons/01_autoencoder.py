@@ -15,7 +15,8 @@
 #
 # $$a_1 = x W_1 + b_1,\quad h_1 = \mathrm{relu}(a_1),\quad c = h_1 W_2 + b_2 \qquad (c \in \mathbb{R}^8)$$
 #
-# $$a_2 = c W_3 + b_3,\quad h_2 = \mathrm{relu}(a_2),\quad \ell = h_2 W_4 + b_4 \qquad (\ell \in \mathbb{R}^{784}\text{, logits})$$
+# $$a_2 = c W_3 + b_3,\quad h_2 = \mathrm{relu}(a_2),\quad \ell = h_2 W_4 + b_4
+#   \qquad (\ell \in \mathbb{R}^{784}\text{, logits})$$
 #
 # The reconstruction is $p = \sigma(\ell)$.  We score it with the Bernoulli negative log-likelihood ("binary
 # cross-entropy") from logits, per image:
@@ -173,8 +174,8 @@ check(final_loss < 0.4 * init_loss, "training cuts the test reconstruction loss 
 # Two measurements:
 #
 # 1. the distance from each code to the nearest training code (in code space);
-# 2. self-consistency.  A real digit is nearly a fixed point of the autoencoder, $x \approx \mathrm{dec}(\mathrm{enc}(x))$.
-#    Re-encode each decoded image $x'$ and measure the round-trip error
+# 2. self-consistency.  A real digit is nearly a fixed point of the autoencoder,
+#    $x \approx \mathrm{dec}(\mathrm{enc}(x))$.  Re-encode each decoded image $x'$ and measure the round-trip error
 #    $\lVert \mathrm{dec}(\mathrm{enc}(x')) - x' \rVert^2 / \lVert x' \rVert^2$.  For decodes of codes the autoencoder
 #    was trained around, the round trip is nearly exact; for codes off the data, the encoder has never seen images
 #    like the decoded $x'$.

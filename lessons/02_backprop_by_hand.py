@@ -35,7 +35,8 @@ t0 = time.time()
 # Take $f(w, b) = (w x + b)^2$ with a fixed input $x$.  Name the intermediate $a = w x + b$, so $f = a^2$.  The chain
 # rule multiplies local derivatives:
 #
-# $$\frac{\partial f}{\partial a} = 2a, \qquad \frac{\partial a}{\partial w} = x, \qquad \frac{\partial a}{\partial b} = 1,$$
+# $$\frac{\partial f}{\partial a} = 2a, \qquad \frac{\partial a}{\partial w} = x,
+#   \qquad \frac{\partial a}{\partial b} = 1,$$
 #
 # $$\frac{\partial f}{\partial w} = \frac{\partial f}{\partial a}\frac{\partial a}{\partial w} = 2 (w x + b)\, x,
 #   \qquad \frac{\partial f}{\partial b} = \frac{\partial f}{\partial a}\frac{\partial a}{\partial b} = 2 (w x + b).$$

@@ -38,7 +38,8 @@
 # writes the objective to be minimised as
 #
 # $$\mathbb{E}\big[\mathrm{KL}(q(z \mid x) \,\|\, p(z))\big]
-#   - \beta\, \mathbb{E}\big[\mathrm{KL}(q(x \mid z) \,\|\, p_\text{data}(x))\big] + \mathbb{E}\big[\log p(x \mid z)\big].$$
+#   - \beta\, \mathbb{E}\big[\mathrm{KL}(q(x \mid z) \,\|\, p_\text{data}(x))\big]
+#   + \mathbb{E}\big[\log p(x \mid z)\big].$$
 #
 # That is not the ELBO: it has no such second term, and minimising $+\log p(x \mid z)$ makes reconstructions worse
 # (lesson 13 has the rest).  The correct per-example loss is

@@ -41,7 +41,8 @@
 # $\partial \sigma / \partial\, \text{logvar} = \sigma / 2$:
 #
 # $$\frac{\partial}{\partial \mu} = \mathbb{E}_\epsilon\big[f'(z)\big], \qquad
-#   \frac{\partial}{\partial\, \text{logvar}} = \mathbb{E}_\epsilon\Big[f'(z) \odot \epsilon \odot \frac{\sigma}{2}\Big],$$
+#   \frac{\partial}{\partial\, \text{logvar}}
+#   = \mathbb{E}_\epsilon\Big[f'(z) \odot \epsilon \odot \frac{\sigma}{2}\Big],$$
 #
 # which is exactly `reparameterize_backward` applied to $dz = f'(z)$.
 #
@@ -124,7 +125,8 @@ check(ratio_mu.min() > 10 and ratio_lv.min() > 10,
 # ## 2. Gradient check of the reparameterization op (both $\epsilon$ layouts)
 #
 # One sample per example, $\epsilon$ of shape $(N, L)$, and $S = 5$ samples per example, $(S, N, L)$, where the
-# backward sums over the samples: $d\mu = \sum_s dz_s$, $d\,\text{logvar} = \sum_s dz_s \odot \epsilon_s \odot \sigma / 2$.
+# backward sums over the samples: $d\mu = \sum_s dz_s$ and
+# $d\,\text{logvar} = \sum_s dz_s \odot \epsilon_s \odot \sigma / 2$.
 
 # %%
 mu_c, lv_c = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))

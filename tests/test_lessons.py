@@ -70,7 +70,7 @@ def test_every_cell_is_top_level(path):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.If, ast.For, ast.While,
                              ast.With, ast.Try)):
             inside = [m for m in markers if node.lineno < m <= node.end_lineno]
-            assert not inside, f"{path.name}: the cell marker at line {inside[0]} is inside a block (line {node.lineno})"
+            assert not inside, f"{path.name}: cell marker at line {inside[0]} inside the block at line {node.lineno}"
     for kind, start, text in cells:
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
         assert not first.startswith((" ", "\t")), f"{path.name}: the cell at line {start} starts indented"
@@ -93,7 +93,7 @@ def test_derivations_are_markdown_cells_with_latex_math(path):
             assert depth == 0, f"{path.name}: unbalanced braces in ${span}$ (cell at line {start})"
             assert span.count(r"\left") == span.count(r"\right"), f"{path.name}: \\left without \\right in ${span}$"
             for env in re.findall(r"\\begin\{(\w+)\}", span):
-                assert span.count(rf"\end{{{env}}}") == span.count(rf"\begin{{{env}}}"), f"{path.name}: \\begin{{{env}}}"
+                assert span.count(rf"\end{{{env}}}") == span.count(rf"\begin{{{env}}}"), f"{path.name}: {env}"
     assert n_math >= 3, f"{path.name}: the derivation is written as LaTeX math ($...$, $$...$$) in markdown cells"
 
 
