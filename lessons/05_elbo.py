@@ -27,7 +27,7 @@
 #
 # so, rearranged,
 #
-# $$\log p(x) = \mathrm{ELBO}(q) + \mathrm{KL}\big(q \,\|\, p(z \mid x)\big). \tag{$*$}$$
+# $$\log p(x) = \mathrm{ELBO}(q) + \mathrm{KL}\big(q \,\|\, p(z \mid x)\big). \tag{*}$$
 #
 # Because a KL divergence is $\ge 0$ (and $= 0$ only for $q = p(z \mid x)$), the ELBO is a lower bound on
 # $\log p(x)$, and the gap is exactly the KL to the true posterior.  Maximising the ELBO over $q$ therefore pulls $q$
