@@ -152,8 +152,9 @@ def active_units(model, x, threshold=0.01, batch_size=1000):
     """Number of active latent units (Burda et al. 2015): unit j is active if Cov_x(E_q[z_j]) > threshold.
 
     An inactive unit's posterior mean does not move with x: the decoder
-    cannot get information about x through it (its posterior is the prior,
-    "posterior collapse" of that unit).
+    gets (almost) no information about x through it.  In practice its posterior
+    is then the prior ("posterior collapse" of that unit), but the statistic only
+    sees the mean: sigma_j(x) could still vary with x.
     """
     return int((posterior_mean_variance(model, x, batch_size) > threshold).sum())
 
