@@ -7,6 +7,7 @@ copied into each file.  Lesson 10 writes its training loop out in full: that loo
 
 * :func:`lesson_args`  ``--quick`` / ``--out DIR`` / ``--seed N``; unknown arguments are ignored, so a lesson
   also runs as a notebook inside Jupyter (whose kernel passes its own arguments)
+* :func:`save_figure`  save a figure under the out folder, show it inline in a Jupyter kernel, close it
 * :func:`check`        assert a claim and print ``CHECK passed: <claim>``
 * :func:`fit`          shuffle, slice a minibatch, binarize it, loss + grads, optimizer step; ``steps`` times
 
@@ -25,6 +26,8 @@ def lesson_args(default_out, description, argv=None, quick_help="smaller, faster
                 seed_help=None):
     """Parse ``--quick``, ``--out`` (default ``default_out``) and ``--seed`` (default 0); create the out folder.
 
+    The environment variable ``MINIVAE_QUICK=1`` also sets ``args.quick`` (how the notebook tests ask for it).
+
     Uses ``parse_known_args``: arguments a lesson does not know (Jupyter's ``-f kernel.json``) are ignored.
     Returns the :class:`argparse.Namespace` (``args.out`` stays a string).
     """
@@ -33,8 +36,27 @@ def lesson_args(default_out, description, argv=None, quick_help="smaller, faster
     p.add_argument("--out", default=default_out, help="output folder for figures")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     args = p.parse_known_args(argv)[0]
+    if os.environ.get("MINIVAE_QUICK", "").strip() == "1":
+        args.quick = True
     os.makedirs(args.out, exist_ok=True)
     return args
+
+
+def save_figure(fig, out, name):
+    """Save ``fig`` as ``out/name``; show it inline when running in a Jupyter kernel; close it. Returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    try:
+        from IPython import get_ipython
+        if get_ipython() is not None and getattr(get_ipython(), "kernel", None) is not None:
+            from IPython.display import display
+            display(fig)
+    except ImportError:
+        pass
+    plt.close(fig)
+    return path
 
 
 def check(cond, claim):
