@@ -116,8 +116,8 @@ check(res[1.0][0] + res[1.0][1] <= min(res[b][0] + res[b][1] for b in betas) + 2
       "beta = 1, the true ELBO objective, gives (within 2 nats) the best test -ELBO of the sweep")
 
 # %% [markdown]
-# Which of these objectives bound $-\log p(x)$?  For every model, $\mathcal{J}_\beta - (-\mathrm{ELBO})
-# = (\beta - 1)K$: at or above the $-$ELBO for $\beta \ge 1$, below it by $(1-\beta)K$ for $\beta < 1$.  To put
+# Which of these objectives bound $-\log p(x)$?  For every model,
+# $\mathcal{J}_\beta - (-\mathrm{ELBO}) = (\beta - 1)K$: at or above the $-$ELBO for $\beta \ge 1$, below it by $(1-\beta)K$ for $\beta < 1$.  To put
 # $-\log p(x)$ itself on the same scale we estimate it by importance sampling with $k$ samples (lesson 14):
 # $-\hat{\mathcal L}_k$ lies between $-\log p(x)$ and the $-$ELBO (in expectation), so a valid bound must lie
 # above it.

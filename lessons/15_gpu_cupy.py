@@ -37,8 +37,8 @@ timings = {}
 # The math is identical: the dense layer $y = xW + b$ with $\bar W = x^\top\bar y$ is `x @ W` on either module.
 # What differs is *where* the arrays live and how fast the matrix products run.
 #
-# **The cost of a training step.**  A dense layer with `in` inputs and `out` outputs costs $2 \cdot
-# \mathrm{in} \cdot \mathrm{out}$ FLOPs per image for the forward product $xW$, as much again for
+# **The cost of a training step.**  A dense layer with `in` inputs and `out` outputs costs
+# $2 \cdot \mathrm{in} \cdot \mathrm{out}$ FLOPs per image for the forward product $xW$, as much again for
 # $\bar W = x^\top \bar y$, and as much again for $\bar x = \bar y W^\top$, except in the first layer, where no
 # gradient with respect to the data is needed.  For a 784-H-L VAE (encoder $784 \to H$, two heads $H \to L$,
 # decoder $L \to H \to 784$) that is, per image,
