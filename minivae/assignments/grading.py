@@ -245,18 +245,23 @@ class Run:
         self.timeout = float(timeout)
         self.namespace = namespace and namespaces_available()      # probed once, before any thread starts
         become_subreaper()
-        self.zygote = Zygote() if sys.platform.startswith("linux") else None
-        self.root = Path(tempfile.mkdtemp(prefix="minivae-grade-"))
-        os.chmod(self.root, 0o700)
         self._n = 0
         self._lock = threading.Lock()
-        from .make import make_starter
-        stub = tuple(self.manifest["exercises"]) if self.manifest else IDS
-        self.pristine = self.root / "pristine"
-        make_starter(self.pristine, stub, record_expected=False, lessons=False,
-                     hide_derivations=bool(self.manifest and self.manifest.get("hide_derivations")))
-        if self.manifest:
-            self._check_pristine()
+        self.zygote = None
+        self.root = Path(tempfile.mkdtemp(prefix="minivae-grade-"))
+        try:                    # leave no folder and no fork server behind when the set-up fails
+            os.chmod(self.root, 0o700)
+            from .make import make_starter
+            stub = tuple(self.manifest["exercises"]) if self.manifest else IDS
+            self.pristine = self.root / "pristine"
+            make_starter(self.pristine, stub, record_expected=False, lessons=False,
+                         hide_derivations=bool(self.manifest and self.manifest.get("hide_derivations")))
+            if self.manifest:
+                self._check_pristine()
+            self.zygote = Zygote() if sys.platform.startswith("linux") else None
+        except BaseException:
+            self.close()
+            raise
 
     def _check_pristine(self):
         for rel, digest in self.manifest["files"].items():
