@@ -274,6 +274,10 @@ class VAE:
         ``self.parts``: ``loss``, ``recon`` (mean -log p(x|z)) and ``kl``
         (mean KL, not multiplied by beta).
         """
+        # beta as a scalar of the model's dtype: under NumPy < 2's value-based casting, a Python float
+        # times a float32 0-d array (kl.mean()) promotes to float64; NEP 50 (NumPy >= 2) keeps float32.
+        # Casting it here gives float32 under both rules, and the same numbers as NumPy 2.
+        beta = self.dtype.type(beta)
         if iwae_k is not None or free_bits:
             return self._objective_loss(x, eps, beta, n_samples, backward, validate, iwae_k, free_bits)
         xp = self.xp
