@@ -157,15 +157,16 @@ def toolchain():
         nvrtc.getVersion()
     except Exception as e:                                       # the NVRTC library is missing
         pytest.skip(f"NVRTC cannot be loaded ({_one_line(e)}); pip install 'minivae[cuda12x]'")
-    try:
-        tc = Toolchain()
-    except (ImportError, AttributeError) as e:
-        pytest.fail(f"CuPy's private code-generation API changed ({_one_line(e)}); "
-                    f"update tests/test_nvrtc.py: the kernels were NOT compiled")
-    # CuPy's headers include CUDA's (cuda_fp16.h...), from the CUDA runtime wheel or a CUDA toolkit.
     probe = kernels.elementwise("minivae_probe", "T a", "T b", "b = a")
     try:
-        tc.compile(probe, tc.source(probe, np.float32), ARCHS[-1])
+        tc = Toolchain()
+        source = tc.source(probe, np.float32)
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.fail(f"CuPy's private code-generation API changed ({_one_line(e)}); "
+                    f"update tests/test_nvrtc.py: the kernels were NOT compiled")
+    # CuPy's headers include CUDA's (cuda_fp16.h...), from NVRTC's built-ins, the CUDA runtime wheel or a toolkit.
+    try:
+        tc.compile(probe, source, ARCHS[-1])
     except tc.compiler.CompileException as e:
         if "cannot open source file" in str(e):
             pytest.skip(f"CUDA headers missing for NVRTC ({str(e).splitlines()[0]}); "
