@@ -104,8 +104,8 @@ class Toolchain:
     def _indexer(self, ndim):
         return self.K._ArgInfo(self.INDEXER, self.Indexer, None, ndim, True, True)
 
-    def source(self, spec, dtype):
-        """The CUDA source CuPy generates for ``spec`` with arrays of ``dtype`` (2-D; reductions 2-D -> 1-D)."""
+    def source(self, spec, dtype, ndim=2, header=True):
+        """The CUDA source CuPy generates for ``spec`` with ``ndim``-D arrays of ``dtype`` (reductions to ndim - 1)."""
         if spec.kind == "raw":
             return spec.code
         kernel = kernels.build(spec)
@@ -113,25 +113,25 @@ class Toolchain:
             in_args = tuple(None if p.name in spec.scalar_args else dtype for p in kernel.in_params)
             _, _, type_map = self.K._decide_params_type(kernel.in_params, kernel.out_params,
                                                         in_args, (dtype,) * kernel.nout)
-            infos = tuple(self._scalar(dtype) if p.name in spec.scalar_args else self._array(dtype, 2)
+            infos = tuple(self._scalar(dtype) if p.name in spec.scalar_args else self._array(dtype, ndim)
                           for p in kernel.in_params)
-            infos += tuple(self._array(dtype, 2) for _ in kernel.out_params) + (self._indexer(2),)
+            infos += tuple(self._array(dtype, ndim) for _ in kernel.out_params) + (self._indexer(ndim),)
             code = self.K._get_elementwise_kernel_code(infos, type_map, kernel.params, kernel.operation,
                                                        kernel.name, kernel.preamble)
         else:
             _, _, type_map = self.K._decide_params_type(kernel.in_params, kernel.out_params,
                                                         (dtype,) * kernel.nin, (dtype,) * kernel.nout)
-            infos = tuple(self._scalar(dtype) if p.name in spec.scalar_args else self._array(dtype, 2)
+            infos = tuple(self._scalar(dtype) if p.name in spec.scalar_args else self._array(dtype, ndim)
                           for p in kernel.in_params)
-            infos += tuple(self._array(dtype, 1) for _ in kernel.out_params)
-            infos += (self._indexer(2), self._indexer(1), self._scalar(np.int32))   # _in_ind, _out_ind, _block_stride
+            infos += tuple(self._array(dtype, ndim - 1) for _ in kernel.out_params)
+            infos += (self._indexer(ndim), self._indexer(ndim - 1), self._scalar(np.int32))  # _in/_out_ind, _block_stride
             # the reduction's index type, chosen per call by CuPy (32-bit when the sizes allow it)
             type_map = self.K._TypeMap(type_map._pairs + (("IndexT", np.int32),))
             code = self.R._ReductionKernel_get_cached_function_code(
                 kernel.nin, kernel.nout, kernel._params, infos, type_map, kernel.name, 128, kernel.reduce_type,
                 kernel.identity, kernel.map_expr, kernel.reduce_expr, kernel.post_map_expr, kernel.preamble,
                 tuple(spec.options))
-        return self.header + code
+        return self.header + code if header else code
 
     def compile(self, spec, source, arch):
         """NVRTC -> cubin for sm_<arch>, with the options CuPy uses (raises CompileException)."""
@@ -230,3 +230,18 @@ def test_planted_bug_fails_to_compile(toolchain, bug):
     else:
         good = kernels.reduction(spec.name, "T a", "T y", "a", "a + b", "y = a", "0")
     _check_cubin(toolchain.compile(good, toolchain.source(good, dtype), ARCHS[-1]), good, ARCHS[-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key", sorted(k for k, v in SPECS.items() if v.kind == "elementwise"))
+def test_regenerated_source_is_what_cupy_compiles_on_a_gpu(toolchain, key):
+    # On a GPU, call the kernel on contiguous (3, 4) arrays (CuPy then indexes them as 1-D) and compare the
+    # source CuPy compiled with the one this file regenerates without a GPU: they must be the same text.
+    import cupy as cp
+    spec = SPECS[key]
+    kernel = kernels.build(spec)
+    args = [np.float32(0.5) if p.name in spec.scalar_args else cp.full((3, 4), 0.5, dtype=cp.float32)
+            for p in kernel.in_params]
+    args += [cp.full((3, 4), 0.5, dtype=cp.float32) for _ in kernel.out_params]
+    kernel(*args)
+    assert toolchain.source(spec, np.float32, ndim=1, header=False) in set(kernel.cached_codes.values())
