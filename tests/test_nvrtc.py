@@ -124,7 +124,8 @@ class Toolchain:
             infos = tuple(self._scalar(dtype) if p.name in spec.scalar_args else self._array(dtype, ndim)
                           for p in kernel.in_params)
             infos += tuple(self._array(dtype, ndim - 1) for _ in kernel.out_params)
-            infos += (self._indexer(ndim), self._indexer(ndim - 1), self._scalar(np.int32))  # _in/_out_ind, _block_stride
+            # _in_ind, _out_ind, _block_stride
+            infos += (self._indexer(ndim), self._indexer(ndim - 1), self._scalar(np.int32))
             # the reduction's index type, chosen per call by CuPy (32-bit when the sizes allow it)
             type_map = self.K._TypeMap(type_map._pairs + (("IndexT", np.int32),))
             code = self.R._ReductionKernel_get_cached_function_code(
