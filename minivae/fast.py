@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import kernels
 from .backend import get_array_module
 from .gaussian import LOG_2PI, log_diag_normal, log_standard_normal, reparameterize_forward
 from .optim import Adam
@@ -78,48 +79,49 @@ def check_supported(config):
 
 
 # ----------------------------------------------------------------------------
-# CuPy kernels (built on first use; CuPy is imported only when it is in use)
+# CuPy kernels: declared as data in minivae.kernels' registry (which tests/test_nvrtc.py
+# compiles with NVRTC, no GPU needed), built on first use (CuPy is imported only then)
 # ----------------------------------------------------------------------------
-_KERNELS = {}
-
-
-def _cupy_kernels():
-    if _KERNELS:
-        return _KERNELS
-    import cupy as cp
-    k = _KERNELS
-    k["bias_relu"] = cp.ElementwiseKernel(
-        "T b", "T a", "a = max(a + b, (T)0)", "minivae_bias_relu")
-    k["relu_bwd"] = cp.ElementwiseKernel(
-        "T h", "T d", "d = h > (T)0 ? d : (T)0", "minivae_relu_bwd")
-    k["reparam"] = cp.ElementwiseKernel(
-        "T mu, T lv, T eps", "T sig, T z",
-        "sig = exp((T)0.5 * lv); z = mu + sig * eps", "minivae_reparam")
-    k["latent_bwd"] = cp.ElementwiseKernel(
-        "T dz, T mu, T lv, T sig, T eps, T c", "T dmu, T dlv",
+_KERNEL_SPECS = kernels.register(__name__, {
+    "bias_relu": kernels.elementwise(
+        "minivae_bias_relu", "T b", "T a", "a = max(a + b, (T)0)"),
+    "relu_bwd": kernels.elementwise(
+        "minivae_relu_bwd", "T h", "T d", "d = h > (T)0 ? d : (T)0"),
+    "reparam": kernels.elementwise(
+        "minivae_reparam", "T mu, T lv, T eps", "T sig, T z",
+        "sig = exp((T)0.5 * lv); z = mu + sig * eps"),
+    "latent_bwd": kernels.elementwise(
+        "minivae_latent_bwd", "T dz, T mu, T lv, T sig, T eps, T c", "T dmu, T dlv",
         "dmu = dz + c * mu; dlv = dz * eps * ((T)0.5 * sig) + c * ((T)0.5 * (exp(lv) - (T)1))",
-        "minivae_latent_bwd")
-    k["kl_terms"] = cp.ReductionKernel(
-        "T mu, T lv", "T y", "mu * mu + exp(lv) - (T)1 - lv", "a + b", "y = (T)0.5 * a", "0", "minivae_kl")
-    k["bernoulli"] = cp.ElementwiseKernel(
-        "T l, T x, T invn", "T d, T nll",
+        scalar_args=("c",)),
+    "kl_terms": kernels.reduction(
+        "minivae_kl", "T mu, T lv", "T y", "mu * mu + exp(lv) - (T)1 - lv", "a + b", "y = (T)0.5 * a", "0"),
+    "bernoulli": kernels.elementwise(
+        "minivae_bernoulli", "T l, T x, T invn", "T d, T nll",
         """
         T e = exp(-fabs(l));
         T r = (T)1 / ((T)1 + e);
         d = ((l >= (T)0 ? r : e * r) - x) * invn;
         nll = max(l, (T)0) + log1p(e) - x * l;
-        """, "minivae_bernoulli")
+        """, scalar_args=("invn",)),
     # 1 - b1 and 1 - b2 come in as arguments, computed in double on the host and then
     # rounded once, as NumPy rounds the Python float (1.0 - b2) it multiplies by; in the
     # kernel, (T)1 - b2 in float32 would give 0.00099998713 instead of 0.001f.
-    k["adam"] = cp.ElementwiseKernel(
-        "T g, T b1, T c1, T b2, T c2, T lr_t, T eps_t", "T p, T m, T v",
+    "adam": kernels.elementwise(
+        "minivae_adam", "T g, T b1, T c1, T b2, T c2, T lr_t, T eps_t", "T p, T m, T v",
         """
         m = b1 * m + c1 * g;
         v = b2 * v + c2 * (g * g);
         p -= lr_t * m / (sqrt(v) + eps_t);
-        """, "minivae_adam")
-    return k
+        """, scalar_args=("b1", "c1", "b2", "c2", "lr_t", "eps_t")),
+})
+_KERNELS = {}
+
+
+def _cupy_kernels():
+    if not _KERNELS:
+        _KERNELS.update(kernels.build_all(_KERNEL_SPECS))
+    return _KERNELS
 
 
 # ----------------------------------------------------------------------------
