@@ -292,7 +292,7 @@ def test_float32_is_preserved_everywhere():
     arrays = [a for v in vars(B).values() for a in (v.values() if isinstance(v, dict) else
                                                      v if isinstance(v, list) else [v])]
     assert all(a.dtype in (np.float32, np.bool_) for a in arrays)
-    assert tr.W_heads.dtype == np.float32 and tr._tmp.dtype == np.float32
+    assert tr.W_heads.dtype == np.float32 and (tr._tmp is None or tr._tmp.dtype == np.float32)
 
 
 def test_other_optimizers_fall_back_to_their_step():
@@ -334,7 +334,7 @@ def test_unsupported_and_bad_input_raise_clear_errors():
     with pytest.raises(ValueError, match="eps must be"):
         tr.step(x, eps[:4])
     with pytest.raises(ValueError, match="threads"):
-        FastTrainer(model, threads=3)
+        FastTrainer(model, threads=0)
 
 
 @pytest.mark.gpu
