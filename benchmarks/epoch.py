@@ -98,6 +98,9 @@ def parse_args(argv=None):
                    help="interleave the implementations every this many steps inside each round instead of "
                         "epoch by epoch (0, the default: whole epochs); each epoch time is the sum of its blocks. "
                         "Use it on a loaded machine, so that every implementation sees the same load")
+    p.add_argument("--n-batches", type=int, default=None,
+                   help="time only the first this many batches of each epoch (all 469 by default); the ratios "
+                        "stay comparable, the times are then per partial epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     a = p.parse_args(argv)
@@ -395,7 +398,7 @@ def run_batch_size(args, x, N, torch, report, tc):
     round (1 thread: minivae, torch, bound; all threads: minivae, torch, bound; next round ...).
     Appends one result per thread count to report["runs"] and returns them."""
     cfg = minivae.VAEConfig()
-    n_batches = QUICK_BATCHES if args.quick else None
+    n_batches = QUICK_BATCHES if args.quick else args.n_batches
     gpu = args.backend == "cupy"
     impls, loss_log, rss, trainers = {}, {}, {}, {}
     if gpu:
@@ -522,7 +525,7 @@ def main(argv=None):
     report = {"command": " ".join([os.path.basename(sys.executable), "benchmarks/epoch.py", *sys.argv[1:]]),
               "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "split": args.split,
               "backend": args.backend, "quick": args.quick, "epochs": args.epochs, "warmup": args.warmup,
-              "block_steps": args.block_steps, "data_threads": args.data_threads,
+              "block_steps": args.block_steps, "data_threads": args.data_threads, "n_batches": args.n_batches,
               "machine": machine(args, torch), "torch_available": torch is not None, "runs": []}
     print(f"minivae epoch benchmark: {report['machine']['cpu']}, {args.threads} threads, "
           f"{report['machine'].get('numpy_blas')}, backend {args.backend}"

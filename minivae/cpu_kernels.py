@@ -346,9 +346,41 @@ S = {}   # serial twins
 K = {}   # the parallel kernel for arrays of PARALLEL_MIN elements or more, else the serial one
 
 
+# OpenMP threads (numba's usual threading layer) busy-wait for ~300,000 spins after each parallel
+# loop by default.  On a machine whose cores are all busy (a shared machine, or BLAS and these kernels
+# taking turns) a spinning thread holds a core that another thread needs, and a parallel loop then
+# waits for a descheduled thread: measured under load, a 2-thread Adam took 36 ms instead of 0.6 ms
+# (benchmarks/README.md).  So, unless the user has set OMP_WAIT_POLICY or GOMP_SPINCOUNT, numba's
+# threads are started with a short spin (GOMP_SPINCOUNT=1000); the variable is set only while numba's
+# OpenMP library starts (it reads it then) and removed afterwards, so other libraries never see it.
+SPINCOUNT = "1000"
+_started = []
+
+
+def start_threads():
+    """Start numba's worker threads (once), with the short OpenMP spin described above."""
+    if _started or not AVAILABLE:
+        return
+    _started.append(True)
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return                                       # the user's setting wins; numba starts them lazily
+    os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()
+    except Exception:                                # another numba layout: start lazily, default spin
+        pass
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
 def _dispatch(par, ser):
     def run(*args):
-        return (par if args[0].size >= PARALLEL_MIN else ser)(*args)
+        if args[0].size >= PARALLEL_MIN:
+            if not _started:
+                start_threads()
+            return par(*args)
+        return ser(*args)
     run.__doc__ = par.__doc__
     return run
 
@@ -365,6 +397,7 @@ if AVAILABLE:
 def set_threads(n):
     """Threads for the parallel kernels launched from the calling thread (numba's setting is per thread)."""
     if AVAILABLE:
+        start_threads()
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 

@@ -41,6 +41,16 @@ What is done differently from the reference, and why it is the same math:
   work of one half overlaps the other half's matmuls instead of leaving a core
   idle; the second half's gradients are added inside the Adam pass.  The
   grouping is fixed (first half + second half), so results are deterministic.
+* **Fused CPU kernels (optional, with numba).**  When numba is installed
+  (``pip install minivae[fast]``), the elementwise chains run as compiled
+  loops from :mod:`minivae.cpu_kernels`, on ``threads`` cores: bias + ReLU in
+  one pass; ReLU's backward with its bias gradient; the latent layer forward,
+  and backward with the KL sum; the Bernoulli (or Gaussian) loss, gradient and
+  output-bias gradient (after one NumPy SIMD exp); Adam in one pass, bit for
+  bit NumPy's Adam.  Every sum is split into fixed blocks added in a fixed
+  order, so the numbers do not depend on the thread count.  Without numba (or
+  with ``fused=False``) the NumPy ufunc code below runs: the same numbers up
+  to float rounding, checked by the same tests.
 * **On CuPy**, the elementwise chains (bias + ReLU, the latent layer, the
   Bernoulli loss and gradient, Adam) are single fused kernels, and nothing
   synchronises with the host: the loss stays on the device.
@@ -244,10 +254,12 @@ class FastTrainer:
     ``optimizer``  an optimizer from :mod:`minivae.optim`; a plain Adam (no
                    weight decay, no clipping) gets the blocked/threaded update,
                    anything else falls back to ``optimizer.step``
-    ``threads``    NumPy only: 1 or 2 Python threads for the step (default 1).
-                   With 2, Adam is split across both threads, and so is the
-                   batch (``split``) or else the Bernoulli chain (batches of
-                   128 rows or more)
+    ``threads``    NumPy only: threads for the step (default 1).  With the
+                   fused kernels, the number of cores they use (BLAS has its
+                   own setting).  Without them, 2 or more means that Adam is
+                   split across two Python threads, and so is the batch
+                   (``split``) or else the Bernoulli chain (batches of 128
+                   rows or more)
     ``split``      NumPy, 2 threads only: each batch of ``SPLIT_MIN_ROWS`` rows or
                    more is cut into two halves whose forward and backward passes
                    run at the same time, one per thread, each with one-thread
@@ -258,7 +270,10 @@ class FastTrainer:
                    machine it measured no faster than 2-thread BLAS (see
                    benchmarks/README.md), but it is much more robust when the
                    other core is busy (OpenBLAS's 2-thread calls then stall)
-    ``block``      elements per Adam block (NumPy)
+    ``block``      elements per Adam block (NumPy ufunc code)
+    ``fused``      NumPy only: use the fused kernels of :mod:`minivae.cpu_kernels`
+                   (needs numba).  None (default): when numba is importable;
+                   False: the NumPy ufunc code; True: require them
 
     Why the split: of a step's ~4 ms on 2 CPUs, ~2.6 ms are matmuls that BLAS
     runs on both cores, and ~2 ms are NumPy elementwise passes (bias, ReLU, the
