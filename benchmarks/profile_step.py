@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py [--steps 200] [--threads 2] [--adam-threads 2]
 
 The fast path is profiled with the fused kernels ("fast", when numba is
-installed) and with its NumPy ufunc code ("numpy"), side by side in one run;
+installed) and with its NumPy ufunc code ("numpy"), taking turns step by step
+on the same batches (so both see the same load);
 with 2 threads also with the split step ("split": the two concurrent
 half-batch passes as one part, then Adam, which also adds the second half's
 gradients).  "unaccounted" is the step time minus its parts (the profiler's
@@ -77,30 +78,36 @@ adam_threads = args.adam_threads or args.threads
 modes = [("fast", False, None), ("numpy", False, False)]
 if adam_threads >= 2 and blas_threads_control_available():
     modes.append(("split", True, None))
+trainers = {}
 for label, split, fused in modes:
     tr = FastTrainer(minivae.VAE(cfg, rng=0), minivae.Adam(), threads=adam_threads, split=split, fused=fused)
     if label == "fast" and not tr.fused:
         continue                                   # no numba: "numpy" is the fast path
-    if label == "fast":
-        it = data.epoch(0)
-        for i in range(W):                         # compile / load the kernels before timing
-            tr.step(*next(it))
-    it = data.epoch(0)
-    for i in range(S + W):
+    trainers[label] = tr
+# The modes (and the matmul-only bound) take turns step by step on the same batches, so that they see
+# the same load.
+gb = GemmBound(cfg)
+it = data.epoch(0)
+for i in range(S + W):
+    x, e = next(it)
+    t0 = time.perf_counter()
+    gb.run([N])
+    if i >= W:
+        add("gemm only", time.perf_counter() - t0)
+    for label, tr in trainers.items():
         if i == W:
             tr.profile = {}
-        x, e = next(it)
         t0 = time.perf_counter()
         tr.step(x, e)
         if i >= W:
             add(f"{label} step (fwd+bwd+adam)", time.perf_counter() - t0)
+for label, tr in trainers.items():
     for k, v in tr.profile.items():
         add(f"{label} {k}", v)
     add(f"{label} unaccounted", T[f"{label} step (fwd+bwd+adam)"] - sum(tr.profile.values()))
     tr.close()
 
-for label, split in [("gemm only", False)] + ([("gemm only, split halves", True)]
-                                              if any(m[1] for m in modes) else []):
+for label, split in ([("gemm only, split halves", True)] if "split" in trainers else []):
     gb = GemmBound(cfg, split=split)
     gb.run([N] * W)
     t0 = time.perf_counter()

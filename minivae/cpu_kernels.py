@@ -307,13 +307,13 @@ def iw_bernoulli_pre(a, b, x, t, lin):
     N = x.shape[0]
     zero = a.dtype.type(0)
     for m in prange(M):
-        n = m % N
+        am, tm, xm = a[m], t[m], x[m % N]           # row views: simple loops that LLVM vectorises
         acc = 0.0
         for j in range(D):
-            li = a[m, j] + b[j]
-            a[m, j] = li
-            t[m, j] = -abs(li)
-            acc += float(max(li, zero) - x[n, j] * li)
+            li = am[j] + b[j]
+            am[j] = li
+            tm[j] = -abs(li)
+            acc += float(max(li, zero) - xm[j] * li)
         lin[m] = acc
 
 
@@ -323,10 +323,12 @@ def iw_bernoulli_post(e, lin, nll):
     one = e.dtype.type(1)
     for m in prange(M):
         acc = lin[m]
+        row = e[m]
         for j0 in range(0, D, 64):
+            blk = row[j0:j0 + 64]
             pr = one
-            for j in range(j0, min(D, j0 + 64)):
-                pr *= one + e[m, j]
+            for j in range(blk.shape[0]):
+                pr *= one + blk[j]
             acc += math.log(pr)
         nll[m] = acc
 
