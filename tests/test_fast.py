@@ -408,14 +408,16 @@ def test_fused_adam_is_numpys_adam_bit_for_bit(dtype):
 
 
 @needs_numba
+@pytest.mark.parametrize("parallel_min", [0, None])
 @pytest.mark.parametrize("name,N", [("standard", 200), ("standard", 97), ("two-layer-tanh-gaussian", 130)])
-def test_fused_results_do_not_depend_on_the_thread_count(name, N):
+def test_fused_results_do_not_depend_on_the_thread_count(name, N, parallel_min, monkeypatch):
     """Every sum in the fused kernels is split into fixed blocks added in a fixed order: 1, 2 or 3
-    threads give bitwise the same loss, gradients and parameters (N = 200 runs the parallel kernels)."""
+    threads give bitwise the same loss, gradients and parameters.  parallel_min=0: every kernel runs its
+    parallel version, however small the array; None: the library's threshold."""
+    if parallel_min is not None:
+        monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN", parallel_min)
     models = [make(name, "float32") for _ in range(3)]
     trainers = [FastTrainer(m, minivae.Adam(lr=3e-3), threads=t, fused=True) for m, t in zip(models, (1, 2, 3))]
-    if N == 200:                                   # the hidden layer's and the likelihood's kernels run in parallel
-        assert N * 400 >= cpu_kernels.PARALLEL_MIN
     for s in range(3):
         x, eps = batch(models[0], N, seed=30 + s)
         losses = [float(tr.step(x, eps)) for tr in trainers]
