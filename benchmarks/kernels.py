@@ -113,7 +113,8 @@ def time_it(fn, n):
     return (time.perf_counter() - t) / n
 
 
-out = {"threads": sorted({1, args.threads}), "load_start": os.getloadavg()[0], "numexpr": ne.__version__ if ne else None,
+out = {"threads": sorted({1, args.threads}), "load_start": os.getloadavg()[0],
+       "numexpr": ne.__version__ if ne else None,
        "numba": cpu_kernels.numba.__version__ if cpu_kernels.AVAILABLE else None, "ms": {}}
 for T in out["threads"]:
     set_threads(T)

@@ -14,9 +14,11 @@ Two rules keep the results independent of the thread count:
 
 * elementwise results are computed with the same float operations, in the
   same order, as the NumPy ops they replace (no fastmath, so no FMA
-  contraction and no reassociation): Adam is bit for bit NumPy's;
-* every sum is split into fixed pieces (a block of columns, a row) whose
-  partial results are added in a fixed order afterwards, never into
+  contraction and no reassociation; only the two evaluation kernels that sum
+  along a row allow reassociation, whose order is then fixed by the compiled
+  code): Adam is bit for bit NumPy's;
+* every sum is split into fixed pieces (a block of ROW_BLOCK rows, a row)
+  whose partial results are added in a fixed order afterwards, never into
   "whatever each thread got": the same numbers on 1 thread or 16.
 
 Each kernel exists twice: ``P[name]`` (parallel) and ``S[name]`` (serial, for
