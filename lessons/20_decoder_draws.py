@@ -51,7 +51,7 @@ def draw_gaussian(mean, logvar, rng):
 
 
 l_demo = rng.normal(0, 2, size=(1, 50))
-draws = np.concatenate([draw_bernoulli(np.repeat(l_demo, 4000, 0), rng)])
+draws = draw_bernoulli(np.repeat(l_demo, 4000, 0), rng)                 # 4000 draws of 50 pixels
 p_demo = 1 / (1 + np.exp(-l_demo[0]))
 se = np.sqrt(p_demo * (1 - p_demo) / 4000) + 1e-12
 check(set(np.unique(draws)) <= {0.0, 1.0} and np.all(np.abs(draws.mean(0) - p_demo) < 5 * se + 1e-9),
@@ -150,7 +150,6 @@ for name, kw in [("bernoulli", dict(likelihood="bernoulli")),
 # border settles just above $m$.
 
 # %%
-mu_test = models["learned var"].encode(x_test)[0]
 sd = {}
 for name in ("learned var", "learned var + floor"):
     mdl = models[name]
