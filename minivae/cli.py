@@ -72,7 +72,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 # flag dest -> TrainSettings field (train flags default to None: "not given", so recipes and resumed
 # settings are overridden only by what was typed)
-TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "binarize",
+TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads")
 
@@ -106,6 +106,9 @@ def build_parser():
                    help="p(x|z): bernoulli (binary pixels), gaussian (fixed variance --obs-var) or "
                         "gaussian_learned_var (default bernoulli)")
     t.add_argument("--obs-var", type=float, help="variance of the fixed-variance Gaussian likelihood (default 1)")
+    t.add_argument("--dec-logvar-min", type=float,
+                   help="with gaussian_learned_var: floor m on the decoder's log-variance, logvar' = m + "
+                        "softplus(logvar - m), so no pixel's variance collapses below exp(m) (default: no floor)")
     t.add_argument("--binarize", choices=["none", "dynamic", "static"],
                    help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
     t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
@@ -193,6 +196,13 @@ def build_parser():
     d.add_argument("--cache", help="cache folder (default $MINIVAE_CACHE or ~/.cache/minivae)")
     d.add_argument("--url", help="base URL replacing the registry's (a mirror)")
     d.set_defaults(func=cmd_download)
+
+    les = sub.add_parser("lessons", help="copy the lessons into a folder, as scripts and notebooks",
+                         description="Copy every lesson into DIR as a percent-format script (NN_name.py) and "
+                                     "as a Jupyter notebook (NN_name.ipynb), with the lessons' README. DIR must "
+                                     "be new or empty.")
+    les.add_argument("dir", metavar="DIR", help="a new or empty folder")
+    les.set_defaults(func=cmd_lessons)
     return p
 
 
@@ -383,6 +393,14 @@ def cmd_download(args):
     from .download import download
     folder = download(args.name, args.cache, base_url=args.url, progress=print)
     print(f"{args.name} is in {folder}; train on it with: python -m minivae train --data-dir {folder}")
+    return 0
+
+
+def cmd_lessons(args):
+    from .lessonfiles import export_lessons
+    written = export_lessons(args.dir)
+    n = sum(p.suffix == ".ipynb" for p in written)
+    print(f"wrote {n} lessons to {args.dir} as .py scripts and .ipynb notebooks (open them in Jupyter or VS Code)")
     return 0
 
 
