@@ -7,8 +7,8 @@ a code cell of its own.  :func:`percent_to_notebook` turns such a script into
 an nbformat-4 notebook (a plain ``dict``, ready for ``json.dump``), so that an
 installed minivae can hand out its lessons as ``.ipynb`` files
 (``python -m minivae lessons DIR``) without depending on jupytext, which stays
-a test-only dependency.  ``tests/test_notebook.py`` checks the cells against
-jupytext's own conversion, cell by cell.
+a test-only dependency.  The test suite checks the cells against jupytext's
+own conversion, cell by cell.
 
 The rules follow jupytext's percent reader for what the lessons use:
 
