@@ -90,7 +90,9 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
             while done < k:
                 s = min(chunk, k - done)
                 eps = rng.standard_normal((s, n, L)).astype(model.dtype)
-                lw = to_numpy(_log_weights(model, xb, eps, ys(start, n))).astype(np.float64)   # (s, n)
+                yb = ys(start, n)                                                  # labels, or None
+                lw = _log_weights(model, xb, eps) if yb is None else _log_weights(model, xb, eps, yb)
+                lw = to_numpy(lw).astype(np.float64)                               # (s, n)
                 new_max = np.maximum(run_max, lw.max(axis=0))
                 run_sum = run_sum * np.exp(run_max - new_max) + np.exp(lw - new_max).sum(axis=0)
                 run_max = new_max
