@@ -87,7 +87,7 @@ def check(cond, claim):
     print(f"CHECK passed: {claim}")
 
 
-def fit(model, x, steps, rng, batch_size=128, opt=None, beta=1.0, binarize=True, on_step=None):
+def fit(model, x, steps, rng, batch_size=128, opt=None, beta=1.0, binarize=True, on_step=None, labels=None):
     """Train ``model`` in place for ``steps`` optimizer steps on minibatches of the rows of ``x``.
 
     The loop of lesson 10, without its bookkeeping.  Each epoch draws a fresh permutation from ``rng``
@@ -98,7 +98,8 @@ def fit(model, x, steps, rng, batch_size=128, opt=None, beta=1.0, binarize=True,
     ``beta`` is a number or a callable ``beta(step)`` of the 0-based step index (e.g. a KL warm-up
     ``lambda t: min(1.0, t / T)``).  ``opt`` defaults to ``Adam(lr=1e-3)``.  ``on_step(step, beta)``, if given, is
     called after each update with the 1-based step count; ``model.parts`` then holds that minibatch's
-    loss, recon and kl.  Returns the optimizer (its state lets training continue).
+    loss, recon and kl.  ``labels`` (N,): the class of each row of x, for a conditional model
+    (``model.loss(xb, y=labels[idx])``).  Returns the optimizer (its state lets training continue).
     """
     steps = int(steps)
     if steps < 0:
@@ -109,7 +110,7 @@ def fit(model, x, steps, rng, batch_size=128, opt=None, beta=1.0, binarize=True,
         for idx in _data.minibatches(len(x), batch_size, rng):
             b = beta(step) if callable(beta) else beta
             xb = _data.binarize(x[idx], rng) if binarize else x[idx]
-            _, grads = model.loss(xb, beta=b)
+            _, grads = model.loss(xb, beta=b) if labels is None else model.loss(xb, beta=b, y=labels[idx])
             opt.step(model.params, grads)
             step += 1
             if on_step is not None:
