@@ -171,6 +171,23 @@ def test_class_grid_rows_are_classes_and_columns_share_z():
         class_grid_images(VAE(VAEConfig(x_dim=16, hidden=(8,), z_dim=2), rng=0), np.random.default_rng(0))
 
 
+@pytest.mark.gpu
+def test_conditional_model_on_cupy_matches_numpy():
+    import cupy
+    from minivae.backend import to_numpy
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(6, 12)), rng.integers(0, 3, 6)
+    eps = rng.standard_normal((2, 6, 3))
+    cfg = VAEConfig(x_dim=12, hidden=(10,), z_dim=3, n_classes=3, dtype="float64")
+    mn, mc = VAE(cfg, rng=7), VAE(cfg, rng=7, backend="cupy")
+    ln, gn = mn.loss(x, y=y, eps=eps, n_samples=2)
+    lc, gc = mc.loss(cupy.asarray(x), y=cupy.asarray(y), eps=eps, n_samples=2)
+    assert np.isclose(float(ln), float(lc), rtol=1e-10)
+    for k in gn:
+        assert np.allclose(gn[k], to_numpy(gc[k]), rtol=1e-8, atol=1e-12), k
+    assert np.allclose(mn.log_weights(x, eps, y), to_numpy(mc.log_weights(x, eps, y)), rtol=1e-10)
+
+
 # ----------------------------------------------------------------- runs and CLI
 def _idx(path, a):
     a = np.asarray(a, dtype=np.uint8)
