@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, to_numpy
 
 
 def one_hot(y, n_classes, dtype, xp=np):
@@ -33,7 +33,6 @@ def check_labels(y, n_classes, n=None, name="y"):
     ``n`` is the number of rows the labels must match (None: any).
     """
     try:
-        from .backend import to_numpy
         a = np.asarray(to_numpy(y))
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be integer class labels (N,), got {type(y).__name__}") from None
