@@ -203,9 +203,10 @@ print(f"  SSE of the mean training image: {sse_mean_image:.2f}")
 # At the summed scaling ($\beta = 1$, models A and D), both units are active and carry a few nats each.  At $\beta = 784$
 # and $\beta = 100352$ (B and C), every unit collapses: the KL is 0, the encoder's $\mu(x)$ no longer depends on $x$,
 # the decoder outputs one image for every $z$, the mean digit, and its SSE is the mean image's.  The collapse is the
-# optimum, not a training accident: model A's code buys a reduction of the SSE of $\Delta = \mathrm{SSE}_\text{mean} -
-# \mathrm{SSE}_A$ for $\mathrm{KL}_A$ nats; at $v = 392$ that reduction is worth only $\Delta / 784$ nats, far less
-# than the KL it costs.
+# objective's choice, not a training accident: model A's code buys a reduction of the SSE of
+# $\Delta = \mathrm{SSE}_\text{mean} - \mathrm{SSE}_A$ for $\mathrm{KL}_A$ nats; at $v = 392$ that reduction is worth
+# only $\Delta / 784$ nats, far less than the KL it costs.  Even a perfect reconstruction would be worth only
+# $\mathrm{SSE}_\text{mean} / 784 \approx 0.065$ nats per image at $v = 392$.
 
 # %%
 a, b, c, d = (res[k] for k in "ABCD")
@@ -221,7 +222,7 @@ delta = sse_mean_image - a["sse"]
 print(f"  model A: its code reduces the SSE by {delta:.1f} for {a['kl']:.2f} nats of KL; at v = 392 the same reduction "
       f"is worth {delta / 784:.3f} nats")
 check(delta > a["kl"] and delta / 784 < a["kl"],
-      "A's code pays for its KL at v = 1/2 but would not at v = 392: collapse is the optimum of the mean reduction")
+      "A's code pays for its KL at v = 1/2 but would not at v = 392, the mean reduction's variance")
 check(a["loss"] < b["loss"] - 5 and d["loss"] < c["loss"] - 5,
       "in nats of the v = 1/2 model, the collapsed models are > 5 nats worse per image")
 
@@ -233,7 +234,7 @@ check(a["loss"] < b["loss"] - 5 and d["loss"] < c["loss"] - 5,
 
 # %%
 LOSS_NAME = {"A": "summed MSE + KL", "B": "mean MSE + KL", "C": "mean MSE + 128 KL", "D": "summed MSE + KL"}
-fig, axes = plt.subplots(2, 4, figsize=(16, 4.8))
+fig, axes = plt.subplots(2, 4, figsize=(16, 3.4))
 for col, (name, (hidden, beta)) in enumerate(MODELS.items()):
     m = models[name]
     rec = np.clip(m.reconstruct(x_test[:8]), 0, 1)
