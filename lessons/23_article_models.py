@@ -36,7 +36,7 @@
 # a sigmoid, minivae's Gaussian mean is linear; the correspondence of the losses does not depend on that.)
 #
 # We check the identity on a random model and a batch of grey MNIST digits, in float64, with the loss written the
-# way the article writes it.
+# way the article writes it and the same draw $\epsilon$ on both sides (each side is then a one-sample estimate).
 
 # %%
 import time
