@@ -1,13 +1,14 @@
-"""Lesson 18 - A conditional VAE: generate the digit you ask for.
+# %% [markdown]
+# # Lesson 18 - A conditional VAE: generate the digit you ask for.
+#
+# The PyTorch MLP overview in Chinese trains a VAE on the digits 0 and 1 and ends with ``generate_and_classify``,
+# meant to draw a chosen digit.  It decodes the label itself, through a decoder that takes a 2-D z.  This lesson
+# shows why that cannot work, builds what the function reaches for -- the conditional VAE (Sohn, Lee & Yan 2015)
+# -- trains it on the 0/1 subset, asks it for 0s and 1s, and checks with a classifier trained on real digits that
+# it draws what was asked.  In full mode the same model learns all ten digits.
+#
+# Run:  python lessons/18_conditional_vae.py [--quick] [--out DIR] [--seed N]
 
-The PyTorch MLP overview in Chinese trains a VAE on the digits 0 and 1 and ends with ``generate_and_classify``,
-meant to draw a chosen digit.  It decodes the label itself, through a decoder that takes a 2-D z.  This lesson
-shows why that cannot work, builds what the function reaches for -- the conditional VAE (Sohn, Lee & Yan 2015)
--- trains it on the 0/1 subset, asks it for 0s and 1s, and checks with a classifier trained on real digits that
-it draws what was asked.  In full mode the same model learns all ten digits.
-
-Run:  python lessons/18_conditional_vae.py [--quick] [--out DIR] [--seed N]
-"""
 # %% [markdown]
 # ## 1. What `generate_and_classify` got wrong
 #
