@@ -1,12 +1,13 @@
-"""Lesson 19 - L samples of z per datapoint vs the batch size N, at a fixed budget L·N.
+# %% [markdown]
+# # Lesson 19 - L samples of z per datapoint vs the batch size N, at a fixed budget L·N.
+#
+# The derivation's estimator averages L samples of z for each of N datapoints; Kingma & Welling (2014) use L = 1
+# with N = 100.  Here we measure the variance of the minibatch gradient of the negative ELBO, split it into the part
+# that comes from drawing the minibatch and the part that comes from drawing eps (law of total variance), and work
+# out when more samples per datapoint pay off.
+#
+# Run:  python lessons/19_samples_vs_batch.py [--quick] [--out DIR] [--seed N]
 
-The derivation's estimator averages L samples of z for each of N datapoints; Kingma & Welling (2014) use L = 1
-with N = 100.  Here we measure the variance of the minibatch gradient of the negative ELBO, split it into the part
-that comes from drawing the minibatch and the part that comes from drawing eps (law of total variance), and work
-out when more samples per datapoint pay off.
-
-Run:  python lessons/19_samples_vs_batch.py [--quick] [--out DIR] [--seed N]
-"""
 # %% [markdown]
 # ## 1. The estimator and its two sources of noise
 #

@@ -1,12 +1,13 @@
-"""Lesson 20 - Drawing from the decoder: x ~ p(x|z), not just its mean, and a floor on the learned variance.
+# %% [markdown]
+# # Lesson 20 - Drawing from the decoder: x ~ p(x|z), not just its mean, and a floor on the learned variance.
+#
+# Almost every VAE picture shows E[x|z], the decoder's mean.  The model is a distribution, though: here we draw
+# x ~ p(x|z) for the Bernoulli decoder and for the Gaussian decoder with a learned per-pixel variance, watch that
+# variance collapse on MNIST's always-black border (lesson 08), and stop the collapse with a floor on the
+# log-variance, VAEConfig(dec_logvar_min=m), whose gradient is derived by hand.
+#
+# Run:  python lessons/20_decoder_draws.py [--quick] [--out DIR] [--seed N]
 
-Almost every VAE picture shows E[x|z], the decoder's mean.  The model is a distribution, though: here we draw
-x ~ p(x|z) for the Bernoulli decoder and for the Gaussian decoder with a learned per-pixel variance, watch that
-variance collapse on MNIST's always-black border (lesson 08), and stop the collapse with a floor on the
-log-variance, VAEConfig(dec_logvar_min=m), whose gradient is derived by hand.
-
-Run:  python lessons/20_decoder_draws.py [--quick] [--out DIR] [--seed N]
-"""
 # %% [markdown]
 # ## 1. A draw from p(x|z) is not the mean
 #

@@ -1,13 +1,14 @@
-"""Lesson 21 - Training on the IWAE bound, and with free bits.
+# %% [markdown]
+# # Lesson 21 - Training on the IWAE bound, and with free bits.
+#
+# Two changes to the objective that target two weaknesses of the ELBO: the importance-weighted bound of Burda,
+# Grosse & Salakhutdinov (2015), which is tighter than the ELBO, and free bits (Kingma et al. 2016), which stop the
+# optimizer from pushing latent units all the way to the prior.  We derive the IWAE gradient (normalized importance
+# weights), check it, train small models with each objective (model.loss(iwae_k=K) and model.loss(free_bits=lam)) and
+# compare them with the ELBO-trained model on the importance-weighted NLL and active units.
+#
+# Run:  python lessons/21_iwae_free_bits.py [--quick] [--out DIR] [--seed N]
 
-Two changes to the objective that target two weaknesses of the ELBO: the importance-weighted bound of Burda,
-Grosse & Salakhutdinov (2015), which is tighter than the ELBO, and free bits (Kingma et al. 2016), which stop the
-optimizer from pushing latent units all the way to the prior.  We derive the IWAE gradient (normalized importance
-weights), check it, train small models with each objective (model.loss(iwae_k=K) and model.loss(free_bits=lam)) and
-compare them with the ELBO-trained model on the importance-weighted NLL and active units.
-
-Run:  python lessons/21_iwae_free_bits.py [--quick] [--out DIR] [--seed N]
-"""
 # %% [markdown]
 # ## 1. The IWAE bound
 #

@@ -35,6 +35,9 @@ class VAEConfig:
                 likelihood uses logvar' = m + softplus(logvar - m) > m
                 (:func:`minivae.likelihoods.logvar_floor_forward`), so no pixel's variance can
                 collapse below exp(m).  None (default): no floor.
+    n_classes   K: a conditional VAE (Sohn, Lee & Yan 2015) of p(x|y) for labels y in 0..K-1; the one-hot
+                label joins the input of the encoder's first dense layer and the decoder's input z
+                (:mod:`minivae.conditional`).  None (default): the unconditional VAE of p(x)
     """
 
     x_dim: int = None
@@ -47,6 +50,7 @@ class VAEConfig:
     arch: str = "mlp"
     image_shape: tuple = None
     dec_logvar_min: float = None
+    n_classes: int = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -87,6 +91,10 @@ class VAEConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         self.dtype = str(self.dtype)
         self.obs_var = float(self.obs_var)
+        if self.n_classes is not None:
+            if isinstance(self.n_classes, bool) or int(self.n_classes) != self.n_classes or self.n_classes < 1:
+                raise ValueError(f"n_classes must be a positive integer (or None), got {self.n_classes!r}")
+            self.n_classes = int(self.n_classes)
         if not self.obs_var > 0:
             raise ValueError(f"obs_var must be positive, got {self.obs_var}")
         if self.dec_logvar_min is not None:
@@ -105,7 +113,7 @@ class VAEConfig:
         d["hidden"] = list(self.hidden)
         if self.image_shape is not None:
             d["image_shape"] = list(self.image_shape)
-        for k, default in (("arch", "mlp"), ("image_shape", None), ("dec_logvar_min", None)):
+        for k, default in (("arch", "mlp"), ("image_shape", None), ("dec_logvar_min", None), ("n_classes", None)):
             if d[k] == default:        # a fully connected config serialises as before these fields existed
                 del d[k]
         return d

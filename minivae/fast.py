@@ -57,8 +57,9 @@ What is done differently from the reference, and why it is the same math:
 
 Supported: any hidden depth; every activation (ReLU is specialised, the
 others use the reference ops); Bernoulli and fixed-variance Gaussian
-likelihoods; one sample of z per example.  A learned output variance and the
-convolutional architectures raise :class:`FastPathError`: use the reference path for them.
+likelihoods; one sample of z per example.  A learned output variance, the
+convolutional architectures and the conditional VAE (``n_classes``) raise :class:`FastPathError`: use the
+reference path for them (``minivae.train`` does so by itself).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ import numpy as np
 from . import kernels
 from .backend import get_array_module
 from .gaussian import LOG_2PI, log_diag_normal, log_standard_normal, reparameterize_forward
+from .model import _tile
 from .optim import Adam
 
 
@@ -92,6 +94,9 @@ def check_supported(config):
     if getattr(config, "dec_logvar_min", None) is not None:
         raise FastPathError("the fast path has no floor on the decoder's log-variance (dec_logvar_min); "
                             "use model.loss + optimizer.step instead")
+    if getattr(config, "n_classes", None) is not None:
+        raise FastPathError(f"the fast path supports the unconditional VAE, not a conditional one (n_classes="
+                            f"{config.n_classes}); use model.loss(x, y=labels) + optimizer.step instead")
     if config.likelihood not in ("bernoulli", "gaussian"):
         raise FastPathError(f"the fast path supports the 'bernoulli' and 'gaussian' likelihoods, not "
                             f"{config.likelihood!r}; use model.loss + optimizer.step instead")
@@ -819,25 +824,29 @@ def bernoulli_nll_rows(logits, x):
     return lin.sum(axis=-1) + prod.sum(axis=-1)
 
 
-def log_weights(model, x, eps):
-    """``model.log_weights(x, eps)`` -- log p(x|z) + log p(z) - log q(z|x), (S, N) -- faster.
+def log_weights(model, x, eps, y=None):
+    """``model.log_weights(x, eps, y)`` -- log p(x|z) + log p(z) - log q(z|x), (S, N) -- faster.
 
     For the Bernoulli likelihood the reconstruction term uses :func:`bernoulli_nll_rows` (the same
     numbers up to float rounding), or with numba the fused kernels of :mod:`minivae.cpu_kernels` on
-    every core (:func:`_log_weights_fused`); any other likelihood goes to ``model.log_weights``.
-    ``tests/test_fast.py`` checks the two against each other.
+    every core (:func:`_log_weights_fused`, the unconditional dense VAE only); any other likelihood goes
+    to ``model.log_weights``.  ``tests/test_fast.py`` checks them against each other.  ``y``: the labels
+    of a conditional model.
     """
     if model.config.likelihood != "bernoulli":
-        return model.log_weights(x, eps)
-    ck = _cpu_kernels() if model.backend == "numpy" and model.dtype in (np.float32, np.float64) else None
+        return model.log_weights(x, eps, y)
+    fusable = (model.backend == "numpy" and model.dtype in (np.float32, np.float64) and y is None
+               and model.config.arch == "mlp" and model.config.n_classes is None)
+    ck = _cpu_kernels() if fusable else None
     if ck is not None:
         return _log_weights_fused(model, x, eps, ck)
     x = model._as_input(x, validate=False)
-    mu, logvar, _ = model._encoder_forward(x)
+    y1h = model._as_labels(y, x.shape[0])                             # one-hot (N, K), or None
+    mu, logvar, _ = model._encoder_forward(x, y1h)
     eps = model._as_eps(eps, x.shape[0])
     z = reparameterize_forward(mu, logvar, eps)[0]                    # (S, N, L)
     S, N, L = z.shape
-    logits = model._decoder_forward(z.reshape(S * N, L))[0][0].reshape(S, N, -1)
+    logits = model._decoder_forward(z.reshape(S * N, L), _tile(y1h, S))[0][0].reshape(S, N, -1)
     return -bernoulli_nll_rows(logits, x) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
 
 
