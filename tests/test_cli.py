@@ -198,7 +198,7 @@ def test_clear_errors_in_a_subprocess(tmp_path):
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "long"
     p = subprocess.Popen([sys.executable, "-m", "minivae", "train", "--n-train", "4096", "--n-test", "64",
-                          "--batch-size", "16", "--epochs", "200", "--hidden", "16", "--latent", "2",
+                          "--batch-size", "16", "--epochs", "5000", "--hidden", "16", "--latent", "2",
                           "--no-figures", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=ENV)
     try:
