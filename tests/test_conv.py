@@ -321,20 +321,35 @@ def test_empty_outputs_and_bad_hyperparameters_raise():
         conv.maxpool2d_forward(np.zeros((1, 1, 4, 4)), 1.5)
 
 
-def test_float32_stays_float32(rng):
+F32_OPS = {
+    "conv2d": lambda r: (conv.conv2d_forward, conv.conv2d_backward, (r((4, 3, 3, 3)), r(4), 2, 1)),
+    "conv_transpose2d": lambda r: (conv.conv_transpose2d_forward, conv.conv_transpose2d_backward,
+                                   (r((3, 4, 3, 3)), r(4), 2, 1)),
+    "maxpool2d": lambda r: (conv.maxpool2d_forward, conv.maxpool2d_backward, (2,)),
+    "upsample_nearest2d": lambda r: (conv.upsample_nearest2d_forward, conv.upsample_nearest2d_backward, (2,)),
+}
+
+
+@pytest.mark.parametrize("op", list(F32_OPS))
+def test_float32_stays_float32(rng, op):
     f = np.float32
-    x = rng.standard_normal((2, 3, 8, 8)).astype(f)
-    for fwd, bwd, W, b in [(conv.conv2d_forward, conv.conv2d_backward, (4, 3, 3, 3), 4),
-                           (conv.conv_transpose2d_forward, conv.conv_transpose2d_backward, (3, 4, 3, 3), 4)]:
-        y, cache = fwd(x, rng.standard_normal(W).astype(f), rng.standard_normal(b).astype(f), 2, 1)
-        grads = bwd(rng.standard_normal(y.shape).astype(f), cache)
-        assert y.dtype == f and all(g.dtype == f for g in grads)
-    for fwd, bwd in [(conv.maxpool2d_forward, conv.maxpool2d_backward),
-                     (conv.upsample_nearest2d_forward, conv.upsample_nearest2d_backward)]:
-        y, cache = fwd(x, 2)
-        dx = bwd(rng.standard_normal(y.shape).astype(f), cache)
-        assert y.dtype == f and dx.dtype == f and dx.shape == x.shape
-    assert conv.im2col(x, 3, 3, 1, 1).dtype == f
+
+    def r(shape):
+        return rng.standard_normal(shape).astype(f)
+
+    x = r((2, 3, 8, 8))
+    fwd, bwd, rest = F32_OPS[op](r)
+    y, cache = fwd(x, *rest)
+    grads = bwd(r(y.shape), cache)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    assert y.dtype == f and all(g.dtype == f for g in grads)
+    assert grads[0].shape == x.shape
+
+
+def test_im2col_col2im_keep_float32(rng):
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    col = conv.im2col(x, 3, 3, 1, 1)
+    assert col.dtype == np.float32 and conv.col2im(col, x.shape, 3, 3, 1, 1).dtype == np.float32
 
 
 # ----------------------------------------------------------------------------
