@@ -328,3 +328,26 @@ def test_arch_flag_works_with_any_recipe(tmp_path):
     c = load_checkpoint(run)
     assert c.config.arch == "mlp" and c.config.hidden == (400,) and "enc.conv.0.W" not in c.build_model().params
     shutil.rmtree(run)
+
+
+def test_conv_evaluation_is_chunked_without_changing_the_numbers(monkeypatch):
+    """The conv archs cap the rows per model call (memory); the eps stream, and so the estimate, is unchanged."""
+    from minivae import evaluate
+    m = VAE(VAEConfig(arch="conv-pool", image_shape=(1, 8, 8), z_dim=3, dtype="float64"), rng=0)
+    x = (np.random.default_rng(1).random((10, 64)) < 0.4).astype(np.float64)
+    rng = np.random.default_rng(5)
+    want = []
+    for start in range(0, 10, 4):
+        xb = x[start:start + 4]
+        want.append(evaluate.log_mean_exp(m.log_weights(xb, rng.standard_normal((7, len(xb), 3)))))
+    want = np.concatenate(want)
+    elbo = evaluate.negative_elbo(m, x, np.random.default_rng(2), batch_size=10)
+    calls = []
+    real = evaluate._log_weights
+    monkeypatch.setattr(evaluate, "_log_weights",
+                        lambda model, xb, eps: calls.append(eps.shape[0] * eps.shape[1]) or real(model, xb, eps))
+    monkeypatch.setattr(evaluate, "CONV_ROWS", {"conv-pool": 8})
+    got = evaluate.iw_log_likelihood(m, x, 7, np.random.default_rng(5), chunk=7, batch_size=4)
+    assert np.allclose(got, want, rtol=1e-10) and max(calls) <= 8 and len(calls) > 3
+    capped = evaluate.negative_elbo(m, x, np.random.default_rng(2), batch_size=10)     # 8 rows per call now
+    assert capped["loss"] == pytest.approx(elbo["loss"], rel=1e-12)
