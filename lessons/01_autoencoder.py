@@ -1,68 +1,54 @@
-"""Lesson 01 - The plain autoencoder, and why it is not a generative model.
+# %% [markdown]
+# # Lesson 01: the plain autoencoder, and why it is not a generative model
+#
+# An autoencoder compresses an image $x$ (784 pixels) to a short code $c$ (here 8 numbers) and expands it back.
+# This lesson builds one from minivae's dense and ReLU ops, chains its backward pass by hand, checks it against
+# finite differences, trains it, and then shows what it lacks: its codes follow no known distribution, so there is
+# nothing to draw a *new* code from.  That is the gap the VAE fills (lessons 04-08).
+#
+# Run it as a script, `python lessons/01_autoencoder.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+#
+# ## The model and its loss
+#
+# Encoder and decoder, with rows of the batch as examples:
+#
+# $$a_1 = x W_1 + b_1,\quad h_1 = \mathrm{relu}(a_1),\quad c = h_1 W_2 + b_2 \qquad (c \in \mathbb{R}^8)$$
+#
+# $$a_2 = c W_3 + b_3,\quad h_2 = \mathrm{relu}(a_2),\quad \ell = h_2 W_4 + b_4
+#   \qquad (\ell \in \mathbb{R}^{784}\text{, logits})$$
+#
+# The reconstruction is $p = \sigma(\ell)$.  We score it with the Bernoulli negative log-likelihood ("binary
+# cross-entropy") from logits, per image:
+#
+# $$\mathrm{loss}(x) = \sum_d \big[\mathrm{softplus}(\ell_d) - x_d \ell_d\big]
+#   = -\sum_d \big[x_d \log p_d + (1 - x_d) \log(1 - p_d)\big],$$
+#
+# whose gradient is $\partial\,\mathrm{loss} / \partial \ell = \sigma(\ell) - x$ (lesson 08 derives it).
 
-Run:  python lessons/01_autoencoder.py [--quick] [--out DIR] [--seed N]
-
-An autoencoder compresses x (784 pixels) to a short code c (here 8 numbers)
-and expands it back:
-
-    encoder   a1 = x W1 + b1,   h1 = relu(a1),   c = h1 W2 + b2           (c in R^8)
-    decoder   a2 = c W3 + b3,   h2 = relu(a2),   l = h2 W4 + b4           (l: 784 logits)
-
-and is trained to make the reconstruction sigmoid(l) match x.  We score a
-reconstruction with the Bernoulli negative log-likelihood ("binary
-cross-entropy") from logits, per image
-
-    loss(x) = sum_d [ softplus(l_d) - x_d l_d ]   = -sum_d [x_d log p_d + (1-x_d) log(1-p_d)],  p = sigmoid(l),
-
-with gradient d loss / d l = sigmoid(l) - x (lesson 08 derives it).  The
-backward pass is the chain rule run in reverse through the same ops
-(lessons 02-03):
-
-    dl  = (sigmoid(l) - x) / N                  (mean over the batch)
-    dh2, dW4, db4 = dense_backward(dl)
-    da2 = dh2 * 1[a2 > 0]
-    dc, dW3, db3  = dense_backward(da2)
-    dh1, dW2, db2 = dense_backward(dc)
-    da1 = dh1 * 1[a1 > 0]
-    _,  dW1, db1  = dense_backward(da1)
-
-The problem (the seeds' motivation for the VAE): nothing says where the codes
-should live.  The training codes fill some irregular, arbitrarily scaled
-region of R^8; to *generate* we would need to pick a new code, and there is
-no distribution to pick it from.  Codes drawn from N(0, I), or uniformly from
-the box around the training codes, mostly fall where no training code was,
-and the decoder has never been told what to do there.  The VAE fixes this by
-making the code a random variable with a prior p(z) = N(0, I) and training the
-decoder on codes drawn from q(z|x) (lessons 04-08).
-"""
 # %%
 import time
-from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 import minivae
 from minivae.data import load_mnist
 from minivae.layers import dense_backward, dense_forward, relu_backward, relu_forward, sigmoid
+from minivae.lessonkit import check, lesson_args, save_figure
 from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward
-from minivae.lessonkit import check, lesson_args
 
-
-# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+# --quick (or MINIVAE_QUICK=1), --out DIR, --seed N; unknown arguments (a Jupyter kernel's) are ignored
 args = lesson_args("lesson_output/01_autoencoder", "Lesson 01: the plain autoencoder",
                    quick_help="small subset, few steps (for tests)")
-out = Path(args.out)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 
 # %% [markdown]
 # ## 1. Data and parameters
 #
-# MNIST grey levels in [0, 1] serve directly as Bernoulli targets.  float32
-# like all minivae training.  Init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+# MNIST grey levels in $[0, 1]$ serve directly as Bernoulli targets, in float32 like all minivae training.
+# Each layer is initialised uniformly, $W, b \sim \mathcal{U}\big(-1/\sqrt{n_\text{in}},\, 1/\sqrt{n_\text{in}}\big)$.
 
 # %%
 N_TRAIN, STEPS, BATCH = (3000, 300, 64) if args.quick else (20000, 1500, 64)
@@ -71,18 +57,29 @@ x_all, _ = load_mnist("train")
 x_train = x_all[rng.permutation(len(x_all))[:N_TRAIN]]
 x_test = load_mnist("test")[0][:500]
 
-
-def layer(n_in, n_out):
-    bound = 1 / np.sqrt(n_in)
-    return (rng.uniform(-bound, bound, (n_in, n_out)).astype(np.float32),
-            rng.uniform(-bound, bound, n_out).astype(np.float32))
-
-
 params = {}
 for name, (n_in, n_out) in {"enc1": (784, H), "enc2": (H, C), "dec1": (C, H), "dec2": (H, 784)}.items():
-    params[f"{name}.W"], params[f"{name}.b"] = layer(n_in, n_out)
+    bound = 1 / np.sqrt(n_in)
+    params[f"{name}.W"] = rng.uniform(-bound, bound, (n_in, n_out)).astype(np.float32)
+    params[f"{name}.b"] = rng.uniform(-bound, bound, n_out).astype(np.float32)
 
+# %% [markdown]
+# ## 2. Forward and the hand-chained backward
+#
+# The backward pass is the chain rule run in reverse through the same ops (lessons 02-03).  With the loss averaged
+# over a batch of $N$ images, and $G_y$ standing for $\partial L / \partial y$:
+#
+# $$G_\ell = \frac{\sigma(\ell) - x}{N}$$
+#
+# $$G_{h_2} = G_\ell W_4^\top,\quad G_{W_4} = h_2^\top G_\ell,\quad G_{b_4} = \textstyle\sum_n G_\ell
+#   \qquad\text{(dense\_backward)}$$
+#
+# $$G_{a_2} = G_{h_2} \odot \mathbb{1}[a_2 > 0] \qquad\text{(relu\_backward)}$$
+#
+# and the same two steps again for $(W_3, b_3)$, $(W_2, b_2)$ and $(W_1, b_1)$.  Each line of
+# `loss_and_grads` below is one of these steps.
 
+# %%
 def encode(x):
     a1, c1 = dense_forward(x, params["enc1.W"], params["enc1.b"])
     h1, c2 = relu_forward(a1)
@@ -106,7 +103,7 @@ def loss_and_grads(x, backward=True):
     if not backward:
         return loss, None
     g = {}
-    dlogits = bernoulli_nll_backward(np.full(len(x), 1 / len(x), np.float32), c_nll)
+    dlogits = bernoulli_nll_backward(np.full(len(x), 1 / len(x), np.float32), c_nll)   # (sigmoid(l) - x) / N
     dh2, g["dec2.W"], g["dec2.b"] = dense_backward(dlogits, c6)
     dcode, g["dec1.W"], g["dec1.b"] = dense_backward(relu_backward(dh2, c5), c4)
     dh1, g["enc2.W"], g["enc2.b"] = dense_backward(dcode, c3)
@@ -115,12 +112,15 @@ def loss_and_grads(x, backward=True):
 
 
 # %% [markdown]
-# ## 2. Gradient check of the hand-chained backward (float64)
+# ## 3. Gradient check of the hand-chained backward (float64)
 #
-# Before training, confirm the chain above on a float64 copy and 5 images.
-# L is the mean BCE, a scalar.  Checking every entry would take ~800k loss
-# evaluations, so we check 12 random entries of every parameter with central
-# differences (h = 1e-5), as ``minivae.check_model(max_entries=...)`` does.
+# Before training, confirm the chain above on a float64 copy of the parameters and 5 images.  $L$ is the mean BCE, a
+# scalar.  Checking every entry would take about 800k loss evaluations, so we check 12 random entries of every
+# parameter with central differences,
+#
+# $$\frac{\partial L}{\partial \theta_i} \approx \frac{L(\theta + h e_i) - L(\theta - h e_i)}{2h}, \qquad h = 10^{-5},$$
+#
+# as `minivae.check_model(max_entries=...)` does.
 
 # %%
 saved = {k: v.copy() for k, v in params.items()}
@@ -145,7 +145,7 @@ params = saved
 check(worst < 1e-6, f"the hand-chained autoencoder backward matches finite differences (rel error {worst:.1e})")
 
 # %% [markdown]
-# ## 3. Train with minivae's Adam
+# ## 4. Train with minivae's Adam
 
 # %%
 opt = minivae.Adam(lr=1e-3)
@@ -161,19 +161,35 @@ print(f"  test BCE: {init_loss:.1f} nats/image at init -> {final_loss:.1f} after
 check(final_loss < 0.4 * init_loss, "training cuts the test reconstruction loss to < 40% of its initial value")
 
 # %% [markdown]
-# ## 4. Where do the codes live?  Decoding random codes
+# ## 5. Where do the codes live?  Decoding random codes
 #
-# Three ways to pick codes for 200 "new" images:
-#   - the codes of held-out test images (reconstructions, the AE's job),
-#   - z ~ N(0, I)  (what a VAE will do - but nothing made these codes Gaussian),
-#   - uniform in the bounding box of the training codes.
+# Nothing in the autoencoder says where the codes should live.  The training codes fill some irregular, arbitrarily
+# scaled region of $\mathbb{R}^8$; to *generate* we would need to pick a new code, and there is no distribution to
+# pick it from.  Three ways to pick codes for 200 "new" images:
+#
+# - the codes of held-out test images (reconstructions, the autoencoder's job);
+# - $c \sim \mathcal{N}(0, I)$, what a VAE will do, although nothing made these codes Gaussian;
+# - uniform in the bounding box of the training codes.
+#
 # Two measurements:
-#   (i)  distance from each code to the nearest training code (latent space);
-#   (ii) self-consistency: a real digit is (nearly) a fixed point of the AE,
-#        x ~ dec(enc(x)).  Re-encode each decoded image and measure
-#        ||dec(enc(x')) - x'||^2 / ||x'||^2.  For decodes of codes the AE was
-#        trained around, the round trip is nearly exact; for codes off the
-#        data, the encoder has never seen images like the decoded x'.
+#
+# 1. the distance from each code to the nearest training code (in code space);
+# 2. self-consistency.  A real digit is nearly a fixed point of the autoencoder,
+#    $x \approx \mathrm{dec}(\mathrm{enc}(x))$.  Re-encode each decoded image $x'$ and measure the round-trip error
+#    $\lVert \mathrm{dec}(\mathrm{enc}(x')) - x' \rVert^2 / \lVert x' \rVert^2$.  For decodes of codes the autoencoder
+#    was trained around, the round trip is nearly exact; for codes off the data, the encoder has never seen images
+#    like the decoded $x'$.
+
+# %%
+def nearest_code_distance(c, ref):
+    d2 = (c * c).sum(1)[:, None] - 2 * c @ ref.T + (ref * ref).sum(1)[None]
+    return np.sqrt(np.maximum(d2.min(1), 0))
+
+
+def round_trip_error(img):
+    back = sigmoid(decode_logits(encode(img)[0])[0])
+    return ((back - img) ** 2).sum(1) / (img * img).sum(1)
+
 
 # %%
 n = 200
@@ -186,23 +202,10 @@ codes = {
     "z ~ N(0, I)": rng.standard_normal((n, C)).astype(np.float32),
     "uniform in code box": rng.uniform(code_train.min(0), code_train.max(0), (n, C)).astype(np.float32),
 }
-ref = code_train[:2000]
-
-
-def nearest_code_distance(c):
-    d2 = (c * c).sum(1)[:, None] - 2 * c @ ref.T + (ref * ref).sum(1)[None]
-    return np.sqrt(np.maximum(d2.min(1), 0))
-
-
-def round_trip_error(img):
-    back = sigmoid(decode_logits(encode(img)[0])[0])
-    return ((back - img) ** 2).sum(1) / (img * img).sum(1)
-
-
 images, stats = {}, {}
 for name, c in codes.items():
     images[name] = sigmoid(decode_logits(c)[0])
-    stats[name] = (np.median(nearest_code_distance(c)), np.median(round_trip_error(images[name])))
+    stats[name] = (np.median(nearest_code_distance(c, code_train[:2000])), np.median(round_trip_error(images[name])))
 print("  codes                   median dist to nearest train code   median round-trip error")
 for name, (dist, rt) in stats.items():
     print(f"  {name:22s}  {dist:10.2f}                          {rt:.3f}")
@@ -216,16 +219,14 @@ check(stats["z ~ N(0, I)"][1] > 4 * base_rt and stats["uniform in code box"][1] 
       "that of reconstructions")
 
 # %% [markdown]
-# Reading the numbers and the picture honestly: decodes of N(0, I) codes are
-# faint smudges (that region of code space is simply not where this AE put
-# its digits; another seed puts them elsewhere).  Box-uniform decodes are
-# often digit-like - the decoder interpolates - but many are malformed, and
-# the box is an arbitrary recipe, not a model: it assigns no probability to
-# anything.  A generative model needs a known distribution over codes that
-# the decoder is trained on; that is the VAE's prior p(z) plus the ELBO.
-
-# %% [markdown]
-# ## 5. Picture: test images, reconstructions, and decodes of random codes
+# Reading the numbers and the picture below honestly: decodes of $\mathcal{N}(0, I)$ codes are faint smudges (that
+# region of code space is simply not where this autoencoder put its digits; another run puts them elsewhere).
+# Box-uniform decodes are often digit-like, since the decoder interpolates, but many are malformed, and the box is an
+# arbitrary recipe, not a model: it assigns no probability to anything.  A generative model needs a known
+# distribution over codes that the decoder is trained on.  The VAE makes the code a random variable with a prior
+# $p(z) = \mathcal{N}(0, I)$ and trains the decoder on codes drawn from $q(z \mid x)$ (lessons 04-08).
+#
+# ## 6. Picture: test images, reconstructions, and decodes of random codes
 
 # %%
 rows = [("test images", x_test[:12]), ("reconstructions", images["test-image codes"][:12]),
@@ -241,7 +242,5 @@ axes[-1].plot(history, lw=0.8)
 axes[-1].set_xlabel("step")
 axes[-1].set_ylabel("train BCE (nats/image)")
 fig.tight_layout()
-fig.savefig(out / "autoencoder.png", dpi=100)
-plt.close(fig)
-
-print(f"figures written to {out}/  ({time.time() - t0:.1f} s)")
+save_figure(fig, args.out, "autoencoder.png")
+print(f"done in {time.time() - t0:.1f} s")

@@ -1,57 +1,60 @@
-"""Lesson 03 - Activations and their gradients.
+# %% [markdown]
+# # Lesson 03: activations and their gradients
+#
+# The nonlinearities between dense layers, each as a forward/backward pair, each checked against finite differences;
+# why gradient checks avoid kinks; and why sigmoid and log-sigmoid must be computed stably.
+#
+# Run it as a script, `python lessons/03_activations.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+#
+# Exercises: `relu_backward`, `tanh_backward`, `sigmoid_backward` in `minivae/layers.py`.
+#
+# | activation | forward | derivative |
+# |---|---|---|
+# | ReLU | $y = \max(x, 0)$ | $\mathbb{1}[x > 0]$ |
+# | LeakyReLU | $y = x$ if $x > 0$, else $\alpha x$ | $1$ if $x > 0$, else $\alpha$ |
+# | tanh | $y = \tanh x$ | $1 - y^2$ |
+# | sigmoid | $y = \sigma(x) = 1 / (1 + e^{-x})$ | $y (1 - y)$ |
+# | softplus | $y = \log(1 + e^x)$ | $\sigma(x)$ |
+#
+# The derivations of the less obvious ones.  For tanh, $\tanh x = (e^x - e^{-x}) / (e^x + e^{-x})$ and the quotient
+# rule gives
+#
+# $$\frac{d \tanh x}{dx} = \frac{(e^x + e^{-x})^2 - (e^x - e^{-x})^2}{(e^x + e^{-x})^2} = 1 - \tanh^2 x .$$
+#
+# For the sigmoid, $\sigma = (1 + e^{-x})^{-1}$, so
+#
+# $$\frac{d\sigma}{dx} = \frac{e^{-x}}{(1 + e^{-x})^2} = \frac{1}{1 + e^{-x}} \cdot \frac{e^{-x}}{1 + e^{-x}}
+#   = \sigma (1 - \sigma).$$
+#
+# For softplus, $\dfrac{d}{dx} \log(1 + e^x) = \dfrac{e^x}{1 + e^x} = \sigma(x)$.
+#
+# tanh and sigmoid cache their *output* $y$, since the derivative is a function of $y$ alone: no exponential is
+# recomputed in the backward pass.
 
-Run:  python lessons/03_activations.py [--quick] [--out DIR] [--seed N]
-
-The nonlinearities between dense layers, each as a forward/backward pair:
-
-    ReLU        y = max(x, 0)                  dy/dx = 1[x > 0]
-    LeakyReLU   y = x if x > 0 else a x         dy/dx = 1 if x > 0 else a
-    tanh        y = tanh(x)                     dy/dx = 1 - y^2
-    sigmoid     y = 1 / (1 + e^{-x})            dy/dx = y (1 - y)
-    softplus    y = log(1 + e^x)                dy/dx = sigmoid(x)
-
-Derivations of the two less obvious ones:
-
-    tanh:    tanh = (e^x - e^{-x}) / (e^x + e^{-x}).  Quotient rule:
-             d tanh/dx = [(e^x + e^{-x})^2 - (e^x - e^{-x})^2] / (e^x + e^{-x})^2 = 1 - tanh^2.
-    sigmoid: s = (1 + e^{-x})^{-1},  ds/dx = e^{-x} / (1 + e^{-x})^2
-             = [1 / (1 + e^{-x})] [e^{-x} / (1 + e^{-x})] = s (1 - s).
-    softplus: d/dx log(1 + e^x) = e^x / (1 + e^x) = sigmoid(x).
-
-tanh and sigmoid cache their *output* y, since the derivative is a function
-of y alone: no exp is recomputed in the backward pass.
-
-Exercises: ``relu_backward``, ``tanh_backward``, ``sigmoid_backward`` in
-minivae/layers.py.
-"""
 # %%
 import time
 import warnings
-from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 import minivae
 from minivae import layers
 from minivae.gradcheck import numerical_gradient, rel_error
-from minivae.lessonkit import check, lesson_args
+from minivae.lessonkit import check, lesson_args, save_figure
 
-
-# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+# --quick (or MINIVAE_QUICK=1), --out DIR, --seed N; unknown arguments (a Jupyter kernel's) are ignored
 args = lesson_args("lesson_output/03_activations", "Lesson 03: activations and their gradients",
                    quick_help="smaller problem (for tests)")
-out = Path(args.out)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 
 # %% [markdown]
 # ## 1. Gradient checks of every activation
 #
-# Inputs are float64, drawn away from the ReLU/LeakyReLU kink at 0 (see
-# section 2 for why), with a random upstream gradient.
+# Inputs are float64, drawn away from the ReLU/LeakyReLU kink at 0 (section 2 says why: $|x| \ge 0.1 \gg h$), with a
+# random upstream gradient.
 
 # %%
 shape = (4, 6) if args.quick else (16, 32)
@@ -68,14 +71,13 @@ check(worst < 1e-8, "relu, leaky_relu, tanh, sigmoid, softplus backward all pass
 # %% [markdown]
 # ## 2. Why gradient checks avoid kinks
 #
-# At x = 0, ReLU has no derivative; minivae defines it as 0 (a subgradient).
-# The central difference straddles the kink:
+# At $x = 0$, ReLU has no derivative; minivae defines it as 0 (a subgradient).  The central difference straddles the
+# kink:
 #
-#     (relu(0 + h) - relu(0 - h)) / (2h) = (h - 0) / (2h) = 1/2,
+# $$\frac{\mathrm{relu}(0 + h) - \mathrm{relu}(0 - h)}{2h} = \frac{h - 0}{2h} = \frac12,$$
 #
-# which matches neither one-sided slope: the check would report a failure
-# that is not a bug.  For any |x| > h both x +- h lie on the same side and the
-# difference is exact.
+# which matches neither one-sided slope: the check would report a failure that is not a bug.  For any $|x| > h$ both
+# $x \pm h$ lie on the same side and the difference is exact.
 
 # %%
 x0 = np.array([0.0])
@@ -91,17 +93,15 @@ check(rel_error(ans, fds) < 1e-9, "with |x| > h (even |x| = 2h) the ReLU check i
 # %% [markdown]
 # ## 3. Why sigmoid (and log sigmoid) must be written stably
 #
-# Naively, sigmoid(x) = 1 / (1 + exp(-x)).  At x = -1000, exp(1000) overflows
-# to inf (float64 overflows above ~709) and NumPy warns; the answer 1/inf = 0
-# happens to be right, but in float32 the overflow starts at x < -88 and the
-# same pattern inside log() is fatal:
+# Naively, $\sigma(x) = 1 / (1 + e^{-x})$.  At $x = -1000$, $e^{1000}$ overflows to `inf` (float64 overflows above
+# about 709) and NumPy warns; the answer $1/\infty = 0$ happens to be right, but in float32 the overflow starts at
+# $x < -88.7$, and the same pattern inside a logarithm is fatal:
 #
-#     log sigmoid(x) = -log(1 + e^{-x}) = -softplus(-x)
+# $$\log \sigma(x) = -\log(1 + e^{-x}) = -\mathrm{softplus}(-x).$$
 #
-# Naively log(sigmoid(-1000)) = log(0) = -inf, but the true value is
-# -softplus(1000) = -1000 - log(1 + e^{-1000}) = -1000 to machine precision.
-# minivae's softplus uses max(x, 0) + log1p(exp(-|x|)), and sigmoid only
-# exponentiates -|x| <= 0, so neither can overflow.
+# Naively $\log \sigma(-1000) = \log 0 = -\infty$, but the true value is
+# $-\mathrm{softplus}(1000) = -1000 - \log(1 + e^{-1000}) = -1000$ to machine precision.  minivae's softplus computes
+# $\max(x, 0) + \mathrm{log1p}(e^{-|x|})$, and its sigmoid only exponentiates $-|x| \le 0$, so neither can overflow.
 
 # %%
 big = np.array([-1000.0, -50.0, 0.0, 50.0, 1000.0])
@@ -109,7 +109,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     naive = 1.0 / (1.0 + np.exp(-big))
     naive_logsig = np.log(1.0 / (1.0 + np.exp(-big)))
-overflow_warned = any("overflow" in str(w.message) for w in caught)
+overflow_warned = any("overflow" in str(w_.message) for w_ in caught)
 with warnings.catch_warnings():
     warnings.simplefilter("error")                # the stable versions must not warn at all
     stable = layers.sigmoid(big)
@@ -127,32 +127,42 @@ x32 = np.array([-100.0], dtype=np.float32)
 with warnings.catch_warnings(record=True) as caught32:
     warnings.simplefilter("always")
     np.exp(-x32)
-check(any("overflow" in str(w.message) for w in caught32),
+check(any("overflow" in str(w_.message) for w_ in caught32),
       "in float32 exp(-x) already overflows at x = -100 (limit ~ -88.7)")
+
+# %% [markdown]
+# Rounding is not symmetric either.  In float32, $\sigma(x) = 1 / (1 + e^{-x})$ rounds to exactly 1 once
+# $1 + e^{-x}$ rounds to 1, i.e. once $e^{-x} < 2^{-24}$, from $x \approx 16.6$ on; but $\sigma(x) \approx e^{x}$ rounds
+# to exactly 0 only when $e^{x}$ falls below half the smallest subnormal number,
+# $2^{-150} \approx 7 \times 10^{-46}$, i.e. below $x = -150 \ln 2 \approx -104$.  In between, $\sigma(x)$ is
+# tiny but positive, and $\log \sigma(x)$ would still be finite.
+
+# %%
+s32 = layers.sigmoid(np.array([16.0, 17.0, -103.0, -105.0], dtype=np.float32))
+print("  float32 sigmoid at 16, 17, -103, -105:", s32)
+check(s32.dtype == np.float32 and s32[0] < 1 and s32[1] == 1 and s32[2] > 0 and s32[3] == 0,
+      "float32 sigmoid rounds to 1 from x ~ 17, but to 0 only below x ~ -104 (minivae.likelihoods says so)")
 
 # %% [markdown]
 # ## 4. Picture: the activations and their derivatives
 #
-# The derivative curves are the backward passes applied to dy = 1; we also
-# overlay finite differences at a few points (kinks excluded).
+# The derivative curves are the backward passes applied to $dy = 1$; finite differences at a few points (kinks
+# excluded) are overlaid as crosses.  LeakyReLU uses $\alpha = 0.1$ so its slope is visible.
 
 # %%
 grid = np.linspace(-4, 4, 401 if args.quick else 1601)
+pts = np.array([-3.1, -1.3, -0.6, 0.4, 1.1, 2.9])
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 fd_worst = 0.0
 for name in ["relu", "leaky_relu", "tanh", "sigmoid", "softplus"]:
     fwd, bwd = layers.activation(name)
-    y, c = fwd(grid) if name != "leaky_relu" else fwd(grid, 0.1)   # alpha = 0.1 so the slope is visible
+    extra = (0.1,) if name == "leaky_relu" else ()
+    y, c = fwd(grid, *extra)
     d = bwd(np.ones_like(grid), c)
     axes[0].plot(grid, y, label=name)
     line, = axes[1].plot(grid, d, label=name)
-    pts = np.array([-3.1, -1.3, -0.6, 0.4, 1.1, 2.9])
-    if name == "leaky_relu":
-        fpts = numerical_gradient(lambda: fwd(pts, 0.1)[0], pts, np.ones_like(pts))
-        dpts = bwd(np.ones_like(pts), fwd(pts, 0.1)[1])
-    else:
-        fpts = numerical_gradient(lambda: fwd(pts)[0], pts, np.ones_like(pts))
-        dpts = bwd(np.ones_like(pts), fwd(pts)[1])
+    fpts = numerical_gradient(lambda: fwd(pts, *extra)[0], pts, np.ones_like(pts))
+    dpts = bwd(np.ones_like(pts), fwd(pts, *extra)[1])
     fd_worst = max(fd_worst, rel_error(dpts, fpts))
     axes[1].plot(pts, fpts, "x", color=line.get_color())
 axes[0].set_title("activations y(x)")
@@ -163,8 +173,6 @@ for ax in axes:
     ax.legend(fontsize=8)
     ax.set_xlabel("x")
 fig.tight_layout()
-fig.savefig(out / "activations.png", dpi=100)
-plt.close(fig)
+save_figure(fig, args.out, "activations.png")
 check(fd_worst < 1e-8, "plotted derivative curves agree with finite differences at the marked points")
-
-print(f"figures written to {out}/  ({time.time() - t0:.1f} s)")
+print(f"done in {time.time() - t0:.1f} s")

@@ -1,62 +1,62 @@
-"""Lesson 07 - The analytic Gaussian KL and its gradient.
+# %% [markdown]
+# # Lesson 07: the analytic Gaussian KL and its gradient
+#
+# The regulariser of the VAE objective is $\mathrm{KL}\big(q(z \mid x) \,\|\, p(z)\big)$ with
+# $q = \mathcal{N}(\mu, \mathrm{diag}\, \sigma^2)$ and $p = \mathcal{N}(0, I)$.  For this pair the expectation has a
+# closed form (Kingma & Welling 2014, "Auto-Encoding Variational Bayes", Appendix B), so no sampling is needed for
+# this term.  This lesson derives it, checks it against Monte Carlo, and gradient-checks its backward.
+#
+# Run it as a script, `python lessons/07_gaussian_kl.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+#
+# Exercise: `kl_forward` and `kl_backward` in `minivae/gaussian.py`.
+#
+# ## The derivation, one latent dimension
+#
+# The dimensions are independent under both $q$ and $p$, so the log densities, and hence the KL, add over dimensions.
+# For one dimension,
+#
+# $$\mathrm{KL}(q \,\|\, p) = \mathbb{E}_q\big[\log q(z) - \log p(z)\big],$$
+#
+# $$\log q(z) = -\tfrac12 \log 2\pi - \tfrac12 \log \sigma^2 - \frac{(z - \mu)^2}{2 \sigma^2}, \qquad
+#   \log p(z) = -\tfrac12 \log 2\pi - \frac{z^2}{2}.$$
+#
+# Take expectations under $z \sim q$, using $\mathbb{E}_q[(z - \mu)^2] = \sigma^2$ and
+# $\mathbb{E}_q[z^2] = \mathrm{Var} + \text{mean}^2 = \sigma^2 + \mu^2$:
+#
+# $$\mathbb{E}_q[\log q] = -\tfrac12 \log 2\pi - \tfrac12 \log \sigma^2 - \tfrac12, \qquad
+#   \mathbb{E}_q[\log p] = -\tfrac12 \log 2\pi - \tfrac12 (\sigma^2 + \mu^2),$$
+#
+# $$\mathrm{KL} = \mathbb{E}_q[\log q] - \mathbb{E}_q[\log p]
+#   = -\tfrac12 \log \sigma^2 - \tfrac12 + \tfrac12 (\sigma^2 + \mu^2)
+#   = -\tfrac12 \big(1 + \log \sigma^2 - \mu^2 - \sigma^2\big).$$
+#
+# Summing over the $L$ dimensions, with $\text{logvar} = \log \sigma^2$:
+#
+# $$\mathrm{KL} = -\frac12 \sum_{j=1}^L \big(1 + \text{logvar}_j - \mu_j^2 - e^{\text{logvar}_j}\big)
+#   \;\ge 0, \quad = 0 \iff \mu = 0,\ \text{logvar} = 0.$$
+#
+# Its gradient (what `kl_backward` returns, times the upstream gradient):
+#
+# $$\frac{\partial\, \mathrm{KL}}{\partial \mu_j} = \mu_j, \qquad
+#   \frac{\partial\, \mathrm{KL}}{\partial\, \text{logvar}_j} = \tfrac12 \big(e^{\text{logvar}_j} - 1\big).$$
+#
+# Kingma & Welling write the ELBO term with the opposite sign,
+# $-\mathrm{KL} = \tfrac12 \sum_j (1 + \log \sigma_j^2 - \mu_j^2 - \sigma_j^2)$; the VAE *loss* adds $+\mathrm{KL}$.
 
-Run:  python lessons/07_gaussian_kl.py [--quick] [--out DIR] [--seed N]
-
-The regulariser of the VAE objective is KL(q(z|x) || p(z)) with
-q = N(mu, diag sigma^2) and p = N(0, I).  For this pair the expectation has a
-closed form (Kingma & Welling 2014, "Auto-Encoding Variational Bayes",
-Appendix B), so no sampling is needed for this term.
-
-Derivation, one latent dimension (the dimensions are independent under both
-q and p, so the log densities and hence the KL add over dimensions):
-
-    KL(q || p) = E_q[ log q(z) - log p(z) ]
-
-    log q(z) = -1/2 log(2 pi) - 1/2 log sigma^2 - (z - mu)^2 / (2 sigma^2)
-    log p(z) = -1/2 log(2 pi) - z^2 / 2
-
-Take expectations under z ~ q, using E_q[(z - mu)^2] = sigma^2 and
-E_q[z^2] = Var + mean^2 = sigma^2 + mu^2:
-
-    E_q[log q] = -1/2 log(2 pi) - 1/2 log sigma^2 - 1/2
-    E_q[log p] = -1/2 log(2 pi) - 1/2 (sigma^2 + mu^2)
-
-    KL = E_q[log q] - E_q[log p]
-       = -1/2 log sigma^2 - 1/2 + 1/2 (sigma^2 + mu^2)
-       = -1/2 (1 + log sigma^2 - mu^2 - sigma^2).
-
-Summing over the L dimensions, with logvar = log sigma^2:
-
-    KL = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))          (>= 0, = 0 iff mu=0, logvar=0)
-
-Its gradient (what kl_backward returns, times the upstream dKL):
-
-    dKL/dmu_j     = mu_j
-    dKL/dlogvar_j = 1/2 (exp(logvar_j) - 1)
-
-(Kingma & Welling write the ELBO term with the opposite sign, -KL =
-1/2 sum(1 + log sigma^2 - mu^2 - sigma^2); the VAE *loss* adds +KL.)
-
-Exercise: ``kl_forward`` and ``kl_backward`` in minivae/gaussian.py.
-"""
 # %%
 import time
-from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 import minivae
 from minivae.gaussian import kl_backward, kl_forward, kl_per_dim, log_diag_normal, log_standard_normal
-from minivae.lessonkit import check, lesson_args
+from minivae.lessonkit import check, lesson_args, save_figure
 
-
-# --quick, --out DIR, --seed N (unknown arguments are ignored, so this also runs inside Jupyter)
+# --quick (or MINIVAE_QUICK=1), --out DIR, --seed N; unknown arguments (a Jupyter kernel's) are ignored
 args = lesson_args("lesson_output/07_gaussian_kl", "Lesson 07: the analytic Gaussian KL",
                    quick_help="fewer Monte-Carlo samples (for tests)")
-out = Path(args.out)
 rng = np.random.default_rng(args.seed)
 t0 = time.time()
 
@@ -76,10 +76,10 @@ check(np.all(kl > 0) and kl_forward(np.zeros((1, L)), np.zeros((1, L)))[0][0] ==
       "KL > 0 for these q, and exactly 0 when q = p (mu = 0, logvar = 0)")
 
 # %% [markdown]
-# ## 2. Against Monte Carlo: KL = E_q[log q(z) - log p(z)]
+# ## 2. Against Monte Carlo: $\mathrm{KL} = \mathbb{E}_q[\log q(z) - \log p(z)]$
 #
-# Draw z = mu + exp(logvar/2) eps, average log q - log p, and compare with the
-# closed form using the Monte-Carlo standard error  sd / sqrt(S).
+# Draw $z_s = \mu + e^{\text{logvar}/2} \epsilon_s$, average $\log q(z_s) - \log p(z_s)$ over $S$ samples, and compare
+# with the closed form using the Monte-Carlo standard error $\mathrm{sd} / \sqrt{S}$.
 
 # %%
 S = 20_000 if args.quick else 400_000
@@ -96,7 +96,10 @@ check(np.all(np.abs(zscores) < 4.5), "Monte-Carlo KL agrees with the closed form
 check(np.all(se < 0.02 * kl + 0.02), "the MC standard error is small (< 2% of KL + 0.02), so the test has teeth")
 
 # %% [markdown]
-# ## 3. Gradient check of kl_backward (random upstream gradient, float64)
+# ## 3. Gradient check of `kl_backward` (random upstream gradient, float64)
+#
+# With an upstream gradient $g_n = \partial \mathcal{L} / \partial\, \mathrm{KL}_n$ per example, the backward returns
+# $d\mu_{nj} = g_n \mu_{nj}$ and $d\,\text{logvar}_{nj} = g_n \cdot \tfrac12 (e^{\text{logvar}_{nj}} - 1)$.
 
 # %%
 rep = minivae.check_op(kl_forward, kl_backward, [mu.copy(), logvar.copy()], names=["mu", "logvar"],
@@ -109,11 +112,11 @@ check(np.allclose(dmu, dkl[:, None] * mu) and np.allclose(dlv, dkl[:, None] * 0.
       "kl_backward equals the derived formulas times the upstream gradient")
 
 # %% [markdown]
-# ## 4. Picture: the KL of one dimension as a function of (mu, logvar)
+# ## 4. Picture: the KL of one dimension as a function of $(\mu, \text{logvar})$
 #
-# The minimum is 0 at (0, 0).  Along mu the KL is the parabola mu^2/2; along
-# logvar it is (exp(logvar) - 1 - logvar)/2, which grows exponentially for
-# wide q and only linearly for narrow q: the prior pulls sigma toward 1.
+# The minimum is 0 at $(0, 0)$.  Along $\mu$ the KL is the parabola $\mu^2 / 2$; along logvar it is
+# $\tfrac12 (e^{\text{logvar}} - 1 - \text{logvar})$, which grows exponentially for wide $q$ and only linearly for
+# narrow $q$: the prior pulls $\sigma$ toward 1.
 
 # %%
 m = np.linspace(-3, 3, 121 if args.quick else 301)
@@ -135,9 +138,7 @@ axes[1].set_ylabel("Monte-Carlo KL (nats)")
 axes[1].legend()
 axes[1].set_title(f"closed form vs {S} samples")
 fig.tight_layout()
-fig.savefig(out / "gaussian_kl.png", dpi=100)
-plt.close(fig)
+save_figure(fig, args.out, "gaussian_kl.png")
 check(K.min() >= 0 and abs(K[np.unravel_index(K.argmin(), K.shape)]) < 1e-3,
       "on the grid the per-dimension KL is >= 0 with its minimum ~0 at (0, 0)")
-
-print(f"figures written to {out}/  ({time.time() - t0:.1f} s)")
+print(f"done in {time.time() - t0:.1f} s")

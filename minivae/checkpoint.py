@@ -38,12 +38,33 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match what was asked of it."""
 
 
+def _umask():
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+TMP_SUFFIX = ".tmp"
+
+
 def atomic_write(path, write, mode="wb"):
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename onto ``path``."""
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename onto ``path``.
+
+    The one atomic-write helper of the package (checkpoints, histories, results, downloads).
+    The temporary file is ``.<name>.<random>.tmp`` in the same folder; it is removed if
+    ``write`` raises (including KeyboardInterrupt).  The final file gets the permissions
+    the umask gives a new file (0666 & ~umask), like any file ``open`` creates, not the
+    0600 of ``tempfile.mkstemp``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except (AttributeError, OSError):       # no fchmod (Windows): keep mkstemp's mode
+            pass
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -64,6 +85,19 @@ def atomic_write(path, write, mode="wb"):
     except OSError:
         pass
     return path
+
+
+def stale_temp_files(folder):
+    """Temporary files ``.<name>.*.tmp`` that :func:`atomic_write` left in ``folder``.
+
+    Only a process killed without a chance to clean up (SIGKILL, power loss) leaves one;
+    the caller must hold the folder's lock (:class:`minivae.train.RunLock`) before removing them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file())
 
 
 def _text(s):
@@ -157,6 +191,13 @@ def load_checkpoint(path):
         else:
             raise CheckpointError(f"{path}: is a folder without a checkpoint.npz")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if magic != b"PK\x03\x04":            # every .npz is a zip archive; anything else is not ours
+        raise CheckpointError(f"{path}: not a checkpoint (not a .npz file)")
+    try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
@@ -175,6 +216,30 @@ def load_checkpoint(path):
         opt_meta = json.loads(str(data["opt/meta"])) if "opt/meta" in data else None
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: corrupt metadata ({exc})") from None
+    epoch = data["epoch"]
+    if epoch.shape != () or epoch.dtype.kind not in "iu" or int(epoch) < 0:
+        raise CheckpointError(f"{path}: corrupt 'epoch' (expected one integer >= 0, got a {epoch.dtype} array "
+                              f"of shape {epoch.shape})")
+    if not isinstance(settings, dict) or not isinstance(history, list) or \
+            not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"{path}: corrupt metadata (settings must be a JSON object, history a list of "
+                              "objects)")
     params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+    # the saved arrays must be the config's, checked from the shapes alone: a corrupt config (hidden=[1e8])
+    # is refused here, before anything of its size is allocated
+    from .model import param_shapes
+    want = dict(param_shapes(config))
+    got = {k: tuple(v.shape) for k, v in params.items()}
+    if got != {k: tuple(v) for k, v in want.items()}:
+        bad = sorted(k for k in set(want) | set(got) if tuple(want.get(k, ())) != got.get(k))
+        raise CheckpointError(f"{path}: parameters do not match the saved config {config.to_json()} "
+                              f"(first mismatch: {bad[0]!r}: config shape {want.get(bad[0])}, saved shape "
+                              f"{got.get(bad[0])})")
+    for name, v in params.items():
+        if v.dtype.kind != "f":
+            raise CheckpointError(f"{path}: parameter {name!r} is {v.dtype}, not floating point")
+        if not np.isfinite(v).all():
+            raise CheckpointError(f"{path}: parameter {name!r} holds NaN or inf; this checkpoint cannot be "
+                                  "evaluated or resumed")
     opt_state = {k[len("opt/"):]: v for k, v in data.items() if k.startswith("opt/") and k != "opt/meta"}
-    return Checkpoint(path, config, params, int(data["epoch"]), settings, history, rng, opt_meta, opt_state)
+    return Checkpoint(path, config, params, int(epoch), settings, history, rng, opt_meta, opt_state)

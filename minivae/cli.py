@@ -10,12 +10,14 @@
     download     fetch a named dataset (mnist, fashion-mnist) into a cache, SHA-256 checked
 
 Bad input ends with one line ``minivae: error: ...`` on stderr and exit status
-2 (no traceback); a diverged run exits with 1, Ctrl-C with 130.
+2 (no traceback); a diverged run exits with 1, Ctrl-C with 130, SIGTERM with 143
+(128 + the signal number, as a shell reports it), after the same one-line message.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,13 +27,26 @@ import numpy as np
 from .backend import BackendError
 from .data import DataError
 
-EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
+BACKENDS = ["numpy", "cupy"]
+
+
+def _int(text):
+    """int('400'), and also int('1e8'): an integer written in float notation (a huge size must reach
+    the memory check, not fail as a typo)."""
+    try:
+        return int(text)
+    except ValueError:
+        v = float(text)                  # ValueError again if not a number at all
+        if not v.is_integer():
+            raise ValueError(text) from None
+        return int(v)
 
 
 def _hidden(text):
     try:
-        widths = tuple(int(t) for t in str(text).replace(" ", "").split(",") if t)
-    except ValueError:
+        widths = tuple(_int(t) for t in str(text).replace(" ", "").split(",") if t)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"expected widths like 400 or 200,200, got {text!r}") from None
     if not widths or any(w < 1 for w in widths):
         raise argparse.ArgumentTypeError(f"expected positive widths like 400 or 200,200, got {text!r}")
@@ -42,8 +57,8 @@ def _int_at_least(lo, what):
     """An argparse type: an integer >= lo, with a one-line error naming ``what`` was expected."""
     def parse(text):
         try:
-            v = int(text)
-        except ValueError:
+            v = _int(text)
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
@@ -63,15 +78,20 @@ TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation"
 
 
 def build_parser():
+    from . import __version__
     from .recipes import RECIPES
     p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
+    p.add_argument("--version", action="version", version=f"minivae {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     t = sub.add_parser("train", help="train a VAE",
                        description="Train a VAE. Flags override the recipe's fields; with --resume, they override "
                                    "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
-    t.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="starting settings (default: default)")
+    t.add_argument("--recipe", choices=sorted(RECIPES), default=None, metavar="RECIPE",
+                   help="starting settings, one of: " + ", ".join(sorted(RECIPES)) +
+                        " (see minivae/recipes.py; without --recipe: default)")
     t.add_argument("--epochs", type=_nonneg_int, help="passes over the training set (default 10)")
     t.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 128)")
     t.add_argument("--arch", choices=["mlp", "conv", "conv-pool"],
@@ -80,8 +100,11 @@ def build_parser():
     t.add_argument("--hidden", type=_hidden, help="hidden widths, e.g. 400 or 200,200 (default 400; for conv the "
                                                   "dense layers after the convolutions, default 256)")
     t.add_argument("--latent", type=_positive_int, help="latent dimension z_dim (default 20)")
-    t.add_argument("--activation", choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
-    t.add_argument("--likelihood", choices=["bernoulli", "gaussian", "gaussian_learned_var"])
+    t.add_argument("--activation", choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"],
+                   help="hidden-layer nonlinearity (default relu)")
+    t.add_argument("--likelihood", choices=["bernoulli", "gaussian", "gaussian_learned_var"],
+                   help="p(x|z): bernoulli (binary pixels), gaussian (fixed variance --obs-var) or "
+                        "gaussian_learned_var (default bernoulli)")
     t.add_argument("--obs-var", type=float, help="variance of the fixed-variance Gaussian likelihood (default 1)")
     t.add_argument("--binarize", choices=["none", "dynamic", "static"],
                    help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
@@ -89,16 +112,18 @@ def build_parser():
     t.add_argument("--warmup", type=_nonneg_int,
                    help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    t.add_argument("--optimizer", choices=["adam", "sgd", "adagrad"])
-    t.add_argument("--adam-eps", type=float, help="Adam's epsilon (default 1e-8)")
-    t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    t.add_argument("--optimizer", choices=["adam", "sgd", "adagrad"], help="update rule (default adam)")
+    t.add_argument("--adam-eps", type=float, help="Adam's epsilon, > 0 (default 1e-8)")
+    t.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1) (default 0.9)")
     t.add_argument("--weight-decay", type=float, help="L2 penalty coefficient (default 0)")
     t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value")
     t.add_argument("--iwae-k", type=_positive_int, help="train on the IWAE bound with K samples")
     t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension)")
     t.add_argument("--seed", type=int, help="seed of every random draw of the run (default 0)")
-    t.add_argument("--backend", choices=["numpy", "cupy"])
-    t.add_argument("--dtype", choices=["float32", "float64"])
+    t.add_argument("--backend", choices=BACKENDS,
+                   help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
+    t.add_argument("--dtype", choices=["float32", "float64"],
+                   help="float type of parameters and data (default float32; float64 for gradient checks)")
     t.add_argument("--valid", type=_nonneg_int, help="hold out N training images and report the valid loss")
     t.add_argument("--data-dir", help="folder of IDX files in the MNIST layout (default $MINIVAE_DATA or the "
                                       "embedded MNIST)")
@@ -112,9 +137,13 @@ def build_parser():
     t.add_argument("--threads", type=int, choices=[1, 2],
                    help="threads for the fast step's Adam update on NumPy (default 2 on a machine with 2 CPUs "
                         "or more; the trained parameters are the same either way)")
-    t.add_argument("--out", help="run folder (default runs/<recipe>-<date>-<time>)")
+    t.add_argument("--out", help="run folder, locked while the run writes to it (default: a new folder "
+                                 "runs/<recipe>-<date>-<time>-<microseconds>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--force", action="store_true",
+                   help="start a new run in an --out folder that already holds files, replacing the run's files")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bars: only the header line, one line per epoch and the final report")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test negative ELBO of a checkpoint",
@@ -122,33 +151,44 @@ def build_parser():
                                    "with a fixed seed, so numbers compare between runs).")
     _ckpt_args(e)
     e.add_argument("--iw-k", type=_nonneg_int, default=0, help="also the importance-weighted bound with K samples")
-    e.add_argument("--n", type=_positive_int, help="evaluate the first N test images only")
-    e.add_argument("--json", help="write the numbers to this JSON file")
+    e.add_argument("--n", type=_positive_int, help="evaluate the first N test images only (active units are "
+                                                     "counted from 20 images up)")
+    e.add_argument("--json", help="write the numbers to this JSON file (strict JSON: null for a missing number)")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="an 8x8 grid of samples from the prior")
+    s = sub.add_parser("sample", help="an 8x8 grid of samples from the prior",
+                       description="Decode z ~ N(0, I) and save E[x|z]: a grid picture (samples.png) for up to "
+                                   "1024 samples, else an .npz (samples.npz, array x of shape (N, D)), "
+                                   "written in chunks so memory stays bounded whatever N is.")
     _ckpt_args(s)
     s.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
     s.set_defaults(func=cmd_sample)
 
-    i = sub.add_parser("interpolate", help="decode a line in latent space between two test digits")
+    i = sub.add_parser("interpolate", help="decode a line in latent space between two test digits",
+                       description="Encode two test digits, and decode evenly spaced points on the line between "
+                                   "their posterior means (interpolation.png).")
     _ckpt_args(i)
     i.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
     i.add_argument("--a", type=_nonneg_int, default=0, help="index of the first test digit (default 0)")
     i.add_argument("--b", type=_nonneg_int, default=None,
                    help="index of the second test digit (default: the first with another label)")
-    i.add_argument("--steps", type=_positive_int, default=10)
+    i.add_argument("--steps", type=_positive_int, default=10,
+                   help="points decoded between the two digits, at most 100 (default 10)")
     i.set_defaults(func=cmd_interpolate)
 
-    m = sub.add_parser("manifold", help="2-D latent manifold and latent scatter (z_dim = 2)")
+    m = sub.add_parser("manifold", help="2-D latent manifold and latent scatter (z_dim = 2)",
+                       description="For a model with a 2-D latent space: decodes on a grid of z (manifold.png) "
+                                   "and the posterior means of test digits coloured by label (latent_scatter.png).")
     _ckpt_args(m)
     m.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
-    m.add_argument("--grid", type=_positive_int, default=20, help="grid size (default 20)")
+    m.add_argument("--grid", type=_positive_int, default=20, help="grid size, at most 100 (default 20)")
     m.set_defaults(func=cmd_manifold)
 
-    d = sub.add_parser("download", help="download a named dataset into a cache, checking SHA-256")
+    d = sub.add_parser("download", help="download a named dataset into a cache, checking SHA-256",
+                       description="Download a named dataset (mnist, fashion-mnist) into a cache folder; each file "
+                                   "is kept only if its SHA-256 is the registry's.")
     d.add_argument("name", help="dataset: mnist or fashion-mnist")
     d.add_argument("--cache", help="cache folder (default $MINIVAE_CACHE or ~/.cache/minivae)")
     d.add_argument("--url", help="base URL replacing the registry's (a mirror)")
@@ -158,15 +198,28 @@ def build_parser():
 
 def _ckpt_args(p):
     p.add_argument("--checkpoint", required=True, help="a checkpoint.npz (or the run folder holding one)")
-    p.add_argument("--data-dir", help="test data folder (default: the one the run was trained on)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--data-dir", help="test data folder (default: the one the run was trained on; another "
+                                      "folder must hold the same files)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="array library: numpy or cupy (default $MINIVAE_BACKEND or numpy)")
 
 
 # ------------------------------------------------------------------- commands
+def _backend(args):
+    """--backend, else $MINIVAE_BACKEND, else numpy (an unknown name is a one-line BackendError)."""
+    from .backend import _check_name
+    if args.backend is not None:
+        return args.backend
+    env = os.environ.get("MINIVAE_BACKEND", "").strip().lower()
+    return _check_name(env) if env else "numpy"
+
+
 def cmd_train(args):
     from .checkpoint import load_checkpoint
-    from .train import CHECKPOINT, TrainSettings, train
+    from .train import CHECKPOINT, TrainSettings, new_run_dir, train
     overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
+    if args.backend is None and os.environ.get("MINIVAE_BACKEND", "").strip():
+        overrides["backend"] = _backend(args)
     if args.no_figures:
         overrides["figures"] = False
     if args.reference_path:
@@ -182,9 +235,22 @@ def cmd_train(args):
         settings = TrainSettings.from_dict(saved)
     else:
         settings = TrainSettings.from_recipe(args.recipe or "default", **overrides)
-    out = args.out or f"runs/{settings.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings.validate()                      # before a default folder is created
+    out = args.out or str(new_run_dir("runs", settings.recipe))
     t0 = time.perf_counter()
-    history = train(settings, out, resume=args.resume, progress=not args.quiet)
+    try:
+        history = train(settings, out, resume=args.resume, progress=not args.quiet, force=args.force)
+    except BaseException:
+        if not args.out:                     # a default folder (ours alone) that got nothing is not left behind
+            from .train import LOCK_FILE
+            if sorted(os.listdir(out)) in ([], [LOCK_FILE]):
+                try:
+                    if os.path.exists(os.path.join(out, LOCK_FILE)):
+                        os.unlink(os.path.join(out, LOCK_FILE))
+                    os.rmdir(out)
+                except OSError:
+                    pass
+        raise
     print(f"done: {len(history)} epochs in {out} ({time.perf_counter() - t0:.1f}s this session)")
     return 0
 
@@ -197,14 +263,14 @@ def _load(args):
         settings = TrainSettings.from_dict(ckpt.settings) if ckpt.settings else TrainSettings()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt.path}: unreadable settings ({exc})") from None
-    model = ckpt.build_model(args.backend)
+    model = ckpt.build_model(_backend(args))
     return ckpt, settings, model
 
 
 def _test_data(args, ckpt, settings, n=None):
     from .checkpoint import CheckpointError
     from .train import evaluation_data
-    x_eval, x_grey, y = evaluation_data(settings, data_dir=args.data_dir, n=n)
+    x_eval, x_grey, y = evaluation_data(settings, data_dir=args.data_dir, n=n, where=str(ckpt.path))
     if x_eval.shape[1] != ckpt.config.x_dim:
         raise CheckpointError(f"{ckpt.path}: the model expects {ckpt.config.x_dim} values per image, the test "
                               f"data has {x_eval.shape[1]}")
@@ -222,17 +288,26 @@ def _out_dir(args, ckpt):
 
 
 def cmd_eval(args):
+    import math
+
     from . import evaluate
+    from .train import json_text
     ckpt, settings, model = _load(args)
     if args.n is None:
         settings.n_test = None          # the whole test set unless --n
     x_eval, _, _ = _test_data(args, ckpt, settings, n=args.n)
     rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True)
+    bad = [k for k in ("neg_elbo", "recon", "kl", "iw_nll") if rep.get(k) is not None and not math.isfinite(rep[k])]
+    if bad:
+        raise ValueError(f"{ckpt.path}: the evaluation gave a non-finite {bad[0]} ({rep[bad[0]]}); the model "
+                         "overflows on this data")
     print(f"{ckpt.path} (epoch {ckpt.epoch}, {model!r})")
     print(f"test -ELBO {rep['neg_elbo']:.4f} nats/image (recon {rep['recon']:.4f}, KL {rep['kl']:.4f}) "
           f"on {rep['n']} images")
     for k, v in rep.items():
-        if k in ("neg_elbo", "recon", "kl", "n") or v is None or isinstance(v, bool):
+        if k in ("neg_elbo", "recon", "kl", "n", "au_note") or v is None or isinstance(v, bool):
+            continue
+        if k == "iw_k" and not v:        # no IW estimate was asked for
             continue
         if isinstance(v, float):
             print(f"  {k}: {v:.4f}")
@@ -240,40 +315,37 @@ def cmd_eval(args):
             print(f"  {k}: {v}")
     if rep.get("kl_per_dim") is not None:
         print("  KL per dimension: " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
+    if rep.get("au_note"):
+        print(f"  note: {rep['au_note']}")
     if isinstance(rep.get("collapse_warning"), str):
         print(f"  warning: {rep['collapse_warning']}")
     if args.json:
         from .checkpoint import atomic_write
         doc = dict(rep, checkpoint=str(ckpt.path), epoch=ckpt.epoch)
-        atomic_write(args.json, lambda f: f.write(json.dumps(_jsonable(doc), indent=1)), mode="w")
+        atomic_write(args.json, lambda f: f.write(json_text(doc)), mode="w")
         print(f"wrote {args.json}")
     return 0
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def cmd_sample(args):
     from . import figures
     ckpt, _, model = _load(args)
+    rng = np.random.default_rng(args.seed)
+    if args.n > figures.MAX_PICTURE:          # too many for a picture: an .npz, written chunk by chunk
+        path = figures.save_samples_npz(model, _out_dir(args, ckpt) / "samples.npz", rng, args.n)
+        print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
+              "np.load(path)['x'] has shape (N, D))")
+        return 0
     nrow = int(np.ceil(np.sqrt(args.n)))
-    path = figures.prior_samples(model, _out_dir(args, ckpt) / "samples.png", np.random.default_rng(args.seed),
-                                 n=args.n, nrow=nrow)
+    path = figures.prior_samples(model, _out_dir(args, ckpt) / "samples.png", rng, n=args.n, nrow=nrow)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_interpolate(args):
     from . import figures
+    if args.steps > figures.MAX_GRID:
+        raise ValueError(f"--steps is at most {figures.MAX_GRID}, got {args.steps}")
     ckpt, settings, model = _load(args)
     _, x, y = _test_data(args, ckpt, settings)
     a = args.a
@@ -292,6 +364,9 @@ def cmd_interpolate(args):
 
 def cmd_manifold(args):
     from . import figures
+    if args.grid > figures.MAX_GRID:
+        raise ValueError(f"--grid is at most {figures.MAX_GRID} (a {figures.MAX_GRID}x{figures.MAX_GRID} picture "
+                         f"is already {figures.MAX_GRID * 29} pixels wide), got {args.grid}")
     ckpt, settings, model = _load(args)
     if model.config.z_dim != 2:
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
@@ -319,20 +394,25 @@ def _one_line(exc):
 def main(argv=None):
     from .checkpoint import CheckpointError
     from .download import DownloadError
-    from .train import TrainingDiverged
+    from .train import RunLocked, TrainingDiverged, _Terminated
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
-        print(f"minivae: {_one_line(exc) if str(exc) else 'interrupted'}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(exc, _Terminated) or getattr(exc, "signum", None) == signal.SIGTERM
+        default = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"minivae: {_one_line(exc) if str(exc) else default}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (CheckpointError, DataError, DownloadError, BackendError, ValueError, FileNotFoundError,
+    except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
         print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:
+        print("minivae: error: out of memory (the request is larger than this machine's memory)", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -325,7 +325,7 @@ def maxpool2d_backward(dy, cache):
     OH, OW = int(dy.shape[2]), int(dy.shape[3])
     ### BEGIN SOLUTION maxpool2d_backward
     dx = xp.zeros((N, C, H, W), dtype=dy.dtype)
-    dwin = dx[:, :, :OH * k, :OW * k].reshape(N, C, OH, k, OW, k)   # a view: writing it writes dx
+    dwin = dx[:, :, :OH * k, :OW * k].reshape(N, C, OH, k, OW, k)   # only splits axes: a view of dx
     for a in range(k * k):
         # dL/dx at window offset a = dy where a is the argmax, 0 elsewhere
         xp.multiply(dy, arg == a, out=dwin[:, :, :, a // k, :, a % k])

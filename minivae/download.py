@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -74,41 +73,32 @@ def sha256_file(path):
 def fetch(url, dest, sha256, timeout=30.0):
     """Stream ``url`` to ``dest`` atomically, accepting it only if its SHA-256 is in ``sha256``.
 
-    ``sha256`` is one hex digest or a tuple of accepted ones.  Returns ``dest``.
+    ``sha256`` is one hex digest or a tuple of accepted ones.  Returns ``dest``.  The
+    temporary file, its removal on any failure and the final rename are the package's one
+    atomic writer, :func:`minivae.checkpoint.atomic_write`.
     """
+    from .checkpoint import atomic_write
     dest = Path(dest)
     accepted = (sha256,) if isinstance(sha256, str) else tuple(sha256)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".part", dir=dest.parent)
-    ok = False
-    try:
+
+    def write(out):
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
-                    for block in iter(lambda: resp.read(CHUNK), b""):
-                        h.update(block)
-                        out.write(block)
-            except urllib.error.HTTPError as exc:
-                raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            except (urllib.error.URLError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise DownloadError(f"{url}: download failed ({reason})") from None
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                for block in iter(lambda: resp.read(CHUNK), b""):
+                    h.update(block)
+                    out.write(block)
+        except urllib.error.HTTPError as exc:
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DownloadError(f"{url}: download failed ({reason})") from None
         got = h.hexdigest()
-        if got not in accepted:
+        if got not in accepted:             # raising here makes atomic_write delete the temporary file
             raise DownloadError(f"{url}: SHA-256 mismatch (got {got}, expected {' or '.join(accepted)}); "
                                 f"nothing was written to {dest.parent}")
-        os.replace(tmp, dest)
-        ok = True
-    finally:
-        if not ok:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-    return dest
+
+    return atomic_write(dest, write)
 
 
 def download(name, cache_dir=None, base_url=None, files=None, progress=None):

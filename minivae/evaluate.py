@@ -121,7 +121,8 @@ def _progress_bar(progress, total, desc):
     if not progress:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal
+    return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=False, disable=None)
 
 
 def negative_elbo(model, x, rng, batch_size=1000):
@@ -158,8 +159,9 @@ def active_units(model, x, threshold=0.01, batch_size=1000):
     """Number of active latent units (Burda et al. 2015): unit j is active if Cov_x(E_q[z_j]) > threshold.
 
     An inactive unit's posterior mean does not move with x: the decoder
-    cannot get information about x through it (its posterior is the prior,
-    "posterior collapse" of that unit).
+    gets (almost) no information about x through it.  In practice its posterior
+    is then the prior ("posterior collapse" of that unit), but the statistic only
+    sees the mean: sigma_j(x) could still vary with x.
     """
     return int((posterior_mean_variance(model, x, batch_size) > threshold).sum())
 
@@ -187,6 +189,11 @@ def collapse_warning(n_active, n_latent):
     return False
 
 
+# Active units are a variance over the data: with fewer examples than this the estimate means nothing,
+# so report() gives None (and no collapse warning) instead of a count.
+AU_MIN_N = 20
+
+
 def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_threshold=0.01):
     """Evaluation summary of ``model`` on data ``x`` (already binarized if needed).
 
@@ -197,7 +204,8 @@ def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_
     iw_k, iw_nll    importance-weighted NLL -1/N sum_n log p_hat_k(x_n) (None when iw_k = 0)
     iw_nll_sem      its standard error over examples (None when iw_k = 0)
     iw_seconds      time spent on the IW estimate
-    active_units, n_latent, au_threshold   units with Cov_x(E_q[z_j]) > au_threshold
+    active_units, n_latent, au_threshold   units with Cov_x(E_q[z_j]) > au_threshold (active_units is
+                    None below AU_MIN_N examples, with the reason in ``au_note``)
     kl_per_dim      list of the mean KL of each latent dimension (sums to ``kl``)
     collapse_warning  False, or a message when fewer than half of the units are active
     """
@@ -213,8 +221,13 @@ def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_
         out["iw_nll"] = float(-ll.mean())
         out["iw_nll_sem"] = float(ll.std(ddof=1) / np.sqrt(len(ll))) if len(ll) > 1 else None
     n_latent = int(model.config.z_dim)
-    n_active = active_units(model, x, threshold=au_threshold)
+    if x.shape[0] >= AU_MIN_N:
+        n_active = active_units(model, x, threshold=au_threshold)
+        warn = collapse_warning(n_active, n_latent)
+    else:
+        n_active, warn = None, False
+        out["au_note"] = (f"active units not counted: they need at least {AU_MIN_N} examples, got "
+                          f"{x.shape[0]}")
     out.update(active_units=n_active, n_latent=n_latent, au_threshold=float(au_threshold),
-               kl_per_dim=[float(v) for v in kl_per_dim(model, x)],
-               collapse_warning=collapse_warning(n_active, n_latent))
+               kl_per_dim=[float(v) for v in kl_per_dim(model, x)], collapse_warning=warn)
     return out

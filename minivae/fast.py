@@ -52,10 +52,7 @@ convolutional architectures raise :class:`FastPathError`: use the reference path
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,39 +131,29 @@ def _cupy_kernels():
 # the two halves we set OpenBLAS's thread count to 1 and then restore it.
 # (openblas_set_num_threads_local, in OpenBLAS >= 0.3.27, looked like the
 # right tool but in NumPy's scipy-openblas 0.3.31 it changed the count seen by
-# every thread, so we use the plain global setter, and say so.)  The functions
-# are looked up in the OpenBLAS that NumPy has already loaded (RTLD_NOLOAD: we
-# never load a second copy); without them (another BLAS) there is no split.
+# every thread, so we use the plain global setter, and say so.)  The setter is
+# threadpoolctl's, which finds the BLAS that NumPy has loaded (OpenBLAS, MKL,
+# BLIS, Accelerate...) on every OS; without it there is no split.
 _BLAS = []                # [(set, get) or None], filled on first use
-_SETTERS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-            ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-            ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-            ("openblas_set_num_threads", "openblas_get_num_threads"))
 
 
 def _find_blas_threads():
+    """(set(n), get()) for the thread count of NumPy's BLAS, through threadpoolctl; None if unavailable."""
     if _BLAS:
         return _BLAS[0]
     found = None
     try:
-        base = os.path.dirname(np.__file__)
-        paths = glob.glob(os.path.join(base, "..", "numpy.libs", "*openblas*.so*"))
-        paths += glob.glob(os.path.join(base, ".libs", "*openblas*.so*"))
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            except OSError:
-                continue                                  # not the library NumPy loaded
-            for set_name, get_name in _SETTERS:
-                fset, fget = getattr(lib, set_name, None), getattr(lib, get_name, None)
-                if fset is not None and fget is not None:
-                    fset.argtypes, fset.restype = [ctypes.c_int], None
-                    fget.argtypes, fget.restype = [], ctypes.c_int
-                    found = (fset, fget)
-                    break
-            if found:
-                break
-    except Exception:                                     # no ctypes / odd install: no split
+        from threadpoolctl import ThreadpoolController
+        libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        if libs:
+            def fset(n, libs=libs):
+                for lib in libs:
+                    lib.set_num_threads(int(n))
+
+            def fget(lib=libs[0]):
+                return int(lib.get_num_threads())
+            found = (fset, fget)
+    except Exception:                                     # threadpoolctl missing or no BLAS found: no split
         found = None
     _BLAS.append(found)
     return found

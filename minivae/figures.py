@@ -36,6 +36,59 @@ def _subplots(*args, **kwargs):
     axes = fig.subplots(*args, **kwargs)
     return fig, axes
 
+# Bounded memory: every decode below runs CHUNK rows at a time, and a picture holds at most
+# MAX_PICTURE images (a 32 x 32 grid; more is no longer readable) or a MAX_GRID x MAX_GRID manifold.
+# ``minivae sample`` writes larger requests as an .npz, in chunks (save_samples_npz).
+CHUNK = 1024
+MAX_PICTURE = 1024
+MAX_GRID = 100
+MAX_INCHES = 40.0            # at 100 dpi: at most 4000 x 4000 pixels per figure
+
+
+def decode_chunks(model, z, chunk=CHUNK):
+    """E[x|z] for the rows of z (host array), ``chunk`` rows at a time, as one host array (N, D)."""
+    z = np.asarray(z)
+    out = None
+    for i in range(0, len(z), chunk):
+        d = to_numpy(model.decode(z[i:i + chunk].astype(model.dtype)))
+        if out is None:
+            out = np.empty((len(z), d.shape[1]), dtype=d.dtype)
+        out[i:i + len(d)] = d
+    return out
+
+
+def sample_chunks(model, n, rng, chunk=CHUNK):
+    """Yield E[x|z], z ~ N(0, I), in blocks of at most ``chunk`` rows; n rows in all.
+
+    The z are drawn from ``rng`` block after block, which is the same stream as one draw of
+    (n, L): the samples do not depend on ``chunk``, and equal ``model.sample(n, rng)``.
+    """
+    L = model.config.z_dim
+    for i in range(0, int(n), chunk):
+        z = rng.standard_normal((min(chunk, int(n) - i), L))
+        yield to_numpy(model.decode(z.astype(model.dtype)))
+
+
+def save_samples_npz(model, path, rng, n, chunk=CHUNK):
+    """Write n samples E[x|z] as ``x`` (n, D) in an .npz, streamed chunk by chunk (memory: one chunk).
+
+    The archive is written with the package's atomic writer; ``np.load(path)["x"]`` reads it.
+    """
+    import zipfile
+
+    from .checkpoint import atomic_write
+    D = model.config.x_dim
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("x.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(
+                    member, {"descr": np.lib.format.dtype_to_descr(np.dtype(model.dtype)),
+                             "fortran_order": False, "shape": (int(n), D)})
+                for block in sample_chunks(model, n, rng, chunk):
+                    member.write(np.ascontiguousarray(block, dtype=model.dtype).tobytes())
+    return atomic_write(path, write)
+
 
 def _side(d):
     s = int(round(math.sqrt(d)))
@@ -79,7 +132,9 @@ def image_grid(images, nrow, path, title=None, scale=0.45, shape=None):
     """Save (N, D) images as a grid with ``nrow`` images per row (``shape``: (H, W), default square)."""
     canvas = tile(images, nrow, shape=shape)
     h, w = canvas.shape
-    fig, ax = _subplots(figsize=(max(2.0, w / 28 * scale * 2), max(1.2, h / 28 * scale * 2)))
+    fw, fh = max(2.0, w / 28 * scale * 2), max(1.2, h / 28 * scale * 2)
+    shrink = min(1.0, MAX_INCHES / max(fw, fh))          # bounded figure (and memory) whatever the grid
+    fig, ax = _subplots(figsize=(fw * shrink, fh * shrink))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
@@ -96,8 +151,12 @@ def reconstructions(model, x, path, n=10):
 
 
 def prior_samples(model, path, rng, n=64, nrow=8):
-    """An nrow x nrow grid of E[x|z] for z ~ N(0, I) drawn from ``rng``."""
-    return image_grid(to_numpy(model.sample(n, rng)), nrow, path, title="E[x|z], z ~ N(0, I)", shape=_hw(model))
+    """An nrow x nrow grid of E[x|z] for z ~ N(0, I) drawn from ``rng`` (at most MAX_PICTURE images)."""
+    if n > MAX_PICTURE:
+        raise ValueError(f"a picture shows at most {MAX_PICTURE} samples, got n={n}; write them with "
+                         "save_samples_npz")
+    images = np.concatenate(list(sample_chunks(model, n, rng)))
+    return image_grid(images, nrow, path, title="E[x|z], z ~ N(0, I)", shape=_hw(model))
 
 
 def loss_curves(history, path):
@@ -128,7 +187,9 @@ def interpolation(model, xa, xb, path, steps=10):
     mu_b = to_numpy(model.encode(xb)[0])
     t = np.linspace(0.0, 1.0, steps)[None, :, None]
     z = ((1 - t) * mu_a[:, None, :] + t * mu_b[:, None, :]).reshape(-1, mu_a.shape[1])
-    dec = to_numpy(model.decode(z.astype(model.dtype))).reshape(len(xa), steps, -1)
+    if steps > MAX_GRID:
+        raise ValueError(f"an interpolation shows at most {MAX_GRID} steps, got {steps}")
+    dec = decode_chunks(model, z).reshape(len(xa), steps, -1)
     rows = np.concatenate([xa[:, None], dec, xb[:, None]], axis=1).reshape(-1, xa.shape[1])
     return image_grid(rows, steps + 2, path,
                       title=f"left/right: two test digits; between: decodes of {steps} points on the line "
@@ -150,11 +211,14 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95):
     if model.config.z_dim != 2:
         raise ValueError(f"the 2-D manifold needs a model with a 2-D latent space; this one has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
+    if n > MAX_GRID:
+        raise ValueError(f"the manifold grid is at most {MAX_GRID} x {MAX_GRID} (a bigger picture is not "
+                         f"readable), got {n}")
     ppf = NormalDist().inv_cdf
     g = np.array([ppf(u) for u in np.linspace(lo, hi, n)])
     zy, zx = np.meshgrid(g[::-1], g, indexing="ij")          # rows: z2 from high to low; cols: z1 low to high
     z = np.stack([zx.ravel(), zy.ravel()], axis=1).astype(model.dtype)
-    dec = to_numpy(model.decode(z))
+    dec = decode_chunks(model, z)
     return image_grid(dec, n, path, title=f"E[x|z] on a {n}x{n} grid z = Phi^-1(u), u in [{lo}, {hi}]",
                       scale=0.35, shape=_hw(model))
 
@@ -187,7 +251,9 @@ def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0):
     if history_path is not None and Path(history_path).exists():
         paths.append(loss_curves(history_path, d / "loss_curves.png"))
     a, b = _two_different(y_test)
-    paths.append(interpolation(model, x[[a, a + 1]], x[[b, b + 1]], d / "interpolation.png"))
+    last = len(x) - 1                              # (a test set of 1 image: the pair is that image twice)
+    paths.append(interpolation(model, x[[a, min(a + 1, last)]], x[[b, min(b + 1, last)]],
+                               d / "interpolation.png"))
     paths.append(neighbourhood(model, x[a], d / "neighbourhood.png", rng))
     if model.config.z_dim == 2:
         paths.append(manifold(model, d / "manifold.png"))

@@ -31,7 +31,8 @@ def bernoulli_nll_forward(logits, x):
           = x softplus(-l) + (1 - x) softplus(l)
           = softplus(l) - x l.
     Computing it from logits with a stable softplus never takes log(0), even
-    when sigmoid(l) rounds to exactly 0 or 1 (|l| > 17 in float32).  x may be
+    when sigmoid(l) rounds to exactly 0 or 1 (in float32 it rounds to 1 from l ~ 17 on,
+    and to 0 only below l ~ -104, where exp(l) < 2^-150 underflows to 0).  x may be
     any value in [0, 1] (continuous "probabilities" as targets are allowed).
 
     Shapes: logits (N, D), x (N, D) -> nll (N,).
@@ -98,7 +99,7 @@ def gaussian_learned_var_nll_forward(mean, logvar, x):
 
 
 def gaussian_learned_var_nll_backward(dnll, cache):
-    """Gradients with u = (x - mean)^2 exp(-logvar):
+    """Gradients:
 
         d nll / d mean   = (mean - x) exp(-logvar)
         d nll / d logvar = 1/2 * (1 - (x - mean)^2 exp(-logvar))

@@ -391,6 +391,9 @@ class VAE:
         if iwae_k is not None and S != iwae_k:
             raise ValueError(f"eps has {S} samples but iwae_k is {iwae_k}")
 
+        if iwae_k is not None and S > self._iwae_chunk(N):
+            return self._iwae_chunked(x, eps, beta, backward)         # bounded memory for large K
+
         # ---- forward, shared by every objective
         mu, logvar, c_enc = self._encoder_forward(x)                  # (N, L) each
         z, c_rep = reparameterize_forward(mu, logvar, eps)            # (S, N, L)
@@ -476,6 +479,63 @@ class VAE:
         dlogvar += dlogvar_direct
         self._encoder_backward(dmu, dlogvar, c_enc, grads)
         ### END SOLUTION
+
+    # numbers of the widest decoder layer that one IWAE chunk may hold (2**22: 16 MB in float32)
+    IWAE_CHUNK_ELEMENTS = 1 << 22
+
+    def _iwae_chunk(self, N):
+        """Samples per chunk of the IWAE bound: S*N rows of the widest layer within IWAE_CHUNK_ELEMENTS.
+
+        A dense decoder's widest row is max(D, hidden); a convolutional one holds patch matrices
+        (im2col) of up to about 144·D numbers per row (3x3 kernels on 64 channels at H/2 x W/2).
+        """
+        c = self.config
+        width = max(c.x_dim, *c.hidden) if c.arch == "mlp" else 160 * c.x_dim
+        return max(1, self.IWAE_CHUNK_ELEMENTS // (N * width))
+
+    def _iwae_chunked(self, x, eps, beta, backward):
+        """The IWAE loss and gradients of :meth:`loss`, over the K samples in chunks.
+
+        Same math, memory bounded by one chunk of samples whatever K is.  The normalized weights
+        wtilde need every log w_nk first, so it takes two passes over the chunks: (1) forward
+        only, collecting log_w (K, N); (2) forward again with caches, then the shared backward
+        (:meth:`_loss_backward`) of each chunk with its slice of the IWAE cache, i.e. of
+        g = dloss/dlog w.  Every parameter's gradient is a sum over the chunks' rows (the encoder's
+        too: its backward is linear in (dmu, dlogvar)), so the chunks' gradients add up to the
+        one-block result, up to float summation order.
+        """
+        xp = self.xp
+        S, N, L = eps.shape
+        D = self.config.x_dim
+        step = self._iwae_chunk(N)
+        mu, logvar, c_enc = self._encoder_forward(x)
+        kl, _ = kl_forward(mu, logvar)
+
+        def chunk_forward(s0, s1):
+            z, c_rep = reparameterize_forward(mu, logvar, eps[s0:s1])     # (s, N, L)
+            outs, c_dec = self._decoder_forward(z.reshape((s1 - s0) * N, L))
+            rec, c_rec = self._recon_forward([o.reshape(s1 - s0, N, D) for o in outs], x)   # (s, N)
+            log_pz = log_standard_normal(z)
+            log_qz = -0.5 * (eps[s0:s1] * eps[s0:s1] + logvar + LOG_2PI).sum(axis=-1)
+            return rec, -rec + beta * (log_pz - log_qz), (z, c_enc, c_rep, c_dec, c_rec)
+
+        log_w = xp.empty((S, N), dtype=self.dtype)
+        rec_sum = 0.0
+        for s0 in range(0, S, step):                                      # pass 1: log-weights only
+            s1 = min(S, s0 + step)
+            rec, log_w[s0:s1], _ = chunk_forward(s0, s1)
+            rec_sum = rec_sum + rec.sum()
+        loss, (wtilde, n) = iwae_forward(log_w)
+        self.parts = {"loss": loss, "recon": rec_sum / (S * N), "kl": kl.mean(), "iwae_k": S}
+        if not backward:
+            return loss, None
+        grads, part = self.new_grads(), self.new_grads()
+        for s0 in range(0, S, step):                                      # pass 2: backward per chunk
+            s1 = min(S, s0 + step)
+            _, _, cache = chunk_forward(s0, s1)
+            self._loss_backward("iwae", beta, cache + ((wtilde[s0:s1], n),), part)
+            grads.flat += part.flat
+        return loss, grads
 
     def encode(self, x):
         """q(z|x): ``(mu, logvar)``, each (N, L)."""

@@ -11,10 +11,11 @@ With K samples z_k = mu(x) + sigma(x) * eps_k from q(z|x) and the log-weights
 
     log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x),
 
-the bound is  L_K(x) = log (1/K) sum_k w_k  <=  log p(x).  It is the ELBO for
-K = 1, grows with K and tends to log p(x).  The loss over a batch is
+the bound is  L_K(x) = E[ log (1/K) sum_k w_k ]  <=  log p(x).  It is the ELBO for
+K = 1, is non-decreasing in K and tends to log p(x).  Both hold in expectation over
+the draws: a single draw of log (1/K) sum_k w_k can exceed log p(x).  The loss over a batch (one draw per example) is
 
-    loss = -1/N sum_n L_K(x_n) = -1/N sum_n [ logsumexp_k(log w_nk) - log K ].
+    loss = -1/N sum_n [ logsumexp_k(log w_nk) - log K ].
 
 Gradient.  d logsumexp_k(a_k) / d a_j = exp(a_j) / sum_k exp(a_k) = softmax(a)_j,
 so with an upstream ``dloss``

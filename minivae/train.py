@@ -38,24 +38,38 @@ What a run does
    train numbers are the averages over the epoch's minibatches as they were
    trained (true ELBO, beta = 1 in the sum, even during warm-up); the test
    numbers use one fixed eps draw (seed ``test_seed``).
-5. A NaN or inf loss stops the run (:class:`TrainingDiverged`, naming the
-   epoch and step) before the bad step is applied or saved; Ctrl-C raises
-   :class:`TrainingInterrupted`.  Either way the last complete checkpoint
-   stays on disk.
+5. A NaN or inf loss, or a finite one above ``MAX_LOSS`` (1e6 nats per
+   example, far beyond any real model: the untrained default VAE starts at
+   about 550), stops the run (:class:`TrainingDiverged`, naming the epoch
+   and step) before the bad step is applied or saved; Ctrl-C or SIGTERM
+   raises :class:`TrainingInterrupted`.  Either way the last complete
+   checkpoint stays on disk, the message names the epoch that is in it, and
+   history.json/csv are rewritten from the checkpoint's own record.
 6. At the end: ``results.json`` (the final test report, with the
-   importance-weighted bound when ``iw_k > 0``) and the figures.
+   importance-weighted bound when ``iw_k > 0``), then the figures.
+
+One writer per run folder: the run holds an exclusive lock (``fcntl.flock``
+on ``out_dir/.lock``, which names the holder's PID) from start to end, so a
+second run or resume into the same folder stops at once with a one-line
+error.  Data provenance: the run records the resolved data folder and the
+size and SHA-256 of each data file (``settings["data"]``); a resume or an
+evaluation reads that same data (from any folder that holds the same files),
+or refuses.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import functools
 import inspect
 import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +78,11 @@ import numpy as np
 
 from . import evaluate
 from .backend import get_array_module, get_xp, to_numpy
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint,
+                         stale_temp_files)
 from .config import VAEConfig
-from .data import BINARIZE, DataError, binarize, check_data, default_data_dir, image_shape, load_mnist, \
-    split_validation, static_binarize
+from .data import BINARIZE, DataError, binarize, check_data, default_data_dir, embedded_dir, fingerprint, \
+    image_shape, load_mnist, split_validation, static_binarize
 from .model import VAE
 from .optim import make_optimizer
 from .recipes import get_recipe, lr_at_epoch, output_bias_init
@@ -77,14 +92,108 @@ TEST_SEED = 12345
 # settings that may change when a run is resumed (everything else must match the checkpoint)
 RESUME_MUTABLE = ("epochs", "iw_k", "figures", "backend", "threads")
 _DEVICE_STYLE_LOOP = False
+# A finite loss above this (nats per example) stops training like a NaN: no model of this package on
+# data in [0, 1] gets there (the untrained 784-400-20 VAE starts near 550 nats; even a fixed-variance
+# Gaussian with obs_var = 1e-3 on MNIST stays below 4e5), so reaching it means the run has diverged
+# (e.g. a negative Adam eps gave 1.5e32).
+MAX_LOSS = 1e6
+# the run's own files: a folder holding any of these is "not empty" for a new run
+RUN_FILES = (CHECKPOINT, "history.json", "history.csv", "results.json", "settings.json", "figures")
+LOCK_FILE = ".lock"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the run stopped and the last good checkpoint was kept."""
+    """The loss became NaN or inf (or above MAX_LOSS); the run stopped and the last good checkpoint was kept."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message says where the last checkpoint is."""
+    """Ctrl-C (or SIGTERM) during training; the message says where the last checkpoint is.
+
+    ``signum`` is ``signal.SIGINT`` or ``signal.SIGTERM``.
+    """
+
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler so that SIGTERM unwinds exactly like Ctrl-C."""
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the whole run: ``fcntl.flock`` on ``folder/.lock``.
+
+    The lock file holds the holder's PID, for the error message of the second
+    writer.  The kernel drops the lock when the process ends, however it ends
+    (even SIGKILL), so a lock is never stale.  Where ``fcntl`` does not exist
+    (Windows) runs are not locked.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.fd = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:              # Windows: no flock
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLocked(f"{self.folder} is in use by another minivae run (PID {holder}); wait for it "
+                                "to end or choose another output folder") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def new_run_dir(base, prefix):
+    """Create and return a fresh folder ``base/prefix-YYYYMMDD-HHMMSS-ffffff`` (``-2``, ``-3``... on a clash).
+
+    ``os.mkdir`` fails if the folder exists, so two runs started at the same
+    microsecond still get two folders.
+    """
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now % 1 * 1e6):06d}"
+    for i in range(1, 10000):
+        d = base / (f"{prefix}-{stamp}" + (f"-{i}" if i > 1 else ""))
+        try:
+            os.mkdir(d)
+            return d
+        except FileExistsError:
+            continue
+    raise OSError(f"{base}: could not create a new run folder")
 
 
 @dataclass
@@ -107,6 +216,7 @@ class TrainSettings:
     n_test: int | None = None
     valid: int = 0
     test_seed: int = TEST_SEED
+    data: dict | None = None   # provenance, set by train(): {"path": resolved folder, "files": {name: [size, sha256]}}
     # optimisation
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -176,7 +286,17 @@ class TrainSettings:
         need(int(self.epochs) == self.epochs and self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         need(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
              f"batch size must be positive, got {self.batch_size}")
+        for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "obs_var"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
+        for name in ("clip_norm", "free_bits"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (int, float)) and math.isfinite(v)),
+                 f"{name} must be a finite number, got {v!r}")
         need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
+        need(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
         need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
@@ -190,7 +310,9 @@ class TrainSettings:
         need(self.free_bits is None or self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
-        self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
+        config = self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
+        from .limits import check_fits, training_bytes
+        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {_arch(config)}")
         return self
 
     def model_config(self, x_dim, image_shape=None):
@@ -207,6 +329,10 @@ class TrainSettings:
         elif self.optimizer == "sgd":
             kw["momentum"] = self.momentum
         return make_optimizer(self.optimizer, self.lr, **kw)
+
+
+def _arch(config):
+    return "-".join(str(v) for v in (config.x_dim, *config.hidden, config.z_dim)) + " VAE"
 
 
 # ---------------------------------------------------------------------- data
@@ -245,6 +371,9 @@ def _read_split(split, d):
             raise DataError(f"{npz}: cannot read ({type(exc).__name__}: {exc})") from None
         if x.ndim < 2 or len(y) != len(x):
             raise DataError(f"{npz}: expected x (N, D) and y (N,), got shapes {x.shape} and {y.shape}")
+        for name, a in (("x", x), ("y", y)):
+            if a.dtype.kind not in "biuf":         # complex, text, dates...: no silent conversion
+                raise DataError(f"{npz}: {name} has dtype {a.dtype}; expected real numbers")
         return x.reshape(len(x), -1).astype(np.float32), y.astype(np.int64)
     return load_mnist(split, d)
 
@@ -285,14 +414,50 @@ class Data:
             self.test_eval, self.valid_eval = self.x_test, self.x_valid
 
 
-def evaluation_data(settings, data_dir=None, n=None):
+def run_data_dir(settings, data_dir=None, where="the run"):
+    """The data folder a recorded run must use: the one it was trained on, checked by its fingerprint.
+
+    ``settings.data`` is the provenance that :func:`train` recorded.  ``data_dir``
+    (``--data-dir``) may point at any folder holding the same files (the embedded MNIST
+    included); without it the recorded folder is used, or the embedded MNIST when it holds
+    the same files (the package moved).  Different or missing data: DataError, one line.
+    A run recorded before provenance existed uses ``data_dir`` or its ``data_dir`` setting.
+    """
+    s = settings
+    rec = s.data
+    if not rec:
+        return data_dir if data_dir is not None else s.data_dir
+    want = rec.get("files")
+    if data_dir is not None:
+        got = fingerprint(data_dir)
+        if got["files"] != want:
+            raise DataError(f"{where} was trained on other data than {got['path']} (recorded: {rec.get('path')}, "
+                            f"files {_describe(want)}; found {_describe(got['files'])})")
+        return str(data_dir)
+    for cand in (rec.get("path"), str(embedded_dir())):
+        if cand and Path(cand).is_dir():
+            try:
+                if fingerprint(cand)["files"] == want:
+                    return cand
+            except DataError:
+                continue
+    raise DataError(f"{where} was trained on the data in {rec.get('path')}, which is missing or has changed "
+                    f"(recorded files {_describe(want)}); pass --data-dir with the same files")
+
+
+def _describe(files):
+    return ", ".join(f"{k} ({v[0]} bytes, sha256 {v[1][:12]})" for k, v in sorted((files or {}).items()))
+
+
+def evaluation_data(settings, data_dir=None, n=None, where="the run"):
     """The test set as a run evaluates it: (x_eval, x_grey, y) for ``eval``/figures."""
     s = settings
-    x, y = load_split("test", data_dir if data_dir is not None else s.data_dir)
+    d = run_data_dir(s, data_dir, where)
+    x, y = load_split("test", d)
     n = n or s.n_test
     if n:
         x, y = x[:n], y[:n]
-    check_data(x, s.likelihood, f"{data_dir or s.data_dir or default_data_dir()} (test)")
+    check_data(x, s.likelihood, f"{d or default_data_dir()} (test)")
     x = x.astype(np.dtype(s.dtype))
     x_eval = static_binarize(x, seed=s.test_seed) if s.binarize != "none" else x
     return x_eval, x, y
@@ -328,9 +493,26 @@ def loss_kwargs(settings, model):
     return kw
 
 
+def json_text(doc):
+    """Strict JSON (``allow_nan=False``): a non-finite float is written as null, never a bare NaN."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return clean(v.tolist())
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+    return json.dumps(clean(doc), indent=1, allow_nan=False)
+
+
 def write_history(out_dir, history):
     out_dir = Path(out_dir)
-    atomic_write(out_dir / "history.json", lambda f: f.write(json.dumps(history, indent=1)), mode="w")
+    atomic_write(out_dir / "history.json", lambda f: f.write(json_text(history)), mode="w")
     keys = []
     for rec in history:
         keys += [k for k in rec if k not in keys]
@@ -355,26 +537,89 @@ def _check_resume(settings, ckpt):
     # a setting the checkpoint predates counts as saved with its default value
     saved = dict(TrainSettings().to_dict(), **ckpt.settings)
     now = settings.to_dict()
+    # the data is checked by its fingerprint (run_data_dir), not by the folder's name
+    skip = RESUME_MUTABLE + (("data_dir", "data") if saved.get("data") else ())
     diffs = [f"{k}={saved.get(k)!r} (this run: {now[k]!r})" for k in now
-             if k not in RESUME_MUTABLE and json.dumps(saved.get(k)) != json.dumps(now[k])]
+             if k not in skip and json.dumps(saved.get(k)) != json.dumps(now[k])]
     if diffs:
         raise CheckpointError(f"{ckpt.path}: the checkpoint was trained with different settings: " + "; ".join(diffs))
 
 
 # ---------------------------------------------------------------------- train
-def train(settings, out_dir, resume=False, progress=True, log=print):
+def train(settings, out_dir, resume=False, progress=True, log=print, force=False):
     """Train a VAE as ``settings`` says, writing everything under ``out_dir``.
 
     ``resume=True`` continues from ``out_dir/checkpoint.npz`` (settings must
-    match it, except ``epochs``, ``iw_k``, ``figures`` and ``backend``) and
-    gives exactly the numbers of an uninterrupted run.  Without ``resume`` an
-    existing checkpoint in ``out_dir`` is an error (nothing is overwritten).
-    Returns the history: a list of per-epoch dicts.
+    match it, except ``epochs``, ``iw_k``, ``figures`` and ``backend``; the data
+    must be the recorded data) and gives exactly the numbers of an
+    uninterrupted run.  Without ``resume`` the folder must be new or empty, or
+    ``force=True`` (which starts over, replacing the run's files).  The folder
+    is locked for the whole run (:class:`RunLock`).  ``progress`` shows tqdm
+    bars (only when stderr is a terminal); the header line and one line per
+    epoch go to ``log`` either way.  Returns the history: a list of per-epoch dicts.
     """
-    from tqdm import tqdm
-
     s = settings.validate()
     out = Path(out_dir)
+    created = not out.exists()
+    try:
+        with _SigtermAsInterrupt(), RunLock(out):
+            return _train_locked(s, out, resume, progress, log, force)
+    except BaseException:
+        # a run that failed before writing anything leaves no folder behind
+        if created and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            try:
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _check_fresh_folder(out, force):
+    ckpt_path = out / CHECKPOINT
+    if not out.is_dir():
+        return
+    if ckpt_path.exists() and not force:
+        raise CheckpointError(f"{out} already holds a run ({CHECKPOINT}); pass resume (--resume) to continue it, "
+                              "force (--force) to start over, or choose another output folder")
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.endswith(".tmp"))
+    if present and not force:
+        raise CheckpointError(f"{out} is not empty (it holds {', '.join(present[:5])}"
+                              f"{', ...' if len(present) > 5 else ''}); pass force (--force) to overwrite the "
+                              "run's files, or choose another output folder")
+
+
+def _clean_stale(out, log):
+    stale = stale_temp_files(out)
+    for p in stale:
+        p.unlink()
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted write: "
+            + ", ".join(p.name for p in stale))
+
+
+class _SigtermAsInterrupt:
+    """While active (main thread only), SIGTERM raises :class:`_Terminated`, so it unwinds like Ctrl-C."""
+
+    def __enter__(self):
+        self.prev = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise _Terminated()
+            try:
+                self.prev = signal.signal(signal.SIGTERM, handler)
+            except (ValueError, OSError):
+                self.prev = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+
+
+def _train_locked(s, out, resume, progress, log, force):
+    from tqdm import tqdm
+
     ckpt_path = out / CHECKPOINT
     ckpt = None
     if resume:
@@ -382,13 +627,25 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
             raise CheckpointError(f"{ckpt_path}: checkpoint not found; nothing to resume")
         ckpt = load_checkpoint(ckpt_path)
         _check_resume(s, ckpt)
-    elif ckpt_path.exists():
-        raise CheckpointError(f"{out} already holds a run ({CHECKPOINT}); pass resume (--resume) to continue it "
-                              "or choose another output folder")
+        saved = TrainSettings.from_dict(dict(TrainSettings().to_dict(), **ckpt.settings))
+        if saved.data:          # the recorded data (or the same files elsewhere), else a one-line refusal
+            s.data_dir = run_data_dir(saved, s.data_dir if s.data_dir != saved.data_dir else None,
+                                      where=str(ckpt_path))
+            s.data = saved.data
+        else:
+            s.data = fingerprint(s.data_dir if s.data_dir is not None else default_data_dir())
+    else:
+        _check_fresh_folder(out, force)
+        d = Path(s.data_dir) if s.data_dir is not None else default_data_dir()
+        s.data = fingerprint(d)
+        s.data_dir = s.data["path"]                   # resolved: $MINIVAE_DATA is read once, here
+    _clean_stale(out, log)
 
     xp = get_xp(s.backend)          # BackendError early if cupy is asked for without a GPU
     data = Data(s)
     config = s.model_config(data.x_dim, data.image_shape)
+    from .limits import check_fits, training_bytes
+    check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {_arch(config)}")
     rngs = make_rngs(s.seed)
     model = VAE(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]
@@ -405,13 +662,19 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
         ckpt.load_optimizer(opt, model.params)
         restore_rngs(rngs, ckpt.rng)
         history, start = list(ckpt.history), ckpt.epoch
-    elif s.init_output_bias:
-        out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for conv
-        b = output_bias_init(data.x_train.reshape(len(data.x_train), model.params[out_b].size, -1).mean(axis=2)
-                             if s.arch != "mlp" else data.x_train)
-        model.params[out_b] = b.reshape(model.params[out_b].shape).astype(model.dtype)
+        write_history(out, history)        # history.json/csv from the checkpoint's own record
+    else:
+        if force:
+            for name in (CHECKPOINT, "history.json", "history.csv", "results.json"):
+                if (out / name).exists():
+                    (out / name).unlink()
+        if s.init_output_bias:
+            out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for conv
+            b = output_bias_init(data.x_train.reshape(len(data.x_train), model.params[out_b].size, -1).mean(axis=2)
+                                 if s.arch != "mlp" else data.x_train)
+            model.params[out_b] = b.reshape(model.params[out_b].shape).astype(model.dtype)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "settings.json", lambda f: f.write(json.dumps(s.to_dict(), indent=1)), mode="w")
+    atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
 
     n = len(data.x_train)
     spe = math.ceil(n / s.batch_size)
@@ -424,12 +687,16 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
     where = {"epoch": start + 1, "step": 0}
 
     def last_ckpt():
-        if ckpt_path.exists():
-            return f"last good checkpoint kept at {ckpt_path} (epoch {len(history)})"
-        return "no checkpoint was written yet"
+        # the epoch actually in the file (an interrupt during the save leaves the previous one)
+        try:
+            epoch = load_checkpoint(ckpt_path).epoch
+        except CheckpointError:
+            return "no checkpoint was written yet"
+        return f"last good checkpoint kept at {ckpt_path} (epoch {epoch})"
 
-    if progress and start < s.epochs:
-        log(f"training {model!r} on {n} images ({data.x_dim} values each), {spe} steps per epoch; "
+    if start < s.epochs:
+        src = "the embedded MNIST" if Path(s.data_dir) == embedded_dir() else s.data_dir
+        log(f"training {model!r} on {n} images ({data.x_dim} values each) from {src}, {spe} steps per epoch; "
             f"writing to {out}")
     try:
         for epoch in range(start, s.epochs):
@@ -439,8 +706,10 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
             t0 = time.perf_counter()
             tot = [0.0, 0.0, 0.0] if on_host else xp.zeros(3, dtype=np.float64)
             lossbuf = None if on_host else xp.empty(spe, dtype=np.float64)
-            bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False, disable=not progress,
-                       file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+            # disable=None: no bar when stderr is not a terminal (piped logs stay clean)
+            bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False,
+                       disable=None if progress else True, file=sys.stderr, dynamic_ncols=True,
+                       mininterval=0.5)
             run_sum, last_shown = 0.0, 0
             try:
                 for step, idx in enumerate(batches):
@@ -466,9 +735,9 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
                     nb = len(idx)
                     if on_host:
                         lv = float(loss)
-                        if not math.isfinite(lv):
-                            raise TrainingDiverged(f"loss became {lv} at epoch {epoch + 1}, step {step + 1}; "
-                                                   f"training stopped, {last_ckpt()}")
+                        if not abs(lv) <= MAX_LOSS:              # NaN, inf, or absurdly large
+                            raise TrainingDiverged(f"loss became {lv:.6g} at epoch {epoch + 1}, step {step + 1}"
+                                                   f"{_absurd(lv)}; training stopped, {last_ckpt()}")
                         tot[0] += lv * nb
                         tot[1] += float(parts["recon"]) * nb
                         tot[2] += float(parts["kl"]) * nb
@@ -497,29 +766,54 @@ def train(settings, out_dir, resume=False, progress=True, log=print):
                 if x is None:
                     continue
                 ev = evaluate.negative_elbo(model, x, np.random.default_rng(s.test_seed), batch_size=1000)
-                if not all(math.isfinite(v) for v in ev.values()):
-                    raise TrainingDiverged(f"{name} loss became {ev['loss']} after epoch {epoch + 1}; "
-                                           f"training stopped, {last_ckpt()}")
-                rec.update({f"{name}_neg_elbo": ev["loss"], f"{name}_recon": ev["recon"], f"{name}_kl": ev["kl"]})
+                if not all(abs(v) <= MAX_LOSS for v in ev.values()):
+                    raise TrainingDiverged(f"{name} loss became {ev['loss']:.6g} after epoch {epoch + 1}"
+                                           f"{_absurd(ev['loss'])}; training stopped, {last_ckpt()}")
+                rec.update({f"{name}_neg_elbo": ev["loss"], f"{name}_recon": ev["recon"],
+                            f"{name}_kl": ev["kl"]})
             rec.update({"lr": opt.lr, "beta": beta_at(s, (epoch + 1) * spe - 1, spe), "steps": spe,
                         "time_s": time.perf_counter() - t0})
+            where["step"] = "while saving the checkpoint"
+            save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch + 1, history + [rec])
             history.append(rec)
-            save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch + 1, history)
+            where["step"] = "while writing the history"
             write_history(out, history)
             log(format_epoch(rec, s.epochs))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
         step = where["step"]
         step = f"step {step}" if isinstance(step, int) else step
-        raise TrainingInterrupted(f"interrupted at epoch {where['epoch']}, {step}; {last_ckpt()}") from None
+        msg = f"{'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'} at epoch {where['epoch']}, " \
+              f"{step}; {last_ckpt()}"
+        _sync_history(out, ckpt_path)
+        raise TrainingInterrupted(msg, signum) from None
+    except TrainingDiverged:
+        _sync_history(out, ckpt_path)
+        raise
     finally:
         if trainer is not None:
             trainer.close()
 
     if history:
         write_history(out, history)
-    results = finish(model, s, data, out, progress=progress, log=log)
-    atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=1)), mode="w")
+    finish(model, s, data, out, progress=progress, log=log)
     return history
+
+
+def _absurd(v):
+    return f" (above {MAX_LOSS:g} nats per example: diverged)" if math.isfinite(v) else ""
+
+
+def _sync_history(out, ckpt_path):
+    """Rewrite history.json/csv from the checkpoint on disk, so the two agree after an interrupt."""
+    try:
+        ck = load_checkpoint(ckpt_path)
+    except CheckpointError:
+        return
+    try:
+        write_history(out, ck.history)
+    except (OSError, KeyboardInterrupt):
+        pass
 
 
 def fast_trainer(settings, model, opt, obj_kw):
@@ -563,15 +857,16 @@ def _batches(n, batch_size, rng):
 def _check_finite(lossbuf, start, stop, epoch, last_ckpt):
     xp = get_array_module(lossbuf)
     seg = lossbuf[start:stop]
-    bad = xp.flatnonzero(~xp.isfinite(seg))
+    bad = xp.flatnonzero(~(xp.abs(seg) <= MAX_LOSS))      # NaN, inf, or above MAX_LOSS
     if bad.size:
         i = int(bad[0])
-        raise TrainingDiverged(f"loss became {float(seg[i])} at epoch {epoch + 1}, step {start + i + 1}; "
+        lv = float(seg[i])
+        raise TrainingDiverged(f"loss became {lv:.6g} at epoch {epoch + 1}, step {start + i + 1}{_absurd(lv)}; "
                                f"training stopped, {last_ckpt()}")
 
 
 def finish(model, settings, data, out_dir, progress=True, log=print):
-    """Final test report (``results.json``) and figures of a trained model."""
+    """Final test report, written to ``results.json`` first, then the figures of a trained model."""
     s = settings
     rep = evaluate.report(model, data.test_eval, np.random.default_rng(s.test_seed), iw_k=s.iw_k,
                           progress=progress)
@@ -584,6 +879,8 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
     log(line + f" on {rep['n']} test images")
     if rep.get("collapse_warning"):
         log(f"warning: {rep['collapse_warning']}")
+    # results first: a figure that fails cannot lose them
+    atomic_write(Path(out_dir) / "results.json", lambda f: f.write(json_text(results)), mode="w")
     if s.figures:
         from . import figures
         paths = figures.run_figures(model, data.x_test, data.y_test, out_dir, history_path=Path(out_dir) /

@@ -68,7 +68,9 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, fragment", [
-    (b"", "not a readable"),
+    (b"", "not a checkpoint \\(not a .npz file\\)"),
+    (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not a checkpoint \\(not a .npz file\\)"),
+    (b"\x80\x04K\x01.", "not a checkpoint \\(not a .npz file\\)"),           # a pickle is not a checkpoint
     (b"PK\x03\x04 garbage", "not a readable"),
     (None, "not found"),
 ])
@@ -104,3 +106,71 @@ def test_not_a_minivae_npz_and_mismatched_params(tmp_path):
     np.savez(p, **arrays)
     with pytest.raises(ck.CheckpointError, match="shape"):
         ck.load_checkpoint(p).build_model()
+
+
+def _rewrite(path, **changes):
+    """Rewrite entries of a saved checkpoint (hand corruption)."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("what, change, fragment", [
+    ("1-D epoch", {"epoch": np.array([1, 2], dtype=np.int64)}, "corrupt 'epoch'"),
+    ("float epoch", {"epoch": np.array(1.5)}, "corrupt 'epoch'"),
+    ("settings list", {"settings": np.array("[1, 2]")}, "settings must be a JSON object"),
+    ("history dict", {"history": np.array('{"epoch": 1}')}, "history a list"),
+])
+def test_hand_corrupted_metadata_is_one_line_naming_the_file(tmp_path, what, change, fragment):
+    model, opt = trained()
+    p = ck.save_checkpoint(tmp_path / "c.npz", model, opt, epoch=1, history=[{"epoch": 1}])
+    _rewrite(p, **change)
+    with pytest.raises(ck.CheckpointError, match=fragment) as info:
+        ck.load_checkpoint(p)
+    assert str(p) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_huge_config_is_refused_before_allocating(tmp_path, monkeypatch):
+    model, opt = trained()
+    p = ck.save_checkpoint(tmp_path / "c.npz", model, opt)
+    cfg = json.loads(str(np.load(p)["config"]))
+    cfg["hidden"] = [1e8]                               # a 16 x 1e8 matrix: 6.4 GB of float32
+    _rewrite(p, config=np.array(json.dumps(cfg)))
+    import minivae.model as mm
+    monkeypatch.setattr(mm.VAE, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ck.CheckpointError, match="do not match the saved config") as info:
+        ck.load_checkpoint(p)
+    assert str(p) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_parameters_are_refused(tmp_path, bad):
+    model, opt = trained()
+    model.params["dec.out.b"][3] = bad
+    p = ck.save_checkpoint(tmp_path / "c.npz", model, opt)
+    with pytest.raises(ck.CheckpointError, match="dec.out.b.*NaN or inf"):
+        ck.load_checkpoint(p)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        p = ck.atomic_write(tmp_path / "f.json", lambda f: f.write("{}"), mode="w")
+        model, opt = trained()
+        c = ck.save_checkpoint(tmp_path / "c.npz", model, opt)
+        with open(tmp_path / "plain", "w") as f:            # what open() gives a new file
+            f.write("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for path in (p, c, tmp_path / "plain"):
+        assert (os.stat(path).st_mode & 0o777) == want, oct(os.stat(path).st_mode)
+
+
+def test_stale_temp_files_are_found(tmp_path):
+    (tmp_path / ".checkpoint.npz.abc123.tmp").write_bytes(b"x" * 10)
+    (tmp_path / "history.json").write_text("[]")
+    (tmp_path / ".lock").write_text("1")
+    assert [p.name for p in ck.stale_temp_files(tmp_path)] == [".checkpoint.npz.abc123.tmp"]

@@ -1,17 +1,24 @@
 """The command line: an end-to-end run in a subprocess, every command, every clear-error case."""
+import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import minivae
 from minivae.checkpoint import load_checkpoint
-from minivae.cli import main
+from minivae.cli import build_parser, main
+from minivae.data import embedded_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--n-train", "512", "--n-test", "256", "--epochs", "2", "--batch-size", "64", "--hidden", "32",
         "--latent", "2"]
@@ -106,11 +113,19 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_console_script():
-    exe = shutil.which("minivae")
-    if exe is None:
-        pytest.skip("the minivae console script is not on PATH (pip install -e . installs it)")
-    r = subprocess.run([exe, "--help"], capture_output=True, text=True, env=ENV, timeout=60)
-    assert r.returncode == 0 and "train" in r.stdout and "manifold" in r.stdout
+    """The ``minivae`` script declared in pyproject.toml, called through its entry point (always runs),
+    and through the installed script too when it is on PATH."""
+    target = re.search(r'^minivae\s*=\s*"([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert target, "pyproject.toml declares no minivae console script"
+    module, func = target.groups()
+    code = f"import sys; from {module} import {func}; sys.exit({func}())"
+    runs = [[sys.executable, "-c", code, "--help"]]
+    if shutil.which("minivae"):
+        runs.append([shutil.which("minivae"), "--help"])
+    for argv in runs:
+        r = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("usage: minivae") and "train" in r.stdout and "manifold" in r.stdout
 
 
 def write_npz_data(folder, value=None, dim=784):
@@ -133,8 +148,8 @@ def error_cases(tmp_path, run):
         (["train", "--hidden", "abc"], "expected widths"),
         (["train", "--threads", "3"], "invalid choice: 3"),
         (["eval", "--checkpoint", str(tmp_path / "missing.npz")], "checkpoint not found"),
-        (["eval", "--checkpoint", str(garbage)], "not a readable .npz checkpoint"),
-        (["eval", "--checkpoint", str(run), "--data-dir", str(small)], "expects 784 values"),
+        (["eval", "--checkpoint", str(garbage)], "not a checkpoint (not a .npz file)"),
+        (["eval", "--checkpoint", str(run), "--data-dir", str(small)], "was trained on other data"),
         (["train", *TINY, "--out", str(run), "--resume", "--hidden", "64"], "different settings"),
         (["train", *TINY, "--out", str(run)], "already holds a run"),
         (["train", "--resume"], "--resume needs --out"),
@@ -171,7 +186,7 @@ def test_clear_errors_in_a_subprocess(tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"\x00" * 10)
     for args, fragment in ((["train", "--bogus"], "unrecognized arguments"),
-                           (["eval", "--checkpoint", garbage], "not a readable"),
+                           (["eval", "--checkpoint", garbage], "not a checkpoint (not a .npz file)"),
                            (["train", "--backend", "cupy", "--n-train", "64", "--out", tmp_path / "gpu"], None)):
         r = cli(*args)
         if r.returncode == 0:                       # only the cupy case can succeed (on a GPU machine)
@@ -204,3 +219,346 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     c = load_checkpoint(out / "checkpoint.npz")
     assert c.epoch >= 1 and len(c.history) == c.epoch
     assert [f for f in os.listdir(out) if f.endswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exit codes, versions, help, logs, backend (issues 14, 17, 19)
+SMALL = ["--n-train", "64", "--n-test", "32", "--epochs", "1", "--batch-size", "32", "--hidden", "8",
+         "--no-figures", "--quiet"]
+
+
+def run_main(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:                      # argparse: --help, --version, bad flags
+        code = exc.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_error_line(err, fragment):
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("minivae: error:"), err
+    assert fragment in lines[0], lines[0]
+
+
+def test_version_has_one_source(capsys):
+    text = (ROOT / "pyproject.toml").read_text()
+    static = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+    if static:                                     # a literal version must equal the package's
+        assert static.group(1) == minivae.__version__
+    else:                                          # or it is read from minivae.__version__
+        assert re.search(r'^version\s*=\s*\{\s*attr\s*=\s*"minivae.__version__"', text, re.M)
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", minivae.__version__)
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out.strip() == f"minivae {minivae.__version__}"
+    r = cli("--version", timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"minivae {minivae.__version__}"
+
+
+def test_every_option_and_subcommand_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in [("minivae", parser)] + list(sub.choices.items()):
+        if name != "minivae":
+            assert summaries.get(name), f"{name} has no summary in the command list"
+            assert p.description, f"{name} has no description"
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{what} has no help"
+
+
+def test_recipe_help_lists_the_recipes(capsys):
+    from minivae.recipes import RECIPES
+    code, out, _ = run_main(["train", "--help"], capsys)
+    assert code == 0 and "(default: default)" not in out
+    text = " ".join(out.split())
+    start = text.rindex("--recipe RECIPE")              # the option list (the first is the usage line)
+    for name in RECIPES:
+        assert name in text[start:start + 400], name
+
+
+def test_exit_codes(tmp_path, capsys, monkeypatch):
+    import minivae.train as tr
+    assert run_main(["train", *SMALL, "--out", tmp_path / "ok"], capsys)[0] == 0
+    code, _, err = run_main(["train", *SMALL, "--out", tmp_path / "ok"], capsys)   # already holds a run
+    assert code == 2
+    one_error_line(err, "already holds a run")
+    assert run_main(["train", "--bogus"], capsys)[0] == 2
+
+    def interrupted(*a, **k):
+        raise tr.TrainingInterrupted("interrupted at epoch 1, step 1; no checkpoint was written yet")
+    monkeypatch.setattr(tr, "train", interrupted)
+    code, _, err = run_main(["train", *SMALL, "--out", tmp_path / "int"], capsys)
+    assert code == 130 and err.strip() == "minivae: interrupted at epoch 1, step 1; no checkpoint was written yet"
+
+    def terminated(*a, **k):
+        raise tr.TrainingInterrupted("terminated (SIGTERM) at epoch 1, step 1; no checkpoint was written yet",
+                                     signal.SIGTERM)
+    monkeypatch.setattr(tr, "train", terminated)
+    assert run_main(["train", *SMALL, "--out", tmp_path / "term"], capsys)[0] == 143
+
+
+def test_a_diverged_run_exits_1(tmp_path, capsys):
+    # obs_var 1e-12: a finite loss of about 1e12 nats per image, far above the 1e6 limit
+    code, _, err = run_main(["train", *SMALL, "--likelihood", "gaussian", "--binarize", "none", "--obs-var",
+                             "1e-12", "--out", tmp_path / "div"], capsys)
+    assert code == 1, err
+    one_error_line(err, "above 1e+06 nats per example")
+    assert "no checkpoint was written yet" in err
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--adam-eps", "-1"], "adam_eps must be positive"),
+    (["--momentum", "1.5", "--optimizer", "sgd"], "momentum must be in [0, 1)"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--clip-norm", "inf"], "clip_norm must be a finite number"),
+    (["--hidden", "1e8"], "needs about"),
+    (["--hidden", "100000000"], "needs about"),
+    (["--latent", "1e8"], "needs about"),
+])
+def test_bad_settings_are_refused_before_anything_runs(flags, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(minivae.VAE, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    code, _, err = run_main(["train", *SMALL, *flags, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    one_error_line(err, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_quiet_keeps_the_header_and_piped_logs_have_no_bar(tmp_path, capsys):
+    for quiet in (True, False):
+        out = tmp_path / f"q{quiet}"
+        argv = ["train", *SMALL, "--epochs", "2", "--out", out]
+        if not quiet:
+            argv.remove("--quiet")
+        code, stdout, err = run_main(argv, capsys)
+        assert code == 0
+        header = [line for line in stdout.splitlines() if line.startswith("training ")]
+        assert len(header) == 1, stdout
+        assert "VAE(784-8-20" in header[0] and "the embedded MNIST" in header[0] and str(out) in header[0]
+        assert len([line for line in stdout.splitlines() if line.startswith("epoch")]) == 2
+        assert "\r" not in err and "it/s" not in err           # stderr is not a terminal: no bar
+
+
+def test_eval_prints_iw_k_only_when_asked(run_dir, capsys):
+    out, _ = run_dir
+    code, stdout, _ = run_main(["eval", "--checkpoint", out, "--n", "64"], capsys)
+    assert code == 0 and "iw_k" not in stdout and "iw_nll" not in stdout
+    code, stdout, _ = run_main(["eval", "--checkpoint", out, "--n", "64", "--iw-k", "2"], capsys)
+    assert code == 0 and "iw_k: 2" in stdout and "iw_nll" in stdout
+
+
+def test_eval_of_a_few_images_does_not_warn_of_collapse(run_dir, capsys):
+    out, _ = run_dir
+    code, stdout, _ = run_main(["eval", "--checkpoint", out, "--n", "1"], capsys)
+    assert code == 0 and "posterior collapse" not in stdout
+    assert "active units not counted: they need at least 20 examples, got 1" in stdout
+
+
+def test_eval_refuses_a_non_finite_checkpoint_and_json_is_strict(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    with np.load(out / "checkpoint.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    good = tmp_path / "good.json"
+    assert run_main(["eval", "--checkpoint", out, "--n", "64", "--json", good], capsys)[0] == 0
+    json.loads(good.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    arrays["param/dec.out.b"] = arrays["param/dec.out.b"].copy()
+    arrays["param/dec.out.b"][5] = np.nan
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, **arrays)
+    code, stdout, err = run_main(["eval", "--checkpoint", bad, "--json", tmp_path / "e.json"], capsys)
+    assert code == 2 and "test -ELBO" not in stdout
+    one_error_line(err, "holds NaN or inf")
+    assert str(bad) in err and not (tmp_path / "e.json").exists()
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path, capsys):
+    p = tmp_path / "random.npz"
+    p.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    code, _, err = run_main(["eval", "--checkpoint", p], capsys)
+    assert code == 2
+    one_error_line(err, f"{p}: not a checkpoint (not a .npz file)")
+
+
+def test_corrupt_checkpoint_history_on_resume_is_one_line(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    with np.load(run / "checkpoint.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["history"] = np.array('{"epoch": 2}')
+    np.savez(run / "checkpoint.npz", **arrays)
+    code, _, err = run_main(["train", "--out", run, "--resume", "--epochs", "3", "--no-figures"], capsys)
+    assert code == 2
+    one_error_line(err, "history a list of objects")
+    assert str(run / "checkpoint.npz") in err
+
+
+def test_results_folder_needs_force(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "results.json").write_text('{"keep": 1}')
+    code, _, err = run_main(["train", *SMALL, "--out", out], capsys)
+    assert code == 2
+    one_error_line(err, "is not empty (it holds results.json)")
+    assert json.loads((out / "results.json").read_text()) == {"keep": 1}
+    assert run_main(["train", *SMALL, "--out", out, "--force"], capsys)[0] == 0
+    assert "test" in json.loads((out / "results.json").read_text())
+
+
+def test_default_folders_are_unique(tmp_path, capsys, monkeypatch):
+    import minivae.train as tr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tr.time, "time", lambda: 1_767_000_000.5)      # both runs start in the same microsecond
+    for _ in range(2):
+        assert run_main(["train", *SMALL], capsys)[0] == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "checkpoint.npz").exists() for r in runs)
+    code, _, _ = run_main(["train", *SMALL, "--data-dir", tmp_path / "nowhere"], capsys)
+    assert code == 2 and sorted((tmp_path / "runs").iterdir()) == runs      # a failed run leaves no folder
+
+
+def test_train_with_one_test_image_writes_results_and_figures(tmp_path, capsys):
+    argv = ["train", *SMALL, "--n-test", "1", "--latent", "2", "--out", tmp_path / "one"]
+    argv.remove("--no-figures")
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["test"]["n"] == 1
+    assert (tmp_path / "one" / "figures" / "interpolation.png").exists()
+
+
+def test_big_requests_are_refused_or_chunked(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    code, _, err = run_main(["manifold", "--checkpoint", out, "--grid", "300", "--out", tmp_path], capsys)
+    assert code == 2
+    one_error_line(err, "--grid is at most 100")
+    code, _, err = run_main(["interpolate", "--checkpoint", out, "--steps", "100000", "--out", tmp_path], capsys)
+    assert code == 2
+    one_error_line(err, "--steps is at most 100")
+    code, stdout, _ = run_main(["sample", "--checkpoint", out, "--n", "2000", "--out", tmp_path], capsys)
+    assert code == 0 and "samples.npz" in stdout
+    with np.load(tmp_path / "samples.npz") as z:
+        assert z["x"].shape == (2000, 784)
+
+
+def test_sample_100000_stays_under_1_gb(run_dir, tmp_path):
+    out, _ = run_dir
+    code = ("import resource, sys; from minivae.cli import main; "
+            f"rc = main(['sample', '--checkpoint', {str(out)!r}, '--n', '100000', '--out', {str(tmp_path)!r}]); "
+            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rss_kb = int(r.stdout.split("MAXRSS_KB")[1].split()[0])
+    assert rss_kb < 1024 * 1024, f"peak RSS {rss_kb / 1024:.0f} MB"
+    with np.load(tmp_path / "samples.npz", mmap_mode=None) as z:
+        x = z["x"]
+        assert x.shape == (100000, 784) and np.isfinite(x[-10:]).all()
+
+
+@pytest.mark.skipif(minivae.cupy_available(), reason="a usable GPU is here: MINIVAE_BACKEND=cupy would just work")
+def test_minivae_backend_is_honoured_and_the_flag_wins(run_dir, tmp_path, capsys, monkeypatch):
+    out, _ = run_dir
+    monkeypatch.setenv("MINIVAE_BACKEND", "cupy")
+    code, _, err = run_main(["train", *SMALL, "--out", tmp_path / "gpu"], capsys)
+    assert code == 2
+    one_error_line(err, "backend 'cupy' was requested")
+    assert not (tmp_path / "gpu" / "checkpoint.npz").exists()
+    code, _, err = run_main(["eval", "--checkpoint", out, "--n", "32"], capsys)
+    assert code == 2
+    one_error_line(err, "backend 'cupy' was requested")
+    assert run_main(["eval", "--checkpoint", out, "--n", "32", "--backend", "numpy"], capsys)[0] == 0
+    assert run_main(["train", *SMALL, "--backend", "numpy", "--out", tmp_path / "cpu"], capsys)[0] == 0
+    assert load_checkpoint(tmp_path / "cpu").settings["backend"] == "numpy"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data provenance
+def test_data_provenance_is_recorded_and_checked(tmp_path, capsys, monkeypatch):
+    import hashlib
+    dir_a = write_npz_data(tmp_path / "A")
+    copy = tmp_path / "copy_of_A"
+    shutil.copytree(dir_a, copy)
+    monkeypatch.setenv("MINIVAE_DATA", str(dir_a))
+    run = tmp_path / "run"
+    assert run_main(["train", "--epochs", "1", "--batch-size", "8", "--hidden", "8", "--no-figures", "--quiet",
+                     "--out", run], capsys)[0] == 0
+    rec = json.loads((run / "settings.json").read_text())["data"]
+    assert rec["path"] == str(dir_a.resolve())
+    assert rec["files"] == {n: [len((dir_a / n).read_bytes()), hashlib.sha256((dir_a / n).read_bytes()).hexdigest()]
+                            for n in ("train.npz", "test.npz")}
+    final = json.loads((run / "results.json").read_text())["test"]
+    monkeypatch.delenv("MINIVAE_DATA")                         # a fresh shell: the run still reads A
+    js = tmp_path / "e.json"
+    assert run_main(["eval", "--checkpoint", run, "--json", js], capsys)[0] == 0
+    doc = json.loads(js.read_text())
+    assert doc["n"] == 16 and doc["neg_elbo"] == pytest.approx(final["neg_elbo"], rel=1e-6)
+    assert run_main(["train", "--out", run, "--resume", "--epochs", "2", "--no-figures", "--quiet"], capsys)[0] == 0
+    assert load_checkpoint(run).history[-1]["epoch"] == 2
+    write_npz_data(dir_a, value=0.5)                           # the data changed under the run
+    for argv in (["eval", "--checkpoint", run],
+                 ["train", "--out", run, "--resume", "--epochs", "3", "--no-figures", "--quiet"]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2
+        one_error_line(err, "which is missing or has changed")
+    assert load_checkpoint(run).epoch == 2
+    assert run_main(["eval", "--checkpoint", run, "--data-dir", copy], capsys)[0] == 0    # same files elsewhere
+    code, _, err = run_main(["eval", "--checkpoint", run, "--data-dir", dir_a], capsys)
+    assert code == 2
+    one_error_line(err, "was trained on other data than")
+
+
+def test_the_embedded_folder_is_the_same_data(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    assert run_main(["eval", "--checkpoint", run, "--n", "64", "--data-dir", embedded_dir()], capsys)[0] == 0
+    code, _, err = run_main(["train", "--out", run, "--resume", "--epochs", "3", "--no-figures", "--quiet",
+                             "--data-dir", embedded_dir()], capsys)
+    assert code == 0, err
+    assert load_checkpoint(run).epoch == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a running run: its lock, SIGTERM, and the temporary files a SIGKILL leaves
+def test_sigterm_and_the_lock_of_a_running_run(tmp_path, capsys):
+    out = tmp_path / "long"
+    p = subprocess.Popen([sys.executable, "-m", "minivae", "train", "--n-train", "4096", "--n-test", "64",
+                          "--batch-size", "16", "--epochs", "200", "--hidden", "16", "--latent", "2",
+                          "--no-figures", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.npz").exists():
+            assert p.poll() is None and time.time() < deadline, "no checkpoint was written"
+            time.sleep(0.1)
+        for argv in (["train", "--out", out, "--resume", "--epochs", "201", "--no-figures"],
+                     ["train", *SMALL, "--out", out, "--force"]):
+            code, _, err = run_main(argv, capsys)
+            assert code == 2
+            one_error_line(err, f"{out} is in use by another minivae run (PID {p.pid})")
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("minivae: terminated (SIGTERM) at epoch"), last
+    c = load_checkpoint(out)
+    assert f"checkpoint kept at {out / 'checkpoint.npz'} (epoch {c.epoch})" in last
+    assert [f for f in os.listdir(out) if f.endswith(".tmp")] == []
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == list(range(1, c.epoch + 1))
+    stale = out / ".checkpoint.npz.s1gk1ll.tmp"                  # what a SIGKILL during a save leaves
+    stale.write_bytes(b"\0" * 1000)
+    code, stdout, err = run_main(["train", "--out", out, "--resume", "--epochs", c.epoch + 1, "--no-figures",
+                                  "--quiet"], capsys)
+    assert code == 0, err
+    assert f"removed 1 temporary file(s) left in {out} by an interrupted write: {stale.name}" in stdout
+    assert not stale.exists() and load_checkpoint(out).epoch == c.epoch + 1

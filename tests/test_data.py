@@ -48,6 +48,8 @@ def test_read_idx_roundtrip_gz_and_raw(tmp_path):
     ("float_type", "not supported"),
     ("tiny", "truncated"),
     ("zero_dim", "dimension is zero"),
+    ("ndim_255", "255 dimensions"),
+    ("overflow", "header says 65536x65536x65536x65536 = 18446744073709551616 bytes"),
 ])
 def test_corrupt_idx_gives_one_line_error_naming_the_file(tmp_path, case, fragment):
     good = idx_bytes(np.ones((3, 2, 2)))
@@ -58,6 +60,9 @@ def test_corrupt_idx_gives_one_line_error_naming_the_file(tmp_path, case, fragme
         "float_type": bytes([0, 0, 0x0D]) + good[3:],
         "tiny": good[:2],
         "zero_dim": bytes([0, 0, 8, 1]) + struct.pack(">I", 0),
+        "ndim_255": bytes([0, 0, 8, 255]) + struct.pack(">" + "I" * 255, *([1] * 255)) + b"\x07",
+        # 65536^4 = 2^64 wraps to 0 in int64: a header whose dimension product overflows
+        "overflow": bytes([0, 0, 8, 4]) + struct.pack(">IIII", 65536, 65536, 65536, 65536),
     }[case]
     path = write_idx(tmp_path / f"{case}-images.gz", None, raw=raw)
     with pytest.raises(DataError) as info:
@@ -102,6 +107,33 @@ def test_load_split_reads_npz_folders(tmp_path):
     np.savez(tmp_path / "train.npz", x=rng.normal(size=(10, 5)), y=np.arange(10))
     x, y = load_split("train", tmp_path)
     assert x.shape == (10, 5) and x.dtype == np.float32 and y.tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("x", [np.ones((4, 3), dtype=np.complex128), np.array([["a", "b"], ["c", "d"]])])
+def test_npz_data_must_be_real_numbers(tmp_path, x):
+    np.savez(tmp_path / "train.npz", x=x, y=np.arange(len(x)))
+    with pytest.raises(DataError, match=rf"train.npz: x has dtype {x.dtype}; expected real numbers"):
+        load_split("train", tmp_path)
+
+
+def test_fingerprint_hashes_the_whole_files(tmp_path):
+    import hashlib
+
+    from minivae.data import fingerprint
+    folder = make_dataset(tmp_path / "d")
+    fp = fingerprint(folder)
+    assert fp["path"] == str(folder.resolve())
+    assert set(fp["files"]) == {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}
+    for name, (size, sha) in fp["files"].items():
+        data = (folder / name).read_bytes()
+        assert size == len(data) and sha == hashlib.sha256(data).hexdigest()
+    emb = fingerprint(embedded_dir())
+    assert emb["files"]["train-images-idx3-ubyte.gz"][1] == \
+        "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971"    # the shipped file's SHA-256
+    np.savez(folder / "test.npz", x=np.zeros((2, 4)))                       # an npz replaces the test IDX files
+    assert set(fingerprint(folder)["files"]) == {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                                 "test.npz"}
 
 
 def test_label_image_count_mismatch(tmp_path):

@@ -108,3 +108,21 @@ def test_cli_download_good_and_bad(server, tmp_path):
     assert r.stderr.startswith("minivae: error:") and "SHA-256 mismatch" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert NAME not in os.listdir(tmp_path / "d" / "mnist")
+
+
+def test_downloads_go_through_the_one_atomic_writer(server, tmp_path, monkeypatch):
+    """fetch writes with checkpoint.atomic_write (the package's only atomic writer): its temp-file
+    naming and cleanup, and the permissions the umask gives."""
+    from minivae import checkpoint
+    www, url = server
+    shutil.copy(embedded_dir() / NAME, www / NAME)
+    calls = []
+    real = checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, *a, **k: (calls.append(path), real(path, *a, **k))[1])
+    old = os.umask(0o022)
+    try:
+        folder = dl.download("mnist", tmp_path / "cache", base_url=url, files=[NAME])
+    finally:
+        os.umask(old)
+    assert calls == [folder / NAME]
+    assert os.stat(folder / NAME).st_mode & 0o777 == 0o644

@@ -171,7 +171,33 @@ def test_report_without_iw_and_progress(capsys):
     assert r["iw_nll"] is None and r["iw_k"] == 0
     r = report(m, binary_data(8, 10), np.random.default_rng(0), iw_k=30, progress=True)
     assert np.isfinite(r["iw_nll"])
-    assert "IW log p(x)" in capsys.readouterr().err
+    assert "IW log p(x)" not in capsys.readouterr().err        # stderr is not a terminal: no bar
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=2), rng=0)
+    for tty, shown in ((True, True), (False, False)):
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        report(m, binary_data(8, 10), np.random.default_rng(0), iw_k=30, progress=True)
+        assert ("IW log p(x)" in err.getvalue()) == shown
+
+
+def test_active_units_need_a_minimum_of_examples():
+    from minivae.evaluate import AU_MIN_N
+    m = linear_encoder_model(np.array([0.0, 0.0, 0.0, 1.0]))      # 1 of 4 active: collapse on enough data
+    x = binary_data(AU_MIN_N - 1, m.config.x_dim)
+    r = report(m, x, np.random.default_rng(0))
+    assert r["active_units"] is None and r["collapse_warning"] is False
+    assert f"at least {AU_MIN_N}" in r["au_note"]
+    r = report(m, binary_data(40, m.config.x_dim), np.random.default_rng(0))
+    assert r["active_units"] == 1 and "posterior collapse" in r["collapse_warning"] and "au_note" not in r
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -376,3 +376,21 @@ def test_benchmark_quick_smoke(tmp_path):
     assert np.isfinite(run["mean_loss_per_round"]["minivae"]).all()
     assert run["minivae_array_bytes"] > 4 * 4 * 648_824        # params, grads, m, v at least
     assert d["peak_rss_mib"] > 0
+
+
+@needs_split
+def test_blas_thread_control_goes_through_threadpoolctl():
+    from threadpoolctl import threadpool_info
+
+    from minivae.fast import _find_blas_threads, _set_blas_threads
+    fset, fget = _find_blas_threads()
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    assert blas and fget() == blas[0]["num_threads"]
+    target = 2 if fget() == 1 else 1
+    before = _set_blas_threads(target)
+    try:
+        assert all(i["num_threads"] == target for i in threadpool_info() if i["user_api"] == "blas")
+        assert _set_blas_threads(before) == target
+    finally:
+        fset(before)
+    assert fget() == before
