@@ -1,17 +1,15 @@
-"""Lesson 17 - The convolutional VAE on MNIST.
-
-Run:  python lessons/17_conv_vae.py [--quick] [--out DIR] [--seed N]
-
-Lesson 16 built the op pairs (convolution as a matrix product over patches, its adjoint the transposed
-convolution, max-pooling and upsampling).  Here they become two VAEs, ``arch="conv"`` and
-``arch="conv-pool"``, trained next to the fully connected 784-400-20 model with the same objective, the same
-optimizer and the same number of steps.  Only the encoder and decoder networks differ: the objective chain
-(reparameterization, KL, likelihood) and its backward are the ones of lesson 09, written once in
-``minivae/model.py``.  Full mode trains each model 200 steps of batch 64 (about a minute on 2 cores); --quick
-trains 12 steps.  Measured: 60 s of CPU in full mode, 8 s in quick mode, peak RSS 0.85 GB.
-"""
 # %% [markdown]
-# # Lesson 17: the convolutional VAE
+# # Lesson 17 - The convolutional VAE on MNIST
+#
+# Run: `python lessons/17_conv_vae.py [--quick] [--out DIR] [--seed N]`
+#
+# Lesson 16 built the op pairs: convolution as a matrix product over patches, its adjoint the transposed
+# convolution, max-pooling and upsampling.  Here they become two VAEs, `arch="conv"` and `arch="conv-pool"`,
+# trained next to the fully connected 784-400-20 model with the same objective, the same optimizer and the
+# same number of steps.  Only the encoder and decoder networks differ: the objective chain
+# (reparameterization, KL, likelihood) and its backward are the ones of lesson 09, written once in
+# `minivae/model.py`.  Full mode trains each model 200 steps of batch 64 (60 s of CPU, peak RSS 0.85 GB);
+# `--quick` trains 12 steps (8 s of CPU).
 #
 # ## 1. Three networks, one objective
 #
