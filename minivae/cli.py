@@ -193,6 +193,13 @@ def build_parser():
     d.add_argument("--cache", help="cache folder (default $MINIVAE_CACHE or ~/.cache/minivae)")
     d.add_argument("--url", help="base URL replacing the registry's (a mirror)")
     d.set_defaults(func=cmd_download)
+
+    les = sub.add_parser("lessons", help="copy the lessons into a folder, as scripts and notebooks",
+                         description="Copy every lesson into DIR as a percent-format script (NN_name.py) and "
+                                     "as a Jupyter notebook (NN_name.ipynb), with the lessons' README. DIR must "
+                                     "be new or empty.")
+    les.add_argument("dir", metavar="DIR", help="a new or empty folder")
+    les.set_defaults(func=cmd_lessons)
     return p
 
 
@@ -383,6 +390,14 @@ def cmd_download(args):
     from .download import download
     folder = download(args.name, args.cache, base_url=args.url, progress=print)
     print(f"{args.name} is in {folder}; train on it with: python -m minivae train --data-dir {folder}")
+    return 0
+
+
+def cmd_lessons(args):
+    from .lessonfiles import export_lessons
+    written = export_lessons(args.dir)
+    n = sum(p.suffix == ".ipynb" for p in written)
+    print(f"wrote {n} lessons to {args.dir} as .py scripts and .ipynb notebooks (open them in Jupyter or VS Code)")
     return 0
 
 

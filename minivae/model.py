@@ -380,6 +380,10 @@ class VAE:
         not part of the objective), plus ``iwae_k`` for IWAE and
         ``kl_objective`` (the floored sum) for free bits.
         """
+        # beta as a scalar of the model's dtype: under NumPy < 2's value-based casting, a Python float
+        # times a float32 0-d array (kl.mean()) promotes to float64; NEP 50 (NumPy >= 2) keeps float32.
+        # Casting it here gives float32 under both rules, and the same numbers as NumPy 2.
+        beta = self.dtype.type(beta)
         objective = "elbo"
         if iwae_k is not None or free_bits:
             iwae_k, free_bits = _check_objective(n_samples, iwae_k, free_bits)
