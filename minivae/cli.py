@@ -72,7 +72,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 # flag dest -> TrainSettings field (train flags default to None: "not given", so recipes and resumed
 # settings are overridden only by what was typed)
-TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "binarize",
+TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads")
 
@@ -106,6 +106,9 @@ def build_parser():
                    help="p(x|z): bernoulli (binary pixels), gaussian (fixed variance --obs-var) or "
                         "gaussian_learned_var (default bernoulli)")
     t.add_argument("--obs-var", type=float, help="variance of the fixed-variance Gaussian likelihood (default 1)")
+    t.add_argument("--dec-logvar-min", type=float,
+                   help="with gaussian_learned_var: floor m on the decoder's log-variance, logvar' = m + "
+                        "softplus(logvar - m), so no pixel's variance collapses below exp(m) (default: no floor)")
     t.add_argument("--binarize", choices=["none", "dynamic", "static"],
                    help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
     t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")

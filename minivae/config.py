@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from .layers import ACTIVATIONS
@@ -30,6 +31,10 @@ class VAEConfig:
     image_shape (C, H, W) of one image; rows are flattened in (C, H, W) order.  The conv
                 architectures need it (default (1, 28, 28) when x_dim is 784 or not given) and need
                 H and W divisible by 4.  Optional for "mlp" (the figures use it).
+    dec_logvar_min  m, a floor on the decoder's log-variance for "gaussian_learned_var": the
+                likelihood uses logvar' = m + softplus(logvar - m) > m
+                (:func:`minivae.likelihoods.logvar_floor_forward`), so no pixel's variance can
+                collapse below exp(m).  None (default): no floor.
     """
 
     x_dim: int = None
@@ -41,6 +46,7 @@ class VAEConfig:
     obs_var: float = 1.0
     arch: str = "mlp"
     image_shape: tuple = None
+    dec_logvar_min: float = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -83,13 +89,23 @@ class VAEConfig:
         self.obs_var = float(self.obs_var)
         if not self.obs_var > 0:
             raise ValueError(f"obs_var must be positive, got {self.obs_var}")
+        if self.dec_logvar_min is not None:
+            if self.likelihood != "gaussian_learned_var":
+                raise ValueError(f"dec_logvar_min floors a learned variance: it needs likelihood "
+                                 f"'gaussian_learned_var', not {self.likelihood!r}")
+            try:
+                self.dec_logvar_min = float(self.dec_logvar_min)
+            except (TypeError, ValueError):
+                raise ValueError(f"dec_logvar_min must be a number, got {self.dec_logvar_min!r}") from None
+            if not math.isfinite(self.dec_logvar_min):
+                raise ValueError(f"dec_logvar_min must be a finite number, got {self.dec_logvar_min}")
 
     def to_dict(self):
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         if self.image_shape is not None:
             d["image_shape"] = list(self.image_shape)
-        for k, default in (("arch", "mlp"), ("image_shape", None)):
+        for k, default in (("arch", "mlp"), ("image_shape", None), ("dec_logvar_min", None)):
             if d[k] == default:        # a fully connected config serialises as before these fields existed
                 del d[k]
         return d

@@ -89,6 +89,9 @@ def check_supported(config):
     if getattr(config, "arch", "mlp") != "mlp":
         raise FastPathError(f"the fast path supports the fully connected VAE (arch 'mlp'), not arch "
                             f"{config.arch!r}; use model.loss + optimizer.step instead")
+    if getattr(config, "dec_logvar_min", None) is not None:
+        raise FastPathError("the fast path has no floor on the decoder's log-variance (dec_logvar_min); "
+                            "use model.loss + optimizer.step instead")
     if config.likelihood not in ("bernoulli", "gaussian"):
         raise FastPathError(f"the fast path supports the 'bernoulli' and 'gaussian' likelihoods, not "
                             f"{config.likelihood!r}; use model.loss + optimizer.step instead")

@@ -47,7 +47,8 @@ from .conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward, c
                    maxpool2d_backward, maxpool2d_forward, upsample_nearest2d_backward, upsample_nearest2d_forward)
 from .layers import activation, dense_backward, dense_forward, sigmoid
 from .likelihoods import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_learned_var_nll_backward,
-                          gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward)
+                          gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
+                          logvar_floor_backward, logvar_floor_forward)
 from .objectives import (free_bits_backward, free_bits_forward, iwae_backward, iwae_forward, kl_dim_backward,
                          kl_dim_forward)
 
@@ -321,13 +322,22 @@ class VAE:
         return dh
 
     def _recon_forward(self, outs, x):
-        """outs reshaped to (S, N, D) against x (N, D) -> nll (S, N)."""
+        """outs reshaped to (S, N, D) against x (N, D) -> nll (S, N).
+
+        With ``config.dec_logvar_min = m`` the learned log-variance first goes through the floor
+        logvar' = m + softplus(logvar - m) (:func:`~minivae.likelihoods.logvar_floor_forward`).
+        """
         lik = self.config.likelihood
         if lik == "bernoulli":
             return bernoulli_nll_forward(outs[0], x)
         if lik == "gaussian":
             return gaussian_nll_forward(outs[0], x, self.config.obs_var)
-        return gaussian_learned_var_nll_forward(outs[0], outs[1], x)
+        m = self.config.dec_logvar_min
+        if m is None:
+            return gaussian_learned_var_nll_forward(outs[0], outs[1], x)
+        logvar, c_floor = logvar_floor_forward(outs[1], m)                 # floored logvar' > m
+        nll, c_nll = gaussian_learned_var_nll_forward(outs[0], logvar, x)
+        return nll, (c_nll, c_floor)
 
     def _recon_backward(self, dnll, cache):
         lik = self.config.likelihood
@@ -335,7 +345,11 @@ class VAE:
             return [bernoulli_nll_backward(dnll, cache)]
         if lik == "gaussian":
             return [gaussian_nll_backward(dnll, cache)]
-        return list(gaussian_learned_var_nll_backward(dnll, cache))
+        if self.config.dec_logvar_min is None:
+            return list(gaussian_learned_var_nll_backward(dnll, cache))
+        c_nll, c_floor = cache
+        dmean, dlogvar_floored = gaussian_learned_var_nll_backward(dnll, c_nll)
+        return [dmean, logvar_floor_backward(dlogvar_floored, c_floor)]    # chain through the floor
 
     # ------------------------------------------------------------------- API
     def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True, iwae_k=None,
@@ -547,12 +561,34 @@ class VAE:
         return mu, logvar
 
     def decode_raw(self, z):
-        """Decoder outputs before the link: logits (Bernoulli) or mean [, logvar]."""
+        """Decoder outputs before the link: logits (Bernoulli) or mean [, logvar].
+
+        The logvar here is the head's raw output, before the floor of ``config.dec_logvar_min``;
+        :meth:`decode_logvar` gives the floored one that the likelihood uses.
+        """
         z = self.xp.asarray(z, dtype=self.dtype)
         if z.ndim != 2 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"z must have shape (N, {self.config.z_dim}), got {tuple(z.shape)}")
         outs, _ = self._decoder_forward(z)
         return outs
+
+    def decode_logvar(self, z):
+        """log Var[x_d|z], (N, D): the log-variance the likelihood uses.
+
+        "gaussian_learned_var": the decoder's logvar head, through the floor when
+        ``config.dec_logvar_min`` is set (:meth:`decode_raw` gives the head before the floor);
+        "gaussian": log(obs_var) everywhere.  The Bernoulli likelihood has no variance parameter
+        (Var[x_d|z] = p_d (1 - p_d)): ValueError.
+        """
+        lik = self.config.likelihood
+        if lik == "bernoulli":
+            raise ValueError("the Bernoulli likelihood has no log-variance output (its variance is p (1 - p))")
+        outs = self.decode_raw(z)
+        if lik == "gaussian":
+            return self.xp.full_like(outs[0], np.log(self.config.obs_var))
+        if self.config.dec_logvar_min is None:
+            return outs[1]
+        return logvar_floor_forward(outs[1], self.config.dec_logvar_min)[0]
 
     def decode(self, z):
         """E[x|z]: pixel probabilities (Bernoulli) or means (Gaussian), (N, D)."""

@@ -208,6 +208,7 @@ class TrainSettings:
     activation: str = "relu"
     likelihood: str = "bernoulli"
     obs_var: float = 1.0
+    dec_logvar_min: float | None = None   # floor on a learned decoder log-variance (VAEConfig)
     dtype: str = "float32"
     # data
     binarize: str = "dynamic"
@@ -289,7 +290,7 @@ class TrainSettings:
         for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "obs_var"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
-        for name in ("clip_norm", "free_bits"):
+        for name in ("clip_norm", "free_bits", "dec_logvar_min"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, (int, float)) and math.isfinite(v)),
                  f"{name} must be a finite number, got {v!r}")
@@ -320,6 +321,7 @@ class TrainSettings:
         conv = self.arch != "mlp"
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
+                         dec_logvar_min=self.dec_logvar_min,
                          image_shape=image_shape if conv else None)
 
     def make_optimizer(self):
