@@ -830,7 +830,7 @@ def log_weights(model, x, eps):
     if model.config.likelihood != "bernoulli":
         return model.log_weights(x, eps)
     ck = _cpu_kernels() if model.backend == "numpy" and model.dtype in (np.float32, np.float64) else None
-    if ck is not None:
+    if ck is not None and model.config.arch == "mlp":           # the fused kernels know the dense decoder only
         return _log_weights_fused(model, x, eps, ck)
     x = model._as_input(x, validate=False)
     mu, logvar, _ = model._encoder_forward(x)
