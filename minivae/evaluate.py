@@ -26,7 +26,14 @@ from .backend import to_numpy
 from .gaussian import kl_per_dim as gaussian_kl_per_dim
 
 
-CONV_ROWS = 1000
+# Rows of z (or x) per model call for the conv architectures, so memory stays bounded: their ops hold im2col
+# patch matrices, ~100 KB per row for "conv" and ~0.5 MB per row for "conv-pool" (a 3x3 convolution at 28x28).
+CONV_ROWS = {"conv": 1000, "conv-pool": 250}
+
+
+def _row_budget(model, rows):
+    """``rows``, capped for a conv architecture (see CONV_ROWS)."""
+    return min(rows, CONV_ROWS.get(getattr(model.config, "arch", "mlp"), rows))
 
 
 def log_mean_exp(a, axis=0):
@@ -58,7 +65,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     activations and logits), whatever k and N are: with the defaults, 10,000
     rows of 784 float32 values = 31 MB per array.  k = 5000 on the full
     10k test set therefore runs in the same memory as k = 100.  For the conv
-    architectures the chunk shrinks so that a call sees at most ``CONV_ROWS``
+    architectures the chunk shrinks so that a call sees at most ``CONV_ROWS[arch]``
     rows (the draws, and so the result, do not depend on the chunk).
 
     ``rng`` is a NumPy Generator: the eps noise comes from it on the host, in
@@ -71,9 +78,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     if int(chunk) != chunk or chunk < 1 or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"chunk and batch_size must be positive integers, got {chunk} and {batch_size}")
     k, chunk, batch_size = int(k), int(chunk), int(batch_size)
-    if getattr(model.config, "arch", "mlp") != "mlp":
-        # a conv decoder holds ~100 KB of patches (im2col) per row of z: at most CONV_ROWS rows per call
-        chunk = max(1, min(chunk, CONV_ROWS // batch_size))
+    chunk = max(1, _row_budget(model, chunk * batch_size) // batch_size)   # conv: at most CONV_ROWS z per call
     x = np.asarray(to_numpy(x))
     N, L = x.shape[0], model.config.z_dim
     out = np.empty(N, dtype=np.float64)
@@ -141,8 +146,10 @@ def _progress_bar(progress, total, desc):
 def negative_elbo(model, x, rng, batch_size=1000, y=None):
     """Mean negative ELBO and its parts over a dataset (one eps draw per example; labels y if conditional).
 
-    Returns ``{"loss", "recon", "kl"}`` as Python floats, nats per example.
+    Returns ``{"loss", "recon", "kl"}`` as Python floats, nats per example.  The eps draws, and so the
+    result up to float rounding, do not depend on ``batch_size`` (capped for the conv architectures).
     """
+    batch_size = _row_budget(model, batch_size)
     x = np.asarray(to_numpy(x))
     N = x.shape[0]
     tot = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
