@@ -4,6 +4,7 @@
     python benchmarks/epoch.py --json result.json    # also write the numbers
     python benchmarks/epoch.py --backend cupy        # GPU: CuPy vs PyTorch CUDA, batch 128 and 1024
     python benchmarks/epoch.py --quick               # a smoke test (a few batches; torch optional)
+    python benchmarks/epoch.py --arch conv --n-batches 20 --epochs 3   # the conv VAE (also conv-pool)
 
 The model is the standard one: 784-400-20 ReLU, Bernoulli decoder, Adam(1e-3),
 float32, on MNIST with dynamic binarization.  In one process the script times,
@@ -20,6 +21,12 @@ and reports the median epoch time of each over the timed rounds (after the
 warm-up rounds), the ratios minivae/torch and minivae/bound, peak memory and
 the machine.  Every epoch includes its data pipeline (gather, binarize, draw
 eps), which is the same code for minivae and torch on the CPU.
+
+``--arch conv`` / ``--arch conv-pool``: the convolutional VAEs (minivae.networks; VAEConfig(arch=...),
+dense width 256, Bernoulli, Adam(1e-3)).  ``minivae`` is then the readable path that ``train`` runs for
+them (model.loss + Adam.step; FastTrainer is dense only), ``torch`` is torch_conv_reference.TorchConvVAE
+with the same initial values, and ``bound`` the products of minivae.conv's im2col form
+(gemm_bound.conv_step_products).  Only the all-threads count is timed unless ``--one-thread on``.
 """
 from __future__ import annotations
 
@@ -75,9 +82,9 @@ def parse_args(argv=None):
                    help="batch size(s); default 128 on numpy, 128 and 1024 on cupy")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="'all threads': BLAS, torch and minivae threads (default: the logical CPUs)")
-    p.add_argument("--one-thread", choices=("on", "off"), default="on",
-                   help="also time everything on 1 thread, interleaved in the same rounds (default on; "
-                        "nothing to add when --threads is 1)")
+    p.add_argument("--one-thread", choices=("on", "off"), default=None,
+                   help="also time everything on 1 thread, interleaved in the same rounds (default on for "
+                        "--arch mlp, off for the conv archs; nothing to add when --threads is 1)")
     p.add_argument("--adam-threads", type=int, default=None,
                    help="minivae's FastTrainer threads at the all-threads count (default: --threads); "
                         "the fused kernels and, without numba, the NumPy Adam (2 threads at most)")
@@ -87,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--data-threads", type=int, choices=(1, 2), default=1,
                    help="threads filling each batch of the shared CPU data pipeline (default 1)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    p.add_argument("--arch", choices=("mlp", "conv", "conv-pool"), default="mlp",
+                   help="the model: the dense 784-400-20 VAE (default) or a convolutional VAE")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK_BATCHES} batches per 'epoch', 1 warm-up and 2 timed rounds")
     p.add_argument("--reference", action="store_true", help="also time the readable path (model.loss + Adam.step)")
@@ -116,6 +125,11 @@ def parse_args(argv=None):
         p.error("--threads must be >= 1")
     if a.adam_threads is None:
         a.adam_threads = a.threads
+    if a.one_thread is None:
+        a.one_thread = "on" if a.arch == "mlp" else "off"
+    if a.arch != "mlp" and (a.split == "on" or a.numpy_path or a.reference):
+        p.error(f"--split, --numpy-path and --reference are options of the dense fast path, not of --arch {a.arch} "
+                "(whose 'minivae' already is the readable path)")
     a.thread_counts = [a.threads] if a.one_thread == "off" or a.threads == 1 or a.backend == "cupy" else [1, a.threads]
     return a
 
@@ -339,8 +353,11 @@ def make_minivae(cfg, args, data, sync, backend, threads, fused=None):
     return epoch, model, trainer
 
 
-def make_reference(cfg, args, data):
-    model = minivae.VAE(cfg, rng=args.seed)
+def make_reference(cfg, args, data, backend="numpy", sync=lambda: None):
+    """The readable path, exactly what ``train`` runs per step when FastTrainer does not apply (the conv
+    VAEs): ``model.loss(xb, eps, validate=False)`` (forward and every gradient), then ``Adam.step``.  The
+    batch ``xb`` is already gathered and binarized by the shared data pipeline, as ``train`` does."""
+    model = minivae.VAE(cfg, rng=args.seed, backend=backend)
     opt = minivae.Adam(lr=1e-3)
 
     def epoch(e, block):
@@ -348,18 +365,40 @@ def make_reference(cfg, args, data):
         for i, (xb, eps) in enumerate(data.epoch(e), 1):
             loss, grads = model.loss(xb, eps, validate=False)
             opt.step(model.params, grads)
-            total += float(loss) * xb.shape[0]
+            total = total + (float(loss) if backend == "numpy" else loss) * xb.shape[0]
             if i % block == 0:
+                sync()
                 yield None
-        yield total / data.n
+        sync()
+        yield float(total) / data.n
 
-    return epoch
+    return epoch, model, opt
+
+
+class ConvTorchTrainer:
+    """torch_conv_reference.TorchConvVAE + torch.optim.Adam(1e-3): the loss 1/N Σ_n [rec_n + KL_n]."""
+
+    def __init__(self, net):
+        import torch
+        self.net, self.opt = net, torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+
+    def step(self, x, eps):
+        rec, kl = self.net.parts(x, eps)
+        loss = (rec + kl).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
 
 
 def make_torch(cfg, args, data, device, torch):
     from torch_reference import TorchTrainer, TorchVAE
     init = minivae.VAE(cfg, rng=args.seed)          # the same initial values as minivae's model
-    tr = TorchTrainer(TorchVAE.from_minivae(init, device=device))
+    if cfg.arch != "mlp":
+        from torch_conv_reference import TorchConvVAE
+        tr = ConvTorchTrainer(TorchConvVAE.from_minivae(init).to(device))
+    else:
+        tr = TorchTrainer(TorchVAE.from_minivae(init, device=device))
     on_cuda = device != "cpu"
 
     def epoch(e, block):
@@ -397,7 +436,8 @@ def run_batch_size(args, x, N, torch, report, tc):
     """Time every implementation at every thread count of ``args.thread_counts``, interleaved round by
     round (1 thread: minivae, torch, bound; all threads: minivae, torch, bound; next round ...).
     Appends one result per thread count to report["runs"] and returns them."""
-    cfg = minivae.VAEConfig()
+    cfg = minivae.VAEConfig(arch=args.arch)
+    conv = args.arch != "mlp"
     n_batches = QUICK_BATCHES if args.quick else args.n_batches
     gpu = args.backend == "cupy"
     impls, loss_log, rss, trainers = {}, {}, {}, {}
@@ -413,7 +453,10 @@ def run_batch_size(args, x, N, torch, report, tc):
         xp = np
     for T in args.thread_counts:
         mv_threads = args.adam_threads if T == args.threads else T
-        impls[T, "minivae"], _, trainers[T] = make_minivae(cfg, args, data_mv, sync, args.backend, mv_threads)
+        if conv:        # the readable path, as `train` runs the conv VAEs
+            impls[T, "minivae"], *trainers[T] = make_reference(cfg, args, data_mv, args.backend, sync)
+        else:
+            impls[T, "minivae"], _, trainers[T] = make_minivae(cfg, args, data_mv, sync, args.backend, mv_threads)
         if args.numpy_path and not gpu:
             impls[T, "minivae_numpy"] = make_minivae(cfg, args, data_mv, sync, args.backend, min(mv_threads, 2),
                                                      fused=False)[0]
@@ -422,7 +465,7 @@ def run_batch_size(args, x, N, torch, report, tc):
         if torch is not None:
             impls[T, "torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
         impls[T, "bound"] = make_bound(cfg, data_mv, xp, sync)
-        if trainers[T].split:
+        if not conv and trainers[T].split:
             # the same products as two concurrent half-batches with one-thread BLAS, as the split step runs them
             impls[T, "bound_split"] = make_bound(cfg, data_mv, xp, sync, split=True)
 
@@ -460,13 +503,26 @@ def run_batch_size(args, x, N, torch, report, tc):
         keys = [k for k in impls if k[0] == T]
         med = {k[1]: statistics.median(times[k]) for k in keys}
         trainer = trainers[T]
-        res = {"batch_size": N, "threads": T, "n_examples": data_mv.n, "n_steps": len(data_mv.sizes),
+        n_full = len(x)                     # examples in a whole epoch (60 000 for MNIST)
+        res = {"arch": args.arch, "batch_size": N, "threads": T, "n_examples": data_mv.n,
+               "n_steps": len(data_mv.sizes),
                "gflop_per_epoch": sum(step_flops(cfg, n) for n in data_mv.sizes) / 1e9,
                "times_s": {k[1]: times[k] for k in keys}, "median_s": med,
+               # per step, and the whole epoch extrapolated from the timed examples (exact without --n-batches)
+               "median_step_s": {k: v / len(data_mv.sizes) for k, v in med.items()},
+               "full_epoch_examples": n_full, "full_epoch_steps": -(-n_full // N),
+               "extrapolated_epoch_s": {k: v * n_full / data_mv.n for k, v in med.items()},
                "mean_loss_per_round": {k[1]: loss_log[k] for k in keys if k in loss_log},
-               "peak_rss_increase_first_epoch_mib": {k[1]: rss[k] for k in keys if k in rss},
-               "minivae_array_bytes": trainer_bytes(trainer), "minivae_split": trainer.split,
-               "minivae_threads": trainer.threads, "minivae_fused": getattr(trainer, "fused", False)}
+               "peak_rss_increase_first_epoch_mib": {k[1]: rss[k] for k in keys if k in rss}}
+        if conv:
+            model, opt = trainer
+            res.update({"minivae_path": "readable (model.loss + Adam.step)",
+                        "minivae_array_bytes": int(model.flat.nbytes + sum(a.nbytes for st in opt.state or []
+                                                                           for a in st.values())),
+                        "minivae_split": False, "minivae_threads": T, "minivae_fused": False})
+        else:
+            res.update({"minivae_array_bytes": trainer_bytes(trainer), "minivae_split": trainer.split,
+                        "minivae_threads": trainer.threads, "minivae_fused": getattr(trainer, "fused", False)})
         res["ratio_minivae_over_bound"] = med["minivae"] / med["bound"]
         if "bound_split" in med:
             res["ratio_minivae_over_bound_split"] = med["minivae"] / med["bound_split"]
@@ -522,14 +578,17 @@ def main(argv=None):
             print(f"error: {exc}", file=sys.stderr)
             return 2
     x, _ = load_mnist("train")
-    report = {"command": " ".join([os.path.basename(sys.executable), "benchmarks/epoch.py", *sys.argv[1:]]),
-              "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "split": args.split,
+    report = {"command": " ".join([os.path.basename(sys.executable), "benchmarks/epoch.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
+              "arch": args.arch, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "split": args.split,
               "backend": args.backend, "quick": args.quick, "epochs": args.epochs, "warmup": args.warmup,
               "block_steps": args.block_steps, "data_threads": args.data_threads, "n_batches": args.n_batches,
               "machine": machine(args, torch), "torch_available": torch is not None, "runs": []}
-    print(f"minivae epoch benchmark: {report['machine']['cpu']}, {args.threads} threads, "
+    print(f"minivae epoch benchmark ({args.arch}): {report['machine']['cpu']}, {args.threads} threads, "
           f"{report['machine'].get('numpy_blas')}, backend {args.backend}"
-          + ("" if torch is not None else " (torch not importable: skipped)"))
+          + ("" if torch is not None else
+             " (--no-torch: PyTorch skipped)" if args.no_torch else
+             " (PyTorch is not installed: no torch column and no minivae/torch ratio; pip install torch)"))
     tc = ThreadCount(torch)
     results = [res for N in args.batch_size for res in run_batch_size(args, x, N, torch, report, tc)]
     for res in results:
@@ -549,6 +608,11 @@ def main(argv=None):
             res["ratio_minivae_numpy_over_bound"] = med["minivae_numpy"] / med["bound"]
             line += f"  minivae_numpy/bound {res['ratio_minivae_numpy_over_bound']:.2f}"
         print(line + f"  ({res['gflop_per_epoch']:.1f} GFLOP of matmuls per epoch)")
+        if res["n_examples"] != res["full_epoch_examples"]:
+            print(f"batch {N}, {T} thr: per step  " + "  ".join(f"{k} {v * 1e3:.1f} ms"
+                                                             for k, v in res["median_step_s"].items())
+                  + f";  a whole epoch ({res['full_epoch_steps']} steps), extrapolated  "
+                  + "  ".join(f"{k} {v:.1f} s" for k, v in res["extrapolated_epoch_s"].items()))
     report["scaling"] = [{k: res.get(k) for k in ("batch_size", "threads", "ratio_minivae_over_torch",
                                                    "ratio_minivae_over_bound", "ratio_torch_over_bound")}
                          for res in results]

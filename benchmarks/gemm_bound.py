@@ -13,6 +13,15 @@ Per step with batch N, for every dense layer y = x @ W + b with W (m, n):
               dx = dy @ W.T      (N, n) @ (n, m)   -- not for the input layer
 The two Gaussian heads count as one (H, 2L) layer; the FLOP count is the
 same as for two (H, L) layers.
+
+The convolutional VAEs (``arch="conv"`` / ``"conv-pool"``) add, per convolution, the three products of
+minivae.conv's im2col form (P = N·OH·OW output pixels, K = C·KH·KW patch length):
+    conv    forward  Wm @ col  (F, K) @ (K, P);  dW = G @ col.T  (F, P) @ (P, K);  dcol = Wm.T @ G  (K, F) @ (F, P)
+            (no dcol for the input layer)
+    deconv  forward  Wm.T @ X  (K, C_in) @ (C_in, P);  dX = Wm @ col  (C_in, K) @ (K, P);
+            dW = X @ col.T  (C_in, P) @ (P, K)        (P = N·H·W input pixels, K = C_out·KH·KW)
+(``conv_step_products``).  The im2col/col2im copies, pooling and upsampling are not matrix products and are
+not in the bound.
 """
 from __future__ import annotations
 
@@ -44,8 +53,63 @@ def step_gemms(config, N):
     return out
 
 
+def conv_step_products(config, N):
+    """The products of one step of a conv VAE: [(a, k, b, ta, tb)] for an (a, k) @ (k, b) product whose
+    left operand is stored transposed, (k, a), when ``ta`` and the right one, (b, k), when ``tb`` (as
+    minivae.conv computes them).  Forward products in layer order, then the backward ones in reverse."""
+    from minivae.conv import conv_output_size
+    from minivae.networks import build
+
+    net = build(config)
+    fwd, bwd = [], []
+    shape = None                                       # (C, H, W) of the current feature map
+    first = True                                       # the input layer needs no dL/dx
+    layers = [*net.encoder, Layer_heads(net.enc_heads), *net.decoder, *net.dec_heads]
+    for layer in layers:
+        op = layer.op
+        if op == "unflatten":
+            shape = tuple(layer.arg)
+        elif op == "maxpool":
+            shape = (shape[0], shape[1] // layer.arg[0], shape[2] // layer.arg[0])
+        elif op == "upsample":
+            shape = (shape[0], shape[1] * layer.arg[0], shape[2] * layer.arg[0])
+        elif op == "dense":
+            m, n = layer.W
+            fwd.append((N, m, n, False, False))                 # x @ W
+            bwd.append([(m, N, n, True, False)]                 # dW = x.T @ dy
+                       + ([] if first else [(N, n, m, False, True)]))   # dx = dy @ W.T
+            first = False
+        elif op == "conv":
+            F, C, KH, KW = layer.W
+            OH, OW = conv_output_size(shape[1], shape[2], KH, KW, *layer.arg)
+            P, K = N * OH * OW, C * KH * KW
+            fwd.append((F, K, P, False, False))                 # Wm @ col
+            bwd.append([(F, P, K, False, True)]                 # dW = G @ col.T
+                       + ([] if first else [(K, F, P, True, False)]))   # dcol = Wm.T @ G
+            shape, first = (F, OH, OW), False
+        elif op == "deconv":
+            Cin, Cout, KH, KW = layer.W
+            s, p = layer.arg
+            P, K = N * shape[1] * shape[2], Cout * KH * KW
+            fwd.append((K, Cin, P, True, False))                # Wm.T @ X
+            bwd.append([(Cin, K, P, False, False),              # dX = Wm @ col
+                        (Cin, P, K, False, True)])              # dW = X @ col.T
+            shape = (Cout, (shape[1] - 1) * s - 2 * p + KH, (shape[2] - 1) * s - 2 * p + KW)
+            first = False
+    return fwd + [prod for group in reversed(bwd) for prod in group]
+
+
+class Layer_heads:  # noqa: N801 -- the encoder's two Gaussian heads as one dense (H, 2L) layer
+    op = "dense"
+
+    def __init__(self, heads):
+        self.W = (heads[0].W[0], sum(h.W[1] for h in heads))
+
+
 def step_flops(config, N):
     """Floating point operations (2 per multiply-add) of the matrix products of one step."""
+    if getattr(config, "arch", "mlp") != "mlp":
+        return sum(2 * a * k * b for a, k, b, _, _ in conv_step_products(config, N))
     return sum(2 * N * m * n for _, m, n in step_gemms(config, N))
 
 
@@ -80,6 +144,13 @@ class GemmBound:
     def plan(self, key):
         """[(A, B, out)] of one step at batch size N (cached); key N or (N, part) for split halves."""
         N = key[0] if isinstance(key, tuple) else key
+        if key not in self._plans and getattr(self.config, "arch", "mlp") != "mlp":
+            ops = []
+            for a, k, b, ta, tb in conv_step_products(self.config, N):
+                A = self._arr(k, a).T if ta else self._arr(a, k)
+                B = self._arr(b, k).T if tb else self._arr(k, b)
+                ops.append((A, B, self.xp.empty((a, b), self.dtype)))
+            self._plans[key] = ops
         if key not in self._plans:
             ops = []
             Ws = {}

@@ -1,0 +1,99 @@
+"""benchmarks/epoch.py's conv mode runs end to end on a tiny setting (2 batches), with and without PyTorch.
+
+These check that the script runs and reports what it documents; they time nothing (the benchmark measures
+speed, tests never do).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minivae
+from minivae.backend import cupy_available
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gemm_bound import conv_step_products, step_flops  # noqa: E402
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def run_bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "epoch.py"), "--n-batches", "2", "--epochs", "1",
+                        "--warmup", "0", "--threads", "1", "--json", str(out), *args],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    return r, out
+
+
+def conv_macs_per_image(arch):
+    """Multiply-adds of one forward pass, counted by hand from the architectures in minivae.networks."""
+    dense = 3136 * 256 + 256 * 40 + 20 * 256 + 256 * 3136
+    if arch == "conv":   # conv 1->32 k4 at 14x14, 32->64 k4 at 7x7; deconv 64->32 k4 from 7x7, 32->1 k4 from 14x14
+        convs = [32 * 16 * 196, 64 * 512 * 49, 64 * 512 * 49, 32 * 16 * 196]
+    else:                # k3 convs at 28x28 (1->32), 14x14 (32->64), 14x14 (64->32), 28x28 (32->1)
+        convs = [32 * 9 * 784, 64 * 288 * 196, 32 * 576 * 196, 1 * 288 * 784]
+    return dense + sum(convs), convs[0]
+
+
+@pytest.mark.parametrize("arch", ["conv", "conv-pool"])
+def test_conv_bound_counts_every_product(arch):
+    """Forward, dW for every layer and dx for all but the input layer: 3x the forward, less one dx."""
+    macs, first = conv_macs_per_image(arch)
+    N = 7
+    cfg = minivae.VAEConfig(arch=arch)
+    assert step_flops(cfg, N) == 2 * N * (3 * macs - first)
+    assert len(conv_step_products(cfg, N)) == 3 * 8 - 1       # 8 layers (heads fused), no dx for the first
+
+
+@pytest.mark.parametrize("arch", ["conv", "conv-pool"])
+def test_conv_benchmark_runs_without_torch(tmp_path, arch):
+    r, out = run_bench(tmp_path, "--arch", arch, "--no-torch")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "PyTorch skipped" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["arch"] == arch and d["torch_available"] is False
+    run = d["runs"][0]
+    assert run["arch"] == arch and run["batch_size"] == 128 and run["n_steps"] == 2 and run["n_examples"] == 256
+    assert run["threads"] == 1 and len(d["runs"]) == 1
+    assert set(run["median_s"]) == {"minivae", "bound"} and "ratio_minivae_over_torch" not in run
+    assert run["ratio_minivae_over_bound"] == pytest.approx(run["median_s"]["minivae"] / run["median_s"]["bound"])
+    assert run["gflop_per_epoch"] == pytest.approx(2 * step_flops(minivae.VAEConfig(arch=arch), 128) / 1e9)
+    for k, v in run["median_s"].items():
+        assert run["median_step_s"][k] == pytest.approx(v / 2)
+        assert run["extrapolated_epoch_s"][k] == pytest.approx(v * 60000 / 256)
+    assert run["full_epoch_steps"] == 469
+    loss = run["mean_loss_per_round"]["minivae"][0]
+    assert np.isfinite(loss) and 100 < loss < 1000          # nats per image of an untrained model's first steps
+    assert run["minivae_array_bytes"] >= 3 * 4 * minivae.VAE(minivae.VAEConfig(arch=arch)).num_params()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (optional: the benchmark's torch column)")
+def test_conv_benchmark_against_torch(tmp_path):
+    """With PyTorch: the same model, init, batches and eps, so the two first-round losses agree."""
+    r, out = run_bench(tmp_path, "--arch", "conv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert set(run["median_s"]) == {"minivae", "torch", "bound"}
+    assert run["ratio_minivae_over_torch"] == pytest.approx(run["median_s"]["minivae"] / run["median_s"]["torch"])
+    losses = run["mean_loss_per_round"]
+    assert losses["minivae"][0] == pytest.approx(losses["torch"][0], rel=1e-4)
+
+
+@pytest.mark.skipif(cupy_available(), reason="a usable GPU is present: this checks the error without one")
+def test_conv_benchmark_cupy_without_gpu_is_a_clear_error(tmp_path):
+    r, out = run_bench(tmp_path, "--arch", "conv", "--backend", "cupy", "--no-torch")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "cupy" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_dense_only_options_are_refused_for_conv(tmp_path):
+    r, _ = run_bench(tmp_path, "--arch", "conv", "--reference", "--no-torch")
+    assert r.returncode == 2 and "--reference" in r.stderr and "Traceback" not in r.stderr
