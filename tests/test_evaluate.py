@@ -98,9 +98,24 @@ def test_memory_bound_rows_per_call(monkeypatch):
 
 
 def test_iw_float32_model_accumulates_in_float64():
-    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3), rng=0)
-    out = iw_log_likelihood(m, binary_data(4, 10), 50, np.random.default_rng(0))
+    # log w of 300 pixels is about -200 nats, where float32 resolves only ~1.5e-5 nats: a float32
+    # log-sum-exp over the k samples is off by ~1e-5, the float64 one (what the docstring promises) by ~1e-13
+    from minivae.evaluate import _log_weights
+    m = VAE(VAEConfig(x_dim=300, hidden=(8,), z_dim=3), rng=0)
+    assert m.dtype == np.float32
+    x = binary_data(5, 300).astype(np.float32)
+    k = 400
+    out = iw_log_likelihood(m, x, k, np.random.default_rng(0), chunk=7, batch_size=5)
+    eps = np.random.default_rng(0).standard_normal((k, 5, 3)).astype(np.float32)   # the same draws
+    lw = np.concatenate([_log_weights(m, x, eps[i:i + 7]) for i in range(0, k, 7)])   # (k, N) float32
+    assert lw.dtype == np.float32 and lw.max() < -100
+    exact = log_mean_exp(lw.astype(np.float64), axis=0)
     assert out.dtype == np.float64
+    assert np.abs(out - exact).max() < 1e-9
+    # the same log-sum-exp in float32 misses by far more than that tolerance
+    mx = lw.max(axis=0)
+    in32 = mx + np.log(np.mean(np.exp(lw - mx), axis=0, dtype=np.float32), dtype=np.float32)
+    assert in32.dtype == np.float32 and np.abs(in32 - exact).max() > 1e-7
 
 
 def test_iw_rejects_bad_k():
@@ -210,3 +225,15 @@ def test_iw_same_on_backend(backend):
     a = iw_log_likelihood(ref, x, 20, np.random.default_rng(2), chunk=6)
     b = iw_log_likelihood(m, x, 20, np.random.default_rng(2), chunk=6)
     assert np.allclose(a, b, atol=1e-9)
+
+
+def test_report_counts_active_units_at_the_threshold_it_is_given():
+    x = np.zeros((40, 4))
+    x[::2, 0] = 1.0                                   # Var(x_0) = 1/4
+    scales = np.array([0.0, 0.14, 0.18, 0.22, 1.0, 2.0])        # Var(mu_j): 0, .0049, .0081, .0121, .25, 1
+    m = linear_encoder_model(scales)
+    for threshold, count in ((0.001, 5), (0.005, 4), (0.01, 3), (0.3, 1), (2.0, 0)):
+        r = report(m, x, np.random.default_rng(0), au_threshold=threshold)
+        assert r["au_threshold"] == threshold and r["active_units"] == count, (threshold, r["active_units"])
+        assert bool(r["collapse_warning"]) == (count < 3)
+    assert report(m, x, np.random.default_rng(0))["au_threshold"] == 0.01          # the default

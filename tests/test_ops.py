@@ -35,6 +35,18 @@ def test_activations(rng, xp, name):
     assert rep["x"] < TOL
 
 
+def test_activations_at_and_around_the_kink(rng):
+    # finite differences cannot see x = 0 exactly; the docstrings give the value there
+    x = np.array([-2.0, -1e-12, 0.0, 1e-12, 3.0])
+    dy = rng.standard_normal(5)
+    y, cache = layers.relu_forward(x)
+    assert np.array_equal(y, [0.0, 0.0, 0.0, 1e-12, 3.0])
+    assert np.array_equal(layers.relu_backward(dy, cache), dy * [0, 0, 0, 1, 1])      # 0 at the kink x = 0
+    y, cache = layers.leaky_relu_forward(x, alpha=0.2)
+    assert np.allclose(y, [-0.4, -2e-13, 0.0, 1e-12, 3.0], rtol=1e-15, atol=0)
+    assert np.allclose(layers.leaky_relu_backward(dy, cache), dy * [0.2, 0.2, 0.2, 1, 1], rtol=1e-15, atol=0)
+
+
 def test_reparameterize(rng, xp):
     mu, logvar = xp.asarray(rng.standard_normal((4, 3))), xp.asarray(rng.standard_normal((4, 3)))
     for eps_shape in [(4, 3), (5, 4, 3)]:
