@@ -240,4 +240,27 @@ def test_optimizer_state_dict_holds_step_lr_and_moments():
         Adam().load_state_dict({"t": 2, "0.m": np.zeros(2)}, {"w": np.zeros(2)})
     empty = Adam()
     empty.load_state_dict({"t": 0}, {"w": np.zeros(2)})                 # a fresh optimizer's state: zeros
-    assert empty.t == 0 and np.array_equal(empty.state[0]["v"], np.zeros(2))
+    assert empty.t == 0 and empty.lr == 1e-3 and np.array_equal(empty.state[0]["v"], np.zeros(2))
+
+
+def test_defaults_are_the_documented_ones():
+    # the usual defaults (PyTorch's, and Kingma & Ba's for Adam), written in the docstrings and the README
+    adam, sgd, ada = Adam(), SGD(), Adagrad()
+    assert (adam.lr, adam.b1, adam.b2, adam.eps) == (1e-3, 0.9, 0.999, 1e-8)
+    assert (sgd.lr, sgd.momentum) == (1e-2, 0.9) and (ada.lr, ada.eps) == (1e-2, 1e-10)
+    for opt in (adam, sgd, ada):
+        assert opt.weight_decay == 0.0 and opt.clip_norm is None
+    assert type(make_optimizer("sgd", 0.5, momentum=0.0)) is SGD and make_optimizer("adagrad", 0.5).lr == 0.5
+    with pytest.raises(ValueError, match="choose one of sgd, adagrad, adam"):
+        make_optimizer("rmsprop", 1e-3)
+
+
+def test_model_parameters_update_as_one_flat_buffer():
+    m = VAE(VAEConfig(x_dim=10, hidden=(6,), z_dim=2), rng=1)
+    opt = Adam(lr=1e-2)
+    opt.step(m.params, m.loss(np.random.default_rng(0).uniform(size=(4, 10)))[1])
+    (st,) = opt.state                                  # one state entry: the flat vector, not one per tensor
+    assert st["m"].shape == st["v"].shape == m.flat.shape
+    assert set(opt.state_dict()) == {"t", "lr", "0.m", "0.v"}
+    with pytest.raises(KeyError, match="different keys"):
+        Adam().step({"a": np.zeros(2)}, {"b": np.zeros(2)})
