@@ -237,3 +237,27 @@ def test_report_counts_active_units_at_the_threshold_it_is_given():
         assert r["au_threshold"] == threshold and r["active_units"] == count, (threshold, r["active_units"])
         assert bool(r["collapse_warning"]) == (count < 3)
     assert report(m, x, np.random.default_rng(0))["au_threshold"] == 0.01          # the default
+
+
+def test_log_mean_exp_edge_cases():
+    a = np.array([[-np.inf, 0.0], [-np.inf, np.log(3.0)]])
+    with np.errstate(divide="ignore"):
+        out = log_mean_exp(a, axis=0)
+    assert out[0] == -np.inf and np.isclose(out[1], np.log(2.0))        # all weights zero: log 0, no NaN
+    assert np.allclose(log_mean_exp(np.log([[1.0, 2.0, 6.0]]), axis=1), [np.log(3.0)])
+    assert log_mean_exp(np.array([5.0])).shape == ()
+
+
+def test_iw_smallest_sizes_and_bad_sizes():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(3, 10)
+    a = iw_log_likelihood(m, x, 3, np.random.default_rng(1), chunk=1, batch_size=1)
+    b = iw_log_likelihood(m, x, 3, np.random.default_rng(1), chunk=3, batch_size=1)   # the same draws
+    assert a.shape == (3,) and np.allclose(a, b, rtol=0, atol=1e-12)
+    one = iw_log_likelihood(m, x, 1, np.random.default_rng(1), batch_size=3)       # k = 1: one log weight
+    eps = np.random.default_rng(1).standard_normal((1, 3, 3))
+    assert np.allclose(one, m.log_weights(x, eps)[0], rtol=0, atol=1e-12)
+    for kw in ({"k": 2.5}, {"k": -1}, {"chunk": 0}, {"batch_size": 0}, {"chunk": 1.5}, {"batch_size": 2.5}):
+        args = {"k": 3, **kw}
+        with pytest.raises(ValueError, match="must be positive integers|k must be"):
+            iw_log_likelihood(m, x, args.pop("k"), np.random.default_rng(0), **args)
