@@ -250,7 +250,9 @@ def test_defaults_are_the_documented_ones():
     assert (sgd.lr, sgd.momentum) == (1e-2, 0.9) and (ada.lr, ada.eps) == (1e-2, 1e-10)
     for opt in (adam, sgd, ada):
         assert opt.weight_decay == 0.0 and opt.clip_norm is None
-    assert type(make_optimizer("sgd", 0.5, momentum=0.0)) is SGD and make_optimizer("adagrad", 0.5).lr == 0.5
+    sgd = make_optimizer("sgd", 0.5, momentum=0.25, weight_decay=0.1)           # keyword arguments reach it
+    assert type(sgd) is SGD and (sgd.lr, sgd.momentum, sgd.weight_decay) == (0.5, 0.25, 0.1)
+    assert make_optimizer("adagrad", 0.5).lr == 0.5
     with pytest.raises(ValueError, match="choose one of sgd, adagrad, adam"):
         make_optimizer("rmsprop", 1e-3)
 
@@ -262,5 +264,13 @@ def test_model_parameters_update_as_one_flat_buffer():
     (st,) = opt.state                                  # one state entry: the flat vector, not one per tensor
     assert st["m"].shape == st["v"].shape == m.flat.shape
     assert set(opt.state_dict()) == {"t", "lr", "0.m", "0.v"}
+    # the model's parameters with a plain dict of gradients: the per-key path, the same numbers
+    m2 = VAE(VAEConfig(x_dim=10, hidden=(6,), z_dim=2), rng=1)
+    g = m2.loss(np.random.default_rng(0).uniform(size=(4, 10)))[1]
+    m3 = VAE(VAEConfig(x_dim=10, hidden=(6,), z_dim=2), rng=1)
+    o2, o3 = Adam(lr=1e-2), Adam(lr=1e-2)
+    o3.step(m3.params, {k: v.copy() for k, v in g.items()})
+    o2.step(m2.params, g)
+    assert len(o3.state) == len(g) and np.allclose(m2.flat, m3.flat, rtol=1e-6, atol=1e-7)
     with pytest.raises(KeyError, match="different keys"):
         Adam().step({"a": np.zeros(2)}, {"b": np.zeros(2)})
