@@ -202,6 +202,8 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         monkeypatch.setattr(sys, "stderr", err)
         report(m, binary_data(8, 10), np.random.default_rng(0), iw_k=30, progress=True)
         assert ("IW log p(x)" in err.getvalue()) == shown
+        if tty:                                       # counts samples: 8 examples x 30 = 240
+            assert "/240 " in err.getvalue() and "sample/s" in err.getvalue() and "0.00/240" in err.getvalue()
 
 
 def test_active_units_need_a_minimum_of_examples():
@@ -261,3 +263,32 @@ def test_iw_smallest_sizes_and_bad_sizes():
         args = {"k": 3, **kw}
         with pytest.raises(ValueError, match="must be positive integers|k must be"):
             iw_log_likelihood(m, x, args.pop("k"), np.random.default_rng(0), **args)
+
+
+def test_log_mean_exp_axes_shapes_and_float64():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4))
+    for axis in (0, 1, 2, -1):
+        direct = np.log(np.mean(np.exp(a), axis=axis))
+        out = log_mean_exp(a, axis=axis)
+        assert out.shape == direct.shape and np.allclose(out, direct, rtol=1e-14)
+    assert log_mean_exp(np.zeros((4, 1)), axis=0).shape == (1,)          # only the reduced axis goes
+    # float32 input is computed in float64: log-weights near -200 keep their sub-1e-5 differences
+    a32 = (-200.0 + rng.standard_normal((50, 3))).astype(np.float32)
+    out = log_mean_exp(a32, axis=0)
+    assert out.dtype == np.float64
+    assert np.allclose(out, log_mean_exp(a32.astype(np.float64), axis=0), rtol=0, atol=1e-12)
+
+
+def test_iw_without_the_fast_module_uses_the_models_own_log_weights(monkeypatch):
+    """A student copy has no minivae/fast.py: the estimate then comes from model.log_weights."""
+    import sys
+    from minivae.evaluate import _log_weights
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x, eps = binary_data(4, 10), np.random.default_rng(0).standard_normal((6, 4, 3))
+    calls = []
+    orig = VAE.log_weights
+    monkeypatch.setattr(VAE, "log_weights", lambda self, *a: calls.append(a) or orig(self, *a))
+    monkeypatch.setitem(sys.modules, "minivae.fast", None)           # import minivae.fast -> ImportError
+    lw = _log_weights(m, x, eps)
+    assert len(calls) == 1 and np.array_equal(lw, orig(m, x, eps))

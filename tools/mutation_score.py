@@ -22,7 +22,18 @@ def equivalent_names(path=Path("tests/EQUIVALENT_MUTANTS.md")):
     return set(re.findall(r"`(minivae\.[\w.]+__mutmut_\d+)`", path.read_text()))
 
 
+def unchecked(patterns):
+    """Names of the mutants matching ``patterns`` that have no result yet (to resume a run)."""
+    for meta in sorted(Path("mutants").rglob("*.py.meta")):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if code is None and (not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)):
+                print(name)
+    return 0
+
+
 def main(patterns):
+    if patterns[:1] == ["--unchecked"]:
+        return unchecked(patterns[1:])
     equivalent = equivalent_names()
     per = defaultdict(lambda: {"killed": 0, "survived": 0, "equivalent": 0, "not checked": 0})
     survivors = []
