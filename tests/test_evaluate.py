@@ -292,3 +292,124 @@ def test_iw_without_the_fast_module_uses_the_models_own_log_weights(monkeypatch)
     monkeypatch.setitem(sys.modules, "minivae.fast", None)           # import minivae.fast -> ImportError
     lw = _log_weights(m, x, eps)
     assert len(calls) == 1 and np.array_equal(lw, orig(m, x, eps))
+
+
+class _FakeModel:
+    """Just what iw_log_likelihood reads: config.arch, config.z_dim and dtype."""
+
+    def __init__(self, arch, z_dim=2):
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(arch=arch, z_dim=z_dim)
+        self.dtype = np.float64
+
+
+def _spy_log_weights(monkeypatch, seen, offsets=None):
+    """log w = -|eps|^2 (+ a per-example offset): a function of the draws alone, whatever the chunking."""
+    import minivae.evaluate as ev
+
+    def lw(model, xb, eps):
+        seen.append(eps.shape[0] * eps.shape[1])
+        out = -(eps ** 2).sum(-1)
+        return out if offsets is None else out + offsets[xb[:, 0].astype(int)]
+    monkeypatch.setattr(ev, "_log_weights", lw)
+
+
+def test_conv_models_see_at_most_conv_rows_per_call(monkeypatch):
+    import minivae.evaluate as ev
+    x = np.arange(25.0)[:, None] * np.ones((1, 3))
+    seen = []
+    _spy_log_weights(monkeypatch, seen)
+    ref = iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
+    assert max(seen) == 500                                   # an MLP keeps the chunk it is given
+    for rows, batch, per_call in ((40, 10, 40), (10, 10, 10), (5, 10, 10), (1000, 10, 500)):
+        monkeypatch.setattr(ev, "CONV_ROWS", rows)
+        seen.clear()
+        out = iw_log_likelihood(_FakeModel("conv"), x, 50, np.random.default_rng(0), chunk=50, batch_size=batch)
+        assert max(seen) == per_call and sum(seen) == 25 * 50, (rows, seen)   # at least one sample per call
+        assert np.allclose(out, ref, rtol=0, atol=1e-12)                      # the same draws, the same estimate
+    monkeypatch.setattr(ev, "CONV_ROWS", 40)
+    seen.clear()
+    iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
+    assert max(seen) == 500                                   # CONV_ROWS is for conv models only
+    seen.clear()
+    iw_log_likelihood(VAE(VAEConfig(x_dim=3, hidden=(4,), z_dim=2), rng=0), x, 50, np.random.default_rng(0),
+                      chunk=50, batch_size=10)
+    assert max(seen) == 500                                   # a real MLP model's config has no conv arch
+
+
+def test_iw_running_max_is_per_example(monkeypatch):
+    # two examples 5000 nats apart: one shared maximum would underflow the lower one to -inf
+    x = np.array([[0.0], [1.0]])
+    _spy_log_weights(monkeypatch, [], offsets=np.array([0.0, -5000.0]))
+    out = iw_log_likelihood(_FakeModel("mlp", z_dim=1), x, 20, np.random.default_rng(0), chunk=3, batch_size=2)
+    eps = np.random.default_rng(0).standard_normal((20, 2, 1))
+    expect = log_mean_exp(-(eps ** 2).sum(-1) + [0.0, -5000.0], axis=0)
+    assert np.isfinite(out).all() and np.allclose(out, expect, rtol=0, atol=1e-9)
+
+
+def test_progress_bar_counts_every_sample(monkeypatch):
+    import tqdm
+    made = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.n = kw, 0
+            made.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=2), rng=0)
+    iw_log_likelihood(m, binary_data(7, 10), 30, np.random.default_rng(0), chunk=4, batch_size=3)
+    assert made == []                                          # no bar unless asked
+    iw_log_likelihood(m, binary_data(7, 10), 30, np.random.default_rng(0), chunk=4, batch_size=3, progress=True)
+    (bar,) = made
+    assert bar.kw["total"] == 7 * 30 and bar.n == 7 * 30 and bar.closed
+    assert bar.kw["unit"] == "sample" and bar.kw["leave"] is False and bar.kw["disable"] is None
+    assert bar.kw["unit_scale"] is True and bar.kw["desc"] == "IW log p(x), k=30"
+    report(m, binary_data(7, 10), np.random.default_rng(0), iw_k=5)
+    assert len(made) == 1                                      # report: no bar by default either
+
+
+def test_posterior_mean_variance_in_batches():
+    m = linear_encoder_model(np.array([1.0, -2.0]))
+    x = np.random.default_rng(0).random((5, 4))
+    direct = m.encode(x)[0].var(axis=0)
+    for bs in (1, 2, 3, 5, 1000):
+        assert np.allclose(posterior_mean_variance(m, x, batch_size=bs), direct, rtol=1e-13)
+    # the threshold is strict: a variance exactly at it is not active
+    x2 = np.zeros((40, 4))
+    x2[::2, 0] = 1.0
+    m2 = linear_encoder_model(np.array([0.5]))            # mu in {1, 1.5}: variance exactly 0.0625
+    assert posterior_mean_variance(m2, x2)[0] == 0.0625
+    assert active_units(m2, x2, threshold=0.0625) == 0 and active_units(m2, x2, threshold=0.0624) == 1
+
+
+def test_collapse_warning_says_what_it_means_and_what_to_do():
+    msg = collapse_warning(3, 50)
+    assert msg.startswith("posterior collapse: only 3 of 50 latent units are active")
+    assert "carry no information about x" in msg
+    assert "Burda et al. 2015 report 19-20 of 50 for their VAE" in msg
+    assert msg.endswith("try KL warm-up or free bits)")
+
+
+def test_report_numbers_are_the_functions_numbers():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(150, 10)
+    import time
+    t0 = time.perf_counter()
+    r = report(m, x, np.random.default_rng(0), iw_k=3)
+    took = time.perf_counter() - t0
+    rng = np.random.default_rng(0)                          # the same draws, in the same order
+    parts = negative_elbo(m, x, rng, batch_size=100)
+    ll = iw_log_likelihood(m, x, 3, rng, chunk=100, batch_size=100)
+    assert r["neg_elbo"] == parts["loss"] and r["recon"] == parts["recon"] and r["kl"] == parts["kl"]
+    assert r["iw_nll"] == float(-ll.mean()) and r["iw_nll_sem"] == float(ll.std(ddof=1) / np.sqrt(150))
+    assert 0 <= r["iw_seconds"] <= took
+    r0 = report(m, x[:5], np.random.default_rng(0))
+    assert r0["iw_k"] == 0 and r0["iw_nll"] is None and r0["iw_nll_sem"] is None and r0["iw_seconds"] is None
+    r1 = report(m, x[:1], np.random.default_rng(0), iw_k=2)
+    assert r1["iw_nll_sem"] is None and np.isfinite(r1["iw_nll"])            # one example: no standard error
