@@ -171,3 +171,7 @@ def test_fixed_variance_gaussian_nll_closed_form():
         nll, _ = likelihoods.gaussian_nll_forward(mean, x, **kw)
         expect = (0.5 * (x - mean) ** 2 / var + 0.5 * np.log(2 * np.pi * var)).sum(-1)
         assert nll.shape == (2, 3) and np.allclose(nll, expect, rtol=1e-14)
+    logvar = rng.standard_normal((2, 3, 4))
+    nll, _ = likelihoods.gaussian_learned_var_nll_forward(mean, logvar, x)
+    expect = (0.5 * (x - mean) ** 2 / np.exp(logvar) + 0.5 * logvar + 0.5 * np.log(2 * np.pi)).sum(-1)
+    assert nll.shape == (2, 3) and np.allclose(nll, expect, rtol=1e-14)
