@@ -174,3 +174,35 @@ def test_split_validation_and_minibatches():
     assert [len(b) for b in b1] == [4, 4, 2]
     assert all(np.array_equal(p, q) for p, q in zip(b1, b2))
     assert sorted(np.concatenate(b1).tolist()) == list(range(10))
+
+
+def test_image_shape_from_the_header_or_the_npz(tmp_path, monkeypatch):
+    from minivae.data import image_shape
+    assert image_shape(embedded_dir()) == (1, 28, 28) == image_shape(embedded_dir(), "test")
+    monkeypatch.setenv("MINIVAE_DATA", str(make_dataset(tmp_path / "idx", side=5)))
+    assert image_shape() == (1, 5, 5)                                  # the default folder: $MINIVAE_DATA
+    rect = tmp_path / "rect"
+    rect.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(rect / "t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 4, 6)), gz=False)   # raw, not .gz
+    assert image_shape(rect, "test") == (1, 4, 6)
+    write_idx(rect / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (3, 7, 2)))
+    assert image_shape(rect) == (1, 7, 2)                              # the split's own file
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    write_idx(flat / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (3, 12)))           # (N, D): not images
+    with pytest.raises(DataError, match="3 dimensions"):
+        image_shape(flat)
+    write_idx(flat / "t10k-images-idx3-ubyte.gz", None, raw=b"\0\0\x08")                   # a truncated header
+    with pytest.raises(DataError, match="3 dimensions"):
+        image_shape(flat, "test")
+    with pytest.raises(DataError, match="cannot read"):
+        image_shape(tmp_path / "nothing-here")
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez(npz / "train.npz", x=np.zeros((2, 3, 5)), y=np.zeros(2))
+    np.savez(npz / "test.npz", x=np.zeros((2, 15)), y=np.zeros(2))
+    assert image_shape(npz) == (1, 3, 5) and image_shape(npz, "test") is None
+    (npz / "train.npz").write_bytes(b"not an archive")
+    with pytest.raises(DataError, match="cannot read"):
+        image_shape(npz)
