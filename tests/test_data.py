@@ -206,3 +206,51 @@ def test_image_shape_from_the_header_or_the_npz(tmp_path, monkeypatch):
     (npz / "train.npz").write_bytes(b"not an archive")
     with pytest.raises(DataError, match="cannot read"):
         image_shape(npz)
+
+
+def test_read_idx_header_boundaries_and_the_raw_fallback(tmp_path):
+    a = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    write_idx(tmp_path / "r", a, gz=False)
+    assert np.array_equal(read_idx(tmp_path / "r.gz"), a)                  # r.gz missing: the raw file r
+    with pytest.raises(DataError, match="file not found"):
+        read_idx(tmp_path / "r.idx")                                       # only a missing .gz falls back
+    with pytest.raises(DataError, match=r"only 3 bytes"):
+        read_idx(write_idx(tmp_path / "h3", None, gz=False, raw=b"\0\0\x08"))
+    with pytest.raises(DataError, match="truncated header"):
+        read_idx(write_idx(tmp_path / "h4", None, gz=False, raw=b"\0\0\x08\x01"))   # 4 bytes: the magic only
+    sixteen = bytes([0, 0, 8, 16]) + struct.pack(">16I", *([1] * 16)) + b"\x07"     # 16 dimensions: allowed
+    assert read_idx(write_idx(tmp_path / "d16", None, gz=False, raw=sixteen)).shape == (1,) * 16
+    with pytest.raises(DataError, match="17 dimensions"):
+        read_idx(write_idx(tmp_path / "d17", None, gz=False, raw=bytes([0, 0, 8, 17]) + b"\0" * 100))
+    with pytest.raises(DataError, match="truncated: header says 2x3 = 6 bytes, file has 5"):
+        read_idx(write_idx(tmp_path / "t", None, gz=False, raw=idx_bytes(a)[:-1]))
+    with pytest.raises(DataError, match="too long: header says 2x3 = 6 bytes, file has 7"):
+        read_idx(write_idx(tmp_path / "l", None, gz=False, raw=idx_bytes(a) + b"\0"))
+    huge = bytes([0, 0, 8, 1]) + struct.pack(">I", 2 ** 31) + b"\0" * 4         # dimensions are unsigned
+    with pytest.raises(DataError, match="truncated: header says 2147483648 = 2147483648 bytes"):
+        read_idx(write_idx(tmp_path / "u", None, gz=False, raw=huge))
+
+
+def test_preprocessing_defaults_and_boundaries(tmp_path):
+    with pytest.raises(DataError, match="outside"):
+        check_data(np.array([[1.5]]))                                     # Bernoulli is the default
+    check_data(np.array([[1.5]]), likelihood="gaussian")
+    x64 = np.random.default_rng(0).random((4, 5))
+    b = binarize(x64, np.random.default_rng(3))
+    assert b.dtype == np.float64
+    assert np.array_equal(b, (np.random.default_rng(3).random((4, 5)) < x64).astype(np.float64))   # float64 draws
+    x32 = x64.astype(np.float32)
+    assert np.array_equal(static_binarize(x32), binarize(x32, np.random.default_rng(0)))            # seed 0
+    x, y = np.arange(10.0)[:, None], np.arange(10)
+    xt, yt, xv, yv = split_validation(x, y, 3)
+    perm = np.random.default_rng(0).permutation(10)
+    assert np.array_equal(yv, perm[:3]) and np.array_equal(yt, perm[3:]) and np.array_equal(xv[:, 0], yv)
+    assert len(split_validation(x, y, 0)[2]) == 0                          # no validation set is allowed
+    with pytest.raises(ValueError, match="validation size"):
+        split_validation(x, y, 10)
+    assert [list(b) for b in minibatches(5, 2, np.random.default_rng(0), shuffle=False)] == [[0, 1], [2, 3], [4]]
+    assert len(minibatches(3, 1, np.random.default_rng(0))) == 3           # batch size 1 is allowed
+    with pytest.raises(ValueError, match="batch size"):
+        minibatches(3, 0, np.random.default_rng(0))
+    small = make_dataset(tmp_path / "s", n_train=7, n_test=3, side=4)
+    assert load_mnist(data_dir=small)[0].shape == (7, 16)                  # the train split by default
