@@ -235,3 +235,31 @@ def test_atomic_write_makes_folders_and_a_hidden_temporary_beside_the_file(tmp_p
     (tmp,) = seen                                                              # while writing: one temp file
     assert tmp.startswith(".file.txt.") and tmp.endswith(".tmp") and tmp != ".file.txt..tmp"
     assert [p.name for p in target.parent.iterdir()] == ["file.txt"]           # and it is gone afterwards
+
+
+_UNPICKLED = []
+
+
+def _mark():
+    _UNPICKLED.append(1)
+    return 0
+
+
+class _Evil:
+    def __reduce__(self):
+        return (_mark, ())
+
+
+def test_loading_never_unpickles(tmp_path):
+    m, _ = trained()
+    ck.save_checkpoint(tmp_path / "a.npz", m)
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "evil.npz", **arrays, evil=np.array([_Evil()], dtype=object))
+    with pytest.raises(ck.CheckpointError):
+        ck.load_checkpoint(tmp_path / "evil.npz")
+    assert _UNPICKLED == []
+    arrays["param/extra.W"] = np.zeros(2, dtype=np.float32)                  # a parameter the config lacks
+    np.savez(tmp_path / "extra.npz", **arrays)
+    with pytest.raises(ck.CheckpointError, match="first mismatch: 'extra.W'"):
+        ck.load_checkpoint(tmp_path / "extra.npz")

@@ -254,3 +254,32 @@ def test_preprocessing_defaults_and_boundaries(tmp_path):
         minibatches(3, 0, np.random.default_rng(0))
     small = make_dataset(tmp_path / "s", n_train=7, n_test=3, side=4)
     assert load_mnist(data_dir=small)[0].shape == (7, 16)                  # the train split by default
+
+
+def test_raw_files_fingerprint_cache_and_message_name(tmp_path):
+    import os
+
+    from minivae.data import fingerprint, image_shape
+    d = make_dataset(tmp_path / "raw", n_train=6, n_test=4, side=3)
+    for gz in d.glob("*.gz"):                                    # the same folder, un-gzipped
+        with gzip.open(gz, "rb") as f:
+            gz.with_suffix("").write_bytes(f.read())
+        gz.unlink()
+    x, y = load_mnist("train", d)
+    assert x.shape == (6, 9) and y.shape == (6,)
+    write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((4, 5, 5)))        # both forms: the .gz file wins
+    assert image_shape(d, "test") == (1, 5, 5)
+    # the hash cache is keyed by path, size and mtime: a rewrite that keeps either of them is still seen
+    lab = d / "t10k-labels-idx1-ubyte"
+    sha = lambda: fingerprint(d)["files"][lab.name][1]              # noqa: E731
+    first, st = sha(), os.stat(lab)
+    write_idx(lab, np.array([1, 1, 1, 1]), gz=False)                 # the same size, a later mtime
+    os.utime(lab, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    second = sha()
+    assert second != first
+    st = os.stat(lab)
+    write_idx(lab, np.array([2, 2, 2, 2, 2]), gz=False)              # another size, the same mtime
+    os.utime(lab, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sha() not in (first, second)
+    with pytest.raises(DataError, match=r"^data: contains NaN"):
+        check_data(np.array([[np.nan]]))                          # the default name in the message

@@ -413,3 +413,37 @@ def test_report_numbers_are_the_functions_numbers():
     assert r0["iw_k"] == 0 and r0["iw_nll"] is None and r0["iw_nll_sem"] is None and r0["iw_seconds"] is None
     r1 = report(m, x[:1], np.random.default_rng(0), iw_k=2)
     assert r1["iw_nll_sem"] is None and np.isfinite(r1["iw_nll"])            # one example: no standard error
+
+
+def test_defaults_and_boundaries_of_the_evaluation():
+    from types import SimpleNamespace
+
+    from minivae.evaluate import AU_MIN_N
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(150, 10)
+    # the default batch of the IW estimate is 100 examples (it fixes the order of the draws)
+    assert np.array_equal(iw_log_likelihood(m, x, 2, np.random.default_rng(0)),
+                          iw_log_likelihood(m, x, 2, np.random.default_rng(0), batch_size=100))
+    r = report(m, x, np.random.default_rng(0), iw_k=2, batch_size=50)
+    rng = np.random.default_rng(0)
+    negative_elbo(m, x, rng)
+    assert r["iw_nll"] == float(-iw_log_likelihood(m, x, 2, rng, batch_size=50).mean())
+    # negative_elbo: one draw eps (1, N, L) per example, then the model's own loss
+    rng = np.random.default_rng(4)
+    ne = negative_elbo(m, x[:30], np.random.default_rng(4))
+    m.loss(x[:30], eps=rng.standard_normal((1, 30, 3)), backward=False)
+    assert np.isclose(ne["loss"], float(m.parts["loss"]), rtol=1e-12) and np.isclose(ne["kl"], float(m.parts["kl"]))
+    # two examples have a standard error; exactly AU_MIN_N examples are enough to count active units
+    assert report(m, x[:2], np.random.default_rng(0), iw_k=2)["iw_nll_sem"] is not None
+    assert report(m, x[:AU_MIN_N], np.random.default_rng(0))["active_units"] is not None
+    assert report(m, x[:AU_MIN_N - 1], np.random.default_rng(0))["au_note"].endswith(f"got {AU_MIN_N - 1}")
+    # a config without an ``arch`` field is an MLP: no conv row bound
+    seen = []
+    fake = SimpleNamespace(config=SimpleNamespace(z_dim=2), dtype=np.float64)
+    import minivae.evaluate as ev
+    orig, ev._log_weights = ev._log_weights, lambda model, xb, eps: seen.append(eps.shape[0]) or -(eps ** 2).sum(-1)
+    try:
+        iw_log_likelihood(fake, x[:10], 200, np.random.default_rng(0), chunk=200, batch_size=10)
+    finally:
+        ev._log_weights = orig
+    assert seen == [200]
