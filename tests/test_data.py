@@ -269,6 +269,8 @@ def test_raw_files_fingerprint_cache_and_message_name(tmp_path):
     assert x.shape == (6, 9) and y.shape == (6,)
     write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((4, 5, 5)))        # both forms: the .gz file wins
     assert image_shape(d, "test") == (1, 5, 5) and load_mnist("test", d)[0].shape == (4, 25)
+    assert "t10k-images-idx3-ubyte.gz" in fingerprint(d)["files"]           # and is the file the run records
+    assert "t10k-labels-idx1-ubyte" in fingerprint(d)["files"]              # (a raw file alone is recorded too)
     # the hash cache is keyed by path, size and mtime: a rewrite that keeps either of them is still seen
     lab = d / "t10k-labels-idx1-ubyte"
     sha = lambda: fingerprint(d)["files"][lab.name][1]              # noqa: E731
