@@ -39,7 +39,7 @@ def _preparse_threads(argv):
             return argv[i + 1]
         if a.startswith("--threads="):
             return a.split("=", 1)[1]
-    return "2"
+    return str(os.cpu_count() or 1)
 
 
 # BLAS thread counts are read when NumPy (and torch) load: set them first.
@@ -73,9 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--batch-size", type=int, nargs="+", default=None,
                    help="batch size(s); default 128 on numpy, 128 and 1024 on cupy")
-    p.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="'all threads': BLAS, torch and minivae threads (default: the logical CPUs)")
+    p.add_argument("--one-thread", choices=("on", "off"), default="on",
+                   help="also time everything on 1 thread, interleaved in the same rounds (default on; "
+                        "nothing to add when --threads is 1)")
     p.add_argument("--adam-threads", type=int, default=None,
-                   help="threads for minivae's NumPy Adam update (default: 2 if --threads >= 2, else 1)")
+                   help="minivae's FastTrainer threads at the all-threads count (default: --threads); "
+                        "the fused kernels and, without numba, the NumPy Adam (2 threads at most)")
     p.add_argument("--split", choices=("on", "off"), default="off",
                    help="minivae's split step (two half-batches on two threads, one-thread BLAS; NumPy, "
                         "needs --adam-threads 2); default off, FastTrainer's default")
@@ -85,11 +90,17 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK_BATCHES} batches per 'epoch', 1 warm-up and 2 timed rounds")
     p.add_argument("--reference", action="store_true", help="also time the readable path (model.loss + Adam.step)")
+    p.add_argument("--numpy-path", action="store_true",
+                   help="also time minivae's fast path without the fused kernels (FastTrainer(fused=False), the "
+                        "NumPy ufunc code) as 'minivae_numpy'")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     p.add_argument("--block-steps", type=int, default=0,
                    help="interleave the implementations every this many steps inside each round instead of "
                         "epoch by epoch (0, the default: whole epochs); each epoch time is the sum of its blocks. "
                         "Use it on a loaded machine, so that every implementation sees the same load")
+    p.add_argument("--n-batches", type=int, default=None,
+                   help="time only the first this many batches of each epoch (all 469 by default); the ratios "
+                        "stay comparable, the times are then per partial epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     a = p.parse_args(argv)
@@ -101,9 +112,40 @@ def parse_args(argv=None):
         a.batch_size = [128, 1024] if a.backend == "cupy" else [128]
     if any(b < 1 for b in a.batch_size):
         p.error("--batch-size must be positive")
+    if a.threads < 1:
+        p.error("--threads must be >= 1")
     if a.adam_threads is None:
-        a.adam_threads = 2 if a.threads >= 2 else 1
+        a.adam_threads = a.threads
+    a.thread_counts = [a.threads] if a.one_thread == "off" or a.threads == 1 or a.backend == "cupy" else [1, a.threads]
     return a
+
+
+class ThreadCount:
+    """Switch the process between thread counts between epochs: NumPy's BLAS (threadpoolctl, or
+    minivae.fast's OpenBLAS setter without it) and torch; minivae's trainers carry their own count."""
+
+    def __init__(self, torch):
+        self.torch, self.current, self._limits = torch, None, None
+        try:
+            from threadpoolctl import ThreadpoolController
+            self._ctl = ThreadpoolController()
+        except Exception:
+            self._ctl = None
+
+    def set(self, n):
+        if n == self.current:
+            return
+        if self._ctl is not None:
+            if self._limits is not None:
+                self._limits.restore_original_limits()
+            self._limits = self._ctl.limit(limits=n, user_api="blas")
+        else:
+            from minivae.fast import _set_blas_threads, blas_threads_control_available
+            if blas_threads_control_available():
+                _set_blas_threads(n)
+        if self.torch is not None:
+            self.torch.set_num_threads(n)
+        self.current = n
 
 
 # ----------------------------------------------------------------------------
@@ -144,6 +186,13 @@ def machine(args, torch=None):
          "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                                  "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}}
     m.update(_blas_info())
+    m["thread_counts"] = args.thread_counts
+    try:
+        from minivae import cpu_kernels
+        m["fused_kernels"] = (f"numba {cpu_kernels.numba.__version__}, threading layer "
+                              f"{cpu_kernels.numba.config.THREADING_LAYER}" if cpu_kernels.AVAILABLE else None)
+    except Exception:
+        m["fused_kernels"] = None
     if torch is not None:
         m["torch"] = torch.__version__
         m["torch_threads"] = torch.get_num_threads()
@@ -270,11 +319,11 @@ class DeviceData:
 # ----------------------------------------------------------------------------
 # the implementations: each is a callable running one epoch, returning the mean loss
 # ----------------------------------------------------------------------------
-def make_minivae(cfg, args, data, sync, backend):
+def make_minivae(cfg, args, data, sync, backend, threads, fused=None):
     model = minivae.VAE(cfg, rng=args.seed, backend=backend)
     split = args.split == "on" and backend == "numpy"
-    trainer = FastTrainer(model, minivae.Adam(lr=1e-3), threads=args.adam_threads if backend == "numpy" else 1,
-                          split=split if args.adam_threads >= 2 else False)
+    trainer = FastTrainer(model, minivae.Adam(lr=1e-3), threads=threads if backend == "numpy" else 1,
+                          split=split if threads >= 2 else False, fused=fused)
 
     def epoch(e, block):
         total = 0.0
@@ -344,11 +393,14 @@ def make_bound(cfg, data, xp, sync, split=False):
 
 
 # ----------------------------------------------------------------------------
-def run_batch_size(args, x, N, torch, report):
+def run_batch_size(args, x, N, torch, report, tc):
+    """Time every implementation at every thread count of ``args.thread_counts``, interleaved round by
+    round (1 thread: minivae, torch, bound; all threads: minivae, torch, bound; next round ...).
+    Appends one result per thread count to report["runs"] and returns them."""
     cfg = minivae.VAEConfig()
-    n_batches = QUICK_BATCHES if args.quick else None
+    n_batches = QUICK_BATCHES if args.quick else args.n_batches
     gpu = args.backend == "cupy"
-    impls, loss_log, rss = {}, {}, {}
+    impls, loss_log, rss, trainers = {}, {}, {}, {}
     if gpu:
         import cupy as cp
         sync = cp.cuda.Device().synchronize
@@ -359,68 +411,80 @@ def run_batch_size(args, x, N, torch, report):
         sync = lambda: None  # noqa: E731
         data_mv = data_t = HostData(x, N, cfg.z_dim, args.seed, n_batches, threads=args.data_threads)
         xp = np
-    impls["minivae"], _, trainer = make_minivae(cfg, args, data_mv, sync, args.backend)
-    if args.reference and not gpu:
-        impls["reference"] = make_reference(cfg, args, data_mv)
-    if torch is not None:
-        impls["torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
-    impls["bound"] = make_bound(cfg, data_mv, xp, sync)
-    if trainer.split:
-        # the same products as two concurrent half-batches with one-thread BLAS, as the split step runs them
-        impls["bound_split"] = make_bound(cfg, data_mv, xp, sync, split=True)
+    for T in args.thread_counts:
+        mv_threads = args.adam_threads if T == args.threads else T
+        impls[T, "minivae"], _, trainers[T] = make_minivae(cfg, args, data_mv, sync, args.backend, mv_threads)
+        if args.numpy_path and not gpu:
+            impls[T, "minivae_numpy"] = make_minivae(cfg, args, data_mv, sync, args.backend, min(mv_threads, 2),
+                                                     fused=False)[0]
+        if args.reference and not gpu:
+            impls[T, "reference"] = make_reference(cfg, args, data_mv)
+        if torch is not None:
+            impls[T, "torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
+        impls[T, "bound"] = make_bound(cfg, data_mv, xp, sync)
+        if trainers[T].split:
+            # the same products as two concurrent half-batches with one-thread BLAS, as the split step runs them
+            impls[T, "bound_split"] = make_bound(cfg, data_mv, xp, sync, split=True)
 
     times = {k: [] for k in impls}
     block = args.block_steps or len(data_mv.sizes)
     for r in range(args.warmup + args.epochs):
-        gens = {name: run(r, block) for name, run in impls.items()}
+        gens = {key: run(r, block) for key, run in impls.items()}
         spent = dict.fromkeys(impls, 0.0)
         result = {}
         before = {}
         while gens:                     # round-robin: `block` steps of each implementation in turn
-            for name in list(gens):
-                if r == 0 and name not in before:
-                    before[name] = max_rss_mib()
+            for key in list(gens):
+                tc.set(key[0])
+                if r == 0 and key not in before:
+                    before[key] = max_rss_mib()
                 t0 = time.perf_counter()
-                out = next(gens[name])
-                spent[name] += time.perf_counter() - t0
+                out = next(gens[key])
+                spent[key] += time.perf_counter() - t0
                 if out is not None:
-                    result[name] = out
-                    del gens[name]
+                    result[key] = out
+                    del gens[key]
                     if r == 0:
-                        rss[name] = max_rss_mib() - before[name]
-        for name in impls:
-            dt, loss = spent[name], result[name]
+                        rss[key] = max_rss_mib() - before[key]
+        for key in impls:
+            (T, name), dt, loss = key, spent[key], result[key]
             if r >= args.warmup:
-                times[name].append(dt)
-            if name in ("minivae", "torch", "reference"):
-                loss_log.setdefault(name, []).append(loss)
+                times[key].append(dt)
+            if name in ("minivae", "minivae_numpy", "torch", "reference"):
+                loss_log.setdefault(key, []).append(loss)
             print(f"  batch {N:5d} round {r:2d}{' (warm-up)' if r < args.warmup else '          '}  "
-                  f"{name:9s} {dt:7.3f} s" + (f"  loss {loss:8.3f}" if loss == loss else ""), flush=True)
+                  f"{T:2d} thr  {name:9s} {dt:7.3f} s" + (f"  loss {loss:8.3f}" if loss == loss else ""), flush=True)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"batch_size": N, "n_examples": data_mv.n, "n_steps": len(data_mv.sizes),
-           "gflop_per_epoch": sum(step_flops(cfg, n) for n in data_mv.sizes) / 1e9,
-           "times_s": times, "median_s": med, "mean_loss_per_round": loss_log,
-           "peak_rss_increase_first_epoch_mib": rss,
-           "minivae_array_bytes": trainer_bytes(trainer), "minivae_split": trainer.split,
-           "minivae_threads": trainer.threads}
-    res["ratio_minivae_over_bound"] = med["minivae"] / med["bound"]
-    if "bound_split" in med:
-        res["ratio_minivae_over_bound_split"] = med["minivae"] / med["bound_split"]
-        res["ratio_minivae_over_fastest_bound"] = med["minivae"] / min(med["bound"], med["bound_split"])
-    if "torch" in med:
-        res["ratio_minivae_over_torch"] = med["minivae"] / med["torch"]
-        res["ratio_torch_over_bound"] = med["torch"] / med["bound"]
-    if "reference" in med:
-        res["ratio_reference_over_torch"] = med["reference"] / med["torch"] if "torch" in med else None
-        res["ratio_reference_over_bound"] = med["reference"] / med["bound"]
-    if gpu:
-        import cupy as cp
-        res["gpu_memory_mib"] = {"cupy_pool_total": cp.get_default_memory_pool().total_bytes() / 2 ** 20}
-        if torch is not None:
-            res["gpu_memory_mib"]["torch_max_allocated"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    report["runs"].append(res)
-    return res
+    out = []
+    for T in args.thread_counts:
+        keys = [k for k in impls if k[0] == T]
+        med = {k[1]: statistics.median(times[k]) for k in keys}
+        trainer = trainers[T]
+        res = {"batch_size": N, "threads": T, "n_examples": data_mv.n, "n_steps": len(data_mv.sizes),
+               "gflop_per_epoch": sum(step_flops(cfg, n) for n in data_mv.sizes) / 1e9,
+               "times_s": {k[1]: times[k] for k in keys}, "median_s": med,
+               "mean_loss_per_round": {k[1]: loss_log[k] for k in keys if k in loss_log},
+               "peak_rss_increase_first_epoch_mib": {k[1]: rss[k] for k in keys if k in rss},
+               "minivae_array_bytes": trainer_bytes(trainer), "minivae_split": trainer.split,
+               "minivae_threads": trainer.threads, "minivae_fused": getattr(trainer, "fused", False)}
+        res["ratio_minivae_over_bound"] = med["minivae"] / med["bound"]
+        if "bound_split" in med:
+            res["ratio_minivae_over_bound_split"] = med["minivae"] / med["bound_split"]
+            res["ratio_minivae_over_fastest_bound"] = med["minivae"] / min(med["bound"], med["bound_split"])
+        if "torch" in med:
+            res["ratio_minivae_over_torch"] = med["minivae"] / med["torch"]
+            res["ratio_torch_over_bound"] = med["torch"] / med["bound"]
+        if "reference" in med:
+            res["ratio_reference_over_torch"] = med["reference"] / med["torch"] if "torch" in med else None
+            res["ratio_reference_over_bound"] = med["reference"] / med["bound"]
+        if gpu:
+            import cupy as cp
+            res["gpu_memory_mib"] = {"cupy_pool_total": cp.get_default_memory_pool().total_bytes() / 2 ** 20}
+            if torch is not None:
+                res["gpu_memory_mib"]["torch_max_allocated"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        report["runs"].append(res)
+        out.append(res)
+    return out
 
 
 def trainer_bytes(tr):
@@ -461,23 +525,33 @@ def main(argv=None):
     report = {"command": " ".join([os.path.basename(sys.executable), "benchmarks/epoch.py", *sys.argv[1:]]),
               "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "split": args.split,
               "backend": args.backend, "quick": args.quick, "epochs": args.epochs, "warmup": args.warmup,
-              "block_steps": args.block_steps, "data_threads": args.data_threads,
+              "block_steps": args.block_steps, "data_threads": args.data_threads, "n_batches": args.n_batches,
               "machine": machine(args, torch), "torch_available": torch is not None, "runs": []}
     print(f"minivae epoch benchmark: {report['machine']['cpu']}, {args.threads} threads, "
           f"{report['machine'].get('numpy_blas')}, backend {args.backend}"
           + ("" if torch is not None else " (torch not importable: skipped)"))
-    for N in args.batch_size:
-        res = run_batch_size(args, x, N, torch, report)
+    tc = ThreadCount(torch)
+    results = [res for N in args.batch_size for res in run_batch_size(args, x, N, torch, report, tc)]
+    for res in results:
+        N = res["batch_size"]
         med = res["median_s"]
-        print(f"batch {N}: median epoch  " + "  ".join(f"{k} {v:.3f} s" for k, v in med.items()))
-        line = f"batch {N}: minivae/bound {res['ratio_minivae_over_bound']:.2f}"
+        T = res["threads"]
+        print(f"batch {N}, {T} thr: median epoch  " + "  ".join(f"{k} {v:.3f} s" for k, v in med.items()))
+        line = f"batch {N}, {T} thr: minivae/bound {res['ratio_minivae_over_bound']:.2f}"
         if "ratio_minivae_over_bound_split" in res:
             line += f"  minivae/bound_split {res['ratio_minivae_over_bound_split']:.2f}"
         if "ratio_minivae_over_torch" in res:
             line += f"  minivae/torch {res['ratio_minivae_over_torch']:.2f}"
         if "ratio_reference_over_bound" in res:
             line += f"  reference/bound {res['ratio_reference_over_bound']:.2f}"
+        if "minivae_numpy" in med:
+            res["ratio_minivae_numpy_over_torch"] = med["minivae_numpy"] / med["torch"] if "torch" in med else None
+            res["ratio_minivae_numpy_over_bound"] = med["minivae_numpy"] / med["bound"]
+            line += f"  minivae_numpy/bound {res['ratio_minivae_numpy_over_bound']:.2f}"
         print(line + f"  ({res['gflop_per_epoch']:.1f} GFLOP of matmuls per epoch)")
+    report["scaling"] = [{k: res.get(k) for k in ("batch_size", "threads", "ratio_minivae_over_torch",
+                                                   "ratio_minivae_over_bound", "ratio_torch_over_bound")}
+                         for res in results]
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     report["peak_rss_mib"] = max_rss_mib()
     if args.json:

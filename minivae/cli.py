@@ -4,7 +4,7 @@
                  Adam 1e-3, batch 128, 10 epochs, on the embedded MNIST; --recipe conv for the
                  convolutional VAE)
     eval         test negative ELBO (and optionally the importance-weighted bound) of a checkpoint
-    sample       an 8x8 grid of samples from the prior
+    sample       an 8x8 grid of samples from the prior (of one digit, --label, for a conditional model)
     interpolate  decodes along a line in latent space between two test digits
     manifold     the 2-D latent manifold and the scatter of latent means (z_dim = 2 only)
     download     fetch a named dataset (mnist, fashion-mnist) into a cache, SHA-256 checked
@@ -72,9 +72,10 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 # flag dest -> TrainSettings field (train flags default to None: "not given", so recipes and resumed
 # settings are overridden only by what was typed)
-TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "binarize",
+TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
-                "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads")
+                "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads",
+                "conditional")
 
 
 def build_parser():
@@ -106,6 +107,9 @@ def build_parser():
                    help="p(x|z): bernoulli (binary pixels), gaussian (fixed variance --obs-var) or "
                         "gaussian_learned_var (default bernoulli)")
     t.add_argument("--obs-var", type=float, help="variance of the fixed-variance Gaussian likelihood (default 1)")
+    t.add_argument("--dec-logvar-min", type=float,
+                   help="with gaussian_learned_var: floor m on the decoder's log-variance, logvar' = m + "
+                        "softplus(logvar - m), so no pixel's variance collapses below exp(m) (default: no floor)")
     t.add_argument("--binarize", choices=["none", "dynamic", "static"],
                    help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
     t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
@@ -131,6 +135,9 @@ def build_parser():
     t.add_argument("--n-test", type=_positive_int, help="use only the first N test images")
     t.add_argument("--iw-k", type=_nonneg_int, help="final evaluation: importance-weighted bound with K samples")
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    t.add_argument("--conditional", action="store_true", default=None,
+                   help="a conditional VAE of p(x|y) on the dataset's labels (the number of classes is read from "
+                        "them); writes class_grid.png")
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")
@@ -164,6 +171,7 @@ def build_parser():
     s.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
+    s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("interpolate", help="decode a line in latent space between two test digits",
@@ -184,6 +192,8 @@ def build_parser():
     _ckpt_args(m)
     m.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
     m.add_argument("--grid", type=_positive_int, default=20, help="grid size, at most 100 (default 20)")
+    m.add_argument("--label", type=_nonneg_int, help="a conditional model: decode the grid with this label "
+                                                     "(default 0)")
     m.set_defaults(func=cmd_manifold)
 
     d = sub.add_parser("download", help="download a named dataset into a cache, checking SHA-256",
@@ -193,6 +203,13 @@ def build_parser():
     d.add_argument("--cache", help="cache folder (default $MINIVAE_CACHE or ~/.cache/minivae)")
     d.add_argument("--url", help="base URL replacing the registry's (a mirror)")
     d.set_defaults(func=cmd_download)
+
+    les = sub.add_parser("lessons", help="copy the lessons into a folder, as scripts and notebooks",
+                         description="Copy every lesson into DIR as a percent-format script (NN_name.py) and "
+                                     "as a Jupyter notebook (NN_name.ipynb), with the lessons' README. DIR must "
+                                     "be new or empty.")
+    les.add_argument("dir", metavar="DIR", help="a new or empty folder")
+    les.set_defaults(func=cmd_lessons)
     return p
 
 
@@ -280,6 +297,12 @@ def _test_data(args, ckpt, settings, n=None):
         if shape is not None and shape != ckpt.config.image_shape:
             raise CheckpointError(f"{ckpt.path}: the model expects images of shape {ckpt.config.image_shape}, "
                                   f"the test data has {shape}")
+    if ckpt.config.n_classes is not None:
+        from .data import default_data_dir
+        from .train import check_split_labels
+        src = args.data_dir or settings.data_dir or default_data_dir()
+        check_split_labels(y, ckpt.config.n_classes, f"{src} (test labels for a model of "
+                                                     f"{ckpt.config.n_classes} classes)")
     return x_eval, x_grey, y
 
 
@@ -295,14 +318,17 @@ def cmd_eval(args):
     ckpt, settings, model = _load(args)
     if args.n is None:
         settings.n_test = None          # the whole test set unless --n
-    x_eval, _, _ = _test_data(args, ckpt, settings, n=args.n)
-    rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True)
+    x_eval, _, y = _test_data(args, ckpt, settings, n=args.n)
+    from .train import label_kwargs
+    rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True,
+                          **label_kwargs(model, y))
     bad = [k for k in ("neg_elbo", "recon", "kl", "iw_nll") if rep.get(k) is not None and not math.isfinite(rep[k])]
     if bad:
         raise ValueError(f"{ckpt.path}: the evaluation gave a non-finite {bad[0]} ({rep[bad[0]]}); the model "
                          "overflows on this data")
     print(f"{ckpt.path} (epoch {ckpt.epoch}, {model!r})")
-    print(f"test -ELBO {rep['neg_elbo']:.4f} nats/image (recon {rep['recon']:.4f}, KL {rep['kl']:.4f}) "
+    of = " of log p(x|y)" if model.config.n_classes is not None else ""
+    print(f"test -ELBO{of} {rep['neg_elbo']:.4f} nats/image (recon {rep['recon']:.4f}, KL {rep['kl']:.4f}) "
           f"on {rep['n']} images")
     for k, v in rep.items():
         if k in ("neg_elbo", "recon", "kl", "n", "au_note") or v is None or isinstance(v, bool):
@@ -331,13 +357,20 @@ def cmd_sample(args):
     from . import figures
     ckpt, _, model = _load(args)
     rng = np.random.default_rng(args.seed)
+    K = model.config.n_classes
+    if K is None and args.label is not None:
+        raise ValueError(f"--label needs a conditional model; {ckpt.path} is unconditional (train with --conditional)")
+    if K is not None and (args.label is None or args.label >= K):
+        raise ValueError(f"{ckpt.path} is a conditional model of {K} classes: give --label 0..{K - 1}"
+                         + ("" if args.label is None else f" (got {args.label})"))
+    stem = "samples" if K is None else f"samples_label{args.label}"
     if args.n > figures.MAX_PICTURE:          # too many for a picture: an .npz, written chunk by chunk
-        path = figures.save_samples_npz(model, _out_dir(args, ckpt) / "samples.npz", rng, args.n)
+        path = figures.save_samples_npz(model, _out_dir(args, ckpt) / f"{stem}.npz", rng, args.n, y=args.label)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
         return 0
     nrow = int(np.ceil(np.sqrt(args.n)))
-    path = figures.prior_samples(model, _out_dir(args, ckpt) / "samples.png", rng, n=args.n, nrow=nrow)
+    path = figures.prior_samples(model, _out_dir(args, ckpt) / f"{stem}.png", rng, n=args.n, nrow=nrow, y=args.label)
     print(f"wrote {path}")
     return 0
 
@@ -350,14 +383,19 @@ def cmd_interpolate(args):
     _, x, y = _test_data(args, ckpt, settings)
     a = args.a
     b = args.b
-    if b is None:
-        others = np.flatnonzero(y != y[a]) if a < len(y) else []
+    conditional = model.config.n_classes is not None
+    if b is None:                   # a conditional model decodes one label: the first other digit with a's label
+        others = np.flatnonzero((y == y[a]) if conditional else (y != y[a])) if a < len(y) else []
+        others = others[others != a]
         b = int(others[0]) if len(others) else (a + 1)
     for idx in (a, b):
         if idx >= len(x):
             raise ValueError(f"test index {idx} is out of range (the test set has {len(x)} images)")
+    if conditional and y[a] != y[b]:
+        raise ValueError(f"a conditional model interpolates between two digits of one label; test images {a} and "
+                         f"{b} have labels {y[a]} and {y[b]}")
     path = figures.interpolation(model, x[[a]], x[[b]], _out_dir(args, ckpt) / "interpolation.png",
-                                 steps=args.steps)
+                                 steps=args.steps, y=y[[a]] if conditional else None)
     print(f"wrote {path}")
     return 0
 
@@ -372,7 +410,12 @@ def cmd_manifold(args):
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
     out = _out_dir(args, ckpt)
-    p1 = figures.manifold(model, out / "manifold.png", n=args.grid)
+    K = model.config.n_classes
+    if args.label is not None and (K is None or args.label >= K):
+        raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
+                         f"{ckpt.path} has " + ("no labels" if K is None else f"{K} classes"))
+    label = (args.label or 0) if K is not None else None
+    p1 = figures.manifold(model, out / "manifold.png", n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
     p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")
     print(f"wrote {p1}\nwrote {p2}")
@@ -383,6 +426,14 @@ def cmd_download(args):
     from .download import download
     folder = download(args.name, args.cache, base_url=args.url, progress=print)
     print(f"{args.name} is in {folder}; train on it with: python -m minivae train --data-dir {folder}")
+    return 0
+
+
+def cmd_lessons(args):
+    from .lessonfiles import export_lessons
+    written = export_lessons(args.dir)
+    n = sum(p.suffix == ".ipynb" for p in written)
+    print(f"wrote {n} lessons to {args.dir} as .py scripts and .ipynb notebooks (open them in Jupyter or VS Code)")
     return 0
 
 

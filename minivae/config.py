@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from .layers import ACTIVATIONS
@@ -30,6 +31,13 @@ class VAEConfig:
     image_shape (C, H, W) of one image; rows are flattened in (C, H, W) order.  The conv
                 architectures need it (default (1, 28, 28) when x_dim is 784 or not given) and need
                 H and W divisible by 4.  Optional for "mlp" (the figures use it).
+    dec_logvar_min  m, a floor on the decoder's log-variance for "gaussian_learned_var": the
+                likelihood uses logvar' = m + softplus(logvar - m) > m
+                (:func:`minivae.likelihoods.logvar_floor_forward`), so no pixel's variance can
+                collapse below exp(m).  None (default): no floor.
+    n_classes   K: a conditional VAE (Sohn, Lee & Yan 2015) of p(x|y) for labels y in 0..K-1; the one-hot
+                label joins the input of the encoder's first dense layer and the decoder's input z
+                (:mod:`minivae.conditional`).  None (default): the unconditional VAE of p(x)
     """
 
     x_dim: int = None
@@ -41,6 +49,8 @@ class VAEConfig:
     obs_var: float = 1.0
     arch: str = "mlp"
     image_shape: tuple = None
+    dec_logvar_min: float = None
+    n_classes: int = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -81,15 +91,29 @@ class VAEConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         self.dtype = str(self.dtype)
         self.obs_var = float(self.obs_var)
+        if self.n_classes is not None:
+            if isinstance(self.n_classes, bool) or int(self.n_classes) != self.n_classes or self.n_classes < 1:
+                raise ValueError(f"n_classes must be a positive integer (or None), got {self.n_classes!r}")
+            self.n_classes = int(self.n_classes)
         if not self.obs_var > 0:
             raise ValueError(f"obs_var must be positive, got {self.obs_var}")
+        if self.dec_logvar_min is not None:
+            if self.likelihood != "gaussian_learned_var":
+                raise ValueError(f"dec_logvar_min floors a learned variance: it needs likelihood "
+                                 f"'gaussian_learned_var', not {self.likelihood!r}")
+            try:
+                self.dec_logvar_min = float(self.dec_logvar_min)
+            except (TypeError, ValueError):
+                raise ValueError(f"dec_logvar_min must be a number, got {self.dec_logvar_min!r}") from None
+            if not math.isfinite(self.dec_logvar_min):
+                raise ValueError(f"dec_logvar_min must be a finite number, got {self.dec_logvar_min}")
 
     def to_dict(self):
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         if self.image_shape is not None:
             d["image_shape"] = list(self.image_shape)
-        for k, default in (("arch", "mlp"), ("image_shape", None)):
+        for k, default in (("arch", "mlp"), ("image_shape", None), ("dec_logvar_min", None), ("n_classes", None)):
             if d[k] == default:        # a fully connected config serialises as before these fields existed
                 del d[k]
         return d

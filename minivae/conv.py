@@ -50,8 +50,8 @@ makes both GEMMs plain 2-D products of contiguous matrices and was 1.3-1.8x fast
 (N·OH·OW, C·KH·KW) layout and faster than per-sample batched matmuls.  Only xp functions CuPy also has are
 used, so the same code runs on the GPU.
 
-The regions between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` are course exercises
-(see ``python -m minivae.assignments``).
+The regions between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` are course exercises: in a
+student copy, each holds a stub for you to replace.
 """
 from __future__ import annotations
 

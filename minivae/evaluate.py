@@ -13,6 +13,10 @@ and accumulated in float64.
 Also here: active units (Burda et al. 2015: unit j is active when the
 variance over the data of its posterior mean, Cov_x(E_q[z_j]), exceeds 0.01),
 the KL per latent dimension, and a posterior-collapse warning.
+
+A conditional model (``n_classes``) takes the labels: every function has ``y=None``, the labels (N,) of the
+rows of x, and then reports the bounds on log p(x|y) (q(z|x, y), p(x|z, y); the weights become
+log w_i = log p(x|z_i, y) + log p(z_i) - log q(z_i|x, y)).
 """
 from __future__ import annotations
 
@@ -22,7 +26,14 @@ from .backend import to_numpy
 from .gaussian import kl_per_dim as gaussian_kl_per_dim
 
 
-CONV_ROWS = 1000
+# Rows of z (or x) per model call for the conv architectures, so memory stays bounded: their ops hold im2col
+# patch matrices, ~100 KB per row for "conv" and ~0.5 MB per row for "conv-pool" (a 3x3 convolution at 28x28).
+CONV_ROWS = {"conv": 1000, "conv-pool": 250}
+
+
+def _row_budget(model, rows):
+    """``rows``, capped for a conv architecture (see CONV_ROWS)."""
+    return min(rows, CONV_ROWS.get(getattr(model.config, "arch", "mlp"), rows))
 
 
 def log_mean_exp(a, axis=0):
@@ -34,7 +45,7 @@ def log_mean_exp(a, axis=0):
     return np.squeeze(out, axis=axis)
 
 
-def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=False):
+def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=False, y=None):
     """Per-example importance-weighted estimate of log p(x), shape (N,), float64.
 
     ``k`` samples per example, drawn in chunks of ``chunk`` samples for
@@ -46,7 +57,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     The log-weights come from ``model.log_weights`` -- or, when ``minivae.fast``
     is present, from its twin ``minivae.fast.log_weights``, which gives the same
     numbers up to float rounding with about 12x fewer logarithms for the
-    Bernoulli likelihood (1.8x faster in all; tests/test_fast.py compares them).
+    Bernoulli likelihood (1.8x faster in all; the test suite compares them).
 
     Memory bound: one call for the log-weights sees at most
     ``chunk * batch_size`` rows z, so the peak is a few arrays of
@@ -54,7 +65,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     activations and logits), whatever k and N are: with the defaults, 10,000
     rows of 784 float32 values = 31 MB per array.  k = 5000 on the full
     10k test set therefore runs in the same memory as k = 100.  For the conv
-    architectures the chunk shrinks so that a call sees at most ``CONV_ROWS``
+    architectures the chunk shrinks so that a call sees at most ``CONV_ROWS[arch]``
     rows (the draws, and so the result, do not depend on the chunk).
 
     ``rng`` is a NumPy Generator: the eps noise comes from it on the host, in
@@ -67,12 +78,11 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     if int(chunk) != chunk or chunk < 1 or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"chunk and batch_size must be positive integers, got {chunk} and {batch_size}")
     k, chunk, batch_size = int(k), int(chunk), int(batch_size)
-    if getattr(model.config, "arch", "mlp") != "mlp":
-        # a conv decoder holds ~100 KB of patches (im2col) per row of z: at most CONV_ROWS rows per call
-        chunk = max(1, min(chunk, CONV_ROWS // batch_size))
+    chunk = max(1, _row_budget(model, chunk * batch_size) // batch_size)   # conv: at most CONV_ROWS z per call
     x = np.asarray(to_numpy(x))
     N, L = x.shape[0], model.config.z_dim
     out = np.empty(N, dtype=np.float64)
+    ys = _label_batches(y, N)
     bar = _progress_bar(progress, total=N * k, desc=f"IW log p(x), k={k}")
     try:
         for start in range(0, N, batch_size):
@@ -85,7 +95,9 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
             while done < k:
                 s = min(chunk, k - done)
                 eps = rng.standard_normal((s, n, L)).astype(model.dtype)
-                lw = to_numpy(_log_weights(model, xb, eps)).astype(np.float64)   # (s, n)
+                yb = ys(start, n)                                                  # labels, or None
+                lw = _log_weights(model, xb, eps) if yb is None else _log_weights(model, xb, eps, yb)
+                lw = to_numpy(lw).astype(np.float64)                               # (s, n)
                 new_max = np.maximum(run_max, lw.max(axis=0))
                 run_sum = run_sum * np.exp(run_max - new_max) + np.exp(lw - new_max).sum(axis=0)
                 run_max = new_max
@@ -99,17 +111,28 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     return out
 
 
-def _log_weights(model, x, eps):
+def _log_weights(model, x, eps, y=None):
     """model.log_weights, or its faster twin in minivae.fast (the same numbers up to float rounding).
 
-    A student copy made by ``python -m minivae.assignments make`` has no fast.py: it evaluates
-    with the model's own (the student's) code.
+    A copy of minivae without fast.py (a course assignment's) evaluates with the model's own
+    (the student's) code.  ``y``: labels, for a conditional model only.
     """
+    kw = {} if y is None else {"y": y}
     try:
         from .fast import log_weights
     except ImportError:
-        return model.log_weights(x, eps)
-    return log_weights(model, x, eps)
+        return model.log_weights(x, eps, **kw)
+    return log_weights(model, x, eps, **kw)
+
+
+def _label_batches(y, N):
+    """``rows(start, n)``: the labels of rows start..start+n of x as a host array, or None without labels."""
+    if y is None:
+        return lambda start, n: None
+    y = np.asarray(to_numpy(y))
+    if y.shape != (N,):
+        raise ValueError(f"y must hold one label per row of x: shape ({N},), got {y.shape}")
+    return lambda start, n: y[start:start + n]
 
 
 def _progress_bar(progress, total, desc):
@@ -120,35 +143,41 @@ def _progress_bar(progress, total, desc):
     return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=False, disable=None)
 
 
-def negative_elbo(model, x, rng, batch_size=1000):
-    """Mean negative ELBO and its parts over a dataset (one eps draw per example).
+def negative_elbo(model, x, rng, batch_size=1000, y=None):
+    """Mean negative ELBO and its parts over a dataset (one eps draw per example; labels y if conditional).
 
-    Returns ``{"loss", "recon", "kl"}`` as Python floats, nats per example.
+    Returns ``{"loss", "recon", "kl"}`` as Python floats, nats per example.  The eps draws, and so the
+    result up to float rounding, do not depend on ``batch_size`` (capped for the conv architectures).
     """
+    batch_size = _row_budget(model, batch_size)
     x = np.asarray(to_numpy(x))
     N = x.shape[0]
     tot = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    ys = _label_batches(y, N)
     for start in range(0, N, batch_size):
         xb = x[start:start + batch_size]
         eps = rng.standard_normal((1, xb.shape[0], model.config.z_dim)).astype(model.dtype)
-        model.loss(xb, eps=eps, backward=False)
+        yb = ys(start, xb.shape[0])
+        model.loss(xb, eps=eps, backward=False, **({} if yb is None else {"y": yb}))
         for key in tot:
             tot[key] += float(to_numpy(model.parts[key])) * xb.shape[0]
     return {key: v / N for key, v in tot.items()}
 
 
-def posterior_mean_variance(model, x, batch_size=1000):
+def posterior_mean_variance(model, x, batch_size=1000, y=None):
     """Cov_x(E_q[z_j]) per latent dimension: the variance over the data of mu_j(x), (L,) float64.
 
     E_q[z] = mu(x) is the encoder's mean; the variance is taken over the
     examples of ``x`` (1/N normalisation).
     """
     x = np.asarray(to_numpy(x))
-    mus = [to_numpy(model.encode(x[i:i + batch_size])[0]).astype(np.float64) for i in range(0, x.shape[0], batch_size)]
+    ys = _label_batches(y, x.shape[0])
+    mus = [to_numpy(_encode(model, x[i:i + batch_size], ys(i, len(x[i:i + batch_size])))[0]).astype(np.float64)
+           for i in range(0, x.shape[0], batch_size)]
     return np.concatenate(mus, axis=0).var(axis=0)
 
 
-def active_units(model, x, threshold=0.01, batch_size=1000):
+def active_units(model, x, threshold=0.01, batch_size=1000, y=None):
     """Number of active latent units (Burda et al. 2015): unit j is active if Cov_x(E_q[z_j]) > threshold.
 
     An inactive unit's posterior mean does not move with x: the decoder
@@ -156,10 +185,15 @@ def active_units(model, x, threshold=0.01, batch_size=1000):
     is then the prior ("posterior collapse" of that unit), but the statistic only
     sees the mean: sigma_j(x) could still vary with x.
     """
-    return int((posterior_mean_variance(model, x, batch_size) > threshold).sum())
+    return int((posterior_mean_variance(model, x, batch_size, y=y) > threshold).sum())
 
 
-def kl_per_dim(model, x, batch_size=1000):
+def _encode(model, x, y):
+    """model.encode(x), or model.encode(x, y) when labels are given."""
+    return model.encode(x) if y is None else model.encode(x, y)
+
+
+def kl_per_dim(model, x, batch_size=1000, y=None):
     """Mean analytic KL(q(z_j|x) || N(0, 1)) over the examples of x, per latent dimension, (L,) float64.
 
     The entries sum to the mean KL term of the ELBO.  A dimension with KL
@@ -167,8 +201,9 @@ def kl_per_dim(model, x, batch_size=1000):
     """
     x = np.asarray(to_numpy(x))
     tot = np.zeros(model.config.z_dim)
+    ys = _label_batches(y, x.shape[0])
     for i in range(0, x.shape[0], batch_size):
-        mu, logvar = model.encode(x[i:i + batch_size])
+        mu, logvar = _encode(model, x[i:i + batch_size], ys(i, len(x[i:i + batch_size])))
         tot += to_numpy(gaussian_kl_per_dim(mu, logvar)).astype(np.float64).sum(axis=0)
     return tot / x.shape[0]
 
@@ -187,8 +222,8 @@ def collapse_warning(n_active, n_latent):
 AU_MIN_N = 20
 
 
-def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_threshold=0.01):
-    """Evaluation summary of ``model`` on data ``x`` (already binarized if needed).
+def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_threshold=0.01, y=None):
+    """Evaluation summary of ``model`` on data ``x`` (already binarized if needed; labels ``y`` if conditional).
 
     Returns a dict of plain Python numbers (JSON-serialisable):
 
@@ -204,23 +239,23 @@ def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_
     """
     import time
     x = np.asarray(to_numpy(x))
-    parts = negative_elbo(model, x, rng, batch_size=batch_size)
+    parts = negative_elbo(model, x, rng, batch_size=batch_size, y=y)
     out = {"n": int(x.shape[0]), "neg_elbo": parts["loss"], "recon": parts["recon"], "kl": parts["kl"],
            "iw_k": int(iw_k) if iw_k else 0, "iw_nll": None, "iw_nll_sem": None, "iw_seconds": None}
     if iw_k:
         t0 = time.perf_counter()
-        ll = iw_log_likelihood(model, x, iw_k, rng, chunk=chunk, batch_size=batch_size, progress=progress)
+        ll = iw_log_likelihood(model, x, iw_k, rng, chunk=chunk, batch_size=batch_size, progress=progress, y=y)
         out["iw_seconds"] = time.perf_counter() - t0
         out["iw_nll"] = float(-ll.mean())
         out["iw_nll_sem"] = float(ll.std(ddof=1) / np.sqrt(len(ll))) if len(ll) > 1 else None
     n_latent = int(model.config.z_dim)
     if x.shape[0] >= AU_MIN_N:
-        n_active = active_units(model, x, threshold=au_threshold)
+        n_active = active_units(model, x, threshold=au_threshold, y=y)
         warn = collapse_warning(n_active, n_latent)
     else:
         n_active, warn = None, False
         out["au_note"] = (f"active units not counted: they need at least {AU_MIN_N} examples, got "
                           f"{x.shape[0]}")
     out.update(active_units=n_active, n_latent=n_latent, au_threshold=float(au_threshold),
-               kl_per_dim=[float(v) for v in kl_per_dim(model, x)], collapse_warning=warn)
+               kl_per_dim=[float(v) for v in kl_per_dim(model, x, y=y)], collapse_warning=warn)
     return out

@@ -41,14 +41,25 @@ What is done differently from the reference, and why it is the same math:
   work of one half overlaps the other half's matmuls instead of leaving a core
   idle; the second half's gradients are added inside the Adam pass.  The
   grouping is fixed (first half + second half), so results are deterministic.
+* **Fused CPU kernels (optional, with numba).**  When numba is installed
+  (``pip install minivae[fast]``), the elementwise chains run as compiled
+  loops from :mod:`minivae.cpu_kernels`, on ``threads`` cores: bias + ReLU in
+  one pass; ReLU's backward with its bias gradient; the latent layer forward,
+  and backward with the KL sum; the Bernoulli (or Gaussian) loss, gradient and
+  output-bias gradient (after one NumPy SIMD exp); Adam in one pass, bit for
+  bit NumPy's Adam.  Every sum is split into fixed blocks added in a fixed
+  order, so the numbers do not depend on the thread count.  Without numba (or
+  with ``fused=False``) the NumPy ufunc code below runs: the same numbers up
+  to float rounding, checked by the same tests.
 * **On CuPy**, the elementwise chains (bias + ReLU, the latent layer, the
   Bernoulli loss and gradient, Adam) are single fused kernels, and nothing
   synchronises with the host: the loss stays on the device.
 
 Supported: any hidden depth; every activation (ReLU is specialised, the
 others use the reference ops); Bernoulli and fixed-variance Gaussian
-likelihoods; one sample of z per example.  A learned output variance and the
-convolutional architectures raise :class:`FastPathError`: use the reference path for them.
+likelihoods; one sample of z per example.  A learned output variance, the
+convolutional architectures and the conditional VAE (``n_classes``) raise :class:`FastPathError`: use the
+reference path for them (``minivae.train`` does so by itself).
 """
 from __future__ import annotations
 
@@ -58,9 +69,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import kernels
 from .backend import get_array_module
 from .gaussian import LOG_2PI, log_diag_normal, log_standard_normal, reparameterize_forward
+from .model import _tile
 from .optim import Adam
+
+
+def _cpu_kernels():
+    """minivae.cpu_kernels if numba is importable (fused, multi-threaded CPU kernels), else None."""
+    from . import cpu_kernels
+    return cpu_kernels if cpu_kernels.AVAILABLE else None
 
 
 class FastPathError(ValueError):
@@ -72,54 +91,61 @@ def check_supported(config):
     if getattr(config, "arch", "mlp") != "mlp":
         raise FastPathError(f"the fast path supports the fully connected VAE (arch 'mlp'), not arch "
                             f"{config.arch!r}; use model.loss + optimizer.step instead")
+    if getattr(config, "dec_logvar_min", None) is not None:
+        raise FastPathError("the fast path has no floor on the decoder's log-variance (dec_logvar_min); "
+                            "use model.loss + optimizer.step instead")
+    if getattr(config, "n_classes", None) is not None:
+        raise FastPathError(f"the fast path supports the unconditional VAE, not a conditional one (n_classes="
+                            f"{config.n_classes}); use model.loss(x, y=labels) + optimizer.step instead")
     if config.likelihood not in ("bernoulli", "gaussian"):
         raise FastPathError(f"the fast path supports the 'bernoulli' and 'gaussian' likelihoods, not "
                             f"{config.likelihood!r}; use model.loss + optimizer.step instead")
 
 
 # ----------------------------------------------------------------------------
-# CuPy kernels (built on first use; CuPy is imported only when it is in use)
+# CuPy kernels: declared as data in minivae.kernels' registry (which tests/test_nvrtc.py
+# compiles with NVRTC, no GPU needed), built on first use (CuPy is imported only then)
 # ----------------------------------------------------------------------------
-_KERNELS = {}
-
-
-def _cupy_kernels():
-    if _KERNELS:
-        return _KERNELS
-    import cupy as cp
-    k = _KERNELS
-    k["bias_relu"] = cp.ElementwiseKernel(
-        "T b", "T a", "a = max(a + b, (T)0)", "minivae_bias_relu")
-    k["relu_bwd"] = cp.ElementwiseKernel(
-        "T h", "T d", "d = h > (T)0 ? d : (T)0", "minivae_relu_bwd")
-    k["reparam"] = cp.ElementwiseKernel(
-        "T mu, T lv, T eps", "T sig, T z",
-        "sig = exp((T)0.5 * lv); z = mu + sig * eps", "minivae_reparam")
-    k["latent_bwd"] = cp.ElementwiseKernel(
-        "T dz, T mu, T lv, T sig, T eps, T c", "T dmu, T dlv",
+_KERNEL_SPECS = kernels.register(__name__, {
+    "bias_relu": kernels.elementwise(
+        "minivae_bias_relu", "T b", "T a", "a = max(a + b, (T)0)"),
+    "relu_bwd": kernels.elementwise(
+        "minivae_relu_bwd", "T h", "T d", "d = h > (T)0 ? d : (T)0"),
+    "reparam": kernels.elementwise(
+        "minivae_reparam", "T mu, T lv, T eps", "T sig, T z",
+        "sig = exp((T)0.5 * lv); z = mu + sig * eps"),
+    "latent_bwd": kernels.elementwise(
+        "minivae_latent_bwd", "T dz, T mu, T lv, T sig, T eps, T c", "T dmu, T dlv",
         "dmu = dz + c * mu; dlv = dz * eps * ((T)0.5 * sig) + c * ((T)0.5 * (exp(lv) - (T)1))",
-        "minivae_latent_bwd")
-    k["kl_terms"] = cp.ReductionKernel(
-        "T mu, T lv", "T y", "mu * mu + exp(lv) - (T)1 - lv", "a + b", "y = (T)0.5 * a", "0", "minivae_kl")
-    k["bernoulli"] = cp.ElementwiseKernel(
-        "T l, T x, T invn", "T d, T nll",
+        scalar_args=("c",)),
+    "kl_terms": kernels.reduction(
+        "minivae_kl", "T mu, T lv", "T y", "mu * mu + exp(lv) - (T)1 - lv", "a + b", "y = (T)0.5 * a", "0"),
+    "bernoulli": kernels.elementwise(
+        "minivae_bernoulli", "T l, T x, T invn", "T d, T nll",
         """
         T e = exp(-fabs(l));
         T r = (T)1 / ((T)1 + e);
         d = ((l >= (T)0 ? r : e * r) - x) * invn;
         nll = max(l, (T)0) + log1p(e) - x * l;
-        """, "minivae_bernoulli")
+        """, scalar_args=("invn",)),
     # 1 - b1 and 1 - b2 come in as arguments, computed in double on the host and then
     # rounded once, as NumPy rounds the Python float (1.0 - b2) it multiplies by; in the
     # kernel, (T)1 - b2 in float32 would give 0.00099998713 instead of 0.001f.
-    k["adam"] = cp.ElementwiseKernel(
-        "T g, T b1, T c1, T b2, T c2, T lr_t, T eps_t", "T p, T m, T v",
+    "adam": kernels.elementwise(
+        "minivae_adam", "T g, T b1, T c1, T b2, T c2, T lr_t, T eps_t", "T p, T m, T v",
         """
         m = b1 * m + c1 * g;
         v = b2 * v + c2 * (g * g);
         p -= lr_t * m / (sqrt(v) + eps_t);
-        """, "minivae_adam")
-    return k
+        """, scalar_args=("b1", "c1", "b2", "c2", "lr_t", "eps_t")),
+})
+_KERNELS = {}
+
+
+def _cupy_kernels():
+    if not _KERNELS:
+        _KERNELS.update(kernels.build_all(_KERNEL_SPECS))
+    return _KERNELS
 
 
 # ----------------------------------------------------------------------------
@@ -228,10 +254,12 @@ class FastTrainer:
     ``optimizer``  an optimizer from :mod:`minivae.optim`; a plain Adam (no
                    weight decay, no clipping) gets the blocked/threaded update,
                    anything else falls back to ``optimizer.step``
-    ``threads``    NumPy only: 1 or 2 Python threads for the step (default 1).
-                   With 2, Adam is split across both threads, and so is the
-                   batch (``split``) or else the Bernoulli chain (batches of
-                   128 rows or more)
+    ``threads``    NumPy only: threads for the step (default 1).  With the
+                   fused kernels, the number of cores they use (BLAS has its
+                   own setting).  Without them, 2 or more means that Adam is
+                   split across two Python threads, and so is the batch
+                   (``split``) or else the Bernoulli chain (batches of 128
+                   rows or more)
     ``split``      NumPy, 2 threads only: each batch of ``SPLIT_MIN_ROWS`` rows or
                    more is cut into two halves whose forward and backward passes
                    run at the same time, one per thread, each with one-thread
@@ -242,7 +270,10 @@ class FastTrainer:
                    machine it measured no faster than 2-thread BLAS (see
                    benchmarks/README.md), but it is much more robust when the
                    other core is busy (OpenBLAS's 2-thread calls then stall)
-    ``block``      elements per Adam block (NumPy)
+    ``block``      elements per Adam block (NumPy ufunc code)
+    ``fused``      NumPy only: use the fused kernels of :mod:`minivae.cpu_kernels`
+                   (needs numba).  None (default): when numba is importable;
+                   False: the NumPy ufunc code; True: require them
 
     Why the split: of a step's ~4 ms on 2 CPUs, ~2.6 ms are matmuls that BLAS
     runs on both cores, and ~2 ms are NumPy elementwise passes (bias, ReLU, the
@@ -262,7 +293,7 @@ class FastTrainer:
     applies the optimizer.  ``self.parts`` holds ``loss``, ``recon``, ``kl``.
     """
 
-    def __init__(self, model, optimizer=None, threads=1, block=1 << 20, split=False):
+    def __init__(self, model, optimizer=None, threads=1, block=1 << 20, split=False, fused=None):
         check_supported(model.config)
         self.model = model
         self.config = model.config
@@ -271,13 +302,21 @@ class FastTrainer:
         self.on_gpu = model.backend == "cupy"
         self.opt = optimizer if optimizer is not None else Adam()
         self.grads = model.new_grads()
+        if int(threads) != threads or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads}")
         self.threads = int(threads)
-        if self.threads not in (1, 2):
-            raise ValueError(f"threads must be 1 or 2, got {threads}")
+        # The fused CPU kernels (minivae.cpu_kernels, with numba): None = use them when numba is there.
+        ck = None if self.on_gpu or fused is False else _cpu_kernels()
+        if fused and ck is None:
+            raise ValueError("fused=True needs numba (pip install numba) and the NumPy backend")
+        if ck is not None and self.dtype not in (np.float32, np.float64):
+            ck = None
+        self._ck = ck
+        self.fused = ck is not None
         self.block = int(block)
         self._pool = None
         if self.threads > 1 and not self.on_gpu:
-            self._pool = ThreadPoolExecutor(self.threads - 1)
+            self._pool = ThreadPoolExecutor(1)     # the NumPy code's two-way splits and the split step
         if split and (self._pool is None or not blas_threads_control_available()):
             raise ValueError("split=True needs threads=2 on NumPy and NumPy's BLAS to be OpenBLAS "
                              "(to make its calls one-threaded while the two halves run)")
@@ -291,6 +330,7 @@ class FastTrainer:
         self.b_heads = self.xp.empty((2 * L,), dtype=self.dtype)
         self._heads = (p["enc.mu.W"], p["enc.logvar.W"], p["enc.mu.b"], p["enc.logvar.b"])
         self._bufs = {}
+        self._acc = {}             # float64 scratch of the fused kernels, per buffer set
         self._tmp = None
         self.parts = {}
         self.profile = None        # set to {} to accumulate seconds per part (forward/backward/adam)
@@ -314,6 +354,14 @@ class FastTrainer:
             b = self._bufs[key] = _Buffers(self.xp, self.dtype, N, self.config)
         return b
 
+    def _f64(self, B, name, n):
+        """A float64 scratch vector of n entries belonging to buffer set B (the fused kernels' partial sums)."""
+        key = (id(B), name)
+        a = self._acc.get(key)
+        if a is None or a.shape[0] != n:
+            a = self._acc[key] = np.empty(n, dtype=np.float64)
+        return a
+
     def _check(self, x, eps):
         xp, N = self.xp, x.shape[0] if getattr(x, "ndim", 0) == 2 else -1
         D, L = self.config.x_dim, self.config.z_dim
@@ -327,7 +375,7 @@ class FastTrainer:
     def _act_forward(self, a):
         """In place when ReLU; returns (h, cache)."""
         if self.config.activation == "relu":
-            if self.on_gpu:
+            if self.on_gpu or self.fused:
                 return a, None                      # bias + relu already fused
             np.maximum(a, 0, out=a)
             return a, None
@@ -345,12 +393,27 @@ class FastTrainer:
             return dh
         return self.model.act_backward(dh, cache)
 
-    def _dense(self, h, W, b, out, relu):
-        """out = h @ W + b (and ReLU on CuPy when the layer has one)."""
+    def _act_backward_db(self, dh, h, cache, B, db, kern):
+        """dL/da from dL/dh (in place for ReLU), and db = its sum over the rows (the layer's bias gradient)."""
+        if kern is not None:
+            if self.config.activation == "relu":
+                kern["relu_backward_db"](h, dh, db)       # one pass: mask and column sums
+                return dh
+            da = self._act_backward(dh, h, cache, B)
+            kern["col_sum"](da, db)
+            return da
+        da = self._act_backward(dh, h, cache, B)
+        self.xp.sum(da, axis=0, out=db)
+        return da
+
+    def _dense(self, h, W, b, out, relu, kern=None):
+        """out = h @ W + b (and ReLU on CuPy or with the fused kernels when the layer has one)."""
         xp = self.xp
         xp.matmul(h, W, out=out)
         if self.on_gpu and relu:
             _KERNELS["bias_relu"](b, out)
+        elif kern is not None and relu:
+            kern["bias_relu"](out, b)
         else:
             out += b
         return out
@@ -396,10 +459,12 @@ class FastTrainer:
                 self._grads2 = self.model.new_grads()
             prev = _set_blas_threads(1)
             try:
+                kern = self._ck.S if self.fused else None         # two halves at once: serial kernels
                 fut = self._pool.submit(self._pass, x[h:], eps[h:], beta, invN, need_loss, B1, self._grads2,
-                                        False, False)
+                                        False, False, kern)
                 try:
-                    recon0, kl0 = self._pass(x[:h], eps[:h], beta, invN, need_loss, B0, self.grads, False, False)
+                    recon0, kl0 = self._pass(x[:h], eps[:h], beta, invN, need_loss, B0, self.grads, False, False,
+                                             kern)
                 finally:
                     recon1, kl1 = fut.result()
             finally:
@@ -411,7 +476,11 @@ class FastTrainer:
             if prof:
                 self._tick("forward+backward (two halves)")
         else:
-            recon, kl = self._pass(x, eps, beta, invN, need_loss, self._buffers(N), self.grads, prof, True)
+            kern = None
+            if self.fused:
+                kern = self._ck.K
+                self._ck.set_threads(self.threads)
+            recon, kl = self._pass(x, eps, beta, invN, need_loss, self._buffers(N), self.grads, prof, True, kern)
         g = self.grads
         if not need_loss:
             self.parts = {}
@@ -430,11 +499,13 @@ class FastTrainer:
     def _use_split(self, N):
         return self.split and N >= SPLIT_MIN_ROWS
 
-    def _pass(self, x, eps, beta, invN, need_loss, B, g, prof, lik_threads):
+    def _pass(self, x, eps, beta, invN, need_loss, B, g, prof, lik_threads, kern=None):
         """Forward and backward for the rows of ``x``, gradients (scaled by ``invN``) into ``g``.
 
         Returns (sum over these rows of -log p(x|z), sum of KL), or (None, None)
         when ``need_loss`` is false.  ``lik_threads``: the Bernoulli chain may use the pool.
+        ``kern``: the fused CPU kernels to use (``cpu_kernels.K`` or its serial twins ``S``), or None
+        for the NumPy ufuncs.
         """
         xp, cfg, p = self.xp, self.config, self.model.params
         L = cfg.z_dim
@@ -443,7 +514,7 @@ class FastTrainer:
         # ---- encoder
         h, enc_caches = x, []
         for i in range(K):
-            a = self._dense(h, p[f"enc.{i}.W"], p[f"enc.{i}.b"], B.enc[i], relu)
+            a = self._dense(h, p[f"enc.{i}.W"], p[f"enc.{i}.b"], B.enc[i], relu, kern)
             h, c = self._act_forward(a)
             enc_caches.append((h, c))
         h_enc = h
@@ -453,6 +524,8 @@ class FastTrainer:
         # ---- z = mu + exp(logvar / 2) * eps
         if self.on_gpu:
             _KERNELS["reparam"](mu, logvar, eps, B.sig, B.z)
+        elif kern is not None:
+            kern["reparam"](heads, eps, B.sig, B.z)
         else:
             np.multiply(logvar, 0.5, out=B.sig)
             np.exp(B.sig, out=B.sig)
@@ -462,31 +535,39 @@ class FastTrainer:
         # ---- decoder
         h, dec_caches = B.z, []
         for i in range(K):
-            a = self._dense(h, p[f"dec.{i}.W"], p[f"dec.{i}.b"], B.dec[i], relu)
+            a = self._dense(h, p[f"dec.{i}.W"], p[f"dec.{i}.b"], B.dec[i], relu, kern)
             h, c = self._act_forward(a)
             dec_caches.append((h, c))
         h_dec = h
-        out = self._dense(h_dec, p["dec.out.W"], p["dec.out.b"], B.out, False)
+        fused_lik = kern is not None
+        if fused_lik and cfg.likelihood == "bernoulli":
+            xp.matmul(h_dec, p["dec.out.W"], out=B.out)
+            kern["bias_negabs"](B.out, p["dec.out.b"], B.t1)      # logits = out + b, t1 = -|logits|
+        else:
+            self._dense(h_dec, p["dec.out.W"], p["dec.out.b"], B.out, False)
+        out = B.out
 
         if prof:
             self._tick("forward")
         # ---- likelihood: dout = dloss/dout (1/N folded in), recon = sum of nll
-        recon = self._likelihood(out, x, B, invN, need_loss, lik_threads)
+        #      (fused: also the output bias gradient, the sum of dout over the rows)
+        recon = self._likelihood(out, x, B, invN, need_loss, lik_threads,
+                                 kern=kern, db=g["dec.out.b"] if fused_lik else None, negabs_done=True)
 
         if prof:
             self._tick("likelihood")
         # ---- backward through the decoder
         d = B.dout
         xp.matmul(h_dec.T, d, out=g["dec.out.W"])
-        xp.sum(d, axis=0, out=g["dec.out.b"])
+        if not fused_lik:
+            xp.sum(d, axis=0, out=g["dec.out.b"])
         dh = B.dh[h_dec.shape[1]]
         xp.matmul(d, p["dec.out.W"].T, out=dh)
         for i in reversed(range(K)):
             hi, c = dec_caches[i]
-            da = self._act_backward(dh, hi, c, B)
+            da = self._act_backward_db(dh, hi, c, B, g[f"dec.{i}.b"], kern)
             h_in = dec_caches[i - 1][0] if i > 0 else B.z
             xp.matmul(h_in.T, da, out=g[f"dec.{i}.W"])
-            xp.sum(da, axis=0, out=g[f"dec.{i}.b"])
             dh = B.dh[h_in.shape[1]]
             xp.matmul(da, p[f"dec.{i}.W"].T, out=dh)
         dz = dh                                          # (N, L)
@@ -494,8 +575,15 @@ class FastTrainer:
         # ---- latent layer: reparameterization + beta * KL, both with the 1/N
         dmu, dlv = B.dheads[:, :L], B.dheads[:, L:]
         c = beta * invN
+        kl = None
         if self.on_gpu:
             _KERNELS["latent_bwd"](dz, mu, logvar, B.sig, eps, self.dtype.type(c), dmu, dlv)
+        elif kern is not None:
+            f = self.dtype.type
+            kl_rows = self._f64(B, "kl_rows", x.shape[0])
+            kern["latent_backward"](dz, heads, B.sig, eps, f(c), f(0.5 * c), B.dheads, kl_rows)
+            if need_loss:
+                kl = float(kl_rows.sum())
         else:
             # dmu = dz + c mu ;  dlogvar = dz eps sigma / 2 + c (exp(logvar) - 1) / 2
             np.multiply(mu, c, out=dmu)
@@ -507,8 +595,7 @@ class FastTrainer:
             dz *= B.sig
             dz *= 0.5
             dlv += dz
-        kl = None
-        if need_loss:
+        if need_loss and kl is None:
             if self.on_gpu:
                 kl = _KERNELS["kl_terms"](mu, logvar)
             else:
@@ -526,10 +613,9 @@ class FastTrainer:
             xp.matmul(B.dheads, self.W_heads.T, out=dh)
         for i in reversed(range(K)):
             hi, c_act = enc_caches[i]
-            da = self._act_backward(dh, hi, c_act, B)
+            da = self._act_backward_db(dh, hi, c_act, B, g[f"enc.{i}.b"], kern)
             h_in = enc_caches[i - 1][0] if i > 0 else x
             xp.matmul(h_in.T, da, out=g[f"enc.{i}.W"])
-            xp.sum(da, axis=0, out=g[f"enc.{i}.b"])
             if i > 0:                                    # dL/dx itself is never needed
                 dh = B.dh[h_in.shape[1]]
                 xp.matmul(da, p[f"enc.{i}.W"].T, out=dh)
@@ -538,9 +624,36 @@ class FastTrainer:
             self._tick("backward")
         return recon, kl
 
-    def _likelihood(self, out, x, B, invN, need_loss, threads=True):
-        """Fill B.dout with dloss/dout; return sum over the batch of -log p(x|z) (or None)."""
+    def _likelihood(self, out, x, B, invN, need_loss, threads=True, kern="auto", db=None, negabs_done=False):
+        """Fill B.dout with dloss/dout; return sum over the batch of -log p(x|z) (or None).
+
+        With the fused kernels (``kern``; "auto": this trainer's parallel kernels, if any) ``db``, when
+        given, receives the output bias gradient (the sum of dout over the rows), and ``negabs_done``
+        says that B.t1 already holds -|out| (written with the output bias add)."""
         xp = self.xp
+        if kern == "auto":
+            kern = self._ck.K if self.fused else None
+            if kern is not None:
+                self._ck.set_threads(self.threads)
+        if kern is not None:
+            N, D = out.shape
+            f = self.dtype.type
+            if db is None:
+                db = self._f64(B, "db", D).astype(self.dtype)      # a throw-away bias gradient
+            nb = -(-N // self._ck.ROW_BLOCK)
+            parts = self._f64(B, "parts", nb)
+            if self.config.likelihood == "gaussian":
+                var = float(self.config.obs_var)
+                kern["gaussian"](out, x, f(invN / var), B.dout, db, parts)
+                if not need_loss:
+                    return None
+                return float(parts.sum()) * (0.5 / var) + N * 0.5 * D * (LOG_2PI + math.log(var))
+            if not negabs_done:
+                np.abs(out, out=B.t1)
+                np.negative(B.t1, out=B.t1)
+            np.exp(B.t1, out=B.t1)                      # e = exp(-|l|): NumPy's SIMD exp, one pass
+            kern["bernoulli"](out, x, B.t1, f(invN), B.dout, db, bool(need_loss), parts)
+            return float(parts.sum()) if need_loss else None
         if self.config.likelihood == "gaussian":
             var = float(self.config.obs_var)
             D = x.shape[1]
@@ -648,6 +761,16 @@ class FastTrainer:
             f = self.dtype.type
             _KERNELS["adam"](gf, f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t), pf, m, v)
             return
+        if self.fused:
+            # one pass over p, g, m, v: NumPy's op sequence below, bit for bit, on self.threads threads
+            f = self.dtype.type
+            consts = (f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t))
+            self._ck.set_threads(self.threads)
+            if pending is not None:                      # split step: g = g(first half) + g(second half)
+                self._ck.K["adam_add"](pf, gf, pending, m, v, *consts)
+            else:
+                self._ck.K["adam"](pf, gf, m, v, *consts)
+            return
         if self._tmp is None or self._tmp.shape != pf.shape:
             self._tmp = np.empty_like(pf)
         tmp, n, C = self._tmp, pf.size, self.block
@@ -701,19 +824,66 @@ def bernoulli_nll_rows(logits, x):
     return lin.sum(axis=-1) + prod.sum(axis=-1)
 
 
-def log_weights(model, x, eps):
-    """``model.log_weights(x, eps)`` -- log p(x|z) + log p(z) - log q(z|x), (S, N) -- faster.
+def log_weights(model, x, eps, y=None):
+    """``model.log_weights(x, eps, y)`` -- log p(x|z) + log p(z) - log q(z|x), (S, N) -- faster.
 
     For the Bernoulli likelihood the reconstruction term uses :func:`bernoulli_nll_rows` (the same
-    numbers up to float rounding); any other likelihood goes to ``model.log_weights``.
-    ``tests/test_fast.py`` checks the two against each other.
+    numbers up to float rounding), or with numba the fused kernels of :mod:`minivae.cpu_kernels` on
+    every core (:func:`_log_weights_fused`, the unconditional dense VAE only); any other likelihood goes
+    to ``model.log_weights``.  ``tests/test_fast.py`` checks them against each other.  ``y``: the labels
+    of a conditional model.
     """
     if model.config.likelihood != "bernoulli":
-        return model.log_weights(x, eps)
+        return model.log_weights(x, eps, y)
+    fusable = (model.backend == "numpy" and model.dtype in (np.float32, np.float64) and y is None
+               and model.config.arch == "mlp" and model.config.n_classes is None)
+    ck = _cpu_kernels() if fusable else None
+    if ck is not None:
+        return _log_weights_fused(model, x, eps, ck)
     x = model._as_input(x, validate=False)
-    mu, logvar, _ = model._encoder_forward(x)
+    y1h = model._as_labels(y, x.shape[0])                             # one-hot (N, K), or None
+    mu, logvar, _ = model._encoder_forward(x, y1h)
     eps = model._as_eps(eps, x.shape[0])
     z = reparameterize_forward(mu, logvar, eps)[0]                    # (S, N, L)
     S, N, L = z.shape
-    logits = model._decoder_forward(z.reshape(S * N, L))[0][0].reshape(S, N, -1)
+    logits = model._decoder_forward(z.reshape(S * N, L), _tile(y1h, S))[0][0].reshape(S, N, -1)
     return -bernoulli_nll_rows(logits, x) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
+
+
+def _log_weights_fused(model, x, eps, ck):
+    """:func:`log_weights` with the fused CPU kernels, on every core numba uses.
+
+    z and log p(z) - log q(z|x) in one pass (``iw_latent``: the log 2 pi terms cancel); the decoder's
+    matmuls (BLAS) with bias + ReLU fused (other activations: the model's op); then the Bernoulli nll
+    as in :func:`bernoulli_nll_rows` -- sum (max(l, 0) - x l) with the output bias add and -|l| in one
+    pass, NumPy's SIMD exp, and the logs of products of 64 factors (1 + e) in a second pass.
+    """
+    dt = model.dtype
+    K = ck.K
+    x = np.ascontiguousarray(model._as_input(x, validate=False))
+    mu, logvar, _ = model._encoder_forward(x)
+    mu, logvar = np.ascontiguousarray(mu), np.ascontiguousarray(logvar)
+    eps = np.ascontiguousarray(model._as_eps(eps, x.shape[0]), dtype=dt)
+    S, N, L = eps.shape
+    z = np.empty(eps.shape, dtype=dt)
+    lw = np.empty((S, N), dtype=np.float64)
+    K["iw_latent"](mu, logvar, eps, z, lw)                       # z and log p(z) - log q(z|x)
+    p, relu = model.params, model.config.activation == "relu"
+    h = z.reshape(S * N, L)
+    for i in range(len(model.config.hidden)):
+        a = h @ p[f"dec.{i}.W"]
+        if relu:
+            K["bias_relu"](a, p[f"dec.{i}.b"])
+            h = a
+        else:
+            a += p[f"dec.{i}.b"]
+            h = model.act_forward(a)[0]
+    a = h @ p["dec.out.W"]                                          # (S N, D), the logits before the bias
+    e = np.empty_like(a)
+    lin = np.empty(S * N, dtype=np.float64)
+    K["iw_bernoulli_pre"](a, p["dec.out.b"], x, e, lin)             # l = a + b, e = -|l|, lin = sum max(l,0) - x l
+    np.exp(e, out=e)                                                # e = exp(-|l|)
+    nll = np.empty(S * N, dtype=np.float64)
+    K["iw_bernoulli_post"](e, lin, nll)                             # nll = lin + sum log(1 + e)
+    lw -= nll.reshape(S, N)
+    return lw.astype(dt)

@@ -14,6 +14,10 @@ pixel values are shown on [0, 1] in grey.
                            u, v evenly spaced in (0, 1): equal probability mass of
                            the prior between neighbours, as in Kingma & Welling (2014)
 * :func:`latent_scatter`   (z_dim = 2) the posterior means of test digits coloured by label
+* :func:`class_grid`       (conditional model) E[x|z, y]: one row per class y, one column per shared z draw
+
+A conditional model (``n_classes``) needs the labels: the functions that encode or decode take ``y`` (the
+labels of the rows of x, or the label to decode with), and :func:`run_figures` passes them.
 """
 from __future__ import annotations
 
@@ -45,31 +49,36 @@ MAX_GRID = 100
 MAX_INCHES = 40.0            # at 100 dpi: at most 4000 x 4000 pixels per figure
 
 
-def decode_chunks(model, z, chunk=CHUNK):
-    """E[x|z] for the rows of z (host array), ``chunk`` rows at a time, as one host array (N, D)."""
+def decode_chunks(model, z, chunk=CHUNK, y=None):
+    """E[x|z] for the rows of z (host array), ``chunk`` rows at a time, as one host array (N, D).
+
+    ``y``: a conditional model's label, one for all rows or one per row."""
     z = np.asarray(z)
+    y = None if y is None else _labels(y, len(z))[0]
     out = None
     for i in range(0, len(z), chunk):
-        d = to_numpy(model.decode(z[i:i + chunk].astype(model.dtype)))
+        yz = () if y is None else (y[i:i + chunk],)
+        d = to_numpy(model.decode(z[i:i + chunk].astype(model.dtype), *yz))
         if out is None:
             out = np.empty((len(z), d.shape[1]), dtype=d.dtype)
         out[i:i + len(d)] = d
     return out
 
 
-def sample_chunks(model, n, rng, chunk=CHUNK):
+def sample_chunks(model, n, rng, chunk=CHUNK, y=None):
     """Yield E[x|z], z ~ N(0, I), in blocks of at most ``chunk`` rows; n rows in all.
 
     The z are drawn from ``rng`` block after block, which is the same stream as one draw of
-    (n, L): the samples do not depend on ``chunk``, and equal ``model.sample(n, rng)``.
+    (n, L): the samples do not depend on ``chunk``, and equal ``model.sample(n, rng)``.  ``y``: one label for
+    every draw of a conditional model.
     """
     L = model.config.z_dim
     for i in range(0, int(n), chunk):
         z = rng.standard_normal((min(chunk, int(n) - i), L))
-        yield to_numpy(model.decode(z.astype(model.dtype)))
+        yield to_numpy(model.decode(z.astype(model.dtype), *_labels(y, len(z))))
 
 
-def save_samples_npz(model, path, rng, n, chunk=CHUNK):
+def save_samples_npz(model, path, rng, n, chunk=CHUNK, y=None):
     """Write n samples E[x|z] as ``x`` (n, D) in an .npz, streamed chunk by chunk (memory: one chunk).
 
     The archive is written with the package's atomic writer; ``np.load(path)["x"]`` reads it.
@@ -85,7 +94,7 @@ def save_samples_npz(model, path, rng, n, chunk=CHUNK):
                 np.lib.format.write_array_header_2_0(
                     member, {"descr": np.lib.format.dtype_to_descr(np.dtype(model.dtype)),
                              "fortran_order": False, "shape": (int(n), D)})
-                for block in sample_chunks(model, n, rng, chunk):
+                for block in sample_chunks(model, n, rng, chunk, y=y):
                     member.write(np.ascontiguousarray(block, dtype=model.dtype).tobytes())
     return atomic_write(path, write)
 
@@ -142,21 +151,24 @@ def image_grid(images, nrow, path, title=None, scale=0.45, shape=None):
     return _save(fig, path)
 
 
-def reconstructions(model, x, path, n=10):
-    """Top row: the first ``n`` images of x; bottom row: decode(mu(x))."""
+def reconstructions(model, x, path, n=10, y=None):
+    """Top row: the first ``n`` images of x; bottom row: decode(mu(x)) (labels ``y`` for a conditional model)."""
     x = np.asarray(to_numpy(x))[:n]
-    rec = to_numpy(model.reconstruct(x))
+    rec = to_numpy(model.reconstruct(x, *_labels(y, n)))
     return image_grid(np.concatenate([x, rec]), len(x), path,
                       title="top: test images   bottom: reconstructions E[x | z = mu(x)]", shape=_hw(model))
 
 
-def prior_samples(model, path, rng, n=64, nrow=8):
-    """An nrow x nrow grid of E[x|z] for z ~ N(0, I) drawn from ``rng`` (at most MAX_PICTURE images)."""
+def prior_samples(model, path, rng, n=64, nrow=8, y=None):
+    """An nrow x nrow grid of E[x|z] for z ~ N(0, I) drawn from ``rng`` (at most MAX_PICTURE images).
+
+    A conditional model draws E[x|z, y] for the label ``y``."""
     if n > MAX_PICTURE:
         raise ValueError(f"a picture shows at most {MAX_PICTURE} samples, got n={n}; write them with "
                          "save_samples_npz")
-    images = np.concatenate(list(sample_chunks(model, n, rng)))
-    return image_grid(images, nrow, path, title="E[x|z], z ~ N(0, I)", shape=_hw(model))
+    images = np.concatenate(list(sample_chunks(model, n, rng, y=y)))
+    title = "E[x|z], z ~ N(0, I)" if y is None else f"E[x|z, y={y}], z ~ N(0, I)"
+    return image_grid(images, nrow, path, title=title, shape=_hw(model))
 
 
 def loss_curves(history, path):
@@ -180,34 +192,40 @@ def loss_curves(history, path):
     return _save(fig, path)
 
 
-def interpolation(model, xa, xb, path, steps=10):
-    """Decode z_t = (1 - t) mu(xa) + t mu(xb), t = 0..1, for each pair of rows of xa, xb."""
+def interpolation(model, xa, xb, path, steps=10, y=None):
+    """Decode z_t = (1 - t) mu(xa) + t mu(xb), t = 0..1, for each pair of rows of xa, xb.
+
+    A conditional model takes ``y``, one label per pair (both digits of a pair have it): every frame of the
+    pair is decoded with that label.
+    """
     xa, xb = np.atleast_2d(to_numpy(xa)), np.atleast_2d(to_numpy(xb))
-    mu_a = to_numpy(model.encode(xa)[0])
-    mu_b = to_numpy(model.encode(xb)[0])
+    mu_a = to_numpy(model.encode(xa, *_labels(y, len(xa)))[0])
+    mu_b = to_numpy(model.encode(xb, *_labels(y, len(xb)))[0])
     t = np.linspace(0.0, 1.0, steps)[None, :, None]
     z = ((1 - t) * mu_a[:, None, :] + t * mu_b[:, None, :]).reshape(-1, mu_a.shape[1])
     if steps > MAX_GRID:
         raise ValueError(f"an interpolation shows at most {MAX_GRID} steps, got {steps}")
-    dec = decode_chunks(model, z).reshape(len(xa), steps, -1)
+    y_rows = None if y is None else np.repeat(np.broadcast_to(np.asarray(to_numpy(y)), (len(xa),)), steps)
+    dec = decode_chunks(model, z, y=y_rows).reshape(len(xa), steps, -1)
     rows = np.concatenate([xa[:, None], dec, xb[:, None]], axis=1).reshape(-1, xa.shape[1])
     return image_grid(rows, steps + 2, path,
                       title=f"left/right: two test digits; between: decodes of {steps} points on the line "
                             "between their latent means", shape=_hw(model))
 
 
-def neighbourhood(model, x, path, rng, n=63, nrow=8):
-    """The digit x (first cell), then decodes of z ~ q(z|x) = N(mu(x), sigma(x)^2)."""
+def neighbourhood(model, x, path, rng, n=63, nrow=8, y=None):
+    """The digit x (first cell), then decodes of z ~ q(z|x) = N(mu(x), sigma(x)^2) (label ``y`` if conditional)."""
     x = np.atleast_2d(to_numpy(x))[:1]
-    mu, logvar = (to_numpy(a) for a in model.encode(x))
+    mu, logvar = (to_numpy(a) for a in model.encode(x, *_labels(y, 1)))
     z = mu + np.exp(0.5 * logvar) * rng.standard_normal((n, mu.shape[1]))
-    dec = to_numpy(model.decode(z.astype(model.dtype)))
+    dec = to_numpy(model.decode(z.astype(model.dtype), *_labels(y, n)))
     return image_grid(np.concatenate([x, dec]), nrow, path,
                       title="first: a test digit; others: E[x|z] for z ~ q(z|x)", shape=_hw(model))
 
 
-def manifold(model, path, n=20, lo=0.05, hi=0.95):
-    """(z_dim = 2) an n x n grid of E[x|z] at z = Phi^-1 of an even grid in (lo, hi)^2."""
+def manifold(model, path, n=20, lo=0.05, hi=0.95, y=None):
+    """(z_dim = 2) an n x n grid of E[x|z] (E[x|z, y] for the label y if conditional) at z = Phi^-1 of an even
+    grid in (lo, hi)^2."""
     if model.config.z_dim != 2:
         raise ValueError(f"the 2-D manifold needs a model with a 2-D latent space; this one has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
@@ -218,8 +236,9 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95):
     g = np.array([ppf(u) for u in np.linspace(lo, hi, n)])
     zy, zx = np.meshgrid(g[::-1], g, indexing="ij")          # rows: z2 from high to low; cols: z1 low to high
     z = np.stack([zx.ravel(), zy.ravel()], axis=1).astype(model.dtype)
-    dec = decode_chunks(model, z)
-    return image_grid(dec, n, path, title=f"E[x|z] on a {n}x{n} grid z = Phi^-1(u), u in [{lo}, {hi}]",
+    dec = decode_chunks(model, z, y=y)
+    given = "z" if y is None else f"z, y={y}"
+    return image_grid(dec, n, path, title=f"E[x|{given}] on a {n}x{n} grid z = Phi^-1(u), u in [{lo}, {hi}]",
                       scale=0.35, shape=_hw(model))
 
 
@@ -227,7 +246,8 @@ def latent_scatter(model, x, y, path):
     """(z_dim = 2) the posterior means mu(x) coloured by the labels y."""
     if model.config.z_dim != 2:
         raise ValueError(f"the latent scatter needs z_dim=2; this model has z_dim={model.config.z_dim}")
-    mu = to_numpy(model.encode(np.asarray(x))[0])
+    conditional = getattr(model.config, "n_classes", None) is not None
+    mu = to_numpy(model.encode(np.asarray(x), *((np.asarray(y),) if conditional else ()))[0])
     fig, ax = _subplots(figsize=(6, 5))
     sc = ax.scatter(mu[:, 0], mu[:, 1], c=np.asarray(y), cmap="tab10", s=3, alpha=0.7)
     fig.colorbar(sc, ax=ax, label="label")
@@ -246,6 +266,8 @@ def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0):
             _side(x.shape[1])
         except ValueError:
             return []                               # not images: only numbers, no pictures
+    if getattr(model.config, "n_classes", None) is not None:
+        return _conditional_figures(model, x, np.asarray(y_test), d, history_path, rng)
     paths = [reconstructions(model, x, d / "reconstructions.png"),
              prior_samples(model, d / "samples.png", rng)]
     if history_path is not None and Path(history_path).exists():
@@ -271,3 +293,52 @@ def _two_different(y):
     others = np.flatnonzero(y[: n - 1] != y[0])
     b = int(others[0]) if len(others) else 2
     return 0, min(b, n - 2)
+
+
+# --------------------------------------------------------------- conditional
+def _labels(y, n):
+    """``()`` without labels, else ``(labels,)``: y broadcast to n labels (a scalar) or its first n."""
+    if y is None:
+        return ()
+    y = np.asarray(to_numpy(y))
+    return (np.full(n, int(y)),) if y.ndim == 0 else (y[:n],)
+
+
+def class_grid_images(model, rng, n_cols=10):
+    """E[x|z_j, y = k] for every class k (rows) and ``n_cols`` shared draws z_j ~ N(0, I) (columns).
+
+    Returns (K * n_cols, D): row k * n_cols + j is class k decoded at z_j.  The same z in every row is
+    the same "style" (slant, thickness) written as each digit.
+    """
+    K = model.config.n_classes
+    if K is None:
+        raise ValueError("the class grid needs a conditional model (n_classes=K); this one is unconditional")
+    z = rng.standard_normal((int(n_cols), model.config.z_dim)).astype(model.dtype)
+    zz = np.tile(z, (K, 1))                                 # row k * n_cols + j holds z_j
+    yy = np.repeat(np.arange(K), int(n_cols))               # ... and label k
+    return to_numpy(model.decode(zz, yy))
+
+
+def class_grid(model, path, rng, n_cols=10):
+    """(conditional model) One row per class y, one column per shared z ~ N(0, I): E[x|z, y]."""
+    images = class_grid_images(model, rng, n_cols)
+    return image_grid(images, int(n_cols), path, title="rows: label y = 0, 1, ...;  columns: shared z ~ N(0, I)",
+                      shape=_hw(model))
+
+
+def _conditional_figures(model, x, y, d, history_path, rng):
+    """The figures of a conditional run: every decode uses the test digit's own label."""
+    paths = [reconstructions(model, x, d / "reconstructions.png", y=y),
+             class_grid(model, d / "class_grid.png", rng)]
+    if history_path is not None and Path(history_path).exists():
+        paths.append(loss_curves(history_path, d / "loss_curves.png"))
+    same = np.flatnonzero(y[1:] == y[0]) + 1               # a second test digit with the first one's label
+    if len(same):
+        b = int(same[0])
+        paths.append(interpolation(model, x[[0]], x[[b]], d / "interpolation.png", y=y[[0]]))
+    paths.append(neighbourhood(model, x[0], d / "neighbourhood.png", rng, y=y[0]))
+    if model.config.z_dim == 2:
+        paths.append(manifold(model, d / "manifold.png", y=int(y[0])))
+        k = min(len(x), 5000)
+        paths.append(latent_scatter(model, x[:k], y[:k], d / "latent_scatter.png"))
+    return paths

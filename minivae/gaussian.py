@@ -5,7 +5,7 @@ Convention, everywhere in minivae:  ``logvar = log sigma^2``, so
     sigma = exp(0.5 * logvar),      sigma^2 = exp(logvar).
 
 Using exp(logvar) as sigma (instead of as the variance) is the most common
-VAE bug; ``tests/test_gaussian.py`` checks the sampler's statistics.
+VAE bug; the test suite checks the sampler's statistics.
 
 Shapes: ``N`` batch, ``L`` latent, ``S`` Monte-Carlo samples per example.
 """
@@ -41,8 +41,10 @@ def reparameterize_forward(mu, logvar, eps):
 def reparameterize_backward(dz, cache):
     """Gradients of z = mu + exp(logvar / 2) * eps.
 
+    Derivation (dz/dmu and dz/dlogvar, then dmu and dlogvar from dz):
         dz/dmu     = 1                            -> dmu     = sum_s dz
         dz/dlogvar = eps * exp(logvar / 2) / 2    -> dlogvar = sum_s dz * eps * sigma / 2
+    (end of derivation)
 
     The sums run over the sample axis when eps is (S, N, L).
     Returns ``(dmu, dlogvar)``, each (N, L).
@@ -91,8 +93,10 @@ def kl_backward(dkl, cache):
 
     From KL = 1/2 * sum_j (mu_j^2 + exp(logvar_j) - 1 - logvar_j):
 
+    Derivation (dKL/dmu_j and dKL/dlogvar_j):
         dKL/dmu_j     = mu_j
         dKL/dlogvar_j = (exp(logvar_j) - 1) / 2
+    (end of derivation)
 
     Shapes: dkl (N,) upstream per example -> (dmu, dlogvar), each (N, L).
     """
@@ -106,9 +110,33 @@ def kl_backward(dkl, cache):
 
 
 def kl_per_dim(mu, logvar):
-    """KL per example and latent dimension, shape (N, L) (no sum over L)."""
-    xp = get_array_module(mu, logvar)
-    return 0.5 * (mu * mu + xp.exp(logvar) - 1.0 - logvar)
+    """KL per example and latent dimension, shape (N, L) (no sum over L).
+
+    Derived from :func:`kl_forward`: each (n, j) entry is the KL of a
+    one-dimensional Gaussian, i.e. kl_forward on an (N*L, 1) batch.
+    """
+    return kl_dim_forward(mu, logvar)[0]
+
+
+def kl_dim_forward(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per example and dimension: (N, L) -> (N, L).
+
+    Each entry is :func:`kl_forward` of a one-dimensional Gaussian, so this
+    reuses it on the (N*L, 1) reshaped batch.  The op free bits sits on.
+    """
+    shape = mu.shape
+    kl, cache = kl_forward(mu.reshape(-1, 1), logvar.reshape(-1, 1))
+    return kl.reshape(shape), (cache, shape)
+
+
+def kl_dim_backward(dkl, cache):
+    """Gradients of :func:`kl_dim_forward`: :func:`kl_backward` on the (N*L, 1) batch.
+
+    dkl (N, L) upstream per entry -> (dmu, dlogvar), each (N, L).
+    """
+    inner, shape = cache
+    dmu, dlogvar = kl_backward(dkl.reshape(-1), inner)
+    return dmu.reshape(shape), dlogvar.reshape(shape)
 
 
 # ----------------------------------------------------------------------------

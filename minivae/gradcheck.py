@@ -120,16 +120,18 @@ def _assert_close(name, analytic, numeric, tol):
 
 
 def check_model(model, x, eps=None, beta=1.0, n_samples=1, tol=1e-7, h=1e-5, max_entries=None, rng=None,
-                loss_kwargs=None):
+                loss_kwargs=None, y=None):
     """Check every parameter of ``model.loss`` against finite differences.
 
     ``eps`` is fixed (drawn once if None) so the loss is a deterministic
     function of the parameters.  ``max_entries`` checks only that many random
-    entries per parameter (all by default).  Returns ``{name: rel_error}``;
-    raises :class:`GradientCheckError` naming the first bad parameter.
+    entries per parameter (all by default).  ``y``: the labels (N,) of a conditional model.
+    Returns ``{name: rel_error}``; raises :class:`GradientCheckError` naming the first bad parameter.
     """
     rng = np.random.default_rng(0) if rng is None else rng
     loss_kwargs = dict(loss_kwargs or {})
+    if y is not None:
+        loss_kwargs["y"] = y
     if eps is None:
         eps = rng.standard_normal((n_samples, np.shape(x)[0], model.config.z_dim))
     _, grads = model.loss(x, eps=eps, beta=beta, n_samples=n_samples, **loss_kwargs)

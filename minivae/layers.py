@@ -7,7 +7,7 @@ loss L; every backward returns dL/d(input) with the input's shape.
 Shapes: ``N`` batch, ``D_in``/``D_out`` layer widths.  Rows are examples.
 
 The regions between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` are the
-course exercises (see ``python -m minivae.assignments``).
+course exercises: in a student copy, each holds a stub for you to replace.
 """
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ def dense_backward(dy, cache):
 
     With y_nj = sum_i x_ni W_ij + b_j and upstream G = dL/dy (N, D_out):
 
+    Derivation (dL/dx (N, D_in), dL/dW (D_in, D_out) and dL/db (D_out,) from G):
         dL/dx = G @ W.T          (N, D_in)
         dL/dW = x.T @ G          (D_in, D_out)
         dL/db = sum_n G_n        (D_out,)
+    (end of derivation)
 
     Returns ``(dx, dW, db)``.
     """
@@ -58,7 +60,11 @@ def relu_forward(x):
 
 
 def relu_backward(dy, cache):
-    """dy/dx = 1[x > 0]  (we take the derivative at the kink x = 0 to be 0).
+    """ReLU backward: y = max(x, 0), dy (N, D) -> dx (N, D).
+
+    Derivation (dy/dx, and from it dL/dx):
+    dy/dx = 1[x > 0]  (we take the derivative at the kink x = 0 to be 0).
+    (end of derivation)
 
     Finite differences are wrong within ``h`` of the kink, so gradient
     checks keep inputs away from 0.
@@ -92,7 +98,12 @@ def tanh_forward(x):
 
 
 def tanh_backward(dy, cache):
-    """dy/dx = 1 - tanh(x)**2 = 1 - y**2."""
+    """tanh backward: y = tanh(x), dy (N, D) -> dx (N, D); the cache is y.
+
+    Derivation (dy/dx in terms of y):
+    dy/dx = 1 - tanh(x)**2 = 1 - y**2.
+    (end of derivation)
+    """
     y = cache
     ### BEGIN SOLUTION tanh_backward
     dx = dy * (1 - y * y)      # dL/dx = dL/dy * (1 - y^2)
@@ -122,7 +133,12 @@ def sigmoid_forward(x):
 
 
 def sigmoid_backward(dy, cache):
-    """dy/dx = sigmoid(x) * (1 - sigmoid(x)) = y * (1 - y)."""
+    """sigmoid backward: y = sigmoid(x), dy (N, D) -> dx (N, D); the cache is y.
+
+    Derivation (dy/dx in terms of y):
+    dy/dx = sigmoid(x) * (1 - sigmoid(x)) = y * (1 - y).
+    (end of derivation)
+    """
     y = cache
     ### BEGIN SOLUTION sigmoid_backward
     dx = dy * y * (1 - y)      # dL/dx = dL/dy * y (1 - y)

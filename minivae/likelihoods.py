@@ -44,9 +44,13 @@ def bernoulli_nll_forward(logits, x):
 
 
 def bernoulli_nll_backward(dnll, cache):
-    """d/dl [softplus(l) - x l] = sigmoid(l) - x.
+    """Backward of nll = sum_d softplus(l_d) - x_d l_d.
 
-    Shapes: dnll (N,) -> dlogits (N, D).
+    Derivation (d nll / d l per pixel):
+    d/dl [softplus(l) - x l] = sigmoid(l) - x.
+    (end of derivation)
+
+    Shapes: dnll (N,) or (S, N) -> dlogits (N, D) or (S, N, D).
     """
     logits, x = cache
     ### BEGIN SOLUTION bernoulli_nll_backward
@@ -111,3 +115,49 @@ def gaussian_learned_var_nll_backward(dnll, cache):
     dmean = g * r * inv_var                      # (mean - x) / sigma^2
     dlogvar = g * (0.5 * (1.0 - r * r * inv_var))  # (1 - r^2 / sigma^2) / 2
     return dmean, dlogvar
+
+
+# ----------------------------------------------------------------------------
+# A floor on the learned log-variance (VAEConfig(dec_logvar_min=m))
+# ----------------------------------------------------------------------------
+# Why a floor.  On a pixel that is 0 in every training image (MNIST's border),
+# the decoder can predict mean = 0 exactly, so r = 0 and the per-pixel NLL
+# 1/2 (r^2 exp(-logvar) + logvar + log 2 pi) -> 1/2 (logvar + log 2 pi) falls
+# without bound as logvar -> -inf: the density of a constant pixel is
+# unbounded (a Dirac delta), and the optimizer chases it.  A floor m bounds
+# each pixel's contribution below by 1/2 (m + log 2 pi) nats.
+#
+# Why smooth (softplus) rather than a hard clamp max(logvar, m).  Both bound
+# the density the same way.  The clamp has gradient 0 below m: once a pixel's
+# raw logvar falls under the floor it gets no signal at all (a "dead" unit,
+# like a ReLU), and its value at the kink logvar = m has no derivative, so a
+# finite-difference check there is meaningless.  The softplus floor is smooth
+# everywhere, its gradient sigmoid(logvar - m) is never exactly 0 (a pixel
+# below the floor can still move back up), and it is the identity to within
+# log(1 + e^-a) of the raw value a = logvar - m nats above the floor (0.13 at
+# a = 2, 0.007 at a = 5).  The price: the effective variance is always a bit
+# above the raw one near the floor -- irrelevant for a floor meant to stop a
+# collapse, not to shape the variance.
+def logvar_floor_forward(logvar, m):
+    """Smooth floor on a log-variance:  logvar' = m + softplus(logvar - m)  >  m.
+
+        a        = logvar - m
+        logvar'  = m + log(1 + exp(a))          (stable softplus, never exp of a positive number)
+        logvar' -> logvar   for logvar >> m,    logvar' -> m   for logvar << m
+
+    So sigma' = exp(logvar'/2) > exp(m/2): each pixel's density is at most
+    1/sqrt(2 pi exp(m)), its NLL at least 1/2 (m + log 2 pi).
+
+    Shapes: logvar (..., D) any shape, m a Python float -> (logvar' same shape, cache).
+    """
+    a = logvar - m
+    return m + softplus(a), a
+
+
+def logvar_floor_backward(dout, cache):
+    """d logvar' / d logvar = softplus'(a) = sigmoid(logvar - m), in (0, 1).
+
+    dout (..., D) -> dlogvar (..., D), the same shape.
+    """
+    a = cache
+    return dout * sigmoid(a)                         # dL/dlogvar = dL/dlogvar' * sigmoid(logvar - m)

@@ -28,6 +28,13 @@ Everything else -- reparameterization, KL, likelihood, the IWAE and free-bits
 objectives, and their one shared backward (:meth:`VAE._loss_backward`) -- is
 written once here, whatever the networks are.
 
+A conditional VAE (``VAEConfig(n_classes=K)``, Sohn, Lee & Yan 2015) models p(x|y) for labels y in
+0..K-1: q(z|x, y) and p(x|z, y), with the one-hot label joined to the input of each network's first
+dense layer by a ``concat`` layer (:mod:`minivae.conditional`).  Every method that runs a network then
+takes the labels ``y``, integer class indices (N,): ``loss(x, y=y)``, ``encode(x, y)``, ``decode(z, y)``,
+``sample(n, y=7)``, ``log_weights(x, eps, y)``.  The objective chain is unchanged: the label is data,
+the concat layer's backward keeps only the gradient of h.
+
 All parameters live in one contiguous buffer, ``model.flat``; each entry of
 ``model.params`` is a reshaped view into it, and the gradients returned by
 :meth:`VAE.loss` are views into a fresh buffer of the same layout
@@ -43,11 +50,13 @@ from .config import VAEConfig
 from .gaussian import (LOG_2PI, kl_backward, kl_forward, log_diag_normal, log_standard_normal,
                        reparameterize_backward, reparameterize_forward)
 from . import networks
+from .conditional import check_labels, concat_backward, concat_forward, one_hot
 from .conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
                    maxpool2d_backward, maxpool2d_forward, upsample_nearest2d_backward, upsample_nearest2d_forward)
 from .layers import activation, dense_backward, dense_forward, sigmoid
 from .likelihoods import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_learned_var_nll_backward,
-                          gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward)
+                          gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
+                          logvar_floor_backward, logvar_floor_forward)
 from .objectives import (free_bits_backward, free_bits_forward, iwae_backward, iwae_forward, kl_dim_backward,
                          kl_dim_forward)
 
@@ -122,6 +131,13 @@ def _check_objective(n_samples, iwae_k, free_bits):
         if n_samples not in (1, iwae_k):
             raise ValueError(f"n_samples ({n_samples}) and iwae_k ({iwae_k}) disagree; give only iwae_k")
     return iwae_k, free_bits
+
+
+def _tile(y, S):
+    """The one-hot labels (N, K) repeated for S samples, (S*N, K) in the (s, n) row order of z; None stays None."""
+    if y is None or S == 1:
+        return y
+    return y[None].repeat(S, axis=0).reshape(S * y.shape[0], -1)
 
 
 class VAE:
@@ -202,10 +218,28 @@ class VAE:
             raise ValueError(f"eps must have shape ({S}, {N}, {L}) or ({N}, {L}), got {tuple(eps.shape)}")
         return eps
 
+    def _as_labels(self, y, N):
+        """The one-hot labels (N, K) of a conditional model, or None for an unconditional one (which takes no y)."""
+        K = self.config.n_classes
+        if K is None:
+            if y is not None:
+                raise ValueError("this VAE is unconditional (n_classes=None) and takes no labels y; build it with "
+                                 "VAEConfig(n_classes=K) to condition on labels")
+            return None
+        if y is None:
+            raise ValueError(f"this VAE is conditional (n_classes={K}): pass the labels y, integer class indices "
+                             f"(N,) in 0..{K - 1}")
+        return one_hot(check_labels(y, K, N), K, self.dtype, self.xp)
+
     # ---------------------------------------------------------------- pieces
-    def _layer_forward(self, layer, h):
-        """One layer's op pair, forward: ``h -> (out, cache)`` (see :mod:`minivae.networks`)."""
+    def _layer_forward(self, layer, h, y=None):
+        """One layer's op pair, forward: ``h -> (out, cache)`` (see :mod:`minivae.networks`).
+
+        ``y`` is the one-hot label (rows of h, K), read by a ``concat`` layer only.
+        """
         op = layer.op
+        if op == "concat":                                    # [h, onehot(y)]: (N, H) -> (N, H + K)
+            return concat_forward(h, y)
         if op == "act":
             return self.act_forward(h)
         if op == "flatten":                                   # (N, C, H, W) -> (N, C·H·W), (C, H, W) order
@@ -230,6 +264,8 @@ class VAE:
         ``grads[name + ".b"]``.
         """
         op = layer.op
+        if op == "concat":                                    # a slice; the label is data: no gradient to y
+            return concat_backward(dout, cache)[0]
         if op == "act":
             return self.act_backward(dout, cache)
         if op in ("flatten", "unflatten"):                    # a reshape: its backward reshapes back
@@ -242,15 +278,16 @@ class VAE:
         din, grads[layer.name + ".W"], grads[layer.name + ".b"] = backward(dout, cache)
         return din
 
-    def _encoder_forward(self, x):
-        """x (N, D) -> ``(mu, logvar, cache)``; mu and logvar are (N, L).
+    def _encoder_forward(self, x, y=None):
+        """x (N, D) [and the one-hot labels y (N, K) of a conditional model] -> ``(mu, logvar, cache)``.
 
+        mu and logvar are (N, L).
         The cache is ``(caches, c_mu, c_lv)``: one cache per layer of ``self.net.encoder``
         (in forward order), then the caches of the mu and logvar heads.
         """
         h, caches = x, []
         for layer in self.net.encoder:
-            h, c = self._layer_forward(layer, h)
+            h, c = self._layer_forward(layer, h, y)
             caches.append(c)
         head_mu, head_lv = self.net.enc_heads
         mu, c_mu = self._layer_forward(head_mu, h)
@@ -279,8 +316,8 @@ class VAE:
         ### END SOLUTION
         return dh
 
-    def _decoder_forward(self, z):
-        """z (M, L) -> ``(outs, cache)``.
+    def _decoder_forward(self, z, y=None):
+        """z (M, L) [and the one-hot labels y (M, K) of a conditional model] -> ``(outs, cache)``.
 
         outs is ``[out]`` (logits or mean) or ``[mean, logvar]`` for the learned variance,
         each (M, D) rows.  The cache is ``(caches, c_outs)``: one cache per layer of
@@ -289,7 +326,7 @@ class VAE:
         """
         h, caches = z, []
         for layer in self.net.decoder:
-            h, c = self._layer_forward(layer, h)
+            h, c = self._layer_forward(layer, h, y)
             caches.append(c)
         outs, c_outs = [], []
         for head in self.net.dec_heads:
@@ -321,13 +358,22 @@ class VAE:
         return dh
 
     def _recon_forward(self, outs, x):
-        """outs reshaped to (S, N, D) against x (N, D) -> nll (S, N)."""
+        """outs reshaped to (S, N, D) against x (N, D) -> nll (S, N).
+
+        With ``config.dec_logvar_min = m`` the learned log-variance first goes through the floor
+        logvar' = m + softplus(logvar - m) (:func:`~minivae.likelihoods.logvar_floor_forward`).
+        """
         lik = self.config.likelihood
         if lik == "bernoulli":
             return bernoulli_nll_forward(outs[0], x)
         if lik == "gaussian":
             return gaussian_nll_forward(outs[0], x, self.config.obs_var)
-        return gaussian_learned_var_nll_forward(outs[0], outs[1], x)
+        m = self.config.dec_logvar_min
+        if m is None:
+            return gaussian_learned_var_nll_forward(outs[0], outs[1], x)
+        logvar, c_floor = logvar_floor_forward(outs[1], m)                 # floored logvar' > m
+        nll, c_nll = gaussian_learned_var_nll_forward(outs[0], logvar, x)
+        return nll, (c_nll, c_floor)
 
     def _recon_backward(self, dnll, cache):
         lik = self.config.likelihood
@@ -335,11 +381,15 @@ class VAE:
             return [bernoulli_nll_backward(dnll, cache)]
         if lik == "gaussian":
             return [gaussian_nll_backward(dnll, cache)]
-        return list(gaussian_learned_var_nll_backward(dnll, cache))
+        if self.config.dec_logvar_min is None:
+            return list(gaussian_learned_var_nll_backward(dnll, cache))
+        c_nll, c_floor = cache
+        dmean, dlogvar_floored = gaussian_learned_var_nll_backward(dnll, c_nll)
+        return [dmean, logvar_floor_backward(dlogvar_floored, c_floor)]    # chain through the floor
 
     # ------------------------------------------------------------------- API
     def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True, iwae_k=None,
-             free_bits=0.0):
+             free_bits=0.0, y=None):
         """Mean negative ELBO (nats per example) and its gradients.
 
         x          (N, D) data on the model's scale ([0, 1] for Bernoulli)
@@ -350,6 +400,8 @@ class VAE:
         iwae_k     K: optimise the IWAE bound with K samples instead; eps is then (K, N, L)
         free_bits  lambda >= 0: the KL term becomes sum_j max(lambda, mean_n KL_nj)
                    (free bits, Kingma et al. 2016; see :mod:`minivae.objectives`)
+        y          labels (N,), integer class indices, for a conditional model (required there,
+                   refused otherwise); the loss is then the negative ELBO of log p(x|y)
 
         The three objectives share the whole forward (encoder, reparameterization, decoder,
         likelihood, KL) and the whole backward (:meth:`_loss_backward`); only the last step, from
@@ -380,6 +432,10 @@ class VAE:
         not part of the objective), plus ``iwae_k`` for IWAE and
         ``kl_objective`` (the floored sum) for free bits.
         """
+        # beta as a scalar of the model's dtype: under NumPy < 2's value-based casting, a Python float
+        # times a float32 0-d array (kl.mean()) promotes to float64; NEP 50 (NumPy >= 2) keeps float32.
+        # Casting it here gives float32 under both rules, and the same numbers as NumPy 2.
+        beta = self.dtype.type(beta)
         objective = "elbo"
         if iwae_k is not None or free_bits:
             iwae_k, free_bits = _check_objective(n_samples, iwae_k, free_bits)
@@ -390,14 +446,15 @@ class VAE:
         S = eps.shape[0]
         if iwae_k is not None and S != iwae_k:
             raise ValueError(f"eps has {S} samples but iwae_k is {iwae_k}")
+        y = self._as_labels(y, N)                                     # one-hot (N, K), or None
 
         if iwae_k is not None and S > self._iwae_chunk(N):
-            return self._iwae_chunked(x, eps, beta, backward)         # bounded memory for large K
+            return self._iwae_chunked(x, eps, beta, backward, y)      # bounded memory for large K
 
         # ---- forward, shared by every objective
-        mu, logvar, c_enc = self._encoder_forward(x)                  # (N, L) each
+        mu, logvar, c_enc = self._encoder_forward(x, y)               # (N, L) each
         z, c_rep = reparameterize_forward(mu, logvar, eps)            # (S, N, L)
-        outs, c_dec = self._decoder_forward(z.reshape(S * N, L))      # (S*N, D) each
+        outs, c_dec = self._decoder_forward(z.reshape(S * N, L), _tile(y, S))   # (S*N, D) each
         outs = [o.reshape(S, N, D) for o in outs]
         rec, c_rec = self._recon_forward(outs, x)                     # (S, N)
         kl, c_kl = kl_forward(mu, logvar)                             # (N,)
@@ -490,10 +547,10 @@ class VAE:
         (im2col) of up to about 144·D numbers per row (3x3 kernels on 64 channels at H/2 x W/2).
         """
         c = self.config
-        width = max(c.x_dim, *c.hidden) if c.arch == "mlp" else 160 * c.x_dim
+        width = max((c.x_dim, *c.hidden)) if c.arch == "mlp" else 160 * c.x_dim
         return max(1, self.IWAE_CHUNK_ELEMENTS // (N * width))
 
-    def _iwae_chunked(self, x, eps, beta, backward):
+    def _iwae_chunked(self, x, eps, beta, backward, y=None):
         """The IWAE loss and gradients of :meth:`loss`, over the K samples in chunks.
 
         Same math, memory bounded by one chunk of samples whatever K is.  The normalized weights
@@ -508,12 +565,12 @@ class VAE:
         S, N, L = eps.shape
         D = self.config.x_dim
         step = self._iwae_chunk(N)
-        mu, logvar, c_enc = self._encoder_forward(x)
+        mu, logvar, c_enc = self._encoder_forward(x, y)                 # y: one-hot (N, K), or None
         kl, _ = kl_forward(mu, logvar)
 
         def chunk_forward(s0, s1):
             z, c_rep = reparameterize_forward(mu, logvar, eps[s0:s1])     # (s, N, L)
-            outs, c_dec = self._decoder_forward(z.reshape((s1 - s0) * N, L))
+            outs, c_dec = self._decoder_forward(z.reshape((s1 - s0) * N, L), _tile(y, s1 - s0))
             rec, c_rec = self._recon_forward([o.reshape(s1 - s0, N, D) for o in outs], x)   # (s, N)
             log_pz = log_standard_normal(z)
             log_qz = -0.5 * (eps[s0:s1] * eps[s0:s1] + logvar + LOG_2PI).sum(axis=-1)
@@ -537,60 +594,93 @@ class VAE:
             grads.flat += part.flat
         return loss, grads
 
-    def encode(self, x):
-        """q(z|x): ``(mu, logvar)``, each (N, L)."""
-        mu, logvar, _ = self._encoder_forward(self._as_input(x))
+    def encode(self, x, y=None):
+        """q(z|x) (or q(z|x, y) with labels y (N,)): ``(mu, logvar)``, each (N, L)."""
+        x = self._as_input(x)
+        mu, logvar, _ = self._encoder_forward(x, self._as_labels(y, x.shape[0]))
         return mu, logvar
 
-    def decode_raw(self, z):
-        """Decoder outputs before the link: logits (Bernoulli) or mean [, logvar]."""
+    def decode_raw(self, z, y=None):
+        """Decoder outputs before the link: logits (Bernoulli) or mean [, logvar].  y: labels (N,) if conditional.
+
+        The logvar here is the head's raw output, before the floor of ``config.dec_logvar_min``;
+        :meth:`decode_logvar` gives the floored one that the likelihood uses.
+        """
         z = self.xp.asarray(z, dtype=self.dtype)
         if z.ndim != 2 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"z must have shape (N, {self.config.z_dim}), got {tuple(z.shape)}")
-        outs, _ = self._decoder_forward(z)
+        outs, _ = self._decoder_forward(z, self._as_labels(y, z.shape[0]))
         return outs
 
-    def decode(self, z):
-        """E[x|z]: pixel probabilities (Bernoulli) or means (Gaussian), (N, D)."""
-        outs = self.decode_raw(z)
+    def decode_logvar(self, z, y=None):
+        """log Var[x_d|z], (N, D): the log-variance the likelihood uses.
+
+        "gaussian_learned_var": the decoder's logvar head, through the floor when
+        ``config.dec_logvar_min`` is set (:meth:`decode_raw` gives the head before the floor);
+        "gaussian": log(obs_var) everywhere.  The Bernoulli likelihood has no variance parameter
+        (Var[x_d|z] = p_d (1 - p_d)): ValueError.
+        """
+        lik = self.config.likelihood
+        if lik == "bernoulli":
+            raise ValueError("the Bernoulli likelihood has no log-variance output (its variance is p (1 - p))")
+        outs = self.decode_raw(z, y)
+        if lik == "gaussian":
+            return self.xp.full_like(outs[0], np.log(self.config.obs_var))
+        if self.config.dec_logvar_min is None:
+            return outs[1]
+        return logvar_floor_forward(outs[1], self.config.dec_logvar_min)[0]
+
+    def decode(self, z, y=None):
+        """E[x|z] (or E[x|z, y]): pixel probabilities (Bernoulli) or means (Gaussian), (N, D)."""
+        outs = self.decode_raw(z, y)
         if self.config.likelihood == "bernoulli":
             return sigmoid(outs[0])
         return outs[0]
 
-    def reconstruct(self, x):
-        """decode(mu(x)): the mean reconstruction, (N, D)."""
-        return self.decode(self.encode(x)[0])
+    def reconstruct(self, x, y=None):
+        """decode(mu(x)) (or decode(mu(x, y), y)): the mean reconstruction, (N, D)."""
+        return self.decode(self.encode(x, y)[0], y)
 
-    def sample(self, n, rng=None):
-        """n draws of E[x|z] with z ~ p(z) = N(0, I), (n, D).  rng: Generator or seed."""
+    def sample(self, n, rng=None, y=None):
+        """n draws of E[x|z] with z ~ p(z) = N(0, I), (n, D).  rng: Generator or seed.
+
+        A conditional model draws E[x|z, y]: ``y`` is one label for all n (``y=7``) or n labels (n,).
+        """
         g = as_generator(rng) if rng is not None else self.rng
         z = g.standard_normal((int(n), self.config.z_dim)).astype(self.dtype)
-        return self.decode(z)
+        if y is not None and np.ndim(y) == 0 and self.config.n_classes is not None:
+            y = np.full(int(n), y)
+        return self.decode(z, y)
 
-    def log_px_given_z(self, x, z):
-        """log p(x|z) for z (S, N, L) against x (N, D) -> (S, N)."""
+    def log_px_given_z(self, x, z, y=None):
+        """log p(x|z) (or log p(x|z, y), labels y (N,)) for z (S, N, L) against x (N, D) -> (S, N)."""
         x = self._as_input(x, validate=False)
         S, N, L = z.shape
-        outs, _ = self._decoder_forward(z.reshape(S * N, L))
+        y = self._as_labels(y, N)
+        outs, _ = self._decoder_forward(z.reshape(S * N, L), _tile(y, S))
         rec, _ = self._recon_forward([o.reshape(S, N, -1) for o in outs], x)
         return -rec
 
-    def log_weights(self, x, eps):
+    def log_weights(self, x, eps, y=None):
         """Importance log-weights log p(x|z) + log p(z) - log q(z|x), (S, N).
 
         z = mu + sigma * eps with eps (S, N, L); this is the quantity the
         importance-weighted bound and estimator average (log-mean-exp over S).
+        A conditional model takes the labels y (N,) and gives
+        log p(x|z, y) + log p(z) - log q(z|x, y), whose log-mean-exp estimates log p(x|y).
         """
         x = self._as_input(x, validate=False)
-        mu, logvar, _ = self._encoder_forward(x)
+        mu, logvar, _ = self._encoder_forward(x, self._as_labels(y, x.shape[0]))
         eps = self._as_eps(eps, x.shape[0])
         z = reparameterize_forward(mu, logvar, eps)[0]
-        return self.log_px_given_z(x, z) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
+        return self.log_px_given_z(x, z, y) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
 
     def __repr__(self):
         c = self.config
         arch = "-".join(str(v) for v in (c.x_dim, *c.hidden, c.z_dim))
         if c.arch != "mlp":
             arch = f"{c.arch} {'x'.join(map(str, c.image_shape))}-{'-'.join(map(str, (*c.hidden, c.z_dim)))}"
+        if c.n_classes is not None:
+            arch += f" | y of {c.n_classes} classes"
         return (f"VAE({arch}, {c.activation}, {c.likelihood}, {c.dtype}, backend={self.backend}, "
                 f"{self.size} params)")

@@ -39,6 +39,14 @@ The convolutional VAEs (``arch="conv"`` and ``"conv-pool"``, image (C, H, W), H 
 (256 is ``hidden``; more widths add dense layers as in the fully connected VAE.)  A learned output
 variance adds a head ``dec.out_logvar`` of the same kind as the output head.
 
+A conditional VAE (``n_classes=K``, :mod:`minivae.conditional`) adds one layer without parameters,
+``concat`` ([h, onehot(y)], K more columns), right before the first dense layer of each network: the
+first layer of the fully connected encoder, the encoder's dense layer after ``flatten`` for conv, and the
+decoder's input z.  The dense layer after it reads K more inputs::
+
+    encoder   = [concat y, dense enc.0 (784 + K, 400), act]          (conv: ..., flatten, concat y, dense enc.0)
+    decoder   = [concat y, dense dec.0 (L + K, 400), act]
+
 The order of the parameters (``model.params``) is the order of the layers in
 ``encoder + enc_heads + decoder + dec_heads``, W before b.
 """
@@ -52,13 +60,13 @@ class Layer(NamedTuple):
 
     op    "dense" (y = x @ W + b), "act" (the config's activation), "conv" (conv2d), "deconv"
           (conv_transpose2d), "maxpool", "upsample", "flatten" (N, C, H, W) -> (N, C·H·W) or
-          "unflatten" (N, C·H·W) -> (N, C, H, W)
+          "unflatten" (N, C·H·W) -> (N, C, H, W), or "concat" (N, H) -> (N, H + K), [h, onehot(y)]
     name  parameter prefix: the layer owns ``params[name + ".W"]`` and ``params[name + ".b"]``
           (None for a layer without parameters)
     W     the weight's shape: (in, out) for dense, (F, C, KH, KW) for conv,
           (C_in, C_out, KH, KW) for deconv
     arg   the op's extra arguments: (stride, padding) for conv and deconv, (size,) for maxpool,
-          (scale,) for upsample, the (C, H, W) shape for unflatten
+          (scale,) for upsample, the (C, H, W) shape for unflatten, (K,) for concat
     """
 
     op: str
@@ -77,6 +85,12 @@ class Layer(NamedTuple):
 ACT = Layer("act")
 
 
+def _concat_y(config):
+    """``([concat y], K)`` for a conditional config (the layer that joins the one-hot label), else ``([], 0)``."""
+    K = config.n_classes
+    return ([Layer("concat", arg=(K,))], K) if K else ([], 0)
+
+
 class Networks(NamedTuple):
     """The four layer lists of a VAE (see the module docstring)."""
 
@@ -93,12 +107,14 @@ class Networks(NamedTuple):
 def mlp(config):
     """The fully connected VAE: ``hidden`` widths in the encoder, mirrored (reversed) in the decoder."""
     c = config
-    encoder, prev = [], c.x_dim
+    encoder, K = _concat_y(c)
+    prev = c.x_dim + K
     for i, h in enumerate(c.hidden):
         encoder += [Layer("dense", f"enc.{i}", (prev, h)), ACT]
         prev = h
     enc_heads = [Layer("dense", "enc.mu", (prev, c.z_dim)), Layer("dense", "enc.logvar", (prev, c.z_dim))]
-    decoder, prev = [], c.z_dim
+    decoder, K = _concat_y(c)
+    prev = c.z_dim + K
     for i, h in enumerate(reversed(c.hidden)):
         decoder += [Layer("dense", f"dec.{i}", (prev, h)), ACT]
         prev = h
@@ -126,13 +142,15 @@ def conv(config):
         encoder = [Layer("unflatten", arg=(C, H, W)),
                    Layer("conv", "enc.conv.0", (c1, C, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,)),
                    Layer("conv", "enc.conv.1", (c2, c1, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,))]
-    encoder.append(Layer("flatten"))
-    prev = n_feat
+    concat, K = _concat_y(c)
+    encoder += [Layer("flatten"), *concat]
+    prev = n_feat + K
     for i, h in enumerate(c.hidden):
         encoder += [Layer("dense", f"enc.{i}", (prev, h)), ACT]
         prev = h
     enc_heads = [Layer("dense", "enc.mu", (prev, c.z_dim)), Layer("dense", "enc.logvar", (prev, c.z_dim))]
-    decoder, prev = [], c.z_dim
+    decoder, K = _concat_y(c)
+    prev = c.z_dim + K
     for i, h in enumerate((*reversed(c.hidden), n_feat)):
         decoder += [Layer("dense", f"dec.{i}", (prev, h)), ACT]
         prev = h

@@ -51,6 +51,8 @@ from __future__ import annotations
 import math
 
 from .backend import get_array_module
+# the per-dimension KL op pair free bits sits on, derived from kl_forward / kl_backward (re-exported here)
+from .gaussian import kl_dim_backward, kl_dim_forward  # noqa: F401
 
 
 # ----------------------------------------------------------------------------
@@ -105,22 +107,3 @@ def free_bits_backward(dobj, cache):
     active, N = cache
     xp = get_array_module(active)
     return xp.broadcast_to((dobj / N) * active, (N, active.shape[0])).copy()
-
-
-# ----------------------------------------------------------------------------
-# per-dimension analytic KL (the op free bits sits on)
-# ----------------------------------------------------------------------------
-def kl_dim_forward(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, 1)) per example and dimension, (N, L).
-
-    KL_nj = 1/2 (mu_nj^2 + exp(logvar_nj) - 1 - logvar_nj)   (Kingma & Welling 2014, App. B)
-    """
-    xp = get_array_module(mu, logvar)
-    var = xp.exp(logvar)
-    return 0.5 * (mu * mu + var - 1.0 - logvar), (mu, var)
-
-
-def kl_dim_backward(dkl, cache):
-    """dKL_nj/dmu_nj = mu_nj,  dKL_nj/dlogvar_nj = (exp(logvar_nj) - 1)/2; dkl (N, L)."""
-    mu, var = cache
-    return dkl * mu, dkl * (0.5 * (var - 1.0))

@@ -55,6 +55,12 @@ error.  Data provenance: the run records the resolved data folder and the
 size and SHA-256 of each data file (``settings["data"]``); a resume or an
 evaluation reads that same data (from any folder that holds the same files),
 or refuses.
+
+``conditional=True`` trains a conditional VAE of p(x|y) on the dataset's labels (an IDX labels file, or
+the ``y`` of ``<split>.npz``): the number of classes K is the largest training label + 1, recorded in the
+model's config (``n_classes``), and every label must lie in 0..K-1.  Each step is then
+``model.loss(xb, y=yb, ...)`` on the readable path (the fast path is unconditional only), and every
+reported number is a bound on log p(x|y); the figures add ``class_grid.png``.
 """
 from __future__ import annotations
 
@@ -203,11 +209,13 @@ class TrainSettings:
     recipe: str = "default"
     # model
     arch: str = "mlp"          # "mlp", "conv" or "conv-pool" (minivae.networks)
+    conditional: bool = False  # a conditional VAE of p(x|y) on the dataset's labels (minivae.conditional)
     hidden: tuple = (400,)
     latent: int = 20
     activation: str = "relu"
     likelihood: str = "bernoulli"
     obs_var: float = 1.0
+    dec_logvar_min: float | None = None   # floor on a learned decoder log-variance (VAEConfig)
     dtype: str = "float32"
     # data
     binarize: str = "dynamic"
@@ -289,7 +297,7 @@ class TrainSettings:
         for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "obs_var"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
-        for name in ("clip_norm", "free_bits"):
+        for name in ("clip_norm", "free_bits", "dec_logvar_min"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, (int, float)) and math.isfinite(v)),
                  f"{name} must be a finite number, got {v!r}")
@@ -315,12 +323,15 @@ class TrainSettings:
         check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {_arch(config)}")
         return self
 
-    def model_config(self, x_dim, image_shape=None):
-        """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``."""
+    def model_config(self, x_dim, image_shape=None, n_classes=None):
+        """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
+        a conditional run its number of classes ``n_classes``."""
         conv = self.arch != "mlp"
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
-                         image_shape=image_shape if conv else None)
+                         dec_logvar_min=self.dec_logvar_min,
+                         image_shape=image_shape if conv else None,
+                         n_classes=n_classes if self.conditional else None)
 
     def make_optimizer(self):
         kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
@@ -388,6 +399,7 @@ class Data:
         src = s.data_dir or str(default_data_dir())
         if x_tr.shape[1] != x_te.shape[1]:
             raise DataError(f"{src}: train images have {x_tr.shape[1]} values, test images {x_te.shape[1]}")
+        self.n_classes = class_count(s.data_dir, y_tr, y_te) if s.conditional else None
         if s.n_train:
             x_tr, y_tr = x_tr[:s.n_train], y_tr[:s.n_train]
         if s.n_test:
@@ -447,6 +459,42 @@ def run_data_dir(settings, data_dir=None, where="the run"):
 
 def _describe(files):
     return ", ".join(f"{k} ({v[0]} bytes, sha256 {v[1][:12]})" for k, v in sorted((files or {}).items()))
+
+
+def class_count(data_dir, y_train, y_test):
+    """K, the number of classes of a conditional run: the largest training label + 1.
+
+    Raises :class:`DataError` (one line) when a split has no labels (a ``<split>.npz`` without ``y``; a
+    missing IDX labels file or a wrong label count already fails in :func:`load_split`) or when a label
+    lies outside 0..K-1.
+    """
+    d = Path(data_dir) if data_dir is not None else default_data_dir()
+    for split in ("train", "test"):
+        npz = d / f"{split}.npz"
+        if npz.exists():
+            with np.load(npz, allow_pickle=False) as z:
+                if "y" not in z.files:
+                    raise DataError(f"{npz}: no labels (an array y); a conditional run needs one label per image")
+    if not len(y_train):
+        raise DataError(f"{d}: no training labels")
+    K = int(y_train.max()) + 1
+    for split, y in (("train", y_train), ("test", y_test)):
+        check_split_labels(y, K, f"{d} ({split} labels)")
+    return K
+
+
+def check_split_labels(y, n_classes, name):
+    """Raise :class:`DataError` naming ``name`` when a label lies outside 0..n_classes-1."""
+    from .conditional import check_labels
+    try:
+        check_labels(y, n_classes, name="the labels")
+    except ValueError as exc:
+        raise DataError(f"{name}: {exc}") from None
+
+
+def label_kwargs(model, y):
+    """``{"y": y}`` for a conditional model, ``{}`` for an unconditional one (which takes no labels)."""
+    return {"y": y} if model.config.n_classes is not None else {}
 
 
 def evaluation_data(settings, data_dir=None, n=None, where="the run"):
@@ -643,7 +691,7 @@ def _train_locked(s, out, resume, progress, log, force):
 
     xp = get_xp(s.backend)          # BackendError early if cupy is asked for without a GPU
     data = Data(s)
-    config = s.model_config(data.x_dim, data.image_shape)
+    config = s.model_config(data.x_dim, data.image_shape, data.n_classes)
     from .limits import check_fits, training_bytes
     check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {_arch(config)}")
     rngs = make_rngs(s.seed)
@@ -730,7 +778,8 @@ def _train_locked(s, out, resume, progress, log, force):
                         loss = trainer.step(xb, eps, beta=beta_t)
                         parts = trainer.parts
                     else:
-                        loss, grads = model.loss(xb, beta=beta_t, validate=False, **obj_kw)
+                        loss, grads = model.loss(xb, beta=beta_t, validate=False, **obj_kw,
+                                                 **label_kwargs(model, data.y_train[idx]))
                         parts = model.parts
                     nb = len(idx)
                     if on_host:
@@ -762,10 +811,11 @@ def _train_locked(s, out, resume, progress, log, force):
             rec = {"epoch": epoch + 1, "train_loss": tot[0] / n, "train_neg_elbo": (tot[1] + tot[2]) / n,
                    "train_recon": tot[1] / n, "train_kl": tot[2] / n}
             where["step"] = "during the end-of-epoch evaluation"
-            for name, x in (("test", data.test_eval), ("valid", data.valid_eval)):
+            for name, x, y in (("test", data.test_eval, data.y_test), ("valid", data.valid_eval, data.y_valid)):
                 if x is None:
                     continue
-                ev = evaluate.negative_elbo(model, x, np.random.default_rng(s.test_seed), batch_size=1000)
+                ev = evaluate.negative_elbo(model, x, np.random.default_rng(s.test_seed), batch_size=1000,
+                                            **label_kwargs(model, y))
                 if not all(abs(v) <= MAX_LOSS for v in ev.values()):
                     raise TrainingDiverged(f"{name} loss became {ev['loss']:.6g} after epoch {epoch + 1}"
                                            f"{_absurd(ev['loss'])}; training stopped, {last_ckpt()}")
@@ -820,9 +870,9 @@ def fast_trainer(settings, model, opt, obj_kw):
     """A :class:`minivae.fast.FastTrainer` when the run can use it, else None (the readable path).
 
     The fast path computes the same loss, gradients and update as ``model.loss`` + ``opt.step``
-    (``tests/test_fast.py`` checks it op by op); it covers the plain (beta-)ELBO with one sample
-    and the Bernoulli or fixed-variance Gaussian likelihood.  A student copy made by
-    ``python -m minivae.assignments make`` has no ``fast.py``, so training there runs the student's code.
+    (the test suite checks it op by op); it covers the plain (beta-)ELBO with one sample
+    and the Bernoulli or fixed-variance Gaussian likelihood.  A course assignment's copy of minivae has
+    no ``fast.py``, so training there runs the student's code.
     """
     if not settings.fast or obj_kw:
         return None
@@ -869,13 +919,15 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
     """Final test report, written to ``results.json`` first, then the figures of a trained model."""
     s = settings
     rep = evaluate.report(model, data.test_eval, np.random.default_rng(s.test_seed), iw_k=s.iw_k,
-                          progress=progress)
+                          progress=progress, **label_kwargs(model, data.y_test))
     results = {"test": rep}
     if data.valid_eval is not None:
-        results["valid"] = evaluate.report(model, data.valid_eval, np.random.default_rng(s.test_seed))
+        results["valid"] = evaluate.report(model, data.valid_eval, np.random.default_rng(s.test_seed),
+                                           **label_kwargs(model, data.y_valid))
     line = f"final test -ELBO {rep['neg_elbo']:.3f} (recon {rep['recon']:.3f}, KL {rep['kl']:.3f})"
     if rep.get("iw_nll") is not None:
-        line += f"; IW bound (k={rep['iw_k']}) -log p(x) <= {rep['iw_nll']:.3f}"
+        px = "-log p(x|y)" if model.config.n_classes is not None else "-log p(x)"
+        line += f"; IW bound (k={rep['iw_k']}) {px} <= {rep['iw_nll']:.3f}"
     log(line + f" on {rep['n']} test images")
     if rep.get("collapse_warning"):
         log(f"warning: {rep['collapse_warning']}")

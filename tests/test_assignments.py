@@ -14,7 +14,8 @@ from minivae.assignments.make import scan_regions
 from minivae.assignments.markers import MarkerError, find_regions, fill_text, region_bodies, stub_text
 
 REPO = Path(__file__).resolve().parents[1]
-PKG_FILES = ("layers.py", "gaussian.py", "likelihoods.py", "optim.py", "model.py")
+PKG_FILES = ("layers.py", "gaussian.py", "likelihoods.py", "conv.py", "optim.py", "model.py")
+N = len(IDS)
 
 
 def _env():
@@ -42,7 +43,7 @@ def run_isolated(code, path, timeout=120):
 def starter(tmp_path_factory):
     """Every exercise stubbed."""
     out = tmp_path_factory.mktemp("starter") / "course"
-    info = make_starter(out)
+    info = make_starter(out, manifest=out.parent / "course.manifest.json")
     assert info["stubbed"] == list(IDS)
     return out
 
@@ -108,6 +109,8 @@ def test_starter_is_the_reference_with_stubbed_regions(starter):
     assert not (starter / "minivae" / "assignments").exists()
     for name in ("check.py", "check_expected.npz", "README.md", "pyproject.toml"):
         assert (starter / name).is_file(), name
+    # the manifest stays with the instructor, beside the copy, not in it
+    assert not list(starter.rglob("*manifest*"))
     if (REPO / "lessons").is_dir():
         assert sorted(p.name for p in (starter / "lessons").glob("*.py")) == \
             sorted(p.name for p in (REPO / "lessons").glob("*.py"))
@@ -150,7 +153,7 @@ def test_grading_the_reference_scores_100(tmp_path):
     report_file = tmp_path / "r" / "report.json"
     r = cli("grade", REPO, "--json", report_file)
     assert r.returncode == 0, r.stderr
-    assert "score: 100/100 (12 of 12 exercises passed)" in r.stdout
+    assert f"score: 100/100 ({N} of {N} exercises passed)" in r.stdout
     report = json.loads(report_file.read_text())
     assert report["score"] == 100
     assert [e["id"] for e in report["exercises"]] == list(IDS)
@@ -185,7 +188,7 @@ def test_planted_bugs_fail_exactly_the_planted_exercises(unstubbed, tmp_path):
     assert failed["reparameterize_forward"]["gradient"] == "z"
     assert failed["reparameterize_forward"]["status"] == "fail"
     assert failed["reparameterize_forward"]["worst_rel_error"] > 1e-2
-    assert report["score"] == pytest.approx(100 * 10 / 12, abs=0.01)
+    assert report["score"] == pytest.approx(100 * (N - 2) / N, abs=0.01)
     assert "not passed: dense_backward, reparameterize_forward" in r.stdout
     assert "wrong: dW" in r.stdout and "wrong: z" in r.stdout
 
@@ -197,10 +200,12 @@ def test_vae_backward_check_names_the_wrong_parameter(unstubbed, tmp_path):
          "        pass                                    # h feeds both heads")
     (res,) = grade(d, ["vae_backward"])["exercises"]
     assert res["status"] == "fail"
-    # the encoder's hidden layers are wrong (first in parameter order: enc.0.W), heads and decoder are right
-    assert res["gradient"] == "enc.0.W"
+    # the encoder's hidden layers are wrong, heads and decoder are right; the worst one is named
+    assert res["gradient"] in ("enc.0.W", "enc.0.b", "enc.1.W", "enc.1.b")
     assert "4 wrong gradient(s)" in res["message"]
-    assert "enc.0.W, enc.0.b, enc.1.W, enc.1.b; first:" in res["message"]
+    assert f"enc.0.W, enc.0.b, enc.1.W, enc.1.b; worst: {res['gradient']} is wrong: rel error" in res["message"]
+    # the header's worst rel error is the one the message quotes
+    assert f"rel error {res['worst_rel_error']:.2e}" in res["message"]
 
 
 def test_hang_crash_wrong_shape_and_bad_import_are_reported(unstubbed, tmp_path):
@@ -221,11 +226,18 @@ def test_hang_crash_wrong_shape_and_bad_import_are_reported(unstubbed, tmp_path)
     assert by["kl_forward"]["status"] == "pass"      # grading went on after the failures
     assert report["score"] == 25
 
+    # a broken file outside the regions is left out of the graded copy (and reported) ...
     (d / "minivae" / "optim.py").write_text("def broken(:\n")
     report = grade(d, ["kl_forward"])
     (res,) = report["exercises"]
-    assert res["status"] == "error" and "could not import the student's minivae" in res["message"]
-    assert "SyntaxError" in res["message"]
+    assert res["status"] == "pass" and any("minivae/optim.py" in n for n in report["notes"]), report
+    # ... a broken region body is reported with its file and line
+    edit(d / "minivae" / "gaussian.py", "    var = xp.exp(logvar)                                   # sigma^2",
+         "    var = xp.exp(logvar                                    # sigma^2")
+    report = grade(d, ["kl_forward"])
+    (res,) = report["exercises"]
+    assert res["status"] == "error" and "SyntaxError" in res["message"], res
+    assert "minivae/gaussian.py" in res["message"]
 
 
 # --------------------------------------------------------- student side
@@ -233,7 +245,7 @@ def test_local_checks_in_the_student_copy(starter, unstubbed):
     r = subprocess.run([sys.executable, "-B", "check.py"], cwd=unstubbed, capture_output=True, text=True,
                        env=_env(), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "12 of 12 passed" in r.stdout
+    assert f"{N} of {N} passed" in r.stdout
     r = subprocess.run([sys.executable, "-B", "check.py", "dense_backward"], cwd=starter, capture_output=True,
                        text=True, env=_env(), timeout=300)
     assert r.returncode == 1 and "TODO" in r.stdout and "exercise dense_backward" in r.stdout
@@ -298,3 +310,17 @@ def test_starter_data_loading_and_training_run(starter, tmp_path):
     r = run_isolated(TRAIN, starter)
     assert r.returncode != 0
     assert "NotImplementedError: exercise reparameterize_forward" in r.stderr, r.stderr
+
+
+def test_local_backward_check_names_a_wrong_forward(unstubbed, tmp_path):
+    # a wrong kl_forward makes the local kl_backward check fail, and the report names kl_forward as the cause;
+    # the grader, with its own forward, passes kl_backward
+    d = copy_of(unstubbed, tmp_path)
+    edit(d / "minivae" / "gaussian.py", "kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)",
+         "kl = 0.5 * (mu * mu + var - 1.0 + logvar).sum(axis=1)")
+    r = subprocess.run([sys.executable, "-B", "check.py", "kl_backward"], cwd=d, capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert r.returncode == 1 and "wrong: kl_forward" in r.stdout, r.stdout
+    assert "make exercise kl_forward pass first" in r.stdout
+    report = grade(d, ["kl_forward", "kl_backward"])
+    assert [e["passed"] for e in report["exercises"]] == [False, True]

@@ -198,7 +198,7 @@ def test_clear_errors_in_a_subprocess(tmp_path):
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "long"
     p = subprocess.Popen([sys.executable, "-m", "minivae", "train", "--n-train", "4096", "--n-test", "64",
-                          "--batch-size", "16", "--epochs", "200", "--hidden", "16", "--latent", "2",
+                          "--batch-size", "16", "--epochs", "5000", "--hidden", "16", "--latent", "2",
                           "--no-figures", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=ENV)
     try:
@@ -528,7 +528,7 @@ def test_the_embedded_folder_is_the_same_data(run_dir, tmp_path, capsys):
 def test_sigterm_and_the_lock_of_a_running_run(tmp_path, capsys):
     out = tmp_path / "long"
     p = subprocess.Popen([sys.executable, "-m", "minivae", "train", "--n-train", "4096", "--n-test", "64",
-                          "--batch-size", "16", "--epochs", "200", "--hidden", "16", "--latent", "2",
+                          "--batch-size", "16", "--epochs", "5000", "--hidden", "16", "--latent", "2",
                           "--no-figures", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=ENV)
     try:
@@ -536,7 +536,7 @@ def test_sigterm_and_the_lock_of_a_running_run(tmp_path, capsys):
         while not (out / "checkpoint.npz").exists():
             assert p.poll() is None and time.time() < deadline, "no checkpoint was written"
             time.sleep(0.1)
-        for argv in (["train", "--out", out, "--resume", "--epochs", "201", "--no-figures"],
+        for argv in (["train", "--out", out, "--resume", "--epochs", "5001", "--no-figures"],
                      ["train", *SMALL, "--out", out, "--force"]):
             code, _, err = run_main(argv, capsys)
             assert code == 2

@@ -14,6 +14,7 @@ from minivae.fast import (SPLIT_MIN_ROWS, FastPathError, FastTrainer, bernoulli_
                           blas_threads_control_available, log_weights)
 from minivae.gradcheck import rel_error
 from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward
+from minivae import cpu_kernels
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +47,21 @@ def batch(model, N, seed=1):
     return model.xp.asarray(x), model.xp.asarray(eps)
 
 
+needs_numba = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed (the fused CPU kernels)")
+# Both CPU implementations of the fast path: NumPy ufuncs, and the fused kernels (numba)
+PATHS = [pytest.param(False, id="numpy"), pytest.param(True, id="fused", marks=needs_numba)]
+
+
+@pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_loss_and_grads_match_reference(name, dtype):
+def test_loss_and_grads_match_reference(name, dtype, fused):
     model = make(name, dtype)
     x, eps = batch(model, 33 if name != "standard" else 64)
     ref_loss, ref_grads = model.loss(x, eps, beta=0.7)
     ref_parts = {k: float(v) for k, v in model.parts.items()}
-    tr = FastTrainer(model, minivae.Adam())
+    tr = FastTrainer(model, minivae.Adam(), fused=fused)
+    assert tr.fused == fused
     loss, grads = tr.loss_and_grads(x, eps, beta=0.7)
     tol = TOL[dtype]
     assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss))
@@ -85,9 +93,10 @@ def test_forward_ops_match_reference(dtype):
     assert rel_error(B.out, model.decode_raw(B.z)[0]) < tol
 
 
+@pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_fused_bernoulli_matches_reference_ops(dtype, threads):
+def test_fused_bernoulli_matches_reference_ops(dtype, threads, fused):
     """The one-exp loss + gradient against bernoulli_nll_forward/backward, extreme logits included
     (with 2 threads the rows are split in two blocks)."""
     rng = np.random.default_rng(3)
@@ -97,7 +106,7 @@ def test_fused_bernoulli_matches_reference_ops(dtype, threads):
     x = (rng.random((N, D)) < 0.5).astype(dtype)
     x[1] = rng.random(D).astype(dtype)                          # continuous targets in [0, 1] are allowed
     model = make("standard", dtype)
-    tr = FastTrainer(model, threads=threads)
+    tr = FastTrainer(model, threads=threads, fused=fused)
     B = tr._buffers(N)
     with np.errstate(over="raise", invalid="raise", divide="raise"):   # underflow to 0 is expected
         recon = tr._likelihood(logits, x, B, 1.0 / N, True)
@@ -150,13 +159,14 @@ def test_fast_log_weights_match_model(name):
     assert np.max(np.abs(got32 - ref32) / np.maximum(1.0, np.abs(ref32))) < 1e-5
 
 
+@pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("threads,block", [(1, 1 << 16), (2, 1 << 16), (1, 1000), (2, 777)])
-def test_adam_steps_match_reference(dtype, threads, block):
+def test_adam_steps_match_reference(dtype, threads, block, fused):
     ref = make("standard", dtype)
     fast = make("standard", dtype)
     opt_ref, opt_fast = minivae.Adam(lr=3e-3), minivae.Adam(lr=3e-3)
-    tr = FastTrainer(fast, opt_fast, threads=threads, block=block)
+    tr = FastTrainer(fast, opt_fast, threads=threads, block=block, fused=fused)
     for s in range(4):
         x, eps = batch(ref, 32, seed=10 + s)
         loss_ref, grads = ref.loss(x, eps)
@@ -183,10 +193,11 @@ def test_adam_steps_match_reference(dtype, threads, block):
     tr.close()
 
 
-def test_two_threads_give_the_same_training():
+@pytest.mark.parametrize("fused", PATHS)
+def test_two_threads_give_the_same_training(fused):
     """Threaded Adam is bitwise identical; the threaded likelihood (N >= 128) only regroups a sum."""
     models = [make("standard", "float32") for _ in range(2)]
-    trainers = [FastTrainer(m, minivae.Adam(), threads=t, block=b, split=False)
+    trainers = [FastTrainer(m, minivae.Adam(), threads=t, block=b, split=False, fused=fused)
                 for m, t, b in zip(models, (1, 2), (1 << 16, 5000))]
     for s in range(3):
         x, eps = batch(models[0], 16, seed=s)
@@ -292,7 +303,7 @@ def test_float32_is_preserved_everywhere():
     arrays = [a for v in vars(B).values() for a in (v.values() if isinstance(v, dict) else
                                                      v if isinstance(v, list) else [v])]
     assert all(a.dtype in (np.float32, np.bool_) for a in arrays)
-    assert tr.W_heads.dtype == np.float32 and tr._tmp.dtype == np.float32
+    assert tr.W_heads.dtype == np.float32 and (tr._tmp is None or tr._tmp.dtype == np.float32)
 
 
 def test_other_optimizers_fall_back_to_their_step():
@@ -334,7 +345,7 @@ def test_unsupported_and_bad_input_raise_clear_errors():
     with pytest.raises(ValueError, match="eps must be"):
         tr.step(x, eps[:4])
     with pytest.raises(ValueError, match="threads"):
-        FastTrainer(model, threads=3)
+        FastTrainer(model, threads=0)
 
 
 @pytest.mark.gpu
@@ -385,12 +396,83 @@ def test_blas_thread_control_goes_through_threadpoolctl():
     from minivae.fast import _find_blas_threads, _set_blas_threads
     fset, fget = _find_blas_threads()
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
-    assert blas and fget() == blas[0]["num_threads"]
+    assert blas and fget() in [i["num_threads"] for i in blas]
     target = 2 if fget() == 1 else 1
     before = _set_blas_threads(target)
     try:
-        assert all(i["num_threads"] == target for i in threadpool_info() if i["user_api"] == "blas")
+        # NumPy's BLAS now runs `target` threads, as threadpoolctl itself reports (other libraries, e.g. one
+        # loaded by numba, may bring a BLAS of their own, which the fast path does not use)
+        assert fget() == target
+        assert any(i["num_threads"] == target for i in threadpool_info() if i["user_api"] == "blas")
         assert _set_blas_threads(before) == target
     finally:
         fset(before)
     assert fget() == before
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_adam_is_numpys_adam_bit_for_bit(dtype):
+    """The one-pass Adam kernel does NumPy's op sequence (adam_update_block) with the same roundings."""
+    from minivae.fast import adam_update_block
+    rng = np.random.default_rng(0)
+    n = 100_003                                                   # several blocks and a ragged end
+    p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype) * 1e-3
+    m, v = rng.standard_normal(n).astype(dtype) * 1e-3, rng.random(n).astype(dtype) * 1e-6
+    a, b = [arr.copy() for arr in (p, m, v)], [arr.copy() for arr in (p, m, v)]
+    b1, b2, lr_t, eps_t = 0.9, 0.999, 3e-3, 1e-8
+    adam_update_block(a[0], g, a[1], a[2], np.empty_like(p), b1, b2, lr_t, eps_t)
+    f = np.dtype(dtype).type
+    cpu_kernels.P["adam"](b[0], g, b[1], b[2], f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t))
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+@needs_numba
+@pytest.mark.parametrize("parallel_min", [0, None])
+@pytest.mark.parametrize("name,N", [("standard", 200), ("standard", 97), ("two-layer-tanh-gaussian", 130)])
+def test_fused_results_do_not_depend_on_the_thread_count(name, N, parallel_min, monkeypatch):
+    """Every sum in the fused kernels is split into fixed blocks added in a fixed order: 1, 2 or 3
+    threads give bitwise the same loss, gradients and parameters.  parallel_min=0: every kernel runs its
+    parallel version, however small the array; None: the library's threshold."""
+    if parallel_min is not None:
+        monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN", parallel_min)
+    models = [make(name, "float32") for _ in range(3)]
+    trainers = [FastTrainer(m, minivae.Adam(lr=3e-3), threads=t, fused=True) for m, t in zip(models, (1, 2, 3))]
+    for s in range(3):
+        x, eps = batch(models[0], N, seed=30 + s)
+        losses = [float(tr.step(x, eps)) for tr in trainers]
+        assert losses[0] == losses[1] == losses[2]
+    assert np.array_equal(models[0].flat, models[1].flat) and np.array_equal(models[0].flat, models[2].flat)
+    for tr in trainers:
+        tr.close()
+
+
+@pytest.mark.parametrize("name", ["standard", "relu-deep"])
+def test_log_weights_numpy_fallback_matches_model(name, monkeypatch):
+    """Without numba, log_weights uses the grouped-product NumPy code: the same numbers as the model."""
+    import minivae.fast as fast
+    monkeypatch.setattr(fast, "_cpu_kernels", lambda: None)
+    model = make(name, "float64")
+    x, _ = batch(model, 9)
+    eps = np.random.default_rng(4).standard_normal((3, 9, model.config.z_dim))
+    assert np.allclose(log_weights(model, x, eps), model.log_weights(x, eps), rtol=1e-12, atol=1e-9)
+
+
+def test_without_numba_the_numpy_path_is_used(tmp_path):
+    """MINIVAE_NO_NUMBA=1 (or numba missing): no fused kernels, FastTrainer trains with NumPy, and
+    asking for fused=True is a clear error."""
+    code = ("import numpy as np, minivae\n"
+            "from minivae import cpu_kernels\n"
+            "from minivae.fast import FastTrainer\n"
+            "assert not cpu_kernels.AVAILABLE and not cpu_kernels.K\n"
+            "m = minivae.VAE(minivae.VAEConfig(x_dim=6, hidden=(4,), z_dim=2), rng=0)\n"
+            "tr = FastTrainer(m, minivae.Adam(), threads=2)\n"
+            "assert not tr.fused\n"
+            "x = (np.random.default_rng(0).random((5, 6)) < 0.5).astype(np.float32)\n"
+            "assert np.isfinite(float(tr.step(x, np.zeros((5, 2), np.float32))))\n"
+            "try:\n    FastTrainer(m, fused=True)\nexcept ValueError as e:\n    print('error:', e)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MINIVAE_NO_NUMBA="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "error: fused=True needs numba" in r.stdout

@@ -147,6 +147,16 @@ def test_float32_training_step_stays_float32(rng):
         assert out.dtype == np.float32
 
 
+@pytest.mark.parametrize("objective", [{"iwae_k": 3}, {"free_bits": 0.1}])
+def test_float32_objectives_stay_float32(rng, objective):
+    # A Python-float beta times a float32 scalar promotes to float64 under NumPy < 2 (value-based casting)
+    # unless the library casts it; this holds under both promotion rules.
+    m = VAE(VAEConfig(x_dim=20, hidden=(8,), z_dim=3), rng=0)
+    loss, grads = m.loss(rng.uniform(0, 1, (5, 20)), beta=0.5, **objective)
+    assert loss.dtype == np.float32 and grads.flat.dtype == np.float32
+    assert all(v.dtype == np.float32 for v in m.parts.values() if hasattr(v, "dtype"))
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian_learned_var"])
 def test_tiny_batch_overfits(likelihood):
     rng = np.random.default_rng(0)

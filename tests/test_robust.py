@@ -179,7 +179,7 @@ def test_chunked_iwae_equals_one_block_and_bounds_the_rows(monkeypatch):
     parts1 = dict(m.parts)
     rows = []
     real = m._decoder_forward
-    m._decoder_forward = lambda z: (rows.append(len(z)), real(z))[1]
+    m._decoder_forward = lambda z, y=None: (rows.append(len(z)), real(z, y))[1]
     m.IWAE_CHUNK_ELEMENTS = 16 * 5 * 4                # 4 samples of 5 rows per chunk
     loss2, g2 = m.loss(x, eps=eps, iwae_k=50, beta=0.7)
     assert max(rows) == 4 * 5 and len(rows) == 2 * 13  # two passes over ceil(50/4) chunks

@@ -20,13 +20,24 @@ def _parser():
     m.add_argument("--exercises", default="all",
                    help="comma-separated exercise ids to stub, 'all' (default) or 'none'")
     m.add_argument("--source", default=None, help="reference repository root (default: this installation's)")
-    g = sub.add_parser("grade", help="grade a student copy")
-    g.add_argument("dir", metavar="DIR", help="the folder holding the student's minivae/")
-    g.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
+    m.add_argument("--manifest", default=None,
+                   help="where to keep the hashes the grader needs (default: OUT_DIR.manifest.json, beside the "
+                        "copy; keep it, do not hand it out)")
+    m.add_argument("--hide-derivations", action="store_true",
+                   help="replace the derived gradients in the exercise docstrings by 'derive this: ...'")
+    g = sub.add_parser("grade", help="grade one or many submissions")
+    g.add_argument("dirs", nargs="+", metavar="SUBMISSION",
+                   help="a student's folder (holding minivae/), a .zip of one, or a folder of them")
+    g.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON (one submission)")
+    g.add_argument("--out", metavar="DIR", default=None,
+                   help="write gradebook.csv and one JSON report per student here")
+    g.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel (default 1)")
     g.add_argument("--exercises", default="all", help="comma-separated ids to grade (default: all)")
+    g.add_argument("--manifest", default=None, help="the manifest written by make (checks the starter and grader)")
     g.add_argument("--timeout", type=float, default=grading.DEFAULT_TIMEOUT,
                    help=f"seconds per exercise before it counts as hanging (default {grading.DEFAULT_TIMEOUT:g})")
-    g.add_argument("--seed", type=int, default=grading.DEFAULT_SEED, help="seed of the check inputs")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the check inputs (default: a fresh one, recorded in the report)")
     sub.add_parser("list", help="list the exercises")
     return p
 
@@ -36,26 +47,46 @@ def main(argv=None):
     try:
         if args.cmd == "list":
             for e in EXERCISES:
-                print(f"{e.id:<24} minivae/{e.file:<15} {e.title}")
+                print(f"{e.id:<28} minivae/{e.file:<15} {e.title}")
             return 0
         if args.cmd == "make":
-            info = make_starter(args.out_dir, select(args.exercises), source=args.source)
+            manifest = args.manifest or str(Path(args.out_dir).resolve()) + ".manifest.json"
+            info = make_starter(args.out_dir, select(args.exercises), source=args.source, manifest=manifest,
+                                hide_derivations=args.hide_derivations)
             print(f"wrote the student copy to {info['out']}")
             print(f"stubbed {len(info['stubbed'])} exercise(s): {', '.join(info['stubbed']) or 'none'}")
+            print(f"wrote the manifest to {manifest} (keep it for grading; it is not part of the copy)")
             return 0
         ids = select(args.exercises)
         if not ids:
             raise ValueError("no exercises to grade")
-        report_dir = grading.check_student_dir(args.dir)
+        subs = grading.expand_submissions(args.dirs)
+        single = len(subs) == 1 and args.out is None
+        if single:
+            name, path = subs[0]
+            if Path(path).suffix == ".zip":
+                single = False
+        if single:
+            report_dir = grading.check_student_dir(path)
+            print(grading.format_header(report_dir), flush=True)
+            report = grading.grade(report_dir, ids, timeout=args.timeout, seed=args.seed, manifest=args.manifest,
+                                   progress=lambda r: print(grading.format_line(r), flush=True))
+            print(grading.format_footer(report))
+            if args.json:
+                grading.write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+                print(f"wrote {args.json}")
+            return 0
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        print(grading.format_header(report_dir), flush=True)
-        report = grading.grade(report_dir, ids, timeout=args.timeout, seed=args.seed,
-                               progress=lambda r: print(grading.harness.format_line(r), flush=True))
-        print(grading.format_footer(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            print(f"wrote {args.json}")
+            raise ValueError("--json takes one submission; use --out DIR for many")
+        out = args.out or "grades"
+        reports = grading.grade_batch(args.dirs, ids, timeout=args.timeout, seed=args.seed, jobs=args.jobs,
+                                      out_dir=out, manifest=args.manifest, progress=True)
+        for name in sorted(reports):
+            r = reports[name]
+            print(f"{name:<24} {r['score']:6.2f}  ({r['passed']} of {r['total']})")
+        seed = next(iter(reports.values()))["seed"] if reports else args.seed
+        print(f"seed: {seed} (--seed {seed} reproduces this run)")
+        print(f"wrote {Path(out) / 'gradebook.csv'} and {len(reports)} report(s) in {out}")
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

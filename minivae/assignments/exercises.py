@@ -52,6 +52,20 @@ EXERCISES = (
     Exercise("bernoulli_nll_backward", "likelihoods.py", "Bernoulli negative log-likelihood (backward)", "backward",
              "d/dl [softplus(l) - x l] = sigmoid(l) - x; dnll has one value per example (N,) or (S, N), "
              "so add a trailing axis before multiplying"),
+    Exercise("conv2d_backward", "conv.py", "2-D convolution backward: dx, dW, db", "backward",
+             "with G = dy as (F, N*OH*OW) and col (C*KH*KW, N*OH*OW) from the cache: dW = G @ col.T reshaped "
+             "like W (it sums over every example and position), dcol = Wm.T @ G with Wm = W.reshape(F, -1), "
+             "dx = col2im(dcol, x_shape, KH, KW, stride, padding), and db sums G over all but F"),
+    Exercise("conv_transpose2d_forward", "conv.py", "transposed convolution (forward)", "forward",
+             "the adjoint of conv2d (its dx): X = x as (C_in, N*H*W), col = Wm.T @ X with "
+             "Wm = W.reshape(C_in, C_out*KH*KW), y = col2im(col, (N, C_out, OH, OW), KH, KW, stride, padding), "
+             "plus b on each output channel; do not flip the kernel"),
+    Exercise("maxpool2d_backward", "conv.py", "max-pooling backward", "backward",
+             "only the element each window selected (its offset arg = i*size + j is in the cache) gets dy; "
+             "every other element of the window gets 0, and so do pixels outside every window"),
+    Exercise("upsample_nearest2d_backward", "conv.py", "nearest-neighbour upsampling backward", "backward",
+             "every input pixel was copied to a scale x scale block of y: its gradient is the sum of dy "
+             "over that block"),
     Exercise("adam_step", "optim.py", "one Adam update", "forward",
              "update m and v in place with betas b1, b2, then p -= lr * m_hat / (sqrt(v_hat) + eps) "
              "with the bias corrections m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)"),

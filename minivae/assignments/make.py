@@ -5,9 +5,9 @@
 * ``minivae/``: the package, with the body of every selected exercise region
   replaced by ``raise NotImplementedError("exercise <id>: <hint>")``.  The
   markers, the docstrings (with the math) and every other line stay as they
-  are.  Left out: the ``assignments`` subpackage (the grader) and
-  ``fast.py``, the optimized training step, which holds fused versions of the
-  exercise solutions.  Without it, ``minivae.train`` runs the readable path,
+  are.  Left out: the ``assignments`` subpackage (the grader), and
+  ``fast.py``, the optimized training step, with its kernels (``cpu_kernels.py``,
+  ``kernels.py``), which hold fused versions of the exercise solutions.  Without it, ``minivae.train`` runs the readable path,
   so a student's training runs the student's own ops.
 * ``lessons/``, ``pyproject.toml`` and ``requirements.txt`` as in the
   reference, so ``pip install -e OUT_DIR`` works and the package keeps its name.
@@ -18,6 +18,9 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -31,8 +34,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parents[1]          # the folder holding the reference minivae/
 
 
-# not copied into the student package: the grader, and the optimized step (it contains fused solutions)
-PACKAGE_LEFT_OUT = ("assignments", "fast.py")
+# not copied into the student package: the grader, and the optimized step with its fused kernels (they contain
+# the solutions, fused)
+PACKAGE_LEFT_OUT = ("assignments", "fast.py", "cpu_kernels.py", "kernels.py")
 
 
 def _ignore_package(root):
@@ -62,10 +66,16 @@ def scan_regions(package_dir):
     return found
 
 
-def make_starter(out_dir, exercises=None, source=None):
+def make_starter(out_dir, exercises=None, source=None, record_expected=True, lessons=True,
+                 hide_derivations=False, manifest=None):
     """Write the student copy to ``out_dir`` (which must not exist or be empty).
 
     ``exercises``: ids to stub (default: all; an empty tuple stubs nothing).
+    ``lessons``: copy ``lessons/`` (stubbing the chosen exercises' regions there too); a source without
+    it is an error.  ``hide_derivations``: the marked derivation blocks of the exercise docstrings become
+    "derive this: ...".  ``manifest``: a path *outside* the copy where the hashes of every written file
+    and of the grader are stored for ``grade --manifest``.
+    ``record_expected=False`` skips ``check_expected.npz`` (the grader's own pristine copies).
     Returns ``{"out", "stubbed", "regions"}``.
     """
     source = Path(source or DEFAULT_SOURCE).resolve()
@@ -76,7 +86,13 @@ def make_starter(out_dir, exercises=None, source=None):
     unknown = [e for e in ids if e not in BY_ID]
     if unknown:
         raise ValueError(f"unknown exercise {', '.join(unknown)}: choose from {', '.join(IDS)}")
+    if lessons and not (source / "lessons").is_dir():
+        raise ValueError(f"cannot find the lessons folder {source / 'lessons'}: make copies it into the student "
+                         "copy; run from a minivae source checkout or give --source")
     out = Path(out_dir)
+    if manifest is not None and (Path(manifest).resolve() == out.resolve()
+                                 or out.resolve() in Path(manifest).resolve().parents):
+        raise ValueError(f"the manifest {manifest} must not be inside the student copy {out}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder: choose a new OUT_DIR")
     if out.resolve() == pkg or pkg in out.resolve().parents:
@@ -94,34 +110,79 @@ def make_starter(out_dir, exercises=None, source=None):
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _write(out, pkg, source, ids, found)
+        info = _write(out, pkg, source, ids, found, record_expected, lessons, hide_derivations)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)       # it was empty or absent: leave no half-made copy
         raise
+    if manifest is not None:
+        from .grading import grader_hashes
+        files = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in sorted(out.rglob("*")) if p.is_file()}
+        data = {"exercises": info["stubbed"], "hide_derivations": bool(hide_derivations), "files": files,
+                "grader": grader_hashes()}
+        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
+        Path(manifest).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        info["manifest"] = str(manifest)
+    return info
 
 
-def _write(out, pkg, source, ids, found):
+def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hide_derivations=False):
     shutil.copytree(pkg, out / "minivae", ignore=_ignore_package(pkg))
-    hints = {e.id: e.hint for e in EXERCISES}
+    hints = {e.id: (HIDDEN_HINT if hide_derivations and e.kind == "backward" else e.hint) for e in EXERCISES}
     stubbed = set()
-    for path in sorted((out / "minivae").rglob("*.py")):
+    if lessons:
+        shutil.copytree(source / "lessons", out / "lessons", ignore=_ignore_misc)
+    files = sorted((out / "minivae").rglob("*.py")) + (sorted((out / "lessons").glob("*.py")) if lessons else [])
+    for path in files:
         text = path.read_text(encoding="utf-8")
         new, done = stub_text(text, set(ids), hints, path.relative_to(out).as_posix())
-        if done:
+        if hide_derivations and path.parent.name == "minivae":
+            new = hide_derivation_blocks(new)
+        if new != text:
             compile(new, str(path), "exec")          # the stubbed file must still import
             path.write_text(new, encoding="utf-8")
+        if path.parent.name == "minivae":
             stubbed.update(done)
-    if (source / "lessons").is_dir():
-        shutil.copytree(source / "lessons", out / "lessons", ignore=_ignore_misc)
     for name in ("pyproject.toml", "requirements.txt", "LICENSE"):
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
+    if (out / "pyproject.toml").is_file():          # the student copy has no tests/ folder
+        text = (out / "pyproject.toml").read_text(encoding="utf-8")
+        (out / "pyproject.toml").write_text(re.sub(r"(?m)^testpaths\s*=.*\n", "", text), encoding="utf-8")
     if not (out / "pyproject.toml").exists():
         (out / "pyproject.toml").write_text(MINIMAL_PYPROJECT, encoding="utf-8")
     shutil.copy2(HERE / "harness.py", out / "check.py")
-    _record_expected(source, out / harness.EXPECTED_FILE)
+    if record_expected:
+        _record_expected(source, out / harness.EXPECTED_FILE)
     (out / "README.md").write_text(student_readme([e for e in IDS if e in stubbed]), encoding="utf-8")
     return {"out": str(out), "stubbed": [e for e in IDS if e in stubbed], "regions": found}
+
+
+HIDDEN_HINT = "derive this gradient yourself from the forward formula in the docstring, and match every shape"
+_DERIV_BEGIN = re.compile(r"^(?P<indent>[ \t]*)Derivation \((?P<what>.*)\):[ \t]*$")
+_DERIV_END = re.compile(r"^[ \t]*\(end of derivation\)[ \t]*$")
+
+
+def hide_derivation_blocks(text):
+    """Replace each marked derivation block of a docstring by one line "derive this: <what>".
+
+    A block starts with a line ``Derivation (<what>):`` and ends with a line ``(end of derivation)``;
+    the forward formula and the shapes, outside the block, stay.
+    """
+    out, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        m = _DERIV_BEGIN.match(line.rstrip("\n"))
+        if m and not skipping:
+            out.append(f"{m.group('indent')}derive this: {m.group('what')}\n")
+            skipping = True
+        elif skipping:
+            if _DERIV_END.match(line.rstrip("\n")):
+                skipping = False
+        else:
+            out.append(line)
+    if skipping:
+        raise ValueError("a 'Derivation (...):' block is never closed by '(end of derivation)'")
+    return "".join(out)
 
 
 MINIMAL_PYPROJECT = """[build-system]
@@ -199,12 +260,32 @@ Backward passes are checked against central finite differences (float64,
 random upstream gradient); forward passes and the Adam step against recorded
 reference values.  Each line shows PASS/FAIL, the worst relative error
 `max|a - b| / max(|a| + |b|)`, and which gradient is wrong.  `TODO` means the
-stub is still there.  Locally, `vae_backward` runs through your own ops, so
-do the op exercises first; the grader uses its own reference ops there and
-grades only how you chain them.
+stub is still there.  When a backward check fails because your *forward*
+gives wrong values, the line names that other exercise.  Locally,
+`vae_backward` runs through your own ops, so do the op exercises first; the
+grader uses its own ops there and grades only how you chain them.
 
-The rest of the library works as usual (data loading, the model's forward
-pass, sampling); training needs the backward exercises done.
+A backward must also be fast (the grader times it on a large input: a
+backward costs a small multiple of the forward pass, finite differences cost
+one forward pass per input entry) and must not modify its inputs or the
+upstream gradient.  Only the code between the markers is graded.
+
+## Train with your own code
+
+Once the backward exercises pass, train the VAE on MNIST (it ships in the
+package) with your own ops:
+
+```bash
+python -m minivae train --epochs 1
+```
+
+This copy has no fused fast path, so every gradient comes from your code.
+One epoch of the default model (784-400-20, batch 128, Adam) took 26 s on
+a busy 2-core machine, and ended at a test -ELBO of 127.04 nats with the
+reference solutions in every region; yours should land within a few tenths
+of that (ten epochs reach about 102).  A NaN, a much
+higher number, or a loss that does not fall means a bug the checks missed.
+The rest of the library works as usual (data loading, sampling, figures).
 
 Hand in the whole folder.
 """

@@ -129,3 +129,98 @@ def adam_run(params, grads_seq, lr, betas, eps):
 # the names patched into the student's minivae.model for the vae_backward check
 MODEL_OPS = ("dense_forward", "dense_backward", "reparameterize_forward", "reparameterize_backward",
              "kl_forward", "kl_backward", "bernoulli_nll_forward", "bernoulli_nll_backward")
+
+
+# ---------------------------------------------------------------- conv
+# Written independently of minivae.conv (sliding windows and einsum), with the caches in the
+# layout minivae.conv's unchanged code fixes: conv2d (col, W, x_shape, stride, padding) with
+# col (C*KH*KW, N*OH*OW) in (c, i, j) x (n, oh, ow) order; conv_transpose2d (X, W, x_shape,
+# stride, padding) with X (C_in, N*H*W); maxpool2d (arg, x_shape, size) with arg the row-major
+# offset of each window's first maximum; upsample (x_shape, scale).
+def _windows(x, KH, KW, s, p):
+    xpad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    win = np.lib.stride_tricks.sliding_window_view(xpad, (KH, KW), axis=(2, 3))
+    return win[:, :, ::s, ::s]                                  # (N, C, OH, OW, KH, KW)
+
+
+def conv2d_forward(x, W, b, stride=1, padding=0):
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    win = _windows(x, KH, KW, stride, padding)
+    OH, OW = win.shape[2], win.shape[3]
+    y = np.tensordot(win, W, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2) + b[None, :, None, None]
+    col = win.transpose(1, 4, 5, 0, 2, 3).reshape(C * KH * KW, N * OH * OW)
+    return y, (col, W, (N, C, H, Wd), stride, padding)
+
+
+def _scatter(patches, x_shape, s, p):
+    """patches (N, C, OH, OW, KH, KW) added back into an (N, C, H, W) image."""
+    N, C, H, Wd = x_shape
+    _, _, OH, OW, KH, KW = patches.shape
+    out = np.zeros((N, C, H + 2 * p + s * OH + KH, Wd + 2 * p + s * OW + KW))
+    for i in range(KH):
+        for j in range(KW):
+            out[:, :, i:i + s * OH:s, j:j + s * OW:s] += patches[..., i, j]
+    return out[:, :, p:p + H, p:p + Wd]
+
+
+def conv2d_backward(dy, cache):
+    col, W, x_shape, s, p = cache
+    N, C, H, Wd = x_shape
+    F, _, KH, KW = W.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    win = col.reshape(C, KH, KW, N, OH, OW).transpose(3, 0, 4, 5, 1, 2)
+    dW = np.tensordot(dy, win, axes=([0, 2, 3], [0, 2, 3]))                   # (F, C, KH, KW)
+    dx = _scatter(np.tensordot(dy, W, axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5), x_shape, s, p)
+    return dx, dW, dy.sum(axis=(0, 2, 3))
+
+
+def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
+    N, Cin, H, Wd = x.shape
+    _, Cout, KH, KW = W.shape
+    OH, OW = (H - 1) * stride - 2 * padding + KH, (Wd - 1) * stride - 2 * padding + KW
+    y = _scatter(np.tensordot(x, W, axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5), (N, Cout, OH, OW), stride, padding)
+    y = y + b[None, :, None, None]
+    X = x.transpose(1, 0, 2, 3).reshape(Cin, N * H * Wd)
+    return y, (X, W, (N, Cin, H, Wd), stride, padding)
+
+
+def conv_transpose2d_backward(dy, cache):
+    X, W, x_shape, s, p = cache
+    N, Cin, H, Wd = x_shape
+    _, Cout, KH, KW = W.shape
+    win = _windows(dy, KH, KW, s, p)[:, :, :H, :Wd]            # (N, C_out, H, W, KH, KW)
+    x = X.reshape(Cin, N, H, Wd).transpose(1, 0, 2, 3)
+    dx = np.tensordot(win, W, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
+    dW = np.tensordot(x, win, axes=([0, 2, 3], [0, 2, 3]))
+    return dx, dW, dy.sum(axis=(0, 2, 3))
+
+
+def maxpool2d_forward(x, size=2):
+    N, C, H, Wd = x.shape
+    k = size
+    OH, OW = H // k, Wd // k
+    win = x[:, :, :OH * k, :OW * k].reshape(N, C, OH, k, OW, k).transpose(0, 1, 2, 4, 3, 5)
+    flat = win.reshape(N, C, OH, OW, k * k)
+    arg = np.argmax(flat, axis=-1).astype(np.int32)            # argmax returns the first maximum
+    return flat.max(axis=-1), (arg, (N, C, H, Wd), k)
+
+
+def maxpool2d_backward(dy, cache):
+    arg, (N, C, H, Wd), k = cache
+    OH, OW = dy.shape[2], dy.shape[3]
+    onehot = (np.arange(k * k) == arg[..., None]) * dy[..., None]          # (N, C, OH, OW, k*k)
+    dx = np.zeros((N, C, H, Wd))
+    dx[:, :, :OH * k, :OW * k] = onehot.reshape(N, C, OH, OW, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(
+        N, C, OH * k, OW * k)
+    return dx
+
+
+def upsample_nearest2d_forward(x, scale=2):
+    y = np.repeat(np.repeat(x, scale, axis=2), scale, axis=3)
+    return y, (x.shape, scale)
+
+
+def upsample_nearest2d_backward(dy, cache):
+    (N, C, H, Wd), s = cache
+    return dy.reshape(N, C, H, s, Wd, s).sum(axis=(3, 5))

@@ -1,0 +1,602 @@
+"""The parent's side of every check: inputs, truth, comparisons.
+
+Everything here runs in the grader's own process and never in a child.  A
+check builds float64 inputs from the run's seed, asks the child (see
+:mod:`.runner`) to run one of the student's functions on them, and judges the
+raw arrays that come back:
+
+* each output must be a plain ``numpy.ndarray`` of dtype float64 and the
+  expected shape;
+* backward passes are compared with central finite differences of the
+  grader's own forward (:mod:`.reference`), with a random upstream gradient;
+  forward passes with the reference formulas;
+* the arguments as the child holds them after the call must equal what was
+  sent (a backward may not modify its inputs or the upstream gradient);
+* on one large input, a backward must answer within a generous multiple of
+  the reference backward's time (finite differences would take hundreds of
+  times longer);
+* ``vae_backward`` runs the student's ``VAE.loss`` with every exercised op
+  answered by the parent's reference ops (the child only holds opaque cache
+  handles), against finite differences of the reference package's own loss.
+
+A new op exercise needs only an entry in :data:`OP_CHECKS` (its input maker)
+and its forward/backward pair in :mod:`.reference`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+import zlib
+
+import numpy as np
+
+from . import reference as ref
+from .sandbox import ChildError, text_of
+
+GRAD_TOL = 1e-6       # finite differences vs analytic, float64, h = 1e-5
+VALUE_TOL = 1e-9      # forward values vs the reference formula, float64
+H = 1e-5
+COST_FACTOR = 50      # a backward may take this many times the reference backward on the large input ...
+COST_SLACK_S = 2.0    # ... plus this many seconds (start-up, transfer, a busy machine)
+
+
+class Fail(Exception):
+    """A wrong output: ``Fail(quantity, message)``."""
+
+    def __init__(self, quantity, message, status="fail", err=None):
+        super().__init__(message)
+        self.quantity, self.message, self.status, self.err = quantity, message, status, err
+
+
+class Judge:
+    """Comparisons of one check; ``worst`` is the largest relative error seen."""
+
+    def __init__(self):
+        self.worst = 0.0
+        self.checked = 0
+
+    def compare(self, name, got, want, tol):
+        want = np.asarray(want, dtype=np.float64)
+        if got.shape != want.shape:
+            self.worst = None
+            raise Fail(name, f"{name} has shape {got.shape}, expected {want.shape}")
+        self.checked += 1
+        if want.size == 0:
+            return 0.0
+        if not np.all(np.isfinite(got)):
+            self.worst = None
+            raise Fail(name, f"{name} contains NaN or inf")
+        diff = np.abs(got - want)
+        i = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        err = float(diff[i]) / max(float(np.max(np.abs(got) + np.abs(want))), 1e-300)
+        if self.worst is not None:
+            self.worst = max(self.worst, err)
+        if not err <= tol:
+            self.worst = err if self.worst is None else max(self.worst, err)
+            raise Fail(name, f"{name} is wrong: rel error {err:.2e} > {tol:.0e}; at index "
+                             f"{tuple(int(k) for k in i)} got {float(got[i]):.6g}, expected {float(want[i]):.6g}",
+                       err=err)
+        return err
+
+
+def rng_for(seed, key):
+    return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
+
+
+# --------------------------------------------------------------- replies
+def _status(reply):
+    st = text_of(reply.get("status"))
+    if st == "ok":
+        return
+    msg = text_of(reply.get("message")) or ""
+    if st == "not_implemented":
+        raise Fail(None, f"NotImplementedError: {msg}" if msg else "NotImplementedError", "not_implemented")
+    raise Fail(None, msg or "the student's process answered without a status", "error")
+
+
+def take_array(reply, key, shape, name):
+    """The plain float64 array ``key`` of the reply, of the given shape, or Fail naming ``name``."""
+    if "type:" + key in reply:
+        raise Fail(name, f"{name} should be a numpy array of shape {tuple(shape)}, got "
+                         f"{text_of(reply['type:' + key]) or 'something else'}")
+    if "len:" + key in reply:
+        raise Fail(name, f"{name} should be one array of shape {tuple(shape)}, got a "
+                         f"{int(reply['len:' + key])}-tuple")
+    if key not in reply:
+        raise Fail(name, f"{name} is missing from the result")
+    a = reply[key]
+    if a.dtype != np.float64:
+        raise Fail(name, f"{name} has dtype {a.dtype}, expected float64 (the inputs are float64)")
+    if a.shape != tuple(shape):
+        raise Fail(name, f"{name} has shape {a.shape}, expected {tuple(shape)}")
+    return a
+
+
+def take_tuple(reply, key, n, names, what):
+    if n == 1:
+        return [key]
+    got = reply.get("len:" + key)
+    if got is None or int(got) != n:
+        desc = f"a {int(got)}-tuple" if got is not None else (text_of(reply.get("type:" + key)) or "one array")
+        raise Fail(names[0], f"{what} should return {n} values ({', '.join(names)}), got {desc}")
+    return [f"{key}.{i}" for i in range(n)]
+
+
+def encode_args(args, out, prefix="a"):
+    """Arguments (arrays, tuples, None, numbers) -> request arrays and a JSON spec."""
+    spec = []
+    for i, a in enumerate(args):
+        key = f"{prefix}.{i}"
+        if isinstance(a, tuple):
+            spec.append(encode_args(a, out, key))
+        elif a is None:
+            spec.append("none")
+        elif isinstance(a, (int, float)) and not isinstance(a, bool):
+            spec.append({"number": a})
+        else:
+            out[key] = np.ascontiguousarray(a)
+            spec.append("array")
+    return spec
+
+
+def _leaves(args, prefix="after"):
+    for i, a in enumerate(args):
+        key = f"{prefix}.{i}"
+        if isinstance(a, tuple):
+            yield from _leaves(a, key)
+        elif isinstance(a, np.ndarray):
+            yield key, a
+
+
+def call(child, fn, args, timeout):
+    req = {"job": np.array("call"), "fn": np.array(fn)}
+    req["spec"] = np.array(json.dumps(encode_args(args, req)))
+    rep = child.request(req, timeout)
+    _status(rep)
+    return rep
+
+
+def no_side_effects(reply, args, names):
+    """The arguments after the call must equal what was sent."""
+    for key, sent in _leaves(args):
+        after = reply.get(key)
+        if after is None or after.shape != sent.shape or not np.array_equal(after, sent, equal_nan=True):
+            idx = key.split(".")[1:]
+            what = names.get(idx[0], f"argument {idx[0]}") + ("" if len(idx) == 1 else f" (cache item {'.'.join(idx[1:])})")
+            raise Fail(what, f"the function modified its input {what}; a backward must leave its inputs and "
+                             f"the upstream gradient unchanged (work on new arrays, e.g. dx = dy * mask, not "
+                             f"dx = dy; dx[...] = 0)")
+
+
+def numerical_gradient(f, x, dout, h=H):
+    """Central differences of sum(f() * dout) with respect to x (perturbed in place, restored)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        fp = float(np.sum(f() * dout))
+        flat[i] = old - h
+        fm = float(np.sum(f() * dout))
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * h)
+    return grad
+
+
+# ------------------------------------------------------------ op checks
+class OpCase:
+    """One backward case: ``forward(*inputs) -> (out, cache)`` and the names of the input gradients."""
+
+    def __init__(self, label, forward, inputs, names):
+        self.label, self.forward, self.inputs, self.names = label, forward, inputs, names
+
+
+def _gauss(rng, N=4, L=3):
+    return rng.standard_normal((N, L)), rng.uniform(-2.5, 2.5, (N, L))
+
+
+def _away_from_zero(rng, shape):
+    x = rng.standard_normal(shape)
+    return np.sign(x) * (0.2 + np.abs(x))      # ReLU's kink at 0 breaks finite differences
+
+
+def _dense(rng, big):
+    shapes = ((128, 256), (256, 256), (256,)) if big else ((4, 3), (3, 5), (5,))
+    return [OpCase("", ref.dense_forward, [rng.standard_normal(s) for s in shapes], ["dx", "dW", "db"])]
+
+
+def _act(name, make):
+    def cases(rng, big):
+        return [OpCase("", getattr(ref, name), [make(rng, (256, 512) if big else (4, 6))], ["dx"])]
+    return cases
+
+
+def _reparam(rng, big):
+    out = []
+    for label, S in (("", None), (" (S, N, L)", 3)):
+        mu, logvar = _gauss(rng, *((256, 256) if big else (4, 3)))
+        eps = rng.standard_normal(mu.shape if S is None else (S,) + mu.shape)
+        out.append(OpCase(label, lambda m, lv, eps=eps: ref.reparameterize_forward(m, lv, eps), [mu, logvar],
+                          ["dmu", "dlogvar"]))
+        if big:
+            break
+    return out
+
+
+def _kl(rng, big):
+    return [OpCase("", ref.kl_forward, list(_gauss(rng, *((256, 256) if big else (5, 3)))), ["dmu", "dlogvar"])]
+
+
+def _bern(rng, big):
+    out = []
+    N, D = (256, 784) if big else (4, 5)
+    x = rng.uniform(0, 1, (N, D))
+    for label, shape in (("", (N, D)), (" (S, N, D)", (2, N, D))):
+        logits = 2.0 * rng.standard_normal(shape)
+        out.append(OpCase(label, lambda lg, x=x: ref.bernoulli_nll_forward(lg, x), [logits], ["dlogits"]))
+        if big:
+            break
+    return out
+
+
+def _conv(rng, big):
+    if big:
+        x, W = rng.standard_normal((8, 16, 28, 28)), rng.standard_normal((32, 16, 3, 3))
+        b = rng.standard_normal(32)
+        return [OpCase("", lambda x, W, b: ref.conv2d_forward(x, W, b, 1, 1), [x, W, b], ["dx", "dW", "db"])]
+    out = []
+    for label, (N, C, H, Wd), (F, K), s, p in ((" (stride 1, padding 0)", (2, 3, 5, 6), (4, 3), 1, 0),
+                                              (" (stride 2, padding 1)", (3, 2, 7, 6), (3, 4), 2, 1)):
+        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((F, C, K, K)), rng.standard_normal(F)
+        out.append(OpCase(label, lambda x, W, b, s=s, p=p: ref.conv2d_forward(x, W, b, s, p), [x, W, b],
+                          ["dx", "dW", "db"]))
+    return out
+
+
+def _distinct(rng, shape):
+    """Well-separated values (0.01 apart): no two entries of a pooling window within h of each other."""
+    n = int(np.prod(shape))
+    return (rng.permutation(n) * 0.01 - n * 0.005).reshape(shape)
+
+
+def _maxpool(rng, big):
+    if big:
+        return [OpCase("", lambda x: ref.maxpool2d_forward(x, 2), [_distinct(rng, (16, 16, 28, 28))], ["dx"])]
+    return [OpCase(" (size 2, odd H)", lambda x: ref.maxpool2d_forward(x, 2), [_distinct(rng, (2, 3, 5, 6))], ["dx"]),
+            OpCase(" (size 3)", lambda x: ref.maxpool2d_forward(x, 3), [_distinct(rng, (2, 2, 6, 7))], ["dx"])]
+
+
+def _upsample(rng, big):
+    if big:
+        return [OpCase("", lambda x: ref.upsample_nearest2d_forward(x, 2), [rng.standard_normal((16, 16, 14, 14))],
+                       ["dx"])]
+    return [OpCase(" (scale 2)", lambda x: ref.upsample_nearest2d_forward(x, 2), [rng.standard_normal((2, 3, 3, 4))],
+                   ["dx"]),
+            OpCase(" (scale 3)", lambda x: ref.upsample_nearest2d_forward(x, 3), [rng.standard_normal((2, 2, 2, 3))],
+                   ["dx"])]
+
+
+# exercise id -> (qualified backward function, input maker(rng, big) -> [OpCase])
+OP_CHECKS = {
+    "dense_backward": ("minivae.layers:dense_backward", _dense),
+    "relu_backward": ("minivae.layers:relu_backward", _act("relu_forward", _away_from_zero)),
+    "tanh_backward": ("minivae.layers:tanh_backward",
+                      _act("tanh_forward", lambda rng, s: 1.5 * rng.standard_normal(s))),
+    "sigmoid_backward": ("minivae.layers:sigmoid_backward",
+                         _act("sigmoid_forward", lambda rng, s: 3.0 * rng.standard_normal(s))),
+    "reparameterize_backward": ("minivae.gaussian:reparameterize_backward", _reparam),
+    "kl_backward": ("minivae.gaussian:kl_backward", _kl),
+    "bernoulli_nll_backward": ("minivae.likelihoods:bernoulli_nll_backward", _bern),
+    "conv2d_backward": ("minivae.conv:conv2d_backward", _conv),
+    "maxpool2d_backward": ("minivae.conv:maxpool2d_backward", _maxpool),
+    "upsample_nearest2d_backward": ("minivae.conv:upsample_nearest2d_backward", _upsample),
+}
+
+# the reference backward of each exercise, for the cost check
+REF_BACKWARD = {"dense_backward": ref.dense_backward, "relu_backward": ref.relu_backward,
+                "tanh_backward": ref.tanh_backward, "sigmoid_backward": ref.sigmoid_backward,
+                "reparameterize_backward": ref.reparameterize_backward, "kl_backward": ref.kl_backward,
+                "bernoulli_nll_backward": ref.bernoulli_nll_backward, "conv2d_backward": ref.conv2d_backward,
+                "maxpool2d_backward": ref.maxpool2d_backward,
+                "upsample_nearest2d_backward": ref.upsample_nearest2d_backward}
+
+
+def check_op_backward(ex_id, child, judge, seed, timeout):
+    fn, make = OP_CHECKS[ex_id]
+    rng = rng_for(seed, ex_id)
+    for case in make(rng, False):
+        out, cache = case.forward(*case.inputs)
+        dout = rng.standard_normal(np.shape(out))          # a random upstream gradient
+        nums = [numerical_gradient(lambda: np.asarray(case.forward(*case.inputs)[0]), x, dout)
+                for x in case.inputs]
+        rep = call(child, fn, (dout, cache), timeout)
+        keys = take_tuple(rep, "r", len(case.names), case.names, fn.split(":")[1])
+        for name, key, x, num in zip(case.names, keys, case.inputs, nums):
+            got = take_array(rep, key, x.shape, name + case.label)
+            judge.compare(name + case.label, got, num, GRAD_TOL)
+        no_side_effects(rep, (dout, cache), {"0": "the upstream gradient", "1": "cache"})
+
+
+def check_cost(ex_id, child, seed, timeout):
+    """The student's backward on one large input must take at most a generous multiple of the reference's."""
+    fn, make = OP_CHECKS[ex_id]
+    back = REF_BACKWARD[ex_id]
+    rng = rng_for(seed, ex_id + "/large")
+    (case,) = make(rng, True)[:1]
+    out, cache = case.forward(*case.inputs)
+    dout = rng.standard_normal(np.shape(out))
+    t_ref = min(_timed(lambda: back(dout, cache)) for _ in range(3))
+    t0 = time.perf_counter()
+    t_fwd = _timed(lambda: case.forward(*case.inputs))
+    req = {"job": np.array("call"), "fn": np.array(fn), "status_only": np.array(1)}
+    req["spec"] = np.array(json.dumps(encode_args((dout, cache), req)))
+    buf = io.BytesIO()
+    np.savez(buf, **req)
+    t_transfer = 2 * (time.perf_counter() - t0 - t_fwd)
+    limit = COST_FACTOR * t_ref + t_transfer + COST_SLACK_S
+    n_in = sum(int(x.size) for x in case.inputs)
+    try:
+        rep = child.request(req, min(limit, timeout))
+    except ChildError as e:
+        if str(e) != "timeout":
+            raise
+        raise Fail(None, f"too slow: on a large input ({n_in} input entries) the backward took more than "
+                         f"{limit:.1f} s, where the reference backward takes {t_ref * 1e3:.1f} ms and one forward "
+                         f"pass {t_fwd * 1e3:.1f} ms. Backpropagation costs a small multiple of the forward pass; "
+                         f"finite differences (or loops over entries) cost one forward pass per input entry. "
+                         f"Derive the gradient and compute it with whole-array operations.") from None
+    _status(rep)
+
+
+def _timed(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------- forward checks
+def check_reparameterize_forward(child, judge, seed, timeout):
+    rng = rng_for(seed, "reparameterize_forward")
+    mu, logvar = _gauss(rng)
+    for label, shape in (("", (4, 3)), (" (S, N, L) eps", (2, 4, 3))):
+        eps = rng.standard_normal(shape)
+        args = (mu, logvar, eps)
+        rep = call(child, "minivae.gaussian:reparameterize_forward", args, timeout)
+        z_want, (sigma_want, _) = ref.reparameterize_forward(mu, logvar, eps)
+        k_out, k_cache = take_tuple(rep, "r", 2, ["z", "cache"], "reparameterize_forward")
+        judge.compare("z" + label, take_array(rep, k_out, shape, "z" + label), z_want, VALUE_TOL)
+        k_sigma, _ = take_tuple(rep, k_cache, 2, ["sigma", "eps"], "the cache of reparameterize_forward")
+        judge.compare("sigma (in the cache)", take_array(rep, k_sigma, sigma_want.shape, "sigma (in the cache)"),
+                      sigma_want, VALUE_TOL)
+        no_side_effects(rep, args, {"0": "mu", "1": "logvar", "2": "eps"})
+
+
+def check_kl_forward(child, judge, seed, timeout):
+    rng = rng_for(seed, "kl_forward")
+    mu, logvar = _gauss(rng, 5, 3)
+    rep = call(child, "minivae.gaussian:kl_forward", (mu, logvar), timeout)
+    kl_want, (_, var_want) = ref.kl_forward(mu, logvar)
+    k_out, k_cache = take_tuple(rep, "r", 2, ["kl", "cache"], "kl_forward")
+    judge.compare("kl", take_array(rep, k_out, kl_want.shape, "kl"), kl_want, VALUE_TOL)
+    _, k_var = take_tuple(rep, k_cache, 2, ["mu", "var"], "the cache of kl_forward")
+    judge.compare("var (in the cache)", take_array(rep, k_var, var_want.shape, "var (in the cache)"), var_want,
+                  VALUE_TOL)
+    no_side_effects(rep, (mu, logvar), {"0": "mu", "1": "logvar"})
+
+
+def check_bernoulli_nll_forward(child, judge, seed, timeout):
+    rng = rng_for(seed, "bernoulli_nll_forward")
+    N, D = 4, 6
+    cases = [
+        ("", 3.0 * rng.standard_normal((N, D)), rng.uniform(0, 1, (N, D))),
+        (" (S, N, D) logits", 3.0 * rng.standard_normal((2, N, D)), (rng.uniform(size=(N, D)) < 0.5) * 1.0),
+        (" (large |logits|)", rng.choice([-1.0, 1.0], (N, D)) * rng.uniform(30, 60, (N, D)),
+         (rng.uniform(size=(N, D)) < 0.5) * 1.0),
+    ]
+    for label, logits, x in cases:
+        rep = call(child, "minivae.likelihoods:bernoulli_nll_forward", (logits, x), timeout)
+        want = ref.bernoulli_nll_forward(logits, x)[0]
+        k_out, _ = take_tuple(rep, "r", 2, ["nll", "cache"], "bernoulli_nll_forward")
+        judge.compare("nll" + label, take_array(rep, k_out, want.shape, "nll" + label), want, VALUE_TOL)
+        no_side_effects(rep, (logits, x), {"0": "logits", "1": "x"})
+
+
+def check_conv_transpose2d_forward(child, judge, seed, timeout):
+    rng = rng_for(seed, "conv_transpose2d_forward")
+    for label, (N, C, H, Wd), (Cout, K), s, p in ((" (stride 2, padding 1)", (2, 3, 4, 5), (2, 4), 2, 1),
+                                                  (" (stride 1, padding 0)", (3, 2, 3, 4), (3, 3), 1, 0)):
+        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((C, Cout, K, K)), rng.standard_normal(Cout)
+        args = (x, W, b, s, p)
+        rep = call(child, "minivae.conv:conv_transpose2d_forward", args, timeout)
+        y_want, (X_want, *_) = ref.conv_transpose2d_forward(x, W, b, s, p)
+        k_out, k_cache = take_tuple(rep, "r", 2, ["y", "cache"], "conv_transpose2d_forward")
+        judge.compare("y" + label, take_array(rep, k_out, y_want.shape, "y" + label), y_want, VALUE_TOL)
+        no_side_effects(rep, args, {"0": "x", "1": "W", "2": "b"})
+
+
+def check_adam_step(child, judge, seed, timeout):
+    rng = rng_for(seed, "adam_step")
+    shapes = {"a": (3, 4), "b": (5,)}
+    p0 = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    steps = 6
+    grads = [{k: rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 1) for k, s in shapes.items()} for _ in range(steps)]
+    lr, betas = 10.0 ** rng.uniform(-2.5, -1), (rng.uniform(0.7, 0.9), rng.uniform(0.9, 0.99))
+    eps = 10.0 ** rng.uniform(-3, -2)       # large enough that where eps goes shows in the result
+    req = {"job": np.array("adam"), "names": np.array(list(shapes)), "lr": np.array(lr),
+           "betas": np.array(betas), "eps": np.array(eps), "steps": np.array(steps)}
+    for k in shapes:
+        req[f"p0/{k}"] = p0[k]
+        for t in range(steps):
+            req[f"g/{t}/{k}"] = grads[t][k]
+    rep = child.request(req, timeout)
+    _status(rep)
+    history = ref.adam_run([p0[k] for k in shapes], [[g[k] for k in shapes] for g in grads], lr, betas, eps)
+    for t in range(steps):
+        for i, k in enumerate(shapes):
+            for s, j, what in (("p", 0, f"{k} after step {t + 1}"), ("m", 1, f"m[{k}] after step {t + 1}"),
+                               ("v", 2, f"v[{k}] after step {t + 1}")):
+                judge.compare(what, take_array(rep, f"{s}/{t}/{k}", shapes[k], what), history[t][j][i], VALUE_TOL)
+
+
+# ------------------------------------------------------------ vae_backward
+VAE_CASES = (
+    # (config kwargs, N, S, beta, objective kwargs)
+    (dict(x_dim=5, hidden=(4, 3), z_dim=2, activation="tanh", likelihood="bernoulli"), 3, 3, 0.7, {}),
+    (dict(x_dim=4, hidden=(3,), z_dim=2, activation="sigmoid", likelihood="gaussian_learned_var"), 3, 2, 1.3, {}),
+    (dict(x_dim=4, hidden=(3,), z_dim=2, activation="relu", likelihood="bernoulli"), 3, 3, 0.9, {"iwae_k": 3}),
+    (dict(x_dim=4, hidden=(3,), z_dim=3, activation="tanh", likelihood="bernoulli"), 4, 1, 1.1, {"free_bits": 0.05}),
+)
+
+# every op of an exercise, answered by the parent inside vae_backward: "module:function/number of outputs"
+PROXIED_OPS = {
+    "minivae.layers:dense_forward": ref.dense_forward, "minivae.layers:dense_backward": ref.dense_backward,
+    "minivae.layers:relu_forward": ref.relu_forward, "minivae.layers:relu_backward": ref.relu_backward,
+    "minivae.layers:tanh_forward": ref.tanh_forward, "minivae.layers:tanh_backward": ref.tanh_backward,
+    "minivae.layers:sigmoid_forward": ref.sigmoid_forward, "minivae.layers:sigmoid_backward": ref.sigmoid_backward,
+    "minivae.gaussian:reparameterize_forward": ref.reparameterize_forward,
+    "minivae.gaussian:reparameterize_backward": ref.reparameterize_backward,
+    "minivae.gaussian:kl_forward": ref.kl_forward, "minivae.gaussian:kl_backward": ref.kl_backward,
+    "minivae.likelihoods:bernoulli_nll_forward": ref.bernoulli_nll_forward,
+    "minivae.likelihoods:bernoulli_nll_backward": ref.bernoulli_nll_backward,
+    "minivae.conv:conv2d_forward": ref.conv2d_forward, "minivae.conv:conv2d_backward": ref.conv2d_backward,
+    "minivae.conv:conv_transpose2d_forward": ref.conv_transpose2d_forward,
+    "minivae.conv:conv_transpose2d_backward": ref.conv_transpose2d_backward,
+    "minivae.conv:maxpool2d_forward": ref.maxpool2d_forward, "minivae.conv:maxpool2d_backward": ref.maxpool2d_backward,
+    "minivae.conv:upsample_nearest2d_forward": ref.upsample_nearest2d_forward,
+    "minivae.conv:upsample_nearest2d_backward": ref.upsample_nearest2d_backward,
+}
+N_OUT = {"dense_backward": 3, "reparameterize_backward": 2, "kl_backward": 2, "conv2d_backward": 3,
+         "conv_transpose2d_backward": 3}
+
+
+class OpServer:
+    """Answers the child's op calls with the reference ops; caches stay here, the child gets handles."""
+
+    def __init__(self):
+        self.caches = {}
+
+    def _decode(self, spec, msg, prefix="a"):
+        args = []
+        for i, s in enumerate(spec if isinstance(spec, list) else []):
+            key = f"{prefix}.{i}"
+            if s == "handle":
+                h = int(msg[key])
+                if h not in self.caches:
+                    raise ValueError("unknown cache handle (a cache must come from the matching forward)")
+                args.append(self.caches[h])
+            elif s == "array":
+                a = msg[key]
+                if a.dtype.kind not in "biuf":
+                    raise ValueError(f"argument {i} is not a numeric array")
+                args.append(a.astype(np.float64, copy=False))
+            elif s == "none":
+                args.append(None)
+            elif isinstance(s, list):
+                args.append(tuple(self._decode(s, msg, key)))
+            else:
+                raise ValueError("bad argument")
+        return args
+
+    def __call__(self, msg):
+        name = text_of(msg.get("op")) or ""
+        try:
+            fn = PROXIED_OPS[name]
+            spec = json.loads(text_of(msg.get("spec")) or "[]")
+            with np.errstate(all="ignore"):
+                result = fn(*self._decode(spec, msg))
+        except Exception as e:          # noqa: BLE001 -- the student's chain passed something wrong
+            return {"error": np.array(f"{name.split(':')[-1]}: {type(e).__name__}: {e}"[:500])}
+        if name.endswith("_forward"):
+            out, cache = result
+            h = len(self.caches) + 1
+            self.caches[h] = cache
+            return {"out.0": np.asarray(out), "handle": np.array(h)}
+        outs = result if isinstance(result, tuple) else (result,)
+        return {f"out.{i}": np.asarray(o) for i, o in enumerate(outs)}
+
+
+def proxy_list():
+    out = []
+    for qual in PROXIED_OPS:
+        fn = qual.split(":")[1]
+        out.append(f"{qual}/{N_OUT.get(fn, 1)}")
+    return out
+
+
+def check_vae_backward(child, judge, seed, timeout):
+    from minivae.config import VAEConfig          # the installed reference package (trusted)
+    from minivae.model import VAE
+    rng = rng_for(seed, "vae_backward")
+    deadline = time.monotonic() + timeout
+    for kwargs, N, S, beta, obj in VAE_CASES:
+        cfg = dict(kwargs, dtype="float64")
+        model = VAE(VAEConfig(**cfg), rng=np.random.default_rng(rng.integers(2 ** 31)))
+        for p in model.params.values():
+            p += 0.1 * rng.standard_normal(p.shape)
+        x = rng.uniform(0.05, 0.95, (N, kwargs["x_dim"]))
+        eps = rng.standard_normal((S, N, kwargs["z_dim"]))
+        names = list(model.params)
+        loss_kwargs = dict(obj, beta=beta, n_samples=S)
+        req = {"job": np.array("vae"), "config": np.array(json.dumps(cfg)), "names": np.array(names),
+               "kwargs": np.array(json.dumps(loss_kwargs)), "x": x, "eps": eps, "proxy": np.array(proxy_list())}
+        for k in names:
+            req[f"param/{k}"] = np.array(model.params[k])
+        rep = child.request(req, max(deadline - time.monotonic(), 0.1), handler=OpServer())
+        _status(rep)
+
+        def f():
+            return np.asarray(model.loss(x, eps=eps.copy(), backward=False, **loss_kwargs)[0], dtype=np.float64)
+
+        case = (f"{kwargs['likelihood']} VAE, hidden={kwargs['hidden']}, S={S}, beta={beta}"
+                + "".join(f", {k}={v}" for k, v in obj.items()))
+        wrong = []
+        for name in names:
+            p = model.params[name]
+            num = numerical_gradient(f, p, np.float64(1.0))
+            try:
+                got = take_array(rep, f"grad/{name}", p.shape, name)
+                judge.compare(name, got, num, GRAD_TOL)
+            except Fail as e:
+                wrong.append(e)
+        if wrong:         # name the worst one, so the message and worst_rel_error agree
+            worst = max(wrong, key=lambda w: float("inf") if w.err is None else w.err)
+            raise Fail(worst.quantity, f"{len(wrong)} wrong gradient(s) ({case}): "
+                                       f"{', '.join(w.quantity for w in wrong)}; worst: {worst.message}", err=worst.err)
+
+
+FORWARD_CHECKS = {"reparameterize_forward": check_reparameterize_forward, "kl_forward": check_kl_forward,
+                  "conv_transpose2d_forward": check_conv_transpose2d_forward,
+                  "bernoulli_nll_forward": check_bernoulli_nll_forward, "adam_step": check_adam_step,
+                  "vae_backward": check_vae_backward}
+
+
+def has_check(ex_id):
+    return ex_id in OP_CHECKS or ex_id in FORWARD_CHECKS
+
+
+def run_check(ex_id, child, seed, timeout):
+    """Run one exercise's check against ``child``; return the result fields (status, errors, message)."""
+    judge = Judge()
+    out = {"status": "pass", "passed": True, "worst_rel_error": None, "gradient": None, "message": "ok"}
+    deadline = time.monotonic() + timeout
+    try:
+        if ex_id in OP_CHECKS:
+            check_op_backward(ex_id, child, judge, seed, timeout)
+            check_cost(ex_id, child, seed, max(deadline - time.monotonic(), 0.1))
+        else:
+            FORWARD_CHECKS[ex_id](child, judge, seed, timeout)
+    except Fail as e:
+        out.update(status=e.status, passed=False, gradient=e.quantity, message=e.message)
+        if e.status == "fail" and e.err is None:
+            judge.worst = None         # a wrong type, shape or side effect: no error is defined
+    except ChildError as e:
+        if str(e) == "timeout":
+            out.update(status="timeout", passed=False,
+                       message=f"no result within {timeout:g} s (an endless loop?); the check was stopped")
+        else:
+            out.update(status="error", passed=False, message=str(e))
+    if judge.checked or judge.worst is None:
+        out["worst_rel_error"] = judge.worst if judge.checked else None
+    out["checked"] = judge.checked
+    return out

@@ -1,0 +1,62 @@
+"""Where the lessons are, and ``python -m minivae lessons DIR``, which copies them out as scripts and notebooks.
+
+The lessons live in the repository's ``lessons/`` folder.  A wheel ships a copy inside the package
+(``minivae/lesson_files/``, put there at build time by ``setup.py``), so an installed minivae can hand
+them out too: :func:`export_lessons` writes every ``NN_name.py`` (the percent-format script), its
+``NN_name.ipynb`` (converted by :mod:`minivae.notebook`, no jupytext needed) and the lessons' README.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from .notebook import write_notebook
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGED = PACKAGE_DIR / "lesson_files"          # in a wheel (copied there at build time)
+CHECKOUT = PACKAGE_DIR.parent / "lessons"        # in a source checkout or an editable install
+LESSON_NAME = re.compile(r"^\d\d_\w+\.py$")
+
+
+class LessonsNotFound(FileNotFoundError):
+    """This copy of minivae has no lessons (neither packaged nor in a source checkout)."""
+
+
+def lesson_scripts(folder):
+    """The lesson scripts ``NN_name.py`` in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).glob("*.py") if LESSON_NAME.match(p.name))
+
+
+def lessons_dir():
+    """The folder holding the lessons: the packaged copy of a wheel, else a source checkout's ``lessons/``."""
+    for folder in (PACKAGED, CHECKOUT):
+        if folder.is_dir() and lesson_scripts(folder):
+            return folder
+    raise LessonsNotFound(f"no lessons found in {PACKAGED} or {CHECKOUT}: this copy of minivae was installed "
+                          f"without them (build it from the repository, whose setup.py packages lessons/)")
+
+
+def export_lessons(dest, source=None):
+    """Write every lesson into the new or empty folder ``dest`` as ``.py`` and ``.ipynb`` (plus the README).
+
+    Returns the list of written paths.  Raises ValueError (one line) if ``dest`` is a file or a non-empty
+    folder, and :class:`LessonsNotFound` if there are no lessons to copy.
+    """
+    src = Path(source) if source is not None else lessons_dir()
+    scripts = lesson_scripts(src)
+    if not scripts:
+        raise LessonsNotFound(f"no lesson scripts (NN_name.py) in {src}")
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest} exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise ValueError(f"{dest} is not empty; give a new or empty folder for the lessons")
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for script in scripts:
+        written.append(Path(shutil.copyfile(script, dest / script.name)))
+        written.append(write_notebook(script, dest / (script.stem + ".ipynb")))
+    for doc in sorted(src.glob("*.md")):
+        written.append(Path(shutil.copyfile(doc, dest / doc.name)))
+    return written

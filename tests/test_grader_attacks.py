@@ -1,0 +1,485 @@
+"""The grader against dishonest submissions, planted bugs, and at course scale.
+
+Every attack below once scored 100/100 with no exercise solved; each must now
+score 0.  The attack code sits in the exercise regions (the only student code
+the grader runs) or outside them (which the grader leaves out).
+"""
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from minivae.assignments import grade, grading, make_starter
+from minivae.assignments.markers import find_regions
+from minivae.assignments.sandbox import namespaces_available
+
+REPO = Path(__file__).resolve().parents[1]
+GRADER = REPO / "minivae" / "assignments"
+
+
+def cli(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    return subprocess.run([sys.executable, "-m", "minivae.assignments", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def stubbed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stubbed") / "course"
+    make_starter(out, record_expected=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def solved(tmp_path_factory):
+    """The student layout with the reference code in every region."""
+    out = tmp_path_factory.mktemp("solved") / "course"
+    make_starter(out, (), record_expected=False)
+    return out
+
+
+def copy_of(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def set_body(copy, exercise, body, index=0):
+    """Replace the body of the ``index``-th region of ``exercise`` in the copy."""
+    for path in sorted((copy / "minivae").glob("*.py")):
+        text = path.read_text()
+        regions = [r for r in find_regions(text) if r.id == exercise]
+        if len(regions) > index:
+            r = regions[index]
+            lines = text.splitlines(keepends=True)
+            new = textwrap.indent(textwrap.dedent(body).strip("\n") + "\n", r.indent)
+            path.write_text("".join(lines[:r.begin + 1]) + new + "".join(lines[r.end:]))
+            return path
+    raise AssertionError(f"no region {exercise}")
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
+    path.write_text(text.replace(old, new))
+
+
+def by_id(report):
+    return {e["id"]: e for e in report["exercises"]}
+
+
+# ------------------------------------------------------------------ attacks
+FORGE = """
+import json, os, sys
+forged = {"id": "dense_backward", "status": "pass", "passed": True, "score": 100, "message": "ok"}
+for d in [os.getcwd(), os.path.dirname(os.getcwd()), "/tmp"] + [a for a in sys.argv if "/" in a]:
+    for name in ("result.json", "report.json"):
+        try:
+            with open(os.path.join(d if os.path.isdir(d) else os.path.dirname(d), name), "w") as f:
+                json.dump(forged, f)
+        except OSError:
+            pass
+os._exit(0)
+"""
+
+MONKEYPATCH = """
+import json, sys
+import numpy
+numpy.max = lambda *a, **k: 0.0
+numpy.abs = lambda a, *r, **k: a * 0
+numpy.allclose = lambda *a, **k: True
+numpy.array_equal = lambda *a, **k: True
+json.dumps = lambda *a, **k: '{"passed": true, "status": "pass", "score": 100}'
+for name, mod in list(sys.modules.items()):
+    for attr in ("compare", "numerical_gradient", "run_check", "send"):
+        if hasattr(mod, attr) and name not in ("numpy", "json"):
+            try:
+                setattr(mod, attr, lambda *a, **k: None)
+            except (AttributeError, TypeError):
+                pass
+dx = dy * 0
+"""
+
+FRAME_WALK = """
+import gc, sys
+import numpy as np
+found = None
+f = sys._getframe(1)
+while f is not None and found is None:
+    for v in list(f.f_locals.values()):
+        if isinstance(v, np.ndarray) and v.shape == dy.shape and v is not dy and v is not y:
+            found = v
+            break
+    f = f.f_back
+if found is None:
+    for o in gc.get_objects():
+        if isinstance(o, np.ndarray) and o.shape == dy.shape and o is not dy and o is not y:
+            found = o
+            break
+dx = found.copy() if found is not None else dy * 0
+"""
+
+DUCK = """
+import numpy as np
+class Answer:
+    shape = dy.shape
+    dtype = np.dtype("float64")
+    def get(self, *a, **k):
+        return np.zeros(dy.shape)
+    def __array__(self, *a, **k):
+        return np.zeros(dy.shape)
+    def __eq__(self, other):
+        return True
+    def __sub__(self, other):
+        return np.zeros(dy.shape)
+dx = Answer()
+"""
+
+DAEMON = """
+import os, sys
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        code = ("import json, time\\n# MINIVAE-DAEMON-MARKER-{tag}\\n"
+                "for _ in range(60):\\n"
+                "    try:\\n"
+                "        open({report!r}, 'w').write(json.dumps({{'score': 100, 'passed': 12}}))\\n"
+                "    except OSError:\\n"
+                "        pass\\n"
+                "    time.sleep(0.1)\\n")
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    os._exit(0)
+dmu = mu * 0
+dlogvar = mu * 0
+"""
+
+FLOOD = """
+import sys
+chunk = "x" * 1000000
+for _ in range(800):
+    sys.stdout.write(chunk)
+var = xp.exp(logvar)
+kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
+"""
+
+TAMPER = """
+import os
+seen = []
+for path in {targets!r}:
+    try:
+        with open(path) as f:
+            seen.append(f"read {{os.path.basename(path)}} ({{len(f.read())}} chars)")
+    except OSError as e:
+        seen.append(f"read blocked: {{e.strerror}}")
+    try:
+        with open(path, "a"):
+            seen.append(f"opened {{os.path.basename(path)}} for writing")
+    except OSError as e:
+        seen.append(f"write blocked: {{e.strerror}}")
+raise RuntimeError("; ".join(seen))
+"""
+
+FINITE_DIFFERENCES = """
+import numpy as np
+def bernoulli_nll_forward(logits, x):
+    return (np.logaddexp(0.0, logits) - x * logits).sum(axis=-1), None
+dlogits = np.zeros_like(logits)
+flat, g = logits.reshape(-1), dlogits.reshape(-1)
+h = 1e-5
+for i in range(flat.size):
+    old = flat[i]
+    flat[i] = old + h
+    fp = np.sum(bernoulli_nll_forward(logits, x)[0] * dnll)
+    flat[i] = old - h
+    fm = np.sum(bernoulli_nll_forward(logits, x)[0] * dnll)
+    flat[i] = old
+    g[i] = (fp - fm) / (2 * h)
+"""
+
+
+def _alive(marker):
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_every_attack_scores_0(stubbed, tmp_path):
+    d = copy_of(stubbed, tmp_path / "mallory")
+    report_file = tmp_path / "out" / "report.json"
+    tag = str(os.getpid())
+    targets = [str(GRADER / "checks.py"), str(GRADER / "reference.py"), str(REPO / "minivae" / "layers.py")]
+    set_body(d, "dense_backward", FORGE)
+    set_body(d, "relu_backward", MONKEYPATCH)
+    set_body(d, "tanh_backward", FRAME_WALK)
+    set_body(d, "sigmoid_backward", DUCK)
+    set_body(d, "kl_backward", DAEMON.format(tag=tag, report=str(report_file)))
+    set_body(d, "kl_forward", FLOOD)
+    set_body(d, "bernoulli_nll_forward", TAMPER.format(targets=targets))
+    set_body(d, "bernoulli_nll_backward", FINITE_DIFFERENCES)
+    # and outside the regions: a forged result at import time (left out of the graded copy)
+    edit(d / "minivae" / "optim.py", "import math\n", "import math\nimport os; os._exit(0)\n")
+    before = {p: p.stat().st_mtime_ns for p in GRADER.glob("*.py")}
+    proc = subprocess.Popen([sys.executable, "-m", "minivae.assignments", "grade", d, "--json", report_file,
+                             "--timeout", "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    time.sleep(1.5)                    # a surviving daemon would rewrite the report now
+    assert not _alive(f"MINIVAE-DAEMON-MARKER-{tag}"), "a daemon of the student's code survived"
+    report = json.loads(report_file.read_text())
+    assert report["score"] == 0 and report["passed"] == 0, report
+    assert "score: 0/100" in out
+    res = by_id(report)
+    assert res["dense_backward"]["status"] == "error"
+    assert "exited" in res["dense_backward"]["message"]
+    assert res["relu_backward"]["status"] == "fail" and res["relu_backward"]["gradient"] == "dx"
+    assert res["tanh_backward"]["status"] == "fail"
+    assert res["sigmoid_backward"]["status"] == "fail"
+    assert "should be a numpy array" in res["sigmoid_backward"]["message"]
+    assert res["kl_forward"]["status"] == "error"          # the flood hit the output limit
+    assert res["bernoulli_nll_backward"]["status"] == "fail"
+    assert "too slow" in res["bernoulli_nll_backward"]["message"]
+    assert "Backpropagation costs a small multiple of the forward pass" in res["bernoulli_nll_backward"]["message"]
+    assert res["kl_backward"]["status"] == "fail"           # and its daemon changed nothing
+    assert any(re.search(r"minivae/optim\.py:\d+", n) for n in report["notes"]), report["notes"]
+    assert {p: p.stat().st_mtime_ns for p in GRADER.glob("*.py")} == before
+    tamper = res["bernoulli_nll_forward"]["message"]
+    if namespaces_available():
+        assert report["isolation"]["grader_hidden_from_student"] is True
+        assert "read blocked" in tamper and "write blocked" in tamper, tamper
+        assert "chars)" not in tamper and "for writing" not in tamper, tamper
+    else:
+        assert report["isolation"]["not_in_force"], report["isolation"]
+
+
+MEASURE = """
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(r.stdout)
+"""
+
+
+def test_output_flood_keeps_the_grader_small(stubbed, tmp_path):
+    d = copy_of(stubbed, tmp_path / "flood")
+    set_body(d, "kl_forward", FLOOD)
+    # measured through a small intermediate process: a child forked from pytest itself would report pytest's
+    # own peak memory (Linux keeps the high-water mark across exec)
+    r = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "minivae.assignments", "grade", d,
+                        "--exercises", "kl_forward", "--seed", "3"], capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    code, maxrss = map(int, r.stdout.splitlines()[0].split())
+    assert code == 0 and "score: 0/100" in r.stdout, r.stdout + r.stderr
+    assert "File too large" in r.stdout                          # cut off at the 64 MiB output limit
+    assert maxrss < 600 * 1024, maxrss        # KiB, the grader and all its processes: not the 1.7 GB it once took
+
+
+def test_side_effects_fail(solved, tmp_path):
+    d = copy_of(solved, tmp_path / "s")
+    set_body(d, "relu_backward", "dx = dy\ndx[x <= 0] = 0")
+    (res,) = grade(d, ["relu_backward"])["exercises"]
+    assert res["status"] == "fail" and "modified its input the upstream gradient" in res["message"], res
+
+
+def test_installed_grader_changes_are_refused(tmp_path, monkeypatch, solved):
+    pkg = tmp_path / "installed" / "minivae"
+    shutil.copytree(REPO / "minivae", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(grading, "PACKAGE", pkg)
+    with grading.Run(["kl_forward"], seed=1) as run:
+        assert run.grade(solved)["score"] == 100
+        with open(pkg / "assignments" / "checks.py", "a") as f:
+            f.write("\nGRAD_TOL = 1.0\n")
+        with pytest.raises(RuntimeError, match="grader's own files differ.*checks.py"):
+            run.grade(solved)
+
+
+def test_region_bodies_only(solved, stubbed, tmp_path):
+    d = copy_of(solved, tmp_path / "s")
+    layers = d / "minivae" / "layers.py"
+    edit(layers, "    return dx, dW, db\n", "    return dx, dW * 0, db\n")           # outside the region
+    report = grade(d, ["dense_backward"], seed=5)
+    assert report["score"] == 100
+    line = layers.read_text().splitlines().index("    return dx, dW * 0, db") + 1
+    assert any(f"minivae/layers.py:{line}" in n for n in report["notes"]), report["notes"]
+    # a body that leaves its function is not run
+    d2 = copy_of(stubbed, tmp_path / "t")
+    set_body(d2, "tanh_backward", "dx = dy * (1 - y * y)\n" + "return dx\n" + "\n")
+    path = d2 / "minivae" / "layers.py"
+    text = path.read_text().replace("    dx = dy * (1 - y * y)\n    return dx\n",
+                                    "    dx = dy * (1 - y * y)\n    return dx\nimport os\nos._exit(0)\ndef _f():\n")
+    path.write_text(text)
+    report = grade(d2, ["tanh_backward"], seed=5)
+    assert report["score"] == 0
+    assert any("reaches outside" in n or "defines or removes" in n for n in report["notes"]), report["notes"]
+
+
+def test_seed_is_fresh_recorded_and_reproducible(solved):
+    a = grade(solved, ["kl_backward", "adam_step"])
+    b = grade(solved, ["kl_backward", "adam_step"])
+    assert a["seed"] != b["seed"]
+    c = grade(solved, ["kl_backward", "adam_step"], seed=a["seed"])
+    assert [e["worst_rel_error"] for e in c["exercises"]] == [e["worst_rel_error"] for e in a["exercises"]]
+
+
+# ----------------------------------------------------------- planted bugs
+# one wrong-value bug and one ignored-upstream (or Adam) bug per exercise: each must fail its exercise
+WRONG_VALUE = {
+    "dense_backward": ("db = dy.sum(axis=0)", "db = dy.mean(axis=0)"),
+    "relu_backward": ("dx = dy * (x > 0)", "dx = dy * (x >= -0.5)"),
+    "tanh_backward": ("dx = dy * (1 - y * y)", "dx = dy * (1 - y)"),
+    "sigmoid_backward": ("dx = dy * y * (1 - y)", "dx = dy * y"),
+    "reparameterize_forward": ("sigma = xp.exp(0.5 * logvar)", "sigma = xp.exp(logvar)"),
+    "reparameterize_backward": ("dlogvar = dz * eps * (0.5 * sigma)", "dlogvar = dz * eps * sigma"),
+    "kl_forward": ("kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)",
+                   "kl = 0.5 * (mu * mu + var - 1.0 + logvar).sum(axis=1)"),
+    "kl_backward": ("dlogvar = g * (0.5 * (var - 1.0))", "dlogvar = g * (0.5 * (var + 1.0))"),
+    "bernoulli_nll_forward": ("nll = (softplus(logits) - x * logits).sum(axis=-1)",
+                              "nll = (softplus(logits) + x * logits).sum(axis=-1)"),
+    "bernoulli_nll_backward": ("(sigmoid(logits) - x)", "(sigmoid(logits) + x)"),
+    "conv2d_backward": ("dW = (G @ col.T).reshape(W.shape)", "dW = (G @ col.T).reshape(W.shape) / N"),
+    "conv_transpose2d_forward": ("col = W.reshape(Cin, Cout * KH * KW).T @ X",
+                                 "col = W[:, :, ::-1, ::-1].reshape(Cin, Cout * KH * KW).T @ X"),
+    "maxpool2d_backward": ("xp.multiply(dy, arg == a,", "xp.multiply(dy, True,"),
+    "upsample_nearest2d_backward": ("for a in range(1, s * s):", "for a in range(1, 1):"),
+    "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = self.eps * bc2"),
+    "vae_backward": ("dh += dh_lv ", "dh = dh_lv "),
+}
+IGNORED_UPSTREAM = {
+    "dense_backward": ("dW = x.T @ dy", "dW = x.T @ xp_ones_like(dy)"),
+    "relu_backward": ("dx = dy * (x > 0)", "dx = 1.0 * (x > 0)"),
+    "tanh_backward": ("dx = dy * (1 - y * y)", "dx = 1 - y * y"),
+    "sigmoid_backward": ("dx = dy * y * (1 - y)", "dx = y * (1 - y)"),
+    "reparameterize_forward": ("sigma = xp.exp(0.5 * logvar)", "sigma = xp.exp(0.5 * logvar) + 1e-7"),
+    "reparameterize_backward": ("dmu = dz ", "dmu = dz * 0 + 1 "),
+    "kl_forward": ("var = xp.exp(logvar) ", "var = xp.exp(logvar) * 1.0000001 "),
+    "kl_backward": ("g = dkl[:, None]", "g = 1.0 + 0 * dkl[:, None]"),
+    "bernoulli_nll_forward": ("nll = (softplus(logits) - x * logits).sum(axis=-1)",
+                              "nll = (softplus(logits) - x * logits).mean(axis=-1)"),
+    "bernoulli_nll_backward": ("dlogits = dnll[..., None] * (sigmoid(logits) - x)",
+                               "dlogits = (sigmoid(logits) - x) + 0 * dnll[..., None]"),
+    "conv2d_backward": ("db = G.sum(axis=1)", "db = xp.ones(F) * G.shape[1]"),
+    "conv_transpose2d_forward": ("y += b.reshape(1, Cout, 1, 1)", "y += 0 * b.reshape(1, Cout, 1, 1)"),
+    "maxpool2d_backward": ("xp.multiply(dy, arg == a,", "xp.multiply(1.0, arg == a,"),
+    "upsample_nearest2d_backward": ("blocks = dy.reshape(N, C, H, s, W, s)",
+                                    "blocks = (dy * 0 + 1).reshape(N, C, H, s, W, s)"),
+    "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = 0.0"),
+    "vae_backward": ("dkl = xp.full((N,), beta / N, dtype=self.dtype)", "dkl = xp.full((N,), 1.0 / N, dtype=self.dtype)"),
+}
+
+
+def _plant(copy, bugs):
+    files = [p for p in (copy / "minivae").glob("*.py")]
+    for ex, (old, new) in bugs.items():
+        hits = [p for p in files if p.read_text().count(old) == 1]
+        assert hits, (ex, old)
+        edit(hits[0], old, new.replace("xp_ones_like", "__import__('numpy').ones_like"))
+
+
+@pytest.mark.parametrize("bugs", [WRONG_VALUE, IGNORED_UPSTREAM], ids=["wrong_value", "ignored_upstream"])
+def test_planted_bugs_fail_every_exercise(solved, tmp_path, bugs):
+    d = copy_of(solved, tmp_path / "bugs")
+    _plant(d, bugs)
+    report = grade(d, list(bugs))
+    passed = [e["id"] for e in report["exercises"] if e["passed"]]
+    assert passed == [], [(e["id"], e["message"]) for e in report["exercises"] if e["passed"]]
+    assert all(e["status"] == "fail" for e in report["exercises"]), \
+        [(e["id"], e["status"], e["message"]) for e in report["exercises"] if e["status"] != "fail"]
+
+
+@pytest.mark.parametrize("exercise", ["kl_forward", "conv2d_backward", "conv_transpose2d_forward",
+                                      "maxpool2d_backward", "upsample_nearest2d_backward"])
+def test_one_typical_mistake_fails_exactly_its_exercise(solved, tmp_path, exercise):
+    # dW averaged instead of summed over the batch, a flipped kernel, the gradient sent to every element of
+    # the pool window, only one copy of an upsampled pixel: each fails its own exercise and nothing else
+    d = copy_of(solved, tmp_path / "one")
+    _plant(d, {exercise: WRONG_VALUE[exercise]})
+    ids = ["kl_forward", "kl_backward", "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward",
+           "upsample_nearest2d_backward"]
+    report = grade(d, ids)
+    assert [e["id"] for e in report["exercises"] if not e["passed"]] == [exercise]
+
+
+# ------------------------------------------------------------ course scale
+def test_batch_grading_zip_jobs_gradebook(solved, stubbed, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    copy_of(solved, subs / "alice")
+    copy_of(stubbed, subs / "bob")
+    carol = copy_of(solved, tmp_path / "carol")
+    _plant(carol, {"kl_backward": WRONG_VALUE["kl_backward"]})
+    with zipfile.ZipFile(subs / "carol.zip", "w") as z:
+        for p in carol.rglob("*"):
+            z.write(p, Path("carol-handin") / p.relative_to(carol))
+    out = tmp_path / "grades"
+    r = cli("grade", subs, "--exercises", "kl_forward,kl_backward", "--jobs", "2", "--out", out, "--seed", "11")
+    assert r.returncode == 0, r.stderr
+    assert "grading" in r.stderr and "3/3" in r.stderr             # the progress bar
+    rows = list(csv.reader((out / "gradebook.csv").open()))
+    assert rows[0] == ["student", "kl_forward", "kl_backward", "total"]
+    assert rows[1:] == [["alice", "1", "1", "100"], ["bob", "0", "0", "0"], ["carol", "1", "0", "50"]]
+    for name in ("alice", "bob", "carol"):
+        rep = json.loads((out / f"{name}.json").read_text())
+        assert rep["student"] == name and rep["seed"] == 11
+
+
+def test_make_manifest_lessons_and_hidden_derivations(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "minivae", src / "minivae", ignore=shutil.ignore_patterns("__pycache__"))
+    (src / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    r = cli("make", tmp_path / "c", "--source", src)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot find the lessons folder"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+    r = cli("make", tmp_path / "hw", "--exercises", "dense_backward,kl_backward", "--hide-derivations")
+    assert r.returncode == 0, r.stderr
+    manifest = Path(str(tmp_path / "hw") + ".manifest.json")
+    assert manifest.is_file() and not list((tmp_path / "hw").rglob("*manifest*"))
+    layers = (tmp_path / "hw" / "minivae" / "layers.py").read_text()
+    assert "derive this: dL/dx (N, D_in)" in layers and "x.T @ G" not in layers
+    assert "Shapes: x (N, D_in), W (D_in, D_out), b (D_out,) -> y (N, D_out)." in layers
+    assert "(exp(logvar_j) - 1) / 2" not in (tmp_path / "hw" / "minivae" / "gaussian.py").read_text()
+    # the grader rebuilds the same starter and checks it against the manifest
+    report = grading.grade(tmp_path / "hw", ["dense_backward"], manifest=manifest, seed=2)
+    assert report["score"] == 0 and report["exercises"][0]["status"] == "not_implemented"
+    data = json.loads(manifest.read_text())
+    data["files"]["minivae/layers.py"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(RuntimeError, match="manifest's hash differs"):
+        grading.grade(tmp_path / "hw", ["dense_backward"], manifest=manifest)
+
+
+def test_starter_has_no_dangling_references(stubbed):
+    for path in list((stubbed / "minivae").rglob("*.py")) + [stubbed / "README.md"]:
+        text = path.read_text()
+        for bad in ("minivae.assignments", "tests/", "main README"):
+            assert bad not in text, (path, bad)
+    assert "testpaths" not in (stubbed / "pyproject.toml").read_text()
+    readme = (stubbed / "README.md").read_text()
+    assert "python -m minivae train --epochs 1" in readme
+
+
+def test_lesson_regions_are_stubbed_with_their_exercise(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "minivae", src / "minivae", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "lessons", src / "lessons", ignore=shutil.ignore_patterns("__pycache__"))
+    lesson = src / "lessons" / "99_chain.py"
+    lesson.write_text("# %%\nimport numpy as np\n# %%\n### BEGIN SOLUTION vae_backward\n"
+                      "dz = np.ones(3) * 2.0   # the hand-chained backward\n### END SOLUTION\nprint('done')\n")
+    make_starter(tmp_path / "with", ["vae_backward"], source=src, record_expected=False)
+    stu = (tmp_path / "with" / "lessons" / "99_chain.py").read_text()
+    assert "np.ones(3) * 2.0" not in stu and "raise NotImplementedError('exercise vae_backward: " in stu
+    compile(stu, "99_chain.py", "exec")
+    make_starter(tmp_path / "without", ["kl_forward"], source=src, record_expected=False)
+    assert (tmp_path / "without" / "lessons" / "99_chain.py").read_text() == lesson.read_text()
