@@ -322,12 +322,12 @@ def test_conv_models_see_at_most_conv_rows_per_call(monkeypatch):
     ref = iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
     assert max(seen) == 500                                   # an MLP keeps the chunk it is given
     for rows, batch, per_call in ((40, 10, 40), (10, 10, 10), (5, 10, 10), (1000, 10, 500)):
-        monkeypatch.setattr(ev, "CONV_ROWS", rows)
+        monkeypatch.setattr(ev, "CONV_ROWS", {"conv": rows})
         seen.clear()
         out = iw_log_likelihood(_FakeModel("conv"), x, 50, np.random.default_rng(0), chunk=50, batch_size=batch)
         assert max(seen) == per_call and sum(seen) == 25 * 50, (rows, seen)   # at least one sample per call
         assert np.allclose(out, ref, rtol=0, atol=1e-12)                      # the same draws, the same estimate
-    monkeypatch.setattr(ev, "CONV_ROWS", 40)
+    monkeypatch.setattr(ev, "CONV_ROWS", {"conv": 40})
     seen.clear()
     iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
     assert max(seen) == 500                                   # CONV_ROWS is for conv models only
