@@ -174,3 +174,92 @@ def test_stale_temp_files_are_found(tmp_path):
     (tmp_path / "history.json").write_text("[]")
     (tmp_path / ".lock").write_text("1")
     assert [p.name for p in ck.stale_temp_files(tmp_path)] == [".checkpoint.npz.abc123.tmp"]
+
+
+def test_archive_layout_and_defaults(tmp_path):
+    m, opt = trained()
+    ck.save_checkpoint(tmp_path / "a.npz", m, opt, settings={"b": 1, "a": 2})
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        keys = set(z.files)
+        assert str(z["settings"]) == '{"a": 2, "b": 1}'                      # sorted: the same bytes every run
+        assert z["epoch"].dtype == np.int64 and int(z["epoch"]) == 0          # epoch 0 unless given
+    assert keys == {"format", "config", "epoch", "settings", "history", "rng", "opt/meta", "opt/0.m", "opt/0.v"} | \
+        {"param/" + k for k in m.params}                                    # t and lr live in opt/meta only
+    c = ck.load_checkpoint(tmp_path / "a.npz")
+    assert c.epoch == 0 and set(c.opt_state) == {"0.m", "0.v"} and c.opt_meta["name"] == "adam"
+    ck.save_checkpoint(tmp_path / "b.npz", m)
+    assert ck.load_checkpoint(tmp_path / "b.npz").opt_meta is None and ck.load_checkpoint(tmp_path / "b.npz").opt_state == {}
+
+
+def test_build_model_is_deterministic_and_checks_the_parameter_names(tmp_path):
+    m, _ = trained()
+    ck.save_checkpoint(tmp_path / "a.npz", m)
+    c = ck.load_checkpoint(tmp_path / "a.npz")
+    a, b = c.build_model(), c.build_model()
+    assert np.array_equal(a.sample(3), b.sample(3))                            # the same model RNG each time
+    for params, fragment in (({k: v for k, v in c.params.items() if k != "dec.out.b"}, "missing ['dec.out.b']"),
+                             ({**c.params, "extra.W": np.zeros(2)}, "unexpected ['extra.W']")):
+        bad = ck.Checkpoint(c.path, c.config, params, c.epoch, c.settings, c.history, c.rng, c.opt_meta, c.opt_state)
+        with pytest.raises(ck.CheckpointError, match=__import__("re").escape(fragment)):
+            bad.build_model()
+
+
+def test_load_refuses_pickles_bad_history_and_names_the_first_shape_mismatch(tmp_path):
+    m, _ = trained()
+    ck.save_checkpoint(tmp_path / "a.npz", m, history=[{"epoch": 1}])
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "pickle.npz", **{**arrays, "history": np.array([{"x": 1}], dtype=object)})
+    with pytest.raises(ck.CheckpointError):
+        ck.load_checkpoint(tmp_path / "pickle.npz")                           # never unpickles (no code runs)
+    np.savez(tmp_path / "hist.npz", **{**arrays, "history": np.array(json.dumps([1, 2]))})
+    with pytest.raises(ck.CheckpointError):
+        ck.load_checkpoint(tmp_path / "hist.npz")                             # records must be dicts
+    shapes = dict(arrays)
+    shapes["param/enc.mu.b"] = np.zeros(7, dtype=np.float32)
+    del shapes["param/dec.out.b"]
+    np.savez(tmp_path / "shape.npz", **shapes)
+    with pytest.raises(ck.CheckpointError, match=r"first mismatch: 'dec.out.b'"):
+        ck.load_checkpoint(tmp_path / "shape.npz")
+
+
+def test_atomic_write_makes_folders_and_a_hidden_temporary_beside_the_file(tmp_path):
+    target = tmp_path / "a" / "b" / "file.txt"
+    seen = []
+
+    def write(f):
+        seen.extend(p.name for p in target.parent.iterdir())
+        f.write(b"hello")
+    ck.atomic_write(target, write)
+    assert target.read_bytes() == b"hello"
+    (tmp,) = seen                                                              # while writing: one temp file
+    assert tmp.startswith(".file.txt.") and tmp.endswith(".tmp") and tmp != ".file.txt..tmp"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]           # and it is gone afterwards
+
+
+_UNPICKLED = []
+
+
+def _mark():
+    _UNPICKLED.append(1)
+    return 0
+
+
+class _Evil:
+    def __reduce__(self):
+        return (_mark, ())
+
+
+def test_loading_never_unpickles(tmp_path):
+    m, _ = trained()
+    ck.save_checkpoint(tmp_path / "a.npz", m)
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "evil.npz", **arrays, evil=np.array([_Evil()], dtype=object))
+    with pytest.raises(ck.CheckpointError):
+        ck.load_checkpoint(tmp_path / "evil.npz")
+    assert _UNPICKLED == []
+    arrays["param/extra.W"] = np.zeros(2, dtype=np.float32)                  # a parameter the config lacks
+    np.savez(tmp_path / "extra.npz", **arrays)
+    with pytest.raises(ck.CheckpointError, match="first mismatch: 'extra.W'"):
+        ck.load_checkpoint(tmp_path / "extra.npz")

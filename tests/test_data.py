@@ -174,3 +174,114 @@ def test_split_validation_and_minibatches():
     assert [len(b) for b in b1] == [4, 4, 2]
     assert all(np.array_equal(p, q) for p, q in zip(b1, b2))
     assert sorted(np.concatenate(b1).tolist()) == list(range(10))
+
+
+def test_image_shape_from_the_header_or_the_npz(tmp_path, monkeypatch):
+    from minivae.data import image_shape
+    assert image_shape(embedded_dir()) == (1, 28, 28) == image_shape(embedded_dir(), "test")
+    monkeypatch.setenv("MINIVAE_DATA", str(make_dataset(tmp_path / "idx", side=5)))
+    assert image_shape() == (1, 5, 5)                                  # the default folder: $MINIVAE_DATA
+    rect = tmp_path / "rect"
+    rect.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(rect / "t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 4, 6)), gz=False)   # raw, not .gz
+    assert image_shape(rect, "test") == (1, 4, 6)
+    write_idx(rect / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (3, 7, 2)))
+    assert image_shape(rect) == (1, 7, 2)                              # the split's own file
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    write_idx(flat / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (3, 12)))           # (N, D): not images
+    with pytest.raises(DataError, match="3 dimensions"):
+        image_shape(flat)
+    write_idx(flat / "t10k-images-idx3-ubyte.gz", None, raw=b"\0\0\x08")                   # a truncated header
+    with pytest.raises(DataError, match="3 dimensions"):
+        image_shape(flat, "test")
+    with pytest.raises(DataError, match="cannot read"):
+        image_shape(tmp_path / "nothing-here")
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez(npz / "train.npz", x=np.zeros((2, 3, 5)), y=np.zeros(2))
+    np.savez(npz / "test.npz", x=np.zeros((2, 15)), y=np.zeros(2))
+    assert image_shape(npz) == (1, 3, 5) and image_shape(npz, "test") is None
+    (npz / "train.npz").write_bytes(b"not an archive")
+    with pytest.raises(DataError, match="cannot read"):
+        image_shape(npz)
+
+
+def test_read_idx_header_boundaries_and_the_raw_fallback(tmp_path):
+    a = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    write_idx(tmp_path / "r", a, gz=False)
+    assert np.array_equal(read_idx(tmp_path / "r.gz"), a)                  # r.gz missing: the raw file r
+    with pytest.raises(DataError, match="file not found"):
+        read_idx(tmp_path / "r.idx")                                       # only a missing .gz falls back
+    with pytest.raises(DataError, match=r"only 3 bytes"):
+        read_idx(write_idx(tmp_path / "h3", None, gz=False, raw=b"\0\0\x08"))
+    with pytest.raises(DataError, match="truncated header"):
+        read_idx(write_idx(tmp_path / "h4", None, gz=False, raw=b"\0\0\x08\x01"))   # 4 bytes: the magic only
+    sixteen = bytes([0, 0, 8, 16]) + struct.pack(">16I", *([1] * 16)) + b"\x07"     # 16 dimensions: allowed
+    assert read_idx(write_idx(tmp_path / "d16", None, gz=False, raw=sixteen)).shape == (1,) * 16
+    with pytest.raises(DataError, match="17 dimensions"):
+        read_idx(write_idx(tmp_path / "d17", None, gz=False, raw=bytes([0, 0, 8, 17]) + b"\0" * 100))
+    with pytest.raises(DataError, match="truncated: header says 2x3 = 6 bytes, file has 5"):
+        read_idx(write_idx(tmp_path / "t", None, gz=False, raw=idx_bytes(a)[:-1]))
+    with pytest.raises(DataError, match="too long: header says 2x3 = 6 bytes, file has 7"):
+        read_idx(write_idx(tmp_path / "l", None, gz=False, raw=idx_bytes(a) + b"\0"))
+    huge = bytes([0, 0, 8, 1]) + struct.pack(">I", 2 ** 31) + b"\0" * 4         # dimensions are unsigned
+    with pytest.raises(DataError, match="truncated: header says 2147483648 = 2147483648 bytes"):
+        read_idx(write_idx(tmp_path / "u", None, gz=False, raw=huge))
+
+
+def test_preprocessing_defaults_and_boundaries(tmp_path):
+    with pytest.raises(DataError, match="outside"):
+        check_data(np.array([[1.5]]))                                     # Bernoulli is the default
+    check_data(np.array([[1.5]]), likelihood="gaussian")
+    x64 = np.random.default_rng(0).random((4, 5))
+    b = binarize(x64, np.random.default_rng(3))
+    assert b.dtype == np.float64
+    assert np.array_equal(b, (np.random.default_rng(3).random((4, 5)) < x64).astype(np.float64))   # float64 draws
+    x32 = x64.astype(np.float32)
+    assert np.array_equal(static_binarize(x32), binarize(x32, np.random.default_rng(0)))            # seed 0
+    x, y = np.arange(10.0)[:, None], np.arange(10)
+    xt, yt, xv, yv = split_validation(x, y, 3)
+    perm = np.random.default_rng(0).permutation(10)
+    assert np.array_equal(yv, perm[:3]) and np.array_equal(yt, perm[3:]) and np.array_equal(xv[:, 0], yv)
+    assert len(split_validation(x, y, 0)[2]) == 0                          # no validation set is allowed
+    with pytest.raises(ValueError, match="validation size"):
+        split_validation(x, y, 10)
+    assert [list(b) for b in minibatches(5, 2, np.random.default_rng(0), shuffle=False)] == [[0, 1], [2, 3], [4]]
+    assert len(minibatches(3, 1, np.random.default_rng(0))) == 3           # batch size 1 is allowed
+    with pytest.raises(ValueError, match="batch size"):
+        minibatches(3, 0, np.random.default_rng(0))
+    small = make_dataset(tmp_path / "s", n_train=7, n_test=3, side=4)
+    assert load_mnist(data_dir=small)[0].shape == (7, 16)                  # the train split by default
+
+
+def test_raw_files_fingerprint_cache_and_message_name(tmp_path):
+    import os
+
+    from minivae.data import fingerprint, image_shape
+    d = make_dataset(tmp_path / "raw", n_train=6, n_test=4, side=3)
+    for gz in d.glob("*.gz"):                                    # the same folder, un-gzipped
+        with gzip.open(gz, "rb") as f:
+            gz.with_suffix("").write_bytes(f.read())
+        gz.unlink()
+    x, y = load_mnist("train", d)
+    assert x.shape == (6, 9) and y.shape == (6,)
+    write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((4, 5, 5)))        # both forms: the .gz file wins
+    assert image_shape(d, "test") == (1, 5, 5) and load_mnist("test", d)[0].shape == (4, 25)
+    assert "t10k-images-idx3-ubyte.gz" in fingerprint(d)["files"]           # and is the file the run records
+    assert "t10k-labels-idx1-ubyte" in fingerprint(d)["files"]              # (a raw file alone is recorded too)
+    # the hash cache is keyed by path, size and mtime: a rewrite that keeps either of them is still seen
+    lab = d / "t10k-labels-idx1-ubyte"
+    sha = lambda: fingerprint(d)["files"][lab.name][1]              # noqa: E731
+    first, st = sha(), os.stat(lab)
+    write_idx(lab, np.array([1, 1, 1, 1]), gz=False)                 # the same size, a later mtime
+    os.utime(lab, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    second = sha()
+    assert second != first
+    st = os.stat(lab)
+    write_idx(lab, np.array([2, 2, 2, 2, 2]), gz=False)              # another size, the same mtime
+    os.utime(lab, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sha() not in (first, second)
+    with pytest.raises(DataError, match=r"^data: contains NaN"):
+        check_data(np.array([[np.nan]]))                          # the default name in the message

@@ -98,9 +98,24 @@ def test_memory_bound_rows_per_call(monkeypatch):
 
 
 def test_iw_float32_model_accumulates_in_float64():
-    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3), rng=0)
-    out = iw_log_likelihood(m, binary_data(4, 10), 50, np.random.default_rng(0))
+    # log w of 300 pixels is about -200 nats, where float32 resolves only ~1.5e-5 nats: a float32
+    # log-sum-exp over the k samples is off by ~1e-5, the float64 one (what the docstring promises) by ~1e-13
+    from minivae.evaluate import _log_weights
+    m = VAE(VAEConfig(x_dim=300, hidden=(8,), z_dim=3), rng=0)
+    assert m.dtype == np.float32
+    x = binary_data(5, 300).astype(np.float32)
+    k = 400
+    out = iw_log_likelihood(m, x, k, np.random.default_rng(0), chunk=7, batch_size=5)
+    eps = np.random.default_rng(0).standard_normal((k, 5, 3)).astype(np.float32)   # the same draws
+    lw = np.concatenate([_log_weights(m, x, eps[i:i + 7]) for i in range(0, k, 7)])   # (k, N) float32
+    assert lw.dtype == np.float32 and lw.max() < -100
+    exact = log_mean_exp(lw.astype(np.float64), axis=0)
     assert out.dtype == np.float64
+    assert np.abs(out - exact).max() < 1e-9
+    # the same log-sum-exp in float32 misses by far more than that tolerance
+    mx = lw.max(axis=0)
+    in32 = mx + np.log(np.mean(np.exp(lw - mx), axis=0, dtype=np.float32), dtype=np.float32)
+    assert in32.dtype == np.float32 and np.abs(in32 - exact).max() > 1e-7
 
 
 def test_iw_rejects_bad_k():
@@ -187,6 +202,8 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         monkeypatch.setattr(sys, "stderr", err)
         report(m, binary_data(8, 10), np.random.default_rng(0), iw_k=30, progress=True)
         assert ("IW log p(x)" in err.getvalue()) == shown
+        if tty:                                       # counts samples: 8 examples x 30 = 240
+            assert "/240 " in err.getvalue() and "sample/s" in err.getvalue() and "0.00/240" in err.getvalue()
 
 
 def test_active_units_need_a_minimum_of_examples():
@@ -210,3 +227,223 @@ def test_iw_same_on_backend(backend):
     a = iw_log_likelihood(ref, x, 20, np.random.default_rng(2), chunk=6)
     b = iw_log_likelihood(m, x, 20, np.random.default_rng(2), chunk=6)
     assert np.allclose(a, b, atol=1e-9)
+
+
+def test_report_counts_active_units_at_the_threshold_it_is_given():
+    x = np.zeros((40, 4))
+    x[::2, 0] = 1.0                                   # Var(x_0) = 1/4
+    scales = np.array([0.0, 0.14, 0.18, 0.22, 1.0, 2.0])        # Var(mu_j): 0, .0049, .0081, .0121, .25, 1
+    m = linear_encoder_model(scales)
+    for threshold, count in ((0.001, 5), (0.005, 4), (0.01, 3), (0.3, 1), (2.0, 0)):
+        r = report(m, x, np.random.default_rng(0), au_threshold=threshold)
+        assert r["au_threshold"] == threshold and r["active_units"] == count, (threshold, r["active_units"])
+        assert bool(r["collapse_warning"]) == (count < 3)
+    assert report(m, x, np.random.default_rng(0))["au_threshold"] == 0.01          # the default
+
+
+def test_log_mean_exp_edge_cases():
+    a = np.array([[-np.inf, 0.0], [-np.inf, np.log(3.0)]])
+    with np.errstate(divide="ignore"):
+        out = log_mean_exp(a, axis=0)
+    assert out[0] == -np.inf and np.isclose(out[1], np.log(2.0))        # all weights zero: log 0, no NaN
+    assert np.allclose(log_mean_exp(np.log([[1.0, 2.0, 6.0]]), axis=1), [np.log(3.0)])
+    assert log_mean_exp(np.array([5.0])).shape == ()
+
+
+def test_iw_smallest_sizes_and_bad_sizes():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(3, 10)
+    a = iw_log_likelihood(m, x, 3, np.random.default_rng(1), chunk=1, batch_size=1)
+    b = iw_log_likelihood(m, x, 3, np.random.default_rng(1), chunk=3, batch_size=1)   # the same draws
+    assert a.shape == (3,) and np.allclose(a, b, rtol=0, atol=1e-12)
+    one = iw_log_likelihood(m, x, 1, np.random.default_rng(1), batch_size=3)       # k = 1: one log weight
+    eps = np.random.default_rng(1).standard_normal((1, 3, 3))
+    assert np.allclose(one, m.log_weights(x, eps)[0], rtol=0, atol=1e-12)
+    for kw in ({"k": 2.5}, {"k": -1}, {"chunk": 0}, {"batch_size": 0}, {"chunk": 1.5}, {"batch_size": 2.5}):
+        args = {"k": 3, **kw}
+        with pytest.raises(ValueError, match="must be positive integers|k must be"):
+            iw_log_likelihood(m, x, args.pop("k"), np.random.default_rng(0), **args)
+
+
+def test_log_mean_exp_axes_shapes_and_float64():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4))
+    for axis in (0, 1, 2, -1):
+        direct = np.log(np.mean(np.exp(a), axis=axis))
+        out = log_mean_exp(a, axis=axis)
+        assert out.shape == direct.shape and np.allclose(out, direct, rtol=1e-14)
+    assert log_mean_exp(np.zeros((4, 1)), axis=0).shape == (1,)          # only the reduced axis goes
+    # float32 input is computed in float64: log-weights near -200 keep their sub-1e-5 differences
+    a32 = (-200.0 + rng.standard_normal((50, 3))).astype(np.float32)
+    out = log_mean_exp(a32, axis=0)
+    assert out.dtype == np.float64
+    assert np.allclose(out, log_mean_exp(a32.astype(np.float64), axis=0), rtol=0, atol=1e-12)
+
+
+def test_iw_without_the_fast_module_uses_the_models_own_log_weights(monkeypatch):
+    """A student copy has no minivae/fast.py: the estimate then comes from model.log_weights."""
+    import sys
+    from minivae.evaluate import _log_weights
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x, eps = binary_data(4, 10), np.random.default_rng(0).standard_normal((6, 4, 3))
+    calls = []
+    orig = VAE.log_weights
+    monkeypatch.setattr(VAE, "log_weights", lambda self, *a: calls.append(a) or orig(self, *a))
+    monkeypatch.setitem(sys.modules, "minivae.fast", None)           # import minivae.fast -> ImportError
+    lw = _log_weights(m, x, eps)
+    assert len(calls) == 1 and np.array_equal(lw, orig(m, x, eps))
+
+
+class _FakeModel:
+    """Just what iw_log_likelihood reads: config.arch, config.z_dim and dtype."""
+
+    def __init__(self, arch, z_dim=2):
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(arch=arch, z_dim=z_dim)
+        self.dtype = np.float64
+
+
+def _spy_log_weights(monkeypatch, seen, offsets=None):
+    """log w = -|eps|^2 (+ a per-example offset): a function of the draws alone, whatever the chunking."""
+    import minivae.evaluate as ev
+
+    def lw(model, xb, eps):
+        seen.append(eps.shape[0] * eps.shape[1])
+        out = -(eps ** 2).sum(-1)
+        return out if offsets is None else out + offsets[xb[:, 0].astype(int)]
+    monkeypatch.setattr(ev, "_log_weights", lw)
+
+
+def test_conv_models_see_at_most_conv_rows_per_call(monkeypatch):
+    import minivae.evaluate as ev
+    x = np.arange(25.0)[:, None] * np.ones((1, 3))
+    seen = []
+    _spy_log_weights(monkeypatch, seen)
+    ref = iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
+    assert max(seen) == 500                                   # an MLP keeps the chunk it is given
+    for rows, batch, per_call in ((40, 10, 40), (10, 10, 10), (5, 10, 10), (1000, 10, 500)):
+        monkeypatch.setattr(ev, "CONV_ROWS", {"conv": rows})
+        seen.clear()
+        out = iw_log_likelihood(_FakeModel("conv"), x, 50, np.random.default_rng(0), chunk=50, batch_size=batch)
+        assert max(seen) == per_call and sum(seen) == 25 * 50, (rows, seen)   # at least one sample per call
+        assert np.allclose(out, ref, rtol=0, atol=1e-12)                      # the same draws, the same estimate
+    monkeypatch.setattr(ev, "CONV_ROWS", {"conv": 40})
+    seen.clear()
+    iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
+    assert max(seen) == 500                                   # CONV_ROWS is for conv models only
+    seen.clear()
+    iw_log_likelihood(VAE(VAEConfig(x_dim=3, hidden=(4,), z_dim=2), rng=0), x, 50, np.random.default_rng(0),
+                      chunk=50, batch_size=10)
+    assert max(seen) == 500                                   # a real MLP model's config has no conv arch
+
+
+def test_iw_running_max_is_per_example(monkeypatch):
+    # two examples 5000 nats apart: one shared maximum would underflow the lower one to -inf
+    x = np.array([[0.0], [1.0]])
+    _spy_log_weights(monkeypatch, [], offsets=np.array([0.0, -5000.0]))
+    out = iw_log_likelihood(_FakeModel("mlp", z_dim=1), x, 20, np.random.default_rng(0), chunk=3, batch_size=2)
+    eps = np.random.default_rng(0).standard_normal((20, 2, 1))
+    expect = log_mean_exp(-(eps ** 2).sum(-1) + [0.0, -5000.0], axis=0)
+    assert np.isfinite(out).all() and np.allclose(out, expect, rtol=0, atol=1e-9)
+
+
+def test_progress_bar_counts_every_sample(monkeypatch):
+    import tqdm
+    made = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.n = kw, 0
+            made.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=2), rng=0)
+    iw_log_likelihood(m, binary_data(7, 10), 30, np.random.default_rng(0), chunk=4, batch_size=3)
+    assert made == []                                          # no bar unless asked
+    iw_log_likelihood(m, binary_data(7, 10), 30, np.random.default_rng(0), chunk=4, batch_size=3, progress=True)
+    (bar,) = made
+    assert bar.kw["total"] == 7 * 30 and bar.n == 7 * 30 and bar.closed
+    assert bar.kw["unit"] == "sample" and bar.kw["leave"] is False and bar.kw["disable"] is None
+    assert bar.kw["unit_scale"] is True and bar.kw["desc"] == "IW log p(x), k=30"
+    report(m, binary_data(7, 10), np.random.default_rng(0), iw_k=5)
+    assert len(made) == 1                                      # report: no bar by default either
+
+
+def test_posterior_mean_variance_in_batches():
+    m = linear_encoder_model(np.array([1.0, -2.0]))
+    x = np.random.default_rng(0).random((5, 4))
+    direct = m.encode(x)[0].var(axis=0)
+    for bs in (1, 2, 3, 5, 1000):
+        assert np.allclose(posterior_mean_variance(m, x, batch_size=bs), direct, rtol=1e-13)
+    # the threshold is strict: a variance exactly at it is not active
+    x2 = np.zeros((40, 4))
+    x2[::2, 0] = 1.0
+    m2 = linear_encoder_model(np.array([0.5]))            # mu in {1, 1.5}: variance exactly 0.0625
+    assert posterior_mean_variance(m2, x2)[0] == 0.0625
+    assert active_units(m2, x2, threshold=0.0625) == 0 and active_units(m2, x2, threshold=0.0624) == 1
+
+
+def test_collapse_warning_says_what_it_means_and_what_to_do():
+    msg = collapse_warning(3, 50)
+    assert msg.startswith("posterior collapse: only 3 of 50 latent units are active")
+    assert "carry no information about x" in msg
+    assert "Burda et al. 2015 report 19-20 of 50 for their VAE" in msg
+    assert msg.endswith("try KL warm-up or free bits)")
+
+
+def test_report_numbers_are_the_functions_numbers():
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(150, 10)
+    import time
+    t0 = time.perf_counter()
+    r = report(m, x, np.random.default_rng(0), iw_k=3)
+    took = time.perf_counter() - t0
+    rng = np.random.default_rng(0)                          # the same draws, in the same order
+    parts = negative_elbo(m, x, rng, batch_size=100)
+    ll = iw_log_likelihood(m, x, 3, rng, chunk=100, batch_size=100)
+    assert r["neg_elbo"] == parts["loss"] and r["recon"] == parts["recon"] and r["kl"] == parts["kl"]
+    assert r["iw_nll"] == float(-ll.mean()) and r["iw_nll_sem"] == float(ll.std(ddof=1) / np.sqrt(150))
+    assert 0 <= r["iw_seconds"] <= took
+    r0 = report(m, x[:5], np.random.default_rng(0))
+    assert r0["iw_k"] == 0 and r0["iw_nll"] is None and r0["iw_nll_sem"] is None and r0["iw_seconds"] is None
+    r1 = report(m, x[:1], np.random.default_rng(0), iw_k=2)
+    assert r1["iw_nll_sem"] is None and np.isfinite(r1["iw_nll"])            # one example: no standard error
+
+
+def test_defaults_and_boundaries_of_the_evaluation():
+    from types import SimpleNamespace
+
+    from minivae.evaluate import AU_MIN_N
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(150, 10)
+    # the default batch of the IW estimate is 100 examples (it fixes the order of the draws)
+    assert np.array_equal(iw_log_likelihood(m, x, 2, np.random.default_rng(0)),
+                          iw_log_likelihood(m, x, 2, np.random.default_rng(0), batch_size=100))
+    r = report(m, x, np.random.default_rng(0), iw_k=2, batch_size=50)
+    rng = np.random.default_rng(0)
+    negative_elbo(m, x, rng)
+    assert r["iw_nll"] == float(-iw_log_likelihood(m, x, 2, rng, batch_size=50).mean())
+    # negative_elbo: one draw eps (1, N, L) per example, then the model's own loss
+    rng = np.random.default_rng(4)
+    ne = negative_elbo(m, x[:30], np.random.default_rng(4))
+    m.loss(x[:30], eps=rng.standard_normal((1, 30, 3)), backward=False)
+    assert np.isclose(ne["loss"], float(m.parts["loss"]), rtol=1e-12) and np.isclose(ne["kl"], float(m.parts["kl"]))
+    # two examples have a standard error; exactly AU_MIN_N examples are enough to count active units
+    assert report(m, x[:2], np.random.default_rng(0), iw_k=2)["iw_nll_sem"] is not None
+    assert report(m, x[:AU_MIN_N], np.random.default_rng(0))["active_units"] is not None
+    assert report(m, x[:AU_MIN_N - 1], np.random.default_rng(0))["au_note"].endswith(f"got {AU_MIN_N - 1}")
+    # a config without an ``arch`` field is an MLP: no conv row bound
+    seen = []
+    fake = SimpleNamespace(config=SimpleNamespace(z_dim=2), dtype=np.float64)
+    import minivae.evaluate as ev
+    orig, ev._log_weights = ev._log_weights, lambda model, xb, eps: seen.append(eps.shape[0]) or -(eps ** 2).sum(-1)
+    try:
+        iw_log_likelihood(fake, x[:10], 200, np.random.default_rng(0), chunk=200, batch_size=10)
+    finally:
+        ev._log_weights = orig
+    assert seen == [200]

@@ -124,16 +124,25 @@ def test_bad_inputs_give_clear_errors(rng):
 def test_float32_training_step_stays_float32(rng):
     m = VAE(VAEConfig(x_dim=20, hidden=(8, 8), z_dim=3), rng=0)
     assert m.flat.dtype == np.float32
-    opt = minivae.Adam(lr=1e-3, clip_norm=10.0, weight_decay=1e-4)
+    opt = minivae.Adam(lr=1e-2, clip_norm=0.1, weight_decay=0.5)
     x = rng.uniform(0, 1, (5, 20))        # float64 input is cast to the model's dtype
-    for _ in range(3):
+    p = m.flat.astype(np.float64)         # Adam with clipping and decay, done here in float64 on the flat vector
+    mom, sq = np.zeros_like(p), np.zeros_like(p)
+    for t in range(1, 4):
         loss, grads = m.loss(x, n_samples=2, beta=0.5)
         assert loss.dtype == np.float32 and grads.flat.dtype == np.float32
         assert all(g.dtype == np.float32 for g in grads.values())
         assert all(v.dtype == np.float32 for v in m.parts.values())
+        g = grads.flat.astype(np.float64)
+        assert np.linalg.norm(g) > 0.2                                   # the clip is active
+        g = g * 0.1 / (np.linalg.norm(g) + 1e-6) + 0.5 * p
+        mom, sq = 0.9 * mom + 0.1 * g, 0.999 * sq + 0.001 * g * g
+        p = p - 1e-2 * (mom / (1 - 0.9 ** t)) / (np.sqrt(sq / (1 - 0.999 ** t)) + 1e-8)
         opt.step(m.params, grads)
         assert m.flat.dtype == np.float32 and all(p.dtype == np.float32 for p in m.params.values())
         assert all(a.dtype == np.float32 for st in opt.state for a in st.values())
+        assert np.abs(m.flat - p).max() < 1e-5                           # float32 rounding of a 1e-2 step
+        p = m.flat.astype(np.float64)     # continue from the float32 parameters the model really has
     for out in (m.encode(x)[0], m.encode(x)[1], m.decode(np.zeros((2, 3))), m.reconstruct(x), m.sample(4, rng)):
         assert out.dtype == np.float32
 

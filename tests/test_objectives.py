@@ -240,3 +240,23 @@ def test_iwae_and_free_bits_on_backend_float32(backend):
         assert g.flat.dtype == np.float32
         assert np.isclose(float(to_numpy(loss)), float(loss64), rtol=1e-5)
         assert np.allclose(to_numpy(g.flat), g64.flat, rtol=1e-3, atol=1e-5)
+
+
+def test_iwae_shift_is_per_example():
+    # examples whose log-weights sit 5000 nats apart: one shift for the whole batch would underflow one of them
+    log_w = np.array([[0.0, -5000.0], [np.log(3.0), -5000.0 + np.log(3.0)]])
+    loss, (wtilde, _) = iwae_forward(log_w)
+    bound = np.array([np.log(2.0), -5000.0 + np.log(2.0)])                # log mean(1, 3) = log 2
+    assert np.isclose(float(loss), -bound.mean(), rtol=1e-14)
+    assert np.allclose(wtilde, [[0.25, 0.25], [0.75, 0.75]])
+
+
+def test_free_bits_kink_and_dtype():
+    lam = 0.5
+    kl = np.array([[0.25, 1.0, 0.5], [0.75, 2.0, 0.5]])                 # batch means 0.5 (at the floor), 1.5, 0.5
+    obj, cache = free_bits_forward(kl, lam)
+    assert float(obj) == 0.5 + 1.5 + 0.5
+    g = free_bits_backward(2.0, cache)
+    assert np.array_equal(g, [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])         # 0 at the kink (KLbar == lambda)
+    g32 = free_bits_backward(np.float32(1.0), free_bits_forward(kl.astype(np.float32), lam)[1])
+    assert g32.dtype == np.float32

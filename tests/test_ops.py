@@ -35,6 +35,19 @@ def test_activations(rng, xp, name):
     assert rep["x"] < TOL
 
 
+def test_activations_at_and_around_the_kink(rng):
+    # finite differences cannot see x = 0 exactly; the docstrings give the value there
+    x = np.array([-2.0, -1e-12, 0.0, 1e-12, 3.0])
+    dy = rng.standard_normal(5)
+    y, cache = layers.relu_forward(x)
+    assert np.array_equal(y, [0.0, 0.0, 0.0, 1e-12, 3.0])
+    assert np.array_equal(layers.relu_backward(dy, cache), dy * [0, 0, 0, 1, 1])      # 0 at the kink x = 0
+    assert np.allclose(layers.leaky_relu_forward(np.array([-2.0, 3.0]))[0], [-0.02, 3.0])   # alpha = 0.01
+    y, cache = layers.leaky_relu_forward(x, alpha=0.2)
+    assert np.allclose(y, [-0.4, -2e-13, 0.0, 1e-12, 3.0], rtol=1e-15, atol=0)
+    assert np.allclose(layers.leaky_relu_backward(dy, cache), dy * [0.2, 0.2, 0.2, 1, 1], rtol=1e-15, atol=0)
+
+
 def test_reparameterize(rng, xp):
     mu, logvar = xp.asarray(rng.standard_normal((4, 3))), xp.asarray(rng.standard_normal((4, 3)))
     for eps_shape in [(4, 3), (5, 4, 3)]:
@@ -149,3 +162,16 @@ def test_numerical_gradient_of_known_function(rng):
     assert rel_error(g, 3 * x ** 2) < 1e-8
     assert rel_error(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
     assert rel_error(np.array([1.0]), np.array([-1.0])) == 1.0
+
+
+def test_fixed_variance_gaussian_nll_closed_form():
+    rng = np.random.default_rng(0)
+    mean, x = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))     # any leading axes: (S, N, D)
+    for var, kw in ((1.0, {}), (0.3, {"var": 0.3})):                             # the default variance is 1
+        nll, _ = likelihoods.gaussian_nll_forward(mean, x, **kw)
+        expect = (0.5 * (x - mean) ** 2 / var + 0.5 * np.log(2 * np.pi * var)).sum(-1)
+        assert nll.shape == (2, 3) and np.allclose(nll, expect, rtol=1e-14)
+    logvar = rng.standard_normal((2, 3, 4))
+    nll, _ = likelihoods.gaussian_learned_var_nll_forward(mean, logvar, x)
+    expect = (0.5 * (x - mean) ** 2 / np.exp(logvar) + 0.5 * logvar + 0.5 * np.log(2 * np.pi)).sum(-1)
+    assert nll.shape == (2, 3) and np.allclose(nll, expect, rtol=1e-14)

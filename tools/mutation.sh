@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Mutation testing (a development tool; CI never runs it).  Usage, from the repository root:
+#
+#   bash tools/mutation.sh                 # every configured module ([tool.mutmut] in pyproject.toml)
+#   bash tools/mutation.sh "minivae.optim*" "minivae.layers*"    # only some modules' mutants
+#
+# Needs `pip install -e .[dev]` (or `pip install -r requirements-dev.txt`).  mutmut keeps its results in
+# mutants/ and reruns only mutants of changed functions; `rm -rf mutants` starts afresh.  The summary
+# printed at the end is the mutation score per module (killed / (killed + survived)), and the list of
+# survivors; `mutmut show NAME` prints one of them as a diff, `bash tools/show_survivors.sh PATTERN` all of them.
+# Naming mutants reruns them even if they have a result; to finish an interrupted run without redoing the
+# rest:  mapfile -t N < <(python tools/mutation_score.py --unchecked "minivae.model*"); bash tools/mutation.sh "${N[@]}"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg
+unset PYTHONPATH               # the tests must import the mutated copy in mutants/, nothing else
+mutmut run "$@" || true        # its exit status is not the score; the summary below is
+python tools/mutation_score.py "$@"

@@ -1,0 +1,81 @@
+"""Mutation score per module from mutmut's results in mutants/ (run by tools/mutation.sh).
+
+score = killed / (killed + survived), where "killed" counts mutants that made a test fail, crash or time
+out.  Survivors listed in tests/EQUIVALENT_MUTANTS.md (equivalent programs: no test can tell them apart)
+are reported separately and left out of the denominator of the adjusted score.  Mutants that no selected
+test reaches ("no tests") are listed too: they count as survivors.
+"""
+import fnmatch
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+KILLED = {1, 3, 36, -24, 24, 152, 255, -11, -9}         # test failed, pytest error, timeout, crash
+SURVIVED = {0, 5, 33}                                    # tests passed, or no test reached the mutant
+
+
+def equivalent_names(path=Path("tests/EQUIVALENT_MUTANTS.md")):
+    if not path.exists():
+        return set()
+    return set(re.findall(r"`(minivae\.[\w.]+__mutmut_\d+)`", path.read_text()))
+
+
+def unchecked(patterns):
+    """Names of the mutants matching ``patterns`` that have no result yet (to resume a run)."""
+    for meta in sorted(Path("mutants").rglob("*.py.meta")):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if code is None and (not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)):
+                print(name)
+    return 0
+
+
+def main(patterns):
+    if patterns[:1] == ["--unchecked"]:
+        return unchecked(patterns[1:])
+    equivalent = equivalent_names()
+    per = defaultdict(lambda: {"killed": 0, "survived": 0, "equivalent": 0, "not checked": 0})
+    survivors = []
+    for meta in sorted(Path("mutants").rglob("*.py.meta")):
+        module = str(meta.relative_to("mutants"))[:-len(".py.meta")].replace("/", ".")
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+                continue
+            row = per[module]
+            if code is None:
+                row["not checked"] += 1
+            elif code in KILLED:
+                row["killed"] += 1
+            elif name in equivalent:
+                row["equivalent"] += 1
+            else:
+                row["survived"] += 1
+                survivors.append((name, "no test reaches it" if code in (5, 33) else "survived"))
+    if not per:
+        print("no mutmut results in mutants/: run `bash tools/mutation.sh` first")
+        return 1
+    print(f"{'module':34s} {'killed':>7s} {'surv.':>6s} {'equiv.':>6s} {'unrun':>6s} {'score':>7s} {'adj.':>7s}")
+    tot = defaultdict(int)
+    for module, r in sorted(per.items()):
+        for k, v in r.items():
+            tot[k] += v
+        print(_line(module, r))
+    print(_line("all", tot))
+    if survivors:
+        print(f"\n{len(survivors)} survivor(s) not in tests/EQUIVALENT_MUTANTS.md (`mutmut show NAME` for the diff):")
+        for name, why in survivors:
+            print(f"  {name}  ({why})")
+    return 0
+
+
+def _line(module, r):
+    run = r["killed"] + r["survived"] + r["equivalent"]
+    score = r["killed"] / run if run else float("nan")
+    adj = r["killed"] / (run - r["equivalent"]) if run - r["equivalent"] else float("nan")
+    return (f"{module:34s} {r['killed']:7d} {r['survived']:6d} {r['equivalent']:6d} {r['not checked']:6d} "
+            f"{score:7.1%} {adj:7.1%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
