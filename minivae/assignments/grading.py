@@ -38,6 +38,7 @@ from pathlib import Path
 
 from . import checks
 from .exercises import BY_ID, IDS
+from .harness import format_line  # one report line, the same in the grader and the student's check.py
 from .markers import MarkerError, find_regions, region_bodies
 from .sandbox import Child, ChildError, Zygote, become_subreaper, namespaces_available
 
@@ -501,17 +502,6 @@ def format_header(report_dir):
     return f"grading {report_dir}"
 
 
-def format_line(r, width=28):
-    err = r.get("worst_rel_error")
-    err_s = f"{err:.1e}" if isinstance(err, (int, float)) else "n/a"
-    status = {"pass": "PASS", "fail": "FAIL", "error": "ERROR", "not_implemented": "TODO",
-              "timeout": "TIMEOUT"}.get(r["status"], r["status"].upper())
-    line = f"  {r['id']:<{width}} {status:<8} worst rel error {err_s:>7}"
-    if not r["passed"]:
-        if r.get("gradient"):
-            line += f"  wrong: {r['gradient']}"
-        line += f"\n  {'':<{width}} {r.get('message', '')}"
-    return line
 
 
 def format_footer(report):
