@@ -437,8 +437,9 @@ class TorchProcess:
     In one process, each library's idle worker threads get in the other's way: PyTorch's OpenMP threads
     spin after its last parallel loop while minivae's step starts, and on 2 cores that took minivae's
     2-thread conv step from about 59 ms to 100 ms (measured; 1 thread was unaffected).  A user never runs
-    both in one process, so each gets its own: the parent sends "run the next block at T threads", the
-    child runs it (its own HostData, same seed: the same batches and eps) and answers; the parent times
+    both in one process, so each gets its own, one per thread count (resizing PyTorch's thread pool between
+    the 1-thread and 2-thread runs slowed its 2-thread step from 6.5 to 9.7 ms).  The parent sends "run the
+    next block", the child runs it (its own HostData, same seed: the same batches and eps) and answers; the parent times
     the round trip (the pipe costs ~0.1 ms against blocks of 10-200 ms).  Meanwhile the other process
     waits on the pipe, so the two never run at once.  ``--torch-in-process`` restores the old way."""
 
@@ -530,7 +531,7 @@ def run_batch_size(args, x, N, torch, report, tc):
     n_batches = QUICK_BATCHES if args.quick else args.n_batches
     gpu = args.backend == "cupy"
     impls, loss_log, rss, trainers = {}, {}, {}, {}
-    tproc = None
+    tprocs = {}
     if gpu:
         import cupy as cp
         sync = cp.cuda.Device().synchronize
@@ -553,11 +554,10 @@ def run_batch_size(args, x, N, torch, report, tc):
                                                      fused=False)[0]
         if args.reference and not gpu:
             impls[T, "reference"] = make_reference(cfg, args, data_mv)
-        if torch == "process":
-            if tproc is None:
-                tproc = TorchProcess(args, N, n_batches, args.thread_counts)
-                report["machine"].update(tproc.info)
-            impls[T, "torch"] = tproc.make(T)
+        if torch == "process":                 # one process per thread count: its pool is never resized
+            tprocs[T] = TorchProcess(args, N, n_batches, [T])
+            report["machine"].update(tprocs[T].info)
+            impls[T, "torch"] = tprocs[T].make(T)
         elif torch is not None:
             impls[T, "torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
         impls[T, "bound"] = make_bound(cfg, data_mv, xp, sync)
@@ -594,8 +594,8 @@ def run_batch_size(args, x, N, torch, report, tc):
             print(f"  batch {N:5d} round {r:2d}{' (warm-up)' if r < args.warmup else '          '}  "
                   f"{T:2d} thr  {name:9s} {dt:7.3f} s" + (f"  loss {loss:8.3f}" if loss == loss else ""), flush=True)
 
-    if tproc is not None:
-        tproc.close()
+    for tp in tprocs.values():
+        tp.close()
     out = []
     for T in args.thread_counts:
         keys = [k for k in impls if k[0] == T]
