@@ -9,7 +9,7 @@ is instrumented: every layer's forward and backward is timed (``VAE._layer_forwa
 ``VAE._layer_backward``), and inside the convolutions so are ``im2col`` and ``col2im``, so that
 
     conv/deconv GEMM + layout = the layer's time - its im2col/col2im time
-                                (the matrix products plus the NCHW <-> (C, N·H·W) transposes and the bias)
+                                (the matrix products plus the NCHW <-> (C, H·W·N) layout changes and the bias)
 
 "loss head" is ``model.loss`` minus all layer times (reparameterization, Bernoulli likelihood, KL and
 their gradients).  ``gemm only`` is the time of the same products alone (benchmarks/gemm_bound.py).
