@@ -24,6 +24,7 @@ and its forward/backward pair in :mod:`.reference`.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -193,10 +194,12 @@ def _dense(rng, big):
     return [OpCase("", ref.dense_forward, [rng.standard_normal(s) for s in shapes], ["dx", "dW", "db"])]
 
 
+def _act_cases(name, make, rng, big):
+    return [OpCase("", getattr(ref, name), [make(rng, (256, 512) if big else (4, 6))], ["dx"])]
+
+
 def _act(name, make):
-    def cases(rng, big):
-        return [OpCase("", getattr(ref, name), [make(rng, (256, 512) if big else (4, 6))], ["dx"])]
-    return cases
+    return functools.partial(_act_cases, name, make)
 
 
 def _reparam(rng, big):
