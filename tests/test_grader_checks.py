@@ -603,3 +603,32 @@ def test_the_graders_adam_is_the_textbook_formula():
             p[i] = p[i] - lr * mh / (np.sqrt(vh) + eps)
             for j, want in enumerate((p[i], m[i], v[i])):
                 np.testing.assert_allclose(hist[t - 1][j][i], want, rtol=1e-12)
+
+
+def test_op_server_errors_name_the_op_and_are_bounded():
+    srv = checks.OpServer()
+    assert str(srv({})["error"]) == ": KeyError: ''"                                  # no op named
+    assert str(srv({"op": np.array("nope")})["error"]) == "nope: KeyError: 'nope'"
+    long = srv({"op": np.array("x" * 1000)})["error"]
+    assert str(long).startswith("x" * 400) and len(str(long)) == 500
+    # a spec that is not a list means no arguments (the op then misses its arguments), not a string to walk
+    rep = srv({"op": np.array("minivae.layers:relu_forward"), "spec": np.array('"array"'), "a.0": np.ones(2)})
+    assert str(rep["error"]).startswith("relu_forward: TypeError")
+    rep = srv({"op": np.array("minivae.layers:relu_forward")})                         # no spec: no arguments
+    assert str(rep["error"]).startswith("relu_forward: TypeError")
+
+
+def test_op_server_computes_with_floating_point_warnings_off():
+    import warnings
+    srv = checks.OpServer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = srv({"op": np.array("minivae.gaussian:kl_forward"), "spec": np.array('["array", "array"]'),
+                   "a.0": np.zeros((1, 2)), "a.1": np.full((1, 2), 1000.0)})
+    assert "error" not in rep and np.isinf(rep["out.0"]).all()
+
+
+def test_has_check_for_every_exercise_and_nothing_else():
+    assert all(checks.has_check(ex) for ex in IDS)
+    assert sum(checks.has_check(ex) for ex in checks.OP_CHECKS) == len(checks.OP_CHECKS)
+    assert not checks.has_check("nope") and not checks.has_check("dense_forward")

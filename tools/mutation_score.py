@@ -31,9 +31,16 @@ def unchecked(patterns):
     return 0
 
 
+def targets(path=Path("tools/mutation_targets.txt")):
+    """The name globs a run with no arguments covers (tools/mutation.sh)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def main(patterns):
     if patterns[:1] == ["--unchecked"]:
-        return unchecked(patterns[1:])
+        return unchecked(patterns[1:] or targets())
+    patterns = patterns or targets()
     equivalent = equivalent_names()
     per = defaultdict(lambda: {"killed": 0, "survived": 0, "equivalent": 0, "not checked": 0})
     survivors = []
