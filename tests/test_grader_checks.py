@@ -573,7 +573,8 @@ def test_the_graders_conv_ops_agree_with_minivae(case):
         name = "conv2d" if case == "conv" else "conv_transpose2d"
         args = (x, W, b, s, p)
     elif case.startswith("pool"):
-        name, args = "maxpool2d", (checks._distinct(rng, (2, 3, 7, 6)), int(case[-1]))
+        size = int(case[-1])                      # outputs of 4 x 3 (size 2) and 3 x 2 (size 3): not square
+        name, args = "maxpool2d", (checks._distinct(rng, (2, 3, 4 * size, 6)), size)
     else:
         name, args = "upsample_nearest2d", (rng.standard_normal((2, 3, 3, 4)), int(case[-1]))
     y, c = getattr(ref, name + "_forward")(*args)
@@ -632,3 +633,77 @@ def test_has_check_for_every_exercise_and_nothing_else():
     assert all(checks.has_check(ex) for ex in IDS)
     assert sum(checks.has_check(ex) for ex in checks.OP_CHECKS) == len(checks.OP_CHECKS)
     assert not checks.has_check("nope") and not checks.has_check("dense_forward")
+
+
+@pytest.mark.parametrize("wrong_for", ["(N, L) eps", "(S, N, L) eps"])
+def test_reparameterize_forward_checks_both_eps_layouts_and_names_the_wrong_one(wrong_for):
+    qual = FORWARD["reparameterize_forward"]
+
+    def student(mu, logvar, eps):
+        z, cache = _correct(qual)(mu, logvar, eps)
+        if (eps.ndim == 3) == (wrong_for == "(S, N, L) eps"):
+            z = z + 1e-3
+        return z, cache
+
+    r = grade("reparameterize_forward", {qual: student})
+    assert r["status"] == "fail" and r["gradient"] == ("z (S, N, L) eps" if eps_axis(wrong_for) else "z"), r
+    r = grade("reparameterize_forward", {qual: lambda mu, logvar, eps: _correct(qual)(mu, logvar, eps)[0]})
+    assert r["message"] == "reparameterize_forward should return 2 values (z, cache), got one array", r
+    assert r["gradient"] == "z"
+
+
+def eps_axis(wrong_for):
+    return wrong_for.startswith("(S")
+
+
+# the forward checks: output name, the label of each case (in the order the check runs them), input names
+FORWARD_CASES = {
+    "reparameterize_forward": ("z", ["", " (S, N, L) eps"], ["mu", "logvar", "eps"]),
+    "kl_forward": ("kl", [""], ["mu", "logvar"]),
+    "bernoulli_nll_forward": ("nll", ["", " (S, N, D) logits", " (large |logits|)"], ["logits", "x"]),
+    "conv_transpose2d_forward": ("y", [" (stride 2, padding 1)", " (stride 1, padding 0)"], ["x", "W", "b"]),
+}
+
+
+def _wrong_on_call(qual, k, change):
+    calls = []
+
+    def student(*args):
+        calls.append(1)
+        out, cache = _correct(qual)(*args)
+        return (change(out, args), cache) if len(calls) == k + 1 else (out, cache)
+    return student
+
+
+@pytest.mark.parametrize("ex", sorted(FORWARD_CASES))
+def test_each_case_of_a_forward_check_is_checked_and_named(ex):
+    """A student wrong in only one case of the check fails, and the verdict names that case."""
+    qual = FORWARD[ex]
+    out, labels, inputs = FORWARD_CASES[ex]
+    for k, label in enumerate(labels):
+        r = grade(ex, {qual: _wrong_on_call(qual, k, lambda o, a: o * (1 + 1e-6))})
+        assert r["status"] == "fail" and r["gradient"] == out + label, (k, r)
+        r = grade(ex, {qual: _wrong_on_call(qual, k, lambda o, a: o.astype(np.float32))})
+        assert r["gradient"] == out + label and r["message"].startswith(f"{out}{label} has dtype float32"), r
+    for i, name in enumerate(inputs):
+        def modifies(*args, i=i):
+            res = _correct(qual)(*args)
+            args[i][...] = 0.5
+            return res
+        r = grade(ex, {qual: modifies})
+        assert r["status"] == "fail" and r["gradient"] == name and f"modified its input {name};" in r["message"], r
+    r = grade(ex, {qual: lambda *a: _correct(qual)(*a)[0]})
+    assert r["message"] == f"{ex} should return 2 values ({out}, cache), got one array" and r["gradient"] == out, r
+
+
+def test_the_large_logits_case_catches_the_unstable_formula():
+    """-x log(sigmoid(l)) - (1 - x) log(1 - sigmoid(l)) is exact for moderate logits, inf for |l| >= 37."""
+    qual = FORWARD["bernoulli_nll_forward"]
+
+    def naive(logits, x):
+        _, cache = _correct(qual)(logits, x)
+        p = 1.0 / (1.0 + np.exp(-logits))
+        return (-(x * np.log(p) + (1 - x) * np.log(1 - p))).sum(axis=-1), cache
+
+    r = grade("bernoulli_nll_forward", {qual: naive})
+    assert r["status"] == "fail" and r["gradient"] == "nll (large |logits|)" and "NaN or inf" in r["message"], r
