@@ -707,3 +707,26 @@ def test_the_large_logits_case_catches_the_unstable_formula():
 
     r = grade("bernoulli_nll_forward", {qual: naive})
     assert r["status"] == "fail" and r["gradient"] == "nll (large |logits|)" and "NaN or inf" in r["message"], r
+
+
+def test_the_graders_relu_backward_is_zero_at_the_kink_like_minivae():
+    x = np.array([[-1.0, 0.0, 2.0]])
+    dy = np.array([[3.0, 5.0, 7.0]])
+    np.testing.assert_array_equal(ref.relu_backward(dy, x), [[0.0, 0.0, 7.0]])
+    np.testing.assert_array_equal(ref.relu_backward(dy, x), layers.relu_backward(dy, layers.relu_forward(x)[1]))
+
+
+def test_the_graders_conv_ops_have_minivaes_defaults():
+    """The op server calls the reference ops with the student's arguments; defaults must mean what minivae's do."""
+    import inspect
+    from minivae import conv
+    for name in ("conv2d_forward", "conv_transpose2d_forward", "maxpool2d_forward", "upsample_nearest2d_forward"):
+        ours = {k: p.default for k, p in inspect.signature(getattr(ref, name)).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+        theirs = {k: p.default for k, p in inspect.signature(getattr(conv, name)).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+        assert ours and ours == {k: theirs[k] for k in ours}, name
+    rng = np.random.default_rng(0)
+    x, W, b = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(2)
+    np.testing.assert_allclose(ref.conv_transpose2d_forward(x, W, b)[0], conv.conv_transpose2d_forward(x, W, b)[0],
+                               rtol=1e-12, atol=1e-12)
