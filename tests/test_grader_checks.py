@@ -730,3 +730,29 @@ def test_the_graders_conv_ops_have_minivaes_defaults():
     x, W, b = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(2)
     np.testing.assert_allclose(ref.conv_transpose2d_forward(x, W, b)[0], conv.conv_transpose2d_forward(x, W, b)[0],
                                rtol=1e-12, atol=1e-12)
+
+
+def test_bernoulli_forward_cases_catch_rounded_targets_and_a_missing_sample_axis():
+    qual = FORWARD["bernoulli_nll_forward"]
+    r = grade("bernoulli_nll_forward", {qual: lambda logits, x: _correct(qual)(logits, np.round(x))})
+    assert r["status"] == "fail" and r["gradient"] == "nll", r                    # fractional targets x
+
+    def flat_only(logits, x):
+        out, cache = _correct(qual)(logits, x)
+        return (out + 1.0 if logits.ndim == 3 else out), cache
+
+    r = grade("bernoulli_nll_forward", {qual: flat_only})
+    assert r["status"] == "fail" and r["gradient"] == "nll (S, N, D) logits", r
+
+
+def test_a_malformed_reparameterize_cache_is_named():
+    qual = FORWARD["reparameterize_forward"]
+    r = grade("reparameterize_forward", {qual: lambda *a: (_correct(qual)(*a)[0], (_correct(qual)(*a)[1][0],))})
+    assert r["message"] == ("the cache of reparameterize_forward should return 2 values (sigma, eps), got a "
+                            "1-tuple") and r["gradient"] == "sigma", r
+    r = grade("reparameterize_forward",
+              {qual: lambda *a: (_correct(qual)(*a)[0], (_correct(qual)(*a)[1][0].astype(np.float32), a[2]))})
+    assert r["gradient"] == "sigma (in the cache)" and r["message"].startswith("sigma (in the cache) has dtype"), r
+    r = grade("reparameterize_forward", {qual: lambda *a: (_correct(qual)(*a)[0], (_correct(qual)(*a)[1][0] * 1.1,
+                                                                                 a[2]))})
+    assert r["gradient"] == "sigma (in the cache)" and r["message"].startswith("sigma (in the cache) is wrong"), r
