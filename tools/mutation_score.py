@@ -84,7 +84,7 @@ def main(patterns):
 
 
 def _markdown(per):
-    print("| module | mutants | killed (timed out) | equivalent (listed) | survived | score | adjusted |")
+    print("| module | mutants run (of listed) | killed (timed out) | equivalent (listed) | survived | score | adjusted |")
     print("|---|---|---|---|---|---|---|")
     tot = defaultdict(int)
     for module, r in sorted(per.items(), key=lambda kv: -(kv[1]["killed"] + kv[1]["survived"] + kv[1]["equivalent"])):
@@ -97,7 +97,7 @@ def _markdown(per):
 
 def _md_row(name, r, bold=False):
     run = r["killed"] + r["survived"] + r["equivalent"]
-    cells = [f"{run:,}", f"{r['killed']:,} ({r['timeout']})", f"{r['equivalent']}", f"{r['survived']}",
+    cells = [f"{run:,} ({run + r['not checked']:,})", f"{r['killed']:,} ({r['timeout']})", f"{r['equivalent']}", f"{r['survived']}",
              f"{r['killed'] / run:.1%}" if run else "-",
              f"{r['killed'] / (run - r['equivalent']):.1%}" if run - r["equivalent"] else "-"]
     if bold:
