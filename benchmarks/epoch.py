@@ -67,6 +67,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minivae  # noqa: E402
 from minivae.data import load_mnist  # noqa: E402
 from minivae.fast import FastTrainer  # noqa: E402
+import minivae.conv  # noqa: E402,F401  (set_threads)
 
 from gemm_bound import GemmBound, step_flops  # noqa: E402
 
@@ -103,6 +104,8 @@ def parse_args(argv=None):
                    help="also time minivae's fast path without the fused kernels (FastTrainer(fused=False), the "
                         "NumPy ufunc code) as 'minivae_numpy'")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--torch-in-process", action="store_true",
+                   help="CPU: run PyTorch in this process instead of a process of its own (see TorchProcess)")
     p.add_argument("--block-steps", type=int, default=0,
                    help="interleave the implementations every this many steps inside each round instead of "
                         "epoch by epoch (0, the default: whole epochs); each epoch time is the sum of its blocks. "
@@ -193,6 +196,12 @@ def _blas_info():
     return info
 
 
+def machine_torch(torch):
+    cfg = torch.__config__.show()
+    blas = [s.strip() for s in cfg.replace(",", "\n").splitlines() if "BLAS_INFO" in s or "LAPACK_INFO" in s]
+    return {"torch": str(torch.__version__), "torch_threads": torch.get_num_threads(), "torch_blas": "; ".join(blas)}
+
+
 def machine(args, torch=None):
     m = {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "threads": args.threads,
          "adam_threads": args.adam_threads, "python": platform.python_version(), "numpy": np.__version__,
@@ -208,11 +217,7 @@ def machine(args, torch=None):
     except Exception:
         m["fused_kernels"] = None
     if torch is not None:
-        m["torch"] = torch.__version__
-        m["torch_threads"] = torch.get_num_threads()
-        cfg = torch.__config__.show()
-        blas = [s.strip() for s in cfg.replace(",", "\n").splitlines() if "BLAS_INFO" in s or "LAPACK_INFO" in s]
-        m["torch_blas"] = "; ".join(blas)
+        m.update(machine_torch(torch))
     if args.backend == "cupy":
         import cupy as cp
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -353,18 +358,26 @@ def make_minivae(cfg, args, data, sync, backend, threads, fused=None):
     return epoch, model, trainer
 
 
-def make_reference(cfg, args, data, backend="numpy", sync=lambda: None):
-    """The readable path, exactly what ``train`` runs per step when FastTrainer does not apply (the conv
-    VAEs): ``model.loss(xb, eps, validate=False)`` (forward and every gradient), then ``Adam.step``.  The
-    batch ``xb`` is already gathered and binarized by the shared data pipeline, as ``train`` does."""
+def make_reference(cfg, args, data, backend="numpy", sync=lambda: None, adam_threads=None):
+    """The readable path: ``model.loss(xb, eps, validate=False)`` (forward and every gradient), then
+    ``Adam.step``.  With ``adam_threads`` it is exactly what ``train`` runs per step when FastTrainer does not
+    apply (the conv VAEs): the Adam step is then :func:`minivae.fast.fused_adam_step` on that many threads when
+    numba is installed (the same bits as ``Adam.step``).  The batch ``xb`` is already gathered and binarized
+    by the shared data pipeline, as ``train`` does."""
     model = minivae.VAE(cfg, rng=args.seed, backend=backend)
     opt = minivae.Adam(lr=1e-3)
+    from minivae.fast import fused_adam_step
+
+    def step(params, grads):
+        if adam_threads is None or not fused_adam_step(opt, params, grads, adam_threads):
+            opt.step(params, grads)
 
     def epoch(e, block):
         total = 0.0
         for i, (xb, eps) in enumerate(data.epoch(e), 1):
+            minivae.conv.set_threads(adam_threads or 1)   # as train's --threads (the runs interleave)
             loss, grads = model.loss(xb, eps, validate=False)
-            opt.step(model.params, grads)
+            step(model.params, grads)
             total = total + (float(loss) if backend == "numpy" else loss) * xb.shape[0]
             if i % block == 0:
                 sync()
@@ -418,6 +431,83 @@ def make_torch(cfg, args, data, device, torch):
     return epoch
 
 
+class TorchProcess:
+    """PyTorch CPU in a process of its own, taking turns with minivae block by block (the default on CPU).
+
+    In one process, each library's idle worker threads get in the other's way: PyTorch's OpenMP threads
+    spin after its last parallel loop while minivae's step starts, and on 2 cores that took minivae's
+    2-thread conv step from about 59 ms to 100 ms (measured; 1 thread was unaffected).  A user never runs
+    both in one process, so each gets its own, one per thread count (resizing PyTorch's thread pool between
+    the 1-thread and 2-thread runs slowed its 2-thread step from 6.5 to 9.7 ms).  The parent sends "run the
+    next block", the child runs it (its own HostData, same seed: the same batches and eps) and answers; the parent times
+    the round trip (the pipe costs ~0.1 ms against blocks of 10-200 ms).  Meanwhile the other process
+    waits on the pipe, so the two never run at once.  ``--torch-in-process`` restores the old way."""
+
+    def __init__(self, args, N, n_batches, thread_counts):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_torch_worker, daemon=True,
+                                args=(child, vars(args), N, n_batches, list(thread_counts)))
+        self.proc.start()
+        child.close()
+        msg = self.conn.recv()
+        if isinstance(msg, str):
+            raise RuntimeError(f"the PyTorch process failed to start: {msg}")
+        self.info = msg                                 # torch version and build, for the report
+
+    def make(self, T):
+        def epoch(e, block):
+            while True:
+                self.conn.send((T, e, block))
+                out = self.conn.recv()
+                if isinstance(out, str):
+                    raise RuntimeError(f"the PyTorch process failed: {out}")
+                yield out
+                if out is not None:
+                    return
+        return epoch
+
+    def close(self):
+        try:
+            self.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(10)
+
+
+def _torch_worker(conn, args_dict, N, n_batches, thread_counts):
+    """The child of :class:`TorchProcess`: PyTorch's trainer per thread count, one block per request."""
+    try:
+        import torch
+        args = argparse.Namespace(**args_dict)
+        cfg = minivae.VAEConfig(arch=args.arch)
+        x, _ = load_mnist("train")
+        data = HostData(x, N, cfg.z_dim, args.seed, n_batches, threads=args.data_threads)
+        impls = {T: make_torch(cfg, args, data, "cpu", torch) for T in thread_counts}
+        gens = {}
+        conn.send(machine_torch(torch))
+    except Exception as exc:                            # noqa: BLE001 (reported to the parent, one line)
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        T, e, block = msg
+        try:
+            torch.set_num_threads(T)
+            if T not in gens:
+                gens[T] = impls[T](e, block)
+            out = next(gens[T])
+            if out is not None:
+                del gens[T]
+            conn.send(out)
+        except Exception as exc:                        # noqa: BLE001
+            conn.send(f"{type(exc).__name__}: {exc}")
+            return
+
+
 def make_bound(cfg, data, xp, sync, split=False):
     gb = GemmBound(cfg, xp=xp, sync=sync, split=split)
 
@@ -441,6 +531,7 @@ def run_batch_size(args, x, N, torch, report, tc):
     n_batches = QUICK_BATCHES if args.quick else args.n_batches
     gpu = args.backend == "cupy"
     impls, loss_log, rss, trainers = {}, {}, {}, {}
+    tprocs = {}
     if gpu:
         import cupy as cp
         sync = cp.cuda.Device().synchronize
@@ -454,7 +545,8 @@ def run_batch_size(args, x, N, torch, report, tc):
     for T in args.thread_counts:
         mv_threads = args.adam_threads if T == args.threads else T
         if conv:        # the readable path, as `train` runs the conv VAEs
-            impls[T, "minivae"], *trainers[T] = make_reference(cfg, args, data_mv, args.backend, sync)
+            impls[T, "minivae"], *trainers[T] = make_reference(cfg, args, data_mv, args.backend, sync,
+                                                               adam_threads=mv_threads)
         else:
             impls[T, "minivae"], _, trainers[T] = make_minivae(cfg, args, data_mv, sync, args.backend, mv_threads)
         if args.numpy_path and not gpu:
@@ -462,7 +554,11 @@ def run_batch_size(args, x, N, torch, report, tc):
                                                      fused=False)[0]
         if args.reference and not gpu:
             impls[T, "reference"] = make_reference(cfg, args, data_mv)
-        if torch is not None:
+        if torch == "process":                 # one process per thread count: its pool is never resized
+            tprocs[T] = TorchProcess(args, N, n_batches, [T])
+            report["machine"].update(tprocs[T].info)
+            impls[T, "torch"] = tprocs[T].make(T)
+        elif torch is not None:
             impls[T, "torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
         impls[T, "bound"] = make_bound(cfg, data_mv, xp, sync)
         if not conv and trainers[T].split:
@@ -498,6 +594,8 @@ def run_batch_size(args, x, N, torch, report, tc):
             print(f"  batch {N:5d} round {r:2d}{' (warm-up)' if r < args.warmup else '          '}  "
                   f"{T:2d} thr  {name:9s} {dt:7.3f} s" + (f"  loss {loss:8.3f}" if loss == loss else ""), flush=True)
 
+    for tp in tprocs.values():
+        tp.close()
     out = []
     for T in args.thread_counts:
         keys = [k for k in impls if k[0] == T]
@@ -516,10 +614,13 @@ def run_batch_size(args, x, N, torch, report, tc):
                "peak_rss_increase_first_epoch_mib": {k[1]: rss[k] for k in keys if k in rss}}
         if conv:
             model, opt = trainer
-            res.update({"minivae_path": "readable (model.loss + Adam.step)",
+            from minivae.fast import _cpu_kernels
+            fused = args.backend == "numpy" and _cpu_kernels() is not None
+            res.update({"minivae_path": "readable (model.loss), then Adam "
+                        + ("fused (minivae.fast.fused_adam_step)" if fused else "Adam.step"),
                         "minivae_array_bytes": int(model.flat.nbytes + sum(a.nbytes for st in opt.state or []
                                                                            for a in st.values())),
-                        "minivae_split": False, "minivae_threads": T, "minivae_fused": False})
+                        "minivae_split": False, "minivae_threads": T, "minivae_fused": fused})
         else:
             res.update({"minivae_array_bytes": trainer_bytes(trainer), "minivae_split": trainer.split,
                         "minivae_threads": trainer.threads, "minivae_fused": getattr(trainer, "fused", False)})
@@ -561,7 +662,11 @@ def trainer_bytes(tr):
 def main(argv=None):
     args = parse_args(argv)
     torch = None
-    if not args.no_torch:
+    if not args.no_torch and args.backend == "numpy" and not args.torch_in_process:
+        import importlib.util
+        if importlib.util.find_spec("torch") is not None:
+            torch = "process"                 # started per batch size in run_batch_size (TorchProcess)
+    elif not args.no_torch:
         try:
             import torch
             torch.set_num_threads(args.threads)
@@ -583,13 +688,15 @@ def main(argv=None):
               "arch": args.arch, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "split": args.split,
               "backend": args.backend, "quick": args.quick, "epochs": args.epochs, "warmup": args.warmup,
               "block_steps": args.block_steps, "data_threads": args.data_threads, "n_batches": args.n_batches,
-              "machine": machine(args, torch), "torch_available": torch is not None, "runs": []}
+              "machine": machine(args, None if torch == "process" else torch),
+              "torch_available": torch is not None, "torch_process": "own" if torch == "process" else "same",
+              "runs": []}
     print(f"minivae epoch benchmark ({args.arch}): {report['machine']['cpu']}, {args.threads} threads, "
           f"{report['machine'].get('numpy_blas')}, backend {args.backend}"
           + ("" if torch is not None else
              " (--no-torch: PyTorch skipped)" if args.no_torch else
              " (PyTorch is not installed: no torch column and no minivae/torch ratio; pip install torch)"))
-    tc = ThreadCount(torch)
+    tc = ThreadCount(None if torch == "process" else torch)
     results = [res for N in args.batch_size for res in run_batch_size(args, x, N, torch, report, tc)]
     for res in results:
         N = res["batch_size"]

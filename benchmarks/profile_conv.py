@@ -3,7 +3,8 @@
     python benchmarks/profile_conv.py [--arch conv|conv-pool] [--steps 30] [--threads 2]
 
 Each step is what ``train`` does: the batch (gather + dynamic binarization + eps, the data pipeline),
-``model.loss(xb, eps, validate=False)`` (forward and every gradient), ``Adam.step``.  The model's layer walk
+``model.loss(xb, eps, validate=False)`` (forward and every gradient), then Adam as ``train`` runs it (one
+fused pass when numba is installed, else ``Adam.step``).  The model's layer walk
 is instrumented: every layer's forward and backward is timed (``VAE._layer_forward`` /
 ``VAE._layer_backward``), and inside the convolutions so are ``im2col`` and ``col2im``, so that
 
@@ -61,6 +62,8 @@ conv_mod.col2im = timed("col2im", conv_mod.col2im)
 cfg = minivae.VAEConfig(arch=args.arch)
 model = minivae.VAE(cfg, rng=0)
 opt = minivae.Adam(lr=1e-3)
+conv_mod.set_threads(args.threads)                        # as train's --threads: the fused copies (numba)
+from minivae.fast import fused_adam_step                  # noqa: E402  train's Adam for the conv models
 fwd0, bwd0 = model._layer_forward, model._layer_backward
 
 
@@ -99,7 +102,8 @@ for step in range(args.steps + 3):
     t1 = clock()
     loss, grads = model.loss(xb, eps, validate=False)
     t2 = clock()
-    opt.step(model.params, grads)
+    if not fused_adam_step(opt, model.params, grads, args.threads):   # as train: fused when numba is there
+        opt.step(model.params, grads)
     t3 = clock()
     gb.run([N])
     t4 = clock()

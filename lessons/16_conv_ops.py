@@ -72,16 +72,19 @@ check(y.shape == (N, F, OH, OW) and np.max(np.abs(y - y_loops)) < 1e-12,
 # Every output pixel is the dot product of a filter with one $C\times K_H\times K_W$ patch.  Copy every
 # patch into a column of one matrix,
 #
-# $$\mathrm{col}\big[(c,i,j),\,(n,o_h,o_w)\big] = x_{\text{pad}}[n,\,c,\,o_h s+i,\,o_w s+j],
-# \qquad \mathrm{col} \in \mathbb{R}^{(C K_H K_W)\times(N O_H O_W)},$$
+# $$\mathrm{col}\big[(c,i,j),\,(o_h,o_w,n)\big] = x_{\text{pad}}[n,\,c,\,o_h s+i,\,o_w s+j],
+# \qquad \mathrm{col} \in \mathbb{R}^{(C K_H K_W)\times(O_H O_W N)},$$
 #
 # flatten the filters into the rows of $W_m = W.\text{reshape}(F, C K_H K_W)$, and the whole convolution is
 #
-# $$Y = W_m\,\mathrm{col} + b\,\mathbf{1}^\top \in \mathbb{R}^{F\times(N O_H O_W)},$$
+# $$Y = W_m\,\mathrm{col} + b\,\mathbf{1}^\top \in \mathbb{R}^{F\times(O_H O_W N)},$$
 #
-# reshaped to $(N, F, O_H, O_W)$.  `conv.im2col` builds `col` without a loop over pixels: it loops over the
-# $K_H K_W$ kernel offsets $(i, j)$ only, and for each one copies a whole strided slice
-# `xpad[:, :, i : i + s*OH : s, j : j + s*OW : s]` (all pixels $(o_h s + i, o_w s + j)$ at once).
+# reshaped to $(F, O_H, O_W, N)$ and transposed to $(N, F, O_H, O_W)$.  The batch index $n$ runs fastest
+# along a column index: then every copy below moves contiguous runs of $N$ numbers, which measured about 3×
+# faster than putting $n$ first.  `conv.im2col` builds `col` without a loop over pixels: it pads $x$ into a
+# batch-last array `xpad` of shape $(C, H+2p, W+2p, N)$, loops over the $K_H K_W$ kernel offsets $(i, j)$
+# only, and for each one copies a whole strided slice `xpad[:, i : i + s*OH : s, j : j + s*OW : s, :]`
+# (all pixels $(o_h s + i, o_w s + j)$ at once).
 # The picture shows `col` for one MNIST digit with the encoder's first layer (4×4 kernel, stride 2,
 # padding 1): 196 patches of 16 pixels.
 
@@ -89,11 +92,11 @@ check(y.shape == (N, F, OH, OW) and np.max(np.abs(y - y_loops)) < 1e-12,
 x_test, y_test = minivae.data.load_mnist("test")
 digit = x_test[0].reshape(1, 1, 28, 28).astype(np.float64)          # a 7
 col = conv.im2col(digit, 4, 4, stride=2, padding=1)
-print("im2col of one 1x28x28 digit, 4x4 kernel, stride 2, padding 1:", col.shape, "= (C*KH*KW, N*OH*OW)")
+print("im2col of one 1x28x28 digit, 4x4 kernel, stride 2, padding 1:", col.shape, "= (C*KH*KW, OH*OW*N)")
 col_small = conv.im2col(x, KH, KW, s, p)
 Y = Wt.reshape(F, -1) @ col_small + b[:, None]
-check(np.allclose(Y.reshape(F, N, OH, OW).transpose(1, 0, 2, 3), y_loops, rtol=0, atol=1e-12),
-      "W.reshape(F, C*KH*KW) @ im2col(x) + b, reshaped to (N, F, OH, OW), is the convolution")
+check(np.allclose(Y.reshape(F, OH, OW, N).transpose(3, 0, 1, 2), y_loops, rtol=0, atol=1e-12),
+      "W.reshape(F, C*KH*KW) @ im2col(x) + b, reshaped to (F, OH, OW, N) and moved to (N, F, OH, OW), is the convolution")
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1, 1, 3.2]})
 axes[0].imshow(digit[0, 0], cmap="gray_r")
@@ -119,10 +122,10 @@ save_figure(fig, args.out, "im2col.png")
 #
 # $Y = W_m\,\mathrm{col} + b\mathbf 1^\top$ is a dense layer (lesson 02) whose "batch" is the set of all
 # $N O_H O_W$ patches.  With the upstream gradient $\bar Y = \partial L/\partial Y$ reshaped to
-# $(F, N O_H O_W)$:
+# $(F, O_H O_W N)$ (the batch last, as in col):
 #
 # $$\bar W_m = \bar Y\,\mathrm{col}^\top \;(F\times C K_H K_W),\qquad
-#   \bar{\mathrm{col}} = W_m^\top\,\bar Y \;(C K_H K_W\times N O_H O_W),\qquad
+#   \bar{\mathrm{col}} = W_m^\top\,\bar Y \;(C K_H K_W\times O_H O_W N),\qquad
 #   \bar b_f = \sum_{n,o_h,o_w} \bar y_{n,f,o_h,o_w}.$$
 #
 # The product $\bar Y\,\mathrm{col}^\top$ sums over *every* patch, over the batch as well: one filter is
@@ -191,7 +194,7 @@ check(worst < 1e-7, f"conv2d_backward: dx, dW, db match finite differences (wors
 # the transpose, so conv2d's $\bar x = \mathrm{col2im}(W_m^\top \bar Y)$ *is* $A^\top \bar Y$.  The
 # **transposed convolution** is that map used as a forward op:
 #
-# $$\mathrm{conv}^\top(x) = \mathrm{col2im}\big(W_m^\top X\big) + b,\qquad X = x \text{ as } (C_{in}, N H W),$$
+# $$\mathrm{conv}^\top(x) = \mathrm{col2im}\big(W_m^\top X\big) + b,\qquad X = x \text{ as } (C_{in}, H W N),$$
 #
 # with weight layout $(C_{in}, C_{out}, K_H, K_W)$: the $(F, C, K_H, K_W)$ weight of the convolution it
 # transposes.  Each input pixel stamps its kernel, scaled by its value, onto the output, and overlapping

@@ -8,6 +8,16 @@ Quick tour::
     loss, grads = model.loss(x_batch)         # mean negative ELBO, nats per example
     opt.step(model.params, grads)
 """
+import os as _os
+import sys as _sys
+
+# OpenBLAS's idle worker threads busy-wait about 2^28 cycles (~0.1 s) after every matrix product, so on a
+# machine with few cores they keep a core from the elementwise work and the fused kernels that follow.  A
+# short wait (2^12 cycles) is asked for here, before NumPy loads OpenBLAS, unless the variable is set
+# already or NumPy is loaded (then it is too late, and nothing is changed).  benchmarks/epoch.py does the same.
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
+
 from .backend import (BackendError, cupy_available, get_array_module, get_backend, set_backend, to_numpy,
                       use_backend)
 from .config import VAEConfig

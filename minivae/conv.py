@@ -14,16 +14,16 @@ Convolution as a matrix product (im2col)
 Every output pixel of a convolution is a dot product of the filter with one KH×KW patch of every input
 channel.  :func:`im2col` copies all those patches into the columns of one matrix
 
-    col[(c, i, j), (n, oh, ow)] = xpad[n, c, oh·s + i, ow·s + j]          col: (C·KH·KW, N·OH·OW)
+    col[(c, i, j), (oh, ow, n)] = xpad[n, c, oh·s + i, ow·s + j]          col: (C·KH·KW, OH·OW·N)
 
 and the whole convolution becomes one GEMM with the filters flattened to rows, Wm = W.reshape(F, C·KH·KW):
 
-    Y = Wm · col + b          Y: (F, N·OH·OW), then transposed to (N, F, OH, OW)
+    Y = Wm · col + b          Y: (F, OH·OW·N), then transposed to (N, F, OH, OW)
 
 The backward follows from the dense layer's (Y = Wm·col is a dense layer with the roles of rows/columns swapped):
 
-    dWm  = dY · colᵀ                     (F, C·KH·KW)     summed over every (n, oh, ow): over the batch too
-    dcol = Wmᵀ · dY                      (C·KH·KW, N·OH·OW)
+    dWm  = dY · colᵀ                     (F, C·KH·KW)     summed over every (oh, ow, n): over the batch too
+    dcol = Wmᵀ · dY                      (C·KH·KW, OH·OW·N)
     dx   = col2im(dcol)                  (N, C, H, W)     each patch entry added back where it was copied from
     db   = Σ_{n, oh, ow} dy[n, f, oh, ow]                 (F,)
 
@@ -44,16 +44,20 @@ why its output size H_out is the conv2d input size that maps back to H.
 Speed
 -----
 No Python loop over pixels and no ``np.add.at``: im2col and col2im loop over the KH·KW kernel offsets only,
-each step one strided-slice copy (or add) of a whole (C, N, OH, OW) block.  The col layout
-(C·KH·KW, N·OH·OW) was chosen by measurement (batch 128, float32, one thread, the MNIST conv shapes): it
-makes both GEMMs plain 2-D products of contiguous matrices and was 1.3-1.8x faster than the
-(N·OH·OW, C·KH·KW) layout and faster than per-sample batched matmuls.  Only xp functions CuPy also has are
-used, so the same code runs on the GPU.
+each step one strided-slice copy (or add) of a whole (C, OH, OW, N) block.  The batch is the *last* index of
+a column, (oh, ow, n), chosen by measurement (batch 128, float32, the MNIST conv shapes): every slice then
+moves contiguous runs of N numbers, where the batch-outer order (n, oh, ow) moved runs of 7-14 numbers with a
+stride of 2 and spent most of its time in loop overhead (col2im about 3x faster).  Both GEMMs stay plain 2-D
+products of contiguous matrices.  Only xp functions CuPy also has are used, so the same code runs on the GPU.
+With numba installed, the copies run as fused kernels (below); benchmarks/README.md ("The conv VAE") has the
+measurements.
 
 The regions between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` are course exercises: in a
 student copy, each holds a stub for you to replace.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .backend import get_array_module
 
@@ -82,6 +86,70 @@ def _out_size(op, H, W, OH, OW, detail):
     return OH, OW
 
 
+# ----------------------------------------------------------------------------
+# the fused copies (optional, NumPy only)
+# ----------------------------------------------------------------------------
+# With numba installed (pip install minivae[fast]), im2col, col2im and the layout changes below run as
+# compiled kernels (minivae/cpu_kernels.py) that fuse their several NumPy passes into one, on
+# set_threads(n) threads.  They copy and add exactly what the NumPy code here does, in the same order, so
+# the results are the same bits (the test suite checks it); the NumPy code is the one to read.
+try:
+    from . import cpu_kernels as _ck
+except ImportError:              # a course assignment's copy of minivae has no fused kernels
+    _ck = None
+_threads = [1]
+
+
+def set_threads(n):
+    """Threads for the fused conv copies (default 1; ``train`` sets its ``--threads``).  No sum is split
+    over threads, so every n gives the same bits.  Without numba, and on CuPy, it changes nothing."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    _threads[0] = int(n)
+
+
+def get_threads():
+    return _threads[0]
+
+
+def _fused(name, *arrays):
+    """The fused kernel ``name`` when numba is there and every array is a float32/float64 NumPy array of
+    one dtype; else None, and the caller runs its NumPy code."""
+    if _ck is None or not _ck.AVAILABLE:
+        return None
+    dt = arrays[0].dtype
+    if any(type(a) is not np.ndarray or a.dtype != dt for a in arrays) or dt not in (np.float32, np.float64):
+        return None
+    _ck.set_threads(_threads[0])
+    return _ck.K[name]
+
+
+def to_batch_last(x):
+    """(N, C, H, W) -> a new C-contiguous (C, H, W, N): the column order of im2col, batch fastest."""
+    xp = get_array_module(x)
+    N, C, H, W = (int(d) for d in x.shape)
+    out = xp.empty((C, H, W, N), dtype=x.dtype)
+    kernel = _fused("to_batch_last", x, out)
+    if kernel is not None:
+        kernel(x, out)
+    else:
+        out[...] = x.transpose(1, 2, 3, 0)
+    return out
+
+
+def to_batch_first(a):
+    """(C, H, W, N) -> a new C-contiguous (N, C, H, W): back to the NCHW layout."""
+    xp = get_array_module(a)
+    C, H, W, N = (int(d) for d in a.shape)
+    out = xp.empty((N, C, H, W), dtype=a.dtype)
+    kernel = _fused("to_batch_first", a, out)
+    if kernel is not None:
+        kernel(a, out)
+    else:
+        out[...] = a.transpose(3, 0, 1, 2)
+    return out
+
+
 def conv_output_size(H, W, KH, KW, stride=1, padding=0):
     """(OH, OW) of conv2d: OH = (H + 2·padding - KH) // stride + 1 (OW likewise)."""
     return (H + 2 * padding - KH) // stride + 1, (W + 2 * padding - KW) // stride + 1
@@ -93,14 +161,15 @@ def conv_output_size(H, W, KH, KW, stride=1, padding=0):
 def im2col(x, KH, KW, stride=1, padding=0):
     """Copy every KH×KW patch of ``x`` into a column: the convolution becomes one matrix product.
 
-    Shapes: x (N, C, H, W) -> col (C·KH·KW, N·OH·OW), OH = (H + 2·padding - KH) // stride + 1, with
+    Shapes: x (N, C, H, W) -> col (C·KH·KW, OH·OW·N), OH = (H + 2·padding - KH) // stride + 1, with
 
-        col[(c, i, j), (n, oh, ow)] = xpad[n, c, oh·stride + i, ow·stride + j]
+        col[(c, i, j), (oh, ow, n)] = xpad[n, c, oh·stride + i, ow·stride + j]
 
-    (row index c·KH·KW + i·KW + j, column index n·OH·OW + oh·OW + ow; ``xpad`` is x with ``padding`` zeros on
-    each side of H and W).  Row order (c, i, j) matches ``W.reshape(F, C·KH·KW)`` for W (F, C, KH, KW).
+    (row index c·KH·KW + i·KW + j, column index (oh·OW + ow)·N + n: the batch runs fastest; ``xpad`` is x
+    with ``padding`` zeros on each side of H and W).  Row order (c, i, j) matches ``W.reshape(F, C·KH·KW)``
+    for W (F, C, KH, KW).
 
-    One strided-slice copy per kernel offset (i, j): KH·KW copies of a (C, N, OH, OW) block, no loop over
+    One strided-slice copy per kernel offset (i, j): KH·KW copies of a (C, OH, OW, N) block, no loop over
     pixels.  Returns a new C-contiguous array with x's dtype.
     """
     xp = get_array_module(x)
@@ -109,24 +178,28 @@ def im2col(x, KH, KW, stride=1, padding=0):
     s, p = stride, padding
     OH, OW = _out_size("im2col", H, W, *conv_output_size(H, W, KH, KW, s, p),
                        f"KH={KH}, KW={KW}, stride={s}, padding={p}")
-    # channels first (C, N, Hp, Wp): then every slice below is one (C, N, OH, OW) block of col, copied as is
-    xt = xp.zeros((C, N, H + 2 * p, W + 2 * p), dtype=x.dtype)
-    xt[:, :, p:p + H, p:p + W] = x.transpose(1, 0, 2, 3)
-    col = xp.empty((C, KH, KW, N, OH, OW), dtype=x.dtype)
+    col = xp.empty((C, KH, KW, OH, OW, N), dtype=x.dtype)
+    kernel = _fused("im2col", x, col)
+    if kernel is not None:                   # the same copies, fused into one pass (numba)
+        kernel(x, s, p, col)
+        return col.reshape(C * KH * KW, OH * OW * N)
+    # batch last (C, Hp, Wp, N): every slice below is one (C, OH, OW, N) block of col, runs of N contiguous
+    xt = xp.zeros((C, H + 2 * p, W + 2 * p, N), dtype=x.dtype)
+    xt[:, p:p + H, p:p + W, :] = x.transpose(1, 2, 3, 0)
     for i in range(KH):
         for j in range(KW):
             # pixels (oh·s + i, ow·s + j) for all oh, ow: a strided slice of the padded input
-            col[:, i, j] = xt[:, :, i:i + s * OH:s, j:j + s * OW:s]
-    return col.reshape(C * KH * KW, N * OH * OW)
+            col[:, i, j] = xt[:, i:i + s * OH:s, j:j + s * OW:s, :]
+    return col.reshape(C * KH * KW, OH * OW * N)
 
 
 def col2im(col, x_shape, KH, KW, stride=1, padding=0):
     """The adjoint of :func:`im2col`: add every column entry back to the input pixel it was copied from.
 
-    Shapes: col (C·KH·KW, N·OH·OW), x_shape = (N, C, H, W) -> x (N, C, H, W), with
+    Shapes: col (C·KH·KW, OH·OW·N), x_shape = (N, C, H, W) -> x (N, C, H, W), with
 
         x[n, c, h, w] = Σ_{i, j, oh, ow : oh·stride + i - padding = h, ow·stride + j - padding = w}
-                        col[(c, i, j), (n, oh, ow)]
+                        col[(c, i, j), (oh, ow, n)]
 
     A pixel covered by several patches receives the sum of all its copies (scatter-add); entries that fell
     in the padding are dropped.  ⟨im2col(x), col⟩ = ⟨x, col2im(col)⟩ for all x, col.  KH·KW strided-slice
@@ -136,16 +209,21 @@ def col2im(col, x_shape, KH, KW, stride=1, padding=0):
     N, C, H, W = x_shape
     s, p = stride, padding
     OH, OW = conv_output_size(H, W, KH, KW, s, p)
-    if tuple(col.shape) != (C * KH * KW, N * OH * OW):
-        raise ValueError(f"col2im: col must have shape ({C * KH * KW}, {N * OH * OW}) = (C·KH·KW, N·OH·OW) "
+    if tuple(col.shape) != (C * KH * KW, OH * OW * N):
+        raise ValueError(f"col2im: col must have shape ({C * KH * KW}, {OH * OW * N}) = (C·KH·KW, OH·OW·N) "
                          f"for x_shape {tuple(x_shape)}, got {_shape(col)}")
-    col6 = col.reshape(C, KH, KW, N, OH, OW)
-    xt = xp.zeros((C, N, H + 2 * p, W + 2 * p), dtype=col.dtype)
+    col6 = col.reshape(C, KH, KW, OH, OW, N)
+    kernel = _fused("col2im", col6)
+    if kernel is not None:                   # the same additions, in the same order, in one pass (numba)
+        x = xp.empty((N, C, H, W), dtype=col.dtype)
+        kernel(xp.ascontiguousarray(col6), s, p, x)
+        return x
+    xt = xp.zeros((C, H + 2 * p, W + 2 * p, N), dtype=col.dtype)
     for i in range(KH):
         for j in range(KW):
             # the patches' (i, j) entries go back to pixels (oh·s + i, ow·s + j); overlaps add up
-            xt[:, :, i:i + s * OH:s, j:j + s * OW:s] += col6[:, i, j]
-    return xp.ascontiguousarray(xt[:, :, p:p + H, p:p + W].transpose(1, 0, 2, 3))
+            xt[:, i:i + s * OH:s, j:j + s * OW:s, :] += col6[:, i, j]
+    return to_batch_first(xt[:, p:p + H, p:p + W, :])     # drop the padding, back to (N, C, H, W)
 
 
 def _check_conv(op, x, W, b, stride, padding, transpose):
@@ -170,47 +248,46 @@ def conv2d_forward(x, W, b, stride=1, padding=0):
 
         y[n, f, oh, ow] = b[f] + Σ_{c, i, j} W[f, c, i, j] · xpad[n, c, oh·stride + i, ow·stride + j]
 
-    In matrix form, with col = im2col(x) (C·KH·KW, N·OH·OW) and Wm = W.reshape(F, C·KH·KW):
+    In matrix form, with col = im2col(x) (C·KH·KW, OH·OW·N) and Wm = W.reshape(F, C·KH·KW):
 
-        Y = Wm · col + b[:, None]     (F, N·OH·OW)  ->  y (N, F, OH, OW)
+        Y = Wm · col + b[:, None]     (F, OH·OW·N)  ->  y (N, F, OH, OW)
 
     Shapes: x (N, C, H, W), W (F, C, KH, KW), b (F,) -> y (N, F, OH, OW), OH = (H + 2p - KH) // s + 1.
     Returns ``(y, cache)``; the cache holds col, so the backward does not redo im2col.
     """
     op = "conv2d_forward"
     stride, padding = _check_conv(op, x, W, b, stride, padding, transpose=False)
-    xp = get_array_module(x, W, b)
     N, C, H, Wd = (int(d) for d in x.shape)
     F, _, KH, KW = (int(d) for d in W.shape)
     OH, OW = _out_size(op, H, Wd, *conv_output_size(H, Wd, KH, KW, stride, padding),
                        f"KH={KH}, KW={KW}, stride={stride}, padding={padding}")
-    col = im2col(x, KH, KW, stride, padding)                    # (C·KH·KW, N·OH·OW)
-    Y = W.reshape(F, C * KH * KW) @ col                          # (F, N·OH·OW)
+    col = im2col(x, KH, KW, stride, padding)                    # (C·KH·KW, OH·OW·N)
+    Y = W.reshape(F, C * KH * KW) @ col                          # (F, OH·OW·N)
     Y += b.reshape(F, 1)
-    y = xp.ascontiguousarray(Y.reshape(F, N, OH, OW).transpose(1, 0, 2, 3))   # (N, F, OH, OW)
+    y = to_batch_first(Y.reshape(F, OH, OW, N))                 # (N, F, OH, OW)
     return y, (col, W, (N, C, H, Wd), stride, padding)
 
 
 def conv2d_backward(dy, cache):
     """Gradients of conv2d, from the matrix form Y = Wm · col + b (a dense layer over patches).
 
-    With G = dY = dy as (F, N·OH·OW):
+    With G = dY = dy as (F, OH·OW·N) (batch last, like col's columns):
 
-        dWm  = G · colᵀ                     (F, C·KH·KW)   -> dW (F, C, KH, KW)   (sums over n, oh, ow)
-        dcol = Wmᵀ · G                      (C·KH·KW, N·OH·OW)
+        dWm  = G · colᵀ                     (F, C·KH·KW)   -> dW (F, C, KH, KW)   (sums over oh, ow, n)
+        dcol = Wmᵀ · G                      (C·KH·KW, OH·OW·N)
         dx   = col2im(dcol)                 (N, C, H, W)    scatter-add of overlapping patches
         db   = Σ_{n, oh, ow} dy[:, f]       (F,)
 
     Returns ``(dx, dW, db)``.
     """
     col, W, x_shape, stride, padding = cache
-    xp = get_array_module(dy)
+    xp = get_array_module(dy)                       # noqa: F841 (NumPy or CuPy, for the exercise's code)
     N, C, H, Wd = x_shape
     F, _, KH, KW = (int(d) for d in W.shape)
     ### BEGIN SOLUTION conv2d_backward
-    G = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(F, -1)     # dL/dY: (F, N·OH·OW)
-    dW = (G @ col.T).reshape(W.shape)               # dL/dWm = G colᵀ: sums over every (n, oh, ow)
-    dcol = W.reshape(F, C * KH * KW).T @ G          # dL/dcol = Wmᵀ G: (C·KH·KW, N·OH·OW)
+    G = to_batch_last(dy).reshape(F, -1)            # dL/dY: (F, OH·OW·N)
+    dW = (G @ col.T).reshape(W.shape)               # dL/dWm = G colᵀ: sums over every (oh, ow, n)
+    dcol = W.reshape(F, C * KH * KW).T @ G          # dL/dcol = Wmᵀ G: (C·KH·KW, OH·OW·N)
     dx = col2im(dcol, x_shape, KH, KW, stride, padding)   # dL/dx: each patch entry added back to its pixel
     db = G.sum(axis=1)                              # dL/db_f = Σ_{n, oh, ow} G[f, ·]
     ### END SOLUTION
@@ -227,8 +304,8 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
     has layout (F=C_in, C=C_out, KH, KW).  Its input-gradient is col2im(Wmᵀ · G); the transposed
     convolution applies exactly that to x:
 
-        X    = x as (C_in, N·H·W)
-        col  = Wmᵀ · X                      (C_out·KH·KW, N·H·W),  Wm = W.reshape(C_in, C_out·KH·KW)
+        X    = x as (C_in, H·W·N)          (batch last, the column order of im2col)
+        col  = Wmᵀ · X                      (C_out·KH·KW, H·W·N),  Wm = W.reshape(C_in, C_out·KH·KW)
         y    = col2im(col) + b              (N, C_out, OH, OW),    OH = (H - 1)·stride - 2·padding + KH
 
     Equivalently: each input pixel x[n, c, h, w] stamps the kernel W[c, :, :, :] scaled by its value onto
@@ -239,14 +316,14 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
     """
     op = "conv_transpose2d_forward"
     stride, padding = _check_conv(op, x, W, b, stride, padding, transpose=True)
-    xp = get_array_module(x, W, b)
+    xp = get_array_module(x, W, b)                  # noqa: F841 (NumPy or CuPy, for the exercise's code)
     N, Cin, H, Wd = (int(d) for d in x.shape)
     _, Cout, KH, KW = (int(d) for d in W.shape)
     OH, OW = _out_size(op, H, Wd, (H - 1) * stride - 2 * padding + KH, (Wd - 1) * stride - 2 * padding + KW,
                        f"KH={KH}, KW={KW}, stride={stride}, padding={padding}")
     ### BEGIN SOLUTION conv_transpose2d_forward
-    X = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(Cin, N * H * Wd)   # (C_in, N·H·W)
-    col = W.reshape(Cin, Cout * KH * KW).T @ X      # Wmᵀ X: (C_out·KH·KW, N·H·W), conv2d's dcol
+    X = to_batch_last(x).reshape(Cin, H * Wd * N)   # (C_in, H·W·N)
+    col = W.reshape(Cin, Cout * KH * KW).T @ X      # Wmᵀ X: (C_out·KH·KW, H·W·N), conv2d's dcol
     y = col2im(col, (N, Cout, OH, OW), KH, KW, stride, padding)   # scatter-add the stamps: (N, C_out, OH, OW)
     y += b.reshape(1, Cout, 1, 1)
     ### END SOLUTION
@@ -256,24 +333,23 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
 def conv_transpose2d_backward(dy, cache):
     """Gradients of the transposed convolution: its dx is conv2d's forward (the adjoint of the adjoint).
 
-    With col = im2col(dy) (C_out·KH·KW, N·H·W) (the patches of dy that each input pixel stamped onto),
-    X = x as (C_in, N·H·W) and Wm = W.reshape(C_in, C_out·KH·KW), the forward was y = col2im(Wmᵀ X) + b, so
+    With col = im2col(dy) (C_out·KH·KW, H·W·N) (the patches of dy that each input pixel stamped onto),
+    X = x as (C_in, H·W·N) and Wm = W.reshape(C_in, C_out·KH·KW), the forward was y = col2im(Wmᵀ X) + b, so
 
-        dX  = Wm · col                      (C_in, N·H·W)   -> dx (N, C_in, H, W)   = conv2d(dy, W) without bias
-        dWm = X · colᵀ                      (C_in, C_out·KH·KW)   (sums over n, h, w)
+        dX  = Wm · col                      (C_in, H·W·N)   -> dx (N, C_in, H, W)   = conv2d(dy, W) without bias
+        dWm = X · colᵀ                      (C_in, C_out·KH·KW)   (sums over h, w, n)
         db  = Σ_{n, oh, ow} dy[:, c]        (C_out,)
 
     (col2im's adjoint is im2col, and (Wmᵀ X)'s gradients are those of a dense layer.)  Returns ``(dx, dW, db)``.
     """
     X, W, x_shape, stride, padding = cache
-    xp = get_array_module(dy)
     N, Cin, H, Wd = x_shape
     _, Cout, KH, KW = (int(d) for d in W.shape)
-    col = im2col(dy, KH, KW, stride, padding)      # (C_out·KH·KW, N·H·W): its column count is N·H·W exactly
+    col = im2col(dy, KH, KW, stride, padding)      # (C_out·KH·KW, H·W·N): its column count is H·W·N exactly
     Wm = W.reshape(Cin, Cout * KH * KW)
     dX = Wm @ col                                  # dL/dX = Wm col: conv2d's forward of dy
-    dx = xp.ascontiguousarray(dX.reshape(Cin, N, H, Wd).transpose(1, 0, 2, 3))
-    dW = (X @ col.T).reshape(W.shape)              # dL/dWm = X colᵀ: sums over every (n, h, w)
+    dx = to_batch_first(dX.reshape(Cin, H, Wd, N))
+    dW = (X @ col.T).reshape(W.shape)              # dL/dWm = X colᵀ: sums over every (h, w, n)
     db = dy.sum(axis=(0, 2, 3))                    # dL/db_c = Σ_{n, oh, ow} dy[n, c, oh, ow]
     return dx, dW, db
 

@@ -335,8 +335,90 @@ def iw_bernoulli_post(e, lin, nll):
         nll[m] = acc
 
 
+# ----------------------------------------------------------------------------
+# the conv ops' copies (minivae.conv): im2col / col2im with the batch last, and the layout changes
+# ----------------------------------------------------------------------------
+# Pure copies and additions, one channel per prange iteration: no sum is split, so the bits are those of
+# minivae.conv's NumPy code on any thread count.  Each fuses what the NumPy code does in several passes
+# (NCHW -> batch last, the zero padding, then KH·KW strided slices) into one pass over the output; the
+# inner loop runs over the batch, contiguous in the batch-last array, while the NCHW side is read or
+# written with a stride that revisits the same N cache lines for neighbouring pixels.
+def im2col(x, s, p, col):
+    """col[c, i, j, oh, ow, n] = x[n, c, oh·s + i - p, ow·s + j - p], 0 where that falls in the padding.
+
+    x (N, C, H, W), col (C, KH, KW, OH, OW, N): minivae.conv.im2col's col, before its reshape.  Per channel,
+    the padded image is first copied batch-last into a small buffer (it stays in cache), then every column
+    run of N numbers is one contiguous copy out of it."""
+    N, C, H, W = x.shape
+    KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
+    for c in prange(C):
+        buf = np.zeros((H + 2 * p, W + 2 * p, N), dtype=x.dtype)
+        for h in range(H):
+            for w in range(W):
+                for n in range(N):
+                    buf[h + p, w + p, n] = x[n, c, h, w]
+        for i in range(KH):
+            for j in range(KW):
+                for oh in range(OH):
+                    for ow in range(OW):
+                        src = buf[oh * s + i, ow * s + j]
+                        dst = col[c, i, j, oh, ow]
+                        for n in range(N):
+                            dst[n] = src[n]
+
+
+def col2im(col, s, p, x):
+    """x[n, c, h, w] = the sum of col[c, i, j, oh, ow, n] over oh·s + i - p = h, ow·s + j - p = w.
+
+    Added from 0 in the (i, j) order of minivae.conv.col2im's loop, so the same bits.
+    col (C, KH, KW, OH, OW, N), x (N, C, H, W)."""
+    N, C, H, W = x.shape
+    KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
+    for c in prange(C):
+        acc = np.empty(N, dtype=x.dtype)
+        for h in range(H):
+            for w in range(W):
+                for n in range(N):
+                    acc[n] = 0
+                for i in range(KH):
+                    t = h + p - i
+                    if t < 0 or t % s != 0 or t // s >= OH:
+                        continue
+                    oh = t // s
+                    for j in range(KW):
+                        u = w + p - j
+                        if u < 0 or u % s != 0 or u // s >= OW:
+                            continue
+                        ow = u // s
+                        for n in range(N):
+                            acc[n] += col[c, i, j, oh, ow, n]
+                for n in range(N):
+                    x[n, c, h, w] = acc[n]
+
+
+def to_batch_last(x, out):
+    """out[c, h, w, n] = x[n, c, h, w]: x (N, C, H, W), out (C, H, W, N)."""
+    N, C, H, W = x.shape
+    for c in prange(C):
+        for h in range(H):
+            for w in range(W):
+                for n in range(N):
+                    out[c, h, w, n] = x[n, c, h, w]
+
+
+def to_batch_first(a, out):
+    """out[n, c, h, w] = a[c, h, w, n]: a (C, H, W, N), out (N, C, H, W)."""
+    C, H, W, N = a.shape
+    for c in prange(C):
+        for h in range(H):
+            for w in range(W):
+                for n in range(N):
+                    out[n, c, h, w] = a[c, h, w, n]
+
+
 _NAMES = ("adam", "adam_add", "bias_relu", "relu_backward_db", "col_sum", "reparam", "latent_backward",
-          "bias_negabs", "bernoulli", "gaussian", "iw_latent", "iw_bernoulli_pre", "iw_bernoulli_post")
+          "bias_negabs", "bernoulli", "gaussian", "iw_latent", "iw_bernoulli_pre", "iw_bernoulli_post",
+          "im2col", "col2im", "to_batch_last", "to_batch_first")
 # Reassociation lets LLVM vectorise these two kernels' row sums and products (the order is then fixed by
 # the compiled code, still the same on any thread count); every other kernel keeps IEEE order.
 _FASTMATH = {"iw_bernoulli_pre": {"reassoc"}, "iw_bernoulli_post": {"reassoc"}}

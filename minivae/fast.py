@@ -222,6 +222,48 @@ def adam_update_block(p, g, m, v, tmp, b1, b2, lr_t, eps_t):
     p -= tmp
 
 
+def adam_begin_step(opt, params, grads):
+    """Advance a plain Adam by one step; return the flat buffers p, g, m, v and the kernel constants.
+
+    The constants are those of :meth:`minivae.optim.Adam._update`, in the buffers' dtype:
+    (b1, 1 - b1, b2, 1 - b2, lr_t, eps_t) with lr_t = lr·sqrt(1 - b2^t)/(1 - b1^t) and
+    eps_t = eps·sqrt(1 - b2^t).  The caller then runs the update on them.
+    """
+    from .optim import _pairs
+    pairs = _pairs(params, grads)
+    if opt.state is None or len(opt.state) != len(pairs):
+        opt._init_state(pairs)
+    opt.t += 1
+    st = opt.state[0]
+    b1, b2 = opt.b1, opt.b2
+    bc1, bc2 = 1.0 - b1 ** opt.t, 1.0 - b2 ** opt.t
+    f = params.flat.dtype.type
+    consts = (f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(opt.lr * math.sqrt(bc2) / bc1), f(opt.eps * math.sqrt(bc2)))
+    return params.flat, grads.flat, st["m"], st["v"], consts
+
+
+def fused_adam_step(opt, params, grads, threads=1):
+    """``opt.step(params, grads)`` in one fused pass over the flat buffers, when it applies.
+
+    It applies to a plain :class:`~minivae.optim.Adam` (no weight decay, no clipping) with numba installed,
+    on NumPy float32 or float64 parameters and gradients that share one flat layout (a model's ``params``
+    and the ``grads`` of ``model.loss``): the update is then NumPy's op sequence bit for bit, on ``threads``
+    threads.  ``train`` uses it for the models FastTrainer does not cover (the conv VAEs).  Returns True when
+    it made the step, False when it did nothing and the caller must call ``opt.step``.
+    """
+    ck = _cpu_kernels()
+    pf, gf = getattr(params, "flat", None), getattr(grads, "flat", None)
+    if (ck is None or type(opt) is not Adam or opt.weight_decay or opt.clip_norm is not None
+            or type(pf) is not np.ndarray or type(gf) is not np.ndarray or pf.dtype != gf.dtype
+            or pf.dtype not in (np.float32, np.float64)
+            or getattr(params, "layout", None) != getattr(grads, "layout", None)):
+        return False
+    pf, gf, m, v, consts = adam_begin_step(opt, params, grads)
+    ck.set_threads(threads)
+    ck.K["adam"](pf, gf, m, v, *consts)
+    return True
+
+
 class _Buffers:
     """Every array one training step at batch size N needs, allocated once."""
 
@@ -746,25 +788,12 @@ class FastTrainer:
                 np.add(grads.flat, pending, out=grads.flat)
             opt.step(params, grads)
             return
-        from .optim import _pairs
-        pairs = _pairs(params, grads)
-        if opt.state is None or len(opt.state) != len(pairs):
-            opt._init_state(pairs)
-        opt.t += 1
-        st = opt.state[0]
-        b1, b2 = opt.b1, opt.b2
-        bc1, bc2 = 1.0 - b1 ** opt.t, 1.0 - b2 ** opt.t
-        lr_t = opt.lr * math.sqrt(bc2) / bc1
-        eps_t = opt.eps * math.sqrt(bc2)
-        pf, gf, m, v = params.flat, grads.flat, st["m"], st["v"]
+        pf, gf, m, v, consts = adam_begin_step(opt, params, grads)
         if self.on_gpu:
-            f = self.dtype.type
-            _KERNELS["adam"](gf, f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t), pf, m, v)
+            _KERNELS["adam"](gf, *consts, pf, m, v)
             return
         if self.fused:
             # one pass over p, g, m, v: NumPy's op sequence below, bit for bit, on self.threads threads
-            f = self.dtype.type
-            consts = (f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t))
             self._ck.set_threads(self.threads)
             if pending is not None:                      # split step: g = g(first half) + g(second half)
                 self._ck.K["adam_add"](pf, gf, pending, m, v, *consts)
@@ -774,6 +803,9 @@ class FastTrainer:
         if self._tmp is None or self._tmp.shape != pf.shape:
             self._tmp = np.empty_like(pf)
         tmp, n, C = self._tmp, pf.size, self.block
+
+        # the reference's scalars: NumPy rounds each to the buffers' dtype, as the kernels' constants are
+        b1, b2, lr_t, eps_t = opt.b1, opt.b2, float(consts[4]), float(consts[5])
 
         def run(lo, hi):
             for s in range(lo, hi, C):

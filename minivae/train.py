@@ -610,7 +610,7 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
     out = Path(out_dir)
     created = not out.exists()
     try:
-        with _SigtermAsInterrupt(), RunLock(out):
+        with _SigtermAsInterrupt(), RunLock(out), _ConvThreads(step_threads(s)):
             return _train_locked(s, out, resume, progress, log, force)
     except BaseException:
         # a run that failed before writing anything leaves no folder behind
@@ -644,6 +644,24 @@ def _clean_stale(out, log):
     if stale:
         log(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted write: "
             + ", ".join(p.name for p in stale))
+
+
+class _ConvThreads:
+    """While active: the conv ops' im2col/col2im copies on ``n`` threads (:func:`minivae.conv.set_threads`;
+    the same bits for any n), as the dense fast path's step uses ``--threads``; restored afterwards."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        from . import conv
+        self.prev = conv.get_threads()
+        conv.set_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        from . import conv
+        conv.set_threads(self.prev)
 
 
 class _SigtermAsInterrupt:
@@ -700,6 +718,7 @@ def _train_locked(s, out, resume, progress, log, force):
     opt = s.make_optimizer()
     obj_kw = loss_kwargs(s, model)
     trainer = fast_trainer(s, model, opt, obj_kw)
+    adam_step = None if trainer is not None else fused_adam(s)
     history, start = [], 0
     if ckpt is not None:
         if ckpt.config.to_dict() != config.to_dict():
@@ -803,7 +822,7 @@ def _train_locked(s, out, resume, progress, log, force):
                             bar.update(step + 1 - last_shown)
                             bar.set_postfix(loss=f"{float(lossbuf[:step + 1].mean()):.3f}", refresh=False)
                             last_shown = step + 1
-                    if trainer is None:
+                    if trainer is None and not (adam_step and adam_step(opt, model.params, grads)):
                         opt.step(model.params, grads)
             finally:
                 bar.close()
@@ -885,6 +904,20 @@ def fast_trainer(settings, model, opt, obj_kw):
         return FastTrainer(model, opt, threads=step_threads(settings))     # (CuPy: FastTrainer makes no pool)
     except FastPathError:
         return None
+
+
+def fused_adam(settings):
+    """For the readable path (the models FastTrainer does not cover, e.g. the conv VAEs): a function
+    ``(opt, params, grads) -> bool`` that makes a plain Adam step in one fused pass when numba is installed
+    (:func:`minivae.fast.fused_adam_step`, the same bits as ``opt.step``), or None to always use ``opt.step``."""
+    if not settings.fast:
+        return None
+    try:
+        from .fast import fused_adam_step
+    except ImportError:             # a course assignment's copy has no fast.py
+        return None
+    threads = step_threads(settings)
+    return lambda opt, params, grads: fused_adam_step(opt, params, grads, threads)
 
 
 def step_threads(settings):

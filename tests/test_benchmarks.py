@@ -97,3 +97,30 @@ def test_conv_benchmark_cupy_without_gpu_is_a_clear_error(tmp_path):
 def test_dense_only_options_are_refused_for_conv(tmp_path):
     r, _ = run_bench(tmp_path, "--arch", "conv", "--reference", "--no-torch")
     assert r.returncode == 2 and "--reference" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (optional: the benchmark's torch column)")
+@pytest.mark.parametrize("where", ["own", "same"])
+def test_dense_benchmark_with_torch_in_its_own_process_or_not(tmp_path, where):
+    """PyTorch runs in a child process by default (--torch-in-process: in this one); either way it trains the
+    same model on the same batches and eps, so its first-round loss is minivae's."""
+    extra = ["--torch-in-process"] if where == "same" else []
+    r, out = run_bench(tmp_path, "--one-thread", "off", *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["torch_process"] == where and isinstance(report["machine"]["torch"], str)
+    losses = report["runs"][0]["mean_loss_per_round"]
+    assert losses["minivae"][0] == pytest.approx(losses["torch"][0], rel=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed (the fused kernels)")
+def test_profile_iw_accounts_for_a_call(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_iw.py"), "--calls", "1", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in r.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| part")}
+    parts = [v for k, v in rows.items() if not k.startswith("(") and k != "whole call"]
+    assert sum(parts) == pytest.approx(rows["whole call"], rel=1e-6, abs=0.02)     # every millisecond listed
+    assert 0 < rows["(the matmuls alone: the bound)"]

@@ -150,10 +150,11 @@ def test_im2col_layout_is_the_documented_one(rng):
     x = rng.standard_normal((N, C, H, W))
     col = conv.im2col(x, KH, KW, s, p)
     OH, OW = (H + 2 * p - KH) // s + 1, (W + 2 * p - KW) // s + 1
-    assert col.shape == (C * KH * KW, N * OH * OW)
+    assert col.shape == (C * KH * KW, OH * OW * N)
     xpad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    for c, i, j, n, oh, ow in [(0, 0, 0, 0, 0, 0), (2, 2, 1, 1, 2, 1), (1, 1, 0, 1, 1, 0), (2, 0, 1, 0, 2, 2)]:
-        assert col[c * KH * KW + i * KW + j, n * OH * OW + oh * OW + ow] == xpad[n, c, oh * s + i, ow * s + j]
+    # every entry, in the documented order: row (c, i, j), column (oh, ow, n) with the batch fastest
+    for c, i, j, oh, ow, n in np.ndindex(C, KH, KW, OH, OW, N):
+        assert col[c * KH * KW + i * KW + j, (oh * OW + ow) * N + n] == xpad[n, c, oh * s + i, ow * s + j]
 
 
 # ----------------------------------------------------------------------------
@@ -377,3 +378,69 @@ def test_cupy_matches_numpy(rng, dtype, tol):
         assert rel_error(yd, y) < tol
         for a, d in zip(g if isinstance(g, tuple) else (g,), gd if isinstance(gd, tuple) else (gd,)):
             assert d.dtype == dtype and rel_error(to_numpy(d), a) < tol
+
+
+# ----------------------------------------------------------------------------
+# the fused copies (numba): the same bits as the NumPy code, on any thread count
+# ----------------------------------------------------------------------------
+needs_numba = pytest.mark.skipif(conv._ck is None or not conv._ck.AVAILABLE,
+                                 reason="numba is not installed (the fused CPU kernels)")
+FUSED_CASES = [(128, 32, 14, 14, 4, 4, 2, 1), (3, 2, 5, 7, 3, 2, 2, 1), (2, 3, 6, 5, 3, 3, 1, 1),
+               (4, 1, 28, 28, 4, 4, 2, 1), (2, 2, 5, 5, 2, 2, 3, 0), (1, 1, 3, 3, 3, 3, 1, 2)]
+
+
+def numpy_path(fn, *args):
+    """Run ``fn`` with the fused kernels switched off (the NumPy code)."""
+    saved, conv._ck = conv._ck, None
+    try:
+        return fn(*args)
+    finally:
+        conv._ck = saved
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_fused_copies_give_the_numpy_bits(rng, case, dtype, threads):
+    N, C, H, W, KH, KW, s, p = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    conv.set_threads(threads)
+    try:
+        col = conv.im2col(x, KH, KW, s, p)
+        ref = numpy_path(conv.im2col, x, KH, KW, s, p)
+        assert col.dtype == ref.dtype and np.array_equal(col, ref)
+        g = rng.standard_normal(col.shape).astype(dtype)     # overlapping patches: real sums, in a fixed order
+        dx = conv.col2im(g, x.shape, KH, KW, s, p)
+        dref = numpy_path(conv.col2im, g, x.shape, KH, KW, s, p)
+        assert dx.dtype == dref.dtype and np.array_equal(dx, dref)
+        a = conv.to_batch_last(x)
+        assert np.array_equal(a, x.transpose(1, 2, 3, 0)) and a.flags.c_contiguous
+        b = conv.to_batch_first(a[:, ::-1])                  # any strides
+        assert np.array_equal(b, np.ascontiguousarray(a[:, ::-1].transpose(3, 0, 1, 2))) and b.flags.c_contiguous
+    finally:
+        conv.set_threads(1)
+
+
+@needs_numba
+def test_conv_vae_step_is_the_same_with_and_without_the_fused_copies(rng):
+    """The whole conv model's loss and every gradient: the same bits from the fused kernels and the NumPy code."""
+    from minivae import VAE, VAEConfig
+    model = VAE(VAEConfig(arch="conv", hidden=(16,), z_dim=3), rng=0)
+    x = (rng.random((6, 784)) < 0.3).astype(np.float32)
+    eps = rng.standard_normal((6, 3)).astype(np.float32)
+    conv.set_threads(2)
+    try:
+        loss, grads = model.loss(x, eps)
+    finally:
+        conv.set_threads(1)
+    loss0, grads0 = numpy_path(model.loss, x, eps)
+    assert float(loss) == float(loss0)
+    assert np.array_equal(grads.flat, grads0.flat)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_set_threads_rejects_bad_counts(bad):
+    with pytest.raises((ValueError, TypeError)):
+        conv.set_threads(bad)
+    assert conv.get_threads() == 1

@@ -53,11 +53,13 @@ EXERCISES = (
              "d/dl [softplus(l) - x l] = sigmoid(l) - x; dnll has one value per example (N,) or (S, N), "
              "so add a trailing axis before multiplying"),
     Exercise("conv2d_backward", "conv.py", "2-D convolution backward: dx, dW, db", "backward",
-             "with G = dy as (F, N*OH*OW) and col (C*KH*KW, N*OH*OW) from the cache: dW = G @ col.T reshaped "
+             "with G = dy as (F, OH*OW*N) (dy.transpose(1, 2, 3, 0): the batch last, like the columns of col) and "
+             "col (C*KH*KW, OH*OW*N) from the cache: dW = G @ col.T reshaped "
              "like W (it sums over every example and position), dcol = Wm.T @ G with Wm = W.reshape(F, -1), "
              "dx = col2im(dcol, x_shape, KH, KW, stride, padding), and db sums G over all but F"),
     Exercise("conv_transpose2d_forward", "conv.py", "transposed convolution (forward)", "forward",
-             "the adjoint of conv2d (its dx): X = x as (C_in, N*H*W), col = Wm.T @ X with "
+             "the adjoint of conv2d (its dx): X = x as (C_in, H*W*N) (x.transpose(1, 2, 3, 0), the batch last), "
+             "col = Wm.T @ X with "
              "Wm = W.reshape(C_in, C_out*KH*KW), y = col2im(col, (N, C_out, OH, OW), KH, KW, stride, padding), "
              "plus b on each output channel; do not flip the kernel"),
     Exercise("maxpool2d_backward", "conv.py", "max-pooling backward", "backward",

@@ -134,8 +134,8 @@ MODEL_OPS = ("dense_forward", "dense_backward", "reparameterize_forward", "repar
 # ---------------------------------------------------------------- conv
 # Written independently of minivae.conv (sliding windows and einsum), with the caches in the
 # layout minivae.conv's unchanged code fixes: conv2d (col, W, x_shape, stride, padding) with
-# col (C*KH*KW, N*OH*OW) in (c, i, j) x (n, oh, ow) order; conv_transpose2d (X, W, x_shape,
-# stride, padding) with X (C_in, N*H*W); maxpool2d (arg, x_shape, size) with arg the row-major
+# col (C*KH*KW, OH*OW*N) in (c, i, j) x (oh, ow, n) order (the batch last); conv_transpose2d (X, W,
+# x_shape, stride, padding) with X (C_in, H*W*N); maxpool2d (arg, x_shape, size) with arg the row-major
 # offset of each window's first maximum; upsample (x_shape, scale).
 def _windows(x, KH, KW, s, p):
     xpad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
@@ -149,7 +149,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0):
     win = _windows(x, KH, KW, stride, padding)
     OH, OW = win.shape[2], win.shape[3]
     y = np.tensordot(win, W, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2) + b[None, :, None, None]
-    col = win.transpose(1, 4, 5, 0, 2, 3).reshape(C * KH * KW, N * OH * OW)
+    col = win.transpose(1, 4, 5, 2, 3, 0).reshape(C * KH * KW, OH * OW * N)
     return y, (col, W, (N, C, H, Wd), stride, padding)
 
 
@@ -169,7 +169,7 @@ def conv2d_backward(dy, cache):
     N, C, H, Wd = x_shape
     F, _, KH, KW = W.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    win = col.reshape(C, KH, KW, N, OH, OW).transpose(3, 0, 4, 5, 1, 2)
+    win = col.reshape(C, KH, KW, OH, OW, N).transpose(5, 0, 3, 4, 1, 2)
     dW = np.tensordot(dy, win, axes=([0, 2, 3], [0, 2, 3]))                   # (F, C, KH, KW)
     dx = _scatter(np.tensordot(dy, W, axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5), x_shape, s, p)
     return dx, dW, dy.sum(axis=(0, 2, 3))
@@ -181,7 +181,7 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
     OH, OW = (H - 1) * stride - 2 * padding + KH, (Wd - 1) * stride - 2 * padding + KW
     y = _scatter(np.tensordot(x, W, axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5), (N, Cout, OH, OW), stride, padding)
     y = y + b[None, :, None, None]
-    X = x.transpose(1, 0, 2, 3).reshape(Cin, N * H * Wd)
+    X = x.transpose(1, 2, 3, 0).reshape(Cin, H * Wd * N)
     return y, (X, W, (N, Cin, H, Wd), stride, padding)
 
 
@@ -190,7 +190,7 @@ def conv_transpose2d_backward(dy, cache):
     N, Cin, H, Wd = x_shape
     _, Cout, KH, KW = W.shape
     win = _windows(dy, KH, KW, s, p)[:, :, :H, :Wd]            # (N, C_out, H, W, KH, KW)
-    x = X.reshape(Cin, N, H, Wd).transpose(1, 0, 2, 3)
+    x = X.reshape(Cin, H, Wd, N).transpose(3, 0, 1, 2)
     dx = np.tensordot(win, W, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
     dW = np.tensordot(x, win, axes=([0, 2, 3], [0, 2, 3]))
     return dx, dW, dy.sum(axis=(0, 2, 3))
