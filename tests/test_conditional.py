@@ -318,3 +318,39 @@ def test_unconditional_checkpoint_refuses_a_label(tmp_path, capsys):
                  "--quiet", "--out", str(out)]) == 0
     capsys.readouterr()
     assert "needs a conditional model" in _error(["sample", "--checkpoint", str(out), "--label", "1"], capsys)
+
+
+@pytest.mark.parametrize("K", [3, 40])          # one chunk, and several (the chunked two-pass path)
+def test_conditional_iwae_loss_is_the_log_mean_exp_of_the_label_conditioned_weights(K):
+    """loss(iwae_k=K, y) = -mean_n log (1/K) sum_k w_nk with w the weights of log p(x|y) (beta = 1),
+    and the parts it reports are its own recon and the analytic KL of q(z|x, y)."""
+    from minivae.gaussian import kl_forward
+    rng = np.random.default_rng(9)
+    m = VAE(VAEConfig(x_dim=12, hidden=(6,), z_dim=3, n_classes=4, dtype="float64"), rng=2)
+    m.IWAE_CHUNK_ELEMENTS = 7 * 5 * 12             # chunks of 7 samples of 5 rows of 12: K = 40 takes 6
+    x = (rng.random((5, 12)) < 0.5).astype(float)
+    y = rng.integers(0, 4, 5)
+    eps = rng.standard_normal((K, 5, 3))
+    loss, _ = m.loss(x, eps=eps.copy(), iwae_k=K, y=y, backward=False)
+    parts = dict(m.parts)
+    lw = m.log_weights(x, eps, y)
+    mx = lw.max(axis=0)
+    want = -np.mean(mx + np.log(np.mean(np.exp(lw - mx), axis=0)))
+    assert abs(float(loss) - want) < 1e-10
+    other, _ = m.loss(x, eps=eps.copy(), iwae_k=K, y=(y + 1) % 4, backward=False)
+    assert abs(float(other) - want) > 1e-3
+    mu, logvar = m.encode(x, y)
+    z = mu + np.exp(0.5 * logvar) * eps
+    assert parts["loss"] == loss and parts["iwae_k"] == K
+    assert abs(float(parts["recon"]) - float(-m.log_px_given_z(x, z, y).mean())) < 1e-10
+    assert abs(float(parts["kl"]) - float(kl_forward(mu, logvar)[0].mean())) < 1e-12
+
+
+def test_conditional_decode_logvar_depends_on_the_label():
+    rng = np.random.default_rng(3)
+    m = VAE(VAEConfig(x_dim=6, hidden=(5,), z_dim=2, n_classes=3, likelihood="gaussian_learned_var",
+                      dtype="float64"), rng=1)
+    z = rng.standard_normal((4, 2))
+    for y in (np.array([0, 1, 2, 0]), np.array([2, 2, 1, 1])):
+        np.testing.assert_array_equal(m.decode_logvar(z, y), m.decode_raw(z, y)[1])
+    assert not np.allclose(m.decode_logvar(z, np.zeros(4, int)), m.decode_logvar(z, np.full(4, 2)))

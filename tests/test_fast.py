@@ -487,6 +487,28 @@ def test_without_numba_the_numpy_path_is_used(tmp_path):
     assert "error: fused=True needs numba" in r.stdout
 
 
+@pytest.mark.parametrize("fused", PATHS)
+def test_profile_adds_up_the_seconds_of_each_part(fused):
+    """``trainer.profile = {}`` accumulates, per part of the step, the seconds between its ticks: each part
+    positive, their sum within the step's wall time, a second step adding to each; None records nothing."""
+    import time
+    m = make("relu-deep", "float64")
+    tr = FastTrainer(m, minivae.Adam(lr=1e-3), threads=1, fused=fused)
+    x, eps = batch(m, 16)
+    tr.step(x, eps)
+    assert tr.profile is None
+    tr.profile = {}
+    t0 = time.perf_counter()
+    tr.step(x, eps)
+    wall = time.perf_counter() - t0
+    first = dict(tr.profile)
+    assert {"forward", "backward", "adam"} <= set(first) and all(v > 0 for v in first.values()), first
+    assert sum(first.values()) <= wall
+    tr.step(x, eps)
+    assert set(tr.profile) == set(first) and all(tr.profile[k] > first[k] for k in first)
+    tr.close()
+
+
 @needs_numba
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

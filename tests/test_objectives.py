@@ -260,3 +260,19 @@ def test_free_bits_kink_and_dtype():
     assert np.array_equal(g, [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])         # 0 at the kink (KLbar == lambda)
     g32 = free_bits_backward(np.float32(1.0), free_bits_forward(kl.astype(np.float32), lam)[1])
     assert g32.dtype == np.float32
+
+
+def test_chunked_iwae_keeps_the_models_dtype_and_value():
+    """The IWAE bound computed in chunks of samples (memory bound) is the one-block bound, in the model's dtype."""
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
+        m = VAE(VAEConfig(x_dim=12, hidden=(6,), z_dim=3, dtype=dtype), rng=0)
+        rng = np.random.default_rng(1)
+        x = (rng.random((5, 12)) < 0.5).astype(dtype)
+        eps = rng.standard_normal((40, 5, 3)).astype(dtype)
+        whole, g_whole = m.loss(x, eps=eps.copy(), iwae_k=40)
+        m.IWAE_CHUNK_ELEMENTS = 7 * 5 * 12             # chunks of 7 samples: 6 of them
+        chunked, g_chunked = m.loss(x, eps=eps.copy(), iwae_k=40)
+        assert np.asarray(chunked).dtype == np.asarray(whole).dtype == np.dtype(dtype)
+        assert g_chunked.flat.dtype == np.dtype(dtype)
+        assert abs(float(chunked) - float(whole)) <= tol * abs(float(whole))
+        assert np.max(np.abs(g_chunked.flat - g_whole.flat)) <= 10 * tol * np.max(np.abs(g_whole.flat))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (a development tool; CI never runs it).  Usage, from the repository root:
 #
-#   bash tools/mutation.sh                 # every configured module ([tool.mutmut] in pyproject.toml)
+#   bash tools/mutation.sh                 # the functions in tools/mutation_targets.txt (every configured module)
 #   bash tools/mutation.sh "minivae.optim*" "minivae.layers*"    # only some modules' mutants
 #
 # Needs `pip install -e .[dev]` (or `pip install -r requirements-dev.txt`).  mutmut keeps its results in
@@ -14,5 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg
 unset PYTHONPATH               # the tests must import the mutated copy in mutants/, nothing else
+if [ $# -eq 0 ]; then             # no arguments: the functions listed in tools/mutation_targets.txt
+    mapfile -t targets < <(grep -v '^\s*\(#\|$\)' tools/mutation_targets.txt)
+    set -- "${targets[@]}"
+fi
+start=$(date +%s)
 mutmut run "$@" || true        # its exit status is not the score; the summary below is
+echo "mutmut run: $(( $(date +%s) - start )) s"
 python tools/mutation_score.py "$@"

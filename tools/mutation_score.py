@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 KILLED = {1, 3, 36, -24, 24, 152, 255, -11, -9}         # test failed, pytest error, timeout, crash
+TIMEOUT = {36, -24, 24}                                  # (counted as killed, as mutmut does; shown apart)
 SURVIVED = {0, 5, 33}                                    # tests passed, or no test reached the mutant
 
 
@@ -31,11 +32,20 @@ def unchecked(patterns):
     return 0
 
 
+def targets(path=Path("tools/mutation_targets.txt")):
+    """The name globs a run with no arguments covers (tools/mutation.sh)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def main(patterns):
     if patterns[:1] == ["--unchecked"]:
-        return unchecked(patterns[1:])
+        return unchecked(patterns[1:] or targets())
+    markdown = patterns[:1] == ["--markdown"]          # the README's table
+    patterns = patterns[1:] if markdown else patterns
+    patterns = patterns or targets()
     equivalent = equivalent_names()
-    per = defaultdict(lambda: {"killed": 0, "survived": 0, "equivalent": 0, "not checked": 0})
+    per = defaultdict(lambda: {"killed": 0, "survived": 0, "equivalent": 0, "not checked": 0, "timeout": 0})
     survivors = []
     for meta in sorted(Path("mutants").rglob("*.py.meta")):
         module = str(meta.relative_to("mutants"))[:-len(".py.meta")].replace("/", ".")
@@ -47,6 +57,7 @@ def main(patterns):
                 row["not checked"] += 1
             elif code in KILLED:
                 row["killed"] += 1
+                row["timeout"] += code in TIMEOUT
             elif name in equivalent:
                 row["equivalent"] += 1
             else:
@@ -55,7 +66,10 @@ def main(patterns):
     if not per:
         print("no mutmut results in mutants/: run `bash tools/mutation.sh` first")
         return 1
-    print(f"{'module':34s} {'killed':>7s} {'surv.':>6s} {'equiv.':>6s} {'unrun':>6s} {'score':>7s} {'adj.':>7s}")
+    if markdown:
+        return _markdown(per)
+    print(f"{'module':34s} {'killed':>7s} {'(t/o)':>6s} {'surv.':>6s} {'equiv.':>6s} {'unrun':>6s} {'score':>7s} "
+          f"{'adj.':>7s}")
     tot = defaultdict(int)
     for module, r in sorted(per.items()):
         for k, v in r.items():
@@ -69,11 +83,33 @@ def main(patterns):
     return 0
 
 
+def _markdown(per):
+    print("| module | mutants run (of listed) | killed (timed out) | equivalent (listed) | survived | score | adjusted |")
+    print("|---|---|---|---|---|---|---|")
+    tot = defaultdict(int)
+    for module, r in sorted(per.items(), key=lambda kv: -(kv[1]["killed"] + kv[1]["survived"] + kv[1]["equivalent"])):
+        for k, v in r.items():
+            tot[k] += v
+        print(_md_row(f"`{module.removeprefix('minivae.')}`", r))
+    print(_md_row("**all**", tot, bold=True))
+    return 0
+
+
+def _md_row(name, r, bold=False):
+    run = r["killed"] + r["survived"] + r["equivalent"]
+    cells = [f"{run:,} ({run + r['not checked']:,})", f"{r['killed']:,} ({r['timeout']})", f"{r['equivalent']}", f"{r['survived']}",
+             f"{r['killed'] / run:.1%}" if run else "-",
+             f"{r['killed'] / (run - r['equivalent']):.1%}" if run - r["equivalent"] else "-"]
+    if bold:
+        cells = [f"**{c}**" for c in cells]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def _line(module, r):
     run = r["killed"] + r["survived"] + r["equivalent"]
     score = r["killed"] / run if run else float("nan")
     adj = r["killed"] / (run - r["equivalent"]) if run - r["equivalent"] else float("nan")
-    return (f"{module:34s} {r['killed']:7d} {r['survived']:6d} {r['equivalent']:6d} {r['not checked']:6d} "
+    return (f"{module:34s} {r['killed']:7d} {r['timeout']:6d} {r['survived']:6d} {r['equivalent']:6d} {r['not checked']:6d} "
             f"{score:7.1%} {adj:7.1%}")
 
 

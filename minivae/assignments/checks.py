@@ -193,10 +193,20 @@ def _dense(rng, big):
     return [OpCase("", ref.dense_forward, [rng.standard_normal(s) for s in shapes], ["dx", "dW", "db"])]
 
 
-def _act(name, make):
-    def cases(rng, big):
-        return [OpCase("", getattr(ref, name), [make(rng, (256, 512) if big else (4, 6))], ["dx"])]
-    return cases
+def _act(name, make, rng, big):
+    return [OpCase("", getattr(ref, name), [make(rng, (256, 512) if big else (4, 6))], ["dx"])]
+
+
+def _relu(rng, big):
+    return _act("relu_forward", _away_from_zero, rng, big)
+
+
+def _tanh(rng, big):
+    return _act("tanh_forward", lambda rng, s: 1.5 * rng.standard_normal(s), rng, big)
+
+
+def _sigmoid(rng, big):
+    return _act("sigmoid_forward", lambda rng, s: 3.0 * rng.standard_normal(s), rng, big)
 
 
 def _reparam(rng, big):
@@ -267,11 +277,9 @@ def _upsample(rng, big):
 # exercise id -> (qualified backward function, input maker(rng, big) -> [OpCase])
 OP_CHECKS = {
     "dense_backward": ("minivae.layers:dense_backward", _dense),
-    "relu_backward": ("minivae.layers:relu_backward", _act("relu_forward", _away_from_zero)),
-    "tanh_backward": ("minivae.layers:tanh_backward",
-                      _act("tanh_forward", lambda rng, s: 1.5 * rng.standard_normal(s))),
-    "sigmoid_backward": ("minivae.layers:sigmoid_backward",
-                         _act("sigmoid_forward", lambda rng, s: 3.0 * rng.standard_normal(s))),
+    "relu_backward": ("minivae.layers:relu_backward", _relu),
+    "tanh_backward": ("minivae.layers:tanh_backward", _tanh),
+    "sigmoid_backward": ("minivae.layers:sigmoid_backward", _sigmoid),
     "reparameterize_backward": ("minivae.gaussian:reparameterize_backward", _reparam),
     "kl_backward": ("minivae.gaussian:kl_backward", _kl),
     "bernoulli_nll_backward": ("minivae.likelihoods:bernoulli_nll_backward", _bern),
