@@ -322,6 +322,30 @@ def test_empty_outputs_and_bad_hyperparameters_raise():
         conv.maxpool2d_forward(np.zeros((1, 1, 4, 4)), 1.5)
 
 
+def test_error_messages_name_the_op_the_argument_and_the_sizes():
+    """Each one-line error says which op, which argument or which input size, and why."""
+    with pytest.raises(ValueError, match=r"^maxpool2d_forward: size must be an integer >= 1, got 0$"):
+        conv.maxpool2d_forward(np.zeros((1, 1, 4, 4)), 0)
+    with pytest.raises(ValueError, match=r"^upsample_nearest2d_forward: scale must be an integer >= 1, got 0$"):
+        conv.upsample_nearest2d_forward(np.zeros((1, 1, 4, 4)), 0)
+    with pytest.raises(ValueError, match=r"^maxpool2d_forward: output size 0x2 is < 1 for input 1x4 \(size=2\)$"):
+        conv.maxpool2d_forward(np.zeros((1, 1, 1, 4)), 2)
+    with pytest.raises(ValueError,
+                       match=r"^upsample_nearest2d_forward: output size 0x6 is < 1 for input 0x3 \(scale=2\)$"):
+        conv.upsample_nearest2d_forward(np.zeros((1, 1, 0, 3)), 2)
+    with pytest.raises(ValueError, match=r"^conv_transpose2d_forward: output size 0x2 is < 1 for input 1x3 "
+                                         r"\(KH=2, KW=2, stride=1, padding=1\)$"):
+        conv.conv_transpose2d_forward(np.zeros((1, 1, 1, 3)), np.zeros((1, 1, 2, 2)), np.zeros(1), 1, 1)
+
+
+def test_pool_and_upsample_default_to_a_factor_of_two(rng):
+    x = rng.standard_normal((2, 3, 6, 4))
+    y, _ = conv.maxpool2d_forward(x)
+    np.testing.assert_array_equal(y, naive_maxpool(x, 2))
+    u, _ = conv.upsample_nearest2d_forward(x)
+    np.testing.assert_array_equal(u, naive_upsample(x, 2))
+
+
 F32_OPS = {
     "conv2d": lambda r: (conv.conv2d_forward, conv.conv2d_backward, (r((4, 3, 3, 3)), r(4), 2, 1)),
     "conv_transpose2d": lambda r: (conv.conv_transpose2d_forward, conv.conv_transpose2d_backward,
@@ -444,3 +468,31 @@ def test_set_threads_rejects_bad_counts(bad):
     with pytest.raises((ValueError, TypeError)):
         conv.set_threads(bad)
     assert conv.get_threads() == 1
+
+
+def test_stride_and_padding_default_to_one_and_zero(rng):
+    """Called without stride and padding, every op is the stride-1, unpadded one."""
+    x, Wt, b = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 2)), rng.standard_normal(4)
+    assert conv.conv_output_size(6, 5, 3, 2) == (4, 4)
+    np.testing.assert_array_equal(conv.im2col(x, 3, 2), conv.im2col(x, 3, 2, 1, 0))
+    col = rng.standard_normal(conv.im2col(x, 3, 2).shape)
+    np.testing.assert_array_equal(conv.col2im(col, x.shape, 3, 2), conv.col2im(col, x.shape, 3, 2, 1, 0))
+    y, _ = conv.conv2d_forward(x, Wt, b)
+    np.testing.assert_allclose(y, naive_conv2d(x, Wt, b, 1, 0), rtol=1e-12, atol=1e-12)
+    Wt2 = rng.standard_normal((3, 2, 2, 3))
+    yt, _ = conv.conv_transpose2d_forward(x, Wt2, b[:2])
+    np.testing.assert_allclose(yt, naive_conv_transpose2d(x, Wt2, b[:2], 1, 0), rtol=1e-12, atol=1e-12)
+
+
+def test_im2col_and_conv_errors_name_the_op_and_the_input():
+    with pytest.raises(ValueError, match=r"^im2col: x must have shape \(N, C, H, W\), got \(2, 3\)$"):
+        conv.im2col(np.zeros((2, 3)), 2, 2)
+    with pytest.raises(ValueError, match=r"^im2col: output size 0x2 is < 1 for input 1x3 "
+                                         r"\(KH=2, KW=2, stride=1, padding=0\)$"):
+        conv.im2col(np.zeros((1, 1, 1, 3)), 2, 2)
+    with pytest.raises(ValueError, match=r"^conv2d_forward: output size 0x3 is < 1 for input 2x5 "):
+        conv.conv2d_forward(np.zeros((1, 1, 2, 5)), np.zeros((1, 1, 3, 3)), np.zeros(1))
+    with pytest.raises(ValueError, match=r"^conv2d_forward: stride must be an integer >= 1, got 0$"):
+        conv.conv2d_forward(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 3, 3)), np.zeros(1), stride=0)
+    with pytest.raises(ValueError, match=r"^conv_transpose2d_forward: padding must be an integer >= 0, got -1$"):
+        conv.conv_transpose2d_forward(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 3, 3)), np.zeros(1), padding=-1)
