@@ -124,30 +124,26 @@ def _fused(name, *arrays):
     return _ck.K[name]
 
 
+def _relayout(a, axes, name):
+    """A new C-contiguous ``a.transpose(axes)``: the fused kernel ``name`` when it applies, else NumPy's copy."""
+    xp = get_array_module(a)
+    out = xp.empty(tuple(int(a.shape[k]) for k in axes), dtype=a.dtype)
+    kernel = _fused(name, a, out)
+    if kernel is not None:
+        kernel(a, out)
+    else:
+        out[...] = a.transpose(axes)
+    return out
+
+
 def to_batch_last(x):
     """(N, C, H, W) -> a new C-contiguous (C, H, W, N): the column order of im2col, batch fastest."""
-    xp = get_array_module(x)
-    N, C, H, W = (int(d) for d in x.shape)
-    out = xp.empty((C, H, W, N), dtype=x.dtype)
-    kernel = _fused("to_batch_last", x, out)
-    if kernel is not None:
-        kernel(x, out)
-    else:
-        out[...] = x.transpose(1, 2, 3, 0)
-    return out
+    return _relayout(x, (1, 2, 3, 0), "to_batch_last")
 
 
 def to_batch_first(a):
     """(C, H, W, N) -> a new C-contiguous (N, C, H, W): back to the NCHW layout."""
-    xp = get_array_module(a)
-    C, H, W, N = (int(d) for d in a.shape)
-    out = xp.empty((N, C, H, W), dtype=a.dtype)
-    kernel = _fused("to_batch_first", a, out)
-    if kernel is not None:
-        kernel(a, out)
-    else:
-        out[...] = a.transpose(3, 0, 1, 2)
-    return out
+    return _relayout(a, (3, 0, 1, 2), "to_batch_first")
 
 
 def conv_output_size(H, W, KH, KW, stride=1, padding=0):

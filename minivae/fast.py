@@ -222,6 +222,11 @@ def adam_update_block(p, g, m, v, tmp, b1, b2, lr_t, eps_t):
     p -= tmp
 
 
+def _plain_adam(opt):
+    """An :class:`~minivae.optim.Adam` without weight decay or clipping: the one update the fused passes make."""
+    return type(opt) is Adam and not opt.weight_decay and opt.clip_norm is None
+
+
 def adam_begin_step(opt, params, grads):
     """Advance a plain Adam by one step; return the flat buffers p, g, m, v and the kernel constants.
 
@@ -253,8 +258,7 @@ def fused_adam_step(opt, params, grads, threads=1):
     """
     ck = _cpu_kernels()
     pf, gf = getattr(params, "flat", None), getattr(grads, "flat", None)
-    if (ck is None or type(opt) is not Adam or opt.weight_decay or opt.clip_norm is not None
-            or type(pf) is not np.ndarray or type(gf) is not np.ndarray or pf.dtype != gf.dtype
+    if (ck is None or not _plain_adam(opt) or type(pf) is not np.ndarray or type(gf) is not np.ndarray or pf.dtype != gf.dtype
             or pf.dtype not in (np.float32, np.float64)
             or getattr(params, "layout", None) != getattr(grads, "layout", None)):
         return False
@@ -783,7 +787,7 @@ class FastTrainer:
         """Optimizer update of the model's parameters from ``grads`` (this trainer's buffer)."""
         opt, params = self.opt, self.model.params
         pending, self._pending = self._pending, None
-        if type(opt) is not Adam or opt.weight_decay or opt.clip_norm is not None:
+        if not _plain_adam(opt):
             if pending is not None:
                 np.add(grads.flat, pending, out=grads.flat)
             opt.step(params, grads)

@@ -64,6 +64,7 @@ reported number is a bound on log p(x|y); the figures add ``class_grid.png``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -610,7 +611,7 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
     out = Path(out_dir)
     created = not out.exists()
     try:
-        with _SigtermAsInterrupt(), RunLock(out), _ConvThreads(step_threads(s)):
+        with _SigtermAsInterrupt(), RunLock(out), _conv_threads(step_threads(s)):
             return _train_locked(s, out, resume, progress, log, force)
     except BaseException:
         # a run that failed before writing anything leaves no folder behind
@@ -646,22 +647,17 @@ def _clean_stale(out, log):
             + ", ".join(p.name for p in stale))
 
 
-class _ConvThreads:
+@contextlib.contextmanager
+def _conv_threads(n):
     """While active: the conv ops' im2col/col2im copies on ``n`` threads (:func:`minivae.conv.set_threads`;
     the same bits for any n), as the dense fast path's step uses ``--threads``; restored afterwards."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        from . import conv
-        self.prev = conv.get_threads()
-        conv.set_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        from . import conv
-        conv.set_threads(self.prev)
+    from . import conv
+    prev = conv.get_threads()
+    conv.set_threads(n)
+    try:
+        yield
+    finally:
+        conv.set_threads(prev)
 
 
 class _SigtermAsInterrupt:
