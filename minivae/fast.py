@@ -63,7 +63,9 @@ reference path for them (``minivae.train`` does so by itself).
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -886,40 +888,96 @@ def log_weights(model, x, eps, y=None):
     return -bernoulli_nll_rows(logits, x) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
 
 
+# Per-thread scratch arrays of _log_weights_fused, reused from call to call: ``eval --iw-k 5000`` makes 5,000
+# calls that each need ~100 MB of activations and logits.  Allocated afresh each time, they came back from the
+# kernel as new zeroed pages every call (glibc returns such large blocks to the system when freed): 9 million
+# page faults and 83 s of system time in a 395 s run (/usr/bin/time -v).  One set per thread, so that two
+# threads evaluating at once never share one.
+_iw_scratch = threading.local()
+
+
+def _scratch(name, shape, dtype):
+    """A reusable array of ``shape`` and ``dtype`` for the calling thread (contents undefined)."""
+    bufs = getattr(_iw_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _iw_scratch.bufs = {}
+    a = bufs.get(name)
+    if a is None or a.shape != shape or a.dtype != dtype:
+        a = bufs[name] = np.empty(shape, dtype=dtype)
+    return a
+
+
+# One helper thread for the NumPy ufuncs of _log_weights_fused that numba has no fast twin for (tanh and
+# exp: NumPy's are SIMD, numba's math.tanh and math.exp are scalar calls, measured several times slower);
+# the calling thread does the first half of the rows, the helper the second (ufuncs release the GIL).
+_ufunc_pool = []
+
+
+def _rows_on_two_threads(fn, *arrays, threads=2):
+    """``fn(*[a[lo:hi] for a in arrays])`` for the two halves of the rows at once, when ``threads`` > 1."""
+    M = arrays[0].shape[0]
+    if threads < 2 or M < 2:
+        fn(*arrays)
+        return
+    if not _ufunc_pool:
+        _ufunc_pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="minivae-ufunc"))
+    h = M // 2
+    other = _ufunc_pool[0].submit(fn, *[a[h:] for a in arrays])
+    fn(*[a[:h] for a in arrays])
+    other.result()
+
+
 def _log_weights_fused(model, x, eps, ck):
     """:func:`log_weights` with the fused CPU kernels, on every core numba uses.
 
     z and log p(z) - log q(z|x) in one pass (``iw_latent``: the log 2 pi terms cancel); the decoder's
-    matmuls (BLAS) with bias + ReLU fused (other activations: the model's op); then the Bernoulli nll
-    as in :func:`bernoulli_nll_rows` -- sum (max(l, 0) - x l) with the output bias add and -|l| in one
-    pass, NumPy's SIMD exp, and the logs of products of 64 factors (1 + e) in a second pass.
+    matmuls (BLAS) with bias + ReLU fused, or bias + tanh with NumPy's tanh on two halves of the rows at
+    once (other activations: the model's op); then the Bernoulli nll as in :func:`bernoulli_nll_rows` --
+    sum (max(l, 0) - x l) with the output bias add and -|l| in one pass, NumPy's SIMD exp (two halves at
+    once), and the logs of products of 64 factors (1 + e) in a second pass.  Every array of the pass is a
+    per-thread scratch array reused by the next call (see ``_iw_scratch``); only the result is new.
     """
     dt = model.dtype
     K = ck.K
+    threads = ck.numba.get_num_threads() if ck.numba is not None else 1
     x = np.ascontiguousarray(model._as_input(x, validate=False))
     mu, logvar, _ = model._encoder_forward(x)
     mu, logvar = np.ascontiguousarray(mu), np.ascontiguousarray(logvar)
     eps = np.ascontiguousarray(model._as_eps(eps, x.shape[0]), dtype=dt)
     S, N, L = eps.shape
-    z = np.empty(eps.shape, dtype=dt)
+    z = _scratch("z", eps.shape, dt)
     lw = np.empty((S, N), dtype=np.float64)
     K["iw_latent"](mu, logvar, eps, z, lw)                       # z and log p(z) - log q(z|x)
-    p, relu = model.params, model.config.activation == "relu"
+    p, act = model.params, model.config.activation
     h = z.reshape(S * N, L)
     for i in range(len(model.config.hidden)):
-        a = h @ p[f"dec.{i}.W"]
-        if relu:
+        W = p[f"dec.{i}.W"]
+        a = np.matmul(h, W, out=_scratch(f"dec.{i}", (S * N, W.shape[1]), dt))
+        if act == "relu":
             K["bias_relu"](a, p[f"dec.{i}.b"])
-            h = a
+        elif act == "tanh":
+            _rows_on_two_threads(functools.partial(_bias_tanh, b=p[f"dec.{i}.b"]), a, threads=threads)
         else:
             a += p[f"dec.{i}.b"]
-            h = model.act_forward(a)[0]
-    a = h @ p["dec.out.W"]                                          # (S N, D), the logits before the bias
-    e = np.empty_like(a)
-    lin = np.empty(S * N, dtype=np.float64)
+            a = model.act_forward(a)[0]
+        h = a
+    W = p["dec.out.W"]
+    a = np.matmul(h, W, out=_scratch("dec.out", (S * N, W.shape[1]), dt))   # (S N, D), logits before the bias
+    e = _scratch("e", a.shape, dt)
+    lin = _scratch("lin", (S * N,), np.float64)
     K["iw_bernoulli_pre"](a, p["dec.out.b"], x, e, lin)             # l = a + b, e = -|l|, lin = sum max(l,0) - x l
-    np.exp(e, out=e)                                                # e = exp(-|l|)
-    nll = np.empty(S * N, dtype=np.float64)
+    _rows_on_two_threads(_exp_inplace, e, threads=threads)         # e = exp(-|l|)
+    nll = _scratch("nll", (S * N,), np.float64)
     K["iw_bernoulli_post"](e, lin, nll)                             # nll = lin + sum log(1 + e)
     lw -= nll.reshape(S, N)
     return lw.astype(dt)
+
+
+def _bias_tanh(a, b):
+    """a = tanh(a + b) in place (a: (M, H), b: (H,))."""
+    a += b
+    np.tanh(a, out=a)
+
+
+def _exp_inplace(e):
+    np.exp(e, out=e)

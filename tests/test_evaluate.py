@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from minivae import VAE, VAEConfig
-from minivae.evaluate import (active_units, collapse_warning, iw_log_likelihood, kl_per_dim, log_mean_exp,
-                              negative_elbo, posterior_mean_variance, report)
+from minivae.evaluate import (_eps_draws, active_units, collapse_warning, iw_log_likelihood, kl_per_dim,
+                              log_mean_exp, negative_elbo, posterior_mean_variance, report)
 from minivae.gaussian import log_standard_normal
 
 from conftest import backends
@@ -447,3 +447,29 @@ def test_defaults_and_boundaries_of_the_evaluation():
     finally:
         ev._log_weights = orig
     assert seen == [200]
+
+
+def test_eps_draws_ahead_are_the_plain_draws_in_order():
+    """The IW estimate draws the next chunk's eps on a helper thread: the same numbers as drawing them one
+    after the other, cast to the model's dtype, and the generator ends where the plain loop leaves it."""
+    shapes = [(4, 3, 2), (1, 3, 2), (4, 2, 2), (1, 2, 2)]
+    plain, ahead = np.random.default_rng(11), np.random.default_rng(11)
+    want = [plain.standard_normal(s).astype(np.float32) for s in shapes]
+    got = list(_eps_draws(ahead, shapes, np.float32))
+    assert [g.shape for g in got] == shapes and all(g.dtype == np.float32 for g in got)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert ahead.bit_generator.state == plain.bit_generator.state
+    assert list(_eps_draws(np.random.default_rng(0), [], np.float64)) == []
+
+
+def test_eps_draws_stopped_early_leave_no_draw_running():
+    """Closed after the first chunk (an error in the caller), the generator waits for the draw in flight:
+    the generator has then drawn exactly two chunks, and nothing draws afterwards."""
+    rng, ref = np.random.default_rng(4), np.random.default_rng(4)
+    draws = _eps_draws(rng, [(50, 10, 5)] * 10, np.float64)
+    first = next(draws)
+    draws.close()
+    assert np.array_equal(first, ref.standard_normal((50, 10, 5)))
+    ref.standard_normal((50, 10, 5))
+    state = rng.bit_generator.state
+    assert state == ref.bit_generator.state

@@ -27,6 +27,7 @@ CONFIGS = {
     "relu-deep": dict(x_dim=10, hidden=(8, 6), z_dim=4),
     "no-hidden": dict(x_dim=9, hidden=(), z_dim=2),
     "softplus": dict(x_dim=8, hidden=(5,), z_dim=2, activation="softplus"),
+    "two-layer-tanh": dict(x_dim=11, hidden=(9, 7), z_dim=3, activation="tanh"),
 }
 
 
@@ -144,7 +145,7 @@ def test_bernoulli_nll_rows_products_cannot_overflow():
     assert np.allclose(got, 5000 * np.log(2.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["standard", "two-layer-tanh-gaussian", "no-hidden"])
+@pytest.mark.parametrize("name", ["standard", "two-layer-tanh-gaussian", "no-hidden", "two-layer-tanh", "softplus"])
 def test_fast_log_weights_match_model(name):
     model = make(name, "float64")
     x, _ = batch(model, 9)
@@ -455,6 +456,45 @@ def test_fused_results_do_not_depend_on_the_thread_count(name, N, parallel_min, 
     assert np.array_equal(models[0].flat, models[1].flat) and np.array_equal(models[0].flat, models[2].flat)
     for tr in trainers:
         tr.close()
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["standard", "two-layer-tanh", "softplus"])
+def test_fused_log_weights_reuse_scratch_without_sharing_it(name):
+    """The fused log-weights reuse per-thread scratch arrays: a result is never a view of them (a later call,
+    of another shape, leaves it as it was), and two threads evaluating at once get what each gets alone.
+    Bits do not depend on numba's thread count (tanh and exp run on row halves: elementwise)."""
+    import threading
+
+    model = make(name, "float32")
+    x, _ = batch(model, 30)
+    rng = np.random.default_rng(8)
+    e1, e2 = (rng.standard_normal((s, 30, model.config.z_dim)) for s in (5, 3))
+    first = log_weights(model, x, e1)
+    kept = first.copy()
+    second = log_weights(model, x[:7], e2[:, :7])
+    assert second.shape == (3, 7) and np.array_equal(first, kept)
+    assert np.array_equal(log_weights(model, x, e1), first)
+    got = {}
+
+    def work(key, eps, n):
+        for _ in range(20):
+            got.setdefault(key, []).append(log_weights(model, x[:n], eps[:, :n]))
+
+    ts = [threading.Thread(target=work, args=(k, e, n)) for k, e, n in (("a", e1, 30), ("b", e2, 19))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    alone_b = log_weights(model, x[:19], e2[:, :19])
+    assert all(np.array_equal(r, first) for r in got["a"]) and all(np.array_equal(r, alone_b) for r in got["b"])
+    before = cpu_kernels.numba.get_num_threads()
+    try:
+        cpu_kernels.set_threads(1)
+        one = log_weights(model, x, e1)
+    finally:
+        cpu_kernels.numba.set_num_threads(before)
+    assert np.array_equal(one, first)
 
 
 @pytest.mark.parametrize("name", ["standard", "relu-deep"])
