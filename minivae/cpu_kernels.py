@@ -289,16 +289,24 @@ def iw_latent(mu, logvar, eps, z, lw):
     sum_j ( -z^2 / 2 + logvar / 2 + (z - mu)^2 exp(-logvar) / 2 )   (the log 2 pi terms cancel)."""
     S, N, L = z.shape
     half = z.dtype.type(0.5)
+    # sigma and 1/sigma^2 depend on (n, j) only: two exps for each of the N L entries, not for each of the
+    # S N L draws (the same values, so the same bits, as taking them inside the loop below)
+    sig = np.empty((N, L), dtype=z.dtype)
+    ivar = np.empty((N, L), dtype=np.float64)
+    for n in prange(N):
+        for j in range(L):
+            lv = logvar[n, j]
+            sig[n, j] = math.exp(lv * half)
+            ivar[n, j] = math.exp(-float(lv))
     for s in prange(S):
         for n in range(N):
             acc = 0.0
             for j in range(L):
                 lv = logvar[n, j]
-                sg = math.exp(lv * half)
-                zz = sg * eps[s, n, j] + mu[n, j]
+                zz = sig[n, j] * eps[s, n, j] + mu[n, j]
                 z[s, n, j] = zz
                 dd = zz - mu[n, j]
-                acc += -0.5 * float(zz) * float(zz) + 0.5 * float(lv) + 0.5 * float(dd * dd) * math.exp(-float(lv))
+                acc += -0.5 * float(zz) * float(zz) + 0.5 * float(lv) + 0.5 * float(dd * dd) * ivar[n, j]
             lw[s, n] = acc
 
 

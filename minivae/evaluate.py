@@ -70,11 +70,8 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
 
     ``rng`` is a NumPy Generator: the eps noise comes from it on the host, in
     the order (example batch, sample, example, latent), so any ``chunk`` gives
-    the same draws.  The draw of the next chunk's eps runs on a helper thread
-    while the current chunk is evaluated (:func:`_eps_draws`): the same numbers
-    in the same order, but the drawing, on one core, no longer waits for the
-    model and the model no longer waits for it.  ``progress=True`` shows a tqdm
-    bar (on stderr) counting samples.
+    the same draws.  ``progress=True`` shows a tqdm bar (on stderr) counting
+    samples.
     """
     if int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
@@ -87,9 +84,6 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     out = np.empty(N, dtype=np.float64)
     ys = _label_batches(y, N)
     bar = _progress_bar(progress, total=N * k, desc=f"IW log p(x), k={k}")
-    shapes = [(min(chunk, k - done), min(batch_size, N - start), L)
-              for start in range(0, N, batch_size) for done in range(0, k, chunk)]
-    draws = _eps_draws(rng, shapes, model.dtype)
     try:
         for start in range(0, N, batch_size):
             xb = x[start:start + batch_size]
@@ -100,7 +94,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
             done = 0
             while done < k:
                 s = min(chunk, k - done)
-                eps = next(draws)                                                  # (s, n, L), model dtype
+                eps = rng.standard_normal((s, n, L)).astype(model.dtype)
                 yb = ys(start, n)                                                  # labels, or None
                 lw = _log_weights(model, xb, eps) if yb is None else _log_weights(model, xb, eps, yb)
                 lw = to_numpy(lw).astype(np.float64)                               # (s, n)
@@ -112,36 +106,9 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
                     bar.update(s * n)
             out[start:start + n] = run_max + np.log(run_sum / k)
     finally:
-        draws.close()
         if bar is not None:
             bar.close()
     return out
-
-
-def _eps_draws(rng, shapes, dtype):
-    """Yield ``rng.standard_normal(shape).astype(dtype)`` for each shape in turn, drawing the next one on a
-    helper thread while the caller works on the current one.
-
-    The draws are made one at a time, in order, by the one helper thread, so the numbers are those of the
-    plain loop ``for shape in shapes: rng.standard_normal(shape)``.  NumPy releases the GIL while it fills
-    the array, so the drawing (one core, ~5 ms for 100 x 100 x 50 normals) overlaps the model's work.  The
-    helper draws only shapes in the list, so after the last one ``rng`` is where the plain loop leaves it.
-    Closing the generator early (an error in the caller) waits for the draw in flight.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def draw(shape):
-        return rng.standard_normal(shape).astype(dtype)
-
-    if not shapes:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minivae-eps") as pool:
-        nxt = pool.submit(draw, shapes[0])
-        for i in range(len(shapes)):
-            cur = nxt.result()
-            if i + 1 < len(shapes):
-                nxt = pool.submit(draw, shapes[i + 1])
-            yield cur
 
 
 def _log_weights(model, x, eps, y=None):
