@@ -285,3 +285,17 @@ def test_raw_files_fingerprint_cache_and_message_name(tmp_path):
     assert sha() not in (first, second)
     with pytest.raises(DataError, match=r"^data: contains NaN"):
         check_data(np.array([[np.nan]]))                          # the default name in the message
+
+
+def test_load_mnist_gives_float32_pixels_over_255_and_int64_labels(tmp_path):
+    """Every byte value b becomes b / 255 as a float32 (0 -> 0.0, 255 -> exactly 1.0); labels are int64."""
+    d = tmp_path / "bytes"
+    d.mkdir()
+    write_idx(d / "train-images-idx3-ubyte.gz", np.arange(256).reshape(4, 8, 8))      # each byte value once
+    write_idx(d / "train-labels-idx1-ubyte.gz", np.array([0, 9, 3, 7]))
+    x, y = load_mnist("train", d)
+    assert x.dtype == np.float32 and x.shape == (4, 64)
+    assert x[0, 0] == 0.0 and x[3, 63] == 1.0
+    # a float32 division is correctly rounded, so it equals the float64 quotient rounded to float32
+    assert np.array_equal(x.ravel(), (np.arange(256) / 255.0).astype(np.float32))
+    assert y.dtype == np.int64 and y.tolist() == [0, 9, 3, 7]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from minivae import VAE, VAEConfig
-from minivae.evaluate import (_eps_draws, active_units, collapse_warning, iw_log_likelihood, kl_per_dim,
-                              log_mean_exp, negative_elbo, posterior_mean_variance, report)
+from minivae.evaluate import (active_units, collapse_warning, iw_log_likelihood, kl_per_dim, log_mean_exp,
+                              negative_elbo, posterior_mean_variance, report)
 from minivae.gaussian import log_standard_normal
 
 from conftest import backends
@@ -449,27 +449,57 @@ def test_defaults_and_boundaries_of_the_evaluation():
     assert seen == [200]
 
 
-def test_eps_draws_ahead_are_the_plain_draws_in_order():
-    """The IW estimate draws the next chunk's eps on a helper thread: the same numbers as drawing them one
-    after the other, cast to the model's dtype, and the generator ends where the plain loop leaves it."""
-    shapes = [(4, 3, 2), (1, 3, 2), (4, 2, 2), (1, 2, 2)]
-    plain, ahead = np.random.default_rng(11), np.random.default_rng(11)
-    want = [plain.standard_normal(s).astype(np.float32) for s in shapes]
-    got = list(_eps_draws(ahead, shapes, np.float32))
-    assert [g.shape for g in got] == shapes and all(g.dtype == np.float32 for g in got)
-    assert all(np.array_equal(g, w) for g, w in zip(got, want))
-    assert ahead.bit_generator.state == plain.bit_generator.state
-    assert list(_eps_draws(np.random.default_rng(0), [], np.float64)) == []
+def test_negative_elbo_with_labels_does_not_depend_on_the_batch_size():
+    """A conditional model: each batch gets the labels of its own rows, so batches of 4 give the loss of one
+    batch of all 10 rows (the same eps draws, in the same order)."""
+    m = VAE(VAEConfig(x_dim=6, hidden=(5,), z_dim=2, n_classes=3, dtype="float64"), rng=0)
+    x = binary_data(10, 6)
+    y = np.array([0, 1, 2, 2, 1, 0, 0, 2, 1, 1])
+    whole = negative_elbo(m, x, np.random.default_rng(5), batch_size=10, y=y)
+    m.loss(x, eps=np.random.default_rng(5).standard_normal((1, 10, 2)), backward=False, y=y)
+    assert np.isclose(whole["loss"], float(m.parts["loss"]), rtol=1e-12)
+    for bs in (4, 3, 1):
+        parts = negative_elbo(m, x, np.random.default_rng(5), batch_size=bs, y=y)
+        for key in ("loss", "recon", "kl"):
+            assert np.isclose(parts[key], whole[key], rtol=1e-12), (bs, key)
 
 
-def test_eps_draws_stopped_early_leave_no_draw_running():
-    """Closed after the first chunk (an error in the caller), the generator waits for the draw in flight:
-    the generator has then drawn exactly two chunks, and nothing draws afterwards."""
-    rng, ref = np.random.default_rng(4), np.random.default_rng(4)
-    draws = _eps_draws(rng, [(50, 10, 5)] * 10, np.float64)
-    first = next(draws)
-    draws.close()
-    assert np.array_equal(first, ref.standard_normal((50, 10, 5)))
-    ref.standard_normal((50, 10, 5))
-    state = rng.bit_generator.state
-    assert state == ref.bit_generator.state
+def test_batch_size_bounds_the_rows_of_each_encoder_call(monkeypatch):
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = binary_data(30, 10)
+    rows = []
+    encode = m.encode
+
+    def spy(xb, *a):
+        rows.append(xb.shape[0])
+        return encode(xb, *a)
+    monkeypatch.setattr(m, "encode", spy)
+    n = active_units(m, x, threshold=0.0, batch_size=8)
+    assert rows == [8, 8, 8, 6]
+    assert n == active_units(m, x, threshold=0.0)           # one batch (the default, 1000 rows): the same count
+    rows.clear()
+    kl_per_dim(m, x, batch_size=7)
+    assert rows == [7, 7, 7, 7, 2]
+
+
+def test_report_with_iw_k_none_makes_no_iw_estimate():
+    """``iw_k=None`` (no --iw-k given) asks for no IW estimate, like 0."""
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=2), rng=0)
+    r = report(m, binary_data(8, 10), np.random.default_rng(0), iw_k=None)
+    assert r["iw_k"] == 0 and r["iw_nll"] is None and r["iw_seconds"] is None
+    json.dumps(r)
+
+
+def test_report_passes_its_chunk_to_the_iw_estimate(monkeypatch):
+    """report's ``chunk`` bounds the samples per log-weight call, as in iw_log_likelihood."""
+    import minivae.evaluate as ev
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=2, dtype="float64"), rng=0)
+    seen = []
+
+    def spy(model, xb, eps, *a):
+        seen.append(eps.shape[:2])
+        return -(eps ** 2).sum(-1)                          # log w from the draws alone: no model needed
+    monkeypatch.setattr(ev, "_log_weights", spy)
+    r = report(m, binary_data(6, 10), np.random.default_rng(0), iw_k=9, chunk=2, batch_size=3)
+    assert max(s for s, _ in seen) == 2 and sum(s * n for s, n in seen) == 6 * 9
+    assert np.isfinite(r["iw_nll"])

@@ -11,6 +11,7 @@ slow backward) fails the right exercise with the right status.
 import io
 import json
 import time
+import types
 from contextlib import contextmanager
 
 import numpy as np
@@ -177,7 +178,7 @@ def test_a_forward_with_the_right_output_and_a_wrong_cache_fails_where_the_cache
     checked_cache = ex in ("reparameterize_forward", "kl_forward")
     assert r["passed"] is (not checked_cache), r
     if checked_cache:
-        assert "(in the cache)" in r["gradient"], r
+        assert r["gradient"] == ("sigma" if ex == "reparameterize_forward" else "var") + " (in the cache)", r
 
 
 def test_tolerances_pass_round_off():
@@ -219,7 +220,8 @@ def test_a_missing_output_and_a_string_fail():
     r = grade("kl_forward", {qual: lambda mu, lv: "kl"})
     assert r["status"] == "fail" and "kl_forward should return 2 values (kl, cache), got str" in r["message"]
     r = grade("kl_forward", {qual: lambda mu, lv: (_correct(qual)(mu, lv)[0], (mu,))})
-    assert r["status"] == "fail" and "the cache of kl_forward should return 2 values" in r["message"], r
+    assert r["status"] == "fail" and r["gradient"] == "mu", r
+    assert r["message"] == "the cache of kl_forward should return 2 values (mu, var), got a 1-tuple", r
 
 
 def test_modifying_an_input_fails_naming_it():
@@ -296,6 +298,7 @@ def test_a_slow_backward_fails_the_cost_check(monkeypatch):
     assert r["worst_rel_error"] is None and r["gradient"] is None
     r = grade("sigmoid_backward", {qual: lambda dy, y: (time.sleep(0.4), _correct(qual)(dy, y))[1]}, timeout=0.2)
     assert r["status"] == "timeout" and "no result within 0.2 s" in r["message"], r
+    assert r["passed"] is False, r                        # a stopped check never passes
 
 
 def test_the_cost_check_sends_no_result_back_and_times_the_reference():
@@ -756,3 +759,246 @@ def test_a_malformed_reparameterize_cache_is_named():
     r = grade("reparameterize_forward", {qual: lambda *a: (_correct(qual)(*a)[0], (_correct(qual)(*a)[1][0] * 1.1,
                                                                                  a[2]))})
     assert r["gradient"] == "sigma (in the cache)" and r["message"].startswith("sigma (in the cache) is wrong"), r
+
+
+# ------------------------------------------ time limits, op server, inputs
+class Recorder:
+    """A child that records each request with the timeout and handler it was given, then answers as ``inner``
+    does or, without one, times out."""
+
+    def __init__(self, inner=None):
+        self.inner, self.calls = inner, []
+
+    def request(self, req, timeout, handler=None):
+        self.calls.append((req, timeout, handler))
+        if self.inner is None:
+            raise ChildError("timeout")
+        return self.inner.request(req, timeout, handler)
+
+
+def test_the_cost_limit_is_the_factor_times_the_reference_plus_the_transfer_plus_slack(monkeypatch):
+    """limit = COST_FACTOR x the reference backward's time + twice the time to serialize the request + COST_SLACK_S,
+    the forward pass (timed in between) not counted as transfer.  On a fake clock that only the reference backward
+    (10 ms), the forward (300 ms) and the serialization (0.1 us a byte) advance, the limit is exact."""
+    ex = "relu_backward"
+    clock = [0.0]
+
+    def advancing(dt, f):
+        def g(*args):
+            clock[0] += dt
+            return f(*args)
+        return g
+
+    fn, make = checks.OP_CHECKS[ex]
+
+    def make_slow_forward(rng, big):
+        cases = make(rng, big)
+        for c in cases:
+            c.forward = advancing(0.3, c.forward)
+        return cases
+
+    class NumpyWithTimedSavez:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def savez(file, **arrays):
+            clock[0] += 1e-7 * sum(np.asarray(a).nbytes for a in arrays.values())
+            np.savez(file, **arrays)
+
+    monkeypatch.setitem(checks.OP_CHECKS, ex, (fn, make_slow_forward))
+    monkeypatch.setitem(checks.REF_BACKWARD, ex, advancing(0.01, checks.REF_BACKWARD[ex]))
+    monkeypatch.setattr(checks, "np", NumpyWithTimedSavez())
+    monkeypatch.setattr(checks, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
+    child = Recorder()
+    with pytest.raises(Fail, match="too slow") as e:
+        checks.check_cost(ex, child, SEED, 100.0)
+    assert "where the reference backward takes 10.0 ms and one forward pass 300.0 ms." in e.value.message
+    ((req, limit, _),) = child.calls
+    serialize = 1e-7 * sum(a.nbytes for a in req.values())
+    assert serialize > 0.1 and "status_only" in req
+    assert limit == pytest.approx(checks.COST_FACTOR * 0.01 + 2 * serialize + checks.COST_SLACK_S, rel=1e-9)
+    with pytest.raises(Fail):
+        checks.check_cost(ex, child, SEED, 1.5)                 # never more than the time the check has left
+    assert child.calls[-1][1] == 1.5
+
+
+def test_each_request_gets_the_time_left_to_its_check():
+    rec = Recorder(InProcessChild())
+    run_check("relu_backward", rec, SEED, 1.0)
+    (_, t_call, _), (_, t_cost, _) = rec.calls
+    assert t_call == 1.0 and 0.1 < t_cost <= 1.0                 # the cost check gets what the first call left
+    rec = Recorder(InProcessChild())
+    assert run_check("vae_backward", rec, SEED, 30.0)["passed"]
+    ts = [t for _, t, _ in rec.calls]
+    assert len(ts) == len(checks.VAE_CASES) and all(0.1 < t <= 30.0 for t in ts) and ts == sorted(ts, reverse=True)
+    rec = Recorder()
+    r = run_check("vae_backward", rec, SEED, 0.001)             # the time is spent: a short grace, no more
+    assert r["status"] == "timeout" and r["passed"] is False and [t for _, t, _ in rec.calls] == [0.1], r
+
+
+def test_vae_backward_answers_the_childs_op_calls_with_the_reference_ops():
+    rec = Recorder(InProcessChild())
+    assert run_check("vae_backward", rec, SEED, 60.0)["passed"]
+    rng = np.random.default_rng(0)
+    x, W, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2)), rng.standard_normal(2)
+    servers = [h for _, _, h in rec.calls]
+    assert len(servers) == len(checks.VAE_CASES)
+    for srv in servers:
+        rep = srv({"op": np.array("minivae.layers:dense_forward"), "spec": np.array('["array", "array", "array"]'),
+                   "a.0": x, "a.1": W, "a.2": b})
+        np.testing.assert_allclose(rep["out.0"], x @ W + b, rtol=1e-13)
+        assert "handle" in rep
+    assert len({id(s) for s in servers}) == len(servers)          # a fresh server (and cache table) per case
+
+
+def test_vae_backward_inputs_are_a_fixed_function_of_the_seed():
+    sent = []
+    for seed in (1, 1, 2):
+        rec = Recorder()
+        run_check("vae_backward", rec, seed, 10.0)
+        sent.append(rec.calls[0][0])
+    a, b, c = sent
+    params = [k for k in a if k.startswith("param/")]
+    assert params and all(np.array_equal(a[k], b[k]) for k in params + ["x", "eps"])
+    assert not all(np.array_equal(a[k], c[k]) for k in params)
+
+
+def test_vae_backward_names_a_malformed_gradient_as_the_worst():
+    """A gradient of the wrong shape next to one with a wrong value: both are listed, the malformed one is the
+    worst (no error is defined for it), and the check does not crash on the mix."""
+    names = sorted(r_names())
+
+    def wrong(grads):
+        grads = dict(grads)
+        grads[names[0]] = grads[names[0]][..., None]
+        grads[names[1]] = grads[names[1]] * 1.5
+        return grads
+
+    r = grade("vae_backward", {"vae_grads": wrong})
+    assert r["status"] == "fail" and r["gradient"] == names[0] and r["worst_rel_error"] is None, r
+    assert r["message"].startswith(f"2 wrong gradient(s) (bernoulli VAE, hidden=(4, 3), S=3, beta=0.7): "
+                                   f"{names[0]}, {names[1]}; worst: {names[0]} has shape "), r
+
+
+def test_judge_records_a_wrong_value_after_a_malformed_one():
+    """The VAE check compares every parameter even after a malformed one; a later wrong value is still recorded."""
+    j = Judge()
+    with pytest.raises(Fail, match="has shape"):
+        j.compare("s", np.zeros(2), np.zeros(3), 1.0)
+    assert j.worst is None
+    with pytest.raises(Fail) as e:
+        j.compare("v", np.array([1.0, 3.0]), [1.0, 2.0], 0.1)
+    assert e.value.err == pytest.approx(0.2) and j.worst == pytest.approx(0.2)
+
+
+def test_no_side_effects_takes_unchanged_nan_as_unchanged_and_names_any_argument():
+    sent = (np.array([1.0, np.nan]), (np.ones(2), (np.zeros(3),)))
+    after = {"after.0": np.array([1.0, np.nan]), "after.1.0": np.ones(2), "after.1.1.0": np.zeros(3)}
+    checks.no_side_effects(after, sent, {"0": "dy"})               # a NaN sent back as NaN is not a change
+    with pytest.raises(Fail) as e:
+        checks.no_side_effects(dict(after, **{"after.1.1.0": np.ones(3)}), sent, {"0": "dy"})
+    assert e.value.quantity == "argument 1 (cache item 1.0)"      # no name given: the argument's position
+    assert e.value.message.startswith("the function modified its input argument 1 (cache item 1.0); ")
+    with pytest.raises(Fail) as e:
+        checks.no_side_effects(dict(after, **{"after.0": np.array([1.0, 2.0])}), sent, {"0": "dy"})
+    assert e.value.quantity == "dy"
+
+
+def test_a_wrong_kl_cache_is_named():
+    qual = FORWARD["kl_forward"]
+
+    def with_cache(change):
+        def student(mu, logvar):
+            out, (m, var) = _correct(qual)(mu, logvar)
+            return out, (m, change(var))
+        return student
+
+    r = grade("kl_forward", {qual: with_cache(lambda var: var.astype(np.float32))})
+    assert r["gradient"] == "var (in the cache)", r
+    assert r["message"] == "var (in the cache) has dtype float32, expected float64 (the inputs are float64)", r
+    r = grade("kl_forward", {qual: with_cache(lambda var: var[:, :1])})
+    assert r["gradient"] == "var (in the cache)" and r["message"] == (
+        "var (in the cache) has shape (5, 1), expected (5, 3)"), r
+
+
+@pytest.mark.parametrize("moment", ["m", "v"])
+def test_adam_checks_each_moment_and_names_it(moment):
+    """An Adam with the right parameters that keeps one moment as a flat vector fails on that moment, at step 1."""
+    class FlatMoment(optim.Adam):
+        def _init_state(self, pairs):
+            super()._init_state(pairs)
+            for st in self.state:
+                st[moment] = st[moment].ravel()
+
+        def _update(self, p, g, st):
+            super()._update(p, g, dict(st, **{moment: st[moment].reshape(p.shape)}))
+
+    child = InProcessChild(adam=FlatMoment)
+    r = run_check("adam_step", child, SEED, 60)
+    shape = child.requests[0]["p0/a"].shape
+    assert r["status"] == "fail" and r["gradient"] == f"{moment}[a] after step 1", r
+    assert r["message"] == f"{moment}[a] after step 1 has shape ({int(np.prod(shape))},), expected {shape}", r
+
+
+def test_adam_fails_when_entries_get_another_entrys_gradient():
+    """The gradients differ entry by entry, so an Adam that mixes up which gradient entry goes with which
+    parameter entry fails."""
+    class Mixed(optim.Adam):
+        def _update(self, p, g, st):
+            super()._update(p, np.ascontiguousarray(g.ravel()[::-1]).reshape(g.shape), st)
+
+    r = grade("adam_step", adam=Mixed)
+    assert r["status"] == "fail" and r["gradient"] == "a after step 1", r
+
+
+def test_adam_hyperparameters_are_valid_for_every_seed():
+    """Adam needs 0 <= beta < 1 (an optimizer may reject other betas); lr and eps are positive."""
+    for seed in range(12):
+        rec = Recorder()
+        with pytest.raises(ChildError):
+            checks.check_adam_step(rec, Judge(), seed, 10)
+        req = rec.calls[0][0]
+        b1, b2 = (float(b) for b in req["betas"])
+        assert 0 <= b1 < 1 and 0 <= b2 < 1 and float(req["lr"]) > 0 and float(req["eps"]) > 0, (seed, b1, b2)
+
+
+def test_the_op_server_gives_the_reference_ops_minivaes_defaults():
+    """A student's model may call the conv ops without stride, padding, size or scale; the op server then calls
+    the reference op the same way, which must do what minivae's op does."""
+    from minivae import conv
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6, 6))
+    W, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    Wt, bt = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(2)
+    srv = checks.OpServer()
+    for op, args in (("conv2d_forward", (x, W, b)), ("conv_transpose2d_forward", (x, Wt, bt)),
+                     ("maxpool2d_forward", (checks._distinct(rng, x.shape),)), ("upsample_nearest2d_forward", (x,))):
+        msg = {"op": np.array("minivae.conv:" + op), "spec": np.array(json.dumps(["array"] * len(args)))}
+        msg.update({f"a.{i}": a for i, a in enumerate(args)})
+        rep = srv(msg)
+        assert "error" not in rep, (op, rep)
+        np.testing.assert_allclose(rep["out.0"], getattr(conv, op)(*args)[0], rtol=1e-12, atol=1e-12, err_msg=op)
+
+
+def _leaf_types(tree):
+    if isinstance(tree, tuple):
+        return tuple(_leaf_types(t) for t in tree)
+    if isinstance(tree, np.ndarray):
+        return ("array", tree.dtype, tree.shape)
+    return tree
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv_transpose2d", "maxpool2d", "upsample_nearest2d"])
+def test_the_reference_conv_caches_have_minivaes_layout_and_dtypes(name):
+    """The check hands a student's backward the reference forward's cache: it must be the cache minivae's own
+    forward makes (the same tuple, array shapes and dtypes; e.g. max-pooling's offsets as integers)."""
+    from minivae import conv
+    rng = np.random.default_rng(2)
+    x = checks._distinct(rng, (2, 3, 6, 6))
+    args = {"conv2d": (x, rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4), 2, 1),
+            "conv_transpose2d": (x, rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(2), 2, 1),
+            "maxpool2d": (x, 2), "upsample_nearest2d": (x, 2)}[name]
+    ours = getattr(ref, name + "_forward")(*args)[1]
+    theirs = getattr(conv, name + "_forward")(*args)[1]
+    assert _leaf_types(ours) == _leaf_types(theirs)
