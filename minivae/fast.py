@@ -908,7 +908,8 @@ def _scratch(name, shape, dtype):
 
 
 # One helper thread for the NumPy ufuncs of _log_weights_fused that numba has no fast twin for (tanh and
-# exp: NumPy's are SIMD, numba's math.tanh and math.exp are scalar calls, measured several times slower);
+# exp: NumPy's are SIMD, numba's math.tanh and math.exp are scalar calls: on 10,000 x 200 floats, numba's tanh
+# on 2 threads took 16.9 ms against NumPy's 0.85 on one; on 10,000 x 784, exp 15.5 ms against 4.8);
 # the calling thread does the first half of the rows, the helper the second (ufuncs release the GIL).
 _ufunc_pool = []
 
