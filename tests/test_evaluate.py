@@ -294,6 +294,20 @@ def test_iw_without_the_fast_module_uses_the_models_own_log_weights(monkeypatch)
     assert len(calls) == 1 and np.array_equal(lw, orig(m, x, eps))
 
 
+
+def test_iw_without_the_fast_module_passes_a_conditional_models_labels(monkeypatch):
+    """Without minivae/fast.py a conditional model's weights still come from log p(x|z, y) with its labels:
+    the estimate matches the log-mean-exp of model.log_weights(x, eps, y) with the same draws."""
+    import sys
+    m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, n_classes=3, dtype="float64"), rng=0)
+    x, y = binary_data(4, 10), np.array([0, 2, 1, 2])
+    monkeypatch.setitem(sys.modules, "minivae.fast", None)           # import minivae.fast -> ImportError
+    got = iw_log_likelihood(m, x, 6, np.random.default_rng(3), y=y)
+    eps = np.random.default_rng(3).standard_normal((6, 4, 3))
+    assert np.allclose(got, log_mean_exp(m.log_weights(x, eps, y), axis=0), rtol=0, atol=1e-12)
+    other = iw_log_likelihood(m, x, 6, np.random.default_rng(3), y=(y + 1) % 3)
+    assert not np.allclose(got, other)
+
 class _FakeModel:
     """Just what iw_log_likelihood reads: config.arch, config.z_dim and dtype."""
 
