@@ -241,3 +241,21 @@ def test_cupy_matches_numpy_for_same_seed():
     assert np.isclose(float(ln), float(lc), rtol=1e-10)
     for k in gn:
         assert np.allclose(gn[k], to_numpy(gc[k]), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["iwae", "free_bits"])
+def test_float32_backward_of_every_objective_stays_float32(objective, monkeypatch):
+    """No silent float64 in a float32 model's backward: the objective's gradient (IWAE's dloss/dlog w, free
+    bits' dloss/dKL) comes out in float32 like everything downstream of it, for the two objectives whose
+    backward starts from the model's own 1.0 rather than a float32 array."""
+    import minivae.model as mm
+    seen = []
+    for name in ("iwae_backward", "free_bits_backward"):
+        real = getattr(mm, name)
+        monkeypatch.setattr(mm, name, lambda *a, _real=real: seen.append(_real(*a)) or seen[-1])
+    m = VAE(VAEConfig(x_dim=6, hidden=(5,), z_dim=2), rng=0)
+    x = (np.random.default_rng(0).random((4, 6)) < 0.5).astype(np.float32)
+    kw = {"iwae_k": 3} if objective == "iwae" else {"free_bits": 0.5}
+    loss, grads = m.loss(x, **kw)
+    assert len(seen) == 1 and seen[0].dtype == np.float32, [s.dtype for s in seen]
+    assert grads.flat.dtype == np.float32
