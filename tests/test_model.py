@@ -243,19 +243,44 @@ def test_cupy_matches_numpy_for_same_seed():
         assert np.allclose(gn[k], to_numpy(gc[k]), rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("objective", ["iwae", "free_bits"])
+@pytest.mark.parametrize("objective", ["elbo", "iwae", "free_bits"])
 def test_float32_backward_of_every_objective_stays_float32(objective, monkeypatch):
-    """No silent float64 in a float32 model's backward: the objective's gradient (IWAE's dloss/dlog w, free
-    bits' dloss/dKL) comes out in float32 like everything downstream of it, for the two objectives whose
-    backward starts from the model's own 1.0 rather than a float32 array."""
+    """No silent float64 in a float32 model's backward: the objective's gradients (dloss/drec, and the KL's,
+    IWAE's or free bits' dloss/d...) and what the likelihood and KL backward make of them are float32, for each
+    objective; and the loss the model reports in ``parts`` is the loss it returns."""
     import minivae.model as mm
     seen = []
-    for name in ("iwae_backward", "free_bits_backward"):
+    for name in ("iwae_backward", "free_bits_backward", "kl_backward", "kl_dim_backward", "bernoulli_nll_backward"):
         real = getattr(mm, name)
         monkeypatch.setattr(mm, name, lambda *a, _real=real: seen.append(_real(*a)) or seen[-1])
     m = VAE(VAEConfig(x_dim=6, hidden=(5,), z_dim=2), rng=0)
     x = (np.random.default_rng(0).random((4, 6)) < 0.5).astype(np.float32)
-    kw = {"iwae_k": 3} if objective == "iwae" else {"free_bits": 0.5}
+    kw = {"elbo": {}, "iwae": {"iwae_k": 3}, "free_bits": {"free_bits": 0.5}}[objective]
     loss, grads = m.loss(x, **kw)
-    assert len(seen) == 1 and seen[0].dtype == np.float32, [s.dtype for s in seen]
+    arrays = [a for out in seen for a in (out if isinstance(out, tuple) else (out,))]
+    assert len(seen) >= 2 and all(a.dtype == np.float32 for a in arrays), [a.dtype for a in arrays]
     assert grads.flat.dtype == np.float32
+    assert m.parts["loss"] == loss
+
+
+def test_elbo_with_many_samples_is_not_chunked_as_iwae(monkeypatch):
+    """The chunked two-pass path is IWAE's: an ELBO with more samples than one IWAE chunk holds is still the
+    plain mean over samples (the chunk made tiny here), while the IWAE bound chunked is the IWAE bound whole."""
+    m = VAE(VAEConfig(x_dim=6, hidden=(5,), z_dim=2, dtype="float64"), rng=0)
+    x = (np.random.default_rng(0).random((4, 6)) < 0.5).astype(np.float64)
+    eps = np.random.default_rng(1).standard_normal((5, 4, 2))
+    elbo, g_elbo = m.loss(x, eps=eps, n_samples=5)
+    iw, g_iw = m.loss(x, eps=eps, iwae_k=5)
+    monkeypatch.setattr(VAE, "IWAE_CHUNK_ELEMENTS", 6)                 # one sample of 4 rows per chunk
+    elbo2, g_elbo2 = m.loss(x, eps=eps, n_samples=5)
+    iw2, g_iw2 = m.loss(x, eps=eps, iwae_k=5)
+    assert np.isclose(float(elbo2), float(elbo), rtol=1e-12) and np.allclose(g_elbo2.flat, g_elbo.flat, rtol=1e-10)
+    assert np.isclose(float(iw2), float(iw), rtol=1e-12) and np.allclose(g_iw2.flat, g_iw.flat, rtol=1e-9, atol=1e-12)
+    assert not np.isclose(float(elbo), float(iw))
+
+
+def test_a_conditional_loss_checks_the_label_count():
+    m = VAE(VAEConfig(x_dim=6, hidden=(5,), z_dim=2, n_classes=3), rng=0)
+    x = (np.random.default_rng(0).random((4, 6)) < 0.5).astype(np.float32)
+    with pytest.raises(ValueError, match="has 3 labels for 4 examples"):
+        m.loss(x, y=np.array([0, 1, 2]))
