@@ -924,8 +924,10 @@ def _rows_on_two_threads(fn, *arrays, threads=2):
         _ufunc_pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="minivae-ufunc"))
     h = M // 2
     other = _ufunc_pool[0].submit(fn, *[a[h:] for a in arrays])
-    fn(*[a[:h] for a in arrays])
-    other.result()
+    try:
+        fn(*[a[:h] for a in arrays])
+    finally:                                        # never leave the helper writing into a scratch array
+        other.result()
 
 
 def _log_weights_fused(model, x, eps, ck):
@@ -940,7 +942,7 @@ def _log_weights_fused(model, x, eps, ck):
     """
     dt = model.dtype
     K = ck.K
-    threads = ck.numba.get_num_threads() if ck.numba is not None else 1
+    threads = ck.numba.get_num_threads()                         # ck is only passed when numba is there
     x = np.ascontiguousarray(model._as_input(x, validate=False))
     mu, logvar, _ = model._encoder_forward(x)
     mu, logvar = np.ascontiguousarray(mu), np.ascontiguousarray(logvar)
