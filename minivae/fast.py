@@ -402,12 +402,13 @@ class FastTrainer:
             b = self._bufs[key] = _Buffers(self.xp, self.dtype, N, self.config)
         return b
 
-    def _f64(self, B, name, n):
-        """A float64 scratch vector of n entries belonging to buffer set B (the fused kernels' partial sums)."""
+    def _vec(self, B, name, n, dtype=np.float64):
+        """A scratch vector of n entries belonging to buffer set B (the fused kernels' partial sums, float64,
+        and outputs they overwrite).  Its contents are whatever was there: callers write before they read."""
         key = (id(B), name)
         a = self._acc.get(key)
-        if a is None or a.shape[0] != n:
-            a = self._acc[key] = np.empty(n, dtype=np.float64)
+        if a is None or a.shape[0] != n or a.dtype != dtype:
+            a = self._acc[key] = np.empty(n, dtype=dtype)
         return a
 
     def _check(self, x, eps):
@@ -628,7 +629,7 @@ class FastTrainer:
             _KERNELS["latent_bwd"](dz, mu, logvar, B.sig, eps, self.dtype.type(c), dmu, dlv)
         elif kern is not None:
             f = self.dtype.type
-            kl_rows = self._f64(B, "kl_rows", x.shape[0])
+            kl_rows = self._vec(B, "kl_rows", x.shape[0])
             kern["latent_backward"](dz, heads, B.sig, eps, f(c), f(0.5 * c), B.dheads, kl_rows)
             if need_loss:
                 kl = float(kl_rows.sum())
@@ -687,9 +688,9 @@ class FastTrainer:
             N, D = out.shape
             f = self.dtype.type
             if db is None:
-                db = self._f64(B, "db", D).astype(self.dtype)      # a throw-away bias gradient
+                db = self._vec(B, "db", D, self.dtype)       # a throw-away bias gradient (the kernel overwrites it)
             nb = -(-N // self._ck.ROW_BLOCK)
-            parts = self._f64(B, "parts", nb)
+            parts = self._vec(B, "parts", nb)
             if self.config.likelihood == "gaussian":
                 var = float(self.config.obs_var)
                 kern["gaussian"](out, x, f(invN / var), B.dout, db, parts)

@@ -1,3 +1,7 @@
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,12 +12,47 @@ GPU_REASON = "CuPy is not installed or cupy.is_available() is False (no usable C
 
 
 def pytest_collection_modifyitems(config, items):
+    _killers_first(items)
     if _GPU:
         return
     skip = pytest.mark.skip(reason=GPU_REASON)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- mutation testing (tools/mutation.sh); inert in any other run -----------------------------------------
+# Both hooks act only when mutmut has set MUTANT_UNDER_TEST to a mutant's name (mutmut copies this file into
+# mutants/tests/).  mutmut runs a mutant's tests fastest first and stops at the first failure (-x).  Most
+# mutants of one function fail on the same few tests, which are often not the fastest: a model mutant ran
+# 100 quick tests that cannot see it before a gradient check caught it.  So the tests that killed this
+# function's mutants in earlier runs (tests/mutation_killers.json, merged by tools/mutation_killers.py from
+# mutants/mutation_kills.tsv) run first, and the others keep mutmut's order.  The set of tests is the same,
+# so the verdict is the same; only the time to reach it changes.
+_HERE = Path(__file__).resolve().parent
+
+
+def _mutated_function():
+    name = os.environ.get("MUTANT_UNDER_TEST", "")
+    return name.rsplit("__mutmut_", 1)[0] if "__mutmut_" in name else None
+
+
+def _killers_first(items):
+    function = _mutated_function()
+    path = _HERE / "mutation_killers.json"
+    if function is None or not path.exists():
+        return
+    order = [test for test, _count in json.loads(path.read_text()).get(function, [])]
+    rank = {test: i for i, test in enumerate(order)}
+    items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))    # stable: the rest keep their order
+
+
+def pytest_runtest_logreport(report):
+    """Record the test that killed a mutant: mutants/mutation_kills.tsv, one `mutant<TAB>test` line each."""
+    if report.failed and "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):
+        line = f"{os.environ['MUTANT_UNDER_TEST']}\t{report.nodeid}\n"
+        with open(_HERE.parent / "mutation_kills.tsv", "a") as f:     # one short append: whole lines
+            f.write(line)
 
 
 def backends():

@@ -18,7 +18,12 @@ if [ $# -eq 0 ]; then             # no arguments: the functions listed in tools/
     mapfile -t targets < <(grep -v '^\s*\(#\|$\)' tools/mutation_targets.txt)
     set -- "${targets[@]}"
 fi
+# tests/conftest.py runs the tests that killed a function's mutants before (tests/mutation_killers.json) first;
+# mutmut copied tests/ into mutants/ when it made the mutants, so give it the newest list
+if [ -d mutants/tests ] && [ -f tests/mutation_killers.json ]; then cp tests/mutation_killers.json mutants/tests/; fi
+rm -f mutants/mutmut-debug.log*   # the log (log_to_file) then holds this run's time per mutant, for the summary
 start=$(date +%s)
 mutmut run "$@" || true        # its exit status is not the score; the summary below is
 echo "mutmut run: $(( $(date +%s) - start )) s"
+python tools/mutation_killers.py    # this run's killers, merged into tests/mutation_killers.json for the next
 python tools/mutation_score.py "$@"

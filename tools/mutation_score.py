@@ -80,7 +80,25 @@ def main(patterns):
         print(f"\n{len(survivors)} survivor(s) not in tests/EQUIVALENT_MUTANTS.md (`mutmut show NAME` for the diff):")
         for name, why in survivors:
             print(f"  {name}  ({why})")
+    _worker_time(patterns)
     return 0
+
+
+def _worker_time(patterns, log=Path("mutants/mutmut-debug.log")):
+    """Where the last run's time went: seconds per module, summed over its mutants (log_to_file in pyproject.toml)."""
+    if not log.exists():
+        return
+    seconds, survivors = defaultdict(float), 0.0
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.search(r"Completed (\S+): exit=(-?\d+) \(([\d.]+)s\)", line)
+        if m and (not patterns or any(fnmatch.fnmatch(m[1], p) for p in patterns)):
+            seconds[m[1].split(".x")[0]] += float(m[3])
+            survivors += float(m[3]) if m[2] == "0" else 0.0
+    if seconds:
+        total = sum(seconds.values())
+        top = ", ".join(f"{k.removeprefix('minivae.')} {v:.0f}" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])[:5])
+        print(f"\ntime in the mutants' tests, summed over both workers (the last run, {log}): {total:.0f} s, of which "
+              f"the mutants that survived {survivors:.0f} s; most: {top}")
 
 
 def _markdown(per):
