@@ -49,7 +49,7 @@ def _killers_first(items):
 
 def pytest_runtest_logreport(report):
     """Record the test that killed a mutant: mutants/mutation_kills.tsv, one `mutant<TAB>test` line each."""
-    if report.failed and "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):
+    if report.failed and _mutated_function() is not None:
         line = f"{os.environ['MUTANT_UNDER_TEST']}\t{report.nodeid}\n"
         with open(_HERE.parent / "mutation_kills.tsv", "a") as f:     # one short append: whole lines
             f.write(line)

@@ -17,6 +17,11 @@ TIMEOUT = {36, -24, 24}                                  # (counted as killed, a
 SURVIVED = {0, 5, 33}                                    # tests passed, or no test reached the mutant
 
 
+def selected(name, patterns):
+    """Whether a mutant's name matches one of the globs (no globs: every mutant)."""
+    return not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
 def equivalent_names(path=Path("tests/EQUIVALENT_MUTANTS.md")):
     if not path.exists():
         return set()
@@ -27,7 +32,7 @@ def unchecked(patterns):
     """Names of the mutants matching ``patterns`` that have no result yet (to resume a run)."""
     for meta in sorted(Path("mutants").rglob("*.py.meta")):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if code is None and (not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)):
+            if code is None and selected(name, patterns):
                 print(name)
     return 0
 
@@ -50,7 +55,7 @@ def main(patterns):
     for meta in sorted(Path("mutants").rglob("*.py.meta")):
         module = str(meta.relative_to("mutants"))[:-len(".py.meta")].replace("/", ".")
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+            if not selected(name, patterns):
                 continue
             row = per[module]
             if code is None:
@@ -91,7 +96,7 @@ def _worker_time(patterns, log=Path("mutants/mutmut-debug.log")):
     seconds, survivors = defaultdict(float), 0.0
     for line in log.read_text(errors="replace").splitlines():
         m = re.search(r"Completed (\S+): exit=(-?\d+) \(([\d.]+)s\)", line)
-        if m and (not patterns or any(fnmatch.fnmatch(m[1], p) for p in patterns)):
+        if m and selected(m[1], patterns):
             seconds[m[1].split(".x")[0]] += float(m[3])
             survivors += float(m[3]) if m[2] == "0" else 0.0
     if seconds:
