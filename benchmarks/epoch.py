@@ -211,7 +211,7 @@ def machine(args, torch=None):
     m.update(_blas_info())
     m["thread_counts"] = args.thread_counts
     try:
-        from minivae import cpu_kernels
+        from minivae.fast import cpu_kernels
         m["fused_kernels"] = (f"numba {cpu_kernels.numba.__version__}, threading layer "
                               f"{cpu_kernels.numba.config.THREADING_LAYER}" if cpu_kernels.AVAILABLE else None)
     except Exception:

@@ -26,7 +26,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minivae import cpu_kernels  # noqa: E402
+from minivae.fast import cpu_kernels  # noqa: E402
 from minivae.fast import adam_update_block  # noqa: E402
 
 try:

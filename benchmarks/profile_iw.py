@@ -30,7 +30,7 @@ from collections import defaultdict  # noqa: E402
 import numpy as np  # noqa: E402
 
 import minivae  # noqa: E402
-from minivae import cpu_kernels  # noqa: E402
+from minivae.fast import cpu_kernels  # noqa: E402
 import minivae.fast as fast  # noqa: E402  (log_weights, as eval calls it, and its scratch arrays)
 from minivae.data import load_mnist  # noqa: E402
 

@@ -295,7 +295,7 @@ print("trained", h[-1]["test_neg_elbo"])
 def test_starter_training_loop_runs_the_students_code(tmp_path):
     out = tmp_path / "partial"
     make_starter(out, ["adam_step", "tanh_backward", "sigmoid_backward"])
-    assert not (out / "minivae" / "fast.py").exists() and not (out / "minivae" / "assignments").exists()
+    assert not (out / "minivae" / "fast").exists() and not (out / "minivae" / "assignments").exists()
     r = run_isolated(TRAIN_LOOP, out)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -14,7 +14,7 @@ from minivae.fast import (SPLIT_MIN_ROWS, FastPathError, FastTrainer, bernoulli_
                           blas_threads_control_available, log_weights)
 from minivae.gradcheck import rel_error
 from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward
-from minivae import cpu_kernels
+from minivae.fast import cpu_kernels
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -538,7 +538,7 @@ def test_without_numba_the_numpy_path_is_used(tmp_path):
     """MINIVAE_NO_NUMBA=1 (or numba missing): no fused kernels, FastTrainer trains with NumPy, and
     asking for fused=True is a clear error."""
     code = ("import numpy as np, minivae\n"
-            "from minivae import cpu_kernels\n"
+            "from minivae.fast import cpu_kernels\n"
             "from minivae.fast import FastTrainer\n"
             "assert not cpu_kernels.AVAILABLE and not cpu_kernels.K\n"
             "m = minivae.VAE(minivae.VAEConfig(x_dim=6, hidden=(4,), z_dim=2), rng=0)\n"

@@ -1,6 +1,6 @@
 """Every CuPy kernel of minivae, compiled with NVRTC for sm_80 and sm_90 in float32 and float64, without a GPU.
 
-The kernels are declared as data in :mod:`minivae.kernels`' registry.  For each one we regenerate the
+The kernels are declared as data in :mod:`minivae.fast.kernels`' registry.  For each one we regenerate the
 full CUDA source CuPy would compile for it (with CuPy's own code generators, which are private API) and
 compile it with NVRTC, as CuPy does on an A100 (sm_80) or H100 (sm_90).  This needs CuPy and the NVRTC
 library, not a GPU: ``pip install minivae[cuda12x]`` brings both, and ``pytest -m nvrtc`` runs this file.
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import minivae
-from minivae import kernels
+from minivae.fast import kernels
 
 ARCHS = ("80", "90")
 DTYPES = (np.float32, np.float64)
@@ -45,12 +45,12 @@ def test_every_cupy_kernel_of_the_package_is_in_the_registry():
     # A kernel built directly with cupy.ElementwiseKernel & co. would escape the NVRTC check below.
     offenders = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        if path.name == "kernels.py" and path.parent == PACKAGE_DIR:
+        if path == PACKAGE_DIR / "fast" / "kernels.py":
             continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if KERNEL_BUILDERS.search(line.split("#", 1)[0]):
                 offenders.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{n}: {line.strip()}")
-    assert not offenders, "declare CuPy kernels in minivae.kernels' registry instead:\n" + "\n".join(offenders)
+    assert not offenders, "declare CuPy kernels in minivae.fast.kernels' registry instead:\n" + "\n".join(offenders)
 
 
 def test_registry_holds_the_fast_path_kernels():

@@ -54,7 +54,8 @@ def test_wheel_holds_lessons_data_and_license(wheel):
     assert not missing, f"lessons missing from the wheel: {missing}"
     for gz in sorted((ROOT / "minivae" / "data").glob("*.gz")):
         assert f"minivae/data/{gz.name}" in names
-    assert {"minivae/__init__.py", "minivae/cli.py", "minivae/notebook.py", "minivae/kernels.py",
+    assert {"minivae/__init__.py", "minivae/cli.py", "minivae/notebook.py", "minivae/fast/kernels.py",
+            "minivae/fast/__init__.py", "minivae/train/__init__.py",
             "minivae/assignments/__init__.py"} <= names
     assert any(re.match(r"minivae-[^/]+\.dist-info/licenses/LICENSE$", n) for n in names)
     assert not any(n.startswith(("tests/", "lessons/", "benchmarks/")) for n in names)

@@ -5,9 +5,9 @@
 * ``minivae/``: the package, with the body of every selected exercise region
   replaced by ``raise NotImplementedError("exercise <id>: <hint>")``.  The
   markers, the docstrings (with the math) and every other line stay as they
-  are.  Left out: the ``assignments`` subpackage (the grader), and
-  ``fast.py``, the optimized training step, with its kernels (``cpu_kernels.py``,
-  ``kernels.py``), which hold fused versions of the exercise solutions.  Without it, ``minivae.train`` runs the readable path,
+  are.  Left out: the ``assignments`` subpackage (the grader), and the
+  ``minivae/fast/`` package, the optimized training step with its kernels, which
+  holds fused versions of the exercise solutions.  Without it, ``minivae.train`` runs the readable path,
   so a student's training runs the student's own ops.
 * ``lessons/``, ``pyproject.toml`` and ``requirements.txt`` as in the
   reference, so ``pip install -e OUT_DIR`` works and the package keeps its name.
@@ -34,9 +34,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parents[1]          # the folder holding the reference minivae/
 
 
-# not copied into the student package: the grader, and the optimized step with its fused kernels (they contain
-# the solutions, fused)
-PACKAGE_LEFT_OUT = ("assignments", "fast.py", "cpu_kernels.py", "kernels.py")
+# not copied into the student package: the grader, and the minivae/fast/ package (the optimized step with its
+# fused kernels, which contain the solutions, fused)
+PACKAGE_LEFT_OUT = ("assignments", "fast")
 
 
 def _ignore_package(root):

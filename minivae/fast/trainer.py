@@ -72,10 +72,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import kernels
-from .backend import get_array_module
-from .gaussian import LOG_2PI, log_diag_normal, log_standard_normal, reparameterize_forward
-from .model import _tile
-from .optim import Adam
+from ..backend import get_array_module
+from ..gaussian import LOG_2PI, log_diag_normal, log_standard_normal, reparameterize_forward
+from ..model import _tile
+from ..optim import Adam
 
 
 def _cpu_kernels():
@@ -236,7 +236,7 @@ def adam_begin_step(opt, params, grads):
     (b1, 1 - b1, b2, 1 - b2, lr_t, eps_t) with lr_t = lr·sqrt(1 - b2^t)/(1 - b1^t) and
     eps_t = eps·sqrt(1 - b2^t).  The caller then runs the update on them.
     """
-    from .optim import _pairs
+    from ..optim import _pairs
     pairs = _pairs(params, grads)
     if opt.state is None or len(opt.state) != len(pairs):
         opt._init_state(pairs)

@@ -83,16 +83,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluate
-from .backend import get_array_module, get_xp, to_numpy
-from .checkpoint import (CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint,
+from .. import evaluate
+from ..backend import get_array_module, get_xp, to_numpy
+from ..checkpoint import (CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint,
                          stale_temp_files)
-from .config import VAEConfig
-from .data import BINARIZE, DataError, binarize, check_data, default_data_dir, embedded_dir, fingerprint, \
+from ..config import VAEConfig
+from ..data import BINARIZE, DataError, binarize, check_data, default_data_dir, embedded_dir, fingerprint, \
     image_shape, load_mnist, split_validation, static_binarize
-from .model import VAE
-from .optim import make_optimizer
-from .recipes import get_recipe, lr_at_epoch, output_bias_init
+from ..model import VAE
+from ..optim import make_optimizer
+from ..recipes import get_recipe, lr_at_epoch, output_bias_init
 
 CHECKPOINT = "checkpoint.npz"
 TEST_SEED = 12345
@@ -320,7 +320,7 @@ class TrainSettings:
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
         config = self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
-        from .limits import check_fits, training_bytes
+        from ..limits import check_fits, training_bytes
         check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {_arch(config)}")
         return self
 
@@ -486,7 +486,7 @@ def class_count(data_dir, y_train, y_test):
 
 def check_split_labels(y, n_classes, name):
     """Raise :class:`DataError` naming ``name`` when a label lies outside 0..n_classes-1."""
-    from .conditional import check_labels
+    from ..conditional import check_labels
     try:
         check_labels(y, n_classes, name="the labels")
     except ValueError as exc:
@@ -651,7 +651,7 @@ def _clean_stale(out, log):
 def _conv_threads(n):
     """While active: the conv ops' im2col/col2im copies on ``n`` threads (:func:`minivae.conv.set_threads`;
     the same bits for any n), as the dense fast path's step uses ``--threads``; restored afterwards."""
-    from . import conv
+    from .. import conv
     prev = conv.get_threads()
     conv.set_threads(n)
     try:
@@ -706,7 +706,7 @@ def _train_locked(s, out, resume, progress, log, force):
     xp = get_xp(s.backend)          # BackendError early if cupy is asked for without a GPU
     data = Data(s)
     config = s.model_config(data.x_dim, data.image_shape, data.n_classes)
-    from .limits import check_fits, training_bytes
+    from ..limits import check_fits, training_bytes
     check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {_arch(config)}")
     rngs = make_rngs(s.seed)
     model = VAE(config, rng=rngs["init"], backend=s.backend)
@@ -892,7 +892,7 @@ def fast_trainer(settings, model, opt, obj_kw):
     if not settings.fast or obj_kw:
         return None
     try:
-        from .fast import FastPathError, FastTrainer, check_supported
+        from ..fast import FastPathError, FastTrainer, check_supported
     except ImportError:
         return None
     try:
@@ -909,7 +909,7 @@ def fused_adam(settings):
     if not settings.fast:
         return None
     try:
-        from .fast import fused_adam_step
+        from ..fast import fused_adam_step
     except ImportError:             # a course assignment's copy has no fast.py
         return None
     threads = step_threads(settings)
@@ -929,7 +929,7 @@ def step_threads(settings):
 
 
 def _batches(n, batch_size, rng):
-    from .data import minibatches
+    from ..data import minibatches
     return minibatches(n, batch_size, rng)
 
 
@@ -963,7 +963,7 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
     # results first: a figure that fails cannot lose them
     atomic_write(Path(out_dir) / "results.json", lambda f: f.write(json_text(results)), mode="w")
     if s.figures:
-        from . import figures
+        from .. import figures
         paths = figures.run_figures(model, data.x_test, data.y_test, out_dir, history_path=Path(out_dir) /
                                     "history.json", seed=s.seed)
         log(f"figures: {', '.join(str(p) for p in paths)}")
