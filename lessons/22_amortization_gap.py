@@ -101,7 +101,7 @@ def neg_elbo(model, x, mu, logvar, eps, backward=True):
     S, N, L = eps.shape
     D = model.config.x_dim
     z, c_rep = reparameterize_forward(mu, logvar, eps)                     # (S, N, L)
-    outs, c_dec = model._decoder_forward(z.reshape(S * N, L))              # logits (S*N, D)
+    outs, c_dec = model.decoder_forward(z.reshape(S * N, L))              # logits (S*N, D)
     rec, c_rec = model._recon_forward([o.reshape(S, N, D) for o in outs], x)   # (S, N)
     kl, c_kl = kl_forward(mu, logvar)                                      # (N,)
     loss = rec.mean(axis=0) + kl
@@ -109,7 +109,7 @@ def neg_elbo(model, x, mu, logvar, eps, backward=True):
         return loss, None, None
     drec = np.full((S, N), 1.0 / S, dtype=rec.dtype)                      # dJ/drec_sn
     douts = model._recon_backward(drec, c_rec)                             # dJ/dlogits, (S, N, D)
-    dz = model._decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, model.new_grads())
+    dz = model.decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, model.new_grads())
     dmu, dlogvar = reparameterize_backward(dz.reshape(S, N, L), c_rep)     # sums over s
     dmu_kl, dlogvar_kl = kl_backward(np.ones(N, dtype=rec.dtype), c_kl)    # dJ/dKL_n = 1
     return loss, dmu + dmu_kl, dlogvar + dlogvar_kl                       # mu, logvar feed z and the KL

@@ -1,4 +1,9 @@
-"""The model's configuration: one dataclass, serialisable to JSON."""
+"""The model's configuration: one dataclass, serialisable to JSON.
+
+The names it accepts for ``activation``, ``likelihood`` and ``arch`` are those registered in
+:data:`minivae.layers.ACTIVATIONS`, :data:`minivae.likelihoods.LIKELIHOODS` and
+:data:`minivae.networks.ARCHITECTURES`: registering one there is all it takes.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +13,9 @@ from dataclasses import dataclass, field
 
 from .layers import ACTIVATIONS
 from .likelihoods import LIKELIHOODS
+from .networks import ARCHITECTURES
 
-ARCHS = ("mlp", "conv", "conv-pool")
+DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -21,7 +27,7 @@ class VAEConfig:
                 The decoder mirrors the encoder (reversed widths).  Default (400,) for "mlp"; for
                 the conv architectures, the dense layers after the convolutions, default (256,)
     z_dim       L, the latent dimension
-    activation  hidden nonlinearity: relu, leaky_relu, tanh, sigmoid, softplus
+    activation  hidden nonlinearity: relu, leaky_relu, tanh, sigmoid, softplus (:data:`minivae.layers.ACTIVATIONS`)
     likelihood  p(x|z): "bernoulli" (logits, BCE), "gaussian" (fixed variance
                 ``obs_var``, the MSE form) or "gaussian_learned_var"
     dtype       "float32" (default, for training) or "float64" (gradient checks)
@@ -53,10 +59,10 @@ class VAEConfig:
     n_classes: int = None
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
-        conv = self.arch != "mlp"
-        if self.image_shape is None and conv and self.x_dim in (None, 784):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+        arch = ARCHITECTURES[self.arch]
+        if self.image_shape is None and arch.image and self.x_dim in (None, 784):
             self.image_shape = (1, 28, 28)
         if self.image_shape is not None:
             shape = tuple(self.image_shape)
@@ -68,26 +74,27 @@ class VAEConfig:
                 raise ValueError(f"x_dim {self.x_dim} does not match image_shape {self.image_shape} "
                                  f"(C·H·W = {d})")
             self.x_dim = d
-        elif conv:
+        elif arch.image:
             raise ValueError(f"arch {self.arch!r} needs image_shape=(C, H, W) for x_dim {self.x_dim}")
-        if conv and (self.image_shape[1] % 4 or self.image_shape[2] % 4):
-            raise ValueError(f"arch {self.arch!r} needs image height and width divisible by 4 (two 2x "
-                             f"downsamplings), got image shape {self.image_shape}")
+        k = arch.image_divisor
+        if arch.image and (self.image_shape[1] % k or self.image_shape[2] % k):
+            raise ValueError(f"arch {self.arch!r} needs image height and width divisible by {k}, got image "
+                             f"shape {self.image_shape}")
         if self.x_dim is None:
             self.x_dim = 784
         if self.hidden is None:
-            self.hidden = (256,) if conv else (400,)
+            self.hidden = arch.default_hidden
         if isinstance(self.hidden, int):
             self.hidden = (self.hidden,)
         self.hidden = tuple(int(h) for h in self.hidden)
         self.x_dim, self.z_dim = int(self.x_dim), int(self.z_dim)
         if self.x_dim < 1 or self.z_dim < 1 or any(h < 1 for h in self.hidden):
             raise ValueError(f"layer sizes must be positive: x_dim={self.x_dim}, hidden={self.hidden}, z_dim={self.z_dim}")
-        if self.activation not in ACTIVATIONS or self.activation == "identity":
-            raise ValueError(f"unknown activation {self.activation!r}: choose one of relu, leaky_relu, tanh, sigmoid, softplus")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {self.likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
-        if str(self.dtype) not in ("float32", "float64"):
+        if str(self.dtype) not in DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         self.dtype = str(self.dtype)
         self.obs_var = float(self.obs_var)

@@ -49,15 +49,15 @@ a column, (oh, ow, n), chosen by measurement (batch 128, float32, the MNIST conv
 moves contiguous runs of N numbers, where the batch-outer order (n, oh, ow) moved runs of 7-14 numbers with a
 stride of 2 and spent most of its time in loop overhead (col2im about 3x faster).  Both GEMMs stay plain 2-D
 products of contiguous matrices.  Only xp functions CuPy also has are used, so the same code runs on the GPU.
-With numba installed, the copies run as fused kernels (below); benchmarks/README.md ("The conv VAE") has the
-measurements.
+The fast path can install faster copies that give the same bits (below); benchmarks/README.md ("The conv
+VAE") has the measurements.
 
 The regions between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` are course exercises: in a
 student copy, each holds a stub for you to replace.
 """
 from __future__ import annotations
 
-import numpy as np
+import numpy as np  # noqa: F401  (for the exercises' code; the solutions use xp, the data's module)
 
 from .backend import get_array_module
 
@@ -87,48 +87,36 @@ def _out_size(op, H, W, OH, OW, detail):
 
 
 # ----------------------------------------------------------------------------
-# the fused copies (optional, NumPy only)
+# faster copies (optional)
 # ----------------------------------------------------------------------------
-# With numba installed (pip install minivae[fast]), im2col, col2im and the layout changes below run as
-# compiled kernels (minivae/cpu_kernels.py) that fuse their several NumPy passes into one, on
-# set_threads(n) threads.  They copy and add exactly what the NumPy code here does, in the same order, so
-# the results are the same bits (the test suite checks it); the NumPy code is the one to read.
-try:
-    from .fast import cpu_kernels as _ck
-except ImportError:              # a course assignment's copy of minivae has no fused kernels
-    _ck = None
-_threads = [1]
+# im2col, col2im and the two layout changes below only copy (and add) numbers.  Another implementation that
+# makes the same copies in the same order gives the same bits, and the fast path has one: compiled kernels
+# that fuse the several NumPy passes into one (minivae.fast.conv_copies, with numba), which it installs here
+# with use_copy_kernels().  This module does not import it; without it, the NumPy code below runs, and it is
+# the code to read.
+_copy_kernels = [None]
 
 
-def set_threads(n):
-    """Threads for the fused conv copies (default 1; ``train`` sets its ``--threads``).  No sum is split
-    over threads, so every n gives the same bits.  Without numba, and on CuPy, it changes nothing."""
-    if int(n) != n or n < 1:
-        raise ValueError(f"threads must be a positive integer, got {n!r}")
-    _threads[0] = int(n)
+def use_copy_kernels(lookup):
+    """Install ``lookup(name, *arrays) -> kernel or None``: the faster copy ``name`` ("im2col", "col2im",
+    "to_batch_last", "to_batch_first") for these arrays, or None for the NumPy code.  ``None`` uninstalls.
+    Returns the previous lookup."""
+    prev = _copy_kernels[0]
+    _copy_kernels[0] = lookup
+    return prev
 
 
-def get_threads():
-    return _threads[0]
-
-
-def _fused(name, *arrays):
-    """The fused kernel ``name`` when numba is there and every array is a float32/float64 NumPy array of
-    one dtype; else None, and the caller runs its NumPy code."""
-    if _ck is None or not _ck.AVAILABLE:
-        return None
-    dt = arrays[0].dtype
-    if any(type(a) is not np.ndarray or a.dtype != dt for a in arrays) or dt not in (np.float32, np.float64):
-        return None
-    _ck.set_threads(_threads[0])
-    return _ck.K[name]
+def _copy_kernel(name, *arrays):
+    """The installed kernel ``name`` for these arrays, or None: the caller then runs its NumPy code."""
+    lookup = _copy_kernels[0]
+    return None if lookup is None else lookup(name, *arrays)
 
 
 def _relayout(a, axes, name):
     """A new C-contiguous ``a.transpose(axes)``: the fused kernel ``name`` when it applies, else NumPy's copy."""
     xp = get_array_module(a)
     out = xp.empty(tuple(int(a.shape[k]) for k in axes), dtype=a.dtype)
-    kernel = _fused(name, a, out)
+    kernel = _copy_kernel(name, a, out)
     if kernel is not None:
         kernel(a, out)
     else:
@@ -175,8 +163,8 @@ def im2col(x, KH, KW, stride=1, padding=0):
     OH, OW = _out_size("im2col", H, W, *conv_output_size(H, W, KH, KW, s, p),
                        f"KH={KH}, KW={KW}, stride={s}, padding={p}")
     col = xp.empty((C, KH, KW, OH, OW, N), dtype=x.dtype)
-    kernel = _fused("im2col", x, col)
-    if kernel is not None:                   # the same copies, fused into one pass (numba)
+    kernel = _copy_kernel("im2col", x, col)
+    if kernel is not None:                   # the same copies, fused into one pass
         kernel(x, s, p, col)
         return col.reshape(C * KH * KW, OH * OW * N)
     # batch last (C, Hp, Wp, N): every slice below is one (C, OH, OW, N) block of col, runs of N contiguous
@@ -209,8 +197,8 @@ def col2im(col, x_shape, KH, KW, stride=1, padding=0):
         raise ValueError(f"col2im: col must have shape ({C * KH * KW}, {OH * OW * N}) = (C·KH·KW, OH·OW·N) "
                          f"for x_shape {tuple(x_shape)}, got {_shape(col)}")
     col6 = col.reshape(C, KH, KW, OH, OW, N)
-    kernel = _fused("col2im", col6)
-    if kernel is not None:                   # the same additions, in the same order, in one pass (numba)
+    kernel = _copy_kernel("col2im", col6)
+    if kernel is not None:                   # the same additions, in the same order, in one pass
         x = xp.empty((N, C, H, W), dtype=col.dtype)
         kernel(xp.ascontiguousarray(col6), s, p, x)
         return x

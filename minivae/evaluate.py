@@ -24,16 +24,14 @@ import numpy as np
 
 from .backend import to_numpy
 from .gaussian import kl_per_dim as gaussian_kl_per_dim
-
-
-# Rows of z (or x) per model call for the conv architectures, so memory stays bounded: their ops hold im2col
-# patch matrices, ~100 KB per row for "conv" and ~0.5 MB per row for "conv-pool" (a 3x3 convolution at 28x28).
-CONV_ROWS = {"conv": 1000, "conv-pool": 250}
+from .networks import get_architecture
 
 
 def _row_budget(model, rows):
-    """``rows``, capped for a conv architecture (see CONV_ROWS)."""
-    return min(rows, CONV_ROWS.get(getattr(model.config, "arch", "mlp"), rows))
+    """``rows``, capped by the architecture's ``eval_rows`` (the conv VAEs hold im2col patch matrices:
+    :data:`minivae.networks.ARCHITECTURES`), so memory stays bounded."""
+    cap = get_architecture(getattr(model.config, "arch", "mlp")).eval_rows      # no arch field: an MLP
+    return rows if cap is None else min(rows, cap)
 
 
 def log_mean_exp(a, axis=0):
@@ -65,7 +63,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     activations and logits), whatever k and N are: with the defaults, 10,000
     rows of 784 float32 values = 31 MB per array.  k = 5000 on the full
     10k test set therefore runs in the same memory as k = 100.  For the conv
-    architectures the chunk shrinks so that a call sees at most ``CONV_ROWS[arch]``
+    architectures the chunk shrinks so that a call sees at most the architecture's ``eval_rows``
     rows (the draws, and so the result, do not depend on the chunk).
 
     ``rng`` is a NumPy Generator: the eps noise comes from it on the host, in
@@ -78,7 +76,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     if int(chunk) != chunk or chunk < 1 or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"chunk and batch_size must be positive integers, got {chunk} and {batch_size}")
     k, chunk, batch_size = int(k), int(chunk), int(batch_size)
-    chunk = max(1, _row_budget(model, chunk * batch_size) // batch_size)   # conv: at most CONV_ROWS z per call
+    chunk = max(1, _row_budget(model, chunk * batch_size) // batch_size)   # conv: at most eval_rows z per call
     x = np.asarray(to_numpy(x))
     N, L = x.shape[0], model.config.z_dim
     out = np.empty(N, dtype=np.float64)
@@ -114,8 +112,8 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
 def _log_weights(model, x, eps, y=None):
     """model.log_weights, or its faster twin in minivae.fast (the same numbers up to float rounding).
 
-    A copy of minivae without fast.py (a course assignment's) evaluates with the model's own
-    (the student's) code.  ``y``: labels, for a conditional model only.
+    A copy of minivae without the fast package, minivae/fast/ (a course assignment's), evaluates with the
+    model's own (the student's) code.  ``y``: labels, for a conditional model only.
     """
     kw = {} if y is None else {"y": y}
     try:

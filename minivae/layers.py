@@ -179,19 +179,35 @@ def identity_backward(dy, cache):
     return dy
 
 
-ACTIVATIONS = {
-    "relu": (relu_forward, relu_backward),
-    "leaky_relu": (leaky_relu_forward, leaky_relu_backward),
-    "tanh": (tanh_forward, tanh_backward),
-    "sigmoid": (sigmoid_forward, sigmoid_backward),
-    "softplus": (softplus_forward, softplus_backward),
-    "identity": (identity_forward, identity_backward),
-}
+# ----------------------------------------------------------------------------
+# The registry: the hidden nonlinearities a VAEConfig can name
+# ----------------------------------------------------------------------------
+ACTIVATIONS = {}   # name -> (forward, backward)
+
+
+def register_activation(name, forward, backward):
+    """Make ``name`` a hidden activation: one op pair, ``forward(x) -> (y, cache)`` and
+    ``backward(dy, cache) -> dx``, elementwise on any shape.  VAEConfig, the model (reference and fast
+    path) and the command line accept it from then on; nothing else needs to change."""
+    if not (callable(forward) and callable(backward)):
+        raise TypeError(f"activation {name!r}: forward and backward must be functions")
+    ACTIVATIONS[name] = (forward, backward)
+    return forward, backward
+
+
+register_activation("relu", relu_forward, relu_backward)
+register_activation("leaky_relu", leaky_relu_forward, leaky_relu_backward)
+register_activation("tanh", tanh_forward, tanh_backward)
+register_activation("sigmoid", sigmoid_forward, sigmoid_backward)
+register_activation("softplus", softplus_forward, softplus_backward)
 
 
 def activation(name):
-    """Return the ``(forward, backward)`` pair for an activation name."""
+    """Return the ``(forward, backward)`` pair for an activation name: a registered one, or ``"identity"``
+    (an op pair too, but no hidden nonlinearity, so not one a config can name)."""
+    if name == "identity":
+        return identity_forward, identity_backward
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(sorted(ACTIVATIONS))}") from None
+        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}") from None

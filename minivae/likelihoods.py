@@ -8,16 +8,18 @@ gradient with respect to the decoder's raw outputs.
 Shapes: ``N`` examples, ``D`` data dimension.  Every function also accepts a
 leading sample axis, (S, N, D) outputs against (N, D) data, by broadcasting;
 the per-example results are then (S, N).
+
+At the end, :data:`LIKELIHOODS` registers each one under the name a ``VAEConfig`` uses; the model, the
+configuration's checks and the command line read it from there.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 from .backend import get_array_module
 from .gaussian import LOG_2PI
 from .layers import sigmoid, softplus
-
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned_var")
 
 
 # ----------------------------------------------------------------------------
@@ -161,3 +163,96 @@ def logvar_floor_backward(dout, cache):
     """
     a = cache
     return dout * sigmoid(a)                         # dL/dlogvar = dL/dlogvar' * sigmoid(logvar - m)
+
+
+# ----------------------------------------------------------------------------
+# The registry: the likelihoods a VAEConfig can name
+# ----------------------------------------------------------------------------
+class Likelihood(NamedTuple):
+    """One p(x|z) of the model, as the VAE runs it.
+
+    heads          the decoder's output heads: ``("out",)``, or ``("out", "out_logvar")`` for a mean and a
+                   log-variance (their parameters are ``dec.out.*``, ``dec.out_logvar.*``)
+    forward        ``(outs, x, config) -> (nll, cache)``: the heads' outputs (S, N, D) each against x (N, D),
+                   nll (S, N)
+    backward       ``(dnll, cache, config) -> [dL/d(out) for each head]``
+    mean           the first head's output -> E[x|z] (the decoder's link)
+    unit_interval  the data must lie in [0, 1] (and can be binarized)
+    summary        one line for the command line's help
+    """
+
+    heads: tuple
+    forward: Callable
+    backward: Callable
+    mean: Callable
+    unit_interval: bool
+    summary: str
+
+
+LIKELIHOODS = {}   # name -> Likelihood
+
+
+def register_likelihood(name, likelihood):
+    """Make ``name`` a likelihood that VAEConfig, the model and the command line accept."""
+    if not isinstance(likelihood, Likelihood):
+        raise TypeError(f"likelihood {name!r}: expected a Likelihood, got {type(likelihood).__name__}")
+    LIKELIHOODS[name] = likelihood
+    return likelihood
+
+
+def _identity(a):
+    return a
+
+
+def _bernoulli_forward(outs, x, config):
+    return bernoulli_nll_forward(outs[0], x)
+
+
+def _bernoulli_backward(dnll, cache, config):
+    return [bernoulli_nll_backward(dnll, cache)]
+
+
+def _gaussian_forward(outs, x, config):
+    return gaussian_nll_forward(outs[0], x, config.obs_var)
+
+
+def _gaussian_backward(dnll, cache, config):
+    return [gaussian_nll_backward(dnll, cache)]
+
+
+def _learned_var_forward(outs, x, config):
+    """With ``config.dec_logvar_min = m`` the learned log-variance first goes through the floor
+    logvar' = m + softplus(logvar - m) (:func:`logvar_floor_forward`)."""
+    m = config.dec_logvar_min
+    if m is None:
+        return gaussian_learned_var_nll_forward(outs[0], outs[1], x)
+    logvar, c_floor = logvar_floor_forward(outs[1], m)                 # floored logvar' > m
+    nll, c_nll = gaussian_learned_var_nll_forward(outs[0], logvar, x)
+    return nll, (c_nll, c_floor)
+
+
+def _learned_var_backward(dnll, cache, config):
+    if config.dec_logvar_min is None:
+        return list(gaussian_learned_var_nll_backward(dnll, cache))
+    c_nll, c_floor = cache
+    dmean, dlogvar_floored = gaussian_learned_var_nll_backward(dnll, c_nll)
+    return [dmean, logvar_floor_backward(dlogvar_floored, c_floor)]    # chain through the floor
+
+
+register_likelihood("bernoulli", Likelihood(
+    ("out",), _bernoulli_forward, _bernoulli_backward, sigmoid, True,
+    "bernoulli (binary pixels, logits)"))
+register_likelihood("gaussian", Likelihood(
+    ("out",), _gaussian_forward, _gaussian_backward, _identity, False,
+    "gaussian (fixed variance --obs-var)"))
+register_likelihood("gaussian_learned_var", Likelihood(
+    ("out", "out_logvar"), _learned_var_forward, _learned_var_backward, _identity, False,
+    "gaussian_learned_var (a learned per-pixel variance)"))
+
+
+def get_likelihood(name):
+    """The registered :class:`Likelihood` ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return LIKELIHOODS[name]
+    except KeyError:
+        raise ValueError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}") from None

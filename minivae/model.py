@@ -23,7 +23,8 @@ Every W is (in, out) and every layer computes y = x @ W + b on batch-first rows.
 
 The networks are lists of layers (:mod:`minivae.networks`), each one op pair
 with its parameters.  The model walks them: forward in order, backward in
-reverse order (:meth:`VAE._layer_forward`, :meth:`VAE._layer_backward`).
+reverse order (:meth:`VAE._layer_forward`, :meth:`VAE._layer_backward`, which look the layer's op up in
+:data:`LAYER_OPS`).
 Everything else -- reparameterization, KL, likelihood, the IWAE and free-bits
 objectives, and their one shared backward (:meth:`VAE._loss_backward`) -- is
 written once here, whatever the networks are.
@@ -53,10 +54,8 @@ from . import networks
 from .conditional import check_labels, concat_backward, concat_forward, one_hot
 from .conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
                    maxpool2d_backward, maxpool2d_forward, upsample_nearest2d_backward, upsample_nearest2d_forward)
-from .layers import activation, dense_backward, dense_forward, sigmoid
-from .likelihoods import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_learned_var_nll_backward,
-                          gaussian_learned_var_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
-                          logvar_floor_backward, logvar_floor_forward)
+from .layers import activation, dense_backward, dense_forward
+from .likelihoods import LIKELIHOODS, logvar_floor_forward
 from .objectives import (free_bits_backward, free_bits_forward, iwae_backward, iwae_forward, kl_dim_backward,
                          kl_dim_forward)
 
@@ -133,11 +132,116 @@ def _check_objective(n_samples, iwae_k, free_bits):
     return iwae_k, free_bits
 
 
-def _tile(y, S):
+def tile_labels(y, S):
     """The one-hot labels (N, K) repeated for S samples, (S*N, K) in the (s, n) row order of z; None stays None."""
     if y is None or S == 1:
         return y
     return y[None].repeat(S, axis=0).reshape(S * y.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------
+# The layer ops: how the model runs each kind of layer of minivae.networks
+# ----------------------------------------------------------------------------
+# forward(model, layer, h, y) -> (out, cache);  backward(model, layer, dout, cache, grads) -> din.
+# A layer with parameters reads params[name + ".W"] and params[name + ".b"] and writes the same keys of grads.
+def _weights(model, layer):
+    return model.params[layer.name + ".W"], model.params[layer.name + ".b"]
+
+
+def _param_grads(result, layer, grads):
+    """Write a backward's (din, dW, db) into ``grads`` and return din."""
+    din, grads[layer.name + ".W"], grads[layer.name + ".b"] = result
+    return din
+
+
+def _dense_forward(model, layer, h, y):
+    return dense_forward(h, *_weights(model, layer))                        # y = h @ W + b
+
+
+def _dense_backward(model, layer, dout, cache, grads):
+    return _param_grads(dense_backward(dout, cache), layer, grads)
+
+
+def _conv_forward(model, layer, h, y):
+    return conv2d_forward(h, *_weights(model, layer), *layer.arg)           # arg: (stride, padding)
+
+
+def _conv_backward(model, layer, dout, cache, grads):
+    return _param_grads(conv2d_backward(dout, cache), layer, grads)
+
+
+def _deconv_forward(model, layer, h, y):
+    return conv_transpose2d_forward(h, *_weights(model, layer), *layer.arg)
+
+
+def _deconv_backward(model, layer, dout, cache, grads):
+    return _param_grads(conv_transpose2d_backward(dout, cache), layer, grads)
+
+
+def _act_forward(model, layer, h, y):
+    return model.act_forward(h)                       # the config's activation
+
+
+def _act_backward(model, layer, dout, cache, grads):
+    return model.act_backward(dout, cache)
+
+
+def _concat_forward(model, layer, h, y):
+    return concat_forward(h, y)                       # [h, onehot(y)]: (N, H) -> (N, H + K)
+
+
+def _concat_backward(model, layer, dout, cache, grads):
+    return concat_backward(dout, cache)[0]            # a slice; the label is data: no gradient to y
+
+
+def _flatten_forward(model, layer, h, y):
+    return h.reshape(h.shape[0], -1), h.shape          # (N, C, H, W) -> (N, C·H·W), (C, H, W) order
+
+
+def _unflatten_forward(model, layer, h, y):
+    return h.reshape((h.shape[0], *layer.arg)), h.shape   # (N, C·H·W) -> (N, C, H, W)
+
+
+def _reshape_backward(model, layer, dout, cache, grads):
+    return dout.reshape(cache)                        # a reshape: its backward reshapes back
+
+
+def _maxpool_forward(model, layer, h, y):
+    return maxpool2d_forward(h, *layer.arg)
+
+
+def _maxpool_backward(model, layer, dout, cache, grads):
+    return maxpool2d_backward(dout, cache)
+
+
+def _upsample_forward(model, layer, h, y):
+    return upsample_nearest2d_forward(h, *layer.arg)
+
+
+def _upsample_backward(model, layer, dout, cache, grads):
+    return upsample_nearest2d_backward(dout, cache)
+
+
+LAYER_OPS = {
+    "dense": (_dense_forward, _dense_backward),
+    "conv": (_conv_forward, _conv_backward),
+    "deconv": (_deconv_forward, _deconv_backward),
+    "act": (_act_forward, _act_backward),
+    "concat": (_concat_forward, _concat_backward),
+    "flatten": (_flatten_forward, _reshape_backward),
+    "unflatten": (_unflatten_forward, _reshape_backward),
+    "maxpool": (_maxpool_forward, _maxpool_backward),
+    "upsample": (_upsample_forward, _upsample_backward),
+}
+
+
+def _layer_op(layer):
+    """The (forward, backward) of ``layer.op``; ValueError naming the op when the table has none."""
+    try:
+        return LAYER_OPS[layer.op]
+    except KeyError:
+        raise ValueError(f"unknown layer op {layer.op!r} (layer {layer.name or 'without parameters'}); known: "
+                         f"{', '.join(LAYER_OPS)}") from None
 
 
 class VAE:
@@ -183,7 +287,7 @@ class VAE:
     def num_params(self):
         return self.size
 
-    def _as_input(self, x, validate=True):
+    def as_input(self, x, validate=True):
         """Put x on the model's backend and dtype, and check it."""
         xp = self.xp
         if backend_name(_module_of(x)) != self.backend and self.backend == "numpy":
@@ -198,12 +302,13 @@ class VAE:
         if validate:
             if not bool(xp.isfinite(x).all()):
                 raise ValueError("x contains NaN or inf")
-            if self.config.likelihood == "bernoulli" and (float(x.min()) < 0 or float(x.max()) > 1):
+            lik = self.config.likelihood
+            if LIKELIHOODS[lik].unit_interval and (float(x.min()) < 0 or float(x.max()) > 1):
                 raise ValueError(f"x has values outside [0, 1] (min {float(x.min()):g}, max {float(x.max()):g}), "
-                                 "which a Bernoulli likelihood cannot score")
+                                 f"which the {lik} likelihood cannot score")
         return x
 
-    def _as_eps(self, eps, N, n_samples=None):
+    def as_eps(self, eps, N, n_samples=None):
         """eps as (S, N, L) on the model's backend; drawn from self.rng if None."""
         L = self.config.z_dim
         if eps is None:
@@ -218,7 +323,7 @@ class VAE:
             raise ValueError(f"eps must have shape ({S}, {N}, {L}) or ({N}, {L}), got {tuple(eps.shape)}")
         return eps
 
-    def _as_labels(self, y, N):
+    def labels_one_hot(self, y, N):
         """The one-hot labels (N, K) of a conditional model, or None for an unconditional one (which takes no y)."""
         K = self.config.n_classes
         if K is None:
@@ -232,53 +337,26 @@ class VAE:
         return one_hot(check_labels(y, K, N), K, self.dtype, self.xp)
 
     # ---------------------------------------------------------------- pieces
+    # The model's building blocks, public so that other code (the fast path of minivae.fast, the evaluation,
+    # the lessons) can run one piece of the chain without copying it: put data on the model's backend
+    # (as_input, as_eps, labels_one_hot), and the encoder and decoder forward and backward.
     def _layer_forward(self, layer, h, y=None):
-        """One layer's op pair, forward: ``h -> (out, cache)`` (see :mod:`minivae.networks`).
+        """One layer's op pair, forward: ``h -> (out, cache)``, through :data:`LAYER_OPS` (see :mod:`minivae.networks`).
 
-        ``y`` is the one-hot label (rows of h, K), read by a ``concat`` layer only.
+        ``y`` is the one-hot label (rows of h, K), read by a ``concat`` layer only.  An op the table does not
+        know raises ValueError.
         """
-        op = layer.op
-        if op == "concat":                                    # [h, onehot(y)]: (N, H) -> (N, H + K)
-            return concat_forward(h, y)
-        if op == "act":
-            return self.act_forward(h)
-        if op == "flatten":                                   # (N, C, H, W) -> (N, C·H·W), (C, H, W) order
-            return h.reshape(h.shape[0], -1), h.shape
-        if op == "unflatten":                                 # (N, C·H·W) -> (N, C, H, W)
-            return h.reshape((h.shape[0], *layer.arg)), h.shape
-        if op == "maxpool":
-            return maxpool2d_forward(h, *layer.arg)
-        if op == "upsample":
-            return upsample_nearest2d_forward(h, *layer.arg)
-        W, b = self.params[layer.name + ".W"], self.params[layer.name + ".b"]
-        if op == "dense":
-            return dense_forward(h, W, b)
-        if op == "conv":
-            return conv2d_forward(h, W, b, *layer.arg)
-        return conv_transpose2d_forward(h, W, b, *layer.arg)
+        return _layer_op(layer)[0](self, layer, h, y)
 
     def _layer_backward(self, layer, dout, cache, grads):
-        """One layer's op pair, backward: dL/d(out) -> dL/d(in).
+        """One layer's op pair, backward: dL/d(out) -> dL/d(in), through :data:`LAYER_OPS`.
 
         A layer with parameters writes its dL/dW and dL/db into ``grads[name + ".W"]`` and
         ``grads[name + ".b"]``.
         """
-        op = layer.op
-        if op == "concat":                                    # a slice; the label is data: no gradient to y
-            return concat_backward(dout, cache)[0]
-        if op == "act":
-            return self.act_backward(dout, cache)
-        if op in ("flatten", "unflatten"):                    # a reshape: its backward reshapes back
-            return dout.reshape(cache)
-        if op == "maxpool":
-            return maxpool2d_backward(dout, cache)
-        if op == "upsample":
-            return upsample_nearest2d_backward(dout, cache)
-        backward = {"dense": dense_backward, "conv": conv2d_backward, "deconv": conv_transpose2d_backward}[op]
-        din, grads[layer.name + ".W"], grads[layer.name + ".b"] = backward(dout, cache)
-        return din
+        return _layer_op(layer)[1](self, layer, dout, cache, grads)
 
-    def _encoder_forward(self, x, y=None):
+    def encoder_forward(self, x, y=None):
         """x (N, D) [and the one-hot labels y (N, K) of a conditional model] -> ``(mu, logvar, cache)``.
 
         mu and logvar are (N, L).
@@ -294,12 +372,12 @@ class VAE:
         logvar, c_lv = self._layer_forward(head_lv, h)
         return mu, logvar, (caches, c_mu, c_lv)
 
-    def _encoder_backward(self, dmu, dlogvar, cache, grads):
+    def encoder_backward(self, dmu, dlogvar, cache, grads):
         """Backward through the encoder.
 
         dmu, dlogvar  dL/dmu and dL/dlogvar, (N, L) each: every path to the loss already added
                       (through z and through the KL or log q term)
-        cache         what :meth:`_encoder_forward` returned: the per-layer caches of the
+        cache         what :meth:`encoder_forward` returned: the per-layer caches of the
                       encoder (forward order) and the caches of the two heads
         grads         the gradient dict (:meth:`new_grads`); every ``enc.*`` entry is written
 
@@ -316,7 +394,7 @@ class VAE:
         ### END SOLUTION
         return dh
 
-    def _decoder_forward(self, z, y=None):
+    def decoder_forward(self, z, y=None):
         """z (M, L) [and the one-hot labels y (M, K) of a conditional model] -> ``(outs, cache)``.
 
         outs is ``[out]`` (logits or mean) or ``[mean, logvar]`` for the learned variance,
@@ -335,11 +413,11 @@ class VAE:
             c_outs.append((c, out.shape))
         return outs, (caches, c_outs)
 
-    def _decoder_backward(self, douts, cache, grads):
+    def decoder_backward(self, douts, cache, grads):
         """Backward through the decoder.
 
-        douts  dL/d(out) for each output of :meth:`_decoder_forward`, (M, D) each
-        cache  what :meth:`_decoder_forward` returned: the per-layer caches of the decoder
+        douts  dL/d(out) for each output of :meth:`decoder_forward`, (M, D) each
+        cache  what :meth:`decoder_forward` returned: the per-layer caches of the decoder
                (forward order), and each head's cache with the shape of its output
         grads  the gradient dict (:meth:`new_grads`); every ``dec.*`` entry is written
 
@@ -358,34 +436,14 @@ class VAE:
         return dh
 
     def _recon_forward(self, outs, x):
-        """outs reshaped to (S, N, D) against x (N, D) -> nll (S, N).
-
-        With ``config.dec_logvar_min = m`` the learned log-variance first goes through the floor
-        logvar' = m + softplus(logvar - m) (:func:`~minivae.likelihoods.logvar_floor_forward`).
-        """
-        lik = self.config.likelihood
-        if lik == "bernoulli":
-            return bernoulli_nll_forward(outs[0], x)
-        if lik == "gaussian":
-            return gaussian_nll_forward(outs[0], x, self.config.obs_var)
-        m = self.config.dec_logvar_min
-        if m is None:
-            return gaussian_learned_var_nll_forward(outs[0], outs[1], x)
-        logvar, c_floor = logvar_floor_forward(outs[1], m)                 # floored logvar' > m
-        nll, c_nll = gaussian_learned_var_nll_forward(outs[0], logvar, x)
-        return nll, (c_nll, c_floor)
+        """outs reshaped to (S, N, D) against x (N, D) -> nll (S, N), through the config's likelihood
+        (:data:`minivae.likelihoods.LIKELIHOODS`; a learned log-variance with ``config.dec_logvar_min = m``
+        first goes through the floor logvar' = m + softplus(logvar - m))."""
+        return LIKELIHOODS[self.config.likelihood].forward(outs, x, self.config)
 
     def _recon_backward(self, dnll, cache):
-        lik = self.config.likelihood
-        if lik == "bernoulli":
-            return [bernoulli_nll_backward(dnll, cache)]
-        if lik == "gaussian":
-            return [gaussian_nll_backward(dnll, cache)]
-        if self.config.dec_logvar_min is None:
-            return list(gaussian_learned_var_nll_backward(dnll, cache))
-        c_nll, c_floor = cache
-        dmean, dlogvar_floored = gaussian_learned_var_nll_backward(dnll, c_nll)
-        return [dmean, logvar_floor_backward(dlogvar_floored, c_floor)]    # chain through the floor
+        """dnll (S, N) -> [dL/d(out) for each decoder output], (S, N, D) each."""
+        return LIKELIHOODS[self.config.likelihood].backward(dnll, cache, self.config)
 
     # ------------------------------------------------------------------- API
     def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True, iwae_k=None,
@@ -440,21 +498,21 @@ class VAE:
         if iwae_k is not None or free_bits:
             iwae_k, free_bits = _check_objective(n_samples, iwae_k, free_bits)
             objective = "iwae" if iwae_k is not None else "free_bits"
-        x = self._as_input(x, validate)
+        x = self.as_input(x, validate)
         N, L, D = x.shape[0], self.config.z_dim, self.config.x_dim
-        eps = self._as_eps(eps, N, iwae_k if iwae_k is not None else n_samples)
+        eps = self.as_eps(eps, N, iwae_k if iwae_k is not None else n_samples)
         S = eps.shape[0]
         if iwae_k is not None and S != iwae_k:
             raise ValueError(f"eps has {S} samples but iwae_k is {iwae_k}")
-        y = self._as_labels(y, N)                                     # one-hot (N, K), or None
+        y = self.labels_one_hot(y, N)                                     # one-hot (N, K), or None
 
         if iwae_k is not None and S > self._iwae_chunk(N):
             return self._iwae_chunked(x, eps, beta, backward, y)      # bounded memory for large K
 
         # ---- forward, shared by every objective
-        mu, logvar, c_enc = self._encoder_forward(x, y)               # (N, L) each
+        mu, logvar, c_enc = self.encoder_forward(x, y)               # (N, L) each
         z, c_rep = reparameterize_forward(mu, logvar, eps)            # (S, N, L)
-        outs, c_dec = self._decoder_forward(z.reshape(S * N, L), _tile(y, S))   # (S*N, D) each
+        outs, c_dec = self.decoder_forward(z.reshape(S * N, L), tile_labels(y, S))   # (S*N, D) each
         outs = [o.reshape(S, N, D) for o in outs]
         rec, c_rec = self._recon_forward(outs, x)                     # (S, N)
         kl, c_kl = kl_forward(mu, logvar)                             # (N,)
@@ -529,12 +587,12 @@ class VAE:
                 dkl = free_bits_backward(beta * one, c_fb)                # (N, L)
                 dmu_direct, dlogvar_direct = kl_dim_backward(dkl, c_kld)
         douts = self._recon_backward(drec, c_rec)                         # (S, N, D) each
-        dz = self._decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, grads).reshape(S, N, L)
+        dz = self.decoder_backward([d.reshape(S * N, D) for d in douts], c_dec, grads).reshape(S, N, L)
         dz += dz_direct                                                   # z feeds the decoder (and log p(z))
         dmu, dlogvar = reparameterize_backward(dz, c_rep)
         dmu += dmu_direct                                                 # mu, logvar feed z and the KL
         dlogvar += dlogvar_direct
-        self._encoder_backward(dmu, dlogvar, c_enc, grads)
+        self.encoder_backward(dmu, dlogvar, c_enc, grads)
         ### END SOLUTION
 
     # numbers of the widest decoder layer that one IWAE chunk may hold (2**22: 16 MB in float32)
@@ -543,11 +601,10 @@ class VAE:
     def _iwae_chunk(self, N):
         """Samples per chunk of the IWAE bound: S*N rows of the widest layer within IWAE_CHUNK_ELEMENTS.
 
-        A dense decoder's widest row is max(D, hidden); a convolutional one holds patch matrices
-        (im2col) of up to about 144·D numbers per row (3x3 kernels on 64 channels at H/2 x W/2).
+        The architecture says how wide its widest row is (``Architecture.widest_row``): max(D, hidden) for
+        a dense decoder; a convolutional one holds patch matrices (im2col) of up to about 144·D numbers.
         """
-        c = self.config
-        width = max((c.x_dim, *c.hidden)) if c.arch == "mlp" else 160 * c.x_dim
+        width = networks.get_architecture(self.config.arch).widest_row(self.config)
         return max(1, self.IWAE_CHUNK_ELEMENTS // (N * width))
 
     def _iwae_chunked(self, x, eps, beta, backward, y=None):
@@ -565,12 +622,12 @@ class VAE:
         S, N, L = eps.shape
         D = self.config.x_dim
         step = self._iwae_chunk(N)
-        mu, logvar, c_enc = self._encoder_forward(x, y)                 # y: one-hot (N, K), or None
+        mu, logvar, c_enc = self.encoder_forward(x, y)                 # y: one-hot (N, K), or None
         kl, _ = kl_forward(mu, logvar)
 
         def chunk_forward(s0, s1):
             z, c_rep = reparameterize_forward(mu, logvar, eps[s0:s1])     # (s, N, L)
-            outs, c_dec = self._decoder_forward(z.reshape((s1 - s0) * N, L), _tile(y, s1 - s0))
+            outs, c_dec = self.decoder_forward(z.reshape((s1 - s0) * N, L), tile_labels(y, s1 - s0))
             rec, c_rec = self._recon_forward([o.reshape(s1 - s0, N, D) for o in outs], x)   # (s, N)
             log_pz = log_standard_normal(z)
             log_qz = -0.5 * (eps[s0:s1] * eps[s0:s1] + logvar + LOG_2PI).sum(axis=-1)
@@ -596,8 +653,8 @@ class VAE:
 
     def encode(self, x, y=None):
         """q(z|x) (or q(z|x, y) with labels y (N,)): ``(mu, logvar)``, each (N, L)."""
-        x = self._as_input(x)
-        mu, logvar, _ = self._encoder_forward(x, self._as_labels(y, x.shape[0]))
+        x = self.as_input(x)
+        mu, logvar, _ = self.encoder_forward(x, self.labels_one_hot(y, x.shape[0]))
         return mu, logvar
 
     def decode_raw(self, z, y=None):
@@ -609,7 +666,7 @@ class VAE:
         z = self.xp.asarray(z, dtype=self.dtype)
         if z.ndim != 2 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"z must have shape (N, {self.config.z_dim}), got {tuple(z.shape)}")
-        outs, _ = self._decoder_forward(z, self._as_labels(y, z.shape[0]))
+        outs, _ = self.decoder_forward(z, self.labels_one_hot(y, z.shape[0]))
         return outs
 
     def decode_logvar(self, z, y=None):
@@ -632,10 +689,7 @@ class VAE:
 
     def decode(self, z, y=None):
         """E[x|z] (or E[x|z, y]): pixel probabilities (Bernoulli) or means (Gaussian), (N, D)."""
-        outs = self.decode_raw(z, y)
-        if self.config.likelihood == "bernoulli":
-            return sigmoid(outs[0])
-        return outs[0]
+        return LIKELIHOODS[self.config.likelihood].mean(self.decode_raw(z, y)[0])
 
     def reconstruct(self, x, y=None):
         """decode(mu(x)) (or decode(mu(x, y), y)): the mean reconstruction, (N, D)."""
@@ -654,10 +708,10 @@ class VAE:
 
     def log_px_given_z(self, x, z, y=None):
         """log p(x|z) (or log p(x|z, y), labels y (N,)) for z (S, N, L) against x (N, D) -> (S, N)."""
-        x = self._as_input(x, validate=False)
+        x = self.as_input(x, validate=False)
         S, N, L = z.shape
-        y = self._as_labels(y, N)
-        outs, _ = self._decoder_forward(z.reshape(S * N, L), _tile(y, S))
+        y = self.labels_one_hot(y, N)
+        outs, _ = self.decoder_forward(z.reshape(S * N, L), tile_labels(y, S))
         rec, _ = self._recon_forward([o.reshape(S, N, -1) for o in outs], x)
         return -rec
 
@@ -669,16 +723,16 @@ class VAE:
         A conditional model takes the labels y (N,) and gives
         log p(x|z, y) + log p(z) - log q(z|x, y), whose log-mean-exp estimates log p(x|y).
         """
-        x = self._as_input(x, validate=False)
-        mu, logvar, _ = self._encoder_forward(x, self._as_labels(y, x.shape[0]))
-        eps = self._as_eps(eps, x.shape[0])
+        x = self.as_input(x, validate=False)
+        mu, logvar, _ = self.encoder_forward(x, self.labels_one_hot(y, x.shape[0]))
+        eps = self.as_eps(eps, x.shape[0])
         z = reparameterize_forward(mu, logvar, eps)[0]
         return self.log_px_given_z(x, z, y) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
 
     def __repr__(self):
         c = self.config
         arch = "-".join(str(v) for v in (c.x_dim, *c.hidden, c.z_dim))
-        if c.arch != "mlp":
+        if networks.get_architecture(c.arch).image:
             arch = f"{c.arch} {'x'.join(map(str, c.image_shape))}-{'-'.join(map(str, (*c.hidden, c.z_dim)))}"
         if c.n_classes is not None:
             arch += f" | y of {c.n_classes} classes"

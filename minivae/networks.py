@@ -52,7 +52,9 @@ The order of the parameters (``model.params``) is the order of the layers in
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
+
+from .likelihoods import LIKELIHOODS
 
 
 class Layer(NamedTuple):
@@ -104,24 +106,44 @@ class Networks(NamedTuple):
         return [*self.encoder, *self.enc_heads, *self.decoder, *self.dec_heads]
 
 
+def _dense_stack(prefix, n_in, widths):
+    """``[dense prefix.0 (n_in, w0), act, dense prefix.1 (w0, w1), act, ...]`` and the width it ends with.
+
+    The hidden dense layers of every architecture: the encoder's (``enc``, the ``hidden`` widths) and the
+    decoder's (``dec``, the widths reversed).  No widths: no layers, and the width stays ``n_in``."""
+    layers, prev = [], n_in
+    for i, w in enumerate(widths):
+        layers += [Layer("dense", f"{prefix}.{i}", (prev, w)), ACT]
+        prev = w
+    return layers, prev
+
+
+def _dense_vae(config, enc_front, enc_in, dec_widths):
+    """The layers every architecture shares: the encoder's dense stack on its ``enc_in`` features (after the
+    layers ``enc_front``), the two Gaussian heads, and the decoder's dense stack from z over ``dec_widths``.
+    A conditional config joins the one-hot label right before each dense stack (:func:`_concat_y`).
+
+    Returns ``(encoder, enc_heads, decoder, g)``, g the width the decoder's dense stack ends with."""
+    c = config
+    concat, K = _concat_y(c)
+    stack, h = _dense_stack("enc", enc_in + K, c.hidden)
+    enc_heads = [Layer("dense", "enc.mu", (h, c.z_dim)), Layer("dense", "enc.logvar", (h, c.z_dim))]
+    decoder, g = _dense_stack("dec", c.z_dim + K, dec_widths)
+    return [*enc_front, *concat, *stack], enc_heads, [*concat, *decoder], g
+
+
+def _out_heads(config, op, first, w_shape, arg=()):
+    """The decoder's output heads, one per head of the config's likelihood, each a layer ``op`` with weight
+    shape ``w_shape``: the first named ``first``, a learned variance's ``dec.out_logvar``."""
+    heads = LIKELIHOODS[config.likelihood].heads
+    return [Layer(op, first if i == 0 else f"dec.{head}", w_shape, arg) for i, head in enumerate(heads)]
+
+
 def mlp(config):
     """The fully connected VAE: ``hidden`` widths in the encoder, mirrored (reversed) in the decoder."""
     c = config
-    encoder, K = _concat_y(c)
-    prev = c.x_dim + K
-    for i, h in enumerate(c.hidden):
-        encoder += [Layer("dense", f"enc.{i}", (prev, h)), ACT]
-        prev = h
-    enc_heads = [Layer("dense", "enc.mu", (prev, c.z_dim)), Layer("dense", "enc.logvar", (prev, c.z_dim))]
-    decoder, K = _concat_y(c)
-    prev = c.z_dim + K
-    for i, h in enumerate(reversed(c.hidden)):
-        decoder += [Layer("dense", f"dec.{i}", (prev, h)), ACT]
-        prev = h
-    dec_heads = [Layer("dense", "dec.out", (prev, c.x_dim))]
-    if c.likelihood == "gaussian_learned_var":
-        dec_heads.append(Layer("dense", "dec.out_logvar", (prev, c.x_dim)))
-    return Networks(encoder, enc_heads, decoder, dec_heads)
+    encoder, enc_heads, decoder, g = _dense_vae(c, [], c.x_dim, tuple(reversed(c.hidden)))
+    return Networks(encoder, enc_heads, decoder, _out_heads(c, "dense", "dec.out", (g, c.x_dim)))
 
 
 CHANNELS = (32, 64)          # the two convolution widths
@@ -135,42 +157,92 @@ def conv(config):
     feat = (c2, H // 4, W // 4)
     n_feat = c2 * (H // 4) * (W // 4)
     if c.arch == "conv":
-        encoder = [Layer("unflatten", arg=(C, H, W)),
-                   Layer("conv", "enc.conv.0", (c1, C, 4, 4), (2, 1)), ACT,
-                   Layer("conv", "enc.conv.1", (c2, c1, 4, 4), (2, 1)), ACT]
+        front = [Layer("unflatten", arg=(C, H, W)),
+                 Layer("conv", "enc.conv.0", (c1, C, 4, 4), (2, 1)), ACT,
+                 Layer("conv", "enc.conv.1", (c2, c1, 4, 4), (2, 1)), ACT]
     else:
-        encoder = [Layer("unflatten", arg=(C, H, W)),
-                   Layer("conv", "enc.conv.0", (c1, C, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,)),
-                   Layer("conv", "enc.conv.1", (c2, c1, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,))]
-    concat, K = _concat_y(c)
-    encoder += [Layer("flatten"), *concat]
-    prev = n_feat + K
-    for i, h in enumerate(c.hidden):
-        encoder += [Layer("dense", f"enc.{i}", (prev, h)), ACT]
-        prev = h
-    enc_heads = [Layer("dense", "enc.mu", (prev, c.z_dim)), Layer("dense", "enc.logvar", (prev, c.z_dim))]
-    decoder, K = _concat_y(c)
-    prev = c.z_dim + K
-    for i, h in enumerate((*reversed(c.hidden), n_feat)):
-        decoder += [Layer("dense", f"dec.{i}", (prev, h)), ACT]
-        prev = h
+        front = [Layer("unflatten", arg=(C, H, W)),
+                 Layer("conv", "enc.conv.0", (c1, C, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,)),
+                 Layer("conv", "enc.conv.1", (c2, c1, 3, 3), (1, 1)), ACT, Layer("maxpool", arg=(2,))]
+    encoder, enc_heads, decoder, _ = _dense_vae(c, [*front, Layer("flatten")], n_feat,
+                                                (*reversed(c.hidden), n_feat))
     decoder.append(Layer("unflatten", arg=feat))
     if c.arch == "conv":
         decoder += [Layer("deconv", "dec.deconv.0", (c2, c1, 4, 4), (2, 1)), ACT]
-        heads = [("deconv", "dec.deconv.1", (c1, C, 4, 4), (2, 1))]
+        heads = _out_heads(c, "deconv", "dec.deconv.1", (c1, C, 4, 4), (2, 1))
     else:
         decoder += [Layer("upsample", arg=(2,)), Layer("conv", "dec.conv.0", (c1, c2, 3, 3), (1, 1)), ACT,
                     Layer("upsample", arg=(2,))]
-        heads = [("conv", "dec.conv.1", (C, c1, 3, 3), (1, 1))]
-    if c.likelihood == "gaussian_learned_var":
-        op, _, w, arg = heads[0]
-        heads.append((op, "dec.out_logvar", w, arg))
-    return Networks(encoder, enc_heads, decoder, [Layer(*h) for h in heads])
+        heads = _out_heads(c, "conv", "dec.conv.1", (C, c1, 3, 3), (1, 1))
+    return Networks(encoder, enc_heads, decoder, heads)
+
+
+# ----------------------------------------------------------------------------
+# The registry: the architectures a VAEConfig can name
+# ----------------------------------------------------------------------------
+class Architecture(NamedTuple):
+    """One network family.
+
+    build           config -> :class:`Networks`
+    image           an image model: it needs the images' (C, H, W) (``VAEConfig.image_shape``), and its
+                    output bias is one number per channel
+    default_hidden  the dense widths when the config gives none
+    image_divisor   image height and width must be divisible by this (1: any size)
+    widest_row      config -> the numbers per row (per example or draw of z) of the widest array one forward
+                    pass holds, which bounds the rows of one IWAE chunk (``VAE._iwae_chunk``)
+    eval_rows       rows per model call in evaluation, to bound memory (None: no bound)
+    summary         one line for the command line's help
+    """
+
+    build: Callable
+    image: bool
+    default_hidden: tuple
+    image_divisor: int
+    widest_row: Callable
+    eval_rows: int | None
+    summary: str
+
+
+ARCHITECTURES = {}   # name -> Architecture
+
+
+def register_architecture(name, architecture):
+    """Make ``name`` an architecture that VAEConfig, the model and the command line accept."""
+    if not isinstance(architecture, Architecture):
+        raise TypeError(f"architecture {name!r}: expected an Architecture, got {type(architecture).__name__}")
+    ARCHITECTURES[name] = architecture
+    return architecture
+
+
+def _dense_widest_row(config):
+    return max((config.x_dim, *config.hidden))
+
+
+def _conv_widest_row(config):
+    return 160 * config.x_dim        # im2col's patch matrices: up to ~144·D per row (3x3 on 64 channels at H/2)
+
+
+# The conv architectures' ops hold im2col patch matrices, ~100 KB per row for "conv" and ~0.5 MB per row for
+# "conv-pool" (a 3x3 convolution at 28x28): evaluation calls them on 1000 and 250 rows at a time.
+register_architecture("mlp", Architecture(mlp, False, (400,), 1, _dense_widest_row, None,
+                                          "mlp (fully connected)"))
+register_architecture("conv", Architecture(conv, True, (256,), 4, _conv_widest_row, 1000,
+                                           "conv (strided convolutions)"))
+register_architecture("conv-pool", Architecture(conv, True, (256,), 4, _conv_widest_row, 250,
+                                                "conv-pool (convolutions, max-pooling, upsampling)"))
+
+
+def get_architecture(name):
+    """The registered :class:`Architecture` ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown arch {name!r}: choose one of {', '.join(ARCHITECTURES)}") from None
 
 
 def build(config):
-    """The :class:`Networks` of a config."""
-    return mlp(config) if config.arch == "mlp" else conv(config)
+    """The :class:`Networks` of a config, built by its registered architecture."""
+    return get_architecture(config.arch).build(config)
 
 
 def param_shapes(config):

@@ -81,14 +81,25 @@ class Optimizer:
         """One update of ``params`` in place from ``grads`` (which may be modified)."""
         if self.clip_norm is not None:
             clip_grad_norm(grads, self.clip_norm)
+        for (p, g), st in self.begin_step(params, grads):
+            if self.weight_decay:
+                g += self.weight_decay * p       # L2 penalty wd/2 ||p||^2 has gradient wd * p
+            self._update(p, g, st)
+
+    def begin_step(self, params, grads):
+        """Count one more step (``t``) and return ``[((param, grad), state)]``: the arrays to update, with
+        the optimizer state of each (created on the first step).
+
+        The arrays are the flat buffers when ``params`` and ``grads`` share one layout (a model's
+        :class:`~minivae.model.ParamDict` and the ``grads`` of ``model.loss``), so there is one pair; else
+        one pair per key.  :meth:`step` runs its update on them; another implementation of the same update
+        (minivae.fast's fused Adam) starts here too.
+        """
         pairs = _pairs(params, grads)
         if self.state is None or len(self.state) != len(pairs):
             self._init_state(pairs)
         self.t += 1
-        for (p, g), st in zip(pairs, self.state):
-            if self.weight_decay:
-                g += self.weight_decay * p       # L2 penalty wd/2 ||p||^2 has gradient wd * p
-            self._update(p, g, st)
+        return list(zip(pairs, self.state))
 
     def _update(self, p, g, st):
         raise NotImplementedError
@@ -202,11 +213,27 @@ class Adam(Optimizer):
         ### END SOLUTION
 
 
-OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
+# ----------------------------------------------------------------------------
+# The registry: the optimizers a training run can name
+# ----------------------------------------------------------------------------
+OPTIMIZERS = {}   # name -> Optimizer subclass
+
+
+def register_optimizer(name, cls):
+    """Make ``name`` an optimizer that :func:`make_optimizer` and the command line accept."""
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+        raise TypeError(f"optimizer {name!r}: expected an Optimizer subclass, got {cls!r}")
+    OPTIMIZERS[name] = cls
+    return cls
+
+
+register_optimizer("sgd", SGD)
+register_optimizer("adagrad", Adagrad)
+register_optimizer("adam", Adam)
 
 
 def make_optimizer(name, lr, **kwargs):
-    """Build an optimizer by name ("sgd", "adagrad", "adam")."""
+    """Build a registered optimizer by name ("sgd", "adagrad", "adam")."""
     try:
         cls = OPTIMIZERS[name]
     except KeyError:

@@ -350,7 +350,8 @@ def test_conv_evaluation_is_chunked_without_changing_the_numbers(monkeypatch):
     real = evaluate._log_weights
     monkeypatch.setattr(evaluate, "_log_weights",
                         lambda model, xb, eps: calls.append(eps.shape[0] * eps.shape[1]) or real(model, xb, eps))
-    monkeypatch.setattr(evaluate, "CONV_ROWS", {"conv-pool": 8})
+    from minivae.networks import ARCHITECTURES
+    monkeypatch.setitem(ARCHITECTURES, "conv-pool", ARCHITECTURES["conv-pool"]._replace(eval_rows=8))
     got = evaluate.iw_log_likelihood(m, x, 7, np.random.default_rng(5), chunk=7, batch_size=4)
     assert np.allclose(got, want, rtol=1e-10) and max(calls) <= 8 and len(calls) > 3
     capped = evaluate.negative_elbo(m, x, np.random.default_rng(2), batch_size=10)     # 8 rows per call now

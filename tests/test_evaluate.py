@@ -281,7 +281,7 @@ def test_log_mean_exp_axes_shapes_and_float64():
 
 
 def test_iw_without_the_fast_module_uses_the_models_own_log_weights(monkeypatch):
-    """A student copy has no minivae/fast.py: the estimate then comes from model.log_weights."""
+    """A student copy has no minivae/fast/: the estimate then comes from model.log_weights."""
     import sys
     from minivae.evaluate import _log_weights
     m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
@@ -296,7 +296,7 @@ def test_iw_without_the_fast_module_uses_the_models_own_log_weights(monkeypatch)
 
 
 def test_iw_without_the_fast_module_passes_a_conditional_models_labels(monkeypatch):
-    """Without minivae/fast.py a conditional model's weights still come from log p(x|z, y) with its labels:
+    """Without minivae/fast/ a conditional model's weights still come from log p(x|z, y) with its labels:
     the estimate matches the log-mean-exp of model.log_weights(x, eps, y) with the same draws."""
     import sys
     m = VAE(VAEConfig(x_dim=10, hidden=(8,), z_dim=3, n_classes=3, dtype="float64"), rng=0)
@@ -328,23 +328,28 @@ def _spy_log_weights(monkeypatch, seen, offsets=None):
     monkeypatch.setattr(ev, "_log_weights", lw)
 
 
+def _cap_rows(monkeypatch, arch, rows):
+    """The registered architecture ``arch`` with ``eval_rows = rows``, for this test only."""
+    from minivae.networks import ARCHITECTURES
+    monkeypatch.setitem(ARCHITECTURES, arch, ARCHITECTURES[arch]._replace(eval_rows=rows))
+
+
 def test_conv_models_see_at_most_conv_rows_per_call(monkeypatch):
-    import minivae.evaluate as ev
     x = np.arange(25.0)[:, None] * np.ones((1, 3))
     seen = []
     _spy_log_weights(monkeypatch, seen)
     ref = iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
     assert max(seen) == 500                                   # an MLP keeps the chunk it is given
     for rows, batch, per_call in ((40, 10, 40), (10, 10, 10), (5, 10, 10), (1000, 10, 500)):
-        monkeypatch.setattr(ev, "CONV_ROWS", {"conv": rows})
+        _cap_rows(monkeypatch, "conv", rows)
         seen.clear()
         out = iw_log_likelihood(_FakeModel("conv"), x, 50, np.random.default_rng(0), chunk=50, batch_size=batch)
         assert max(seen) == per_call and sum(seen) == 25 * 50, (rows, seen)   # at least one sample per call
         assert np.allclose(out, ref, rtol=0, atol=1e-12)                      # the same draws, the same estimate
-    monkeypatch.setattr(ev, "CONV_ROWS", {"conv": 40})
+    _cap_rows(monkeypatch, "conv", 40)
     seen.clear()
     iw_log_likelihood(_FakeModel("mlp"), x, 50, np.random.default_rng(0), chunk=50, batch_size=10)
-    assert max(seen) == 500                                   # CONV_ROWS is for conv models only
+    assert max(seen) == 500                                   # the conv cap is for conv models only
     seen.clear()
     iw_log_likelihood(VAE(VAEConfig(x_dim=3, hidden=(4,), z_dim=2), rng=0), x, 50, np.random.default_rng(0),
                       chunk=50, batch_size=10)
