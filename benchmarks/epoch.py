@@ -67,7 +67,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minivae  # noqa: E402
 from minivae.data import load_mnist  # noqa: E402
 from minivae.fast import FastTrainer  # noqa: E402
-import minivae.conv  # noqa: E402,F401  (set_threads)
+from minivae.fast import threads as fast_threads  # noqa: E402  (the conv copies' thread count)
 
 from gemm_bound import GemmBound, step_flops  # noqa: E402
 
@@ -139,7 +139,7 @@ def parse_args(argv=None):
 
 class ThreadCount:
     """Switch the process between thread counts between epochs: NumPy's BLAS (threadpoolctl, or
-    minivae.fast's OpenBLAS setter without it) and torch; minivae's trainers carry their own count."""
+    minivae.fast.threads' setter without it) and torch; minivae's trainers carry their own count."""
 
     def __init__(self, torch):
         self.torch, self.current, self._limits = torch, None, None
@@ -157,9 +157,9 @@ class ThreadCount:
                 self._limits.restore_original_limits()
             self._limits = self._ctl.limit(limits=n, user_api="blas")
         else:
-            from minivae.fast import _set_blas_threads, blas_threads_control_available
-            if blas_threads_control_available():
-                _set_blas_threads(n)
+            from minivae.fast.threads import blas_control_available, set_blas_threads
+            if blas_control_available():
+                set_blas_threads(n)
         if self.torch is not None:
             self.torch.set_num_threads(n)
         self.current = n
@@ -375,7 +375,7 @@ def make_reference(cfg, args, data, backend="numpy", sync=lambda: None, adam_thr
     def epoch(e, block):
         total = 0.0
         for i, (xb, eps) in enumerate(data.epoch(e), 1):
-            minivae.conv.set_threads(adam_threads or 1)   # as train's --threads (the runs interleave)
+            fast_threads.set_count(adam_threads or 1)    # as train's --threads (the runs interleave)
             loss, grads = model.loss(xb, eps, validate=False)
             step(model.params, grads)
             total = total + (float(loss) if backend == "numpy" else loss) * xb.shape[0]
@@ -614,8 +614,8 @@ def run_batch_size(args, x, N, torch, report, tc):
                "peak_rss_increase_first_epoch_mib": {k[1]: rss[k] for k in keys if k in rss}}
         if conv:
             model, opt = trainer
-            from minivae.fast import _cpu_kernels
-            fused = args.backend == "numpy" and _cpu_kernels() is not None
+            from minivae.fast import cpu_kernels
+            fused = args.backend == "numpy" and cpu_kernels.AVAILABLE
             res.update({"minivae_path": "readable (model.loss), then Adam "
                         + ("fused (minivae.fast.fused_adam_step)" if fused else "Adam.step"),
                         "minivae_array_bytes": int(model.flat.nbytes + sum(a.nbytes for st in opt.state or []
@@ -651,7 +651,8 @@ def trainer_bytes(tr):
     total += tr._grads2.flat.nbytes if tr._grads2 is not None else 0     # the split step's second half
     for st in tr.opt.state or []:
         total += sum(a.nbytes for a in st.values())
-    total += tr._tmp.nbytes if tr._tmp is not None else 0
+    tmp = getattr(tr.ops, "_tmp", None)                                   # the NumPy Adam's scratch
+    total += tmp.nbytes if tmp is not None else 0
     for b in tr._bufs.values():
         for v in vars(b).values():
             arrays = v.values() if isinstance(v, dict) else (v if isinstance(v, list) else [v])

@@ -132,10 +132,10 @@ class GemmBound:
         if split:
             from concurrent.futures import ThreadPoolExecutor
 
-            from minivae.fast import _set_blas_threads, blas_threads_control_available
-            if not blas_threads_control_available():
+            from minivae.fast.threads import blas_control_available, set_blas_threads
+            if not blas_control_available():
                 raise RuntimeError("split=True needs NumPy's BLAS to be OpenBLAS")
-            self._set_blas_threads = _set_blas_threads
+            self._set_blas_threads = set_blas_threads
             self._pool = ThreadPoolExecutor(1)
 
     def _arr(self, *shape):

@@ -1,4 +1,4 @@
-"""The fast path's elementwise work three ways: NumPy ufuncs, numexpr, numba (minivae.cpu_kernels).
+"""The fast path's elementwise work three ways: NumPy ufuncs, numexpr, numba (minivae.fast.cpu_kernels).
 
     python benchmarks/kernels.py [--threads 2] [--json out.json]
 
@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minivae.fast import cpu_kernels  # noqa: E402
 from minivae.fast import adam_update_block  # noqa: E402
+from minivae.fast.threads import set_numba_threads  # noqa: E402
 
 try:
     import numexpr as ne
@@ -52,11 +53,11 @@ dbo = np.empty(784, f)
 mask_o = np.empty((128, 784), bool)
 parts = np.empty(4)
 I = f(1 / 128)
-K = cpu_kernels.K
+K = cpu_kernels.KERNELS
 
 
 def np_bernoulli():
-    """fast.py's NumPy chain: exp(-|l|), sigmoid, d, the bias gradient and the loss's sums."""
+    """minivae.fast.ops_numpy's NumPy chain: exp(-|l|), sigmoid, d, the bias gradient and the loss's sums."""
     np.abs(lg, out=e)
     np.negative(e, out=e)
     np.exp(e, out=e)
@@ -77,7 +78,7 @@ CASES = {
         "numpy": lambda: adam_update_block(p_, g, m, v, tmp, b1, b2, lr_t, eps_t),
         "numexpr": lambda: (ne.evaluate("B1*m + C1*g", out=m), ne.evaluate("B2*v + C2*(g*g)", out=v),
                             ne.evaluate("p_ - (m / (sqrt(v) + EP)) * LR", out=p_)),
-        "numba": lambda: cpu_kernels.P["adam"](p_, g, m, v, B1, C1, B2, C2, LR, EP),
+        "numba": lambda: cpu_kernels.PARALLEL["adam"](p_, g, m, v, B1, C1, B2, C2, LR, EP),
     },
     "bias + ReLU (128 x 400)": {
         "numpy": lambda: (np.add(a, b, out=a), np.maximum(a, 0, out=a)),
@@ -103,7 +104,7 @@ CASES = {
 def set_threads(n):
     if ne is not None:
         ne.set_num_threads(n)
-    cpu_kernels.set_threads(n)
+    set_numba_threads(n)
 
 
 def time_it(fn, n):

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minivae  # noqa: E402
 from minivae import conv as conv_mod  # noqa: E402
+from minivae.fast import threads as fast_threads  # noqa: E402
 from minivae.data import load_mnist  # noqa: E402
 
 from gemm_bound import GemmBound  # noqa: E402
@@ -62,7 +63,7 @@ conv_mod.col2im = timed("col2im", conv_mod.col2im)
 cfg = minivae.VAEConfig(arch=args.arch)
 model = minivae.VAE(cfg, rng=0)
 opt = minivae.Adam(lr=1e-3)
-conv_mod.set_threads(args.threads)                        # as train's --threads: the fused copies (numba)
+fast_threads.set_count(args.threads)                     # as train's --threads: the fused copies (numba)
 from minivae.fast import fused_adam_step                  # noqa: E402  train's Adam for the conv models
 fwd0, bwd0 = model._layer_forward, model._layer_backward
 

@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 
 import minivae  # noqa: E402
 from minivae.fast import cpu_kernels  # noqa: E402
-import minivae.fast as fast  # noqa: E402  (log_weights, as eval calls it, and its scratch arrays)
+import minivae.fast  # noqa: E402,F401  (log_weights, as eval calls it)
+from minivae.fast import iw  # noqa: E402  (its scratch arrays and two-thread ufuncs)
+from minivae.fast.threads import set_numba_threads  # noqa: E402
 from minivae.data import load_mnist  # noqa: E402
 
 if args.checkpoint:
@@ -41,8 +43,8 @@ else:
     model = minivae.VAE(minivae.VAEConfig(hidden=(200, 200), z_dim=50, activation="tanh"), rng=0)
 if not cpu_kernels.AVAILABLE:
     sys.exit("numba is not installed: eval uses the NumPy code (pip install -e .[fast])")
-cpu_kernels.set_threads(args.threads)
-K, dt, p = cpu_kernels.K, model.dtype, model.params
+set_numba_threads(args.threads)
+K, dt, p = cpu_kernels.KERNELS, model.dtype, model.params
 x_test, _ = load_mnist("test")
 S, N = 100, 100
 rng = np.random.default_rng(0)
@@ -56,11 +58,11 @@ for call in range(args.calls + 3):
     t["eps draw (host RNG, float64 -> model dtype)"] = clock() - t0
     c0 = clock()
     t0 = clock()
-    mu, logvar, _ = model._encoder_forward(xb)
+    mu, logvar, _ = model.encoder_forward(xb)
     mu, logvar = np.ascontiguousarray(mu), np.ascontiguousarray(logvar)
     t["encoder (100 images)"] = clock() - t0
     t0 = clock()
-    z = fast._scratch("z", eps.shape, dt)
+    z = iw.scratch("z", eps.shape, dt)
     lw = np.empty((S, N), dtype=np.float64)
     K["iw_latent"](mu, logvar, eps, z, lw)
     t["z, log p(z) - log q(z given x) (fused)"] = clock() - t0
@@ -68,13 +70,13 @@ for call in range(args.calls + 3):
     for i in range(len(model.config.hidden)):
         t0 = clock()
         W = p[f"dec.{i}.W"]
-        a = np.matmul(h, W, out=fast._scratch(f"dec.{i}", (S * N, W.shape[1]), dt))
+        a = np.matmul(h, W, out=iw.scratch(f"dec.{i}", (S * N, W.shape[1]), dt))
         t[f"matmul dec.{i}"] = clock() - t0
         t0 = clock()
         if model.config.activation == "relu":
             K["bias_relu"](a, p[f"dec.{i}.b"])
         elif model.config.activation == "tanh":
-            fast._rows_on_two_threads(functools.partial(fast._bias_tanh, b=p[f"dec.{i}.b"]), a, threads=args.threads)
+            iw.rows_on_two_threads(functools.partial(iw._bias_tanh, b=p[f"dec.{i}.b"]), a, threads=args.threads)
         else:
             a += p[f"dec.{i}.b"]
             a = model.act_forward(a)[0]
@@ -82,18 +84,18 @@ for call in range(args.calls + 3):
         t[f"bias + {model.config.activation} dec.{i}"] = clock() - t0
     t0 = clock()
     W = p["dec.out.W"]
-    a = np.matmul(h, W, out=fast._scratch("dec.out", (S * N, W.shape[1]), dt))
+    a = np.matmul(h, W, out=iw.scratch("dec.out", (S * N, W.shape[1]), dt))
     t["matmul dec.out"] = clock() - t0
     t0 = clock()
-    e = fast._scratch("e", a.shape, dt)
-    lin = fast._scratch("lin", (S * N,), np.float64)
+    e = iw.scratch("e", a.shape, dt)
+    lin = iw.scratch("lin", (S * N,), np.float64)
     K["iw_bernoulli_pre"](a, p["dec.out.b"], xb, e, lin)
     t["Bernoulli: bias, -abs(l), sum max(l,0) - x l (fused)"] = clock() - t0
     t0 = clock()
-    fast._rows_on_two_threads(fast._exp_inplace, e, threads=args.threads)
+    iw.rows_on_two_threads(iw._exp_inplace, e, threads=args.threads)
     t["Bernoulli: exp (NumPy SIMD, row halves on two threads)"] = clock() - t0
     t0 = clock()
-    nll = fast._scratch("nll", (S * N,), np.float64)
+    nll = iw.scratch("nll", (S * N,), np.float64)
     K["iw_bernoulli_post"](e, lin, nll)
     lw -= nll.reshape(S, N)
     lw = lw.astype(dt).astype(np.float64)

@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import minivae  # noqa: E402
 from minivae.data import load_mnist  # noqa: E402
-from minivae.fast import FastTrainer, blas_threads_control_available  # noqa: E402
+from minivae.fast import FastTrainer  # noqa: E402
+from minivae.fast.threads import blas_control_available  # noqa: E402
 
 from epoch import HostData  # noqa: E402
 from gemm_bound import GemmBound  # noqa: E402
@@ -76,7 +77,7 @@ for i in range(S + W):
 
 adam_threads = args.adam_threads or args.threads
 modes = [("fast", False, None), ("numpy", False, False)]
-if adam_threads >= 2 and blas_threads_control_available():
+if adam_threads >= 2 and blas_control_available():
     modes.append(("split", True, None))
 trainers = {}
 for label, split, fused in modes:

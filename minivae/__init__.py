@@ -26,6 +26,13 @@ from .gradcheck import GradientCheckError, check_model, check_op, numerical_grad
 from .model import VAE
 from .optim import SGD, Adagrad, Adam, clip_grad_norm, make_optimizer
 
+try:                     # the fast path (minivae/fast/, absent from a course assignment's copy)
+    from .fast.conv_copies import install as _install_fast_copies
+except ImportError:
+    pass
+else:
+    _install_fast_copies()     # with numba: the conv ops' copies as fused kernels (the same bits)
+
 __version__ = "0.1.0"
 
 __all__ = [

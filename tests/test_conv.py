@@ -407,30 +407,41 @@ def test_cupy_matches_numpy(rng, dtype, tol):
 # ----------------------------------------------------------------------------
 # the fused copies (numba): the same bits as the NumPy code, on any thread count
 # ----------------------------------------------------------------------------
-needs_numba = pytest.mark.skipif(conv._ck is None or not conv._ck.AVAILABLE,
-                                 reason="numba is not installed (the fused CPU kernels)")
+# minivae.fast.conv_copies installs them into conv (import minivae does, when the fast package is there)
+from minivae.fast import cpu_kernels, threads  # noqa: E402
+
+needs_numba = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed (the fused CPU kernels)")
 FUSED_CASES = [(128, 32, 14, 14, 4, 4, 2, 1), (3, 2, 5, 7, 3, 2, 2, 1), (2, 3, 6, 5, 3, 3, 1, 1),
                (4, 1, 28, 28, 4, 4, 2, 1), (2, 2, 5, 5, 2, 2, 3, 0), (1, 1, 3, 3, 3, 3, 1, 2)]
 
 
 def numpy_path(fn, *args):
     """Run ``fn`` with the fused kernels switched off (the NumPy code)."""
-    saved, conv._ck = conv._ck, None
+    saved = conv.use_copy_kernels(None)
     try:
         return fn(*args)
     finally:
-        conv._ck = saved
+        conv.use_copy_kernels(saved)
 
 
 @needs_numba
-@pytest.mark.parametrize("threads", [1, 2])
+def test_importing_minivae_installs_the_fused_copies():
+    from minivae.fast.conv_copies import copy_kernel
+    assert conv._copy_kernels[0] is copy_kernel
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    assert copy_kernel("to_batch_last", x, np.empty((1, 4, 4, 2), np.float32)) is cpu_kernels.KERNELS["to_batch_last"]
+    assert copy_kernel("to_batch_last", x, np.empty((1, 4, 4, 2), np.float64)) is None     # mixed dtypes: NumPy
+    assert copy_kernel("to_batch_last", x.astype(np.int32), np.empty((1, 4, 4, 2), np.int32)) is None
+
+
+@needs_numba
+@pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_fused_copies_give_the_numpy_bits(rng, case, dtype, threads):
+def test_fused_copies_give_the_numpy_bits(rng, case, dtype, n_threads):
     N, C, H, W, KH, KW, s, p = case
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    conv.set_threads(threads)
-    try:
+    with threads.using(n_threads):
         col = conv.im2col(x, KH, KW, s, p)
         ref = numpy_path(conv.im2col, x, KH, KW, s, p)
         assert col.dtype == ref.dtype and np.array_equal(col, ref)
@@ -442,8 +453,6 @@ def test_fused_copies_give_the_numpy_bits(rng, case, dtype, threads):
         assert np.array_equal(a, x.transpose(1, 2, 3, 0)) and a.flags.c_contiguous
         b = conv.to_batch_first(a[:, ::-1])                  # any strides
         assert np.array_equal(b, np.ascontiguousarray(a[:, ::-1].transpose(3, 0, 1, 2))) and b.flags.c_contiguous
-    finally:
-        conv.set_threads(1)
 
 
 @needs_numba
@@ -453,21 +462,11 @@ def test_conv_vae_step_is_the_same_with_and_without_the_fused_copies(rng):
     model = VAE(VAEConfig(arch="conv", hidden=(16,), z_dim=3), rng=0)
     x = (rng.random((6, 784)) < 0.3).astype(np.float32)
     eps = rng.standard_normal((6, 3)).astype(np.float32)
-    conv.set_threads(2)
-    try:
+    with threads.using(2):                                  # the same BLAS threads for both
         loss, grads = model.loss(x, eps)
-    finally:
-        conv.set_threads(1)
-    loss0, grads0 = numpy_path(model.loss, x, eps)
+        loss0, grads0 = numpy_path(model.loss, x, eps)
     assert float(loss) == float(loss0)
     assert np.array_equal(grads.flat, grads0.flat)
-
-
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
-def test_set_threads_rejects_bad_counts(bad):
-    with pytest.raises((ValueError, TypeError)):
-        conv.set_threads(bad)
-    assert conv.get_threads() == 1
 
 
 def test_stride_and_padding_default_to_one_and_zero(rng):

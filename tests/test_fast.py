@@ -10,8 +10,8 @@ import pytest
 
 import minivae
 from minivae.backend import get_xp, to_numpy
-from minivae.fast import (SPLIT_MIN_ROWS, FastPathError, FastTrainer, bernoulli_nll_rows,
-                          blas_threads_control_available, log_weights)
+from minivae.fast import SPLIT_MIN_ROWS, FastPathError, FastTrainer, bernoulli_nll_rows, log_weights, threads
+from minivae.fast.threads import blas_control_available
 from minivae.gradcheck import rel_error
 from minivae.likelihoods import bernoulli_nll_backward, bernoulli_nll_forward
 from minivae.fast import cpu_kernels
@@ -111,7 +111,8 @@ def test_fused_bernoulli_matches_reference_ops(dtype, threads, fused):
     tr = FastTrainer(model, threads=threads, fused=fused)
     B = tr._buffers(N)
     with np.errstate(over="raise", invalid="raise", divide="raise"):   # underflow to 0 is expected
-        recon = tr._likelihood(logits, x, B, 1.0 / N, True)
+        tr.ops.prepare()
+        recon = tr.ops.likelihood(logits, x, B, 1.0 / N, True)
     nll, cache = bernoulli_nll_forward(logits, x)
     dlogits = bernoulli_nll_backward(np.full(N, 1.0 / N, dtype=dtype), cache)
     tol = TOL[dtype]
@@ -134,13 +135,13 @@ def test_the_likelihood_writes_its_scratch_before_reading_it(dtype, fused):
     x = (rng.random((N, D)) < 0.5).astype(dtype)
     tr = FastTrainer(make("standard", dtype), threads=2, fused=fused)
     B = tr._buffers(N)
-    first = tr._likelihood(logits, x, B, 1.0 / N, True)
+    first = tr.ops.likelihood(logits, x, B, 1.0 / N, True)
     dout = B.dout.copy()
-    for a in tr._acc.values():                                  # the scratch vectors, if this path has any
+    for a in B.vectors.values():                                # the scratch vectors, if this path has any
         a[...] = np.finfo(a.dtype).max
     B.dout[...] = np.nan
     with np.errstate(over="raise", invalid="raise"):
-        again = tr._likelihood(logits, x, B, 1.0 / N, True)
+        again = tr.ops.likelihood(logits, x, B, 1.0 / N, True)
     assert again == first
     np.testing.assert_array_equal(B.dout, dout)
     tr.close()
@@ -236,7 +237,7 @@ def test_two_threads_give_the_same_training(fused):
     assert np.array_equal(g1, g2) and abs(l1 - l2) <= 1e-6 * abs(l1)
 
 
-needs_split = pytest.mark.skipif(not blas_threads_control_available(),
+needs_split = pytest.mark.skipif(not blas_control_available(),
                                  reason="NumPy's BLAS is not an OpenBLAS whose thread count we can set")
 
 
@@ -303,14 +304,12 @@ def test_split_training_is_deterministic_and_matches_one_thread():
 
 @needs_split
 def test_split_restores_blas_threads_and_falls_back():
-    from minivae.fast import _find_blas_threads
-    fset, fget = _find_blas_threads()
-    before = fget()
+    before = threads.blas_threads()
     model = make("standard", "float32")
     tr = FastTrainer(model, minivae.Adam(), threads=2, split=True)
     x, eps = batch(model, SPLIT_MIN_ROWS)
     tr.step(x, eps)
-    assert fget() == before
+    assert threads.blas_threads() == before
     assert not tr._use_split(SPLIT_MIN_ROWS - 1)                    # small batches are not split
     # an optimizer without the fused update still gets the summed gradients
     ref, fast = make("relu-deep", "float64"), make("relu-deep", "float64")
@@ -336,10 +335,13 @@ def test_float32_is_preserved_everywhere():
     assert model.flat.dtype == np.float32 and tr.grads.flat.dtype == np.float32
     assert all(a.dtype == np.float32 for a in tr.opt.state[0].values())
     B = tr._buffers(24)
-    arrays = [a for v in vars(B).values() for a in (v.values() if isinstance(v, dict) else
-                                                     v if isinstance(v, list) else [v])]
+    arrays = [a for k, v in vars(B).items() if k != "vectors"
+              for a in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v])]
     assert all(a.dtype in (np.float32, np.bool_) for a in arrays)
-    assert tr.W_heads.dtype == np.float32 and (tr._tmp is None or tr._tmp.dtype == np.float32)
+    # the fused kernels' small scratch vectors: float64 partial sums (of the loss and the KL) only
+    assert all(a.dtype == np.float32 or name in ("parts", "kl_rows") for name, a in B.vectors.items())
+    tmp = getattr(tr.ops, "_tmp", None)
+    assert tr.W_heads.dtype == np.float32 and (tmp is None or tmp.dtype == np.float32)
 
 
 def test_other_optimizers_fall_back_to_their_step():
@@ -402,6 +404,65 @@ def test_cupy_fast_path_matches_numpy_reference(name):
     assert np.max(np.abs(to_numpy(dev.flat) - host.flat)) < 1e-5
 
 
+# Each registered CUDA kernel of minivae.fast.ops_cupy written as NumPy, with CuPy's calling convention (inputs,
+# then outputs; elementwise outputs written in place, a reduction returning its value): the CuPy ops' logic runs
+# here without a GPU, and the kernels' arithmetic is read once more.
+def _emulated_cuda_kernels():
+    def bias_relu(b, a):
+        a[...] = np.maximum(a + b, 0)
+
+    def relu_bwd(h, d):
+        d[...] = np.where(h > 0, d, 0)
+
+    def reparam(mu, lv, eps, sig, z):
+        sig[...] = np.exp(0.5 * lv)
+        z[...] = mu + sig * eps
+
+    def latent_bwd(dz, mu, lv, sig, eps, c, dmu, dlv):
+        dmu[...] = dz + c * mu
+        dlv[...] = dz * eps * (0.5 * sig) + c * (0.5 * (np.exp(lv) - 1))
+
+    def kl_terms(mu, lv):
+        return 0.5 * (mu * mu + np.exp(lv) - 1 - lv).sum()
+
+    def bernoulli(l, x, invn, d, nll):
+        e = np.exp(-np.abs(l))
+        r = 1 / (1 + e)
+        d[...] = (np.where(l >= 0, r, e * r) - x) * invn
+        nll[...] = np.maximum(l, 0) + np.log1p(e) - x * l
+
+    def adam(g, b1, c1, b2, c2, lr_t, eps_t, p, m, v):
+        m[...] = b1 * m + c1 * g
+        v[...] = b2 * v + c2 * (g * g)
+        p -= lr_t * m / (np.sqrt(v) + eps_t)
+    return dict(bias_relu=bias_relu, relu_bwd=relu_bwd, reparam=reparam, latent_bwd=latent_bwd,
+                kl_terms=kl_terms, bernoulli=bernoulli, adam=adam)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_cupy_ops_with_emulated_kernels_match_the_reference(name):
+    """FastTrainer's one step body with the CuPy ops (minivae.fast.ops_cupy), each CUDA kernel emulated in NumPy:
+    the reference's loss, gradients and Adam update.  (The GPU itself: test_cupy_fast_path_matches_numpy_reference.)"""
+    from minivae.fast.ops_cupy import KERNEL_SPECS, CupyOps
+    emulated = _emulated_cuda_kernels()
+    assert set(emulated) == set(KERNEL_SPECS)
+    model, ref = make(name, "float64"), make(name, "float64")
+    x, eps = batch(model, 37)
+    tr = FastTrainer(model, minivae.Adam(lr=1e-2), fused=False)
+    tr.ops = CupyOps(model.config, model.dtype, kernels=emulated)
+    loss, grads = tr.loss_and_grads(x, eps, beta=0.6)
+    ref_loss, ref_grads = ref.loss(x, eps, beta=0.6)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12)
+    for k in ref_grads:
+        assert rel_error(grads[k], ref_grads[k]) < 1e-10, k
+    opt = minivae.Adam(lr=1e-2)
+    for _ in range(3):
+        tr.step(x, eps, beta=0.6)
+        opt.step(ref.params, ref.loss(x, eps, beta=0.6)[1])
+    assert rel_error(model.flat, ref.flat) < 1e-10
+    tr.close()
+
+
 def test_benchmark_quick_smoke(tmp_path):
     """benchmarks/epoch.py --quick runs without torch and writes the documented JSON fields."""
     out = tmp_path / "bench.json"
@@ -429,8 +490,8 @@ def test_benchmark_quick_smoke(tmp_path):
 def test_blas_thread_control_goes_through_threadpoolctl():
     from threadpoolctl import threadpool_info
 
-    from minivae.fast import _find_blas_threads, _set_blas_threads
-    fset, fget = _find_blas_threads()
+    from minivae.fast.threads import _find_blas, set_blas_threads as _set_blas_threads
+    fset, fget = _find_blas()
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
     assert blas and fget() in [i["num_threads"] for i in blas]
     target = 2 if fget() == 1 else 1
@@ -446,6 +507,30 @@ def test_blas_thread_control_goes_through_threadpoolctl():
     assert fget() == before
 
 
+@needs_split
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_threads_using_sets_blas_and_numba_and_restores_them(n):
+    """threads.using(n), what --threads n runs under: BLAS on n threads (threadpoolctl), numba's kernels on n
+    (at most the cores numba started with), the fast path's count n; all restored afterwards."""
+    from threadpoolctl import threadpool_info
+    blas_before, count_before = threads.blas_threads(), threads.count()
+    numba_before = threads.numba_threads()
+    with threads.using(n) as got:
+        assert got == n == threads.count()
+        assert threads.blas_threads() == n
+        assert any(i["num_threads"] == n for i in threadpool_info() if i["user_api"] == "blas")
+        if cpu_kernels.AVAILABLE:
+            assert threads.numba_threads() == min(n, cpu_kernels.numba.config.NUMBA_NUM_THREADS)
+    assert threads.blas_threads() == blas_before and threads.count() == count_before
+    assert threads.numba_threads() == numba_before
+    with threads.using(None) as got:                         # every core; BLAS keeps its own setting
+        assert got == threads.all_cores() and threads.blas_threads() == blas_before
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            with threads.using(bad):
+                pass
+
+
 @needs_numba
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_fused_adam_is_numpys_adam_bit_for_bit(dtype):
@@ -459,7 +544,7 @@ def test_fused_adam_is_numpys_adam_bit_for_bit(dtype):
     b1, b2, lr_t, eps_t = 0.9, 0.999, 3e-3, 1e-8
     adam_update_block(a[0], g, a[1], a[2], np.empty_like(p), b1, b2, lr_t, eps_t)
     f = np.dtype(dtype).type
-    cpu_kernels.P["adam"](b[0], g, b[1], b[2], f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t))
+    cpu_kernels.PARALLEL["adam"](b[0], g, b[1], b[2], f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr_t), f(eps_t))
     for x, y in zip(a, b):
         assert np.array_equal(x, y)
 
@@ -514,20 +599,15 @@ def test_fused_log_weights_reuse_scratch_without_sharing_it(name):
         t.join()
     alone_b = log_weights(model, x[:19], e2[:, :19])
     assert all(np.array_equal(r, first) for r in got["a"]) and all(np.array_equal(r, alone_b) for r in got["b"])
-    before = cpu_kernels.numba.get_num_threads()
-    try:
-        cpu_kernels.set_threads(1)
+    with threads.using(1):
         one = log_weights(model, x, e1)
-    finally:
-        cpu_kernels.numba.set_num_threads(before)
     assert np.array_equal(one, first)
 
 
 @pytest.mark.parametrize("name", ["standard", "relu-deep"])
 def test_log_weights_numpy_fallback_matches_model(name, monkeypatch):
     """Without numba, log_weights uses the grouped-product NumPy code: the same numbers as the model."""
-    import minivae.fast as fast
-    monkeypatch.setattr(fast, "_cpu_kernels", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
     model = make(name, "float64")
     x, _ = batch(model, 9)
     eps = np.random.default_rng(4).standard_normal((3, 9, model.config.z_dim))
@@ -540,7 +620,7 @@ def test_without_numba_the_numpy_path_is_used(tmp_path):
     code = ("import numpy as np, minivae\n"
             "from minivae.fast import cpu_kernels\n"
             "from minivae.fast import FastTrainer\n"
-            "assert not cpu_kernels.AVAILABLE and not cpu_kernels.K\n"
+            "assert not cpu_kernels.AVAILABLE and not cpu_kernels.KERNELS\n"
             "m = minivae.VAE(minivae.VAEConfig(x_dim=6, hidden=(4,), z_dim=2), rng=0)\n"
             "tr = FastTrainer(m, minivae.Adam(), threads=2)\n"
             "assert not tr.fused\n"
@@ -613,7 +693,7 @@ def test_fused_adam_step_leaves_other_optimizers_alone(opt):
 
 def test_fused_adam_step_without_numba_does_nothing(monkeypatch):
     from minivae import fast
-    monkeypatch.setattr(fast, "_cpu_kernels", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
     m = minivae.VAE(minivae.VAEConfig(hidden=(4,), z_dim=2, x_dim=6), rng=0)
     opt = minivae.Adam()
     assert fast.fused_adam_step(opt, m.params, m.new_grads(), 2) is False and opt.t == 0

@@ -1,15 +1,16 @@
 """Fused, multi-threaded CPU kernels for the fast path (optional: needs numba).
 
-The fast path (:mod:`minivae.fast`) computes the reference path's numbers with
-NumPy ufuncs, one pass over memory per ufunc, each on one core.  The kernels
+The fast path's NumPy code (:mod:`minivae.fast.ops_numpy`) computes the reference
+path's numbers with NumPy ufuncs, one pass over memory per ufunc, each on one core.  The kernels
 here do the same elementwise work in fewer passes (one loop computes a whole
 chain: Adam's 12 ufunc passes become one) and spread it over the cores
 (numba ``prange``).  They are compiled by numba on first use (cached on disk);
 without numba, ``AVAILABLE`` is False and the fast path keeps its NumPy code.
 Why numba and not numexpr: benchmarks/README.md ("The fused kernels: numba").
 
-Every kernel is the same math as the NumPy code it replaces, written next to
-it in ``fast.py``; ``tests/test_fast.py`` checks both against the reference.
+Every kernel is the same math as the NumPy code it replaces (:mod:`minivae.fast.ops_numpy`,
+:mod:`minivae.fast.adam`, :mod:`minivae.fast.iw`, and :mod:`minivae.conv` for the copies);
+``tests/test_fast.py`` and ``tests/test_conv.py`` check both against the reference.
 Two rules keep the results independent of the thread count:
 
 * elementwise results are computed with the same float operations, in the
@@ -21,11 +22,12 @@ Two rules keep the results independent of the thread count:
   whose partial results are added in a fixed order afterwards, never into
   "whatever each thread got": the same numbers on 1 thread or 16.
 
-Each kernel exists twice: ``P[name]`` (parallel) and ``S[name]`` (serial, for
-callers already running on several Python threads, like the split step: two
-parallel launches at once are not safe in every numba threading layer);
-``K[name]`` runs the parallel one on large arrays and the serial one on small
-ones (``PARALLEL_MIN``).  All release the GIL.
+Each kernel exists twice: ``PARALLEL[name]`` and ``SERIAL[name]`` (for callers
+already running on several Python threads, like the split step: two parallel
+launches at once are not safe in every numba threading layer);
+``KERNELS[name]`` runs the parallel one on large arrays and the serial one on
+small ones (``PARALLEL_MIN``).  All release the GIL.  How many threads the
+parallel ones use is set in one place, :mod:`minivae.fast.threads`.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ try:
     import numba
     from numba import prange
     AVAILABLE = True
-except ImportError:                      # the NumPy code in fast.py is used instead
+except ImportError:                      # the fast path's NumPy code is used instead
     numba = None
     prange = range
     AVAILABLE = False
@@ -78,7 +80,7 @@ def _add_1d(g, g2):
 
 
 def adam(p, g, m, v, b1, c1, b2, c2, lr_t, eps_t):
-    """Adam on flat arrays, NumPy's op sequence (fast.adam_update_block) in one pass:
+    """Adam on flat arrays, NumPy's op sequence (minivae.fast.adam.adam_update_block) in one pass:
     m = m b1 + g c1;  v = v b2 + (g g) c2;  p = p - (m / (sqrt(v) + eps_t)) lr_t.  c1 = 1 - b1, c2 = 1 - b2."""
     n = p.shape[0]
     nb = (n + FLAT_BLOCK - 1) // FLAT_BLOCK
@@ -430,24 +432,24 @@ _NAMES = ("adam", "adam_add", "bias_relu", "relu_backward_db", "col_sum", "repar
 # Reassociation lets LLVM vectorise these two kernels' row sums and products (the order is then fixed by
 # the compiled code, still the same on any thread count); every other kernel keeps IEEE order.
 _FASTMATH = {"iw_bernoulli_pre": {"reassoc"}, "iw_bernoulli_post": {"reassoc"}}
-# Below this many elements (in the kernel's first array) K runs the serial twin: waking the other
-# threads costs more than they save on a small array (the 128 x 784 logits of the standard model:
-# measured on 2 busy cores, 1.56 ms in parallel against 1.07 ms for NumPy), so a training step of the
-# standard model has one parallel loop, Adam's; the evaluation's 10,000-row arrays are parallel.
+# Below this many elements (in the kernel's first array) KERNELS runs the serial twin: waking the other
+# threads costs more than they save on a small array, so a training step of the standard model (128 x 784
+# logits) has one parallel loop, Adam's; the evaluation's 10,000-row arrays are parallel.  The measurement
+# behind the threshold: benchmarks/README.md, "Notes from the code".
 PARALLEL_MIN = 1 << 18
 
-P = {}   # parallel kernels
-S = {}   # serial twins
-K = {}   # the parallel kernel for arrays of PARALLEL_MIN elements or more, else the serial one
+PARALLEL = {}   # name -> the kernel compiled with prange over the cores
+SERIAL = {}     # name -> its serial twin, for callers already running on several Python threads
+KERNELS = {}    # name -> the one to call: PARALLEL on arrays of PARALLEL_MIN elements or more, else SERIAL
 
 
-# OpenMP threads (numba's usual threading layer) busy-wait for ~300,000 spins after each parallel
-# loop by default.  On a machine whose cores are all busy (a shared machine, or BLAS and these kernels
-# taking turns) a spinning thread holds a core that another thread needs, and a parallel loop then
-# waits for a descheduled thread: measured under load, a 2-thread Adam took 36 ms instead of 0.6 ms
-# (benchmarks/README.md).  So, unless the user has set OMP_WAIT_POLICY or GOMP_SPINCOUNT, numba's
-# threads are started with a short spin (GOMP_SPINCOUNT=1000); the variable is set only while numba's
-# OpenMP library starts (it reads it then) and removed afterwards, so other libraries never see it.
+# OpenMP threads (numba's usual threading layer) busy-wait for ~300,000 spins after each parallel loop by
+# default.  On a machine whose cores are all busy (a shared machine, or BLAS and these kernels taking turns)
+# a spinning thread holds a core that another thread needs, and a parallel loop then waits for a descheduled
+# thread (benchmarks/README.md, "Notes from the code").  So, unless the user has set OMP_WAIT_POLICY or
+# GOMP_SPINCOUNT, numba's threads are started with a short spin (GOMP_SPINCOUNT=1000); the variable is set
+# only while numba's OpenMP library starts (it reads it then) and removed afterwards, so other libraries
+# never see it.
 SPINCOUNT = "1000"
 _started = []
 
@@ -469,14 +471,14 @@ def start_threads():
         del os.environ["GOMP_SPINCOUNT"]
 
 
-def _dispatch(par, ser):
+def _by_size(parallel, serial):
     def run(*args):
         if args[0].size >= PARALLEL_MIN:
             if not _started:
                 start_threads()
-            return par(*args)
-        return ser(*args)
-    run.__doc__ = par.__doc__
+            return parallel(*args)
+        return serial(*args)
+    run.__doc__ = parallel.__doc__
     return run
 
 
@@ -484,17 +486,8 @@ if AVAILABLE:
     _g = globals()
     for _name in _NAMES:
         _fm = _FASTMATH.get(_name, False)
-        P[_name] = numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy", fastmath=_fm)(_g[_name])
-        S[_name] = numba.njit(parallel=False, nogil=True, cache=True, error_model="numpy", fastmath=_fm)(_g[_name])
-        K[_name] = _dispatch(P[_name], S[_name])
-
-
-def set_threads(n):
-    """Threads for the parallel kernels launched from the calling thread (numba's setting is per thread)."""
-    if AVAILABLE:
-        start_threads()
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-
-
-def max_threads():
-    return numba.config.NUMBA_NUM_THREADS if AVAILABLE else 1
+        PARALLEL[_name] = numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy",
+                                     fastmath=_fm)(_g[_name])
+        SERIAL[_name] = numba.njit(parallel=False, nogil=True, cache=True, error_model="numpy",
+                                   fastmath=_fm)(_g[_name])
+        KERNELS[_name] = _by_size(PARALLEL[_name], SERIAL[_name])
