@@ -79,7 +79,15 @@ TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation"
 
 
 def build_parser():
+    # the choices and their help come from the registries: registering an activation, a likelihood, an
+    # architecture, an optimizer or a recipe is all it takes to offer it here
     from . import __version__
+    from .config import DTYPES
+    from .data import BINARIZE
+    from .layers import ACTIVATIONS
+    from .likelihoods import LIKELIHOODS
+    from .networks import ARCHITECTURES
+    from .optim import OPTIMIZERS
     from .recipes import RECIPES
     p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
     p.add_argument("--version", action="version", version=f"minivae {__version__}",
@@ -95,28 +103,29 @@ def build_parser():
                         " (see minivae/recipes.py; without --recipe: default)")
     t.add_argument("--epochs", type=_nonneg_int, help="passes over the training set (default 10)")
     t.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 128)")
-    t.add_argument("--arch", choices=["mlp", "conv", "conv-pool"],
-                   help="network: mlp (fully connected), conv (strided convolutions) or conv-pool (convolutions, "
-                        "pooling, upsampling); conv needs image height and width divisible by 4")
+    t.add_argument("--arch", choices=list(ARCHITECTURES),
+                   help="network: " + ", ".join(a.summary for a in ARCHITECTURES.values()) + "; " +
+                        "; ".join(f"{name} needs image height and width divisible by {a.image_divisor}"
+                                  for name, a in ARCHITECTURES.items() if a.image_divisor > 1) + " (default mlp)")
     t.add_argument("--hidden", type=_hidden, help="hidden widths, e.g. 400 or 200,200 (default 400; for conv the "
                                                   "dense layers after the convolutions, default 256)")
     t.add_argument("--latent", type=_positive_int, help="latent dimension z_dim (default 20)")
-    t.add_argument("--activation", choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"],
-                   help="hidden-layer nonlinearity (default relu)")
-    t.add_argument("--likelihood", choices=["bernoulli", "gaussian", "gaussian_learned_var"],
-                   help="p(x|z): bernoulli (binary pixels), gaussian (fixed variance --obs-var) or "
-                        "gaussian_learned_var (default bernoulli)")
+    t.add_argument("--activation", choices=list(ACTIVATIONS),
+                   help="hidden-layer nonlinearity: " + ", ".join(ACTIVATIONS) + " (default relu)")
+    t.add_argument("--likelihood", choices=list(LIKELIHOODS),
+                   help="p(x|z): " + ", ".join(lik.summary for lik in LIKELIHOODS.values()) + " (default bernoulli)")
     t.add_argument("--obs-var", type=float, help="variance of the fixed-variance Gaussian likelihood (default 1)")
     t.add_argument("--dec-logvar-min", type=float,
                    help="with gaussian_learned_var: floor m on the decoder's log-variance, logvar' = m + "
                         "softplus(logvar - m), so no pixel's variance collapses below exp(m) (default: no floor)")
-    t.add_argument("--binarize", choices=["none", "dynamic", "static"],
+    t.add_argument("--binarize", choices=list(BINARIZE),
                    help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
     t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     t.add_argument("--warmup", type=_nonneg_int,
                    help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    t.add_argument("--optimizer", choices=["adam", "sgd", "adagrad"], help="update rule (default adam)")
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS),
+                   help="update rule: " + ", ".join(OPTIMIZERS) + " (default adam)")
     t.add_argument("--adam-eps", type=float, help="Adam's epsilon, > 0 (default 1e-8)")
     t.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1) (default 0.9)")
     t.add_argument("--weight-decay", type=float, help="L2 penalty coefficient (default 0)")
@@ -126,7 +135,7 @@ def build_parser():
     t.add_argument("--seed", type=int, help="seed of every random draw of the run (default 0)")
     t.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
-    t.add_argument("--dtype", choices=["float32", "float64"],
+    t.add_argument("--dtype", choices=list(DTYPES),
                    help="float type of parameters and data (default float32; float64 for gradient checks)")
     t.add_argument("--valid", type=_nonneg_int, help="hold out N training images and report the valid loss")
     t.add_argument("--data-dir", help="folder of IDX files in the MNIST layout (default $MINIVAE_DATA or the "
@@ -141,9 +150,7 @@ def build_parser():
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")
-    t.add_argument("--threads", type=int, choices=[1, 2],
-                   help="threads for the fast step's Adam update on NumPy (default 2 on a machine with 2 CPUs "
-                        "or more; the trained parameters are the same either way)")
+    _threads_flag(t)
     t.add_argument("--out", help="run folder, locked while the run writes to it (default: a new folder "
                                  "runs/<recipe>-<date>-<time>-<microseconds>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -161,6 +168,7 @@ def build_parser():
     e.add_argument("--n", type=_positive_int, help="evaluate the first N test images only (active units are "
                                                      "counted from 20 images up)")
     e.add_argument("--json", help="write the numbers to this JSON file (strict JSON: null for a missing number)")
+    _threads_flag(e)
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="an 8x8 grid of samples from the prior",
@@ -172,6 +180,7 @@ def build_parser():
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
+    _threads_flag(s)
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("interpolate", help="decode a line in latent space between two test digits",
@@ -211,6 +220,12 @@ def build_parser():
     les.add_argument("dir", metavar="DIR", help="a new or empty folder")
     les.set_defaults(func=cmd_lessons)
     return p
+
+
+def _threads_flag(p):
+    p.add_argument("--threads", type=_positive_int,
+                   help="threads for BLAS and the fused kernels, any N >= 1 (default: every core, BLAS its own "
+                        "setting); another N can change the last bits of BLAS's products")
 
 
 def _ckpt_args(p):
@@ -445,11 +460,14 @@ def _one_line(exc):
 def main(argv=None):
     from .checkpoint import CheckpointError
     from .download import DownloadError
-    from .train import RunLocked, TrainingDiverged, _Terminated
+    from .train import RunLocked, TrainingDiverged
+    from .train.loop import _Terminated
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .train import using_threads
     try:
-        return int(args.func(args) or 0)
+        with using_threads(getattr(args, "threads", None)):      # --threads of train, eval and sample
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated) or getattr(exc, "signum", None) == signal.SIGTERM
         default = "terminated (SIGTERM)" if terminated else "interrupted"

@@ -146,7 +146,8 @@ def error_cases(tmp_path, run):
     return [
         (["train", "--no-such-flag"], "unrecognized arguments"),
         (["train", "--hidden", "abc"], "expected widths"),
-        (["train", "--threads", "3"], "invalid choice: 3"),
+        (["train", "--threads", "0"], "expected a positive integer, got '0'"),
+        (["eval", "--checkpoint", str(run), "--threads", "two"], "expected a positive integer, got 'two'"),
         (["eval", "--checkpoint", str(tmp_path / "missing.npz")], "checkpoint not found"),
         (["eval", "--checkpoint", str(garbage)], "not a checkpoint (not a .npz file)"),
         (["eval", "--checkpoint", str(run), "--data-dir", str(small)], "was trained on other data"),
@@ -162,6 +163,30 @@ def error_cases(tmp_path, run):
         (["manifold", "--checkpoint", str(tmp_path / "z20")], "2-D latent"),
         (["train", *TINY, "--likelihood", "gaussian", "--out", str(tmp_path / "o4")], "Bernoulli"),
     ]
+
+
+def test_threads_takes_any_count_for_train_eval_and_sample(run_dir, tmp_path, capsys, monkeypatch):
+    """--threads N, any N >= 1 (here more than this machine's cores), on train, eval and sample alike: each
+    command runs inside minivae.fast.threads.using(N), which sets BLAS (threadpoolctl) and numba's threads."""
+    from minivae.fast import threads
+    out, _ = run_dir
+    seen = []
+    real = threads.using
+
+    def spy(n=None):
+        seen.append(n)
+        return real(n)
+    monkeypatch.setattr(threads, "using", spy)
+    assert run_main(["train", *SMALL, "--threads", "8", "--out", tmp_path / "t8"], capsys)[0] == 0
+    assert 8 in seen and json.loads((tmp_path / "t8" / "settings.json").read_text())["threads"] == 8
+    seen.clear()
+    assert run_main(["eval", "--checkpoint", out, "--n", "50", "--threads", "3"], capsys)[0] == 0
+    assert seen == [3]
+    seen.clear()
+    assert run_main(["sample", "--checkpoint", out, "--n", "4", "--out", tmp_path / "s", "--threads", "5"],
+                    capsys)[0] == 0
+    assert seen == [5]
+    assert "--threads" in run_main(["eval", "--help"], capsys)[1]
 
 
 def test_clear_errors_in_process(run_dir, tmp_path, capsys):
@@ -412,7 +437,7 @@ def test_results_folder_needs_force(tmp_path, capsys):
 
 
 def test_default_folders_are_unique(tmp_path, capsys, monkeypatch):
-    import minivae.train as tr
+    import minivae.train.run_folder as tr
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tr.time, "time", lambda: 1_767_000_000.5)      # both runs start in the same microsecond
     for _ in range(2):

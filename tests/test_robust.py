@@ -46,7 +46,7 @@ def test_a_locked_folder_refuses_a_second_writer_naming_the_holder(tmp_path):
 
 
 def test_the_lock_is_held_for_the_whole_run(tmp_path, monkeypatch):
-    import minivae.train as tr
+    import minivae.train.loop as tr
     out = tmp_path / "run"
     seen = []
     real = tr.write_history
@@ -62,7 +62,7 @@ def test_the_lock_is_held_for_the_whole_run(tmp_path, monkeypatch):
 
 
 def test_default_run_folders_are_unique_even_in_the_same_microsecond(tmp_path, monkeypatch):
-    import minivae.train as tr
+    import minivae.train.run_folder as tr
     monkeypatch.setattr(tr.time, "time", lambda: 1_767_000_000.25)
     made = []
 
@@ -92,7 +92,7 @@ def test_a_folder_with_results_is_not_overwritten_without_force(tmp_path):
 
 # ------------------------------------------------------------------ history and messages agree with the file
 def test_history_agrees_with_the_checkpoint_after_an_interrupt(tmp_path, monkeypatch):
-    import minivae.train as tr
+    import minivae.train.loop as tr
     out = tmp_path / "run"
     real, calls = tr.write_history, {"n": 0}
 
@@ -178,8 +178,8 @@ def test_chunked_iwae_equals_one_block_and_bounds_the_rows(monkeypatch):
     loss1, g1 = m.loss(x, eps=eps, iwae_k=50, beta=0.7)
     parts1 = dict(m.parts)
     rows = []
-    real = m._decoder_forward
-    m._decoder_forward = lambda z, y=None: (rows.append(len(z)), real(z, y))[1]
+    real = m.decoder_forward
+    m.decoder_forward = lambda z, y=None: (rows.append(len(z)), real(z, y))[1]
     m.IWAE_CHUNK_ELEMENTS = 16 * 5 * 4                # 4 samples of 5 rows per chunk
     loss2, g2 = m.loss(x, eps=eps, iwae_k=50, beta=0.7)
     assert max(rows) == 4 * 5 and len(rows) == 2 * 13  # two passes over ceil(50/4) chunks

@@ -1,0 +1,173 @@
+"""A run's folder: one writer at a time, a fresh or resumable folder, and the history files.
+
+    out/.lock            held (fcntl.flock) by the run writing here, for its whole duration (:class:`RunLock`)
+    out/checkpoint.npz   the last complete epoch (minivae.checkpoint, written atomically)
+    out/history.json     one record per epoch, and history.csv, the same as a table (:func:`write_history`)
+    out/settings.json    the run's settings;  out/results.json  the final report;  out/figures/
+
+A new run needs a new or empty folder (or ``force``, :func:`check_fresh_folder`); a resumed one starts by
+removing the temporary files an interrupted atomic write left (:func:`clean_stale`).
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, stale_temp_files
+
+CHECKPOINT = "checkpoint.npz"
+# the run's own files: a folder holding any of these is "not empty" for a new run
+RUN_FILES = (CHECKPOINT, "history.json", "history.csv", "results.json", "settings.json", "figures")
+LOCK_FILE = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the whole run: ``fcntl.flock`` on ``folder/.lock``.
+
+    The lock file holds the holder's PID, for the error message of the second
+    writer.  The kernel drops the lock when the process ends, however it ends
+    (even SIGKILL), so a lock is never stale.  Where ``fcntl`` does not exist
+    (Windows) runs are not locked.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.fd = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:              # Windows: no flock
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLocked(f"{self.folder} is in use by another minivae run (PID {holder}); wait for it "
+                                "to end or choose another output folder") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def new_run_dir(base, prefix):
+    """Create and return a fresh folder ``base/prefix-YYYYMMDD-HHMMSS-ffffff`` (``-2``, ``-3``... on a clash).
+
+    ``os.mkdir`` fails if the folder exists, so two runs started at the same
+    microsecond still get two folders.
+    """
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now % 1 * 1e6):06d}"
+    for i in range(1, 10000):
+        d = base / (f"{prefix}-{stamp}" + (f"-{i}" if i > 1 else ""))
+        try:
+            os.mkdir(d)
+            return d
+        except FileExistsError:
+            continue
+    raise OSError(f"{base}: could not create a new run folder")
+
+
+def check_fresh_folder(out, force):
+    """CheckpointError (one line) unless ``out`` is new, empty, or ``force`` lets a new run replace its files."""
+    ckpt_path = out / CHECKPOINT
+    if not out.is_dir():
+        return
+    if ckpt_path.exists() and not force:
+        raise CheckpointError(f"{out} already holds a run ({CHECKPOINT}); pass resume (--resume) to continue it, "
+                              "force (--force) to start over, or choose another output folder")
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.endswith(".tmp"))
+    if present and not force:
+        raise CheckpointError(f"{out} is not empty (it holds {', '.join(present[:5])}"
+                              f"{', ...' if len(present) > 5 else ''}); pass force (--force) to overwrite the "
+                              "run's files, or choose another output folder")
+
+
+def clean_stale(out, log):
+    """Remove the temporary files an interrupted atomic write left in ``out``, and say so through ``log``."""
+    stale = stale_temp_files(out)
+    for p in stale:
+        p.unlink()
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted write: "
+            + ", ".join(p.name for p in stale))
+
+
+def json_text(doc):
+    """Strict JSON (``allow_nan=False``): a non-finite float is written as null, never a bare NaN."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return clean(v.tolist())
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+    return json.dumps(clean(doc), indent=1, allow_nan=False)
+
+
+def write_history(out_dir, history):
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / "history.json", lambda f: f.write(json_text(history)), mode="w")
+    keys = []
+    for rec in history:
+        keys += [k for k in rec if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for rec in history:
+        w.writerow(rec)
+    atomic_write(out_dir / "history.csv", lambda f: f.write(buf.getvalue()), mode="w")
+
+
+def sync_history(out, ckpt_path):
+    """Rewrite history.json/csv from the checkpoint on disk, so the two agree after an interrupt."""
+    try:
+        ck = load_checkpoint(ckpt_path)
+    except CheckpointError:
+        return
+    try:
+        write_history(out, ck.history)
+    except (OSError, KeyboardInterrupt):
+        pass
+

@@ -1,0 +1,191 @@
+"""A training run's settings: one dataclass, saved as JSON in every checkpoint, and its checks.
+
+``TrainSettings.from_recipe(name, **overrides)`` starts from a recipe (:mod:`minivae.recipes`);
+:meth:`TrainSettings.validate` refuses an impossible setting with a one-line reason before anything runs;
+:func:`check_resume` compares the settings of a resumed run with its checkpoint's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..checkpoint import CheckpointError
+from ..config import VAEConfig
+from ..data import BINARIZE
+from ..likelihoods import LIKELIHOODS, get_likelihood
+from ..networks import get_architecture
+from ..optim import OPTIMIZERS, make_optimizer
+from ..recipes import get_recipe
+
+TEST_SEED = 12345
+# settings that may change when a run is resumed (everything else must match the checkpoint)
+RESUME_MUTABLE = ("epochs", "iw_k", "figures", "backend", "threads")
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run (saved as JSON in every checkpoint)."""
+
+    recipe: str = "default"
+    # model
+    arch: str = "mlp"          # "mlp", "conv" or "conv-pool" (minivae.networks)
+    conditional: bool = False  # a conditional VAE of p(x|y) on the dataset's labels (minivae.conditional)
+    hidden: tuple = (400,)
+    latent: int = 20
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    obs_var: float = 1.0
+    dec_logvar_min: float | None = None   # floor on a learned decoder log-variance (VAEConfig)
+    dtype: str = "float32"
+    # data
+    binarize: str = "dynamic"
+    data_dir: str | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    valid: int = 0
+    test_seed: int = TEST_SEED
+    data: dict | None = None   # provenance, set by train(): {"path": resolved folder, "files": {name: [size, sha256]}}
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    adam_eps: float = 1e-8
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    batch_size: int = 128
+    epochs: int = 10
+    schedule: list | None = None
+    init_output_bias: bool = False
+    # objective
+    beta: float = 1.0
+    warmup: int = 0
+    iwae_k: int | None = None
+    free_bits: float | None = None
+    # run
+    seed: int = 0
+    backend: str = "numpy"
+    iw_k: int = 0
+    figures: bool = True
+    fast: bool = True          # use minivae.fast.FastTrainer where it supports the run (same math, tested)
+    threads: int | None = None # BLAS, numba's kernels and the fast step (minivae.fast.threads; None: every core,
+                               # BLAS its own default); BLAS may round a product differently on another count
+
+    @classmethod
+    def from_recipe(cls, name="default", **overrides):
+        """A recipe's fields (:mod:`minivae.recipes`), then ``overrides`` (None values are ignored)."""
+        fields = get_recipe(name)
+        fields["recipe"] = name
+        arch = overrides.get("arch")
+        if arch is not None and arch != fields.get("arch", "mlp") and overrides.get("hidden") is None:
+            fields["hidden"] = VAEConfig(arch=arch).hidden     # another arch: its own dense widths
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(fields)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def __post_init__(self):
+        if isinstance(self.hidden, (int, np.integer)):
+            self.hidden = (int(self.hidden),)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.schedule is not None:
+            self.schedule = [[int(p), float(lr)] for p, lr in self.schedule]
+        if self.data_dir is not None:
+            self.data_dir = str(self.data_dir)
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    def validate(self):
+        """Raise ValueError with a one-line reason for an impossible setting."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+        need(self.binarize in BINARIZE, f"binarize must be one of {', '.join(BINARIZE)}, got {self.binarize!r}")
+        binary = [name for name, lik in LIKELIHOODS.items() if lik.unit_interval]
+        need(self.binarize == "none" or get_likelihood(self.likelihood).unit_interval,
+             f"binarize={self.binarize!r} only makes sense with a Bernoulli likelihood of data in [0, 1] "
+             f"({', '.join(binary)}); use binarize='none'")
+        need(int(self.epochs) == self.epochs and self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        need(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
+             f"batch size must be positive, got {self.batch_size}")
+        for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "obs_var"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
+        for name in ("clip_norm", "free_bits", "dec_logvar_min"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (int, float)) and math.isfinite(v)),
+                 f"{name} must be a finite number, got {v!r}")
+        need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
+        need(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
+        need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
+        need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
+        need(self.threads is None or (not isinstance(self.threads, bool) and isinstance(self.threads, (int, np.integer))
+                                      and self.threads >= 1),
+             f"threads must be a positive integer, got {self.threads!r}")
+        need(self.optimizer in OPTIMIZERS,
+             f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            need(v is None or v >= 1, f"{name} must be positive, got {v}")
+        need(self.clip_norm is None or self.clip_norm > 0, f"clip_norm must be positive, got {self.clip_norm}")
+        need(self.iwae_k is None or self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}")
+        need(self.free_bits is None or self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
+        need(not (self.iwae_k is not None and self.free_bits),
+             "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
+        config = self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
+        from ..limits import check_fits, training_bytes
+        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}")
+        return self
+
+    def model_config(self, x_dim, image_shape=None, n_classes=None):
+        """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
+        a conditional run its number of classes ``n_classes``."""
+        image = get_architecture(self.arch).image
+        return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
+                         likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
+                         dec_logvar_min=self.dec_logvar_min,
+                         image_shape=image_shape if image else None,
+                         n_classes=n_classes if self.conditional else None)
+
+    def make_optimizer(self):
+        kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+        if self.optimizer == "adam":
+            kw["eps"] = self.adam_eps
+        elif self.optimizer == "sgd":
+            kw["momentum"] = self.momentum
+        return make_optimizer(self.optimizer, self.lr, **kw)
+
+
+def describe(config):
+    """'784-400-20 VAE': the widths of a config, for messages."""
+    return "-".join(str(v) for v in (config.x_dim, *config.hidden, config.z_dim)) + " VAE"
+
+
+def check_resume(settings, ckpt):
+    """CheckpointError (one line) naming every setting of a resumed run that differs from its checkpoint's
+    (except those in RESUME_MUTABLE, and the data, which is checked by its fingerprint)."""
+    # a setting the checkpoint predates counts as saved with its default value
+    saved = dict(TrainSettings().to_dict(), **ckpt.settings)
+    now = settings.to_dict()
+    # the data is checked by its fingerprint (run_data_dir), not by the folder's name
+    skip = RESUME_MUTABLE + (("data_dir", "data") if saved.get("data") else ())
+    diffs = [f"{k}={saved.get(k)!r} (this run: {now[k]!r})" for k in now
+             if k not in skip and json.dumps(saved.get(k)) != json.dumps(now[k])]
+    if diffs:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint was trained with different settings: " + "; ".join(diffs))
