@@ -788,8 +788,9 @@ def _train_locked(s, out, resume, progress, log, force):
                             u = rngs["binarize"].random(xb.shape, dtype=rand_dtype)
                             xb = (xp.asarray(u) < xb).astype(model.dtype)
                     if trainer is not None:
-                        # the same eps draws as model.loss would take from model.rng, then loss, grads, update
-                        eps = model.rng.standard_normal((len(idx), model.config.z_dim), dtype=model.dtype)
+                        # the same eps draws as model.loss would take from model.rng (on the host, as every
+                        # random number: minivae.backend), put on the model's backend; then loss, grads, update
+                        eps = xp.asarray(model.rng.standard_normal((len(idx), model.config.z_dim), dtype=model.dtype))
                         loss = trainer.step(xb, eps, beta=beta_t)
                         parts = trainer.parts
                     else:

@@ -318,3 +318,33 @@ def test_train_numbers_are_the_means_of_the_step_losses(tmp_path, monkeypatch, b
     else:
         assert rec["train_kl"] > 0.02    # float32 sums: an absolute tolerance
         assert rec["train_neg_elbo"] - rec["train_loss"] == pytest.approx(0.5 * rec["train_kl"], abs=1e-3)
+
+
+def test_cupy_backend_trains_on_a_standin_device_like_numpy(tmp_path, monkeypatch):
+    """`train --backend cupy` through FastTrainer, on a stand-in CuPy (tests/standin_cupy.py: NumPy arrays whose
+    type says "device"): everything that reaches the trainer must live on the model's backend (on a GPU a host
+    eps was a TypeError on the first step), and the run gives the NumPy run's numbers."""
+    from standin_cupy import installed
+
+    from minivae import fast
+    from minivae.backend import get_array_module
+    seen = []
+    step = fast.FastTrainer.step
+
+    def spy(self, x, eps, *a, **kw):
+        seen.append((self.model.backend, get_array_module(x).__name__, get_array_module(eps).__name__))
+        return step(self, x, eps, *a, **kw)
+
+    monkeypatch.setattr(fast.FastTrainer, "step", spy)
+    host, _ = run(tiny(batch_size=48), tmp_path / "host")            # 256 = 5 x 48 + 16: a short last batch
+    n_host = len(seen)
+    with installed(monkeypatch):
+        dev, lines = run(tiny(batch_size=48, backend="cupy"), tmp_path / "dev")
+    assert n_host == 12 and len(seen) == 24                           # the fast path ran both times
+    assert set(seen[n_host:]) == {("cupy", "cupy", "cupy")}
+    for a, b in zip(host, dev):
+        for k in a:
+            if k != "time_s":
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-5), k
+    pa, pb = load_checkpoint(tmp_path / "host"), load_checkpoint(tmp_path / "dev")
+    assert all(np.allclose(pa.params[k], pb.params[k], rtol=0, atol=2e-3) for k in pa.params)
