@@ -22,11 +22,33 @@ import types
 import numpy as np
 
 
+def _host_arrays(values):
+    return [v for v in values if type(v) is np.ndarray and v.ndim > 0]
+
+
+def _refuse_host(values, what):
+    # CuPy refuses host arrays in device operations ("Unsupported type <class 'numpy.ndarray'>"): no implicit
+    # copies.  So does the stand-in, so that a host array where a device one belongs fails here as on a GPU.
+    if _host_arrays(values):
+        raise TypeError(f"Unsupported type <class 'numpy.ndarray'> in {what} (a host array among device arrays)")
+
+
 class ndarray(np.ndarray):
     """A NumPy array that claims to be a device array (its type's module is ``cupy``)."""
 
     def get(self):
         return np.array(self)                 # a host copy, as cupy.ndarray.get()
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kw):
+        out = kw.get("out", ())
+        _refuse_host(list(inputs) + list(out), f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__)
+        base = lambda v: v.view(np.ndarray) if isinstance(v, ndarray) else v  # noqa: E731
+        if out:
+            kw["out"] = tuple(base(v) for v in out)
+        res = getattr(ufunc, method)(*[base(v) for v in inputs], **kw)
+        if out:
+            return out[0] if len(out) == 1 else out
+        return _dev(res)
 
 
 ndarray.__module__ = "cupy"
@@ -40,8 +62,13 @@ def _dev(a):
     return a
 
 
-def _wrap(fn):
+_CONVERTERS = {"asarray", "array", "ascontiguousarray", "asanyarray"}
+
+
+def _wrap(fn, name):
     def call(*args, **kw):
+        if name not in _CONVERTERS:
+            _refuse_host(list(args) + list(kw.values()), f"cupy.{name}")
         return _dev(fn(*args, **kw))
     call.__name__ = getattr(fn, "__name__", "fn")
     return call
@@ -63,7 +90,7 @@ def make_module():
         obj = getattr(np, name)                # AttributeError for what NumPy does not have either
         if isinstance(obj, type) or not callable(obj):
             return obj
-        return _wrap(obj)
+        return _wrap(obj, name)
 
     mod.__getattr__ = _getattr
     return mod
@@ -108,8 +135,16 @@ def _adam(g, b1, c1, b2, c2, lr_t, eps_t, p, m, v):
     p -= lr_t * m / (np.sqrt(v) + eps_t)
 
 
-FAST_KERNELS = {"bias_relu": _bias_relu, "relu_bwd": _relu_bwd, "reparam": _reparam, "latent_bwd": _latent_bwd,
-                "kl_terms": _kl_terms, "bernoulli": _bernoulli, "adam": _adam}
+def _on_views(fn):
+    """A kernel twin works on plain NumPy views of the (stand-in) device arrays it is given, as a kernel does."""
+    def call(*args):
+        return fn(*[a.view(np.ndarray) if isinstance(a, ndarray) else a for a in args])
+    return call
+
+
+FAST_KERNELS = {k: _on_views(f) for k, f in {
+    "bias_relu": _bias_relu, "relu_bwd": _relu_bwd, "reparam": _reparam, "latent_bwd": _latent_bwd,
+    "kl_terms": _kl_terms, "bernoulli": _bernoulli, "adam": _adam}.items()}
 
 
 @contextlib.contextmanager

@@ -348,3 +348,33 @@ def test_cupy_backend_trains_on_a_standin_device_like_numpy(tmp_path, monkeypatc
                 assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-5), k
     pa, pb = load_checkpoint(tmp_path / "host"), load_checkpoint(tmp_path / "dev")
     assert all(np.allclose(pa.params[k], pb.params[k], rtol=0, atol=2e-3) for k in pa.params)
+
+
+@pytest.mark.parametrize("recipe, kw", [
+    ("default", dict(warmup=1, likelihood="gaussian", binarize="none", obs_var=0.1)),
+    ("default", dict(binarize="static", activation="tanh", init_output_bias=True, valid=50, iw_k=3)),
+    ("default", dict(iwae_k=3)),
+    ("default", dict(optimizer="adagrad", lr=1e-2, clip_norm=5.0, weight_decay=1e-4, dtype="float64")),
+    ("default", dict(conditional=True)),
+    ("default", dict(likelihood="gaussian_learned_var", binarize="none", hidden=(16, 8))),
+    ("conv", dict(hidden=(16,))),
+    ("burda2015-short", dict(hidden=(16, 16), latent=3)),
+], ids=["warmup-gaussian", "static-tanh-iw", "iwae", "adagrad-f64", "conditional", "learned-var", "conv",
+        "burda2015-short"])
+def test_every_kind_of_run_trains_on_a_standin_cupy_like_numpy(tmp_path, monkeypatch, recipe, kw):
+    """Every recipe, architecture and option on the CuPy code path (the stand-in refuses host arrays in device
+    operations as CuPy does), with the NumPy run's numbers."""
+    from standin_cupy import installed
+    base = dict(n_train=96, n_test=48, epochs=1, batch_size=32, figures=False)
+    if recipe == "default":
+        base.update(hidden=(24,), latent=2)
+    base.update(kw)
+    host, _ = run(TrainSettings.from_recipe(recipe, **base), tmp_path / "host")
+    with installed(monkeypatch):
+        dev, _ = run(TrainSettings.from_recipe(recipe, backend="cupy", **base), tmp_path / "dev")
+    for k in ("train_neg_elbo", "test_neg_elbo", "test_kl"):
+        assert dev[0][k] == pytest.approx(host[0][k], rel=1e-4), k
+    res_h, res_d = (json.loads((tmp_path / d / "results.json").read_text())["test"] for d in ("host", "dev"))
+    assert res_d["neg_elbo"] == pytest.approx(res_h["neg_elbo"], rel=1e-4)
+    if kw.get("iw_k"):
+        assert res_d["iw_nll"] == pytest.approx(res_h["iw_nll"], rel=1e-4)
