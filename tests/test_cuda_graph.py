@@ -1,0 +1,324 @@
+"""The CUDA-graph step (minivae.cuda_graph) and its cuBLAS binding (minivae.cublas_ctypes).
+
+Without a GPU: the ctypes prototypes against cublas_api.h and the real libcublas file; the row-major ->
+column-major product mapping against a column-major reference (tests/graph_stub.py); the whole step program
+-- its buffers, products, step counter and per-step data slices -- with NumPy twins of its kernels, against
+eager FastTrainer over several epochs; the fall-back rules.  On a GPU (gpu-marked): the captured graph against
+eager FastTrainer on CuPy, and `train` with the graph against the NumPy run.  The kernels' CUDA sources are
+compiled for sm_80/sm_90 by tests/test_nvrtc.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minivae
+from minivae import cublas_ctypes as cb
+from minivae import cuda_graph as cg
+from minivae.fast import FastTrainer
+from minivae.gradcheck import rel_error
+
+from graph_stub import TWINS, StubDevice
+
+CONFIGS = {
+    "relu": dict(x_dim=20, hidden=(16,), z_dim=3),
+    "tanh-equal-widths": dict(x_dim=20, hidden=(12, 12), z_dim=4, activation="tanh"),
+    "relu-deep-gaussian": dict(x_dim=18, hidden=(10, 7), z_dim=3, likelihood="gaussian", obs_var=0.5),
+    "no-hidden": dict(x_dim=9, hidden=(), z_dim=2),
+}
+
+
+def make(name, seed=0, lr=1e-2, **opt):
+    model = minivae.VAE(minivae.VAEConfig(**CONFIGS[name]), rng=seed)
+    return model, FastTrainer(model, minivae.Adam(lr=lr, **opt), fused=False)
+
+
+def epoch_data(rng, n, n_all, D, L):
+    order = rng.permutation(n_all)[:n].astype(np.int32)
+    return order, rng.random((n, D), dtype=np.float32), rng.standard_normal((n, L), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ cuBLAS binding
+def _cublas_header():
+    spec = importlib.util.find_spec("nvidia.cublas")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        h = Path(base) / "include" / "cublas_api.h"
+        if h.exists():
+            return h
+    return None
+
+
+C_TO_CTYPES = {"cublasHandle_t": ctypes.c_void_p, "cudaStream_t": ctypes.c_void_p, "int": ctypes.c_int,
+               "size_t": ctypes.c_size_t, "long long int": ctypes.c_longlong, "cublasOperation_t": ctypes.c_int,
+               "cublasMath_t": ctypes.c_int, "libraryPropertyType": ctypes.c_int, "cublasStatus_t": ctypes.c_int}
+
+
+def _prototype(header_text, name):
+    m = re.search(r"CUBLASAPI[ \t]+([A-Za-z_][\w \t]*\**)[ \t]*CUBLASWINAPI\s+" + name + r"\s*\((.*?)\)\s*;",
+                  header_text, re.S)
+    assert m, f"{name} not declared in cublas_api.h"
+    ret = " ".join(m.group(1).split())
+    params = [" ".join(p.split()) for p in m.group(2).split(",")]
+    return ret, params
+
+
+def _ctype_of(param):
+    if param == "void":
+        return None
+    decl = re.sub(r"\b(const|__restrict__)\b", "", param)
+    if "*" in decl:
+        return ctypes.c_void_p
+    words = decl.split()
+    return C_TO_CTYPES[" ".join(words[:-1])]                # drop the parameter's name
+
+
+def test_cublas_prototypes_match_cublas_api_h():
+    header = _cublas_header()
+    if header is None:
+        pytest.skip("nvidia-cublas (cublas_api.h) is not installed: pip install 'minivae[cuda12x]'")
+    text = header.read_text(errors="replace")
+    for name, (restype, argtypes) in cb.PROTOTYPES.items():
+        ret, params = _prototype(text, name)
+        want = [t for t in (_ctype_of(p) for p in params) if t is not None]
+        assert list(argtypes) == want, f"{name}: {params}"
+        assert restype == (ctypes.c_char_p if ret == "const char*" else C_TO_CTYPES[ret]), name
+
+
+def test_rowmajor_mapping_swaps_the_operands():
+    # C (R, S) = A @ B.T row-major -> column-major C^T = B A^T: B first (op T), A second (op N), m = S, n = R
+    assert cb.rowmajor_gemm(5, 7, 3, False, True, 3, 3, 7) == (cb.OP_T, cb.OP_N, 7, 5, 3, True, 3, 3, 7)
+    assert cb.rowmajor_gemm(5, 7, 3, True, False, 5, 7, 7) == (cb.OP_N, cb.OP_T, 7, 5, 3, True, 7, 5, 7)
+
+
+def _cupy_libcublas():
+    try:
+        return cb.find_library()
+    except cb.CublasError as exc:
+        pytest.skip(f"no libcublas here ({exc}); pip install 'minivae[cuda12x]'")
+
+
+def test_libcublas_loads_with_every_function_and_answers_without_a_gpu():
+    lib = cb.load(_cupy_libcublas())
+    assert Path(lib.path).name.startswith("libcublas.so")
+    assert not lib.missing, lib.missing
+    major, minor, patch = lib.version()                       # cublasGetProperty: a real call, no GPU needed
+    assert major >= 11 and minor >= 0 and patch >= 0
+    assert re.search(rf"libcublas\.so\.{major}\b", Path(lib.path).name) or lib.path == "cublas"
+    from minivae.backend import cupy_available
+    if not cupy_available():                                  # no GPU: cublasCreate fails cleanly, with a status
+        with pytest.raises(cb.CublasError, match=r"cublasCreate_v2 failed: cuBLAS status \d+"):
+            cb.Handle(lib)
+
+
+def test_find_library_refuses_two_different_libcublas(monkeypatch):
+    monkeypatch.setattr(cb, "loaded_cublas_paths", lambda: ["/a/libcublas.so.12", "/b/libcublas.so.13"])
+    with pytest.raises(cb.CublasError, match="several libcublas"):
+        cb.find_library()
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_rowmajor_products_through_column_major_gemm(ta, tb, beta):
+    # strided sub-matrices (ld > cols, an offset) as in the graph's heads: C = op(A) @ op(B) + beta C
+    rng = np.random.default_rng(0)
+    R, K, S = 5, 4, 3
+    a = rng.standard_normal((K, R) if ta else (R, K)).astype(np.float32)
+    b = rng.standard_normal((S, K) if tb else (K, S)).astype(np.float32)
+    bufA = np.zeros(200, np.float32)
+    bufB = np.zeros(200, np.float32)
+    bufC = rng.standard_normal(200).astype(np.float32)
+    A = cg.Mat(bufA, 3, *a.shape, ld=a.shape[1] + 2)
+    B = cg.Mat(bufB, 7, *b.shape, ld=b.shape[1] + 1)
+    C = cg.Mat(bufC, 5, R, S, ld=2 * S)
+    for X, x in ((A, a), (B, b)):
+        for r in range(X.rows):
+            X.buf[X.off + r * X.ld:X.off + r * X.ld + X.cols] = x[r]
+    c0 = np.array([bufC[5 + r * 2 * S:5 + r * 2 * S + S] for r in range(R)])
+    before = bufC.copy()
+    dev = StubDevice()
+    cg._mm(dev, C, A, B, ta=ta, tb=tb, beta=beta)()
+    want = (a.T if ta else a) @ (b.T if tb else b) + beta * c0
+    got = np.array([bufC[5 + r * 2 * S:5 + r * 2 * S + S] for r in range(R)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    untouched = np.ones(200, bool)
+    for r in range(R):
+        untouched[5 + r * 2 * S:5 + r * 2 * S + S] = False
+    assert np.array_equal(bufC[untouched], before[untouched])          # nothing outside C is written
+
+
+def test_batched_pair_and_shape_checks():
+    rng = np.random.default_rng(1)
+    N, H, L = 6, 5, 3
+    h = rng.standard_normal(N * H).astype(np.float32)
+    W = rng.standard_normal(2 * H * L + 4).astype(np.float32)      # W_mu at 0, W_lv at H L + 4 (a bias between)
+    heads = np.zeros(N * 2 * L, np.float32)
+    hm = cg.Mat(h, 0, N, H)
+    Wmu, Wlv = cg.Mat(W, 0, H, L), cg.Mat(W, H * L + 4, H, L)
+    Cm, Cl = cg.Mat(heads, 0, N, L, 2 * L), cg.Mat(heads, L, N, L, 2 * L)
+    dev = StubDevice()
+    cg._mm_pair(dev, [Cm, Cl], [hm, hm], [Wmu, Wlv])()
+    x = h.reshape(N, H)
+    got = heads.reshape(N, 2 * L)
+    np.testing.assert_allclose(got[:, :L], x @ W[:H * L].reshape(H, L), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, L:], x @ W[H * L + 4:2 * H * L + 4].reshape(H, L), rtol=1e-5, atol=1e-6)
+    assert dev.calls["gemm_batched"] == 1
+    with pytest.raises(ValueError, match="gemm shapes"):
+        cg._mm(dev, Cm, hm, Wmu, ta=True)
+    with pytest.raises(ValueError, match="overruns"):
+        cg.Mat(heads, L, N, L + 1, 2 * L + 1)
+
+
+def test_column_major_reference_refuses_what_cublas_refuses():
+    dev = StubDevice()
+    buf = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="leading dimension"):
+        dev.gemm(cb.OP_N, cb.OP_N, 3, 2, 2, 1.0, buf, 2, buf, 2, 0.0, buf, 3)
+    with pytest.raises(IndexError, match="past its buffer"):
+        dev.gemm(cb.OP_N, cb.OP_N, 3, 4, 2, 1.0, buf, 3, buf, 2, 0.0, buf, 3)
+
+
+# ------------------------------------------------------------------------------------------ the step program
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_graph_program_matches_eager_fasttrainer_over_epochs(name):
+    """Several epochs through the captured step (NumPy twins of its kernels) against eager FastTrainer on the
+    same rows, noise and eps: the per-step losses and the parameters agree to float32 rounding; the counter
+    walks the epoch; the KL warm-up's betas and Adam's bias corrections follow the step."""
+    rng = np.random.default_rng(3)
+    mg, tg = make(name)
+    me, te = make(name)
+    D, L = mg.config.x_dim, mg.config.z_dim
+    X = (rng.random((90, D)) if mg.config.likelihood == "bernoulli" else rng.normal(size=(90, D))).astype(np.float32)
+    n, N = 70, 16                                                 # 4 graph steps and a short batch of 6
+    dynamic = mg.config.likelihood == "bernoulli"
+    dev = StubDevice()
+    runner = cg.GraphRunner.create(tg, N, n, dynamic, device=dev, log=lambda m: None)
+    assert runner is not None and runner.steps == 4 and runner.short == 6
+    runner.prepare(X)
+    assert runner.check["counter_after_one_step"] == 1
+    assert runner.check["param_max_diff_graph_vs_kernels"] == 0.0
+    for ep in range(3):
+        order, u, eps = epoch_data(rng, n, 90, D, L)
+        betas = [min(1.0, (5 * ep + k) / 8) for k in range(5)]
+        losses = np.asarray(runner.run_epoch(X, order, u if dynamic else None, eps, betas))
+        assert losses.shape == (5, 3)
+        assert int(runner.data.ctr[0]) == 4                       # the counter walked the graph's steps
+        for k, lo in enumerate(range(0, n, N)):
+            xb = X[order[lo:lo + N]]
+            if dynamic:
+                xb = (u[lo:lo + N] < xb).astype(np.float32)
+            loss = float(te.step(xb, eps[lo:lo + N], beta=betas[k]))
+            assert losses[k, 0] == pytest.approx(loss, rel=2e-6), (ep, k)
+            assert losses[k, 1] == pytest.approx(float(te.parts["recon"]), rel=2e-6)
+            assert losses[k, 2] == pytest.approx(float(te.parts["kl"]), rel=2e-5, abs=1e-7)
+        assert tg.opt.t == te.opt.t == 5 * (ep + 1)
+        assert rel_error(mg.flat, me.flat) < 1e-5
+        np.testing.assert_allclose(tg.opt.state[0]["m"], te.opt.state[0]["m"], rtol=1e-3, atol=1e-7)
+    assert dev.calls["capture"] == 1 and dev.calls["replay"] == 1 + 3 * 4     # the check's replay, then 4 a epoch
+
+
+def test_default_model_step_is_21_kernels():
+    model = minivae.VAE(minivae.VAEConfig(), rng=0)
+    tr = FastTrainer(model, minivae.Adam(), fused=False)
+    runner = cg.GraphRunner(tr, 128, 256, True, device=StubDevice(), log=lambda m: None)
+    runner._ensure_state()
+    d = cg.EpochData(np, np.zeros((256, 784), np.float32), 256, 128, 784, 20, 2, True)
+    prog = cg.Program(runner.dev, tr, 128, d)
+    assert prog.n_kernels == 21                       # 12 products (one batched pair each way) + 9 kernels
+
+
+def test_state_moved_means_capture_again(monkeypatch):
+    rng = np.random.default_rng(0)
+    mg, tg = make("relu")
+    X = rng.random((40, 20)).astype(np.float32)
+    logs = []
+    runner = cg.GraphRunner.create(tg, 8, 32, True, device=StubDevice(), log=logs.append)
+    order, u, eps = epoch_data(rng, 32, 40, 20, 3)
+    runner.run_epoch(X, order, u, eps)
+    assert runner.dev.calls["capture"] == 1 and "CUDA graph: on" in logs[0]
+    tg.opt.state[0]["m"] = tg.opt.state[0]["m"].copy()            # e.g. a resumed optimizer state
+    runner.run_epoch(X, order, u, eps)
+    assert runner.dev.calls["capture"] == 2 and any("capturing again" in m for m in logs)
+
+
+# ------------------------------------------------------------------------------------------ falling back
+@pytest.mark.parametrize("cfg, opt, reason", [
+    (dict(dtype="float64"), {}, "float32 only"),
+    (dict(activation="softplus"), {}, "not 'softplus'"),
+    (dict(likelihood="gaussian", obs_var=0.5), dict(weight_decay=1e-4), "without weight decay"),
+])
+def test_what_the_graph_does_not_cover_is_logged(cfg, opt, reason):
+    model = minivae.VAE(minivae.VAEConfig(x_dim=8, hidden=(5,), z_dim=2, **cfg), rng=0)
+    tr = FastTrainer(model, minivae.Adam(**opt), fused=False)
+    logs = []
+    assert cg.GraphRunner.create(tr, 4, 16, True, device=StubDevice(), log=logs.append) is None
+    assert len(logs) == 1 and reason in logs[0] and logs[0].startswith("CUDA graph: off (")
+
+
+def test_other_optimizers_and_numpy_models_are_not_covered():
+    model = minivae.VAE(minivae.VAEConfig(x_dim=8, hidden=(5,), z_dim=2), rng=0)
+    assert "optimizer is SGD" in cg.why_not(FastTrainer(model, minivae.SGD(lr=0.1), fused=False), StubDevice())
+    assert "on numpy" in cg.why_not(FastTrainer(model, minivae.Adam(), fused=False))
+    with pytest.raises(cg.GraphUnavailable, match="no full batch"):
+        cg.GraphRunner(FastTrainer(model, minivae.Adam(), fused=False), 32, 20, True, device=StubDevice())
+
+
+def _broken(key, fn):
+    twins = dict(TWINS)
+    twins[key] = fn
+    return StubDevice(twins=twins)
+
+
+def test_a_wrong_kernel_fails_the_self_check_and_leaves_the_state_alone():
+    rng = np.random.default_rng(0)
+    mg, tg = make("relu")
+    X = rng.random((40, 20)).astype(np.float32)
+    p0 = mg.flat.copy()
+
+    def adam_without_bias_correction(p, g, m, v, cur, n, b1, c1, b2, c2):
+        TWINS["adam"](p, g, m, v, np.array([1e-2, 1e-8], np.float32), n, b1, c1, b2, c2)
+
+    def relu_bwd_without_mask(h, d, db, N, H, act):
+        db[:H] = d[:N * H].reshape(N, H).sum(axis=0)
+
+    for key, fn, what in (("adam", adam_without_bias_correction, "update differs"),
+                          ("act_bwd_db", relu_bwd_without_mask, "gradients rel. error")):
+        runner = cg.GraphRunner.create(tg, 8, 32, True, device=_broken(key, fn), log=lambda m: None)
+        with pytest.raises(cg.GraphUnavailable, match=f"self-check failed: .*{what}"):
+            runner.prepare(X)
+        assert np.array_equal(mg.flat, p0) and tg.opt.t == 0
+        assert not tg.opt.state[0]["m"].any()
+
+
+def test_a_capture_that_fails_is_reported_with_its_reason():
+    rng = np.random.default_rng(0)
+    mg, tg = make("relu")
+    X = rng.random((40, 20)).astype(np.float32)
+
+    class NoCapture(StubDevice):
+        def capture(self, fn):
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+
+    runner = cg.GraphRunner.create(tg, 8, 32, True, device=NoCapture(), log=lambda m: None)
+    with pytest.raises(cg.GraphUnavailable, match="capturing or replaying the step failed .*NotImplementedError"):
+        runner.prepare(X)
+
+
+def test_adam_schedule_is_fasttrainers_constants():
+    from minivae.fast import adam_begin_step
+    model = minivae.VAE(minivae.VAEConfig(x_dim=8, hidden=(5,), z_dim=2), rng=0)
+    opt = minivae.Adam(lr=3e-3, eps=1e-4)
+    opt.t = 7
+    table = cg.adam_schedule(opt, 3, [0.25, 0.5, 1.0], 20)
+    grads = model.new_grads()
+    for s in range(3):
+        *_, consts = adam_begin_step(opt, model.params, grads)    # t -> 8, 9, 10
+        assert table[s, 2] == consts[4] and table[s, 3] == consts[5]
+        assert table[s, 1] == np.float32([0.25, 0.5, 1.0][s] / 20) and table[s, 0] == [0.25, 0.5, 1.0][s]
