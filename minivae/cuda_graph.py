@@ -610,6 +610,26 @@ def adam_schedule(opt, steps, betas, N):
 
 
 # --------------------------------------------------------------------------------------------- the runner
+DEVICE = None          # None: the GPU (CudaDevice); the tests put a CPU stand-in here (tests/graph_stub.py)
+
+
+def runner_for_training(trainer, settings, n, x, log=print):
+    """``minivae.train``'s graph runner for a CuPy run, captured and checked, or None with the reason logged."""
+    if settings.backend != "cupy":
+        return None
+    runner = GraphRunner.create(trainer, settings.batch_size, n, settings.binarize == "dynamic", log=log,
+                                device=DEVICE() if DEVICE is not None else None)
+    if runner is None:
+        return None
+    try:
+        runner.prepare(x)
+    except GraphUnavailable as exc:
+        log(f"CUDA graph: off ({exc}); FastTrainer runs each step eagerly")
+        runner.close()
+        return None
+    return runner
+
+
 class GraphRunner:
     """Trains whole epochs of a FastTrainer's model with one captured step per batch.
 
@@ -834,6 +854,16 @@ class GraphRunner:
         losses = dev.run(last)
         dev.synchronize()          # once per epoch: evaluation and checkpoints (default stream) read the parameters
         return losses
+
+    def train_epoch(self, x, batches, rng_binarize, rng_eps, betas):
+        """One epoch of ``minivae.train``: the batches' rows in order, and the same draws as its eager loop makes
+        (a bulk draw is the concatenation of the per-batch ones): u from ``rng_binarize`` (dynamic binarization
+        only), eps from ``rng_eps`` (the model's rng).  Returns the (steps, 3) device array of (loss, recon, kl)."""
+        cfg = self.trainer.config
+        order = np.concatenate([np.asarray(b) for b in batches])
+        u = rng_binarize.random((len(order), cfg.x_dim), dtype=np.float32) if self.dynamic else None
+        eps = rng_eps.standard_normal((len(order), cfg.z_dim), dtype=np.float32)
+        return self.run_epoch(x, order, u, eps, betas)
 
     def close(self):
         if self.dev is not None and hasattr(self.dev, "close"):

@@ -744,8 +744,11 @@ def _train_locked(s, out, resume, progress, log, force):
     # numpy: check the loss and update the bar every step; cupy: keep the losses on the device and
     # synchronise every 50 steps (the tests force the device-style loop on numpy to check both agree)
     on_host = s.backend == "numpy" and not _DEVICE_STYLE_LOOP
+    runner = None
     if not on_host:
         x_dev = xp.asarray(data.x_train)
+        if trainer is not None:     # CuPy: the whole step as one CUDA graph where it applies (else logs why not)
+            runner = _graph_runner(s, trainer, n, x_dev, log)
     rand_dtype = np.float32 if model.dtype == np.float32 else np.float64
     where = {"epoch": start + 1, "step": 0}
 
@@ -775,7 +778,14 @@ def _train_locked(s, out, resume, progress, log, force):
                        mininterval=0.5)
             run_sum, last_shown = 0.0, 0
             try:
-                for step, idx in enumerate(batches):
+                if runner is not None:      # the epoch as graph replays: the same draws, one sync at the end
+                    losses = runner.train_epoch(x_dev, batches, rngs["binarize"], model.rng,
+                                                [beta_at(s, epoch * spe + k, spe) for k in range(spe)])
+                    lossbuf, where["step"] = losses[:, 0], spe
+                    tot = (losses * xp.asarray([len(b) for b in batches], dtype=np.float64)[:, None]).sum(axis=0)
+                    _check_finite(lossbuf, 0, spe, epoch, last_ckpt)
+                    bar.update(spe)
+                for step, idx in enumerate(batches if runner is None else ()):
                     where["step"] = step + 1
                     beta_t = beta_at(s, epoch * spe + step, spe)
                     if on_host:
@@ -859,6 +869,8 @@ def _train_locked(s, out, resume, progress, log, force):
     finally:
         if trainer is not None:
             trainer.close()
+        if runner is not None:
+            runner.close()
 
     if history:
         write_history(out, history)
@@ -901,6 +913,16 @@ def fast_trainer(settings, model, opt, obj_kw):
         return FastTrainer(model, opt, threads=step_threads(settings))     # (CuPy: FastTrainer makes no pool)
     except FastPathError:
         return None
+
+
+def _graph_runner(settings, trainer, n, x_dev, log):
+    """minivae.cuda_graph's runner for this CuPy run, or None (the reason is logged); None without the module
+    (a course assignment's copy)."""
+    try:
+        from .cuda_graph import runner_for_training
+    except ImportError:
+        return None
+    return runner_for_training(trainer, settings, n, x_dev, log)
 
 
 def fused_adam(settings):

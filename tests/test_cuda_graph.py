@@ -322,3 +322,74 @@ def test_adam_schedule_is_fasttrainers_constants():
         *_, consts = adam_begin_step(opt, model.params, grads)    # t -> 8, 9, 10
         assert table[s, 2] == consts[4] and table[s, 3] == consts[5]
         assert table[s, 1] == np.float32([0.25, 0.5, 1.0][s] / 20) and table[s, 0] == [0.25, 0.5, 1.0][s]
+
+
+# ------------------------------------------------------------------------------------------ in `train`
+def _train(tmp, **kw):
+    from minivae.train import TrainSettings, train
+    base = dict(n_train=256, n_test=128, epochs=2, batch_size=48, hidden=(32,), latent=2, figures=False, warmup=1)
+    base.update(kw)
+    lines = []
+    hist = train(TrainSettings.from_recipe("default", **base), tmp, progress=False, log=lines.append)
+    return hist, lines
+
+
+@pytest.mark.parametrize("kw", [{}, dict(activation="tanh", binarize="static"),
+                                dict(likelihood="gaussian", binarize="none", obs_var=0.2)],
+                         ids=["relu-dynamic-warmup", "tanh-static", "gaussian"])
+def test_train_on_cupy_runs_the_graph_with_the_numpy_runs_numbers(tmp_path, monkeypatch, kw):
+    """`train --backend cupy` on the stand-in CuPy, with the graph's CPU stand-in device: the graph trains every
+    full batch (the short last one eagerly), draws the same noise as the eager loop, and gives the NumPy run's
+    history and parameters to float32 rounding."""
+    from standin_cupy import installed
+
+    from minivae.checkpoint import load_checkpoint
+    host, _ = _train(tmp_path / "host", **kw)
+    made = []
+
+    def device():
+        made.append(StubDevice(xp=cp))
+        return made[-1]
+
+    with installed(monkeypatch) as cp:
+        monkeypatch.setattr(cg, "DEVICE", device)
+        dev, lines = _train(tmp_path / "dev", backend="cupy", **kw)
+    assert any(m.startswith("CUDA graph: on, one captured step for batches of 48 rows") for m in lines), lines
+    assert made and made[0].calls["replay"] == 1 + 2 * 5              # the check's, then 5 full batches an epoch
+    for a, b in zip(host, dev):
+        for k in a:
+            if k != "time_s":
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), k
+    pa, pb = load_checkpoint(tmp_path / "host"), load_checkpoint(tmp_path / "dev")
+    assert all(rel_error(pa.params[k], pb.params[k]) < 1e-4 for k in pa.params)
+    assert pa.opt_state.keys() == pb.opt_state.keys()
+    assert pa.rng == pb.rng                                             # the same draws: the same RNG states after
+
+
+def test_train_on_cupy_logs_why_the_graph_is_off(tmp_path, monkeypatch):
+    from standin_cupy import installed
+    with installed(monkeypatch) as cp:
+        monkeypatch.setattr(cg, "DEVICE", lambda: StubDevice(xp=cp))
+        _, lines = _train(tmp_path / "r", backend="cupy", activation="softplus", epochs=1)
+    assert any(m.startswith("CUDA graph: off (") and "softplus" in m for m in lines), lines
+
+
+def test_train_on_cupy_stops_at_the_first_bad_step_of_a_graph_epoch(tmp_path, monkeypatch):
+    from standin_cupy import installed
+
+    from minivae.checkpoint import load_checkpoint
+    from minivae.train import TrainingDiverged
+    twins = dict(TWINS)
+    calls = {"n": 0}
+
+    def poisoned(*args):                      # from the 3rd graph step of epoch 2 on, the loss record is NaN
+        TWINS["latent_bwd"](*args)            # (writes losses[s] and advances the counter to s + 1)
+        calls["n"] += 1
+        if calls["n"] >= 2 + 5 + 3:           # the self-check's 2 runs, epoch 1's 5 steps, then step 3
+            args[12][3 * (int(args[4][0]) - 1)] = np.nan
+    twins["latent_bwd"] = poisoned
+    with installed(monkeypatch) as cp:
+        monkeypatch.setattr(cg, "DEVICE", lambda: StubDevice(xp=cp, twins=twins))
+        with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 3;"):
+            _train(tmp_path / "r", backend="cupy", epochs=2)
+    assert load_checkpoint(tmp_path / "r").epoch == 1
