@@ -299,7 +299,7 @@ def why_not(trainer, device=None):
             import cupy as cp
         except Exception as exc:  # noqa: BLE001
             return f"CuPy cannot be imported ({type(exc).__name__}: {exc})"
-        if not hasattr(cp.cuda.Stream, "begin_capture"):
+        if not hasattr(getattr(getattr(cp, "cuda", None), "Stream", None), "begin_capture"):
             return f"this CuPy ({cp.__version__}) cannot capture CUDA graphs (Stream.begin_capture)"
     return None
 
