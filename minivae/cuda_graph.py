@@ -686,6 +686,10 @@ class GraphRunner:
             except Exception as exc:  # noqa: BLE001  (no cuBLAS found, a missing symbol, ...)
                 raise GraphUnavailable(f"cannot set up cuBLAS for the graph ({type(exc).__name__}: {exc})") from None
         dev, tr, cfg = self.dev, self.trainer, self.trainer.config
+        if getattr(x, "ndim", 0) != 2 or x.shape[1] != cfg.x_dim or x.dtype != np.float32 \
+                or not x.flags.c_contiguous:
+            raise GraphUnavailable(f"the training set must be a C-contiguous float32 (n, {cfg.x_dim}) array on the "
+                                   f"device, got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
         self._ensure_state()
         xp = dev.xp
         dev.wait_default()
