@@ -111,6 +111,26 @@ def test_dense_benchmark_with_torch_in_its_own_process_or_not(tmp_path, where):
     assert report["torch_process"] == where and isinstance(report["machine"]["torch"], str)
     losses = report["runs"][0]["mean_loss_per_round"]
     assert losses["minivae"][0] == pytest.approx(losses["torch"][0], rel=1e-4)
+    own = report["runs"][0]["own_process"]
+    if where == "own":                 # the child timed its own blocks; the round trip's rest is reported apart
+        rounds = own["torch"]
+        assert len(rounds) == len(report["runs"][0]["times_s"]["torch"])
+        assert all(r["pipe_and_wakeup_s"] >= 0 and r["child_cpu_s"] > 0 for r in rounds)
+    else:
+        assert own == {}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (optional: --jax columns)")
+def test_jax_columns_train_the_same_model(tmp_path):
+    """--jax: JAX's jitted step and its whole-epoch lax.scan start from minivae's initial values and minimise the
+    same loss (their own noise draws: the first round's mean loss within 1%); both give the same numbers."""
+    r, out = run_bench(tmp_path, "--one-thread", "off", "--no-torch", "--jax")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads(out.read_text())["runs"][0]
+    losses = run["mean_loss_per_round"]
+    assert losses["jax_jit"] == pytest.approx(losses["jax_scan"], rel=1e-5)
+    assert losses["jax_scan"][0] == pytest.approx(losses["minivae"][0], rel=1e-2)
+    assert run["ratio_minivae_over_jax_scan"] == pytest.approx(run["median_s"]["minivae"] / run["median_s"]["jax_scan"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed (the fused kernels)")
