@@ -26,7 +26,7 @@ The math is FastTrainer's (so the reference path's), only grouped differently; a
 it: one step of the graph against FastTrainer's eager step on the same inputs (loss, gradients, update), and
 the graph's replay against the same kernels launched eagerly.  Any difference beyond float32 rounding, and
 anything the graph does not cover, leaves the training to eager FastTrainer, with the reason in the log
-(:func:`why_not`): never silently.  The last, short batch of an epoch runs eagerly (FastTrainer.step), one
+(:func:`why_not`): never silently.  ``MINIVAE_CUDA_GRAPH=0`` turns it off (to compare, or to rule it out).  The last, short batch of an epoch runs eagerly (FastTrainer.step), one
 step per epoch.
 
 Covered: float32, any hidden depth, ReLU or tanh, the Bernoulli and fixed-variance Gaussian likelihoods, a
@@ -37,6 +37,7 @@ IWAE, free bits: the readable path).
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -281,6 +282,8 @@ def why_not(trainer, device=None):
     """None if the graph can train with ``trainer`` (a FastTrainer), else the reason, one line."""
     from .fast import _plain_adam
     cfg, opt = trainer.config, trainer.opt
+    if os.environ.get("MINIVAE_CUDA_GRAPH", "").strip().lower() in ("0", "off", "no", "false"):
+        return f"MINIVAE_CUDA_GRAPH={os.environ['MINIVAE_CUDA_GRAPH']}"
     if device is None and trainer.model.backend != "cupy":
         return f"the model is on {trainer.model.backend}, the graph is CuPy's"
     if trainer.dtype != np.float32:

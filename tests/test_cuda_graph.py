@@ -262,8 +262,11 @@ def test_what_the_graph_does_not_cover_is_logged(cfg, opt, reason):
     assert len(logs) == 1 and reason in logs[0] and logs[0].startswith("CUDA graph: off (")
 
 
-def test_other_optimizers_and_numpy_models_are_not_covered():
+def test_other_optimizers_and_numpy_models_are_not_covered(monkeypatch):
     model = minivae.VAE(minivae.VAEConfig(x_dim=8, hidden=(5,), z_dim=2), rng=0)
+    monkeypatch.setenv("MINIVAE_CUDA_GRAPH", "0")
+    assert cg.why_not(FastTrainer(model, minivae.Adam(), fused=False), StubDevice()) == "MINIVAE_CUDA_GRAPH=0"
+    monkeypatch.delenv("MINIVAE_CUDA_GRAPH")
     assert "optimizer is SGD" in cg.why_not(FastTrainer(model, minivae.SGD(lr=0.1), fused=False), StubDevice())
     assert "on numpy" in cg.why_not(FastTrainer(model, minivae.Adam(), fused=False))
     with pytest.raises(cg.GraphUnavailable, match="no full batch"):
