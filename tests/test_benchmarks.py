@@ -144,3 +144,21 @@ def test_profile_iw_accounts_for_a_call(tmp_path):
     parts = [v for k, v in rows.items() if not k.startswith("(") and k != "whole call"]
     assert sum(parts) == pytest.approx(rows["whole call"], rel=1e-6, abs=0.02)     # every millisecond listed
     assert 0 < rows["(the matmuls alone: the bound)"]
+
+
+@pytest.mark.skipif(cupy_available(), reason="checks the session script's failure handling, which needs no GPU")
+def test_gpu_session_survives_a_failing_part_and_writes_one_json_and_one_log(tmp_path):
+    """benchmarks/gpu_session.sh without a GPU: the env part runs, the CuPy training part fails with its one-line
+    reason; both are in the JSON (rewritten after each part) and the log; the exit status counts the failure."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_SESSION_PARTS="env,train_default", PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_session.json", "gpu_session.log"]
+    rep = json.loads((tmp_path / "out" / "gpu_session.json").read_text())
+    parts = {p["name"]: p for p in rep["parts"]}
+    assert list(parts) == ["env", "train_default"] and rep["failed_parts"] == 1
+    assert parts["env"]["status"] == "ok" and rep["results"]["env"]["numpy"] == np.__version__
+    assert parts["train_default"]["status"] == "failed" and "backend 'cupy'" in parts["train_default"]["output_tail"]
+    log = (tmp_path / "out" / "gpu_session.log").read_text()
+    assert "===== train_default: failed" in log and "backend 'cupy' was requested" in log

@@ -45,7 +45,10 @@ def epoch_data(rng, n, n_all, D, L):
 
 # ------------------------------------------------------------------------------------------ cuBLAS binding
 def _cublas_header():
-    spec = importlib.util.find_spec("nvidia.cublas")
+    try:
+        spec = importlib.util.find_spec("nvidia.cublas")
+    except ImportError:                                       # no "nvidia" package at all
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         return None
     for base in spec.submodule_search_locations:
