@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import conv_cuda as _cuda
 from .backend import get_array_module
 
 
@@ -174,6 +175,8 @@ def im2col(x, KH, KW, stride=1, padding=0):
     s, p = stride, padding
     OH, OW = _out_size("im2col", H, W, *conv_output_size(H, W, KH, KW, s, p),
                        f"KH={KH}, KW={KW}, stride={s}, padding={p}")
+    if _cuda.enabled(x):                     # CuPy: one kernel instead of KH·KW + 2 copies (minivae.conv_cuda)
+        return _cuda.im2col(x, KH, KW, s, p, OH, OW)
     col = xp.empty((C, KH, KW, OH, OW, N), dtype=x.dtype)
     kernel = _fused("im2col", x, col)
     if kernel is not None:                   # the same copies, fused into one pass (numba)
@@ -208,6 +211,8 @@ def col2im(col, x_shape, KH, KW, stride=1, padding=0):
     if tuple(col.shape) != (C * KH * KW, OH * OW * N):
         raise ValueError(f"col2im: col must have shape ({C * KH * KW}, {OH * OW * N}) = (C·KH·KW, OH·OW·N) "
                          f"for x_shape {tuple(x_shape)}, got {_shape(col)}")
+    if _cuda.enabled(col):                   # CuPy: one gather kernel, the same sums in the same order
+        return _cuda.col2im(col, x_shape, KH, KW, s, p, OH, OW)
     col6 = col.reshape(C, KH, KW, OH, OW, N)
     kernel = _fused("col2im", col6)
     if kernel is not None:                   # the same additions, in the same order, in one pass (numba)
