@@ -162,3 +162,18 @@ def test_gpu_session_survives_a_failing_part_and_writes_one_json_and_one_log(tmp
     assert parts["train_default"]["status"] == "failed" and "backend 'cupy'" in parts["train_default"]["output_tail"]
     log = (tmp_path / "out" / "gpu_session.log").read_text()
     assert "===== train_default: failed" in log and "backend 'cupy' was requested" in log
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (optional: the benchmark's torch column)")
+def test_torch_alone_check_times_the_same_work_both_ways(tmp_path):
+    """benchmarks/torch_alone.py: the benchmark's PyTorch process and a process of its own train the same model
+    on the same batches (the same mean loss), and it reports both times and their ratio."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_alone.py"), "--threads", "1",
+                        "--n-batches", "2", "--rounds", "1"], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("round 0:"))
+    losses = [float(v) for v in __import__("re").findall(r"loss ([0-9.]+)\)", line)]
+    assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert "median benchmark/alone: wall" in r.stdout and "load average" in r.stdout
