@@ -59,24 +59,48 @@ def loaded_cublas_paths():
     return sorted(p for p in paths if re.match(r"libcublas\.so(\.\d+)*$", os.path.basename(p)))
 
 
+def _pathfinder_cublas():
+    """The libcublas CuPy 14's path finder (cuda-pathfinder) loads, or None."""
+    try:
+        from cuda import pathfinder
+        return getattr(pathfinder.load_nvidia_dynamic_lib("cublas"), "abs_path", None)
+    except Exception:  # noqa: BLE001  (no cuda-pathfinder, or it found nothing)
+        return None
+
+
+def _cuda_major():
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:  # noqa: BLE001  (no CUDA driver: a CPU machine)
+        return None
+
+
 def find_library():
     """The path (or soname) of the libcublas CuPy uses: the one it has loaded, loading it first if need be.
 
-    CuPy loads libcublas when its cuBLAS module is imported (``from cupy_backends.cuda.libs import cublas``) (the CUDA 12 wheel:
-    ``libcublas.so.12``, the CUDA 13 one: ``libcublas.so.13``).  Two different ones loaded at once would be
-    ambiguous: that is an error, not a guess.
+    CuPy loads libcublas when its cuBLAS module is imported (``from cupy_backends.cuda.libs import cublas``), through
+    cuda-pathfinder (the CUDA 12 wheel: ``libcublas.so.12``, the CUDA 13 one: ``libcublas.so.13``); the path
+    finder says which file.  Without it, the one mapped into the process; if several are (PyTorch brings its
+    own), the one of CuPy's CUDA major version; if that is still ambiguous, an error, not a guess.
     """
-    paths = loaded_cublas_paths()
-    if not paths:
-        try:
-            import cupy  # noqa: F401
-            # through the package's __getattr__, which has CuPy's path finder load libcublas first
-            from cupy_backends.cuda.libs import cublas  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
+    try:
+        import cupy  # noqa: F401
+        # through the package's __getattr__, which has CuPy's path finder load libcublas first
+        from cupy_backends.cuda.libs import cublas  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        if not loaded_cublas_paths():
             raise CublasError(f"CuPy's cuBLAS module cannot be imported ({type(exc).__name__}: {exc})") from None
-        paths = loaded_cublas_paths()
+    path = _pathfinder_cublas()
+    if path and os.path.exists(path):
+        return path
+    paths = loaded_cublas_paths()
     if len(paths) > 1:
-        raise CublasError(f"several libcublas are loaded ({', '.join(paths)}); cannot tell which one CuPy uses")
+        major = _cuda_major()
+        same = [p for p in paths if major is not None and os.path.basename(p).startswith(f"libcublas.so.{major}")]
+        if len(same) != 1:
+            raise CublasError(f"several libcublas are loaded ({', '.join(paths)}); cannot tell which one CuPy uses")
+        paths = same
     if paths:
         return paths[0]
     name = ctypes.util.find_library("cublas")         # not Linux, or no /proc: the loader's search

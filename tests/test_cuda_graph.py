@@ -120,10 +120,16 @@ def test_libcublas_loads_with_every_function_and_answers_without_a_gpu():
             cb.Handle(lib)
 
 
-def test_find_library_refuses_two_different_libcublas(monkeypatch):
+def test_find_library_picks_cupys_libcublas(monkeypatch):
+    monkeypatch.setattr(cb, "_pathfinder_cublas", lambda: None)
     monkeypatch.setattr(cb, "loaded_cublas_paths", lambda: ["/a/libcublas.so.12", "/b/libcublas.so.13"])
+    monkeypatch.setattr(cb, "_cuda_major", lambda: 13)              # CuPy's CUDA: a PyTorch one loaded beside it
+    assert cb.find_library() == "/b/libcublas.so.13"
+    monkeypatch.setattr(cb, "_cuda_major", lambda: None)
     with pytest.raises(cb.CublasError, match="several libcublas"):
         cb.find_library()
+    monkeypatch.setattr(cb, "_pathfinder_cublas", lambda: __file__)  # the path finder's answer comes first
+    assert cb.find_library() == __file__
 
 
 @pytest.mark.parametrize("ta", [False, True])
