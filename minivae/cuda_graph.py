@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -696,13 +697,24 @@ class GraphRunner:
         self._ensure_state()
         xp = dev.xp
         dev.wait_default()
-        self.data = EpochData(xp, x, self.n, self.N, cfg.x_dim, cfg.z_dim, self.steps, self.dynamic)
-        self.program = Program(dev, tr, self.N, self.data)
+        snap = dev.run(self._snapshot)
         try:
-            self.check = dev.run(lambda: self._self_check(x))     # all of it on the graph's stream, in order
-        except GraphUnavailable:
+            self.data = EpochData(xp, x, self.n, self.N, cfg.x_dim, cfg.z_dim, self.steps, self.dynamic)
+            self.program = Program(dev, tr, self.N, self.data)
+            self.check = dev.run(lambda: self._self_check(x, snap))   # all of it on the graph's stream, in order
+        except Exception as exc:
             self.graph = None
-            raise
+            try:                                  # whatever failed, the model and Adam are as they were
+                dev.run(lambda: self._restore(snap))
+                dev.synchronize()
+            except Exception:  # noqa: BLE001
+                pass
+            if isinstance(exc, GraphUnavailable):
+                raise
+            import traceback
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            raise GraphUnavailable(f"setting the graph up failed ({type(exc).__name__}: {exc}; at "
+                                   f"{Path(where.filename).name}:{where.lineno})") from exc
         self._key = self._state_key(x)
         self.log(f"CUDA graph: on, one captured step for batches of {self.N} rows ({self.program.n_kernels} kernels"
                  f"{', cuBLAS ' + getattr(dev, 'library', '') if getattr(dev, 'library', '') else ''}); "
@@ -722,9 +734,9 @@ class GraphRunner:
         st["v"][...] = snap[2]
         tr.opt.t = snap[3]
 
-    def _self_check(self, x):
+    def _self_check(self, x, snap):
         """One step three ways on the same synthetic batch -- FastTrainer eagerly, the program's kernels
-        eagerly, the captured graph -- from the same state, which is restored afterwards."""
+        eagerly, the captured graph -- from the same state ``snap``, which is restored afterwards."""
         dev, tr, d, N = self.dev, self.trainer, self.data, self.N
         xp = dev.xp
         cfg = tr.config
@@ -733,7 +745,6 @@ class GraphRunner:
         u = rng.random((self.n, cfg.x_dim), dtype=np.float32) if self.dynamic else None
         eps = rng.standard_normal((self.n, cfg.z_dim), dtype=np.float32)
         self._upload(rows, u, eps, [1.0] * self.steps)
-        snap = self._snapshot()
         # 1. FastTrainer, eagerly, on the same x_b and eps
         xb = x[xp.asarray(rows[:N])]
         if self.dynamic:
@@ -769,7 +780,7 @@ class GraphRunner:
         res = {"loss_eager": loss_e, "loss_kernels": out_k["loss"], "loss_graph": out_g["loss"],
                "grad_rel_error_kernels_vs_eager": rel_error(out_k["g"], g_e),
                "step_max_diff_kernels_vs_eager_over_lr": float(np.max(np.abs(out_k["step"] - step_e))) / lr,
-               "grad_max_diff_graph_vs_kernels": float(np.max(np.abs(out_g["g"] - out_k["g"]))),
+               "grad_rel_error_graph_vs_kernels": rel_error(out_g["g"], out_k["g"]),
                "param_max_diff_graph_vs_kernels": float(np.max(np.abs(out_g["step"] - out_k["step"]))),
                "counter_after_one_step": out_g["ctr"]}
         res["summary"] = (f"one step: loss {out_g['loss']:.6g} vs eager {loss_e:.6g}, gradients rel. error "
@@ -785,7 +796,12 @@ class GraphRunner:
             problems.append(f"update differs by {res['step_max_diff_kernels_vs_eager_over_lr']:.3g} lr")
         if not (out_g["loss"] == out_k["loss"] or abs(out_g["loss"] - out_k["loss"]) <= 1e-6 * abs(out_k["loss"])):
             problems.append(f"graph loss {out_g['loss']!r} vs its kernels run eagerly {out_k['loss']!r}")
-        if not res["param_max_diff_graph_vs_kernels"] <= 1e-6:
+        # the same kernels: equal, unless cuBLAS picks another algorithm inside a capture (float rounding, and
+        # then Adam's first step can again flip a sign where g ~ 0)
+        if not res["grad_rel_error_graph_vs_kernels"] < 1e-5:
+            problems.append(f"graph gradients differ from its kernels run eagerly by "
+                            f"{res['grad_rel_error_graph_vs_kernels']:.3g} (rel.)")
+        if not res["param_max_diff_graph_vs_kernels"] <= 2.01 * lr:
             problems.append(f"graph parameters differ from its kernels run eagerly by "
                             f"{res['param_max_diff_graph_vs_kernels']:.3g}")
         if out_g["ctr"] != 1:
