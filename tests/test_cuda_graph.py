@@ -476,7 +476,7 @@ def test_cuda_graph_matches_eager_fasttrainer_on_cupy(name):
         assert tg.opt.t == te.opt.t
         # Adam moves each parameter by ~lr a step; float32 differences in g near 0 can flip a step's sign
         diff = np.abs(cp.asnumpy(mg.flat) - cp.asnumpy(me.flat))
-        assert diff.max() <= 2.5e-3 * tg.opt.t and np.median(diff) < 1e-6, (diff.max(), np.median(diff))
+        assert diff.max() <= 2.5e-3 * tg.opt.t and np.median(diff) < 1e-5, (diff.max(), np.median(diff))
     runner.close()
 
 
