@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import conv_cuda as _cuda
 from .backend import get_array_module
 
 
@@ -98,6 +97,10 @@ try:
     from . import cpu_kernels as _ck
 except ImportError:              # a course assignment's copy of minivae has no fused kernels
     _ck = None
+try:                             # CuPy: im2col and col2im as one kernel each (minivae/conv_cuda.py)
+    from . import conv_cuda as _cuda
+except ImportError:              # ... nor these
+    _cuda = None
 _threads = [1]
 
 
@@ -175,7 +178,7 @@ def im2col(x, KH, KW, stride=1, padding=0):
     s, p = stride, padding
     OH, OW = _out_size("im2col", H, W, *conv_output_size(H, W, KH, KW, s, p),
                        f"KH={KH}, KW={KW}, stride={s}, padding={p}")
-    if _cuda.enabled(x):                     # CuPy: one kernel instead of KH·KW + 2 copies (minivae.conv_cuda)
+    if _cuda is not None and _cuda.enabled(x):   # CuPy: one kernel instead of KH·KW + 2 copies (minivae.conv_cuda)
         return _cuda.im2col(x, KH, KW, s, p, OH, OW)
     col = xp.empty((C, KH, KW, OH, OW, N), dtype=x.dtype)
     kernel = _fused("im2col", x, col)
@@ -211,7 +214,7 @@ def col2im(col, x_shape, KH, KW, stride=1, padding=0):
     if tuple(col.shape) != (C * KH * KW, OH * OW * N):
         raise ValueError(f"col2im: col must have shape ({C * KH * KW}, {OH * OW * N}) = (C·KH·KW, OH·OW·N) "
                          f"for x_shape {tuple(x_shape)}, got {_shape(col)}")
-    if _cuda.enabled(col):                   # CuPy: one gather kernel, the same sums in the same order
+    if _cuda is not None and _cuda.enabled(col):  # CuPy: one gather kernel, the same sums in the same order
         return _cuda.col2im(col, x_shape, KH, KW, s, p, OH, OW)
     col6 = col.reshape(C, KH, KW, OH, OW, N)
     kernel = _fused("col2im", col6)

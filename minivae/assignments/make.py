@@ -7,7 +7,8 @@
   markers, the docstrings (with the math) and every other line stay as they
   are.  Left out: the ``assignments`` subpackage (the grader), and
   ``fast.py``, the optimized training step, with its kernels (``cpu_kernels.py``,
-  ``kernels.py``), which hold fused versions of the exercise solutions.  Without it, ``minivae.train`` runs the readable path,
+  ``kernels.py``, and the GPU's ``cuda_graph.py``, ``cublas_ctypes.py``, ``conv_cuda.py``), which hold fused
+  versions of the exercise solutions.  Without it, ``minivae.train`` runs the readable path,
   so a student's training runs the student's own ops.
 * ``lessons/``, ``pyproject.toml`` and ``requirements.txt`` as in the
   reference, so ``pip install -e OUT_DIR`` works and the package keeps its name.
@@ -36,7 +37,8 @@ DEFAULT_SOURCE = HERE.parents[1]          # the folder holding the reference min
 
 # not copied into the student package: the grader, and the optimized step with its fused kernels (they contain
 # the solutions, fused)
-PACKAGE_LEFT_OUT = ("assignments", "fast.py", "cpu_kernels.py", "kernels.py")
+PACKAGE_LEFT_OUT = ("assignments", "fast.py", "cpu_kernels.py", "kernels.py", "cuda_graph.py", "cublas_ctypes.py",
+                    "conv_cuda.py")
 
 
 def _ignore_package(root):
