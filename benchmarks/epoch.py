@@ -776,6 +776,13 @@ def run_batch_size(args, x, N, torch, report, tc):
         if "reference" in med:
             res["ratio_reference_over_torch"] = med["reference"] / med["torch"] if "torch" in med else None
             res["ratio_reference_over_bound"] = med["reference"] / med["bound"]
+        lm = res["mean_loss_per_round"]
+        if "minivae_graph" in lm and "minivae" in lm:
+            # the same data (DeviceData.epoch_arrays) and initial values: the same first-round loss, to float32
+            a, b = lm["minivae"][0], lm["minivae_graph"][0]
+            res["graph_vs_eager_first_round_loss_rel"] = abs(a - b) / abs(a)
+            if not res["graph_vs_eager_first_round_loss_rel"] < 1e-4:
+                _note(report, N, f"minivae_graph's first-round loss {b:.6g} differs from eager minivae's {a:.6g}")
         runner = getattr(impls.get((T, "minivae_graph")), "runner", None)
         if runner is not None:
             res["minivae_graph"] = {"kernels_per_step": runner.program.n_kernels, "graph_steps": runner.steps,
