@@ -153,6 +153,7 @@ def installed(monkeypatch):
     from minivae import fast
     mod = make_module()
     monkeypatch.setitem(sys.modules, "cupy", mod)
+    monkeypatch.setenv("MINIVAE_CONV_KERNELS", "0")      # conv's CUDA im2col/col2im cannot run here: the CuPy slices do
     saved = dict(fast._KERNELS)
     fast._KERNELS.clear()
     fast._KERNELS.update(FAST_KERNELS)
