@@ -17,6 +17,16 @@ interleaved round by round (minivae, torch, bound, minivae, torch, bound, ...):
   bound_split  (when minivae uses the split step) the same products as two concurrent half-batches
              on two threads with one-thread BLAS, as the split step runs them
 
+and on the GPU (``--backend cupy``, dense model) the fastest version of each, one column each, with their ratios:
+
+  minivae_graph  minivae.fast.cuda_graph: the whole step as one CUDA graph, replayed per batch (FastTrainer's math)
+  torch_graph    the whole PyTorch step in one torch.cuda.graph, Adam(capturable=True) (gpu_references.py)
+  jax_jit        JAX, a jitted step per batch;  jax_scan  JAX, the epoch in one jit(lax.scan)  (when JAX sees
+                 a GPU; on the CPU with --jax)
+
+Each of these draws its epoch's data (order, binarization noise, eps) on the device in bulk and reads each
+step's rows there.  A column that fails is dropped with its traceback in the JSON (``errors``); the others go on.
+
 and reports the median epoch time of each over the timed rounds (after the
 warm-up rounds), the ratios minivae/torch and minivae/bound, peak memory and
 the machine.  Every epoch includes its data pipeline (gather, binarize, draw
@@ -58,6 +68,9 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_N
 # (2^12 cycles) lets them sleep; the bound is measured with the same setting.  Override by setting it.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
 os.environ.setdefault("CUPY_TF32", "0")          # CuPy: no TF32 in float32 matmuls
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # JAX shares the GPU with CuPy and torch
+if _THREADS == "1":                              # JAX on the CPU (--jax): one thread too
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import numpy as np  # noqa: E402
 
@@ -104,6 +117,9 @@ def parse_args(argv=None):
                    help="also time minivae's fast path without the fused kernels (FastTrainer(fused=False), the "
                         "NumPy ufunc code) as 'minivae_numpy'")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--jax", action="store_true",
+                   help="CPU: also time JAX (jit per step, and the epoch in one lax.scan) when it is installed; "
+                        "on cupy the JAX columns are always added when JAX sees a GPU")
     p.add_argument("--torch-in-process", action="store_true",
                    help="CPU: run PyTorch in this process instead of a process of its own (see TorchProcess)")
     p.add_argument("--block-steps", type=int, default=0,
@@ -307,14 +323,19 @@ class DeviceData:
             self.torch = torch
             self.x = torch.as_tensor(x, device="cuda")
 
+    def epoch_arrays(self, e):
+        """CuPy: the epoch's (order, u, eps) on the device, in bulk (what each step slices)."""
+        cp = self.xp
+        order = np.random.default_rng([self.seed, e]).permutation(self.x.shape[0])[:self.n]
+        rs = cp.random.RandomState(self.seed * 1000 + e)
+        return (cp.asarray(order), rs.random_sample((self.n, self.x.shape[1]), dtype=cp.float32),
+                rs.standard_normal((self.n, self.L), dtype=cp.float32))
+
     def epoch(self, e):
         order = np.random.default_rng([self.seed, e]).permutation(self.x.shape[0])[:self.n]
         if self.framework == "cupy":
             cp = self.xp
-            rs = cp.random.RandomState(self.seed * 1000 + e)
-            order = cp.asarray(order)
-            u_all = rs.random_sample((self.n, self.x.shape[1]), dtype=cp.float32)
-            eps_all = rs.standard_normal((self.n, self.L), dtype=cp.float32)
+            order, u_all, eps_all = self.epoch_arrays(e)
             start = 0
             for N in self.sizes:
                 sl = slice(start, start + N)
@@ -356,6 +377,69 @@ def make_minivae(cfg, args, data, sync, backend, threads, fused=None):
         yield float(total) / data.n
 
     return epoch, model, trainer
+
+
+def make_minivae_graph(cfg, args, data, sync, log):
+    """minivae's CUDA-graph step (minivae.fast.cuda_graph.GraphRunner over FastTrainer): the epoch's data drawn on the
+    device in bulk (DeviceData.epoch_arrays), one graph replay per full batch, the short batch eagerly.  The first
+    epoch captures the graph and checks it against eager FastTrainer (the log says how it went)."""
+    from minivae.fast.cuda_graph import GraphRunner
+    model = minivae.VAE(cfg, rng=args.seed, backend="cupy")
+    trainer = FastTrainer(model, minivae.Adam(lr=1e-3))
+    runner = GraphRunner.create(trainer, data.N, data.n, True, log=log)
+    if runner is None:
+        return None
+    sizes = data.xp.asarray(data.sizes, dtype=np.float64)
+
+    def epoch(e, block):
+        order, u_all, eps_all = data.epoch_arrays(e)
+        losses = runner.run_epoch(data.x, order, u_all, eps_all)
+        total = (losses[:, 0] * sizes).sum()
+        sync()
+        yield float(total) / data.n
+
+    epoch.runner = runner
+    return epoch
+
+
+def make_torch_graph(cfg, args, x, N, n, torch):
+    """PyTorch at its best on the GPU: the whole step in one torch.cuda.graph (gpu_references.TorchGraph)."""
+    from gpu_references import TorchGraph
+    tg = TorchGraph(minivae.VAE(cfg, rng=args.seed), torch.as_tensor(x, device="cuda"), n, N, args.seed)
+
+    def epoch(e, block):
+        loss = tg.epoch(e)
+        torch.cuda.synchronize()
+        yield float(loss)
+
+    return epoch
+
+
+def make_jax(cfg, args, x, N, n, mode):
+    """JAX: a jitted step per batch (mode "jit") or the epoch in one jit(lax.scan) ("scan"); gpu_references."""
+    from gpu_references import JaxTrainer
+    jt = JaxTrainer(minivae.VAE(cfg, rng=args.seed), x, n, N, args.seed, mode=mode)
+
+    def epoch(e, block):
+        yield jt.block(jt.epoch(e))
+
+    return epoch
+
+
+def jax_module(backend):
+    """jax when it is installed and runs on the benchmark's device ("gpu" for cupy), else (None, reason)."""
+    import importlib.util
+    if importlib.util.find_spec("jax") is None:
+        return None, "JAX is not installed"
+    try:
+        import jax
+        platform = jax.devices()[0].platform
+    except Exception as exc:  # noqa: BLE001
+        return None, f"JAX cannot start ({type(exc).__name__}: {exc})"
+    want = "gpu" if backend == "cupy" else "cpu"
+    if platform != want and not (want == "gpu" and platform == "cuda"):
+        return None, f"JAX runs on {platform}, not {want}"
+    return jax, None
 
 
 def make_reference(cfg, args, data, backend="numpy", sync=lambda: None, adam_threads=None):
@@ -439,9 +523,11 @@ class TorchProcess:
     2-thread conv step from about 59 ms to 100 ms (measured; 1 thread was unaffected).  A user never runs
     both in one process, so each gets its own, one per thread count (resizing PyTorch's thread pool between
     the 1-thread and 2-thread runs slowed its 2-thread step from 6.5 to 9.7 ms).  The parent sends "run the
-    next block", the child runs it (its own HostData, same seed: the same batches and eps) and answers; the parent times
-    the round trip (the pipe costs ~0.1 ms against blocks of 10-200 ms).  Meanwhile the other process
-    waits on the pipe, so the two never run at once.  ``--torch-in-process`` restores the old way."""
+    next block", the child runs it (its own HostData, same seed: the same batches and eps), times it itself
+    (wall and CPU seconds around its own steps) and answers; that time is the torch column, and the round trip's
+    remainder (the pipe, the parent's wake-up) is reported apart (``own_process``).  Meanwhile the other process
+    waits on the pipe, so the two never run at once.  The child sets its thread count once (resizing PyTorch's
+    pool per block was measurable).  ``--torch-in-process`` restores the old way."""
 
     def __init__(self, args, N, n_batches, thread_counts):
         import multiprocessing as mp
@@ -457,15 +543,21 @@ class TorchProcess:
         self.info = msg                                 # torch version and build, for the report
 
     def make(self, T):
+        last = {"s": 0.0, "cpu": 0.0}
+
         def epoch(e, block):
             while True:
                 self.conn.send((T, e, block))
                 out = self.conn.recv()
                 if isinstance(out, str):
                     raise RuntimeError(f"the PyTorch process failed: {out}")
+                out, last["s"], last["cpu"] = out
                 yield out
                 if out is not None:
                     return
+        # the block's time as the child measured it around its own steps: the pipe round trip and the
+        # parent's wake-up are not PyTorch's time (the round loop records both; see run_batch_size)
+        epoch.self_time = lambda: (last["s"], last["cpu"])
         return epoch
 
     def close(self):
@@ -490,19 +582,24 @@ def _torch_worker(conn, args_dict, N, n_batches, thread_counts):
     except Exception as exc:                            # noqa: BLE001 (reported to the parent, one line)
         conn.send(f"{type(exc).__name__}: {exc}")
         return
+    if len(thread_counts) == 1:
+        torch.set_num_threads(thread_counts[0])         # once: the pool is never resized between blocks
     while True:
         msg = conn.recv()
         if msg is None:
             return
         T, e, block = msg
         try:
-            torch.set_num_threads(T)
+            if len(thread_counts) > 1:
+                torch.set_num_threads(T)
             if T not in gens:
                 gens[T] = impls[T](e, block)
+            c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             out = next(gens[T])
+            dt, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
             if out is not None:
                 del gens[T]
-            conn.send(out)
+            conn.send((out, dt, c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime))
         except Exception as exc:                        # noqa: BLE001
             conn.send(f"{type(exc).__name__}: {exc}")
             return
@@ -530,7 +627,7 @@ def run_batch_size(args, x, N, torch, report, tc):
     conv = args.arch != "mlp"
     n_batches = QUICK_BATCHES if args.quick else args.n_batches
     gpu = args.backend == "cupy"
-    impls, loss_log, rss, trainers = {}, {}, {}, {}
+    impls, loss_log, rss, trainers, proc_log = {}, {}, {}, {}, {}
     tprocs = {}
     if gpu:
         import cupy as cp
@@ -560,6 +657,20 @@ def run_batch_size(args, x, N, torch, report, tc):
             impls[T, "torch"] = tprocs[T].make(T)
         elif torch is not None:
             impls[T, "torch"] = make_torch(cfg, args, data_t, "cuda" if gpu else "cpu", torch)
+        if gpu and not conv:           # the fastest versions of each: whole-step graphs, jit, scan
+            _try_column(impls, report, (T, "minivae_graph"),
+                        lambda: make_minivae_graph(cfg, args, data_mv, sync, lambda m: _note(report, N, m)))
+            if torch is not None:
+                _try_column(impls, report, (T, "torch_graph"),
+                            lambda: make_torch_graph(cfg, args, x, N, data_mv.n, torch))
+        if not conv and (gpu or args.jax):
+            jax, why = jax_module(args.backend)
+            if jax is None:
+                _note(report, N, f"no JAX columns: {why}")
+            else:
+                for mode in ("jit", "scan"):
+                    _try_column(impls, report, (T, f"jax_{mode}"),
+                                lambda mode=mode: make_jax(cfg, args, x, N, data_mv.n, mode))
         impls[T, "bound"] = make_bound(cfg, data_mv, xp, sync)
         if not conv and trainers[T].split:
             # the same products as two concurrent half-batches with one-thread BLAS, as the split step runs them
@@ -567,9 +678,11 @@ def run_batch_size(args, x, N, torch, report, tc):
 
     times = {k: [] for k in impls}
     block = args.block_steps or len(data_mv.sizes)
+    failed = set()
     for r in range(args.warmup + args.epochs):
         gens = {key: run(r, block) for key, run in impls.items()}
         spent = dict.fromkeys(impls, 0.0)
+        overhead, cpu_s = {}, {}
         result = {}
         before = {}
         while gens:                     # round-robin: `block` steps of each implementation in turn
@@ -578,21 +691,43 @@ def run_batch_size(args, x, N, torch, report, tc):
                 if r == 0 and key not in before:
                     before[key] = max_rss_mib()
                 t0 = time.perf_counter()
-                out = next(gens[key])
-                spent[key] += time.perf_counter() - t0
+                try:
+                    out = next(gens[key])
+                except Exception as exc:  # noqa: BLE001  (one failing column must not end the benchmark)
+                    if key[1] not in OPTIONAL_COLUMNS:
+                        raise
+                    _column_failed(report, N, key, exc)
+                    failed.add(key)
+                    del gens[key]
+                    continue
+                wall = time.perf_counter() - t0
+                own = getattr(impls[key], "self_time", None)
+                if own is not None:             # PyTorch's process timed its own block (TorchProcess)
+                    child_s, child_cpu = own()
+                    spent[key] += child_s
+                    overhead[key] = overhead.get(key, 0.0) + wall - child_s
+                    cpu_s[key] = cpu_s.get(key, 0.0) + child_cpu
+                else:
+                    spent[key] += wall
                 if out is not None:
                     result[key] = out
                     del gens[key]
                     if r == 0:
                         rss[key] = max_rss_mib() - before[key]
-        for key in impls:
+        for key in list(impls):
+            if key in failed:
+                del impls[key]
+                times.pop(key, None)
+                continue
             (T, name), dt, loss = key, spent[key], result[key]
             if r >= args.warmup:
                 times[key].append(dt)
-            if name in ("minivae", "minivae_numpy", "torch", "reference"):
+                if key in overhead:
+                    proc_log.setdefault(key, []).append({"pipe_and_wakeup_s": overhead[key], "child_cpu_s": cpu_s[key]})
+            if name != "bound" and name != "bound_split":
                 loss_log.setdefault(key, []).append(loss)
             print(f"  batch {N:5d} round {r:2d}{' (warm-up)' if r < args.warmup else '          '}  "
-                  f"{T:2d} thr  {name:9s} {dt:7.3f} s" + (f"  loss {loss:8.3f}" if loss == loss else ""), flush=True)
+                  f"{T:2d} thr  {name:13s} {dt:7.3f} s" + (f"  loss {loss:8.3f}" if loss == loss else ""), flush=True)
 
     for tp in tprocs.values():
         tp.close()
@@ -611,7 +746,8 @@ def run_batch_size(args, x, N, torch, report, tc):
                "full_epoch_examples": n_full, "full_epoch_steps": -(-n_full // N),
                "extrapolated_epoch_s": {k: v * n_full / data_mv.n for k, v in med.items()},
                "mean_loss_per_round": {k[1]: loss_log[k] for k in keys if k in loss_log},
-               "peak_rss_increase_first_epoch_mib": {k[1]: rss[k] for k in keys if k in rss}}
+               "peak_rss_increase_first_epoch_mib": {k[1]: rss[k] for k in keys if k in rss},
+               "own_process": {k[1]: proc_log[k] for k in keys if k in proc_log}}
         if conv:
             model, opt = trainer
             from minivae.fast import cpu_kernels
@@ -631,9 +767,27 @@ def run_batch_size(args, x, N, torch, report, tc):
         if "torch" in med:
             res["ratio_minivae_over_torch"] = med["minivae"] / med["torch"]
             res["ratio_torch_over_bound"] = med["torch"] / med["bound"]
+        # every fast column against every fast reference: the issue's targets are minivae_graph / torch_graph
+        # and minivae_graph / jax_scan
+        for mine in ("minivae", "minivae_graph"):
+            for ref in ("torch", "torch_graph", "jax_jit", "jax_scan"):
+                if mine in med and ref in med and (mine, ref) != ("minivae", "torch"):
+                    res[f"ratio_{mine}_over_{ref}"] = med[mine] / med[ref]
         if "reference" in med:
             res["ratio_reference_over_torch"] = med["reference"] / med["torch"] if "torch" in med else None
             res["ratio_reference_over_bound"] = med["reference"] / med["bound"]
+        lm = res["mean_loss_per_round"]
+        if "minivae_graph" in lm and "minivae" in lm:
+            # the same data (DeviceData.epoch_arrays) and initial values: the same first-round loss, to float32
+            a, b = lm["minivae"][0], lm["minivae_graph"][0]
+            res["graph_vs_eager_first_round_loss_rel"] = abs(a - b) / abs(a)
+            if not res["graph_vs_eager_first_round_loss_rel"] < 1e-4:
+                _note(report, N, f"minivae_graph's first-round loss {b:.6g} differs from eager minivae's {a:.6g}")
+        runner = getattr(impls.get((T, "minivae_graph")), "runner", None)
+        if runner is not None:
+            res["minivae_graph"] = {"kernels_per_step": runner.program.n_kernels, "graph_steps": runner.steps,
+                                    "eager_last_batch_rows": runner.short,
+                                    "self_check": {k: v for k, v in runner.check.items() if k != "summary"}}
         if gpu:
             import cupy as cp
             res["gpu_memory_mib"] = {"cupy_pool_total": cp.get_default_memory_pool().total_bytes() / 2 ** 20}
@@ -642,6 +796,36 @@ def run_batch_size(args, x, N, torch, report, tc):
         report["runs"].append(res)
         out.append(res)
     return out
+
+
+OPTIONAL_COLUMNS = ("minivae_graph", "torch_graph", "jax_jit", "jax_scan")
+
+
+def _note(report, N, msg):
+    print(f"  batch {N}: {msg}", flush=True)
+    report.setdefault("notes", []).append(f"batch {N}: {msg}")
+
+
+def _try_column(impls, report, key, make):
+    """impls[key] = make(), or a note with the traceback when it fails (or returns None): the other columns go on."""
+    import traceback
+    try:
+        fn = make()
+    except Exception:  # noqa: BLE001
+        report.setdefault("errors", {})[f"{key[1]} (setup)"] = traceback.format_exc()
+        print(f"  {key[1]}: setup failed, column skipped:\n{traceback.format_exc()}", flush=True)
+        return
+    if fn is None:
+        _note(report, "-", f"{key[1]}: not available (see the line above)")
+        return
+    impls[key] = fn
+
+
+def _column_failed(report, N, key, exc):
+    import traceback
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    report.setdefault("errors", {})[f"{key[1]} (batch {N})"] = tb
+    print(f"  {key[1]}: failed during the run, column dropped:\n{tb}", flush=True)
 
 
 def trainer_bytes(tr):
@@ -716,6 +900,11 @@ def main(argv=None):
             res["ratio_minivae_numpy_over_bound"] = med["minivae_numpy"] / med["bound"]
             line += f"  minivae_numpy/bound {res['ratio_minivae_numpy_over_bound']:.2f}"
         print(line + f"  ({res['gflop_per_epoch']:.1f} GFLOP of matmuls per epoch)")
+        best = [f"{k[6:].replace('_over_', '/')} {v:.2f}" for k, v in res.items()
+                if k.startswith("ratio_minivae_graph_over_") or k.startswith("ratio_minivae_over_") and
+                k.split("_over_")[1] in ("torch_graph", "jax_jit", "jax_scan")]
+        if best:
+            print(f"batch {N}, {T} thr: " + "  ".join(best))
         if res["n_examples"] != res["full_epoch_examples"]:
             print(f"batch {N}, {T} thr: per step  " + "  ".join(f"{k} {v * 1e3:.1f} ms"
                                                              for k, v in res["median_step_s"].items())

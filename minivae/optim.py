@@ -95,11 +95,18 @@ class Optimizer:
         one pair per key.  :meth:`step` runs its update on them; another implementation of the same update
         (minivae.fast's fused Adam) starts here too.
         """
+        pairs = self.ensure_state(params, grads)
+        self.t += 1
+        return list(zip(pairs, self.state))
+
+    def ensure_state(self, params, grads):
+        """Create the optimizer state for these arrays if it is not there yet, without counting a step (the
+        CUDA-graph step of minivae.fast captures an update on it before the first step); returns the pairs
+        ``[(param, grad)]`` as :meth:`begin_step` sees them."""
         pairs = _pairs(params, grads)
         if self.state is None or len(self.state) != len(pairs):
             self._init_state(pairs)
-        self.t += 1
-        return list(zip(pairs, self.state))
+        return pairs
 
     def _update(self, p, g, st):
         raise NotImplementedError

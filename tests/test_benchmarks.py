@@ -111,6 +111,26 @@ def test_dense_benchmark_with_torch_in_its_own_process_or_not(tmp_path, where):
     assert report["torch_process"] == where and isinstance(report["machine"]["torch"], str)
     losses = report["runs"][0]["mean_loss_per_round"]
     assert losses["minivae"][0] == pytest.approx(losses["torch"][0], rel=1e-4)
+    own = report["runs"][0]["own_process"]
+    if where == "own":                 # the child timed its own blocks; the round trip's rest is reported apart
+        rounds = own["torch"]
+        assert len(rounds) == len(report["runs"][0]["times_s"]["torch"])
+        assert all(r["pipe_and_wakeup_s"] >= 0 and r["child_cpu_s"] > 0 for r in rounds)
+    else:
+        assert own == {}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (optional: --jax columns)")
+def test_jax_columns_train_the_same_model(tmp_path):
+    """--jax: JAX's jitted step and its whole-epoch lax.scan start from minivae's initial values and minimise the
+    same loss (their own noise draws: the first round's mean loss within 1%); both give the same numbers."""
+    r, out = run_bench(tmp_path, "--one-thread", "off", "--no-torch", "--jax")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads(out.read_text())["runs"][0]
+    losses = run["mean_loss_per_round"]
+    assert losses["jax_jit"] == pytest.approx(losses["jax_scan"], rel=1e-5)
+    assert losses["jax_scan"][0] == pytest.approx(losses["minivae"][0], rel=1e-2)
+    assert run["ratio_minivae_over_jax_scan"] == pytest.approx(run["median_s"]["minivae"] / run["median_s"]["jax_scan"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed (the fused kernels)")
@@ -124,3 +144,36 @@ def test_profile_iw_accounts_for_a_call(tmp_path):
     parts = [v for k, v in rows.items() if not k.startswith("(") and k != "whole call"]
     assert sum(parts) == pytest.approx(rows["whole call"], rel=1e-6, abs=0.02)     # every millisecond listed
     assert 0 < rows["(the matmuls alone: the bound)"]
+
+
+@pytest.mark.skipif(cupy_available(), reason="checks the session script's failure handling, which needs no GPU")
+def test_gpu_session_survives_a_failing_part_and_writes_one_json_and_one_log(tmp_path):
+    """benchmarks/gpu_session.sh without a GPU: the env part runs, the CuPy training part fails with its one-line
+    reason; both are in the JSON (rewritten after each part) and the log; the exit status counts the failure."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_SESSION_PARTS="env,train_default", PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_session.json", "gpu_session.log"]
+    rep = json.loads((tmp_path / "out" / "gpu_session.json").read_text())
+    parts = {p["name"]: p for p in rep["parts"]}
+    assert list(parts) == ["env", "train_default"] and rep["failed_parts"] == 1
+    assert parts["env"]["status"] == "ok" and rep["results"]["env"]["numpy"] == np.__version__
+    assert parts["train_default"]["status"] == "failed" and "backend 'cupy'" in parts["train_default"]["output_tail"]
+    log = (tmp_path / "out" / "gpu_session.log").read_text()
+    assert "===== train_default: failed" in log and "backend 'cupy' was requested" in log
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (optional: the benchmark's torch column)")
+def test_torch_alone_check_times_the_same_work_both_ways(tmp_path):
+    """benchmarks/torch_alone.py: the benchmark's PyTorch process and a process of its own train the same model
+    on the same batches (the same mean loss), and it reports both times and their ratio."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_alone.py"), "--threads", "1",
+                        "--n-batches", "2", "--rounds", "1"], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("round 0:"))
+    losses = [float(v) for v in __import__("re").findall(r"loss ([0-9.]+)\)", line)]
+    assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert "median benchmark/alone: wall" in r.stdout and "load average" in r.stdout

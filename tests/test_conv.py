@@ -495,3 +495,32 @@ def test_im2col_and_conv_errors_name_the_op_and_the_input():
         conv.conv2d_forward(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 3, 3)), np.zeros(1), stride=0)
     with pytest.raises(ValueError, match=r"^conv_transpose2d_forward: padding must be an integer >= 0, got -1$"):
         conv.conv_transpose2d_forward(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 3, 3)), np.zeros(1), padding=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[str(c) for c in FUSED_CASES])
+def test_cupy_im2col_col2im_kernels_equal_the_numpy_code(rng, monkeypatch, dtype, case):
+    """minivae.fast.conv_cuda's one-kernel im2col (a gather) and col2im (a gather per pixel, the NumPy code's order
+    of additions) give the NumPy code's bits; so does CuPy with the kernels off (MINIVAE_CONV_KERNELS=0)."""
+    cp = get_xp("cupy")
+    N, C, H, W, KH, KW, s, p = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    col = numpy_path(conv.im2col, x, KH, KW, s, p)
+    dcol = rng.standard_normal(col.shape).astype(dtype)
+    dx = numpy_path(conv.col2im, dcol, x.shape, KH, KW, s, p)
+    col_d = conv.im2col(cp.asarray(x), KH, KW, s, p)
+    dx_d = conv.col2im(cp.asarray(dcol), x.shape, KH, KW, s, p)
+    assert col_d.dtype == dtype and col_d.flags.c_contiguous and np.array_equal(to_numpy(col_d), col)
+    assert dx_d.shape == x.shape and np.array_equal(to_numpy(dx_d), dx)
+    monkeypatch.setenv("MINIVAE_CONV_KERNELS", "0")
+    assert np.array_equal(to_numpy(conv.im2col(cp.asarray(x), KH, KW, s, p)), col)
+    assert np.array_equal(to_numpy(conv.col2im(cp.asarray(dcol), x.shape, KH, KW, s, p)), dx)
+
+
+def test_conv_kernels_are_only_for_cupy_arrays(monkeypatch):
+    from minivae.fast import conv_cuda
+    assert not conv_cuda.enabled(np.zeros(3, np.float32))
+    assert set(conv_cuda.SPECS) == {"im2col_float", "im2col_double", "col2im_float", "col2im_double"}
+    for key, spec in conv_cuda.SPECS.items():
+        assert "REAL" not in spec.code and f"minivae_{key}(" in spec.code

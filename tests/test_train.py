@@ -321,3 +321,63 @@ def test_train_numbers_are_the_means_of_the_step_losses(tmp_path, monkeypatch, b
     else:
         assert rec["train_kl"] > 0.02    # float32 sums: an absolute tolerance
         assert rec["train_neg_elbo"] - rec["train_loss"] == pytest.approx(0.5 * rec["train_kl"], abs=1e-3)
+
+
+def test_cupy_backend_trains_on_a_standin_device_like_numpy(tmp_path, monkeypatch):
+    """`train --backend cupy` through FastTrainer, on a stand-in CuPy (tests/standin_cupy.py: NumPy arrays whose
+    type says "device"): everything that reaches the trainer must live on the model's backend (on a GPU a host
+    eps was a TypeError on the first step), and the run gives the NumPy run's numbers."""
+    from standin_cupy import installed
+
+    from minivae import fast
+    from minivae.backend import get_array_module
+    seen = []
+    step = fast.FastTrainer.step
+
+    def spy(self, x, eps, *a, **kw):
+        seen.append((self.model.backend, get_array_module(x).__name__, get_array_module(eps).__name__))
+        return step(self, x, eps, *a, **kw)
+
+    monkeypatch.setattr(fast.FastTrainer, "step", spy)
+    host, _ = run(tiny(batch_size=48), tmp_path / "host")            # 256 = 5 x 48 + 16: a short last batch
+    n_host = len(seen)
+    with installed(monkeypatch):
+        dev, lines = run(tiny(batch_size=48, backend="cupy"), tmp_path / "dev")
+    assert n_host == 12 and len(seen) == 24                           # the fast path ran both times
+    assert set(seen[n_host:]) == {("cupy", "cupy", "cupy")}
+    for a, b in zip(host, dev):
+        for k in a:
+            if k != "time_s":
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-5), k
+    pa, pb = load_checkpoint(tmp_path / "host"), load_checkpoint(tmp_path / "dev")
+    assert all(np.allclose(pa.params[k], pb.params[k], rtol=0, atol=2e-3) for k in pa.params)
+
+
+@pytest.mark.parametrize("recipe, kw", [
+    ("default", dict(warmup=1, likelihood="gaussian", binarize="none", obs_var=0.1)),
+    ("default", dict(binarize="static", activation="tanh", init_output_bias=True, valid=50, iw_k=3)),
+    ("default", dict(iwae_k=3)),
+    ("default", dict(optimizer="adagrad", lr=1e-2, clip_norm=5.0, weight_decay=1e-4, dtype="float64")),
+    ("default", dict(conditional=True)),
+    ("default", dict(likelihood="gaussian_learned_var", binarize="none", hidden=(16, 8))),
+    ("conv", dict(hidden=(16,))),
+    ("burda2015-short", dict(hidden=(16, 16), latent=3)),
+], ids=["warmup-gaussian", "static-tanh-iw", "iwae", "adagrad-f64", "conditional", "learned-var", "conv",
+        "burda2015-short"])
+def test_every_kind_of_run_trains_on_a_standin_cupy_like_numpy(tmp_path, monkeypatch, recipe, kw):
+    """Every recipe, architecture and option on the CuPy code path (the stand-in refuses host arrays in device
+    operations as CuPy does), with the NumPy run's numbers."""
+    from standin_cupy import installed
+    base = dict(n_train=96, n_test=48, epochs=1, batch_size=32, figures=False)
+    if recipe == "default":
+        base.update(hidden=(24,), latent=2)
+    base.update(kw)
+    host, _ = run(TrainSettings.from_recipe(recipe, **base), tmp_path / "host")
+    with installed(monkeypatch):
+        dev, _ = run(TrainSettings.from_recipe(recipe, backend="cupy", **base), tmp_path / "dev")
+    for k in ("train_neg_elbo", "test_neg_elbo", "test_kl"):
+        assert dev[0][k] == pytest.approx(host[0][k], rel=1e-4), k
+    res_h, res_d = (json.loads((tmp_path / d / "results.json").read_text())["test"] for d in ("host", "dev"))
+    assert res_d["neg_elbo"] == pytest.approx(res_h["neg_elbo"], rel=1e-4)
+    if kw.get("iw_k"):
+        assert res_d["iw_nll"] == pytest.approx(res_h["iw_nll"], rel=1e-4)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from .. import conv
-from . import cpu_kernels
+from . import conv_cuda, cpu_kernels
 from .threads import count, set_numba_threads
 
 
 def copy_kernel(name, *arrays):
-    """The fused kernel ``name`` when numba is there and every array is a float32/float64 NumPy array of
-    one dtype; else None, and :mod:`minivae.conv` runs its NumPy code."""
+    """The fused kernel ``name`` for these arrays, or None, and :mod:`minivae.conv` runs its NumPy code:
+    on CuPy, im2col and col2im as one CUDA kernel each (:mod:`minivae.fast.conv_cuda`); on NumPy, the numba
+    kernel when numba is there and every array is a float32/float64 NumPy array of one dtype."""
+    if name in conv_cuda.KERNEL_NAMES and conv_cuda.enabled(arrays[0]):
+        return conv_cuda.copy_kernel(name)
     if not cpu_kernels.AVAILABLE:
         return None
     dt = arrays[0].dtype
@@ -27,6 +30,6 @@ def copy_kernel(name, *arrays):
 
 
 def install():
-    """Let :mod:`minivae.conv` use the fused copies (with numba; without it, nothing changes)."""
-    if cpu_kernels.AVAILABLE:
-        conv.use_copy_kernels(copy_kernel)
+    """Let :mod:`minivae.conv` use the fused copies (numba's on NumPy arrays, CUDA kernels on CuPy arrays;
+    where neither applies, :func:`copy_kernel` answers None and nothing changes)."""
+    conv.use_copy_kernels(copy_kernel)

@@ -183,6 +183,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     n = len(data.x_train)
     spe = math.ceil(n / s.batch_size)
     x_train = model.xp.asarray(data.x_train)         # on the model's backend (NumPy: the same array, no copy)
+    step.use_graph(s, x_train, log)
     where = {"epoch": start + 1, "step": 0}
 
     def last_ckpt():
@@ -298,13 +299,23 @@ class _Step:
         self.trainer = fast_trainer(settings, model, opt, self.obj_kw, threads)
         self.fused_adam = None if self.trainer is not None else fused_adam(settings, threads)
         self.grads = None
+        self.runner = None          # CuPy: whole epochs as CUDA-graph replays (use_graph), else None
+
+    def use_graph(self, settings, x_train, log):
+        """CuPy with the fast path: capture the whole step as one CUDA graph where it applies
+        (:mod:`minivae.fast.cuda_graph`); where it does not, that module logs why and each step runs eagerly."""
+        if self.trainer is None or settings.backend != "cupy":
+            return
+        from ..fast.cuda_graph import runner_for_training
+        self.runner = runner_for_training(self.trainer, settings, len(x_train), x_train, log)
 
     def loss(self, xb, idx, beta):
         """(loss, parts) of the minibatch ``xb`` (rows ``idx`` of the training set) at KL weight ``beta``."""
         model = self.model
         if self.trainer is not None:
-            # the same eps draws as model.loss would take from model.rng, then loss, grads, update
-            eps = model.rng.standard_normal((len(idx), model.config.z_dim), dtype=model.dtype)
+            # the same eps draws as model.loss would take from model.rng (on the host, as every random number:
+            # minivae.backend), put on the model's backend; then loss, grads, update
+            eps = model.xp.asarray(model.rng.standard_normal((len(idx), model.config.z_dim), dtype=model.dtype))
             return self.trainer.step(xb, eps, beta=beta), self.trainer.parts
         loss, self.grads = model.loss(xb, beta=beta, validate=False, **self.obj_kw,
                                       **label_kwargs(model, self.y_train[idx]))
@@ -321,6 +332,8 @@ class _Step:
     def close(self):
         if self.trainer is not None:
             self.trainer.close()
+        if self.runner is not None:
+            self.runner.close()
 
 
 def _train_epoch(s, epoch, spe, x_train, model, opt, step, rngs, where, last_ckpt, progress):
@@ -344,7 +357,13 @@ def _train_epoch(s, epoch, spe, x_train, model, opt, step, rngs, where, last_ckp
                disable=None if progress else True, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     shown = 0
     try:
-        for i, idx in enumerate(batches):
+        if step.runner is not None:     # the epoch as graph replays: the same draws, one sync at the end
+            steps = step.runner.train_epoch(x_train, batches, rngs["binarize"], model.rng,
+                                            [beta_at(s, epoch * spe + k, spe) for k in range(spe)])
+            where["step"] = spe
+            _check_finite(steps[:, 0], 0, spe, epoch, last_ckpt)
+            bar.update(spe)
+        for i, idx in enumerate(batches if step.runner is None else ()):
             where["step"] = i + 1
             xb = x_train[xp.asarray(idx)]
             if s.binarize == "dynamic":
