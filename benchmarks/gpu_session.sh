@@ -11,6 +11,7 @@
 #   pytest_graph       tests/test_cuda_graph.py (the CUDA graph against eager FastTrainer, train on CuPy against
 #                      NumPy; and the CPU-side tests, the CUDA 13 libcublas included) + the CuPy fast-path test
 #   train_default      train --backend cupy, the default recipe, 10 epochs (test -ELBO; NumPy's is ~102.3)
+#   train_default_cached  the same command again (kernels cached): the whole command's wall time
 #   bench_dense        benchmarks/epoch.py --backend cupy at batch 128 and 1024: minivae eager and graph, torch
 #                      eager and graph, JAX jit and scan, the product bound; every ratio
 #   eval_iw5000        eval --iw-k 5000 of the default run, on CuPy
