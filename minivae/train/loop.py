@@ -66,10 +66,14 @@ def make_rngs(seed):
 
 
 def beta_at(settings, step, steps_per_epoch):
-    """KL weight at 0-based global ``step`` (linear per-step warm-up over ``warmup`` epochs)."""
+    """KL weight at 0-based global ``step``: linear per step from ``beta_start`` to ``beta`` over ``warmup``
+    epochs, then ``beta``.  beta_start = 0 is the classic KL warm-up; beta_start > beta anneals the weight down
+    (a strong KL pressure at first, which keeps the class out of z in a conditional VAE)."""
     if not settings.warmup:
         return float(settings.beta)
-    return float(settings.beta) * min(1.0, step / (settings.warmup * steps_per_epoch))
+    t = min(1.0, step / (settings.warmup * steps_per_epoch))
+    b0 = float(getattr(settings, "beta_start", 0.0) or 0.0)
+    return b0 + (float(settings.beta) - b0) * t
 
 
 def loss_kwargs(settings, model):
