@@ -21,8 +21,6 @@ leaves the previous complete checkpoint in place.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -38,66 +36,8 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match what was asked of it."""
 
 
-def _umask():
-    """The process's umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-TMP_SUFFIX = ".tmp"
-
-
-def atomic_write(path, write, mode="wb"):
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename onto ``path``.
-
-    The one atomic-write helper of the package (checkpoints, histories, results, downloads).
-    The temporary file is ``.<name>.<random>.tmp`` in the same folder; it is removed if
-    ``write`` raises (including KeyboardInterrupt).  The final file gets the permissions
-    the umask gives a new file (0666 & ~umask), like any file ``open`` creates, not the
-    0600 of ``tempfile.mkstemp``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-        except (AttributeError, OSError):       # no fchmod (Windows): keep mkstemp's mode
-            pass
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX only; harmless to skip elsewhere)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
-
-
-def stale_temp_files(folder):
-    """Temporary files ``.<name>.*.tmp`` that :func:`atomic_write` left in ``folder``.
-
-    Only a process killed without a chance to clean up (SIGKILL, power loss) leaves one;
-    the caller must hold the folder's lock (:class:`minivae.train.RunLock`) before removing them.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file())
+# the package's one atomic writer lives in minivae.atomic; these names stay importable from here
+from .atomic import TMP_SUFFIX, WriteError, _umask, atomic_write, stale_temp_files  # noqa: E402,F401
 
 
 def _text(s):

@@ -10,13 +10,12 @@ import inspect
 import math
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .. import evaluate
+from .. import evaluate, signals
 from ..backend import get_array_module, get_xp, to_numpy
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
 from ..data import binarize, default_data_dir, embedded_dir, fingerprint
@@ -54,8 +53,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-class _Terminated(KeyboardInterrupt):
-    """Raised by the SIGTERM handler so that SIGTERM unwinds exactly like Ctrl-C."""
+# SIGTERM unwinds exactly like Ctrl-C (minivae.signals); the old private name stays for callers that catch it
+_Terminated = signals.Terminated
 
 
 # ------------------------------------------------------------------- helpers
@@ -125,7 +124,7 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
     out = Path(out_dir)
     created = not out.exists()
     try:
-        with _SigtermAsInterrupt(), RunLock(out), using_threads(s.threads) as threads:
+        with signals.handled(), RunLock(out), using_threads(s.threads) as threads:
             return _train_locked(s, out, resume, progress, log, force, threads)
     except BaseException:
         # a run that failed before writing anything leaves no folder behind
@@ -136,25 +135,6 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
             except OSError:
                 pass
         raise
-
-
-class _SigtermAsInterrupt:
-    """While active (main thread only), SIGTERM raises :class:`_Terminated`, so it unwinds like Ctrl-C."""
-
-    def __enter__(self):
-        self.prev = None
-        if threading.current_thread() is threading.main_thread():
-            def handler(signum, frame):
-                raise _Terminated()
-            try:
-                self.prev = signal.signal(signal.SIGTERM, handler)
-            except (ValueError, OSError):
-                self.prev = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGTERM, self.prev)
 
 
 def _train_locked(s, out, resume, progress, log, force, threads):
@@ -213,8 +193,9 @@ def _train_locked(s, out, resume, progress, log, force, threads):
             where["step"] = "while writing the history"
             write_history(out, history)
             log(format_epoch(rec, s.epochs))
+        signals.check()                         # a signal swallowed during the last epoch's evaluation or save
     except KeyboardInterrupt as exc:
-        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+        signum = signals.signal_of(exc)
         at = where["step"]
         at = f"step {at}" if isinstance(at, int) else at
         msg = f"{'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'} at epoch {where['epoch']}, " \
@@ -364,6 +345,7 @@ def _train_epoch(s, epoch, spe, x_train, model, opt, step, rngs, where, last_ckp
             _check_finite(steps[:, 0], 0, spe, epoch, last_ckpt)
             bar.update(spe)
         for i, idx in enumerate(batches if step.runner is None else ()):
+            signals.check()                     # a signal whose exception was swallowed (minivae.signals)
             where["step"] = i + 1
             xb = x_train[xp.asarray(idx)]
             if s.binarize == "dynamic":
