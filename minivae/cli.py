@@ -259,6 +259,9 @@ def cmd_train(args):
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+        if not (Path(args.out) / CHECKPOINT).exists():
+            from .train.run_folder import missing_checkpoint
+            raise missing_checkpoint(args.out)
         ckpt = load_checkpoint(Path(args.out) / CHECKPOINT)
         saved = dict(ckpt.settings)
         if args.recipe is not None and args.recipe != saved.get("recipe"):

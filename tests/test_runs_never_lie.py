@@ -158,3 +158,69 @@ def test_a_swallowed_sigterm_still_stops_the_run(tmp_path, capsys, monkeypatch):
     assert fired and code == 143, (out, err)
     assert "terminated (SIGTERM) at epoch 1" in err.strip().splitlines()[-1]
     assert not (tmp_path / "r" / "checkpoint.npz").exists()
+
+
+# --------------------------------------------------------------- 9, 10, 11: a run folder is a run or nothing
+def test_force_removes_the_previous_runs_figures(run, tmp_path, capsys):
+    r = copy_run(run, tmp_path)
+    assert (r / "figures" / "manifold.png").exists()
+    (r / "figures" / "samples.npz").write_bytes(b"old samples")
+    code, out, err = run_main(["train", *SMALL, "--latent", "3", "--out", r, "--force"], capsys)
+    assert code == 0, err
+    figs = sorted(p.name for p in (r / "figures").iterdir())
+    assert "manifold.png" not in figs and "latent_scatter.png" not in figs and "samples.npz" not in figs
+    assert "samples.png" in figs and load_checkpoint(r).config.z_dim == 3
+
+
+def test_resume_with_fewer_epochs_is_refused_and_changes_nothing(tmp_path, capsys):
+    r = tmp_path / "r"
+    assert run_main(["train", *SMALL, "--epochs", "2", "--no-figures", "--out", r], capsys)[0] == 0
+    old = snapshot(r)
+    code, _, err = run_main(["train", "--resume", "--out", r, "--epochs", "1", "--quiet"], capsys)
+    assert code == 2
+    one_error_line(err, "already holds 2 epochs", "--epochs 1", "--epochs 2 or more")
+    assert snapshot(r) == old
+    assert json.loads((r / "settings.json").read_text())["epochs"] == 2
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import minivae.train.loop as loop
+    r = tmp_path / "r"
+    r.mkdir()
+    argv = ["train", *SMALL, "--no-figures", "--out", r]
+    real = loop._Step.loss
+
+    def ctrl_c(self, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop._Step, "loss", ctrl_c)
+    code, _, err = run_main(argv, capsys)
+    assert code == 130 and "no checkpoint was written yet" in err
+    assert os.listdir(r) == [".lock"] or os.listdir(r) == []
+    monkeypatch.setattr(loop._Step, "loss", real)
+    code, _, err = run_main(argv, capsys)               # the same command again: no --force needed
+    assert code == 0, err
+    assert load_checkpoint(r).epoch == 1
+    # a diverged first epoch leaves nothing either
+    d = tmp_path / "div"
+    code, _, err = run_main(["train", *SMALL, "--likelihood", "gaussian", "--binarize", "none", "--obs-var", "1e-12",
+                             "--out", d], capsys)
+    assert code == 1 and not (d / "settings.json").exists()
+
+
+def test_epochs_0_is_a_run_and_an_orphan_settings_file_blocks_nothing(tmp_path, capsys):
+    r = tmp_path / "r0"
+    code, _, err = run_main(["train", *SMALL, "--epochs", "0", "--no-figures", "--out", r], capsys)
+    assert code == 0, err
+    assert load_checkpoint(r).epoch == 0 and json.loads((r / "settings.json").read_text())["epochs"] == 0
+    code, _, err = run_main(["train", "--resume", "--out", r, "--epochs", "1", "--quiet", "--no-figures"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(r).epoch == 1
+    o = tmp_path / "orphan"                              # what an older minivae's failed run left
+    o.mkdir()
+    (o / "settings.json").write_text("{}")
+    code, _, err = run_main(["train", "--resume", "--out", o, "--quiet"], capsys)
+    assert code == 2
+    one_error_line(err, "checkpoint not found", "stopped before its first checkpoint", "without --resume")
+    code, _, err = run_main(["train", *SMALL, "--no-figures", "--out", o], capsys)
+    assert code == 0, err
+    assert load_checkpoint(o).epoch == 1

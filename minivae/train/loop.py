@@ -23,8 +23,8 @@ from ..model import VAE
 from ..networks import get_architecture
 from ..recipes import lr_at_epoch, output_bias_init
 from .run_data import Data, label_kwargs, run_data_dir
-from .run_folder import (CHECKPOINT, LOCK_FILE, RunLock, check_fresh_folder, clean_stale, json_text, sync_history,
-                         write_history)
+from .run_folder import (CHECKPOINT, LOCK_FILE, RunLock, check_fresh_folder, clean_stale, json_text,
+                         missing_checkpoint, remove_run_files, sync_history, write_history)
 from .settings import TrainSettings, check_resume, describe
 
 # A finite loss above this (nats per example) stops training like a NaN: no model of this package on
@@ -139,7 +139,7 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
 
 def _train_locked(s, out, resume, progress, log, force, threads):
     ckpt_path = out / CHECKPOINT
-    ckpt = _open_run_folder(s, out, resume, force)
+    ckpt, replace = _open_run_folder(s, out, resume, force)
     clean_stale(out, log)
     get_xp(s.backend)               # BackendError early if cupy is asked for without a GPU
     data = Data(s)
@@ -156,9 +156,17 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
         write_history(out, history)        # history.json/csv from the checkpoint's own record
     else:
-        _start_fresh(s, out, force, model, data)
+        _start_fresh(s, out, replace, model, data, log)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
+    # a run folder is a run or nothing: settings.json is written with the session's first checkpoint (a run that
+    # fails before it leaves no file behind), and an --epochs 0 run saves its untrained model as epoch 0
+    settings_written = []
+
+    def save(epoch, hist):
+        save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch, hist)
+        if not settings_written:
+            atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
+            settings_written.append(True)
 
     n = len(data.x_train)
     spe = math.ceil(n / s.batch_size)
@@ -188,7 +196,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
             rec.update({"lr": opt.lr, "beta": beta_at(s, (epoch + 1) * spe - 1, spe), "steps": spe,
                         "time_s": time.perf_counter() - t0})
             where["step"] = "while saving the checkpoint"
-            save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch + 1, history + [rec])
+            save(epoch + 1, history + [rec])
             history.append(rec)
             where["step"] = "while writing the history"
             write_history(out, history)
@@ -208,6 +216,10 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     finally:
         step.close()
 
+    if ckpt is None and s.epochs == 0:
+        save(0, [])                           # an untrained run is still a run: resume, eval and sample work
+    elif not settings_written:                # resumed at its last epoch: --iw-k, --no-figures may have changed
+        atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
     if history:
         write_history(out, history)
     finish(model, s, data, out, progress=progress, log=log)
@@ -218,15 +230,19 @@ def _open_run_folder(s, out, resume, force):
     """Check the folder for a resume (its checkpoint, the settings, the recorded data) or a new run (new or
     empty), and record the data's provenance in ``s.data``.  Returns the checkpoint to resume, or None."""
     if not resume:
-        check_fresh_folder(out, force)
+        replace = check_fresh_folder(out, force)
         d = Path(s.data_dir) if s.data_dir is not None else default_data_dir()
         s.data = fingerprint(d)
         s.data_dir = s.data["path"]                   # resolved: $MINIVAE_DATA is read once, here
-        return None
+        return None, replace
     ckpt_path = out / CHECKPOINT
     if not ckpt_path.exists():
-        raise CheckpointError(f"{ckpt_path}: checkpoint not found; nothing to resume")
+        raise missing_checkpoint(out)
     ckpt = load_checkpoint(ckpt_path)
+    if s.epochs < ckpt.epoch:
+        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epochs; resuming it with epochs={s.epochs} "
+                              f"(--epochs {s.epochs}) would train nothing and misreport the run: give --epochs "
+                              f"{ckpt.epoch} or more")
     check_resume(s, ckpt)
     saved = TrainSettings.from_dict(dict(TrainSettings().to_dict(), **ckpt.settings))
     if saved.data:          # the recorded data (or the same files elsewhere), else a one-line refusal
@@ -235,7 +251,7 @@ def _open_run_folder(s, out, resume, force):
         s.data = saved.data
     else:
         s.data = fingerprint(s.data_dir if s.data_dir is not None else default_data_dir())
-    return ckpt
+    return ckpt, []
 
 
 def _restore(ckpt, config, model, opt, rngs, backend):
@@ -250,12 +266,12 @@ def _restore(ckpt, config, model, opt, rngs, backend):
     return list(ckpt.history), ckpt.epoch
 
 
-def _start_fresh(s, out, force, model, data):
-    """A new run: with ``force``, remove the old run's files; the output bias at the data's logits if asked."""
-    if force:
-        for name in (CHECKPOINT, "history.json", "history.csv", "results.json"):
-            if (out / name).exists():
-                (out / name).unlink()
+def _start_fresh(s, out, replace, model, data, log=print):
+    """A new run: remove the old run's files ``replace`` (all of them with ``force``, figures included); the output
+    bias at the data's logits if asked."""
+    if replace:
+        remove_run_files(out, replace)
+        log(f"removed the earlier run's files in {out}: {', '.join(replace)}")
     if s.init_output_bias:
         out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for an image model
         x = data.x_train
