@@ -224,3 +224,60 @@ def test_epochs_0_is_a_run_and_an_orphan_settings_file_blocks_nothing(tmp_path, 
     code, _, err = run_main(["train", *SMALL, "--no-figures", "--out", o], capsys)
     assert code == 0, err
     assert load_checkpoint(o).epoch == 1
+
+
+# ------------------------------------------------------------- 13: every checkpoint field, by type and range
+def corrupt(path, key, change):
+    """Rewrite one JSON entry of a checkpoint (``change(doc)`` edits it in place, or returns a replacement)."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if key.startswith("opt/") and key != "opt/meta":
+        arrays[key] = change(arrays[key])
+    else:
+        doc = json.loads(str(arrays[key]))
+        new = change(doc)
+        arrays[key] = np.array(json.dumps(doc if new is None else new))
+    np.savez(path, **arrays)
+
+
+def _drop(key):
+    return lambda d: (d.pop(key), None)[1]
+
+
+@pytest.mark.parametrize("key, change, field", [
+    ("settings", lambda d: d.update(data="/some/folder"), "settings.data"),
+    ("settings", lambda d: d.update(test_seed="12345"), "settings.test_seed"),
+    ("settings", lambda d: d.update(warmup="2"), "settings.warmup"),
+    ("settings", lambda d: d.update(n_test="32"), "settings.n_test"),
+    ("settings", lambda d: d.update(hidden=[-8]), "settings.hidden"),
+    ("settings", lambda d: d.update(lr=-1.0), "settings.lr"),
+    ("settings", lambda d: d.update(seed=None), "settings.seed"),
+    ("opt/meta", _drop("t"), "opt/meta.t"),
+    ("opt/meta", lambda d: d.update(t="many"), "opt/meta.t"),
+    ("opt/meta", lambda d: d.update(lr=None), "opt/meta.lr"),
+    ("rng", lambda d: {k: 7 for k in d}, "rng.init"),
+    ("rng", lambda d: [1, 2], "rng"),
+    ("rng", lambda d: d["eps"]["state"].update(state="x"), "rng.eps"),
+    ("config", lambda d: d.update(z_dim="2"), "config.z_dim"),
+    ("history", lambda d: d[0].update(epoch="one"), "history[0].epoch"),
+    ("opt/0.m", lambda a: a.astype(np.int64), "opt/0.m"),
+])
+def test_every_corrupt_checkpoint_field_is_one_line_naming_it(run, tmp_path, capsys, key, change, field):
+    r = copy_run(run, tmp_path)
+    ckpt = r / "checkpoint.npz"
+    corrupt(ckpt, key, change)
+    for argv in (["eval", "--checkpoint", r, "--n", "16"], ["train", "--resume", "--out", r, "--epochs", "2"],
+                 ["sample", "--checkpoint", r, "--out", tmp_path / "s"]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2, (argv, err)
+        one_error_line(err, str(ckpt), f"corrupt field {field}")
+
+
+def test_the_schema_covers_every_field():
+    import dataclasses
+
+    from minivae.checkpoint_schema import CONFIG, SETTINGS
+    from minivae.config import VAEConfig
+    from minivae.train import TrainSettings
+    assert set(SETTINGS) == {f.name for f in dataclasses.fields(TrainSettings)}
+    assert set(CONFIG) == {f.name for f in dataclasses.fields(VAEConfig)}

@@ -262,7 +262,7 @@ def _restore(ckpt, config, model, opt, rngs, backend):
     loaded = ckpt.build_model(backend)
     model.params.flat[...] = loaded.flat
     ckpt.load_optimizer(opt, model.params)
-    restore_rngs(rngs, ckpt.rng)
+    restore_rngs(rngs, ckpt.rng, where=str(ckpt.path))
     return list(ckpt.history), ckpt.epoch
 
 
