@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
-from .config import VAEConfig
 
 FORMAT = "minivae-checkpoint-1"
 
@@ -149,9 +148,10 @@ class Checkpoint:
         self.opt_meta, self.opt_state = opt_meta, opt_state
 
     def build_model(self, backend="numpy"):
-        """A :class:`~minivae.model.VAE` on ``backend`` holding the saved parameters."""
-        from .model import VAE
-        model = VAE(self.config, rng=0, backend=backend)
+        """A :class:`~minivae.model.VAE` (or the model of the config's kind) on ``backend`` holding the saved
+        parameters."""
+        from .model import build_model
+        model = build_model(self.config, rng=0, backend=backend)       # a VAE, or the kind the config names
         missing = set(model.params) - set(self.params)
         extra = set(self.params) - set(model.params)
         if missing or extra:
@@ -208,7 +208,8 @@ def load_checkpoint(path):
     if str(data["format"]) != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {str(data['format'])!r} (expected {FORMAT!r})")
     try:
-        config = VAEConfig.from_json(str(data["config"]))
+        from .model import config_from_json
+        config = config_from_json(str(data["config"]))                 # VAEConfig, or the kind it names
         settings = json.loads(str(data["settings"]))
         history = json.loads(str(data["history"]))
         rng = str(data["rng"])
