@@ -4,7 +4,8 @@
 :class:`FamilyConfig` (and the ``--decoder``, ``--flow``, ``--iwae-grad`` flags of ``train``):
 
     decoder="made"     p(x|z) = prod_d Bernoulli(x_d; sigmoid(l_d(x_<d, z))), a MADE (:mod:`minivae.made`) with
-                       one masked hidden layer of width hidden[-1]; z is an input every hidden unit sees
+                       one masked hidden layer of width hidden[-1] and direct connections from x_<d to l_d;
+                       z is an input every hidden unit sees
     flow="planar:T"    T planar steps after the Gaussian sample (:func:`minivae.flows.planar_forward`)
     flow="iaf:T"       T inverse autoregressive flow steps (:func:`minivae.flows.iaf_forward`), the latent order
                        reversed between steps
@@ -28,8 +29,10 @@ the ELBO, -beta g for IWAE, g = dloss/dlog w), log p(zT) gets -a, each step's lo
 Parameters: the encoder's as in the plain VAE (enc.*); the factorised decoder's as in the plain VAE (dec.*),
 or for the MADE decoder
 
-    dec.ar.W (D + L, H), dec.ar.b (H,)      masked: x_d feeds hidden unit k when deg_k >= d; z feeds every unit
-    dec.out.W (H, D), dec.out.b (D,)        masked: hidden unit k feeds output d when d > deg_k
+    dec.ar.W (D + L, H), dec.ar.b (H,)      reads [x, z]; masked: x_i feeds hidden unit k when deg_k >= i, z
+                                            feeds every unit
+    dec.out.W (H + D, D), dec.out.b (D,)    reads [h, x]; masked: hidden unit k feeds logit d when d > deg_k,
+                                            x_i feeds logit d when d > i (the direct connections)
 
 and per flow step t: flow.t.u, flow.t.w (L,), flow.t.b (1,) (planar), or flow.t.W1 (L, F), flow.t.b1 (F,),
 flow.t.W2 (F, 2L), flow.t.b2 (2L,) (IAF, F = :func:`iaf_width`).
@@ -128,7 +131,7 @@ def family_param_shapes(config):
     if c.decoder == "made":
         H = c.hidden[-1]
         out += [("dec.ar.W", (D + L, H), D + L), ("dec.ar.b", (H,), D + L),
-                ("dec.out.W", (H, D), H), ("dec.out.b", (D,), H)]
+                ("dec.out.W", (H + D, D), H + D), ("dec.out.b", (D,), H + D)]
     flow = parse_flow(c.flow)
     if flow is not None:
         kind, T = flow
@@ -177,9 +180,12 @@ class FamilyVAE(VAE):
         self.flow = parse_flow(c.flow)
         D, L = c.x_dim, c.z_dim
         if c.decoder == "made":
-            m_in, m_out = made_masks(D, [c.hidden[-1]], 1, c.dtype, self.xp)
+            xp = self.xp
+            m_in, m_out = made_masks(D, [c.hidden[-1]], 1, c.dtype, xp)
+            direct = xp.asarray(np.triu(np.ones((D, D)), 1), dtype=c.dtype)   # x_i -> logit d when d > i
             # z is an input of degree 0: every hidden unit may see it (its mask rows are 1)
-            self.dec_masks = (self.xp.concatenate([m_in, self.xp.ones((L, c.hidden[-1]), dtype=c.dtype)]), m_out)
+            self.dec_masks = (xp.concatenate([m_in, xp.ones((L, c.hidden[-1]), dtype=c.dtype)]),
+                              xp.concatenate([m_out, direct]))
         if self.flow is not None and self.flow[0] == "iaf":
             self.iaf_masks = made_masks(L, [iaf_width(L)], 2, c.dtype, self.xp)
         self.parts = {}
@@ -193,7 +199,8 @@ class FamilyVAE(VAE):
         pre, c1 = masked_dense_forward(self.xp.concatenate([x_rows, z], axis=1), p["dec.ar.W"], p["dec.ar.b"],
                                        self.dec_masks[0])                 # [x, z] @ (M1 * W1) + b1: (M, H)
         h, c_act = self.act_forward(pre)
-        logits, c2 = masked_dense_forward(h, p["dec.out.W"], p["dec.out.b"], self.dec_masks[1])   # (M, D)
+        logits, c2 = masked_dense_forward(self.xp.concatenate([h, x_rows], axis=1), p["dec.out.W"], p["dec.out.b"],
+                                          self.dec_masks[1])              # [h, x] @ (M2 * W2) + b2: (M, D)
         return [logits], (c1, c_act, c2)
 
     def _dec_backward(self, douts, cache, grads):
@@ -201,8 +208,8 @@ class FamilyVAE(VAE):
         if self.config.decoder == "factorised":
             return self.decoder_backward(douts, cache, grads)
         c1, c_act, c2 = cache
-        dh, grads["dec.out.W"], grads["dec.out.b"] = masked_dense_backward(douts[0], c2)
-        dpre = self.act_backward(dh, c_act)
+        dhx, grads["dec.out.W"], grads["dec.out.b"] = masked_dense_backward(douts[0], c2)
+        dpre = self.act_backward(dhx[:, :self.config.hidden[-1]], c_act)     # h's columns; x is data
         dxz, grads["dec.ar.W"], grads["dec.ar.b"] = masked_dense_backward(dpre, c1)
         return dxz[:, self.config.x_dim:]                                  # the data x is not a parameter
 
@@ -412,15 +419,18 @@ class FamilyVAE(VAE):
         if z.ndim != 2 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"z must have shape (N, {self.config.z_dim}), got {tuple(z.shape)}")
         D = self.config.x_dim
+        H = self.config.hidden[-1]
         W_in = p["dec.ar.W"] * self.dec_masks[0]
         W_out = p["dec.out.W"] * self.dec_masks[1]
         pre = z @ W_in[D:] + p["dec.ar.b"]                                # z's part; no pixel drawn yet
+        direct = xp.zeros((z.shape[0], D), dtype=self.dtype)             # x_<d @ the direct weights, so far
         probs = xp.empty((z.shape[0], D), dtype=self.dtype)
         for d in range(D):
             h = self.act_forward(pre)[0]
-            probs[:, d] = sigmoid(h @ W_out[:, d] + p["dec.out.b"][d])
+            probs[:, d] = sigmoid(h @ W_out[:H, d] + direct[:, d] + p["dec.out.b"][d])
             x_d = xp.asarray(g.random(z.shape[0]) < to_host(probs[:, d]), dtype=self.dtype)
             pre += x_d[:, None] * W_in[d]                                 # pixel d now feeds the units after it
+            direct += x_d[:, None] * W_out[H + d]                         # ... and the logits after it
         return probs
 
     def sample(self, n, rng=None, y=None):

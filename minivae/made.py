@@ -11,7 +11,7 @@ the inputs before d in a chosen order: its outputs are autoregressive.  minivae 
 Degrees (the construction of Germain et al. 2015, section 4).  Every unit gets a degree:
 
     input i (1-based)       deg = i                         i = 1..D_in
-    hidden unit k           deg = 1 + (k mod max(1, D_in - 1))      (fixed, no randomness)
+    hidden unit k           deg = 1 + floor(k max(1, D_in - 1) / width)   (evenly spread, no randomness)
     output o of group g     deg = o                         o = 1..D_in, one group per output array
 
 A connection is kept when it cannot carry information from an input to an output of the same or a lower
@@ -73,8 +73,12 @@ def masked_dense_backward(dy, cache):
 # degrees and masks
 # ----------------------------------------------------------------------------
 def hidden_degrees(n_in, width):
-    """Degrees of ``width`` hidden units over ``n_in`` ordered inputs: 1 + (k mod max(1, n_in - 1)), (width,)."""
-    return 1 + np.arange(width) % max(1, n_in - 1)
+    """Degrees of ``width`` hidden units over ``n_in`` ordered inputs, (width,).
+
+    1 + floor(k (n_in - 1) / width): spread evenly over 1..n_in - 1 (Germain et al. draw them at random), so
+    every output sees hidden units that read the inputs just before it, whether width is below n_in or not.
+    """
+    return 1 + (np.arange(width) * max(1, n_in - 1)) // width
 
 
 def made_masks(n_in, widths, n_groups=1, dtype="float64", xp=np):
