@@ -53,7 +53,7 @@ from .config import VAEConfig
 from .gaussian import (LOG_2PI, kl_backward, kl_forward, log_diag_normal, log_standard_normal,
                        reparameterize_backward, reparameterize_forward)
 from . import networks
-from .conditional import check_labels, concat_backward, concat_forward, one_hot
+from .conditional import check_labels, concat_backward, concat_forward, one_hot, outer_backward, outer_forward
 from .conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
                    maxpool2d_backward, maxpool2d_forward, upsample_nearest2d_backward, upsample_nearest2d_forward)
 from .layers import activation, dense_backward, dense_forward
@@ -196,6 +196,20 @@ def _concat_backward(model, layer, dout, cache, grads):
     return concat_backward(dout, cache)[0]            # a slice; the label is data: no gradient to y
 
 
+def _outer_forward(model, layer, h, y):
+    """[h, vec(h ⊗ y)]: (N, H) -> (N, H + H·K), the outer op's columns beside h itself (minivae.conditional)."""
+    o, c_outer = outer_forward(h, y)                  # vec(h ⊗ onehot(y)): h copied into its class's block
+    out, c_cat = concat_forward(h, o)
+    return out, (c_cat, c_outer)
+
+
+def _outer_backward(model, layer, dout, cache, grads):
+    c_cat, c_outer = cache
+    dh, do = concat_backward(dout, c_cat)             # the plain copy of h, and the outer product's columns
+    dh = dh + outer_backward(do, c_outer)[0]          # h feeds both: add the two paths; no gradient to y (data)
+    return dh
+
+
 def _flatten_forward(model, layer, h, y):
     return h.reshape(h.shape[0], -1), h.shape          # (N, C, H, W) -> (N, C·H·W), (C, H, W) order
 
@@ -230,6 +244,7 @@ LAYER_OPS = {
     "deconv": (_deconv_forward, _deconv_backward),
     "act": (_act_forward, _act_backward),
     "concat": (_concat_forward, _concat_backward),
+    "outer": (_outer_forward, _outer_backward),
     "flatten": (_flatten_forward, _reshape_backward),
     "unflatten": (_unflatten_forward, _reshape_backward),
     "maxpool": (_maxpool_forward, _maxpool_backward),

@@ -34,6 +34,7 @@ class TrainSettings:
     # model
     arch: str = "mlp"          # "mlp", "conv" or "conv-pool" (minivae.networks)
     conditional: bool = False  # a conditional VAE of p(x|y) on the dataset's labels (minivae.conditional)
+    label_decoder: str = "input"  # how a conditional decoder reads y (minivae.networks.LABEL_DECODERS)
     hidden: tuple = (400,)
     latent: int = 20
     activation: str = "relu"
@@ -64,7 +65,8 @@ class TrainSettings:
     init_output_bias: bool = False
     # objective
     beta: float = 1.0
-    warmup: int = 0
+    warmup: int = 0            # epochs over which the KL weight moves linearly from beta_start to beta
+    beta_start: float = 0.0    # the KL weight at step 0 when warmup > 0 (0: the classic warm-up; > beta: anneal down)
     iwae_k: int | None = None
     free_bits: float | None = None
     iwae_grad: str = "iwae"    # the encoder's IWAE gradient: "iwae", "stl" or "dreg" (minivae.iwae_grads)
@@ -123,7 +125,7 @@ class TrainSettings:
         need(int(self.epochs) == self.epochs and self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         need(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
              f"batch size must be positive, got {self.batch_size}")
-        for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "obs_var"):
+        for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "beta_start", "obs_var"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
         for name in ("clip_norm", "free_bits", "dec_logvar_min"):
@@ -136,6 +138,11 @@ class TrainSettings:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
+        need(self.beta_start >= 0, f"beta_start must be >= 0, got {self.beta_start}")
+        need(not self.beta_start or self.warmup, f"beta_start={self.beta_start:g} needs warmup > 0 epochs (the "
+                                                 f"epochs over which the KL weight moves from beta_start to beta)")
+        need(self.label_decoder == "input" or self.conditional,
+             f"label_decoder={self.label_decoder!r} needs a conditional run (--conditional)")
         need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
         need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
         need(self.threads is None or (not isinstance(self.threads, bool) and isinstance(self.threads, (int, np.integer))
@@ -163,7 +170,8 @@ class TrainSettings:
              "free bits floor the analytic KL per dimension, which a flow's q(z|x) does not have")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
-        config = self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
+        # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
+        config = self.model_config(784, n_classes=10 if self.conditional else None)
         from ..limits import check_fits, training_bytes
         check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}")
         return self
@@ -183,7 +191,8 @@ class TrainSettings:
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                          dec_logvar_min=self.dec_logvar_min,
                          image_shape=image_shape if image else None,
-                         n_classes=n_classes if self.conditional else None)
+                         n_classes=n_classes if self.conditional else None,
+                         label_decoder=self.label_decoder if self.conditional else "input")
 
     def make_optimizer(self):
         kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
