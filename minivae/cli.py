@@ -400,18 +400,15 @@ def cmd_eval(args):
 def _label_accuracy(args, ckpt, settings, model):
     """Print (and return) the judge's verdicts on 100 prior samples per label (minivae.judge)."""
     from .data import default_data_dir
-    from .judge import JUDGE_FILE, label_accuracy, load_or_train
+    from .judge import JUDGE_FILE, describe, label_accuracy, load_or_train
     run_dir = Path(ckpt.path).parent
     cached = (run_dir / JUDGE_FILE).exists()
     judge = load_or_train(run_dir, args.data_dir or settings.data_dir or default_data_dir())
     acc = label_accuracy(model, judge, n_per_label=100, seed=0)
-    info = judge.info
     print(f"label accuracy: {100 * acc['overall']:.1f}% of {acc['n']} prior samples (100 per label) recognised "
           f"as their label (worst: label {acc['worst_label']}, {100 * acc['worst']:.0f}%)")
     print("  per label: " + " ".join(f"{k}:{100 * v:.0f}%" for k, v in enumerate(acc["per_label"])))
-    print(f"  judge: a {model.config.x_dim}-{info.get('hidden')}-{judge.n_classes} MLP trained on "
-          f"{info.get('n_train')} real training digits, {100 * judge.test_accuracy:.2f}% right on "
-          f"{info.get('n_test')} real test digits ({'cached' if cached else 'trained now'}: {run_dir / JUDGE_FILE})")
+    print(f"  {describe(judge)} ({'cached' if cached else 'trained now'}: {run_dir / JUDGE_FILE})")
     return dict(acc, judge_test_accuracy=judge.test_accuracy, judge=str(run_dir / JUDGE_FILE))
 
 

@@ -196,11 +196,13 @@ def train_judge(x_train, y_train, x_test, y_test, hidden=512, epochs=5, batch_si
 
 def load_or_train(run_dir, data_dir=None, log=print, **train_kw):
     """The judge cached in ``run_dir/judge.npz``, or a new one trained on the real training digits of
-    ``data_dir`` (default: the embedded MNIST), measured on its test digits, and cached there.
+    ``data_dir`` (default: the embedded MNIST; all of them, whatever part a run trained on), measured on its
+    test digits, and cached there.  ``train_kw`` go to :func:`train_judge`.
 
     A cached judge whose data fingerprint differs from ``data_dir``'s is trained again.
     """
-    from .data import default_data_dir, fingerprint, load_mnist
+    from .data import default_data_dir, fingerprint
+    from .train.run_data import load_split
     d = Path(data_dir) if data_dir is not None else default_data_dir()
     files = fingerprint(d)["files"]
     path = Path(run_dir) / JUDGE_FILE
@@ -209,12 +211,25 @@ def load_or_train(run_dir, data_dir=None, log=print, **train_kw):
         if judge.info.get("files") == files:
             return judge
         log(f"{path} was trained on other data: training the judge again")
-    x, y = load_mnist("train", d)
-    xt, yt = load_mnist("test", d)
-    judge = train_judge(x, y, xt, yt, n_classes=int(max(y.max(), yt.max()) + 1), **train_kw)
+    x, y = load_split("train", d)
+    xt, yt = load_split("test", d)
+    train_kw.setdefault("n_classes", int(max(y.max(), yt.max()) + 1))
+    judge = train_judge(x, y, xt, yt, **train_kw)
     judge.info["files"] = files
     judge.save(path)
     return judge
+
+
+def describe(judge, acc=None):
+    """One line: what the judge is and how far it can be trusted [, and what it recognised]."""
+    i = judge.info
+    line = (f"judge: a {judge.params['W1'].shape[0]}-{judge.params['W1'].shape[1]}-{judge.n_classes} MLP trained "
+            f"on {i.get('n_train')} real training images, {100 * judge.test_accuracy:.2f}% right on "
+            f"{i.get('n_test')} real test images")
+    if acc is not None:
+        line = (f"label accuracy {100 * acc['overall']:.1f}% of {acc['n']} prior samples "
+                f"(worst: label {acc['worst_label']}, {100 * acc['worst']:.0f}%); " + line)
+    return line
 
 
 def label_accuracy(model, judge, n_per_label=100, seed=0):

@@ -105,7 +105,7 @@ def test_cli_eval_label_accuracy(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(out), "--label-accuracy", "--json", str(js)]) == 0
     text = capsys.readouterr().out
     assert "of 400 prior samples (100 per label) recognised as their label" in text
-    assert "real test digits (trained now" in text and (out / JUDGE_FILE).exists()
+    assert "real test images (trained now" in text and (out / JUDGE_FILE).exists()
     rep = json.loads(js.read_text())["label_accuracy"]
     assert len(rep["per_label"]) == 4 and 0 <= rep["overall"] <= 1 and 0 <= rep["judge_test_accuracy"] <= 1
     assert main(["eval", "--checkpoint", str(out), "--label-accuracy"]) == 0
@@ -117,3 +117,10 @@ def test_cli_eval_label_accuracy(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(plain), "--label-accuracy"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("minivae: error:") and "needs a conditional model" in err and "\n" not in err
+
+
+def test_class_grid_title_carries_the_recognition_rate():
+    from minivae.figures import class_grid_title
+    assert "recognised" not in class_grid_title()
+    t = class_grid_title({"overall": 0.964, "n": 1000, "worst": 0.88, "worst_label": 8, "judge_test_accuracy": 0.979})
+    assert "96.4% of 1000 prior samples recognised as their label (worst: 8, 88%)" in t and "97.9% right" in t

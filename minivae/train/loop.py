@@ -478,11 +478,21 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
     log(line + f" on {rep['n']} test images")
     if rep.get("collapse_warning"):
         log(f"warning: {rep['collapse_warning']}")
+    label_acc = None
+    if s.figures and model.config.n_classes is not None:
+        # does the model draw the digit it is asked for?  The judge (minivae.judge) is trained once on the real
+        # training images of the run's data, cached in the run folder; class_grid.png's title shows its verdict
+        from ..judge import describe, label_accuracy, load_or_train
+        judge = load_or_train(out_dir, s.data_dir, log=log, n_classes=model.config.n_classes)
+        label_acc = dict(label_accuracy(model, judge, n_per_label=100, seed=0),
+                         judge_test_accuracy=judge.test_accuracy)
+        results["label_accuracy"] = label_acc
+        log(describe(judge, label_acc))
     # results first: a figure that fails cannot lose them
     atomic_write(Path(out_dir) / "results.json", lambda f: f.write(json_text(results)), mode="w")
     if s.figures:
         from .. import figures
         paths = figures.run_figures(model, data.x_test, data.y_test, out_dir, history_path=Path(out_dir) /
-                                    "history.json", seed=s.seed)
+                                    "history.json", seed=s.seed, label_accuracy=label_acc)
         log(f"figures: {', '.join(str(p) for p in paths)}")
     return results
