@@ -75,7 +75,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads",
-                "conditional", "label_decoder", "beta_start")
+                "conditional", "label_decoder", "beta_start", "decoder", "flow", "iwae_grad")
 
 
 def build_parser():
@@ -84,6 +84,8 @@ def build_parser():
     from . import __version__
     from .config import DTYPES
     from .data import BINARIZE
+    from .families import DECODERS
+    from .iwae_grads import IWAE_GRADS
     from .layers import ACTIVATIONS
     from .likelihoods import LIKELIHOODS
     from .networks import ARCHITECTURES, LABEL_DECODERS
@@ -134,7 +136,15 @@ def build_parser():
     t.add_argument("--weight-decay", type=float, help="L2 penalty coefficient (default 0)")
     t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value")
     t.add_argument("--iwae-k", type=_positive_int, help="train on the IWAE bound with K samples")
+    t.add_argument("--iwae-grad", choices=list(IWAE_GRADS),
+                   help="with --iwae-k: the encoder's gradient estimator, iwae (the bound's gradient), stl (sticking "
+                        "the landing) or dreg (doubly reparameterised); see minivae/iwae_grads.py (default iwae)")
     t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension)")
+    t.add_argument("--decoder", choices=list(DECODERS),
+                   help="p(x|z): factorised (the default) or made, an autoregressive MADE decoder p(x_d | x_<d, z) "
+                        "(Bernoulli; see minivae/families.py)")
+    t.add_argument("--flow", help="a normalising flow in q(z|x): planar:T (T planar steps) or iaf:T (T inverse "
+                                  "autoregressive steps), e.g. planar:4 (default: none)")
     t.add_argument("--seed", type=int, help="seed of every random draw of the run (default 0)")
     t.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")

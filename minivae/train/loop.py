@@ -19,7 +19,7 @@ from .. import evaluate, signals
 from ..backend import get_array_module, get_xp, to_numpy
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
 from ..data import binarize, default_data_dir, embedded_dir, fingerprint
-from ..model import VAE
+from ..model import build_model
 from ..networks import get_architecture
 from ..recipes import lr_at_epoch, output_bias_init
 from .run_data import Data, label_kwargs, run_data_dir
@@ -82,6 +82,8 @@ def loss_kwargs(settings, model):
         kw["iwae_k"] = int(settings.iwae_k)
     if settings.free_bits is not None:
         kw["free_bits"] = float(settings.free_bits)
+    if settings.iwae_grad not in (None, "iwae"):
+        kw["iwae_grad"] = settings.iwae_grad
     if kw:
         params = inspect.signature(model.loss).parameters
         any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -151,7 +153,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     from ..limits import check_fits, training_bytes
     check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}")
     rngs = make_rngs(s.seed)
-    model = VAE(config, rng=rngs["init"], backend=s.backend)
+    model = build_model(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]
     opt = s.make_optimizer()
     step = _Step(s, model, opt, data.y_train, threads)

@@ -42,6 +42,8 @@ class TrainSettings:
     obs_var: float = 1.0
     dec_logvar_min: float | None = None   # floor on a learned decoder log-variance (VAEConfig)
     dtype: str = "float32"
+    decoder: str = "factorised"  # "made": the autoregressive decoder (minivae.families)
+    flow: str | None = None      # "planar:T" or "iaf:T": a flow in q(z|x) (minivae.families)
     # data
     binarize: str = "dynamic"
     data_dir: str | None = None
@@ -67,6 +69,7 @@ class TrainSettings:
     beta_start: float = 0.0    # the KL weight at step 0 when warmup > 0 (0: the classic warm-up; > beta: anneal down)
     iwae_k: int | None = None
     free_bits: float | None = None
+    iwae_grad: str = "iwae"    # the encoder's IWAE gradient: "iwae", "stl" or "dreg" (minivae.iwae_grads)
     # run
     seed: int = 0
     backend: str = "numpy"
@@ -153,6 +156,18 @@ class TrainSettings:
         need(self.clip_norm is None or self.clip_norm > 0, f"clip_norm must be positive, got {self.clip_norm}")
         need(self.iwae_k is None or self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}")
         need(self.free_bits is None or self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
+        from ..iwae_grads import IWAE_GRADS
+        need(self.iwae_grad in IWAE_GRADS, f"iwae_grad must be one of {', '.join(IWAE_GRADS)}, got {self.iwae_grad!r}")
+        need(self.iwae_grad == "iwae" or self.iwae_k is not None,
+             f"iwae_grad={self.iwae_grad!r} estimates the IWAE bound's gradient: give iwae_k (--iwae-k K)")
+        need(self.iwae_grad == "iwae" or self.flow is None,
+             f"iwae_grad={self.iwae_grad!r} cannot be combined with a flow (it needs log q at any z, i.e. the "
+             "flow's inverse)")
+        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or
+                                        self.iwae_grad != "iwae")),
+             "the decoder, flow and iwae_grad options are for the unconditional VAE, not --conditional")
+        need(not (self.flow is not None and self.free_bits),
+             "free bits floor the analytic KL per dimension, which a flow's q(z|x) does not have")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
         # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
@@ -165,6 +180,13 @@ class TrainSettings:
         """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
         a conditional run its number of classes ``n_classes``."""
         image = get_architecture(self.arch).image
+        if self.decoder != "factorised" or self.flow is not None or self.iwae_grad != "iwae":
+            from ..families import FamilyConfig           # the model kind of minivae.families
+            return FamilyConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
+                                likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
+                                dec_logvar_min=self.dec_logvar_min, image_shape=image_shape if image else None,
+                                n_classes=n_classes if self.conditional else None, decoder=self.decoder,
+                                flow=self.flow)
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                          dec_logvar_min=self.dec_logvar_min,
