@@ -55,8 +55,23 @@ def export_lessons(dest, source=None):
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for script in scripts:
-        written.append(Path(shutil.copyfile(script, dest / script.name)))
-        written.append(write_notebook(script, dest / (script.stem + ".ipynb")))
+        copy = dest / script.name
+        copy.write_text(as_exported(script.read_text(encoding="utf-8")), encoding="utf-8")
+        written.append(copy)
+        written.append(write_notebook(copy, dest / (script.stem + ".ipynb")))
     for doc in sorted(src.glob("*.md")):
-        written.append(Path(shutil.copyfile(doc, dest / doc.name)))
+        copy = dest / doc.name
+        copy.write_text(as_exported(doc.read_text(encoding="utf-8")), encoding="utf-8")
+        written.append(copy)
     return written
+
+
+# "lessons/05_elbo.py", "lessons/MISTAKES.md": a lesson file named by its path in the repository
+_IN_LESSONS = re.compile(r"(?<![\w/.])lessons/(?=\d\d_\w+\.(?:py|ipynb)\b|[A-Z]+\.md\b)")
+
+
+def as_exported(text):
+    """A lesson's text as it must read in the exported folder, where the lessons lie side by side: a path
+    ``lessons/05_elbo.py`` (run it as ``python lessons/05_elbo.py`` from the repository root) becomes
+    ``05_elbo.py``, and ``lessons/MISTAKES.md`` becomes ``MISTAKES.md``; nothing else changes."""
+    return _IN_LESSONS.sub("", text)
