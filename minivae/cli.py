@@ -289,6 +289,9 @@ def cmd_train(args):
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+        if not (Path(args.out) / CHECKPOINT).exists():
+            from .train.run_folder import missing_checkpoint
+            raise missing_checkpoint(args.out)
         ckpt = load_checkpoint(Path(args.out) / CHECKPOINT)
         saved = dict(ckpt.settings)
         if args.recipe is not None and args.recipe != saved.get("recipe"):
@@ -586,7 +589,7 @@ def main(argv=None):
     from .checkpoint import CheckpointError
     from .download import DownloadError
     from .train import RunLocked, TrainingDiverged
-    from .train.loop import _Terminated
+    from . import signals
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] == ["assignments"]:              # every later word is the assignments tool's, --help included
@@ -595,11 +598,17 @@ def main(argv=None):
         args = parser.parse_args(argv)
     from .train import using_threads
     try:
-        with using_threads(getattr(args, "threads", None)):      # --threads of train, eval and sample
-            return int(args.func(args) or 0)
+        # every command: Ctrl-C and SIGTERM unwind as one exception (temporary files removed), even one whose
+        # first exception a library swallowed (signals.check, at the end), and end in one line, exit 130/143
+        with signals.handled():
+            with using_threads(getattr(args, "threads", None)):      # --threads of train, eval and sample
+                code = int(args.func(args) or 0)
+            signals.check()
+        return code
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, _Terminated) or getattr(exc, "signum", None) == signal.SIGTERM
-        default = "terminated (SIGTERM)" if terminated else "interrupted"
+        terminated = signals.signal_of(exc) == signal.SIGTERM
+        default = (f"{args.command} terminated (SIGTERM)" if terminated else f"{args.command} interrupted (Ctrl-C)") \
+            + "; no file was left half-written"
         print(f"minivae: {_one_line(exc) if str(exc) else default}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except TrainingDiverged as exc:

@@ -85,7 +85,7 @@ def save_samples_npz(model, path, rng, n, chunk=CHUNK, y=None):
     """
     import zipfile
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
     D = model.config.x_dim
 
     def write(f):
@@ -131,10 +131,10 @@ def tile(images, nrow, pad=1, shape=None):
 
 
 def _save(fig, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    """Write ``fig`` to ``path`` through the package's atomic writer: a failed write (a full disk, ``ulimit -f``,
+    Ctrl-C) leaves the previous picture whole."""
+    from .atomic import save_figure
+    return save_figure(fig, path)
 
 
 def image_grid(images, nrow, path, title=None, scale=0.45, shape=None):

@@ -8,9 +8,9 @@ them out too: :func:`export_lessons` writes every ``NN_name.py`` (the percent-fo
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
+from .atomic import atomic_write
 from .notebook import write_notebook
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -52,22 +52,38 @@ def export_lessons(dest, source=None):
         raise ValueError(f"{dest} exists and is not a folder")
     if dest.is_dir() and any(dest.iterdir()):
         raise ValueError(f"{dest} is not empty; give a new or empty folder for the lessons")
-    dest.mkdir(parents=True, exist_ok=True)
+    created = not dest.exists()
     written = []
-    for script in scripts:
-        copy = dest / script.name
-        copy.write_text(as_exported(script.read_text(encoding="utf-8")), encoding="utf-8")
-        written.append(copy)
-        written.append(write_notebook(copy, dest / (script.stem + ".ipynb")))
-    for doc in sorted(src.glob("*.md")):
-        copy = dest / doc.name
-        copy.write_text(as_exported(doc.read_text(encoding="utf-8")), encoding="utf-8")
-        written.append(copy)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for script in scripts:           # every file through the atomic writer (minivae.atomic)
+            copy = dest / script.name
+            written.append(_write_text(copy, as_exported(script.read_text(encoding="utf-8"))))
+            written.append(write_notebook(copy, dest / (script.stem + ".ipynb")))
+        for doc in sorted(src.glob("*.md")):
+            written.append(_write_text(dest / doc.name, as_exported(doc.read_text(encoding="utf-8"))))
+    except BaseException:
+        # all or nothing: a failed or interrupted export (full disk, Ctrl-C, SIGTERM) takes back what it wrote
+        for p in written:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        if created:
+            try:
+                dest.rmdir()
+            except OSError:
+                pass
+        raise
     return written
 
 
 # "lessons/05_elbo.py", "lessons/MISTAKES.md": a lesson file named by its path in the repository
 _IN_LESSONS = re.compile(r"(?<![\w/.])lessons/(?=\d\d_\w+\.(?:py|ipynb)\b|[A-Z]+\.md\b)")
+
+
+def _write_text(path, text):
+    return Path(atomic_write(path, lambda f: f.write(text.encode("utf-8"))))
 
 
 def as_exported(text):

@@ -70,9 +70,9 @@ def save_figure(fig, out, name):
     lesson reads as a notebook with its pictures.  Closing it keeps pyplot from showing it a second time.
     It returns None: a cell that ends with ``save_figure(...)`` shows the picture, not an ``Out:`` line.
     """
+    from .atomic import save_figure as write_atomically
     path = os.path.join(out, name)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    write_atomically(fig, path)
     if in_notebook():
         from IPython.display import display
         display(fig)
