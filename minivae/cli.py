@@ -469,13 +469,13 @@ def cmd_sample(args):
     from . import figures
     ckpt, _, model = _load(args)
     rng = np.random.default_rng(args.seed)
-    K = model.config.n_classes
-    if K is None and args.label is not None:
+    n_classes = model.config.n_classes
+    if n_classes is None and args.label is not None:
         raise ValueError(f"--label needs a conditional model; {ckpt.path} is unconditional (train with --conditional)")
-    if K is not None and (args.label is None or args.label >= K):
-        raise ValueError(f"{ckpt.path} is a conditional model of {K} classes: give --label 0..{K - 1}"
+    if n_classes is not None and (args.label is None or args.label >= n_classes):
+        raise ValueError(f"{ckpt.path} is a conditional model of {n_classes} classes: give --label 0..{n_classes - 1}"
                          + ("" if args.label is None else f" (got {args.label})"))
-    stem = "samples" if K is None else f"samples_label{args.label}"
+    stem = "samples" if n_classes is None else f"samples_label{args.label}"
     suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
     path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
     if suffix == ".npz":                         # written chunk by chunk
@@ -544,11 +544,11 @@ def cmd_manifold(args):
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
     out = _out_dir(args, ckpt)
-    K = model.config.n_classes
-    if args.label is not None and (K is None or args.label >= K):
+    n_classes = model.config.n_classes
+    if args.label is not None and (n_classes is None or args.label >= n_classes):
         raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
-                         f"{ckpt.path} has " + ("no labels" if K is None else f"{K} classes"))
-    label = (args.label or 0) if K is not None else None
+                         f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
+    label = (args.label or 0) if n_classes is not None else None
     p1 = figures.manifold(model, out / "manifold.png", n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
     p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")

@@ -443,8 +443,8 @@ def test_default_folders_are_unique(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tr.time, "time", lambda: 1_767_000_000.5)      # both runs start in the same microsecond
     for _ in range(2):
         assert run_main(["train", *SMALL], capsys)[0] == 0
-    runs = sorted((tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and all((r / "checkpoint.npz").exists() for r in runs)
+    runs = sorted((tmp_path / "runs").iterdir())          # the two runs, and runs/latest pointing at one
+    assert len(runs) == 3 and all((r / "checkpoint.npz").exists() for r in runs)
     code, _, _ = run_main(["train", *SMALL, "--data-dir", tmp_path / "nowhere"], capsys)
     assert code == 2 and sorted((tmp_path / "runs").iterdir()) == runs      # a failed run leaves no folder
 
