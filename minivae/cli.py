@@ -174,7 +174,7 @@ def build_parser():
                         "them); writes class_grid.png")
     t.add_argument("--label-decoder", choices=list(LABEL_DECODERS),
                    help="with --conditional, how the decoder reads the label: " +
-                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()))
+                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()) + " (default input)")
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")

@@ -164,3 +164,9 @@ def test_an_exported_lesson_reads_right_where_it_stands(tmp_path):
             assert script in names, f"{path.name} says to run {script}, which is not in the exported folder"
         for ref in re.findall(r"(?<![\w/.])lessons/(\d\d_\w+\.py|[A-Z]+\.md)", text):
             pytest.fail(f"{path.name} names lessons/{ref}; in the exported folder it is {ref}")
+
+
+def test_the_readme_lists_every_lesson():
+    text = README.read_text(encoding="utf-8")
+    for lesson in sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py")):
+        assert f"](lessons/{lesson.name})" in text, f"the README's lessons table has no line for {lesson.name}"
