@@ -21,15 +21,12 @@ leaves the previous complete checkpoint in place.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .backend import to_numpy
-from .config import VAEConfig
 
 FORMAT = "minivae-checkpoint-1"
 
@@ -38,66 +35,8 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match what was asked of it."""
 
 
-def _umask():
-    """The process's umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-TMP_SUFFIX = ".tmp"
-
-
-def atomic_write(path, write, mode="wb"):
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename onto ``path``.
-
-    The one atomic-write helper of the package (checkpoints, histories, results, downloads).
-    The temporary file is ``.<name>.<random>.tmp`` in the same folder; it is removed if
-    ``write`` raises (including KeyboardInterrupt).  The final file gets the permissions
-    the umask gives a new file (0666 & ~umask), like any file ``open`` creates, not the
-    0600 of ``tempfile.mkstemp``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-        except (AttributeError, OSError):       # no fchmod (Windows): keep mkstemp's mode
-            pass
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX only; harmless to skip elsewhere)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
-
-
-def stale_temp_files(folder):
-    """Temporary files ``.<name>.*.tmp`` that :func:`atomic_write` left in ``folder``.
-
-    Only a process killed without a chance to clean up (SIGKILL, power loss) leaves one;
-    the caller must hold the folder's lock (:class:`minivae.train.RunLock`) before removing them.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file())
+# the package's one atomic writer lives in minivae.atomic; these names stay importable from here
+from .atomic import TMP_SUFFIX, WriteError, _umask, atomic_write, stale_temp_files  # noqa: E402,F401
 
 
 def _text(s):
@@ -109,13 +48,17 @@ def rng_states(rngs):
     return json.dumps({k: g.bit_generator.state for k, g in rngs.items()})
 
 
-def restore_rngs(rngs, text):
-    """Set each Generator in ``rngs`` to the state saved under its name."""
+def restore_rngs(rngs, text, where="checkpoint"):
+    """Set each Generator in ``rngs`` to the state saved under its name (``where``: the file, for messages)."""
     states = json.loads(text)
     for k, g in rngs.items():
         if k not in states:
-            raise CheckpointError(f"checkpoint has no RNG state for {k!r}")
-        g.bit_generator.state = states[k]
+            raise CheckpointError(f"{where}: corrupt field rng: no state for the generator {k!r}")
+        try:
+            g.bit_generator.state = states[k]
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            raise CheckpointError(f"{where}: corrupt field rng.{k}: not a state of a {type(g.bit_generator).__name__}"
+                                  f" ({type(exc).__name__}: {exc})") from None
 
 
 def save_checkpoint(path, model, optimizer=None, rngs=None, settings=None, epoch=0, history=None):
@@ -149,9 +92,10 @@ class Checkpoint:
         self.opt_meta, self.opt_state = opt_meta, opt_state
 
     def build_model(self, backend="numpy"):
-        """A :class:`~minivae.model.VAE` on ``backend`` holding the saved parameters."""
-        from .model import VAE
-        model = VAE(self.config, rng=0, backend=backend)
+        """A :class:`~minivae.model.VAE` (or the model of the config's kind) on ``backend`` holding the saved
+        parameters."""
+        from .model import build_model
+        model = build_model(self.config, rng=0, backend=backend)       # a VAE, or the kind the config names
         missing = set(model.params) - set(self.params)
         extra = set(self.params) - set(model.params)
         if missing or extra:
@@ -175,8 +119,8 @@ class Checkpoint:
         d = dict(self.opt_state, t=self.opt_meta["t"], lr=self.opt_meta["lr"])
         try:
             optimizer.load_state_dict(d, params)
-        except ValueError as exc:
-            raise CheckpointError(f"{self.path}: {exc}") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{self.path}: corrupt field opt: {exc}") from None
         return optimizer
 
 
@@ -207,15 +151,28 @@ def load_checkpoint(path):
             raise CheckpointError(f"{path}: missing {key!r}; not a minivae checkpoint")
     if str(data["format"]) != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {str(data['format'])!r} (expected {FORMAT!r})")
+    for key in ("format", "config", "settings", "history", "rng", "opt/meta"):
+        if key in data and (data[key].shape != () or data[key].dtype.kind != "U"):
+            raise CheckpointError(f"{path}: corrupt field {key}: expected text, got a {data[key].dtype} array of "
+                                  f"shape {data[key].shape}")
+    docs = {}
+    for key in ("config", "settings", "history", "rng", "opt/meta"):
+        if key in data:
+            try:
+                docs[key] = json.loads(str(data[key]))
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: corrupt field {key}: not JSON ({exc})") from None
+    from .checkpoint_schema import SchemaError, validate
+    try:                      # every field by type and range (minivae.checkpoint_schema): one line naming it
+        validate(docs["config"], docs["settings"], docs["history"], docs["rng"], docs.get("opt/meta"))
+    except SchemaError as exc:
+        raise CheckpointError(f"{path}: corrupt field {exc}") from None
     try:
-        config = VAEConfig.from_json(str(data["config"]))
-        settings = json.loads(str(data["settings"]))
-        history = json.loads(str(data["history"]))
-        rng = str(data["rng"])
-        json.loads(rng)
-        opt_meta = json.loads(str(data["opt/meta"])) if "opt/meta" in data else None
+        from .model import config_from_dict
+        config = config_from_dict(docs["config"])                      # VAEConfig, or the kind it names
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: corrupt metadata ({exc})") from None
+        raise CheckpointError(f"{path}: corrupt field config ({exc})") from None
+    settings, history, rng, opt_meta = docs["settings"], docs["history"], str(data["rng"]), docs.get("opt/meta")
     epoch = data["epoch"]
     if epoch.shape != () or epoch.dtype.kind not in "iu" or int(epoch) < 0:
         raise CheckpointError(f"{path}: corrupt 'epoch' (expected one integer >= 0, got a {epoch.dtype} array "
@@ -242,4 +199,8 @@ def load_checkpoint(path):
             raise CheckpointError(f"{path}: parameter {name!r} holds NaN or inf; this checkpoint cannot be "
                                   "evaluated or resumed")
     opt_state = {k[len("opt/"):]: v for k, v in data.items() if k.startswith("opt/") and k != "opt/meta"}
+    for name, v in opt_state.items():
+        if v.dtype.kind != "f" or not np.isfinite(v).all():
+            raise CheckpointError(f"{path}: corrupt field opt/{name}: expected finite floating-point optimizer "
+                                  f"state, got a {v.dtype} array" + ("" if v.dtype.kind != "f" else " with NaN or inf"))
     return Checkpoint(path, config, params, int(epoch), settings, history, rng, opt_meta, opt_state)

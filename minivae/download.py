@@ -75,9 +75,9 @@ def fetch(url, dest, sha256, timeout=30.0):
 
     ``sha256`` is one hex digest or a tuple of accepted ones.  Returns ``dest``.  The
     temporary file, its removal on any failure and the final rename are the package's one
-    atomic writer, :func:`minivae.checkpoint.atomic_write`.
+    atomic writer, :func:`minivae.atomic.atomic_write`.
     """
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
     dest = Path(dest)
     accepted = (sha256,) if isinstance(sha256, str) else tuple(sha256)
 

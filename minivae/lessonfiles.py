@@ -8,9 +8,9 @@ them out too: :func:`export_lessons` writes every ``NN_name.py`` (the percent-fo
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
+from .atomic import copy_file
 from .notebook import write_notebook
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -52,11 +52,26 @@ def export_lessons(dest, source=None):
         raise ValueError(f"{dest} exists and is not a folder")
     if dest.is_dir() and any(dest.iterdir()):
         raise ValueError(f"{dest} is not empty; give a new or empty folder for the lessons")
-    dest.mkdir(parents=True, exist_ok=True)
+    created = not dest.exists()
     written = []
-    for script in scripts:
-        written.append(Path(shutil.copyfile(script, dest / script.name)))
-        written.append(write_notebook(script, dest / (script.stem + ".ipynb")))
-    for doc in sorted(src.glob("*.md")):
-        written.append(Path(shutil.copyfile(doc, dest / doc.name)))
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for script in scripts:           # every file through the atomic writer (minivae.atomic)
+            written.append(copy_file(script, dest / script.name))
+            written.append(write_notebook(script, dest / (script.stem + ".ipynb")))
+        for doc in sorted(src.glob("*.md")):
+            written.append(copy_file(doc, dest / doc.name))
+    except BaseException:
+        # all or nothing: a failed or interrupted export (full disk, Ctrl-C, SIGTERM) takes back what it wrote
+        for p in written:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        if created:
+            try:
+                dest.rmdir()
+            except OSError:
+                pass
+        raise
     return written

@@ -69,9 +69,9 @@ def save_figure(fig, out, name):
     From the command line the figure is only saved.  In a Jupyter kernel it is also displayed, so every
     lesson reads as a notebook with its pictures.  Closing it keeps pyplot from showing it a second time.
     """
+    from .atomic import save_figure as write_atomically
     path = os.path.join(out, name)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    write_atomically(fig, path)
     if in_notebook():
         from IPython.display import display
         display(fig)

@@ -219,6 +219,7 @@ def percent_to_notebook(text):
 
 def write_notebook(script, path):
     """Convert the percent-format script file ``script`` to the notebook file ``path``."""
+    from .atomic import atomic_write
     nb = percent_to_notebook(Path(script).read_text(encoding="utf-8"))
-    Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return Path(path)
+    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -420,7 +420,7 @@ def test_corrupt_checkpoint_history_on_resume_is_one_line(run_dir, tmp_path, cap
     np.savez(run / "checkpoint.npz", **arrays)
     code, _, err = run_main(["train", "--out", run, "--resume", "--epochs", "3", "--no-figures"], capsys)
     assert code == 2
-    one_error_line(err, "history a list of objects")
+    one_error_line(err, "corrupt field history: expected a list")
     assert str(run / "checkpoint.npz") in err
 
 

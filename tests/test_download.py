@@ -111,9 +111,9 @@ def test_cli_download_good_and_bad(server, tmp_path):
 
 
 def test_downloads_go_through_the_one_atomic_writer(server, tmp_path, monkeypatch):
-    """fetch writes with checkpoint.atomic_write (the package's only atomic writer): its temp-file
+    """fetch writes with atomic.atomic_write (the package's only atomic writer): its temp-file
     naming and cleanup, and the permissions the umask gives."""
-    from minivae import checkpoint
+    from minivae import atomic as checkpoint
     www, url = server
     shutil.copy(embedded_dir() / NAME, www / NAME)
     calls = []

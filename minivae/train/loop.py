@@ -10,22 +10,21 @@ import inspect
 import math
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .. import evaluate
+from .. import evaluate, signals
 from ..backend import get_array_module, get_xp, to_numpy
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
 from ..data import binarize, default_data_dir, embedded_dir, fingerprint
-from ..model import VAE
+from ..model import build_model
 from ..networks import get_architecture
 from ..recipes import lr_at_epoch, output_bias_init
 from .run_data import Data, label_kwargs, run_data_dir
-from .run_folder import (CHECKPOINT, LOCK_FILE, RunLock, check_fresh_folder, clean_stale, json_text, sync_history,
-                         write_history)
+from .run_folder import (CHECKPOINT, LOCK_FILE, RunLock, check_fresh_folder, clean_stale, json_text,
+                         missing_checkpoint, remove_run_files, sync_history, write_history)
 from .settings import TrainSettings, check_resume, describe
 
 # A finite loss above this (nats per example) stops training like a NaN: no model of this package on
@@ -54,8 +53,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-class _Terminated(KeyboardInterrupt):
-    """Raised by the SIGTERM handler so that SIGTERM unwinds exactly like Ctrl-C."""
+# SIGTERM unwinds exactly like Ctrl-C (minivae.signals); the old private name stays for callers that catch it
+_Terminated = signals.Terminated
 
 
 # ------------------------------------------------------------------- helpers
@@ -66,10 +65,14 @@ def make_rngs(seed):
 
 
 def beta_at(settings, step, steps_per_epoch):
-    """KL weight at 0-based global ``step`` (linear per-step warm-up over ``warmup`` epochs)."""
+    """KL weight at 0-based global ``step``: linear per step from ``beta_start`` to ``beta`` over ``warmup``
+    epochs, then ``beta``.  beta_start = 0 is the classic KL warm-up; beta_start > beta anneals the weight down
+    (a strong KL pressure at first, which keeps the class out of z in a conditional VAE)."""
     if not settings.warmup:
         return float(settings.beta)
-    return float(settings.beta) * min(1.0, step / (settings.warmup * steps_per_epoch))
+    t = min(1.0, step / (settings.warmup * steps_per_epoch))
+    b0 = float(getattr(settings, "beta_start", 0.0) or 0.0)
+    return b0 + (float(settings.beta) - b0) * t
 
 
 def loss_kwargs(settings, model):
@@ -79,6 +82,8 @@ def loss_kwargs(settings, model):
         kw["iwae_k"] = int(settings.iwae_k)
     if settings.free_bits is not None:
         kw["free_bits"] = float(settings.free_bits)
+    if settings.iwae_grad not in (None, "iwae"):
+        kw["iwae_grad"] = settings.iwae_grad
     if kw:
         params = inspect.signature(model.loss).parameters
         any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -125,7 +130,7 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
     out = Path(out_dir)
     created = not out.exists()
     try:
-        with _SigtermAsInterrupt(), RunLock(out), using_threads(s.threads) as threads:
+        with signals.handled(), RunLock(out), using_threads(s.threads) as threads:
             return _train_locked(s, out, resume, progress, log, force, threads)
     except BaseException:
         # a run that failed before writing anything leaves no folder behind
@@ -138,28 +143,9 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
         raise
 
 
-class _SigtermAsInterrupt:
-    """While active (main thread only), SIGTERM raises :class:`_Terminated`, so it unwinds like Ctrl-C."""
-
-    def __enter__(self):
-        self.prev = None
-        if threading.current_thread() is threading.main_thread():
-            def handler(signum, frame):
-                raise _Terminated()
-            try:
-                self.prev = signal.signal(signal.SIGTERM, handler)
-            except (ValueError, OSError):
-                self.prev = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGTERM, self.prev)
-
-
 def _train_locked(s, out, resume, progress, log, force, threads):
     ckpt_path = out / CHECKPOINT
-    ckpt = _open_run_folder(s, out, resume, force)
+    ckpt, replace = _open_run_folder(s, out, resume, force)
     clean_stale(out, log)
     get_xp(s.backend)               # BackendError early if cupy is asked for without a GPU
     data = Data(s)
@@ -167,7 +153,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     from ..limits import check_fits, training_bytes
     check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}")
     rngs = make_rngs(s.seed)
-    model = VAE(config, rng=rngs["init"], backend=s.backend)
+    model = build_model(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]
     opt = s.make_optimizer()
     step = _Step(s, model, opt, data.y_train, threads)
@@ -176,9 +162,17 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
         write_history(out, history)        # history.json/csv from the checkpoint's own record
     else:
-        _start_fresh(s, out, force, model, data)
+        _start_fresh(s, out, replace, model, data, log)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
+    # a run folder is a run or nothing: settings.json is written with the session's first checkpoint (a run that
+    # fails before it leaves no file behind), and an --epochs 0 run saves its untrained model as epoch 0
+    settings_written = []
+
+    def save(epoch, hist):
+        save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch, hist)
+        if not settings_written:
+            atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
+            settings_written.append(True)
 
     n = len(data.x_train)
     spe = math.ceil(n / s.batch_size)
@@ -208,13 +202,14 @@ def _train_locked(s, out, resume, progress, log, force, threads):
             rec.update({"lr": opt.lr, "beta": beta_at(s, (epoch + 1) * spe - 1, spe), "steps": spe,
                         "time_s": time.perf_counter() - t0})
             where["step"] = "while saving the checkpoint"
-            save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch + 1, history + [rec])
+            save(epoch + 1, history + [rec])
             history.append(rec)
             where["step"] = "while writing the history"
             write_history(out, history)
             log(format_epoch(rec, s.epochs))
+        signals.check()                         # a signal swallowed during the last epoch's evaluation or save
     except KeyboardInterrupt as exc:
-        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+        signum = signals.signal_of(exc)
         at = where["step"]
         at = f"step {at}" if isinstance(at, int) else at
         msg = f"{'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'} at epoch {where['epoch']}, " \
@@ -227,6 +222,10 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     finally:
         step.close()
 
+    if ckpt is None and s.epochs == 0:
+        save(0, [])                           # an untrained run is still a run: resume, eval and sample work
+    elif not settings_written:                # resumed at its last epoch: --iw-k, --no-figures may have changed
+        atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
     if history:
         write_history(out, history)
     finish(model, s, data, out, progress=progress, log=log)
@@ -237,15 +236,19 @@ def _open_run_folder(s, out, resume, force):
     """Check the folder for a resume (its checkpoint, the settings, the recorded data) or a new run (new or
     empty), and record the data's provenance in ``s.data``.  Returns the checkpoint to resume, or None."""
     if not resume:
-        check_fresh_folder(out, force)
+        replace = check_fresh_folder(out, force)
         d = Path(s.data_dir) if s.data_dir is not None else default_data_dir()
         s.data = fingerprint(d)
         s.data_dir = s.data["path"]                   # resolved: $MINIVAE_DATA is read once, here
-        return None
+        return None, replace
     ckpt_path = out / CHECKPOINT
     if not ckpt_path.exists():
-        raise CheckpointError(f"{ckpt_path}: checkpoint not found; nothing to resume")
+        raise missing_checkpoint(out)
     ckpt = load_checkpoint(ckpt_path)
+    if s.epochs < ckpt.epoch:
+        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epochs; resuming it with epochs={s.epochs} "
+                              f"(--epochs {s.epochs}) would train nothing and misreport the run: give --epochs "
+                              f"{ckpt.epoch} or more")
     check_resume(s, ckpt)
     saved = TrainSettings.from_dict(dict(TrainSettings().to_dict(), **ckpt.settings))
     if saved.data:          # the recorded data (or the same files elsewhere), else a one-line refusal
@@ -254,7 +257,7 @@ def _open_run_folder(s, out, resume, force):
         s.data = saved.data
     else:
         s.data = fingerprint(s.data_dir if s.data_dir is not None else default_data_dir())
-    return ckpt
+    return ckpt, []
 
 
 def _restore(ckpt, config, model, opt, rngs, backend):
@@ -265,16 +268,16 @@ def _restore(ckpt, config, model, opt, rngs, backend):
     loaded = ckpt.build_model(backend)
     model.params.flat[...] = loaded.flat
     ckpt.load_optimizer(opt, model.params)
-    restore_rngs(rngs, ckpt.rng)
+    restore_rngs(rngs, ckpt.rng, where=str(ckpt.path))
     return list(ckpt.history), ckpt.epoch
 
 
-def _start_fresh(s, out, force, model, data):
-    """A new run: with ``force``, remove the old run's files; the output bias at the data's logits if asked."""
-    if force:
-        for name in (CHECKPOINT, "history.json", "history.csv", "results.json"):
-            if (out / name).exists():
-                (out / name).unlink()
+def _start_fresh(s, out, replace, model, data, log=print):
+    """A new run: remove the old run's files ``replace`` (all of them with ``force``, figures included); the output
+    bias at the data's logits if asked."""
+    if replace:
+        remove_run_files(out, replace)
+        log(f"removed the earlier run's files in {out}: {', '.join(replace)}")
     if s.init_output_bias:
         out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for an image model
         x = data.x_train
@@ -364,6 +367,7 @@ def _train_epoch(s, epoch, spe, x_train, model, opt, step, rngs, where, last_ckp
             _check_finite(steps[:, 0], 0, spe, epoch, last_ckpt)
             bar.update(spe)
         for i, idx in enumerate(batches if step.runner is None else ()):
+            signals.check()                     # a signal whose exception was swallowed (minivae.signals)
             where["step"] = i + 1
             xb = x_train[xp.asarray(idx)]
             if s.binarize == "dynamic":
@@ -474,11 +478,21 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
     log(line + f" on {rep['n']} test images")
     if rep.get("collapse_warning"):
         log(f"warning: {rep['collapse_warning']}")
+    label_acc = None
+    if s.figures and model.config.n_classes is not None:
+        # does the model draw the digit it is asked for?  The judge (minivae.judge) is trained once on the real
+        # training images of the run's data, cached in the run folder; class_grid.png's title shows its verdict
+        from ..judge import describe, label_accuracy, load_or_train
+        judge = load_or_train(out_dir, s.data_dir, log=log, n_classes=model.config.n_classes)
+        label_acc = dict(label_accuracy(model, judge, n_per_label=100, seed=0),
+                         judge_test_accuracy=judge.test_accuracy)
+        results["label_accuracy"] = label_acc
+        log(describe(judge, label_acc))
     # results first: a figure that fails cannot lose them
     atomic_write(Path(out_dir) / "results.json", lambda f: f.write(json_text(results)), mode="w")
     if s.figures:
         from .. import figures
         paths = figures.run_figures(model, data.x_test, data.y_test, out_dir, history_path=Path(out_dir) /
-                                    "history.json", seed=s.seed)
+                                    "history.json", seed=s.seed, label_accuracy=label_acc)
         log(f"figures: {', '.join(str(p) for p in paths)}")
     return results

@@ -105,18 +105,51 @@ def new_run_dir(base, prefix):
 
 
 def check_fresh_folder(out, force):
-    """CheckpointError (one line) unless ``out`` is new, empty, or ``force`` lets a new run replace its files."""
+    """CheckpointError (one line) unless ``out`` is new, empty, or ``force`` lets a new run replace its files.
+
+    A ``settings.json`` alone (no checkpoint) is what a failed run of an older minivae left (a run now writes
+    its settings with its first checkpoint): it is no run, and a new run replaces it.  Returns the names of the
+    run files the new run must remove first (everything of :data:`RUN_FILES` with ``force``)."""
     ckpt_path = out / CHECKPOINT
     if not out.is_dir():
-        return
+        return []
     if ckpt_path.exists() and not force:
         raise CheckpointError(f"{out} already holds a run ({CHECKPOINT}); pass resume (--resume) to continue it, "
                               "force (--force) to start over, or choose another output folder")
     present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.endswith(".tmp"))
+    if present == ["settings.json"]:
+        return present
     if present and not force:
         raise CheckpointError(f"{out} is not empty (it holds {', '.join(present[:5])}"
                               f"{', ...' if len(present) > 5 else ''}); pass force (--force) to overwrite the "
                               "run's files, or choose another output folder")
+    return [name for name in RUN_FILES if (out / name).exists()] if force else []
+
+
+def remove_run_files(out, names):
+    """Remove the run files ``names`` of ``out``; of ``figures/``, every picture and sample file minivae writes
+    (``*.png``, ``*.npz``, ``*.json`` and temporary files), then the folder itself if that leaves it empty."""
+    for name in names:
+        p = out / name
+        if name == "figures" and p.is_dir():
+            for f in p.iterdir():
+                if f.is_file() and (f.suffix in (".png", ".npz", ".json") or f.name.endswith(".tmp")):
+                    f.unlink()
+            try:
+                p.rmdir()
+            except OSError:                 # something else lives there: it stays, and so does the folder
+                pass
+        elif p.is_file() or p.is_symlink():
+            p.unlink()
+
+
+def missing_checkpoint(out):
+    """The one-line CheckpointError of ``--resume`` into a folder without a checkpoint."""
+    out = Path(out)
+    why = "nothing to resume"
+    if out.is_dir() and any(p.name in RUN_FILES for p in out.iterdir()):
+        why += f" (the run in {out} stopped before its first checkpoint: start it again without --resume)"
+    return CheckpointError(f"{out / CHECKPOINT}: checkpoint not found; {why}")
 
 
 def clean_stale(out, log):
