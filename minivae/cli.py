@@ -105,7 +105,7 @@ def build_parser():
                                    "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
     t.add_argument("--recipe", choices=sorted(RECIPES), default=None, metavar="RECIPE",
                    help="starting settings, one of: " + ", ".join(sorted(RECIPES)) +
-                        " (see minivae/recipes.py; without --recipe: default)")
+                        " (see minivae/recipes.py; without --recipe: default, or conditional with --conditional)")
     t.add_argument("--epochs", type=_nonneg_int, help="passes over the training set (default 10)")
     t.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 128)")
     t.add_argument("--arch", choices=list(ARCHITECTURES),
@@ -171,7 +171,7 @@ def build_parser():
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     t.add_argument("--conditional", action="store_true", default=None,
                    help="a conditional VAE of p(x|y) on the dataset's labels (the number of classes is read from "
-                        "them); writes class_grid.png")
+                        "them); without --recipe, the conditional recipe (minivae/recipes.py); writes class_grid.png")
     t.add_argument("--label-decoder", choices=list(LABEL_DECODERS),
                    help="with --conditional, how the decoder reads the label: " +
                         "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()) + " (default input)")
@@ -321,7 +321,10 @@ def cmd_train(args):
         saved.update(overrides)
         settings = TrainSettings.from_dict(saved)
     else:
-        settings = TrainSettings.from_recipe(args.recipe or "default", **overrides)
+        # --conditional without --recipe: the conditional recipe (minivae.recipes), the one measured to draw the
+        # digit it is asked for
+        settings = TrainSettings.from_recipe(args.recipe or ("conditional" if args.conditional else "default"),
+                                             **overrides)
     settings.validate()                      # before a default folder is created
     out = args.out or str(new_run_dir(RUNS, settings.recipe))
     old_latest = _point_latest_at(out)       # runs/latest: the newest run
