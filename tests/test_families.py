@@ -293,7 +293,7 @@ def test_train_and_eval_from_the_command_line(tmp_path, capsys):
     assert main(["train", *small, "--decoder", "made", "--flow", "planar:2", "--out", str(out)]) == 0
     assert main(["eval", "--checkpoint", str(out), "--iw-k", "4"]) == 0
     text = capsys.readouterr().out
-    assert "FamilyVAE" in text and "iw_nll" in text
+    assert "FamilyVAE" in text and "importance-weighted with k = 4" in text
     assert (out / "figures" / "samples.png").exists()
     out2 = tmp_path / "dreg"
     assert main(["train", *small, "--no-figures", "--iwae-k", "3", "--iwae-grad", "dreg", "--out", str(out2)]) == 0
