@@ -133,6 +133,8 @@ class TrainSettings:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
+        need(not isinstance(self.seed, bool) and isinstance(self.seed, (int, np.integer)) and self.seed >= 0,
+             f"seed (--seed) must be an integer >= 0, got {self.seed!r}")
         need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
         need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
         need(self.threads is None or (not isinstance(self.threads, bool) and isinstance(self.threads, (int, np.integer))
