@@ -24,6 +24,7 @@ from .config import VAEConfig
 from .gaussian import kl_backward, kl_forward, reparameterize, reparameterize_backward, reparameterize_forward
 from .gradcheck import GradientCheckError, check_model, check_op, numerical_gradient, rel_error
 from .model import VAE
+from . import families  # noqa: E402,F401  (registers the model kind "family": MADE decoder, flows; minivae.model)
 from .optim import SGD, Adagrad, Adam, clip_grad_norm, make_optimizer
 
 try:                     # the fast path (minivae/fast/, absent from a course assignment's copy)

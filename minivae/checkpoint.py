@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
-from .config import VAEConfig
 
 FORMAT = "minivae-checkpoint-1"
 
@@ -93,9 +92,10 @@ class Checkpoint:
         self.opt_meta, self.opt_state = opt_meta, opt_state
 
     def build_model(self, backend="numpy"):
-        """A :class:`~minivae.model.VAE` on ``backend`` holding the saved parameters."""
-        from .model import VAE
-        model = VAE(self.config, rng=0, backend=backend)
+        """A :class:`~minivae.model.VAE` (or the model of the config's kind) on ``backend`` holding the saved
+        parameters."""
+        from .model import build_model
+        model = build_model(self.config, rng=0, backend=backend)       # a VAE, or the kind the config names
         missing = set(model.params) - set(self.params)
         extra = set(self.params) - set(model.params)
         if missing or extra:
@@ -168,7 +168,8 @@ def load_checkpoint(path):
     except SchemaError as exc:
         raise CheckpointError(f"{path}: corrupt field {exc}") from None
     try:
-        config = VAEConfig.from_dict(docs["config"])
+        from .model import config_from_dict
+        config = config_from_dict(docs["config"])                      # VAEConfig, or the kind it names
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: corrupt field config ({exc})") from None
     settings, history, rng, opt_meta = docs["settings"], docs["history"], str(data["rng"]), docs.get("opt/meta")

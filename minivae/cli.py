@@ -75,7 +75,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads",
-                "conditional")
+                "conditional", "label_decoder", "beta_start", "decoder", "flow", "iwae_grad")
 
 
 def build_parser():
@@ -84,9 +84,11 @@ def build_parser():
     from . import __version__
     from .config import DTYPES
     from .data import BINARIZE
+    from .families import DECODERS
+    from .iwae_grads import IWAE_GRADS
     from .layers import ACTIVATIONS
     from .likelihoods import LIKELIHOODS
-    from .networks import ARCHITECTURES
+    from .networks import ARCHITECTURES, LABEL_DECODERS
     from .optim import OPTIMIZERS
     from .recipes import RECIPES
     p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
@@ -100,7 +102,7 @@ def build_parser():
                                    "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
     t.add_argument("--recipe", choices=sorted(RECIPES), default=None, metavar="RECIPE",
                    help="starting settings, one of: " + ", ".join(sorted(RECIPES)) +
-                        " (see minivae/recipes.py; without --recipe: default)")
+                        " (see minivae/recipes.py; without --recipe: default, or conditional with --conditional)")
     t.add_argument("--epochs", type=_nonneg_int, help="passes over the training set (default 10)")
     t.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 128)")
     t.add_argument("--arch", choices=list(ARCHITECTURES),
@@ -123,6 +125,9 @@ def build_parser():
     t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     t.add_argument("--warmup", type=_nonneg_int,
                    help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs")
+    t.add_argument("--beta-start", type=float,
+                   help="with --warmup: the KL weight at the first step, moving linearly to --beta (default 0; above "
+                        "--beta anneals the weight down)")
     t.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     t.add_argument("--optimizer", choices=list(OPTIMIZERS),
                    help="update rule: " + ", ".join(OPTIMIZERS) + " (default adam)")
@@ -131,7 +136,15 @@ def build_parser():
     t.add_argument("--weight-decay", type=float, help="L2 penalty coefficient (default 0)")
     t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value")
     t.add_argument("--iwae-k", type=_positive_int, help="train on the IWAE bound with K samples")
+    t.add_argument("--iwae-grad", choices=list(IWAE_GRADS),
+                   help="with --iwae-k: the encoder's gradient estimator, iwae (the bound's gradient), stl (sticking "
+                        "the landing) or dreg (doubly reparameterised); see minivae/iwae_grads.py (default iwae)")
     t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension)")
+    t.add_argument("--decoder", choices=list(DECODERS),
+                   help="p(x|z): factorised (the default) or made, an autoregressive MADE decoder p(x_d | x_<d, z) "
+                        "(Bernoulli; see minivae/families.py)")
+    t.add_argument("--flow", help="a normalising flow in q(z|x): planar:T (T planar steps) or iaf:T (T inverse "
+                                  "autoregressive steps), e.g. planar:4 (default: none)")
     t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
     t.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
@@ -146,7 +159,10 @@ def build_parser():
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     t.add_argument("--conditional", action="store_true", default=None,
                    help="a conditional VAE of p(x|y) on the dataset's labels (the number of classes is read from "
-                        "them); writes class_grid.png")
+                        "them); without --recipe, the conditional recipe (minivae/recipes.py); writes class_grid.png")
+    t.add_argument("--label-decoder", choices=list(LABEL_DECODERS),
+                   help="with --conditional, how the decoder reads the label: " +
+                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()))
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")
@@ -167,6 +183,11 @@ def build_parser():
     e.add_argument("--iw-k", type=_nonneg_int, default=0, help="also the importance-weighted bound with K samples")
     e.add_argument("--n", type=_positive_int, help="evaluate the first N test images only (active units are "
                                                      "counted from 20 images up)")
+    e.add_argument("--label-accuracy", action="store_true",
+                   help="a conditional model: the fraction of 1000 prior samples (100 per label) that a pixel "
+                        "classifier trained on the real training digits recognises as their label, with its own "
+                        "accuracy on the real test digits (the classifier is trained once and cached in the run "
+                        "folder as judge.npz)")
     e.add_argument("--json", help="write the numbers to this JSON file (strict JSON: null for a missing number)")
     _threads_flag(e)
     e.set_defaults(func=cmd_eval)
@@ -269,7 +290,10 @@ def cmd_train(args):
         saved.update(overrides)
         settings = TrainSettings.from_dict(saved)
     else:
-        settings = TrainSettings.from_recipe(args.recipe or "default", **overrides)
+        # --conditional without --recipe: the conditional recipe (minivae.recipes), the one measured to draw the
+        # digit it is asked for
+        settings = TrainSettings.from_recipe(args.recipe or ("conditional" if args.conditional else "default"),
+                                             **overrides)
     settings.validate()                      # before a default folder is created
     out = args.out or str(new_run_dir("runs", settings.recipe))
     t0 = time.perf_counter()
@@ -360,6 +384,9 @@ def cmd_eval(args):
     from . import evaluate
     from .train import json_text
     ckpt, settings, model = _load(args)
+    if args.label_accuracy and model.config.n_classes is None:
+        raise ValueError(f"--label-accuracy needs a conditional model; {ckpt.path} is unconditional (train with "
+                         "--conditional)")
     if args.n is None:
         settings.n_test = None          # the whole test set unless --n
     x_eval, _, y = _test_data(args, ckpt, settings, n=args.n)
@@ -382,7 +409,7 @@ def cmd_eval(args):
     print(f"test -ELBO{of} {rep['neg_elbo']:.4f} nats/image (recon {rep['recon']:.4f}, KL {rep['kl']:.4f}) "
           f"on {rep['n']} images")
     for k, v in rep.items():
-        if k in ("neg_elbo", "recon", "kl", "n", "au_note") or v is None or isinstance(v, bool):
+        if k in ("neg_elbo", "recon", "kl", "n", "au_note", "label_accuracy") or v is None or isinstance(v, bool):
             continue
         if k == "iw_k" and not v:        # no IW estimate was asked for
             continue
@@ -396,12 +423,29 @@ def cmd_eval(args):
         print(f"  note: {rep['au_note']}")
     if isinstance(rep.get("collapse_warning"), str):
         print(f"  warning: {rep['collapse_warning']}")
+    if args.label_accuracy:
+        rep["label_accuracy"] = _label_accuracy(args, ckpt, settings, model)
     if args.json:
         from .checkpoint import atomic_write
         doc = dict(rep, checkpoint=str(ckpt.path), epoch=ckpt.epoch)
         atomic_write(args.json, lambda f: f.write(json_text(doc)), mode="w")
         print(f"wrote {args.json}")
     return 0
+
+
+def _label_accuracy(args, ckpt, settings, model):
+    """Print (and return) the judge's verdicts on 100 prior samples per label (minivae.judge)."""
+    from .data import default_data_dir
+    from .judge import JUDGE_FILE, describe, label_accuracy, load_or_train
+    run_dir = Path(ckpt.path).parent
+    cached = (run_dir / JUDGE_FILE).exists()
+    judge = load_or_train(run_dir, args.data_dir or settings.data_dir or default_data_dir())
+    acc = label_accuracy(model, judge, n_per_label=100, seed=0)
+    print(f"label accuracy: {100 * acc['overall']:.1f}% of {acc['n']} prior samples (100 per label) recognised "
+          f"as their label (worst: label {acc['worst_label']}, {100 * acc['worst']:.0f}%)")
+    print("  per label: " + " ".join(f"{k}:{100 * v:.0f}%" for k, v in enumerate(acc["per_label"])))
+    print(f"  {describe(judge)} ({'cached' if cached else 'trained now'}: {run_dir / JUDGE_FILE})")
+    return dict(acc, judge_test_accuracy=judge.test_accuracy, judge=str(run_dir / JUDGE_FILE))
 
 
 def cmd_sample(args):

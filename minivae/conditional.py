@@ -75,3 +75,38 @@ def concat_backward(dout, cache):
     da = dout[:, :A]           # dL/da_nj = G_nj       (the columns that came from a)
     db = dout[:, A:]           # dL/db_nj = G_n,A+j    (the columns that came from b)
     return da, db
+
+
+def outer_forward(a, b):
+    """The outer product of two rows, flattened: ``out = vec(a ⊗ b)``, a bilinear op.
+
+        out_{n, i·B + k} = a_{n,i} b_{n,k}
+
+    Shapes: a (N, A), b (N, B) -> out (N, A·B), row-major (a's index i is the slow one).  With b the one-hot
+    label, the block k of out is a copy of a for the rows of class k and zero elsewhere, so a dense layer after
+    it applies a different weight matrix W_k to each class: the label *selects* the map instead of adding a bias.
+    """
+    xp = get_array_module(a)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"cannot take the outer product of {a.shape[0]} rows with {b.shape[0]} rows")
+    b = b.astype(a.dtype, copy=False)
+    N, A, B = a.shape[0], a.shape[1], b.shape[1]
+    return (a[:, :, None] * b[:, None, :]).reshape(N, A * B), (a, b)
+
+
+def outer_backward(dout, cache):
+    """Gradients of the flattened outer product.
+
+    out_{n,(i,k)} = a_{n,i} b_{n,k} is linear in each factor, so with upstream G = dL/dout (N, A·B) viewed as
+    (N, A, B):
+
+        dL/da_{n,i} = sum_k G_{n,i,k} b_{n,k}       (N, A)
+        dL/db_{n,k} = sum_i G_{n,i,k} a_{n,i}       (N, B)
+
+    Returns ``(da, db)``.  In the conditional VAE b is the one-hot label (data), and its gradient is dropped.
+    """
+    a, b = cache
+    G = dout.reshape(a.shape[0], a.shape[1], b.shape[1])
+    da = (G * b[:, None, :]).sum(axis=2)     # dL/da_ni = sum_k G_nik b_nk   (the block of class y_n, for one-hot b)
+    db = (G * a[:, :, None]).sum(axis=1)     # dL/db_nk = sum_i G_nik a_ni
+    return da, db

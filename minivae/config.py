@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .layers import ACTIVATIONS
 from .likelihoods import LIKELIHOODS
-from .networks import ARCHITECTURES
+from .networks import ARCHITECTURES, LABEL_DECODERS
 
 DTYPES = ("float32", "float64")
 
@@ -44,6 +44,9 @@ class VAEConfig:
     n_classes   K: a conditional VAE (Sohn, Lee & Yan 2015) of p(x|y) for labels y in 0..K-1; the one-hot
                 label joins the input of the encoder's first dense layer and the decoder's input z
                 (:mod:`minivae.conditional`).  None (default): the unconditional VAE of p(x)
+    label_decoder  how a conditional decoder reads y (:data:`minivae.networks.LABEL_DECODERS`): "input"
+                (default: [z, y] into its first dense layer), "outer" ([z, vec(z ⊗ y), y]: a per-class map
+                of z) or "every" (y into every dense layer, fully connected only)
     """
 
     x_dim: int = None
@@ -57,6 +60,7 @@ class VAEConfig:
     image_shape: tuple = None
     dec_logvar_min: float = None
     n_classes: int = None
+    label_decoder: str = "input"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -102,6 +106,13 @@ class VAEConfig:
             if isinstance(self.n_classes, bool) or int(self.n_classes) != self.n_classes or self.n_classes < 1:
                 raise ValueError(f"n_classes must be a positive integer (or None), got {self.n_classes!r}")
             self.n_classes = int(self.n_classes)
+        if self.label_decoder not in LABEL_DECODERS:
+            raise ValueError(f"unknown label_decoder {self.label_decoder!r}: choose one of {', '.join(LABEL_DECODERS)}")
+        if self.label_decoder != "input" and self.n_classes is None:
+            raise ValueError(f"label_decoder={self.label_decoder!r} needs a conditional model (n_classes=K)")
+        if self.label_decoder == "every" and self.arch != "mlp":
+            raise ValueError(f"label_decoder='every' needs the fully connected arch 'mlp', not {self.arch!r} "
+                             f"(use 'outer' or 'input')")
         if not self.obs_var > 0:
             raise ValueError(f"obs_var must be positive, got {self.obs_var}")
         if self.dec_logvar_min is not None:
@@ -120,7 +131,8 @@ class VAEConfig:
         d["hidden"] = list(self.hidden)
         if self.image_shape is not None:
             d["image_shape"] = list(self.image_shape)
-        for k, default in (("arch", "mlp"), ("image_shape", None), ("dec_logvar_min", None), ("n_classes", None)):
+        for k, default in (("arch", "mlp"), ("image_shape", None), ("dec_logvar_min", None), ("n_classes", None),
+                            ("label_decoder", "input")):
             if d[k] == default:        # a fully connected config serialises as before these fields existed
                 del d[k]
         return d

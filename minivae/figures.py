@@ -256,8 +256,11 @@ def latent_scatter(model, x, y, path):
     return _save(fig, path)
 
 
-def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0):
-    """Every figure of a run into ``out_dir/figures``; returns the paths written."""
+def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0, label_accuracy=None):
+    """Every figure of a run into ``out_dir/figures``; returns the paths written.
+
+    ``label_accuracy``: a conditional model's judged samples (:func:`minivae.judge.label_accuracy`, with the
+    judge's ``judge_test_accuracy``), written into the title of ``class_grid.png``."""
     d = Path(out_dir) / "figures"
     rng = np.random.default_rng(seed)
     x = np.asarray(x_test)
@@ -267,7 +270,7 @@ def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0):
         except ValueError:
             return []                               # not images: only numbers, no pictures
     if getattr(model.config, "n_classes", None) is not None:
-        return _conditional_figures(model, x, np.asarray(y_test), d, history_path, rng)
+        return _conditional_figures(model, x, np.asarray(y_test), d, history_path, rng, label_accuracy)
     paths = [reconstructions(model, x, d / "reconstructions.png"),
              prior_samples(model, d / "samples.png", rng)]
     if history_path is not None and Path(history_path).exists():
@@ -319,17 +322,29 @@ def class_grid_images(model, rng, n_cols=10):
     return to_numpy(model.decode(zz, yy))
 
 
-def class_grid(model, path, rng, n_cols=10):
-    """(conditional model) One row per class y, one column per shared z ~ N(0, I): E[x|z, y]."""
+def class_grid_title(label_accuracy=None):
+    """The class grid's title; with a judge's verdict (:func:`minivae.judge.label_accuracy`), the recognition
+    rate, the worst label and the judge's own accuracy on real test images."""
+    title = "rows: label y = 0, 1, ...;  columns: shared z ~ N(0, I)"
+    if label_accuracy is None:
+        return title
+    a = label_accuracy
+    return (title + f"\n{100 * a['overall']:.1f}% of {a['n']} prior samples recognised as their label "
+            f"(worst: {a['worst_label']}, {100 * a['worst']:.0f}%)\nby a judge {100 * a['judge_test_accuracy']:.1f}% "
+            f"right on real test images")
+
+
+def class_grid(model, path, rng, n_cols=10, label_accuracy=None):
+    """(conditional model) One row per class y, one column per shared z ~ N(0, I): E[x|z, y].  The title gives
+    the judge's recognition rate when ``label_accuracy`` is given (:func:`class_grid_title`)."""
     images = class_grid_images(model, rng, n_cols)
-    return image_grid(images, int(n_cols), path, title="rows: label y = 0, 1, ...;  columns: shared z ~ N(0, I)",
-                      shape=_hw(model))
+    return image_grid(images, int(n_cols), path, title=class_grid_title(label_accuracy), shape=_hw(model))
 
 
-def _conditional_figures(model, x, y, d, history_path, rng):
+def _conditional_figures(model, x, y, d, history_path, rng, label_accuracy=None):
     """The figures of a conditional run: every decode uses the test digit's own label."""
     paths = [reconstructions(model, x, d / "reconstructions.png", y=y),
-             class_grid(model, d / "class_grid.png", rng)]
+             class_grid(model, d / "class_grid.png", rng, label_accuracy=label_accuracy)]
     if history_path is not None and Path(history_path).exists():
         paths.append(loss_curves(history_path, d / "loss_curves.png"))
     same = np.flatnonzero(y[1:] == y[0]) + 1               # a second test digit with the first one's label

@@ -45,6 +45,7 @@ few vectorised passes.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -53,7 +54,7 @@ from .config import VAEConfig
 from .gaussian import (LOG_2PI, kl_backward, kl_forward, log_diag_normal, log_standard_normal,
                        reparameterize_backward, reparameterize_forward)
 from . import networks
-from .conditional import check_labels, concat_backward, concat_forward, one_hot
+from .conditional import check_labels, concat_backward, concat_forward, one_hot, outer_backward, outer_forward
 from .conv import (conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
                    maxpool2d_backward, maxpool2d_forward, upsample_nearest2d_backward, upsample_nearest2d_forward)
 from .layers import activation, dense_backward, dense_forward
@@ -92,8 +93,8 @@ def _module_of(a):
 
 
 def param_shapes(config):
-    """Ordered list of ``(name, shape)`` for a config (see the module docstring)."""
-    return networks.param_shapes(config)
+    """Ordered list of ``(name, shape)`` for a config (see the module docstring), of its model kind."""
+    return get_model_kind(config).param_shapes(config)
 
 
 def _layout(shapes):
@@ -196,6 +197,20 @@ def _concat_backward(model, layer, dout, cache, grads):
     return concat_backward(dout, cache)[0]            # a slice; the label is data: no gradient to y
 
 
+def _outer_forward(model, layer, h, y):
+    """[h, vec(h ⊗ y)]: (N, H) -> (N, H + H·K), the outer op's columns beside h itself (minivae.conditional)."""
+    o, c_outer = outer_forward(h, y)                  # vec(h ⊗ onehot(y)): h copied into its class's block
+    out, c_cat = concat_forward(h, o)
+    return out, (c_cat, c_outer)
+
+
+def _outer_backward(model, layer, dout, cache, grads):
+    c_cat, c_outer = cache
+    dh, do = concat_backward(dout, c_cat)             # the plain copy of h, and the outer product's columns
+    dh = dh + outer_backward(do, c_outer)[0]          # h feeds both: add the two paths; no gradient to y (data)
+    return dh
+
+
 def _flatten_forward(model, layer, h, y):
     return h.reshape(h.shape[0], -1), h.shape          # (N, C, H, W) -> (N, C·H·W), (C, H, W) order
 
@@ -230,6 +245,7 @@ LAYER_OPS = {
     "deconv": (_deconv_forward, _deconv_backward),
     "act": (_act_forward, _act_backward),
     "concat": (_concat_forward, _concat_backward),
+    "outer": (_outer_forward, _outer_backward),
     "flatten": (_flatten_forward, _reshape_backward),
     "unflatten": (_unflatten_forward, _reshape_backward),
     "maxpool": (_maxpool_forward, _maxpool_backward),
@@ -772,3 +788,64 @@ class VAE:
             arch += f" | y of {c.n_classes} classes"
         return (f"VAE({arch}, {c.activation}, {c.likelihood}, {c.dtype}, backend={self.backend}, "
                 f"{self.size} params)")
+
+
+# ----------------------------------------------------------------------------
+# The registry of model kinds: which config class and model class a checkpoint's config names
+# ----------------------------------------------------------------------------
+class ModelKind(NamedTuple):
+    """One kind of model: its config class (a VAEConfig subclass), its model class and its parameter shapes.
+
+    A config says its kind by a class attribute ``kind`` (the plain VAEConfig has none: "vae"), and its
+    ``to_dict`` writes it as the key "kind", so a checkpoint's config JSON names the class to build.
+    """
+
+    config: type
+    model: type
+    param_shapes: Callable
+
+
+MODEL_KINDS = {}   # name -> ModelKind
+
+
+def register_model_kind(name, kind):
+    """Make ``name`` a model kind that checkpoints, training and the command line can build."""
+    if not isinstance(kind, ModelKind):
+        raise TypeError(f"model kind {name!r}: expected a ModelKind, got {type(kind).__name__}")
+    MODEL_KINDS[name] = kind
+    return kind
+
+
+def get_model_kind(config):
+    """The :class:`ModelKind` of a config (``config.kind``, "vae" when it has none)."""
+    name = getattr(config, "kind", "vae")
+    try:
+        return MODEL_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown model kind {name!r}: known: {', '.join(MODEL_KINDS)}") from None
+
+
+def config_from_dict(d):
+    """The config of a dict written by ``config.to_dict()``, of the class its "kind" names (default "vae")."""
+    d = dict(d)
+    name = d.pop("kind", "vae")
+    if name not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {name!r}: known: {', '.join(MODEL_KINDS)}")
+    return MODEL_KINDS[name].config.from_dict(d)
+
+
+def config_from_json(text):
+    import json
+    d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError("a model config must be a JSON object")
+    return config_from_dict(d)
+
+
+def build_model(config, rng=None, backend=None):
+    """A model of the config's kind: ``VAE(config, rng, backend)`` or, e.g., ``FamilyVAE(...)``."""
+    return get_model_kind(config).model(config, rng=rng, backend=backend)
+
+
+# minivae.families registers "family" when the package is imported (minivae/__init__.py imports it)
+register_model_kind("vae", ModelKind(VAEConfig, VAE, networks.param_shapes))

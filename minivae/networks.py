@@ -47,6 +47,12 @@ decoder's input z.  The dense layer after it reads K more inputs::
     encoder   = [concat y, dense enc.0 (784 + K, 400), act]          (conv: ..., flatten, concat y, dense enc.0)
     decoder   = [concat y, dense dec.0 (L + K, 400), act]
 
+``VAEConfig.label_decoder`` says how the decoder reads y (:data:`LABEL_DECODERS`); the encoder is the same::
+
+    "input"   decoder = [concat y, dense dec.0 (L + K, 400), act]                    (the default above)
+    "outer"   decoder = [outer y, concat y, dense dec.0 (L + L·K + K, 400), act]     [z, vec(z ⊗ y), y]
+    "every"   decoder = [concat y, dense dec.0 (L + K, 400), act, concat y]; dec_heads read 400 + K
+
 The order of the parameters (``model.params``) is the order of the layers in
 ``encoder + enc_heads + decoder + dec_heads``, W before b.
 """
@@ -62,13 +68,14 @@ class Layer(NamedTuple):
 
     op    "dense" (y = x @ W + b), "act" (the config's activation), "conv" (conv2d), "deconv"
           (conv_transpose2d), "maxpool", "upsample", "flatten" (N, C, H, W) -> (N, C·H·W) or
-          "unflatten" (N, C·H·W) -> (N, C, H, W), or "concat" (N, H) -> (N, H + K), [h, onehot(y)]
+          "unflatten" (N, C·H·W) -> (N, C, H, W), "concat" (N, H) -> (N, H + K), [h, onehot(y)], or "outer"
+          (N, H) -> (N, H + H·K), [h, vec(h ⊗ onehot(y))]
     name  parameter prefix: the layer owns ``params[name + ".W"]`` and ``params[name + ".b"]``
           (None for a layer without parameters)
     W     the weight's shape: (in, out) for dense, (F, C, KH, KW) for conv,
           (C_in, C_out, KH, KW) for deconv
     arg   the op's extra arguments: (stride, padding) for conv and deconv, (size,) for maxpool,
-          (scale,) for upsample, the (C, H, W) shape for unflatten, (K,) for concat
+          (scale,) for upsample, the (C, H, W) shape for unflatten, (K,) for concat and outer
     """
 
     op: str
@@ -85,6 +92,15 @@ class Layer(NamedTuple):
 
 
 ACT = Layer("act")
+
+# How a conditional decoder reads the one-hot label y (VAEConfig.label_decoder); the encoder always reads
+# [x, y] in its first dense layer.
+LABEL_DECODERS = {
+    "input": "[z, y] into the first dense layer (y adds a per-class bias to it)",
+    "every": "y joins the input of every dense layer of the decoder, the output layer too (fully connected only)",
+    "outer": "[z, vec(z ⊗ y), y] into the first dense layer: a per-class linear map of z as well as a per-class "
+             "bias",
+}
 
 
 def _concat_y(config):
@@ -121,13 +137,26 @@ def _dense_stack(prefix, n_in, widths):
 def _dense_vae(config, enc_front, enc_in, dec_widths):
     """The layers every architecture shares: the encoder's dense stack on its ``enc_in`` features (after the
     layers ``enc_front``), the two Gaussian heads, and the decoder's dense stack from z over ``dec_widths``.
-    A conditional config joins the one-hot label right before each dense stack (:func:`_concat_y`).
+    A conditional config joins the one-hot label right before each dense stack (:func:`_concat_y`); how the
+    decoder reads it is ``config.label_decoder`` (:data:`LABEL_DECODERS`).
 
-    Returns ``(encoder, enc_heads, decoder, g)``, g the width the decoder's dense stack ends with."""
+    Returns ``(encoder, enc_heads, decoder, g)``, g the width the decoder's dense stack ends with (K more
+    with ``label_decoder="every"``: the output heads read the label too)."""
     c = config
     concat, K = _concat_y(c)
     stack, h = _dense_stack("enc", enc_in + K, c.hidden)
     enc_heads = [Layer("dense", "enc.mu", (h, c.z_dim)), Layer("dense", "enc.logvar", (h, c.z_dim))]
+    mode = c.label_decoder if K else "input"
+    if mode == "outer":                      # [z, vec(z ⊗ y)], then [.., y]: L + L·K + K inputs
+        decoder, g = _dense_stack("dec", c.z_dim * (1 + K) + K, dec_widths)
+        return [*enc_front, *concat, *stack], enc_heads, [Layer("outer", arg=(K,)), *concat, *decoder], g
+    if mode == "every":                      # y joins the input of every dense layer, the output layer's too
+        decoder, g = [], c.z_dim
+        for i, w in enumerate(dec_widths):
+            decoder += [*concat, Layer("dense", f"dec.{i}", (g + K, w)), ACT]
+            g = w
+        return [*enc_front, *concat, *stack], enc_heads, [*decoder, *concat], g + K
+    decoder, g = _dense_stack("dec", c.z_dim + K, dec_widths)
     decoder, g = _dense_stack("dec", c.z_dim + K, dec_widths)
     return [*enc_front, *concat, *stack], enc_heads, [*concat, *decoder], g
 

@@ -9,7 +9,7 @@ import pytest
 from minivae import VAE, VAEConfig, check_model, check_op
 from minivae.checkpoint import load_checkpoint
 from minivae.cli import main
-from minivae.conditional import check_labels, concat_backward, concat_forward, one_hot
+from minivae.conditional import check_labels, concat_backward, concat_forward, one_hot, outer_backward, outer_forward
 from minivae.figures import class_grid_images
 from minivae.train import TrainSettings, train
 
@@ -32,6 +32,27 @@ def test_concat_forward_places_the_columns_and_backward_slices():
     assert np.array_equal(da, g[:, :2]) and np.array_equal(db, g[:, 2:])
     with pytest.raises(ValueError, match="rows"):
         concat_forward(a, b[:2])
+
+
+def test_outer_op_gradient_check_float64():
+    rng = np.random.default_rng(10)
+    a, b = rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    report = check_op(outer_forward, outer_backward, [a, b], names=["a", "b"], rng=rng)
+    assert max(report.values()) < 1e-7
+
+
+def test_outer_with_a_one_hot_label_copies_h_into_its_class_block():
+    rng = np.random.default_rng(11)
+    h, y = rng.standard_normal((3, 2)), one_hot(np.array([2, 0, 1]), 3, np.float64)
+    out, cache = outer_forward(h, y)
+    blocks = out.reshape(3, 2, 3)                          # (n, i, k)
+    for n, k in enumerate([2, 0, 1]):
+        assert np.array_equal(blocks[n, :, k], h[n]) and not np.delete(blocks[n], k, axis=1).any()
+    g = rng.standard_normal((3, 6))
+    dh, _ = outer_backward(g, cache)
+    assert np.array_equal(dh, np.stack([g.reshape(3, 2, 3)[n, :, k] for n, k in enumerate([2, 0, 1])]))
+    with pytest.raises(ValueError, match="rows"):
+        outer_forward(h, y[:2])
 
 
 def test_one_hot_and_label_checks():
@@ -62,6 +83,66 @@ def test_whole_conditional_dense_model_gradient_check(cfg):
     x, y = _data(rng, 6, cfg["x_dim"], cfg["n_classes"])
     assert max(check_model(m, x, y=y, n_samples=2, beta=0.7, rng=rng).values()) < 1e-7
     assert max(check_model(m, x, y=y, n_samples=3, rng=rng, loss_kwargs={"iwae_k": 3}).values()) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["outer", "every"])
+def test_whole_conditional_model_gradient_check_for_each_label_decoder(mode):
+    rng = np.random.default_rng(12)
+    m = VAE(VAEConfig(x_dim=10, hidden=(6, 5), z_dim=3, n_classes=4, activation="tanh", dtype="float64",
+                      label_decoder=mode), rng=3)
+    dec = [(layer.op, layer.W) for layer in m.net.decoder + m.net.dec_heads]
+    if mode == "outer":          # [z, vec(z ⊗ y), y]: 3 + 12 + 4 inputs to dec.0
+        assert dec[:3] == [("outer", None), ("concat", None), ("dense", (19, 5))]
+    else:                        # y before every dense layer, the output layer too
+        assert [w for op, w in dec if op == "dense"] == [(7, 5), (9, 6), (10, 10)]
+        assert [op for op, _ in dec].count("concat") == 3
+    x, y = _data(rng, 6, 10, 4)
+    assert max(check_model(m, x, y=y, n_samples=2, beta=0.7, rng=rng).values()) < 1e-7
+    assert max(check_model(m, x, y=y, n_samples=3, rng=rng, loss_kwargs={"iwae_k": 3}).values()) < 1e-6
+
+
+def test_whole_conditional_conv_model_with_the_outer_decoder_gradient_check():
+    rng = np.random.default_rng(13)
+    m = VAE(VAEConfig(arch="conv", image_shape=(1, 4, 4), hidden=(3,), z_dim=2, n_classes=3, dtype="float64",
+                      activation="tanh", label_decoder="outer"), rng=5)
+    assert m.params["dec.0.W"].shape == (2 + 6 + 3, 3)
+    x, y = _data(rng, 3, 16, 3)
+    report = check_model(m, x, y=y, rng=rng, max_entries=150)
+    assert set(report) == set(m.params) and max(report.values()) < 1e-7
+
+
+def test_label_decoder_config_errors_and_serialisation():
+    for kw, msg in ((dict(label_decoder="outer"), "needs a conditional model"),
+                    (dict(n_classes=3, label_decoder="sideways"), "unknown label_decoder"),
+                    (dict(n_classes=3, label_decoder="every", arch="conv"), "fully connected")):
+        with pytest.raises(ValueError, match=msg):
+            VAEConfig(**kw)
+    c = VAEConfig(n_classes=3, label_decoder="outer")
+    assert VAEConfig.from_json(c.to_json()) == c and c.to_dict()["label_decoder"] == "outer"
+    assert "label_decoder" not in VAEConfig(n_classes=3).to_dict()      # the default serialises as before
+
+
+def test_beta_start_anneals_the_kl_weight_to_beta_over_the_warmup():
+    from minivae.train import beta_at
+    s = TrainSettings(beta=1.0, beta_start=4.0, warmup=2)
+    assert [beta_at(s, t, 10) for t in (0, 5, 10, 15, 20, 30)] == [4.0, 3.25, 2.5, 1.75, 1.0, 1.0]
+    plain = TrainSettings(beta=2.0, warmup=2)          # beta_start 0: the classic warm-up, as before
+    assert [beta_at(plain, t, 10) for t in (0, 10, 20)] == [0.0, 1.0, 2.0]
+    for kw, msg in ((dict(beta_start=4.0), "needs warmup"), (dict(beta_start=-1.0, warmup=1), "beta_start"),
+                    (dict(label_decoder="outer"), "conditional run")):
+        with pytest.raises(ValueError, match=msg):
+            TrainSettings(**kw).validate()
+
+
+def test_outer_decoder_with_an_annealed_beta_trains_and_resumes_exactly(tmp_path):
+    d = make_labelled(tmp_path / "data")
+    kw = dict(conditional=True, data_dir=str(d), label_decoder="outer", beta_start=3.0, warmup=1, **TINY)
+    full = train(TrainSettings(**kw), tmp_path / "full", progress=False, log=lambda *a: None)
+    train(TrainSettings(**dict(kw, epochs=1)), tmp_path / "part", progress=False, log=lambda *a: None)
+    resumed = train(TrainSettings(**kw), tmp_path / "part", resume=True, progress=False, log=lambda *a: None)
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+    assert full[0]["beta"] > 1 and full[1]["beta"] == 1.0
+    assert load_checkpoint(tmp_path / "full").config.label_decoder == "outer"
 
 
 @pytest.mark.parametrize("arch", ["conv", "conv-pool"])
@@ -256,6 +337,13 @@ def test_cli_train_sample_eval_on_tiny_labelled_data(tmp_path, capsys):
         assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     res = json.loads((out / "results.json").read_text())["test"]
     assert res["iw_k"] == 3 and res["iw_nll"] is not None
+    # --conditional without --recipe trains the conditional recipe
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["recipe"] == "conditional" and saved["label_decoder"] == "outer" and saved["beta_start"] > 1
+    # the run judged its own samples (minivae.judge, cached in the run folder) and says so in the log
+    acc = json.loads((out / "results.json").read_text())["label_accuracy"]
+    assert (out / "judge.npz").exists() and len(acc["per_label"]) == 4 and acc["n"] == 400
+    assert f"label accuracy {100 * acc['overall']:.1f}% of 400 prior samples" in text
     js = tmp_path / "e.json"
     assert main(["eval", "--checkpoint", str(out), "--json", str(js)]) == 0
     assert "test -ELBO of log p(x|y)" in capsys.readouterr().out

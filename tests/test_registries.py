@@ -127,4 +127,4 @@ def test_an_unknown_layer_op_raises_instead_of_running_another_op():
         m._layer_forward(Layer("dconv", "enc.0", (6, 4), (2, 1)), h)
     with pytest.raises(ValueError, match="unknown layer op 'dconv'"):
         m._layer_backward(Layer("dconv", "enc.0", (6, 4), (2, 1)), h, None, m.new_grads())
-    assert {"dense", "conv", "deconv", "act", "concat", "flatten", "unflatten", "maxpool", "upsample"} == set(LAYER_OPS)
+    assert {"dense", "conv", "deconv", "act", "concat", "outer", "flatten", "unflatten", "maxpool", "upsample"} == set(LAYER_OPS)

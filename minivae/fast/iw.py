@@ -61,8 +61,8 @@ def log_weights(model, x, eps, y=None):
     every core (:func:`_log_weights_fused`, the unconditional dense VAE only); any other likelihood goes
     to ``model.log_weights``.  ``y``: the labels of a conditional model.
     """
-    if model.config.likelihood != "bernoulli":
-        return model.log_weights(x, eps, y)
+    if model.config.likelihood != "bernoulli" or getattr(model.config, "kind", "vae") != "vae":
+        return model.log_weights(x, eps, y)          # not the plain VAE (e.g. a flow or a MADE decoder): its own
     fusable = (model.backend == "numpy" and model.dtype in (np.float32, np.float64) and y is None
                and model.config.arch == "mlp" and model.config.n_classes is None)
     if fusable and cpu_kernels.AVAILABLE:

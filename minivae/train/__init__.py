@@ -29,9 +29,9 @@ What a run does
 3. Each step: ``model.loss(xb, beta=beta_t, validate=False)`` then
    ``optimizer.step`` (or, where it applies, the fast path's step, :mod:`minivae.fast`: the same numbers,
    checked by the tests; ``fast=False`` turns it off).  The KL warm-up is *per step*:
-   ``beta_t = beta * min(1, t / (warmup * steps_per_epoch))`` with t the
-   0-based global step, so beta rises linearly from 0 and reaches ``beta``
-   at the start of epoch ``warmup + 1``.  The learning rate is set per epoch
+   ``beta_t = b0 + (beta - b0) * min(1, t / (warmup * steps_per_epoch))`` with t the
+   0-based global step and b0 = ``beta_start`` (default 0), so beta moves linearly from b0 (rises from 0,
+   or anneals down from a b0 above ``beta``) and reaches ``beta`` at the start of epoch ``warmup + 1``.  The learning rate is set per epoch
    from the recipe's schedule (:func:`minivae.recipes.lr_at_epoch`).
 4. Each epoch: one printed line (train and test negative ELBO in nats per
    image, their reconstruction and KL parts, the time), ``history.json`` and

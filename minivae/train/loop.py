@@ -19,7 +19,7 @@ from .. import evaluate, signals
 from ..backend import get_array_module, get_xp, to_numpy
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
 from ..data import binarize, default_data_dir, embedded_dir, fingerprint
-from ..model import VAE
+from ..model import build_model
 from ..networks import get_architecture
 from ..recipes import lr_at_epoch, output_bias_init
 from .run_data import Data, label_kwargs, run_data_dir
@@ -65,10 +65,14 @@ def make_rngs(seed):
 
 
 def beta_at(settings, step, steps_per_epoch):
-    """KL weight at 0-based global ``step`` (linear per-step warm-up over ``warmup`` epochs)."""
+    """KL weight at 0-based global ``step``: linear per step from ``beta_start`` to ``beta`` over ``warmup``
+    epochs, then ``beta``.  beta_start = 0 is the classic KL warm-up; beta_start > beta anneals the weight down
+    (a strong KL pressure at first, which keeps the class out of z in a conditional VAE)."""
     if not settings.warmup:
         return float(settings.beta)
-    return float(settings.beta) * min(1.0, step / (settings.warmup * steps_per_epoch))
+    t = min(1.0, step / (settings.warmup * steps_per_epoch))
+    b0 = float(getattr(settings, "beta_start", 0.0) or 0.0)
+    return b0 + (float(settings.beta) - b0) * t
 
 
 def loss_kwargs(settings, model):
@@ -78,6 +82,8 @@ def loss_kwargs(settings, model):
         kw["iwae_k"] = int(settings.iwae_k)
     if settings.free_bits is not None:
         kw["free_bits"] = float(settings.free_bits)
+    if settings.iwae_grad not in (None, "iwae"):
+        kw["iwae_grad"] = settings.iwae_grad
     if kw:
         params = inspect.signature(model.loss).parameters
         any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -147,7 +153,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     from ..limits import check_fits, training_bytes
     check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}")
     rngs = make_rngs(s.seed)
-    model = VAE(config, rng=rngs["init"], backend=s.backend)
+    model = build_model(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]
     opt = s.make_optimizer()
     step = _Step(s, model, opt, data.y_train, threads)
@@ -490,11 +496,21 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
     log(line + f" on {rep['n']} test images")
     if rep.get("collapse_warning"):
         log(f"warning: {rep['collapse_warning']}")
+    label_acc = None
+    if s.figures and model.config.n_classes is not None:
+        # does the model draw the digit it is asked for?  The judge (minivae.judge) is trained once on the real
+        # training images of the run's data, cached in the run folder; class_grid.png's title shows its verdict
+        from ..judge import describe, label_accuracy, load_or_train
+        judge = load_or_train(out_dir, s.data_dir, log=log, n_classes=model.config.n_classes)
+        label_acc = dict(label_accuracy(model, judge, n_per_label=100, seed=0),
+                         judge_test_accuracy=judge.test_accuracy)
+        results["label_accuracy"] = label_acc
+        log(describe(judge, label_acc))
     # results first: a figure that fails cannot lose them
     atomic_write(Path(out_dir) / "results.json", lambda f: f.write(json_text(results)), mode="w")
     if s.figures:
         from .. import figures
         paths = figures.run_figures(model, data.x_test, data.y_test, out_dir, history_path=Path(out_dir) /
-                                    "history.json", seed=s.seed)
+                                    "history.json", seed=s.seed, label_accuracy=label_acc)
         log(f"figures: {', '.join(str(p) for p in paths)}")
     return results

@@ -34,6 +34,7 @@ class TrainSettings:
     # model
     arch: str = "mlp"          # "mlp", "conv" or "conv-pool" (minivae.networks)
     conditional: bool = False  # a conditional VAE of p(x|y) on the dataset's labels (minivae.conditional)
+    label_decoder: str = "input"  # how a conditional decoder reads y (minivae.networks.LABEL_DECODERS)
     hidden: tuple = (400,)
     latent: int = 20
     activation: str = "relu"
@@ -41,6 +42,8 @@ class TrainSettings:
     obs_var: float = 1.0
     dec_logvar_min: float | None = None   # floor on a learned decoder log-variance (VAEConfig)
     dtype: str = "float32"
+    decoder: str = "factorised"  # "made": the autoregressive decoder (minivae.families)
+    flow: str | None = None      # "planar:T" or "iaf:T": a flow in q(z|x) (minivae.families)
     # data
     binarize: str = "dynamic"
     data_dir: str | None = None
@@ -62,9 +65,11 @@ class TrainSettings:
     init_output_bias: bool = False
     # objective
     beta: float = 1.0
-    warmup: int = 0
+    warmup: int = 0            # epochs over which the KL weight moves linearly from beta_start to beta
+    beta_start: float = 0.0    # the KL weight at step 0 when warmup > 0 (0: the classic warm-up; > beta: anneal down)
     iwae_k: int | None = None
     free_bits: float | None = None
+    iwae_grad: str = "iwae"    # the encoder's IWAE gradient: "iwae", "stl" or "dreg" (minivae.iwae_grads)
     # run
     seed: int = 0
     backend: str = "numpy"
@@ -120,7 +125,7 @@ class TrainSettings:
         need(int(self.epochs) == self.epochs and self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         need(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
              f"batch size must be positive, got {self.batch_size}")
-        for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "obs_var"):
+        for name in ("lr", "adam_eps", "momentum", "weight_decay", "beta", "beta_start", "obs_var"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
         for name in ("clip_norm", "free_bits", "dec_logvar_min"):
@@ -135,6 +140,11 @@ class TrainSettings:
         need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
         need(not isinstance(self.seed, bool) and isinstance(self.seed, (int, np.integer)) and self.seed >= 0,
              f"seed (--seed) must be an integer >= 0, got {self.seed!r}")
+        need(self.beta_start >= 0, f"beta_start must be >= 0, got {self.beta_start}")
+        need(not self.beta_start or self.warmup, f"beta_start={self.beta_start:g} needs warmup > 0 epochs (the "
+                                                 f"epochs over which the KL weight moves from beta_start to beta)")
+        need(self.label_decoder == "input" or self.conditional,
+             f"label_decoder={self.label_decoder!r} needs a conditional run (--conditional)")
         need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
         need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
         need(self.threads is None or (not isinstance(self.threads, bool) and isinstance(self.threads, (int, np.integer))
@@ -148,9 +158,22 @@ class TrainSettings:
         need(self.clip_norm is None or self.clip_norm > 0, f"clip_norm must be positive, got {self.clip_norm}")
         need(self.iwae_k is None or self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}")
         need(self.free_bits is None or self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
+        from ..iwae_grads import IWAE_GRADS
+        need(self.iwae_grad in IWAE_GRADS, f"iwae_grad must be one of {', '.join(IWAE_GRADS)}, got {self.iwae_grad!r}")
+        need(self.iwae_grad == "iwae" or self.iwae_k is not None,
+             f"iwae_grad={self.iwae_grad!r} estimates the IWAE bound's gradient: give iwae_k (--iwae-k K)")
+        need(self.iwae_grad == "iwae" or self.flow is None,
+             f"iwae_grad={self.iwae_grad!r} cannot be combined with a flow (it needs log q at any z, i.e. the "
+             "flow's inverse)")
+        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or
+                                        self.iwae_grad != "iwae")),
+             "the decoder, flow and iwae_grad options are for the unconditional VAE, not --conditional")
+        need(not (self.flow is not None and self.free_bits),
+             "free bits floor the analytic KL per dimension, which a flow's q(z|x) does not have")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
-        config = self.model_config(784)       # checks hidden/latent/activation/likelihood/dtype
+        # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
+        config = self.model_config(784, n_classes=10 if self.conditional else None)
         from ..limits import check_fits, training_bytes
         check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}")
         return self
@@ -159,11 +182,19 @@ class TrainSettings:
         """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
         a conditional run its number of classes ``n_classes``."""
         image = get_architecture(self.arch).image
+        if self.decoder != "factorised" or self.flow is not None or self.iwae_grad != "iwae":
+            from ..families import FamilyConfig           # the model kind of minivae.families
+            return FamilyConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
+                                likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
+                                dec_logvar_min=self.dec_logvar_min, image_shape=image_shape if image else None,
+                                n_classes=n_classes if self.conditional else None, decoder=self.decoder,
+                                flow=self.flow)
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                          dec_logvar_min=self.dec_logvar_min,
                          image_shape=image_shape if image else None,
-                         n_classes=n_classes if self.conditional else None)
+                         n_classes=n_classes if self.conditional else None,
+                         label_decoder=self.label_decoder if self.conditional else "input")
 
     def make_optimizer(self):
         kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
