@@ -75,7 +75,7 @@ def test_a_failed_figure_write_leaves_the_old_picture_whole(run, tmp_path, capsy
         real(self, fname, *a, **k)                 # some bytes reach the file, then the disk is full
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Figure, "savefig", full_disk)
-    for argv in (["sample", "--checkpoint", r, "--out", r / "figures"],
+    for argv in (["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"],
                  ["interpolate", "--checkpoint", r, "--out", r / "figures"],
                  ["manifold", "--checkpoint", r, "--out", r / "figures"]):
         code, _, err = run_main(argv, capsys)
@@ -121,7 +121,7 @@ def test_every_command_stops_cleanly_on_a_signal(run, tmp_path, sig, rc):
     old = snapshot(r)
     cases = [
         ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--n", "3000", "--out", r / "figures"]),
-        ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--out", r / "figures"]),
+        ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"]),
         ("minivae.evaluate", "negative_elbo", ["eval", "--checkpoint", r, "--json", r / "results.json"]),
         ("minivae.figures", "decode_chunks", ["interpolate", "--checkpoint", r, "--out", r / "figures"]),
         ("minivae.figures", "decode_chunks", ["manifold", "--checkpoint", r, "--out", r / "figures"]),
