@@ -93,13 +93,16 @@ def loss_kwargs(settings, model):
     return kw
 
 
+EPOCH_COLUMNS = "per epoch: -ELBO in nats/image on train[, valid] and test (= recon + KL), lr, beta, seconds"
+
+
 def format_epoch(rec, epochs):
-    line = (f"epoch {rec['epoch']:>3}/{epochs}  "
-            f"train -ELBO {rec['train_neg_elbo']:8.3f} (recon {rec['train_recon']:8.3f}, KL {rec['train_kl']:7.3f})  "
-            f"test -ELBO {rec['test_neg_elbo']:8.3f} (recon {rec['test_recon']:8.3f}, KL {rec['test_kl']:7.3f})")
+    """One epoch's line, at most 100 columns (the columns are named once, by :data:`EPOCH_COLUMNS`)."""
+    line = f"epoch {rec['epoch']:>{len(str(epochs))}}/{epochs}  train {rec['train_neg_elbo']:.3f}  "
     if "valid_neg_elbo" in rec:
-        line += f"  valid -ELBO {rec['valid_neg_elbo']:8.3f}"
-    return line + f"  lr {rec['lr']:.3g}  beta {rec['beta']:.3g}  {rec['time_s']:.1f}s"
+        line += f"valid {rec['valid_neg_elbo']:.3f}  "
+    line += f"test {rec['test_neg_elbo']:.3f} = {rec['test_recon']:.3f} + {rec['test_kl']:.3f}"
+    return line + f"  lr {rec['lr']:.2g}  beta {rec['beta']:.2g}  {rec['time_s']:.1f}s"
 
 
 def using_threads(n):
@@ -160,6 +163,8 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     history, start = [], 0
     if ckpt is not None:
         history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
+    _check_work(s, config, data, out, ckpt.epoch if ckpt is not None else 0, log)
+    if ckpt is not None:
         write_history(out, history)        # history.json/csv from the checkpoint's own record
     else:
         _start_fresh(s, out, replace, model, data, log)
@@ -192,6 +197,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         src = "the embedded MNIST" if Path(s.data_dir) == embedded_dir() else s.data_dir
         log(f"training {model!r} on {n} images ({data.x_dim} values each) from {src}, {spe} steps per epoch; "
             f"writing to {out}")
+        log(EPOCH_COLUMNS)
     try:
         for epoch in range(start, s.epochs):
             where["epoch"] = epoch + 1
@@ -230,6 +236,22 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         write_history(out, history)
     finish(model, s, data, out, progress=progress, log=log)
     return history
+
+
+def _check_work(s, config, data, out, start, log):
+    """Before the first step: refuse a run whose training (IWAE K included) and final IW bound cannot finish,
+    or whose checkpoint cannot fit on the disk (minivae.limits); log the estimate of a long one."""
+    from ..limits import check_disk, check_work, iw_macs, model_bytes, training_macs
+    check_disk(model_bytes(config, 4), out, f"training {describe(config)} (its checkpoint)",
+               "free some space or choose another --out")
+    k = f" with --iwae-k {s.iwae_k}" if s.iwae_k else ""
+    macs = training_macs(config, len(data.x_train), max(0, s.epochs - start), s.iwae_k) + \
+        (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
+    note = check_work(macs, f"training {describe(config)} for {max(0, s.epochs - start)} epochs on "
+                            f"{len(data.x_train)} images{k}" + (f" and its --iw-k {s.iw_k} bound" if s.iw_k else ""),
+                      "choose fewer epochs, a smaller --iwae-k or --iw-k, or fewer images", s.backend)
+    if note:
+        log(f"estimate: {note}")
 
 
 def _open_run_folder(s, out, resume, force):
