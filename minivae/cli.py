@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,7 @@ def build_parser():
                         "(Bernoulli; see minivae/families.py)")
     t.add_argument("--flow", help="a normalising flow in q(z|x): planar:T (T planar steps) or iaf:T (T inverse "
                                   "autoregressive steps), e.g. planar:4 (default: none)")
-    t.add_argument("--seed", type=int, help="seed of every random draw of the run (default 0)")
+    t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
     t.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
     t.add_argument("--dtype", choices=list(DTYPES),
@@ -219,7 +220,7 @@ def build_parser():
                    help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
                         "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
     _threads_flag(s)
     s.set_defaults(func=cmd_sample)
@@ -439,6 +440,32 @@ def _out_dir(args, ckpt):
     return Path(args.out) if args.out else Path(ckpt.path).parent / "figures"
 
 
+def _check_output(path, flag, args, ckpt, settings=None):
+    """``path``, unless it is a file this command reads (the checkpoint, a data file): a one-line refusal."""
+    from .atomic import check_not_input
+    inputs = [ckpt.path]
+    data = getattr(args, "data_dir", None) or (settings.data_dir if settings is not None else None) or \
+        (ckpt.settings.get("data_dir") if isinstance(ckpt.settings, dict) else None)
+    if data and Path(data).is_dir():
+        inputs += [p for p in Path(data).iterdir() if p.is_file()]
+    return Path(check_not_input(path, inputs, flag))
+
+
+def _check_sample_size(n, model, target):
+    """sample --n: refused before anything is drawn when its file cannot fit on the disk or its decoding cannot
+    finish (minivae.limits); a long but feasible one shows its estimate."""
+    from . import limits
+    limits.check_disk(limits.sample_file_bytes(model.config, n), target.parent, f"sample --n {n}",
+                      "choose a smaller --n")
+    _note(limits.check_work(n * limits.weights(model.config, "dec."), f"sample --n {n}", "choose a smaller --n",
+                            model.backend if isinstance(getattr(model, "backend", None), str) else "numpy"))
+
+
+def _note(note):
+    if note:
+        print(f"minivae: estimate: {note}", file=sys.stderr)
+
+
 def cmd_eval(args):
     import math
 
@@ -451,6 +478,13 @@ def cmd_eval(args):
     if args.n is None:
         settings.n_test = None          # the whole test set unless --n
     x_eval, _, y = _test_data(args, ckpt, settings, n=args.n)
+    if args.json and args.json != "-":
+        _check_output(args.json, "--json", args, ckpt, settings)
+    if args.iw_k:
+        from . import limits
+        _note(limits.check_work(limits.iw_macs(model.config, len(x_eval), args.iw_k),
+                                f"eval --iw-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --iw-k or --n",
+                                _backend(args)))
     from .train import label_kwargs
     rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True,
                           **label_kwargs(model, y))
@@ -526,7 +560,9 @@ def cmd_sample(args):
     stem = "samples" if n_classes is None else f"samples_label{args.label}"
     suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
     path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
+    path = _check_output(path, "--out", args, ckpt)          # never over the checkpoint or a data file
     if suffix == ".npz":                         # written chunk by chunk
+        _check_sample_size(args.n, model, path)
         path = figures.save_samples_npz(model, path, rng, args.n, y=args.label)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
@@ -566,6 +602,10 @@ def cmd_interpolate(args):
     a = args.a
     b = args.b
     conditional = model.config.n_classes is not None
+    for flag, idx in (("--a", a), ("--b", b)):
+        if idx is not None and idx >= len(x):
+            raise ValueError(f"{flag} {idx} is out of range: the test set has {len(x)} images (indices 0.."
+                             f"{len(x) - 1})")
     if b is None:                   # a conditional model decodes one label: the first other digit with a's label
         others = np.flatnonzero((y == y[a]) if conditional else (y != y[a])) if a < len(y) else []
         others = others[others != a]
@@ -634,17 +674,44 @@ def _one_line(exc):
 
 
 def main(argv=None):
-    from .checkpoint import CheckpointError
-    from .download import DownloadError
-    from .train import RunLocked, TrainingDiverged
-    from . import signals
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] == ["assignments"]:              # every later word is the assignments tool's, --help included
         args = argparse.Namespace(func=cmd_assignments, args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from .train import using_threads
+    if args.func is cmd_assignments:             # its own tool, with its own output (and warnings)
+        code, line = _run(args)
+        if line is not None:
+            print(line, file=sys.stderr)
+        return code
+    # warnings (NumPy's RuntimeWarnings before a divergence, ...) are collected: an error folds them into its
+    # one line; a command that succeeds prints each once at the end, one line each
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code, line = _run(args)
+    seen = []
+    for w in caught:
+        text = f"{w.category.__name__}: {_one_line(w.message)}"
+        if text not in seen:
+            seen.append(text)
+    if line is not None:
+        if seen:
+            more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+            line += f" (after the warning {seen[0]}{more})"
+        print(line, file=sys.stderr)
+    else:
+        for text in seen:
+            print(f"minivae: warning: {text}", file=sys.stderr)
+    return code
+
+
+def _run(args):
+    """Run the command: (exit status, None) on success, else (status, the one line that says why)."""
+    from .checkpoint import CheckpointError
+    from .download import DownloadError
+    from .train import RunLocked, TrainingDiverged, using_threads
+    from . import signals
     try:
         # every command: Ctrl-C and SIGTERM unwind as one exception (temporary files removed), even one whose
         # first exception a library swallowed (signals.check, at the end), and end in one line, exit 130/143
@@ -652,24 +719,21 @@ def main(argv=None):
             with using_threads(getattr(args, "threads", None)):      # --threads of train, eval and sample
                 code = int(args.func(args) or 0)
             signals.check()
-        return code
+        return code, None
     except KeyboardInterrupt as exc:
         terminated = signals.signal_of(exc) == signal.SIGTERM
-        default = (f"{args.command} terminated (SIGTERM)" if terminated else f"{args.command} interrupted (Ctrl-C)") \
+        command = getattr(args, "command", None) or "minivae"
+        default = (f"{command} terminated (SIGTERM)" if terminated else f"{command} interrupted (Ctrl-C)") \
             + "; no file was left half-written"
-        print(f"minivae: {_one_line(exc) if str(exc) else default}", file=sys.stderr)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return (EXIT_TERMINATED if terminated else EXIT_INTERRUPTED), \
+            f"minivae: {_one_line(exc) if str(exc) else default}"
     except TrainingDiverged as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return EXIT_DIVERGED, f"minivae: error: {_one_line(exc)}"
     except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_ERROR, f"minivae: error: {_one_line(exc)}"
     except MemoryError:
-        print("minivae: error: out of memory (the request is larger than this machine's memory)", file=sys.stderr)
-        return EXIT_ERROR
-
+        return EXIT_ERROR, "minivae: error: out of memory (the request is larger than this machine's memory)"
 
 if __name__ == "__main__":
     sys.exit(main())
