@@ -303,3 +303,41 @@ def test_train_and_eval_from_the_command_line(tmp_path, capsys):
         assert main(["train", *small, "--no-figures", *bad, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("minivae: error:") and msg in err[0], err
+
+
+# ----------------------------------------------------------------------------- the lessons' checks catch mistakes
+PLANTED = {
+    "26_autoregressive_collapse.py": (
+        "import minivae.made as m\n"
+        "def bad(dy, cache):\n"
+        "    x, Wm, mask = cache\n"
+        "    return dy @ Wm.T, x.T @ dy, dy.sum(0)\n"               # the mask forgotten in dW
+        "m.masked_dense_backward = bad\n", "masked dense backward"),
+    "27_flows_gap.py": (
+        "import minivae.flows as f\n"
+        "good = f.planar_backward\n"
+        "f.planar_backward = lambda df, dld, c: good(df, 0 * dld, c)\n", "log-det included"),   # no log-det term
+    "28_iwae_gradients.py": (
+        "import minivae.families as fam\n"
+        "good = fam.iwae_estimator_backward\n"
+        "def bad(dloss, cache):\n"
+        "    wt, N, est = cache\n"
+        "    return good(dloss, (wt, N, 'stl'))\n"                 # DReG with STL's weights
+        "fam.iwae_estimator_backward = bad\n", "DREG"),
+}
+
+
+@pytest.mark.parametrize("lesson", sorted(PLANTED))
+def test_a_lessons_checks_fail_on_a_planted_mistake(lesson, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "lessons" / lesson
+    plant, claim = PLANTED[lesson]
+    code = plant + f"import runpy\nrunpy.run_path({str(path)!r}, run_name='__main__')\n"
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", MPLBACKEND="Agg")
+    r = subprocess.run([sys.executable, "-c", code, "--quick", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "CHECK failed" in r.stderr and claim in r.stderr, r.stderr[-2000:]
