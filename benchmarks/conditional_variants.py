@@ -19,7 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# flags after --recipe default (--base), except "recipe": the conditional recipe itself
 VARIANTS = {
+    "recipe": ["--recipe", "conditional"],
     "input": [],                                                     # the label into the first layer only
     "every": ["--label-decoder", "every"],
     "outer": ["--label-decoder", "outer"],
@@ -47,7 +49,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/variants", help="folder of the runs (one subfolder per variant)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--only", nargs="*", help="variant names (default: all); extra ones as NAME=FLAGS")
-    p.add_argument("--base", default="", help="flags added to every train command, e.g. '--recipe conditional'")
+    p.add_argument("--base", default="--recipe default", help="flags before each variant's (default: --recipe default)")
     p.add_argument("--json", help="append the results to this JSON-lines file")
     a = p.parse_args(argv)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -59,7 +61,8 @@ def main(argv=None):
         flags = VARIANTS[name] if name in VARIANTS else name.split("=", 1)[1].split()
         name = name.split("=", 1)[0]
         run_dir = out / name
-        train = [py, "-m", "minivae", "train", "--conditional", *a.base.split(), *flags, "--epochs",
+        base = [] if "--recipe" in flags else a.base.split()
+        train = [py, "-m", "minivae", "train", "--conditional", *base, *flags, "--epochs",
                  str(a.epochs), "--threads", "1", "--no-figures", "--quiet", "--out", str(run_dir), "--force"]
         cpu = run(train, env)
         judge = out / "judge.npz"
@@ -71,7 +74,7 @@ def main(argv=None):
             shutil.copy(run_dir / "judge.npz", judge)
         rep = json.loads((run_dir / "eval.json").read_text())
         la = rep["label_accuracy"]
-        row = {"variant": name, "flags": " ".join([*a.base.split(), *flags]), "epochs": a.epochs,
+        row = {"variant": name, "flags": " ".join([*base, *flags]), "epochs": a.epochs,
                "recognised": la["overall"], "worst": la["worst"], "worst_label": la["worst_label"],
                "per_label": la["per_label"], "judge_test_accuracy": la["judge_test_accuracy"],
                "test_neg_elbo": rep["neg_elbo"], "test_kl": rep["kl"], "train_cpu_s": cpu, "eval_cpu_s": ev}

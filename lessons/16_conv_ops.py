@@ -97,6 +97,13 @@ col_small = conv.im2col(x, KH, KW, s, p)
 Y = Wt.reshape(F, -1) @ col_small + b[:, None]
 check(np.allclose(Y.reshape(F, OH, OW, N).transpose(3, 0, 1, 2), y_loops, rtol=0, atol=1e-12),
       "W.reshape(F, C*KH*KW) @ im2col(x) + b, reshaped to (F, OH, OW, N) and moved to (N, F, OH, OW), is the convolution")
+xpad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+c_, i_, j_, oh_, ow_, n_ = np.indices((C, KH, KW, OH, OW, N)).reshape(6, -1)
+rows_ = (c_ * KH + i_) * KW + j_
+want = xpad[n_, c_, oh_ * s + i_, ow_ * s + j_]
+check(np.array_equal(col_small[rows_, (oh_ * OW + ow_) * N + n_], want)
+      and not np.array_equal(col_small[rows_, (n_ * OH + oh_) * OW + ow_], want),
+      "col's column index is (o_h, o_w, n) = (o_h*O_W + o_w)*N + n, batch last (reading it as (n, o_h, o_w) fails)")
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1, 1, 3.2]})
 axes[0].imshow(digit[0, 0], cmap="gray_r")
@@ -135,7 +142,7 @@ save_figure(fig, args.out, "im2col.png")
 # used several times receives the *sum* of the gradients of its uses.  So
 #
 # $$\bar x[n,c,h,w] = \sum_{\substack{i,j,o_h,o_w:\\ o_h s+i-p=h,\; o_w s+j-p=w}}
-#   \bar{\mathrm{col}}\big[(c,i,j),(n,o_h,o_w)\big] = \mathrm{col2im}(\bar{\mathrm{col}}),$$
+#   \bar{\mathrm{col}}\big[(c,i,j),(o_h,o_w,n)\big] = \mathrm{col2im}(\bar{\mathrm{col}}),$$
 #
 # a scatter-*add*: `conv.col2im` loops over the kernel offsets and does `xpad[..., i::s, j::s] += ...`.
 # col2im is the adjoint of im2col, $\langle \mathrm{im2col}(x), c\rangle = \langle x, \mathrm{col2im}(c)\rangle$.

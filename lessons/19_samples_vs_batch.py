@@ -42,7 +42,13 @@
 #
 # $$L^* = \sqrt{\frac{V_\varepsilon\, c_e}{V_d\, c_d}}.$$
 #
-# More than one sample per datapoint pays off exactly when $V_\varepsilon c_e > V_d c_d$.
+# That is over real L.  L counts samples, so compare whole numbers: with $r = V_\varepsilon c_e / (V_d c_d)$,
+# $(V_d + V_\varepsilon/L)(c_e + L c_d)$ falls from L to L + 1 exactly when
+#
+# $$V_\varepsilon c_e > L(L+1)\, V_d c_d, \qquad\text{i.e. } r > L(L+1).$$
+#
+# So L = 2 beats L = 1 only when $V_\varepsilon c_e > 2 V_d c_d$ (not at $r > 1$, where $L^* > 1$ already), and the
+# best whole L is the smallest one with $L(L+1) \ge r$.
 
 # %%
 import numpy as np
@@ -98,13 +104,18 @@ def decompose(model, rng):
 
 
 def minibatch_variance(model, L, N, rng):
-    """Directly: trace of the covariance of REPEATS minibatch gradients (fresh minibatch and eps each time)."""
+    """Directly: trace of the covariance of REPEATS minibatch gradients (fresh minibatch and eps each time).
+
+    Returns (estimate, its standard error): the estimate is the mean of the REPEATS squared distances
+    |g_r - mean g|^2 (times R/(R-1)), so its standard error is their standard deviation / sqrt(REPEATS).
+    """
     g = np.empty((REPEATS, model.size))
     for r in range(REPEATS):
         xb = x_pool[rng.integers(0, POOL, N)]
         eps = rng.standard_normal((L, N, cfg.z_dim), dtype=np.float32)
         g[r] = model.loss(xb, eps=eps, n_samples=L)[1].flat
-    return g.var(0, ddof=1).sum()
+    sq = ((g - g.mean(0)) ** 2).sum(1) * REPEATS / (REPEATS - 1)
+    return sq.mean(), sq.std(ddof=1) / np.sqrt(REPEATS)
 
 
 # %% [markdown]
@@ -140,28 +151,34 @@ for name, model in models.items():
 #
 # For each (L, N) with L·N = 100 we draw REPEATS fresh minibatches and eps and measure the variance of $\hat g$
 # directly, then compare it with $(L V_d + V_\varepsilon)/100$ from the decomposition.  Two independent estimates of
-# the same number: they agree up to their sampling noise (a variance from REPEATS draws is uncertain by roughly
-# $\sqrt{2/\mathrm{REPEATS}}$, about 18% here).
+# the same number: they agree up to their sampling noise.  Each direct estimate is the mean of REPEATS squared
+# distances $\|\hat g_r - \bar g\|^2$, so its standard error is their standard deviation over $\sqrt{\mathrm{REPEATS}}$
+# (printed as $\pm$); the decomposition has its own noise from P datapoints and R draws.
 
 # %%
 S = 100
-table = {}
+table, direct_ses = {}, {}
 for name, model in models.items():
     v_d, v_e = stats[name]["v_d"]["all"], stats[name]["v_e"]["all"]
     for L, N in CONFIGS:
-        direct = minibatch_variance(model, L, N, np.random.default_rng(args.seed + 10 * L))
+        direct, direct_se = minibatch_variance(model, L, N, np.random.default_rng(args.seed + 10 * L))
         predicted = (L * v_d + v_e) / S
         table[name, L] = (direct, predicted)
-        print(f"  {name:9s} L={L:2d} N={N:3d}: Var[g] direct {direct:10.4g}  predicted {predicted:10.4g}  "
+        direct_ses[name, L] = direct_se
+        print(f"  {name:9s} L={L:2d} N={N:3d}: Var[g] direct {direct:10.4g} +- {direct_se:8.3g}  predicted {predicted:10.4g}  "
               f"ratio {direct / predicted:5.2f}   data part {100 * L * v_d / (L * v_d + v_e):5.1f}%")
 tol = 0.6 if args.quick else 0.35
 check(all(abs(d / p - 1) < tol for d, p in table.values()),
       f"the direct minibatch variance matches (L V_d + V_eps) / (L N) within {int(100 * tol)}% for every (L, N)")
-check(all(table[name, CONFIGS[-1][0]][1] > table[name, 1][1] for name in models),
-      "at a fixed budget L N = 100 the variance grows with L: L = 1, N = 100 (Kingma & Welling) has the lowest")
+L_max = CONFIGS[-1][0]
 for name in models:
     d = [table[name, L][0] for L, _ in CONFIGS]
-    print(f"  {name:9s}: direct variance from L = 1 to L = {CONFIGS[-1][0]}: x{d[-1] / d[0]:.2f}")
+    print(f"  {name:9s}: measured variance from L = 1 to L = {L_max}: x{d[-1] / d[0]:.2f} "
+          f"(+- {direct_ses[name, L_max] / d[0]:.2f} from the L = {L_max} estimate's standard error)")
+check(all(table[name, L_max][0] - table[name, 1][0]
+          > 3 * np.hypot(direct_ses[name, L_max], direct_ses[name, 1]) for name in models),
+      f"at a fixed budget L N = 100 the *measured* variance is larger at L = {L_max} than at L = 1 (Kingma & Welling's "
+      "choice), by more than 3 standard errors of the difference, for both models")
 
 # %% [markdown]
 # ## 5. When do more samples per datapoint pay off?
@@ -182,6 +199,19 @@ for name in models:
     best = min(cost_var, key=cost_var.get)
     print(f"  {name:9s}: L* = {stats[name]['L_star']:.2f}; variance x cost relative to L = 1: "
           + ", ".join(f"L={L}: {cost_var[L] / cost_var[1]:.2f}" for L in cost_var) + f"  (best of these: L = {best})")
+    r = v_e * c_e / (v_d * c_d)
+    best_whole = min(range(1, 101), key=lambda L: (v_d + v_e / L) * (c_e + L * c_d))
+    rule = next(L for L in range(1, 101) if L * (L + 1) >= r)
+    stats[name].update(r=r, best_whole=best_whole, rule=rule)
+    print(f"             r = V_eps c_e / (V_d c_d) = {r:.2f}: best whole L {best_whole} (by search over 1..100); "
+          f"smallest L with L(L+1) >= r: {rule}")
+check(all(stats[n]["best_whole"] == stats[n]["rule"] for n in models),
+      "for both models the best whole L is the smallest L with L(L+1) >= V_eps c_e / (V_d c_d)")
+r_demo = 1.5                                 # V_eps c_e = 1.5 V_d c_d: L* = sqrt(1.5) = 1.22 > 1 ...
+cost = {L: (1 + r_demo / L) * (1 + L) for L in (1, 2)}   # ... (V_d + V_eps/L)(c_e + L c_d) with V_d = c_e = c_d = 1
+check(np.sqrt(r_demo) > 1 and cost[2] > cost[1],
+      f"at V_eps c_e = 1.5 V_d c_d the real optimum is L* = {np.sqrt(r_demo):.2f} > 1, yet L = 2 costs more than "
+      f"L = 1 ({cost[2]:.2f} vs {cost[1]:.2f}): two samples pay off only when V_eps c_e > 2 V_d c_d")
 u, t = stats["untrained"], stats["trained"]
 check(u["v_e"]["all"] / u["v_d"]["all"] > t["v_e"]["all"] / t["v_d"]["all"],
       "eps-noise is a larger share of the gradient variance before training (broad posteriors) than after")
@@ -218,6 +248,7 @@ save_figure(fig, args.out, "variance_vs_L.png")
 # * $\mathrm{Var}[\hat g] = V_d / N + V_\varepsilon / (N L)$: data noise falls only with N, eps-noise with N·L.
 # * At a fixed number of samples L·N the variance is $(L V_d + V_\varepsilon)/(LN)$, lowest at L = 1: Kingma &
 #   Welling's L = 1, N = 100 is the right choice when every decoder evaluation costs the same.
-# * More samples per datapoint pay off per unit of compute when $V_\varepsilon c_e > V_d c_d$, i.e. when the
-#   reparameterization noise dominates (broad posteriors, early in training, and in the encoder's parameters);
-#   the best L is $\sqrt{V_\varepsilon c_e / (V_d c_d)}$.
+# * Per unit of compute, going from L to L + 1 samples pays off when $V_\varepsilon c_e > L(L+1) V_d c_d$ (two
+#   samples beat one only when $V_\varepsilon c_e > 2 V_d c_d$), i.e. when the reparameterization noise dominates
+#   (broad posteriors, early in training, and in the encoder's parameters); the real-valued optimum is
+#   $\sqrt{V_\varepsilon c_e / (V_d c_d)}$, the best whole L the smallest with $L(L+1) \ge V_\varepsilon c_e / (V_d c_d)$.

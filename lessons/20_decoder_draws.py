@@ -77,11 +77,17 @@ check(np.all(np.abs(ratio - 1) < 0.12), "Gaussian draws have variance exp(logvar
 #   \frac{\partial v'}{\partial v} = \sigma(v - m) \in (0, 1).$$
 #
 # So $\sigma' = e^{v'/2} > e^{m/2}$: every pixel's density is at most $1/\sqrt{2\pi e^m}$, its NLL at least
-# $\tfrac12(m + \log 2\pi)$.  Far above the floor $v' \approx v$ (off by $\log(1 + e^{-(v-m)})$: 0.13 nats at
-# 2 nats above, 0.007 at 5); far below, $v' \approx m$ and the gradient $\sigma(v - m) \approx e^{v - m}$ fades.
-# A hard clamp $\max(v, m)$ bounds the density too, but its gradient is exactly 0 below m (the pixel is dead, it can
-# never climb back) and undefined at $v = m$ (where a finite-difference check means nothing).  The softplus floor is
-# smooth everywhere.  Backward, by the chain rule, $\partial L/\partial v = \partial L/\partial v' \cdot \sigma(v - m)$.
+# $\tfrac12(m + \log 2\pi)$.  Far above the floor $v' \approx v$, off by $\log(1 + e^{-(v-m)})$ in log-variance
+# (0.13 at $v - m = 2$, a factor $e^{0.13} = 1.14$ on the variance; 0.007 at $v - m = 5$).  Far below, $v' \approx m$.
+#
+# Why smooth, rather than a hard clamp $\max(v, m)$?  The clamp bounds the density too, but it has a kink at $v = m$,
+# where a finite-difference check means nothing; the softplus floor is smooth everywhere, and its gradient
+# $\sigma(v - m)$ falls off gradually instead of jumping from 1 to 0.  What the smooth floor does *not* buy is a live
+# gradient far below the floor: $\sigma(v - m) \approx e^{v - m}$, about $2\cdot 10^{-9}$ at 20 below, as useless
+# for a step as the clamp's exact 0.  And a clamped pixel is not dead forever either: its raw log-variance
+# $v_d = w_d^\top h + b_d$ is computed from hidden features $h$ that every other pixel trains, so it can cross back
+# above $m$ without receiving any gradient of its own.  Backward, by the chain rule,
+# $\partial L/\partial v = \partial L/\partial v' \cdot \sigma(v - m)$.
 #
 # We pick $m = \log 0.05^2 \approx -6$, an sd of 0.05 (about 13 of 255 grey levels): far above the 8-bit
 # quantization scale, below the sd the decoder learns inside the digits.  Check the op pair in float64 against
@@ -96,6 +102,24 @@ check(rep["logvar"] < 1e-7, "the floor's backward sigmoid(v - m) matches finite 
 vf = logvar_floor_forward(np.array([-1e4, M_FLOOR, 1e4]), M_FLOOR)[0]
 check(vf[0] == M_FLOOR and abs(vf[1] - (M_FLOOR + np.log(2))) < 1e-12 and vf[2] == 1e4,
       "floor(v) = m far below, m + log 2 at v = m, v far above (no overflow at |v - m| = 1e4)")
+g_far = float(logvar_floor_backward(np.ones(1), logvar_floor_forward(np.array([M_FLOOR - 20.0]), M_FLOOR)[1])[0])
+print(f"  the floor's gradient 20 below m: {g_far:.2e} (e^-20 = {np.exp(-20):.2e})")
+check(0 < g_far < 1e-8, "20 below the floor the softplus's gradient is < 1e-8: as useless for a step as the clamp's 0")
+
+# A hard clamp max(v, m) on two pixels that share one hidden feature h (v_d = w_d h + b_d).  Pixel 0 starts below the
+# floor, so its own w_0, b_0 get exactly zero gradient; pixel 1 has a large residual and pushes h up by gradient
+# descent on its NLL 1/2 (r^2 e^-v + v).  Pixel 0's log-variance rises with h and crosses back above m.
+w_c, b_c, h_c, r1 = np.array([1.0, 1.0]), np.array([M_FLOOR - 1.0, 0.0]), 0.0, 3.0
+v0_start = w_c[0] * h_c + b_c[0]
+for _ in range(200):
+    v_c = w_c * h_c + b_c
+    dv = np.array([0.0, 0.5 * (1 - r1 ** 2 * np.exp(-v_c[1]))])            # clamped pixel 0: d max(v, m)/dv = 0
+    h_c -= 0.5 * float(dv @ w_c)                                           # only pixel 1 moves the shared h
+v0_end = w_c[0] * h_c + b_c[0]
+print(f"  clamped pixel: raw log-variance {v0_start:.2f} -> {v0_end:.2f} (floor m = {M_FLOOR:.2f}), its own "
+      "weights untouched")
+check(v0_start < M_FLOOR < v0_end, "a hard-clamped pixel with zero gradient of its own climbs back above the floor "
+      "through the hidden feature the other pixels train")
 small = minivae.VAE(minivae.VAEConfig(x_dim=6, hidden=(5,), z_dim=3, activation="tanh",
                                       likelihood="gaussian_learned_var", dtype="float64", dec_logvar_min=-1.0), rng=0)
 small.params["dec.out_logvar.b"] = np.array([-5.0, -2.0, -1.0, 0.0, 1.0, 3.0])    # both sides of the floor
@@ -106,12 +130,14 @@ check(max(rep.values()) < 1e-7, "whole-model gradient check with the floor on pa
 # %% [markdown]
 # ## 3. Three small VAEs
 #
-# 784-200-8, ReLU, Adam 1e-3, batches of 100 (`lessonkit.fit`): a Bernoulli decoder on dynamically binarized
+# 784-200-8, ReLU, Adam with step 2e-3 (twice the usual, so that the collapse shows within a few hundred steps),
+# batches of 100 (`lessonkit.fit`): a Bernoulli decoder on dynamically binarized
 # digits, and two learned-variance Gaussians on the grey levels, without and with the floor.  Every 50 steps we
 # record the mean log-variance the likelihood uses on the border frame (the outer 3 pixels) of 100 test digits.
 
 # %%
-N_TRAIN, STEPS = (3000, 300) if args.quick else (12000, 1500)
+N_TRAIN, STEPS = (3000, 500) if args.quick else (12000, 1200)
+LR = 2e-3
 x_all = load_mnist("train")[0]
 x_train = x_all[rng.permutation(len(x_all))[:N_TRAIN]]
 x_test = load_mnist("test")[0][:500]
@@ -137,7 +163,7 @@ for name, kw in [("bernoulli", dict(likelihood="bernoulli")),
                 curve.append((step, lv[:, frame].mean()))
     else:
         record = None
-    fit(model, x_train, STEPS, np.random.default_rng(args.seed + 2), batch_size=100,
+    fit(model, x_train, STEPS, np.random.default_rng(args.seed + 2), batch_size=100, opt=minivae.Adam(lr=LR),
         binarize=(name == "bernoulli"), on_step=record)
     models[name], curves[name] = model, np.array(curve)
     print(f"  trained {name}: {STEPS} steps")
@@ -162,10 +188,11 @@ free, floored = sd["learned var"], sd["learned var + floor"]
 c_free, c_floor = curves["learned var"], curves["learned var + floor"]
 check(free[frame].mean() < 0.5 * free[centre].mean(),
       "without the floor, the learned sd on the border is < half of the centre's")
-check(free[frame].mean() < np.exp(M_FLOOR / 2),
-      f"without the floor, the border sd falls below the floor's sd exp(m/2) = {np.exp(M_FLOOR / 2):.3f}")
-check(c_free[:, 1].min() < M_FLOOR - 0.5,
-      f"without the floor, the border log-variance drops more than 0.5 nats below m (lowest {c_free[:, 1].min():.2f})")
+check(free[frame].mean() < 0.8 * np.exp(M_FLOOR / 2),
+      f"without the floor, the border sd ({free[frame].mean():.3f}) falls below 0.8x the floor's sd "
+      f"exp(m/2) = {np.exp(M_FLOOR / 2):.3f}")
+check(c_free[-1, 1] < M_FLOOR - 0.5,
+      f"without the floor, the border log-variance ends more than 0.5 below m ({c_free[-1, 1]:.2f} vs m = {M_FLOOR:.2f})")
 check(np.all(floored > np.exp(M_FLOOR / 2)) and floored[frame].mean() < 1.5 * np.exp(M_FLOOR / 2),
       "with the floor, every pixel's sd is > exp(m/2), and the border's settles within 1.5x of it")
 

@@ -8,6 +8,8 @@
     interpolate  decodes along a line in latent space between two test digits
     manifold     the 2-D latent manifold and the scatter of latent means (z_dim = 2 only)
     download     fetch a named dataset (mnist, fashion-mnist) into a cache, SHA-256 checked
+    lessons      copy the lessons into a folder, as scripts and notebooks
+    assignments  make student copies with exercises and grade them (python -m minivae.assignments)
 
 Bad input ends with one line ``minivae: error: ...`` on stderr and exit status
 2 (no traceback); a diverged run exits with 1, Ctrl-C with 130, SIGTERM with 143
@@ -16,6 +18,7 @@ Bad input ends with one line ``minivae: error: ...`` on stderr and exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -102,7 +105,7 @@ def build_parser():
                                    "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
     t.add_argument("--recipe", choices=sorted(RECIPES), default=None, metavar="RECIPE",
                    help="starting settings, one of: " + ", ".join(sorted(RECIPES)) +
-                        " (see minivae/recipes.py; without --recipe: default)")
+                        " (see minivae/recipes.py; without --recipe: default, or conditional with --conditional)")
     t.add_argument("--epochs", type=_nonneg_int, help="passes over the training set (default 10)")
     t.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 128)")
     t.add_argument("--arch", choices=list(ARCHITECTURES),
@@ -121,10 +124,12 @@ def build_parser():
                    help="with gaussian_learned_var: floor m on the decoder's log-variance, logvar' = m + "
                         "softplus(logvar - m), so no pixel's variance collapses below exp(m) (default: no floor)")
     t.add_argument("--binarize", choices=list(BINARIZE),
-                   help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
+                   help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed; none: "
+                        "the grey levels, as another likelihood needs (default dynamic)")
     t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     t.add_argument("--warmup", type=_nonneg_int,
-                   help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs")
+                   help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs "
+                        "(default 0: no warm-up)")
     t.add_argument("--beta-start", type=float,
                    help="with --warmup: the KL weight at the first step, moving linearly to --beta (default 0; above "
                         "--beta anneals the weight down)")
@@ -134,12 +139,15 @@ def build_parser():
     t.add_argument("--adam-eps", type=float, help="Adam's epsilon, > 0 (default 1e-8)")
     t.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1) (default 0.9)")
     t.add_argument("--weight-decay", type=float, help="L2 penalty coefficient (default 0)")
-    t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value")
-    t.add_argument("--iwae-k", type=_positive_int, help="train on the IWAE bound with K samples")
+    t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value (default: no "
+                                                   "clipping)")
+    t.add_argument("--iwae-k", type=_positive_int, metavar="K",
+                   help="train on the IWAE bound with K samples (a training objective; --nll-k only evaluates) "
+                        "(default: the ELBO)")
     t.add_argument("--iwae-grad", choices=list(IWAE_GRADS),
                    help="with --iwae-k: the encoder's gradient estimator, iwae (the bound's gradient), stl (sticking "
                         "the landing) or dreg (doubly reparameterised); see minivae/iwae_grads.py (default iwae)")
-    t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension)")
+    t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension) (default: none)")
     t.add_argument("--decoder", choices=list(DECODERS),
                    help="p(x|z): factorised (the default) or made, an autoregressive MADE decoder p(x_d | x_<d, z) "
                         "(Bernoulli; see minivae/families.py)")
@@ -150,19 +158,23 @@ def build_parser():
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
     t.add_argument("--dtype", choices=list(DTYPES),
                    help="float type of parameters and data (default float32; float64 for gradient checks)")
-    t.add_argument("--valid", type=_nonneg_int, help="hold out N training images and report the valid loss")
+    t.add_argument("--valid", type=_nonneg_int, metavar="N",
+                   help="hold out N training images and report the valid loss (default 0)")
     t.add_argument("--data-dir", help="folder of IDX files in the MNIST layout (default $MINIVAE_DATA or the "
                                       "embedded MNIST)")
-    t.add_argument("--n-train", type=_positive_int, help="use only the first N training images")
-    t.add_argument("--n-test", type=_positive_int, help="use only the first N test images")
-    t.add_argument("--iw-k", type=_nonneg_int, help="final evaluation: importance-weighted bound with K samples")
+    t.add_argument("--n-train", type=_positive_int, metavar="N",
+                   help="use only the first N training images (default: all)")
+    t.add_argument("--n-test", type=_positive_int, metavar="N", help="use only the first N test images (default: all)")
+    t.add_argument("--nll-k", "--iw-k", dest="iw_k", type=_nonneg_int, metavar="K",
+                   help="after training, also estimate the test NLL by importance weighting with K samples "
+                        "(evaluates only; --iwae-k trains) (default 0: no estimate)")
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     t.add_argument("--conditional", action="store_true", default=None,
                    help="a conditional VAE of p(x|y) on the dataset's labels (the number of classes is read from "
-                        "them); writes class_grid.png")
+                        "them); without --recipe, the conditional recipe (minivae/recipes.py); writes class_grid.png")
     t.add_argument("--label-decoder", choices=list(LABEL_DECODERS),
                    help="with --conditional, how the decoder reads the label: " +
-                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()))
+                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()) + " (default input)")
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")
@@ -177,27 +189,35 @@ def build_parser():
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test negative ELBO of a checkpoint",
-                       description="Print the test negative ELBO and its parts (the test set is binarized once "
-                                   "with a fixed seed, so numbers compare between runs).")
+                       description="Print the test negative ELBO and its parts, the active units and the KL of "
+                                   "each latent dimension (the test set is binarized once with a fixed seed, so "
+                                   "numbers compare between runs).")
     _ckpt_args(e)
-    e.add_argument("--iw-k", type=_nonneg_int, default=0, help="also the importance-weighted bound with K samples")
+    e.add_argument("--nll-k", "--iw-k", dest="iw_k", type=_nonneg_int, default=0, metavar="K",
+                   help="also estimate the test NLL -log p(x) by importance weighting with K samples per image "
+                        "(evaluates only; --iwae-k of train is a training objective) (default 0: no estimate)")
     e.add_argument("--n", type=_positive_int, help="evaluate the first N test images only (active units are "
-                                                     "counted from 20 images up)")
+                                                     "counted from 20 images up) (default: all)")
     e.add_argument("--label-accuracy", action="store_true",
                    help="a conditional model: the fraction of 1000 prior samples (100 per label) that a pixel "
                         "classifier trained on the real training digits recognises as their label, with its own "
                         "accuracy on the real test digits (the classifier is trained once and cached in the run "
                         "folder as judge.npz)")
-    e.add_argument("--json", help="write the numbers to this JSON file (strict JSON: null for a missing number)")
+    e.add_argument("--json", metavar="FILE",
+                   help="also write the numbers as JSON to FILE, or with '-' print only the JSON, on stdout "
+                        "(strict JSON: null for a missing number) (default: no JSON)")
     _threads_flag(e)
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="an 8x8 grid of samples from the prior",
-                       description="Decode z ~ N(0, I) and save E[x|z]: a grid picture (samples.png) for up to "
-                                   "1024 samples, else an .npz (samples.npz, array x of shape (N, D)), "
-                                   "written in chunks so memory stays bounded whatever N is.")
+                       description="Decode z ~ N(0, I) and save E[x|z] in a new file: a grid picture (.png) for "
+                                   "up to 1024 samples, else an .npz (array x of shape (N, D)), written in chunks "
+                                   "so memory stays bounded whatever N is. An existing file is never replaced "
+                                   "unless --out names it.")
     _ckpt_args(s)
-    s.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
+    s.add_argument("--out", metavar="PATH",
+                   help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
+                        "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
@@ -240,19 +260,30 @@ def build_parser():
                                      "be new or empty.")
     les.add_argument("dir", metavar="DIR", help="a new or empty folder")
     les.set_defaults(func=cmd_lessons)
+
+    asg = sub.add_parser("assignments", add_help=False,
+                         description="The assignments tool: make OUT_DIR writes a student copy with exercise "
+                                     "stubs, grade SUBMISSION... grades submissions, list lists the exercises; "
+                                     "python -m minivae assignments --help for its options.",
+                         help="make student copies with exercises and grade them (make, grade, list; "
+                              "the same as python -m minivae.assignments)")
+    asg.add_argument("args", nargs=argparse.REMAINDER, help="make OUT_DIR | grade SUBMISSION... | list | --help")
+    asg.set_defaults(func=cmd_assignments)
     return p
 
 
 def _threads_flag(p):
-    p.add_argument("--threads", type=_positive_int,
-                   help="threads for BLAS and the fused kernels, any N >= 1 (default: every core, BLAS its own "
-                        "setting); another N can change the last bits of BLAS's products")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="threads for BLAS and the fused kernels, any N >= 1 (default: every core); another N "
+                        "can change the last bits of BLAS's products")
 
 
 def _ckpt_args(p):
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.npz (or the run folder holding one)")
-    p.add_argument("--data-dir", help="test data folder (default: the one the run was trained on; another "
-                                      "folder must hold the same files)")
+    p.add_argument("run", nargs="?", metavar="RUN",
+                   help="a run folder, its checkpoint.npz, or 'latest' (runs/latest, the newest run in runs/)")
+    p.add_argument("--checkpoint", help="the same as RUN")
+    p.add_argument("--data-dir", metavar="DIR", help="test data folder (default: the one the run was trained on; "
+                                                     "another folder must hold the same files)")
     p.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy or cupy (default $MINIVAE_BACKEND or numpy)")
 
@@ -290,9 +321,13 @@ def cmd_train(args):
         saved.update(overrides)
         settings = TrainSettings.from_dict(saved)
     else:
-        settings = TrainSettings.from_recipe(args.recipe or "default", **overrides)
+        # --conditional without --recipe: the conditional recipe (minivae.recipes), the one measured to draw the
+        # digit it is asked for
+        settings = TrainSettings.from_recipe(args.recipe or ("conditional" if args.conditional else "default"),
+                                             **overrides)
     settings.validate()                      # before a default folder is created
-    out = args.out or str(new_run_dir("runs", settings.recipe))
+    out = args.out or str(new_run_dir(RUNS, settings.recipe))
+    old_latest = _point_latest_at(out)       # runs/latest: the newest run
     t0 = time.perf_counter()
     try:
         history = train(settings, out, resume=args.resume, progress=not args.quiet, force=args.force)
@@ -306,15 +341,70 @@ def cmd_train(args):
                     os.rmdir(out)
                 except OSError:
                     pass
+                _restore_latest(out, old_latest)
         raise
     print(f"done: {len(history)} epochs in {out} ({time.perf_counter() - t0:.1f}s this session)")
     return 0
 
 
+RUNS, LATEST = "runs", "latest"
+
+
+def _run_path(args):
+    """The checkpoint to read: RUN or --checkpoint (one of them), where 'latest' means runs/latest."""
+    if args.run is not None and args.checkpoint is not None and args.run != args.checkpoint:
+        raise ValueError(f"give the run once, as RUN or as --checkpoint (got {args.run!r} and {args.checkpoint!r})")
+    path = args.run if args.run is not None else args.checkpoint
+    if path is None:
+        raise ValueError(f"which run? give RUN: a run folder, its checkpoint.npz, or {LATEST} (the newest in {RUNS}/)")
+    if path == LATEST and not os.path.exists(LATEST):
+        path = os.path.join(RUNS, LATEST)
+        if not os.path.exists(path):
+            raise ValueError(f"no {path} here: train a run first (python -m minivae train), or name a run folder")
+    return path
+
+
+def _point_latest_at(out):
+    """Make runs/latest a link to the run folder ``out`` when ``out`` is in runs/; return the link's old target.
+
+    The link is relative (it survives moving runs/) and replaced atomically; where links cannot be made, or
+    runs/latest is not a link, nothing changes (returns False)."""
+    out = Path(out)
+    runs = Path(RUNS)
+    if not runs.is_dir() or out.resolve().parent != runs.resolve():
+        return False
+    link = runs / LATEST
+    if link.exists() and not link.is_symlink():
+        return False                             # a run folder someone named 'latest': never touched
+    old = os.readlink(link) if link.is_symlink() else None
+    tmp = runs / f".{LATEST}-{os.getpid()}"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(out.name, tmp)
+        os.replace(tmp, link)
+    except OSError:
+        return False
+    return old
+
+
+def _restore_latest(out, old):
+    """Point runs/latest back at ``old`` (None: remove it) if it still points at the removed folder ``out``."""
+    link = Path(RUNS) / LATEST
+    if old is False or not link.is_symlink() or os.readlink(link) != Path(out).name:
+        return
+    try:
+        link.unlink()
+        if old is not None:
+            os.symlink(old, link)
+    except OSError:
+        pass
+
+
 def _load(args):
     from .checkpoint import CheckpointError, load_checkpoint
     from .train import TrainSettings
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(_run_path(args))
     try:
         settings = TrainSettings.from_dict(ckpt.settings) if ckpt.settings else TrainSettings()
     except (TypeError, ValueError) as exc:
@@ -368,25 +458,14 @@ def cmd_eval(args):
     if bad:
         raise ValueError(f"{ckpt.path}: the evaluation gave a non-finite {bad[0]} ({rep[bad[0]]}); the model "
                          "overflows on this data")
-    print(f"{ckpt.path} (epoch {ckpt.epoch}, {model!r})")
-    of = " of log p(x|y)" if model.config.n_classes is not None else ""
-    print(f"test -ELBO{of} {rep['neg_elbo']:.4f} nats/image (recon {rep['recon']:.4f}, KL {rep['kl']:.4f}) "
-          f"on {rep['n']} images")
-    for k, v in rep.items():
-        if k in ("neg_elbo", "recon", "kl", "n", "au_note", "label_accuracy") or v is None or isinstance(v, bool):
-            continue
-        if k == "iw_k" and not v:        # no IW estimate was asked for
-            continue
-        if isinstance(v, float):
-            print(f"  {k}: {v:.4f}")
-        elif isinstance(v, int):
-            print(f"  {k}: {v}")
-    if rep.get("kl_per_dim") is not None:
-        print("  KL per dimension: " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
-    if rep.get("au_note"):
-        print(f"  note: {rep['au_note']}")
-    if isinstance(rep.get("collapse_warning"), str):
-        print(f"  warning: {rep['collapse_warning']}")
+    if args.json == "-":                         # for machines: the JSON alone, on stdout
+        if args.label_accuracy:
+            with contextlib.redirect_stdout(sys.stderr):
+                rep["label_accuracy"] = _label_accuracy(args, ckpt, settings, model)
+        print(json_text(dict(rep, checkpoint=str(ckpt.path), epoch=ckpt.epoch)), end="")
+        return 0
+    for line in eval_lines(rep, ckpt, model):
+        print(line)
     if args.label_accuracy:
         rep["label_accuracy"] = _label_accuracy(args, ckpt, settings, model)
     if args.json:
@@ -395,6 +474,28 @@ def cmd_eval(args):
         atomic_write(args.json, lambda f: f.write(json_text(doc)), mode="w")
         print(f"wrote {args.json}")
     return 0
+
+
+def eval_lines(rep, ckpt, model):
+    """The lines ``eval`` prints for people: each number with its name and unit (``--json`` has the raw keys)."""
+    px = "p(x|y)" if model.config.n_classes is not None else "p(x)"
+    lines = [f"{ckpt.path} (epoch {ckpt.epoch}, {model!r})",
+             f"test -ELBO (a bound on -log {px}): {rep['neg_elbo']:.4f} nats/image (reconstruction "
+             f"{rep['recon']:.4f} + KL {rep['kl']:.4f}), {rep['n']} images"]
+    if rep.get("iw_nll") is not None:
+        sem = f" +- {rep['iw_nll_sem']:.4f}" if rep.get("iw_nll_sem") is not None else ""
+        lines.append(f"test NLL -log {px}, importance-weighted with k = {rep['iw_k']}: {rep['iw_nll']:.4f}{sem} "
+                     f"nats/image ({rep['iw_seconds']:.1f} s)")
+    if rep.get("active_units") is not None:
+        lines.append(f"active latent units: {rep['active_units']} of {rep['n_latent']} (Cov_x E_q[z_j] > "
+                     f"{rep['au_threshold']:g})")
+    if rep.get("kl_per_dim") is not None:
+        lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
+    if rep.get("au_note"):
+        lines.append(f"note: {rep['au_note']}")
+    if isinstance(rep.get("collapse_warning"), str):
+        lines.append(f"warning: {rep['collapse_warning']}")
+    return lines
 
 
 def _label_accuracy(args, ckpt, settings, model):
@@ -416,22 +517,44 @@ def cmd_sample(args):
     from . import figures
     ckpt, _, model = _load(args)
     rng = np.random.default_rng(args.seed)
-    K = model.config.n_classes
-    if K is None and args.label is not None:
+    n_classes = model.config.n_classes
+    if n_classes is None and args.label is not None:
         raise ValueError(f"--label needs a conditional model; {ckpt.path} is unconditional (train with --conditional)")
-    if K is not None and (args.label is None or args.label >= K):
-        raise ValueError(f"{ckpt.path} is a conditional model of {K} classes: give --label 0..{K - 1}"
+    if n_classes is not None and (args.label is None or args.label >= n_classes):
+        raise ValueError(f"{ckpt.path} is a conditional model of {n_classes} classes: give --label 0..{n_classes - 1}"
                          + ("" if args.label is None else f" (got {args.label})"))
-    stem = "samples" if K is None else f"samples_label{args.label}"
-    if args.n > figures.MAX_PICTURE:          # too many for a picture: an .npz, written chunk by chunk
-        path = figures.save_samples_npz(model, _out_dir(args, ckpt) / f"{stem}.npz", rng, args.n, y=args.label)
+    stem = "samples" if n_classes is None else f"samples_label{args.label}"
+    suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
+    path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
+    if suffix == ".npz":                         # written chunk by chunk
+        path = figures.save_samples_npz(model, path, rng, args.n, y=args.label)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
         return 0
     nrow = int(np.ceil(np.sqrt(args.n)))
-    path = figures.prior_samples(model, _out_dir(args, ckpt) / f"{stem}.png", rng, n=args.n, nrow=nrow, y=args.label)
+    path = figures.prior_samples(model, path, rng, n=args.n, nrow=nrow, y=args.label)
     print(f"wrote {path}")
     return 0
+
+
+def sample_path(out, default_folder, stem, suffix):
+    """Where ``sample`` writes: ``out`` itself when it names a file (it ends in .png or .npz, which must be
+    ``suffix``), else a new file ``stem.suffix``, ``stem-2.suffix``... in the folder ``out`` (default: the run's
+    figures/), so an existing picture is never replaced unless asked for by name."""
+    if out is not None and Path(out).suffix.lower() in (".png", ".npz") and not Path(out).is_dir():
+        if Path(out).suffix.lower() != suffix:
+            what = "a picture (.png) of at most 1024" if suffix == ".png" else "an .npz above 1024"
+            raise ValueError(f"--out {out}: these samples are written as {what} samples; name a {suffix} "
+                             "file or a folder")
+        return Path(out)
+    folder = Path(out) if out is not None else Path(default_folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder (a file to write must end in {suffix})")
+    for i in range(1, 100000):
+        path = folder / (stem + (f"-{i}" if i > 1 else "") + suffix)
+        if not path.exists():
+            return path
+    raise ValueError(f"{folder}: no free name for {stem}{suffix}")
 
 
 def cmd_interpolate(args):
@@ -469,11 +592,11 @@ def cmd_manifold(args):
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
     out = _out_dir(args, ckpt)
-    K = model.config.n_classes
-    if args.label is not None and (K is None or args.label >= K):
+    n_classes = model.config.n_classes
+    if args.label is not None and (n_classes is None or args.label >= n_classes):
         raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
-                         f"{ckpt.path} has " + ("no labels" if K is None else f"{K} classes"))
-    label = (args.label or 0) if K is not None else None
+                         f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
+    label = (args.label or 0) if n_classes is not None else None
     p1 = figures.manifold(model, out / "manifold.png", n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
     p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")
@@ -496,6 +619,15 @@ def cmd_lessons(args):
     return 0
 
 
+def cmd_assignments(args):
+    try:
+        from .assignments.__main__ import main as assignments_main
+    except ImportError:
+        raise ValueError("this copy of minivae has no assignments tool (a student's copy leaves out the grader)") \
+            from None
+    return assignments_main(args.args)
+
+
 # ----------------------------------------------------------------------- main
 def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
@@ -507,7 +639,11 @@ def main(argv=None):
     from .train import RunLocked, TrainingDiverged
     from . import signals
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["assignments"]:              # every later word is the assignments tool's, --help included
+        args = argparse.Namespace(func=cmd_assignments, args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     from .train import using_threads
     try:
         # every command: Ctrl-C and SIGTERM unwind as one exception (temporary files removed), even one whose

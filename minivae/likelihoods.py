@@ -130,15 +130,19 @@ def gaussian_learned_var_nll_backward(dnll, cache):
 # each pixel's contribution below by 1/2 (m + log 2 pi) nats.
 #
 # Why smooth (softplus) rather than a hard clamp max(logvar, m).  Both bound
-# the density the same way.  The clamp has gradient 0 below m: once a pixel's
-# raw logvar falls under the floor it gets no signal at all (a "dead" unit,
-# like a ReLU), and its value at the kink logvar = m has no derivative, so a
-# finite-difference check there is meaningless.  The softplus floor is smooth
-# everywhere, its gradient sigmoid(logvar - m) is never exactly 0 (a pixel
-# below the floor can still move back up), and it is the identity to within
-# log(1 + e^-a) of the raw value a = logvar - m nats above the floor (0.13 at
-# a = 2, 0.007 at a = 5).  The price: the effective variance is always a bit
-# above the raw one near the floor -- irrelevant for a floor meant to stop a
+# the density the same way.  The clamp is not differentiable at logvar = m,
+# so a finite-difference check there means nothing; the softplus floor is
+# smooth everywhere and its gradient sigmoid(logvar - m) falls off gradually
+# instead of jumping from 1 to 0.  Neither is "alive" far below the floor:
+# the clamp's gradient there is exactly 0 and the softplus's is about
+# e^(logvar - m) (2e-9 at 20 below), just as useless for a gradient step.  Nor
+# is a clamped pixel dead forever: its raw log-variance w_d . h + b_d comes from
+# hidden features h that every pixel trains, so it can cross back above m
+# without receiving any gradient of its own (lesson 20 shows both).  Above the
+# floor the softplus is the identity to within log(1 + e^-a) in log-variance,
+# a = logvar - m (0.13 at a = 2, a factor e^0.13 = 1.14 on the variance;
+# 0.007 at a = 5).  The price: the effective variance is always a bit above
+# the raw one near the floor -- irrelevant for a floor meant to stop a
 # collapse, not to shape the variance.
 def logvar_floor_forward(logvar, m):
     """Smooth floor on a log-variance:  logvar' = m + softplus(logvar - m)  >  m.

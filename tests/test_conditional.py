@@ -337,13 +337,16 @@ def test_cli_train_sample_eval_on_tiny_labelled_data(tmp_path, capsys):
         assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     res = json.loads((out / "results.json").read_text())["test"]
     assert res["iw_k"] == 3 and res["iw_nll"] is not None
+    # --conditional without --recipe trains the conditional recipe
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["recipe"] == "conditional" and saved["label_decoder"] == "outer" and saved["beta_start"] > 1
     # the run judged its own samples (minivae.judge, cached in the run folder) and says so in the log
     acc = json.loads((out / "results.json").read_text())["label_accuracy"]
     assert (out / "judge.npz").exists() and len(acc["per_label"]) == 4 and acc["n"] == 400
     assert f"label accuracy {100 * acc['overall']:.1f}% of 400 prior samples" in text
     js = tmp_path / "e.json"
     assert main(["eval", "--checkpoint", str(out), "--json", str(js)]) == 0
-    assert "test -ELBO of log p(x|y)" in capsys.readouterr().out
+    assert "test -ELBO (a bound on -log p(x|y))" in capsys.readouterr().out
     assert json.loads(js.read_text())["neg_elbo"] == pytest.approx(res["neg_elbo"], rel=1e-6)
     assert main(["sample", "--checkpoint", str(out), "--label", "3", "--n", "9", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "samples_label3.png").read_bytes()[:4] == b"\x89PNG"

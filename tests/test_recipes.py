@@ -41,7 +41,14 @@ def test_output_bias_is_the_logit_of_the_mean_pixel():
 def test_unknown_recipe():
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         get_recipe("nope")
-    assert set(RECIPES) == {"default", "conv", "burda2015", "burda2015-short"}
+    assert set(RECIPES) == {"default", "conv", "conditional", "burda2015", "burda2015-short"}
+
+
+def test_conditional_recipe_is_the_default_model_with_the_label_read_by_an_outer_decoder_and_an_annealed_kl():
+    r, d = get_recipe("conditional"), get_recipe("default")
+    assert r["conditional"] is True and r["label_decoder"] == "outer"
+    assert r["beta_start"] > 1 and r["warmup"] >= 1
+    assert {k: v for k, v in r.items() if k in d} == d          # the same networks, optimizer and schedule
 
 
 def test_conv_recipe_is_the_issues():

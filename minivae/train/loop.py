@@ -93,13 +93,16 @@ def loss_kwargs(settings, model):
     return kw
 
 
+EPOCH_COLUMNS = "per epoch: -ELBO in nats/image on train[, valid] and test (= recon + KL), lr, beta, seconds"
+
+
 def format_epoch(rec, epochs):
-    line = (f"epoch {rec['epoch']:>3}/{epochs}  "
-            f"train -ELBO {rec['train_neg_elbo']:8.3f} (recon {rec['train_recon']:8.3f}, KL {rec['train_kl']:7.3f})  "
-            f"test -ELBO {rec['test_neg_elbo']:8.3f} (recon {rec['test_recon']:8.3f}, KL {rec['test_kl']:7.3f})")
+    """One epoch's line, at most 100 columns (the columns are named once, by :data:`EPOCH_COLUMNS`)."""
+    line = f"epoch {rec['epoch']:>{len(str(epochs))}}/{epochs}  train {rec['train_neg_elbo']:.3f}  "
     if "valid_neg_elbo" in rec:
-        line += f"  valid -ELBO {rec['valid_neg_elbo']:8.3f}"
-    return line + f"  lr {rec['lr']:.3g}  beta {rec['beta']:.3g}  {rec['time_s']:.1f}s"
+        line += f"valid {rec['valid_neg_elbo']:.3f}  "
+    line += f"test {rec['test_neg_elbo']:.3f} = {rec['test_recon']:.3f} + {rec['test_kl']:.3f}"
+    return line + f"  lr {rec['lr']:.2g}  beta {rec['beta']:.2g}  {rec['time_s']:.1f}s"
 
 
 def using_threads(n):
@@ -192,6 +195,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         src = "the embedded MNIST" if Path(s.data_dir) == embedded_dir() else s.data_dir
         log(f"training {model!r} on {n} images ({data.x_dim} values each) from {src}, {spe} steps per epoch; "
             f"writing to {out}")
+        log(EPOCH_COLUMNS)
     try:
         for epoch in range(start, s.epochs):
             where["epoch"] = epoch + 1

@@ -1,0 +1,44 @@
+"""The lessons' checks can fail: plant a known mistake in a copy of a lesson and the lesson must stop on its check.
+
+Each case replaces one line of a lesson with a plausible wrong version (the substitution must apply exactly once, so
+a rewritten lesson makes this test fail loudly instead of passing vacuously), runs the copy in quick mode, and
+requires a nonzero exit with the named claim in the ``CHECK failed`` message.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    # sigma^2 = exp(2 logvar): logvar read as log sigma instead of log sigma^2, in the closed-form ELBO
+    "24-logvar-as-log-sigma": (
+        "24_linear_vae_ppca.py",
+        "    s2 = np.exp(logvar)                                                        # s_j^2 = e^logvar (logvar = log s^2)",
+        "    s2 = np.exp(2 * logvar)",
+        "log p(x) - ELBO = KL(q || p(z|x))"),
+    # the collapse threshold compared with the decoder's standard deviation sqrt(v) instead of its variance v
+    "24-threshold-sqrt-v": (
+        "24_linear_vae_ppca.py",
+        "k_pred = int((lam[:L] > V_DEC).sum())                                       # the collapse rule's prediction",
+        "k_pred = int((lam[:L] > np.sqrt(V_DEC)).sum())",
+        "the collapse rule"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_planted_mistake_fails_the_lessons_check(case, tmp_path):
+    name, old, new, claim = CASES[case]
+    src = (ROOT / "lessons" / name).read_text(encoding="utf-8")
+    assert src.count(old) == 1, f"{name}: the line to corrupt is gone or repeated; update this test: {old!r}"
+    mutant = tmp_path / name
+    mutant.write_text(src.replace(old, new), encoding="utf-8")
+    env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("MINIVAE_QUICK", None)
+    proc = subprocess.run([sys.executable, str(mutant), "--quick", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0, f"{case}: the lesson passed with the planted mistake:\n{proc.stdout[-2000:]}"
+    assert f"CHECK failed: {claim}" in proc.stderr, f"{case}: failed elsewhere:\n{proc.stderr[-2000:]}"
