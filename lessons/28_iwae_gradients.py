@@ -107,8 +107,11 @@ check(bad > 1e-3, f"a planted mistake, DReG with the weights wtilde instead of w
 #
 # Over many draws of $\varepsilon$, the mean DReG gradient must equal the mean IWAE gradient (both estimate
 # $\nabla_\phi\mathcal L_K$), within their standard errors; STL's mean differs by its bias.  Both estimators see
-# the same draws, so we test the mean of their difference (a paired z-score per parameter; for an unbiased
-# estimator about 95% of them lie within $\pm 2$, and their median $|z|$ is about 0.67).
+# the same draws, so we test the mean of their difference: a paired z-score per parameter.  For an unbiased
+# estimator none should be far beyond 3; the parameters' z-scores are correlated (they all move with the same few
+# latent quantities), so they need not spread like independent normals.  With ten times the draws, a bias would
+# multiply every |z| by about 3; for DReG they stay where they are (checked while writing this lesson: median |z|
+# 1.02 with 2000 draws, 0.91 with 20000).
 
 # %%
 R = 400 if args.quick else 2000
@@ -133,8 +136,8 @@ z_dreg, z_stl = paired_z(A["dreg"], A["iwae"]), paired_z(A["stl"], A["iwae"])
 print(f"  |z| of mean differences from IWAE over {z_dreg.size} encoder parameters: DReG median "
       f"{np.median(np.abs(z_dreg)):.2f}, max {np.abs(z_dreg).max():.2f}; STL median {np.median(np.abs(z_stl)):.2f}, "
       f"max {np.abs(z_stl).max():.2f}")
-check(np.mean(np.abs(z_dreg) < 3) >= 0.95 and np.median(np.abs(z_dreg)) < 1.0,
-      "the mean DReG gradient equals the mean IWAE gradient within the standard errors (unbiased)")
+check(np.abs(z_dreg).max() < 4, "the mean DReG gradient equals the mean IWAE gradient within the standard errors "
+      "(unbiased)")
 check(np.abs(z_stl).max() > 4, "STL's mean gradient differs from IWAE's: it is biased for K > 1")
 
 # %% [markdown]
