@@ -18,7 +18,8 @@
 # the ELBO equals $\log p(x)$ without any information in z (Chen et al. 2017, "Variational Lossy Autoencoder";
 # Bowman et al. 2016).  Using z costs KL nats now, for a gain the decoder can also get from $x_{<d}$.
 #
-# The KL term, averaged over the data, splits into two non-negative parts (Hoffman & Johnson 2016):
+# The KL term, averaged over the data, splits into two non-negative parts (Hoffman & Johnson 2016; lesson 25
+# derives and checks it):
 #
 # $$\mathbb E_{x}\,\mathrm{KL}(q(z|x)\,\|\,p(z)) = I_q(x; z) + \mathrm{KL}(q(z)\,\|\,p(z)),\qquad
 #   q(z) = \mathbb E_x\, q(z|x),$$

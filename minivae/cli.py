@@ -155,7 +155,7 @@ def build_parser():
                                   "autoregressive steps), e.g. planar:4 (default: none)")
     t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
                                    "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
-    t.add_argument("--seed", type=int, help="seed of every random draw of the run (default 0)")
+    t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
     t.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
     t.add_argument("--dtype", choices=list(DTYPES),
@@ -221,7 +221,7 @@ def build_parser():
                    help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
                         "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
     _threads_flag(s)
     s.set_defaults(func=cmd_sample)
@@ -441,6 +441,32 @@ def _out_dir(args, ckpt):
     return Path(args.out) if args.out else Path(ckpt.path).parent / "figures"
 
 
+def _check_output(path, flag, args, ckpt, settings=None):
+    """``path``, unless it is a file this command reads (the checkpoint, a data file): a one-line refusal."""
+    from .atomic import check_not_input
+    inputs = [ckpt.path]
+    data = getattr(args, "data_dir", None) or (settings.data_dir if settings is not None else None) or \
+        (ckpt.settings.get("data_dir") if isinstance(ckpt.settings, dict) else None)
+    if data and Path(data).is_dir():
+        inputs += [p for p in Path(data).iterdir() if p.is_file()]
+    return Path(check_not_input(path, inputs, flag))
+
+
+def _check_sample_size(n, model, target):
+    """sample --n: refused before anything is drawn when its file cannot fit on the disk or its decoding cannot
+    finish (minivae.limits); a long but feasible one shows its estimate."""
+    from . import limits
+    limits.check_disk(limits.sample_file_bytes(model.config, n), target.parent, f"sample --n {n}",
+                      "choose a smaller --n")
+    _note(limits.check_work(n * limits.weights(model.config, "dec."), f"sample --n {n}", "choose a smaller --n",
+                            model.backend if isinstance(getattr(model, "backend", None), str) else "numpy"))
+
+
+def _note(note):
+    if note:
+        print(f"minivae: estimate: {note}", file=sys.stderr)
+
+
 def cmd_eval(args):
     import math
 
@@ -453,6 +479,13 @@ def cmd_eval(args):
     if args.n is None:
         settings.n_test = None          # the whole test set unless --n
     x_eval, _, y = _test_data(args, ckpt, settings, n=args.n)
+    if args.json and args.json != "-":
+        _check_output(args.json, "--json", args, ckpt, settings)
+    if args.iw_k:
+        from . import limits
+        _note(limits.check_work(limits.iw_macs(model.config, len(x_eval), args.iw_k),
+                                f"eval --iw-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --iw-k or --n",
+                                _backend(args)))
     from .train import label_kwargs
     rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True,
                           **label_kwargs(model, y))
@@ -528,7 +561,9 @@ def cmd_sample(args):
     stem = "samples" if n_classes is None else f"samples_label{args.label}"
     suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
     path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
+    path = _check_output(path, "--out", args, ckpt)          # never over the checkpoint or a data file
     if suffix == ".npz":                         # written chunk by chunk
+        _check_sample_size(args.n, model, path)
         path = figures.save_samples_npz(model, path, rng, args.n, y=args.label)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
@@ -568,6 +603,10 @@ def cmd_interpolate(args):
     a = args.a
     b = args.b
     conditional = model.config.n_classes is not None
+    for flag, idx in (("--a", a), ("--b", b)):
+        if idx is not None and idx >= len(x):
+            raise ValueError(f"{flag} {idx} is out of range: the test set has {len(x)} images (indices 0.."
+                             f"{len(x) - 1})")
     if b is None:                   # a conditional model decodes one label: the first other digit with a's label
         others = np.flatnonzero((y == y[a]) if conditional else (y != y[a])) if a < len(y) else []
         others = others[others != a]

@@ -163,6 +163,8 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     history, start = [], 0
     if ckpt is not None:
         history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
+    _check_work(s, config, data, out, ckpt.epoch if ckpt is not None else 0, log)
+    if ckpt is not None:
         write_history(out, history)        # history.json/csv from the checkpoint's own record
     else:
         _start_fresh(s, out, replace, model, data, log)
@@ -234,6 +236,22 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         write_history(out, history)
     finish(model, s, data, out, progress=progress, log=log)
     return history
+
+
+def _check_work(s, config, data, out, start, log):
+    """Before the first step: refuse a run whose training (IWAE K included) and final IW bound cannot finish,
+    or whose checkpoint cannot fit on the disk (minivae.limits); log the estimate of a long one."""
+    from ..limits import check_disk, check_work, iw_macs, model_bytes, training_macs
+    check_disk(model_bytes(config, 4), out, f"training {describe(config)} (its checkpoint)",
+               "free some space or choose another --out")
+    k = f" with --iwae-k {s.iwae_k}" if s.iwae_k else ""
+    macs = training_macs(config, len(data.x_train), max(0, s.epochs - start), s.iwae_k) + \
+        (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
+    note = check_work(macs, f"training {describe(config)} for {max(0, s.epochs - start)} epochs on "
+                            f"{len(data.x_train)} images{k}" + (f" and its --iw-k {s.iw_k} bound" if s.iw_k else ""),
+                      "choose fewer epochs, a smaller --iwae-k or --iw-k, or fewer images", s.backend)
+    if note:
+        log(f"estimate: {note}")
 
 
 def _open_run_folder(s, out, resume, force):

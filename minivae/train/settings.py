@@ -139,6 +139,8 @@ class TrainSettings:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
+        need(not isinstance(self.seed, bool) and isinstance(self.seed, (int, np.integer)) and self.seed >= 0,
+             f"seed (--seed) must be an integer >= 0, got {self.seed!r}")
         need(self.beta_start >= 0, f"beta_start must be >= 0, got {self.beta_start}")
         need(not self.beta_start or self.warmup, f"beta_start={self.beta_start:g} needs warmup > 0 epochs (the "
                                                  f"epochs over which the KL weight moves from beta_start to beta)")
