@@ -291,9 +291,9 @@ def test_train_and_eval_from_the_command_line(tmp_path, capsys):
              "--latent", "2", "--quiet"]
     out = tmp_path / "made"
     assert main(["train", *small, "--decoder", "made", "--flow", "planar:2", "--out", str(out)]) == 0
-    assert main(["eval", "--checkpoint", str(out), "--iw-k", "4"]) == 0
+    assert main(["eval", "--checkpoint", str(out), "--nll-k", "4", "--n", "32"]) == 0
     text = capsys.readouterr().out
-    assert "FamilyVAE" in text and "iw_nll" in text
+    assert "FamilyVAE" in text and "importance-weighted with k = 4" in text
     assert (out / "figures" / "samples.png").exists()
     out2 = tmp_path / "dreg"
     assert main(["train", *small, "--no-figures", "--iwae-k", "3", "--iwae-grad", "dreg", "--out", str(out2)]) == 0
@@ -403,7 +403,7 @@ def test_train_with_a_learned_prior_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "vamp"
     assert main(["train", "--n-train", "64", "--n-test", "32", "--epochs", "1", "--batch-size", "32", "--hidden", "8",
                  "--latent", "2", "--quiet", "--prior", "vamp:5", "--out", str(out)]) == 0
-    assert main(["eval", "--checkpoint", str(out), "--nll-k", "3"]) == 0
+    assert main(["eval", "--checkpoint", str(out), "--nll-k", "3", "--n", "32"]) == 0
     assert "prior vamp:5" in capsys.readouterr().out
     assert main(["train", "--n-train", "64", "--epochs", "1", "--prior", "vamp:0", "--out", str(tmp_path / "b")]) == 2
     assert "prior must be" in capsys.readouterr().err
