@@ -201,9 +201,9 @@ print(f"  best -ELBO of the sweep: beta = {min(elbos, key=elbos.get):g} ({min(el
 #   not describe.  Hoffman & Johnson found the same on MNIST with all 60,000 images.  A ceiling also means the
 #   estimate cannot rank two models that both reach it: with $N$ images, $I$ only resolves codes below $\log N$ nats.
 # * As $\beta$ grows, $I(x; z)$ falls, and at the largest $\beta$ it is a few tenths of a nat: the code has almost
-#   collapsed.  The active-unit count still reports most units active there, because a unit whose mean moves by a
-#   tenth of the prior's standard deviation passes the $\mathrm{Var}_x\, \mu > 0.01$ test while carrying about
-#   $\frac12 \log(1.01) = 0.005$ nats.  The per-unit $I(x; z_j)$ says how much each of them actually carries.
+#   collapsed.  The active-unit count still counts units as active there (printed below), because a unit whose mean
+#   moves by a tenth of the prior's standard deviation passes the $\mathrm{Var}_x\, \mu > 0.01$ test while carrying
+#   about $\frac12 \log(1.01) = 0.005$ nats.  The per-unit $I(x; z_j)$ says how much each of them actually carries.
 
 # %%
 log_n = np.log(N_EVAL)

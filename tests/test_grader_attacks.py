@@ -461,6 +461,9 @@ def test_starter_has_no_dangling_references(stubbed):
     for path in list((stubbed / "minivae").rglob("*.py")) + [stubbed / "README.md"]:
         text = path.read_text()
         for bad in ("minivae.assignments", "tests/", "main README"):
+            if bad == "minivae.assignments" and path.name == "cli.py":       # says the copy has no grader
+                assert "this copy of minivae has no assignments tool" in text
+                continue
             assert bad not in text, (path, bad)
     assert "testpaths" not in (stubbed / "pyproject.toml").read_text()
     readme = (stubbed / "README.md").read_text()
@@ -622,3 +625,54 @@ def test_nothing_outlives_a_check(stubbed, tmp_path):
     assert f"{key:#010x}" not in ipcs.lower(), ipcs
     time.sleep(0.5)
     assert not _alive(tag), "a process of the student's survived its check"
+
+
+# ------------------------------------------------------ one verdict: check.py
+@pytest.fixture(scope="module")
+def solved_local(tmp_path_factory):
+    """The solved student layout with check.py and its recorded values, as a student has it."""
+    out = tmp_path_factory.mktemp("solved_local") / "course"
+    make_starter(out, ())
+    return out
+
+
+def local_check(copy, *ids):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    return subprocess.run([sys.executable, "-B", "check.py", *ids], cwd=copy, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("bugs", [WRONG_VALUE, IGNORED_UPSTREAM], ids=["wrong_value", "ignored_upstream"])
+def test_planted_bugs_fail_the_students_check_py_too(solved_local, tmp_path, bugs):
+    d = copy_of(solved_local, tmp_path / "bugs")
+    _plant(d, bugs)
+    r = local_check(d)
+    assert r.returncode == 1 and "0 of 16 passed" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_local_check_and_the_grader_agree_at_the_tolerances_and_on_side_effects(solved_local, tmp_path):
+    """Just outside each tolerance, and a backward that modifies the upstream gradient: FAIL in check.py and in
+    the grade; just inside: PASS in both."""
+    outside = {"kl_forward": ("kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)",
+                              "kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1) * (1 + 3e-9)"),
+               "dense_backward": ("db = dy.sum(axis=0)", "db = dy.sum(axis=0) * (1 + 3e-6)")}
+    inside = {"kl_forward": (outside["kl_forward"][0], outside["kl_forward"][0] + " * (1 + 3e-11)"),
+              "dense_backward": ("db = dy.sum(axis=0)", "db = dy.sum(axis=0) * (1 + 3e-8)")}
+    bad, good = copy_of(solved_local, tmp_path / "bad"), copy_of(solved_local, tmp_path / "good")
+    _plant(bad, outside)
+    set_body(bad, "relu_backward", "dx = dy\ndx[x <= 0] = 0")
+    # the right y, and a cache in the wrong layout (the batch first): the engine's backward would go wrong
+    _plant(bad, {"conv_transpose2d_forward": ("    y += b.reshape(1, Cout, 1, 1)\n",
+                                              "    y += b.reshape(1, Cout, 1, 1)\n    X = x.reshape(Cin, -1)\n")})
+    _plant(good, inside)
+    ids = ["dense_backward", "relu_backward", "kl_forward", "conv_transpose2d_forward"]
+    r = local_check(bad, *ids)
+    assert "0 of 4 passed" in r.stdout and "modified the upstream gradient;" in r.stdout, r.stdout
+    assert "wrong: db" in r.stdout and "wrong: kl" in r.stdout and "wrong: X (in the cache)" in r.stdout, r.stdout
+    rep = by_id(grade(bad, ids, seed=3))
+    assert [rep[e]["passed"] for e in ids] == [False, False, False, False], rep
+    assert rep["conv_transpose2d_forward"]["gradient"].startswith("X (in the cache)"), rep
+    assert "modified the upstream gradient;" in rep["relu_backward"]["message"]
+    r = local_check(good, "dense_backward", "kl_forward")
+    assert "2 of 2 passed" in r.stdout, r.stdout
+    assert grade(good, ["dense_backward", "kl_forward"], seed=3)["score"] == 100
