@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -673,17 +674,44 @@ def _one_line(exc):
 
 
 def main(argv=None):
-    from .checkpoint import CheckpointError
-    from .download import DownloadError
-    from .train import RunLocked, TrainingDiverged
-    from . import signals
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] == ["assignments"]:              # every later word is the assignments tool's, --help included
         args = argparse.Namespace(func=cmd_assignments, args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from .train import using_threads
+    if args.func is cmd_assignments:             # its own tool, with its own output (and warnings)
+        code, line = _run(args)
+        if line is not None:
+            print(line, file=sys.stderr)
+        return code
+    # warnings (NumPy's RuntimeWarnings before a divergence, ...) are collected: an error folds them into its
+    # one line; a command that succeeds prints each once at the end, one line each
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code, line = _run(args)
+    seen = []
+    for w in caught:
+        text = f"{w.category.__name__}: {_one_line(w.message)}"
+        if text not in seen:
+            seen.append(text)
+    if line is not None:
+        if seen:
+            more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+            line += f" (after the warning {seen[0]}{more})"
+        print(line, file=sys.stderr)
+    else:
+        for text in seen:
+            print(f"minivae: warning: {text}", file=sys.stderr)
+    return code
+
+
+def _run(args):
+    """Run the command: (exit status, None) on success, else (status, the one line that says why)."""
+    from .checkpoint import CheckpointError
+    from .download import DownloadError
+    from .train import RunLocked, TrainingDiverged, using_threads
+    from . import signals
     try:
         # every command: Ctrl-C and SIGTERM unwind as one exception (temporary files removed), even one whose
         # first exception a library swallowed (signals.check, at the end), and end in one line, exit 130/143
@@ -691,24 +719,21 @@ def main(argv=None):
             with using_threads(getattr(args, "threads", None)):      # --threads of train, eval and sample
                 code = int(args.func(args) or 0)
             signals.check()
-        return code
+        return code, None
     except KeyboardInterrupt as exc:
         terminated = signals.signal_of(exc) == signal.SIGTERM
-        default = (f"{args.command} terminated (SIGTERM)" if terminated else f"{args.command} interrupted (Ctrl-C)") \
+        command = getattr(args, "command", None) or "minivae"
+        default = (f"{command} terminated (SIGTERM)" if terminated else f"{command} interrupted (Ctrl-C)") \
             + "; no file was left half-written"
-        print(f"minivae: {_one_line(exc) if str(exc) else default}", file=sys.stderr)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return (EXIT_TERMINATED if terminated else EXIT_INTERRUPTED), \
+            f"minivae: {_one_line(exc) if str(exc) else default}"
     except TrainingDiverged as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return EXIT_DIVERGED, f"minivae: error: {_one_line(exc)}"
     except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_ERROR, f"minivae: error: {_one_line(exc)}"
     except MemoryError:
-        print("minivae: error: out of memory (the request is larger than this machine's memory)", file=sys.stderr)
-        return EXIT_ERROR
-
+        return EXIT_ERROR, "minivae: error: out of memory (the request is larger than this machine's memory)"
 
 if __name__ == "__main__":
     sys.exit(main())

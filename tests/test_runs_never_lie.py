@@ -41,9 +41,10 @@ def one_error_line(err, *fragments):
 
 
 def snapshot(folder):
-    """{relative path: bytes} of every file under ``folder``."""
+    """{relative path: bytes} of every file under ``folder`` (but a run folder's .lock, which names its last holder)."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def temp_files(folder):
@@ -421,3 +422,94 @@ def test_a_negative_seed_names_the_flag(run, tmp_path, capsys):
         code, _, err = run_main(argv, capsys)
         assert code == 2
         assert "argument --seed: expected an integer >= 0, got '-1'" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------- 14, 15: one line, naming the culprit
+WARNS_THEN_DIVERGES = """
+import sys
+import numpy as np
+import minivae.train.loop as loop
+def loss(self, xb, idx, beta):
+    with np.errstate(all="warn"):
+        v = np.exp(np.float32(1000.0)) - np.exp(np.float32(1000.0))      # overflow, then inf - inf
+        np.log(np.float32(-1.0))
+    return v, {"recon": v, "kl": v}
+loop._Step.loss = loss
+from minivae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_warnings_are_folded_into_the_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, "-c", WARNS_THEN_DIVERGES, "train", *SMALL, "--no-figures", "--out",
+                        tmp_path / "o"], capture_output=True, text=True, env=ENV, timeout=240)
+    assert p.returncode == 1, p.stderr
+    line = one_error_line(p.stderr.replace("RuntimeWarning", "Runtime-warning"), "loss became nan at epoch 1, step 1")
+    assert "after the warning Runtime-warning: overflow encountered in exp and 2 more" in line
+
+
+def test_a_full_disk_names_the_file_and_the_last_good_epoch(tmp_path, capsys, monkeypatch):
+    real, calls = np.savez, []
+
+    def savez(f, **arrays):
+        calls.append(1)
+        if len(calls) == 2:                        # the second epoch's checkpoint: the disk is full
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(f, **arrays)
+    monkeypatch.setattr(np, "savez", savez)
+    r = tmp_path / "r"
+    code, _, err = run_main(["train", *SMALL, "--epochs", "3", "--no-figures", "--out", r], capsys)
+    assert code == 2
+    one_error_line(err, f"cannot write {r / 'checkpoint.npz'} (No space left on device)",
+                   "training stopped at epoch 2", f"last good checkpoint kept at {r / 'checkpoint.npz'} (epoch 1)")
+    assert load_checkpoint(r).epoch == 1 and temp_files(r) == []
+    assert [h["epoch"] for h in json.loads((r / "history.json").read_text())] == [1]
+
+
+# ------------------------------------------------- fault injection: every output under a small ulimit -f
+UNDER_ULIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # a write past the limit fails with EFBIG, not a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+from minivae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_every_output_under_a_small_ulimit_leaves_the_disk_as_it_was(run, tmp_path):
+    """Each command that writes, run with every file limited to 200 bytes (``ulimit -f``): each fails with one
+    line naming the file, and nothing that was on disk before has changed, no temporary file is left, and a
+    new output folder holds nothing (a run or nothing)."""
+    r = copy_run(run, tmp_path)
+    assert main(["sample", "--checkpoint", str(r), "--n", "2000", "--out", str(r / "figures" / "big.npz")]) == 0
+    (tmp_path / "mirror").mkdir()
+    from minivae.data import embedded_dir
+    for f in embedded_dir().iterdir():                      # a local mirror of the registry's files
+        if f.is_file():
+            shutil.copy(f, tmp_path / "mirror" / f.name)
+    before = snapshot(tmp_path)
+    cases = [
+        ["train", *SMALL, "--out", tmp_path / "new"],                              # a new run
+        ["train", "--resume", "--out", r, "--epochs", "2", "--quiet"],           # checkpoint, history, settings
+        ["train", *SMALL, "--epochs", "0", "--out", r, "--force"],               # a forced run over the old one
+        ["eval", "--checkpoint", r, "--n", "16", "--json", r / "results.json"],
+        ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"],
+        ["sample", "--checkpoint", r, "--n", "2000", "--out", r / "figures" / "big.npz"],
+        ["sample", "--checkpoint", r, "--out", r / "figures"],                     # a new picture
+        ["interpolate", "--checkpoint", r, "--out", r / "figures"],
+        ["manifold", "--checkpoint", r, "--out", r / "figures"],
+        ["lessons", tmp_path / "lessons"],
+        ["download", "mnist", "--cache", tmp_path / "cache", "--url", (tmp_path / "mirror").as_uri()],
+    ]
+    for argv in cases:
+        p = subprocess.run([sys.executable, "-c", UNDER_ULIMIT, *map(str, argv)], capture_output=True, text=True,
+                           env=ENV, timeout=240)
+        assert p.returncode == 2, (argv, p.returncode, p.stdout[-1000:], p.stderr[-2000:])
+        line = one_error_line(p.stderr)
+        assert "cannot write" in line and "File too large" in line, (argv, line)
+        assert snapshot(tmp_path) == before, argv
+        assert temp_files(tmp_path) == [], argv
+    assert not (tmp_path / "lessons").exists()
+    assert not (tmp_path / "new").exists() or [p.name for p in (tmp_path / "new").iterdir()] in ([], [".lock"])
+    assert not (tmp_path / "cache" / "mnist").exists() or list((tmp_path / "cache" / "mnist").iterdir()) == []
