@@ -44,6 +44,7 @@ class TrainSettings:
     dtype: str = "float32"
     decoder: str = "factorised"  # "made": the autoregressive decoder (minivae.families)
     flow: str | None = None      # "planar:T" or "iaf:T": a flow in q(z|x) (minivae.families)
+    prior: str | None = None     # "mog:C" or "vamp:C": a learned prior p(z) (minivae.priors)
     # data
     binarize: str = "dynamic"
     data_dir: str | None = None
@@ -165,11 +166,13 @@ class TrainSettings:
         need(self.iwae_grad == "iwae" or self.flow is None,
              f"iwae_grad={self.iwae_grad!r} cannot be combined with a flow (it needs log q at any z, i.e. the "
              "flow's inverse)")
-        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or
+        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or self.prior or
                                         self.iwae_grad != "iwae")),
              "the decoder, flow and iwae_grad options are for the unconditional VAE, not --conditional")
-        need(not (self.flow is not None and self.free_bits),
-             "free bits floor the analytic KL per dimension, which a flow's q(z|x) does not have")
+        need(not ((self.flow is not None or self.prior is not None) and self.free_bits),
+             "free bits floor the analytic KL per dimension, which a flow or a learned prior does not have")
+        need(self.iwae_grad == "iwae" or self.prior is None,
+             f"iwae_grad={self.iwae_grad!r} is implemented for the N(0, I) prior, not a learned prior")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
         # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
@@ -183,13 +186,14 @@ class TrainSettings:
         """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
         a conditional run its number of classes ``n_classes``."""
         image = get_architecture(self.arch).image
-        if self.decoder != "factorised" or self.flow is not None or self.iwae_grad != "iwae":
+        if self.decoder != "factorised" or self.flow is not None or self.prior is not None or \
+                self.iwae_grad != "iwae":
             from ..families import FamilyConfig           # the model kind of minivae.families
             return FamilyConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                                 likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                                 dec_logvar_min=self.dec_logvar_min, image_shape=image_shape if image else None,
                                 n_classes=n_classes if self.conditional else None, decoder=self.decoder,
-                                flow=self.flow)
+                                flow=self.flow, prior=self.prior)
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                          dec_logvar_min=self.dec_logvar_min,
