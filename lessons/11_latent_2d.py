@@ -319,8 +319,9 @@ for name, (f_tr, f_te) in features.items():
         pur[name] = purity(kmeans(f_te, 10, np.random.default_rng(args.seed)), y_te)
 pur_rand = purity(np.random.default_rng(1).integers(0, 10, len(y_te)), y_te)
 print(f"{'features':<24}{'0 vs 1':>8}{'10 digits':>11}{'k-means purity':>16}")
-for name in features:
-    print(f"{name:<24}{acc01[name]:>8.3f}{acc10[name]:>11.3f}{pur.get(name, float('nan')):>16.3f}")
+for name in features:                  # k-means runs on the 2-number summaries only: "-" for the raw pixels
+    purity_text = f"{pur[name]:.3f}" if name in pur else "-"
+    print(f"{name:<24}{acc01[name]:>8.3f}{acc10[name]:>11.3f}{purity_text:>16}")
 print(f"{'random clusters':<24}{'':>8}{'':>11}{pur_rand:>16.3f}")
 
 # %% [markdown]

@@ -11,7 +11,7 @@
 #
 # **Run** `python lessons/15_gpu_cupy.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
 # (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.  For the GPU half, install
-# `minivae[cuda12x]` (or `[cuda13x]`) on a machine with an NVIDIA GPU.
+# CuPy on a machine with an NVIDIA GPU (from a clone of minivae: `pip install -e '.[cuda12x]'`, or `.[cuda13x]`).
 
 # %%
 import time
@@ -105,7 +105,8 @@ have_gpu = minivae.cupy_available()
 print(f"minivae.cupy_available() = {have_gpu}")
 if not have_gpu:
     print("No usable CUDA GPU here (or CuPy is not installed): the CuPy half of this lesson is skipped.\n"
-          "Install minivae[cuda12x] (or [cuda13x]) on a machine with an NVIDIA GPU to run it.")
+          "Install CuPy on a machine with an NVIDIA GPU to run it (from a clone of minivae: "
+          "pip install -e '.[cuda12x]', or .[cuda13x]).")
     default_before = minivae.get_backend()
     try:
         with minivae.use_backend("cupy"):

@@ -62,7 +62,7 @@ def get_xp(name):
     except Exception as exc:  # ImportError, or a broken CUDA install
         raise BackendError(
             f"backend 'cupy' was requested but CuPy cannot be imported ({type(exc).__name__}: {exc}); "
-            "install minivae[cuda12x] or minivae[cuda13x] on a machine with an NVIDIA GPU"
+            "install CuPy on a machine with an NVIDIA GPU: from a clone of minivae, pip install -e '.[cuda12x]' (or .[cuda13x])"
         ) from None
     if not cupy_available():
         raise BackendError("backend 'cupy' was requested but no usable CUDA GPU was found (cupy.is_available() is False)")

@@ -8,6 +8,8 @@
     interpolate  decodes along a line in latent space between two test digits
     manifold     the 2-D latent manifold and the scatter of latent means (z_dim = 2 only)
     download     fetch a named dataset (mnist, fashion-mnist) into a cache, SHA-256 checked
+    lessons      copy the lessons into a folder, as scripts and notebooks
+    assignments  make student copies with exercises and grade them (python -m minivae.assignments)
 
 Bad input ends with one line ``minivae: error: ...`` on stderr and exit status
 2 (no traceback); a diverged run exits with 1, Ctrl-C with 130, SIGTERM with 143
@@ -16,10 +18,12 @@ Bad input ends with one line ``minivae: error: ...`` on stderr and exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +79,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads",
-                "conditional", "label_decoder", "label_encoder", "beta_start", "decoder", "flow", "iwae_grad")
+                "conditional", "label_decoder", "label_encoder", "beta_start", "decoder", "flow", "iwae_grad", "prior")
 
 
 def build_parser():
@@ -121,10 +125,12 @@ def build_parser():
                    help="with gaussian_learned_var: floor m on the decoder's log-variance, logvar' = m + "
                         "softplus(logvar - m), so no pixel's variance collapses below exp(m) (default: no floor)")
     t.add_argument("--binarize", choices=list(BINARIZE),
-                   help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed")
+                   help="dynamic: resample x ~ Bernoulli(pixel) each minibatch; static: once, with --seed; none: "
+                        "the grey levels, as another likelihood needs (default dynamic)")
     t.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     t.add_argument("--warmup", type=_nonneg_int,
-                   help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs")
+                   help="KL warm-up epochs: beta rises linearly per step from 0 to --beta over this many epochs "
+                        "(default 0: no warm-up)")
     t.add_argument("--beta-start", type=float,
                    help="with --warmup: the KL weight at the first step, moving linearly to --beta (default 0; above "
                         "--beta anneals the weight down)")
@@ -134,38 +140,48 @@ def build_parser():
     t.add_argument("--adam-eps", type=float, help="Adam's epsilon, > 0 (default 1e-8)")
     t.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1) (default 0.9)")
     t.add_argument("--weight-decay", type=float, help="L2 penalty coefficient (default 0)")
-    t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value")
-    t.add_argument("--iwae-k", type=_positive_int, help="train on the IWAE bound with K samples")
+    t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this value (default: no "
+                                                   "clipping)")
+    t.add_argument("--iwae-k", type=_positive_int, metavar="K",
+                   help="train on the IWAE bound with K samples (a training objective; --nll-k only evaluates) "
+                        "(default: the ELBO)")
     t.add_argument("--iwae-grad", choices=list(IWAE_GRADS),
                    help="with --iwae-k: the encoder's gradient estimator, iwae (the bound's gradient), stl (sticking "
                         "the landing) or dreg (doubly reparameterised); see minivae/iwae_grads.py (default iwae)")
-    t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension)")
+    t.add_argument("--free-bits", type=float, help="free-bits KL floor (nats per latent dimension) (default: none)")
     t.add_argument("--decoder", choices=list(DECODERS),
                    help="p(x|z): factorised (the default) or made, an autoregressive MADE decoder p(x_d | x_<d, z) "
                         "(Bernoulli; see minivae/families.py)")
     t.add_argument("--flow", help="a normalising flow in q(z|x): planar:T (T planar steps) or iaf:T (T inverse "
                                   "autoregressive steps), e.g. planar:4 (default: none)")
-    t.add_argument("--seed", type=int, help="seed of every random draw of the run (default 0)")
+    t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
+                                   "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
+    t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
     t.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
     t.add_argument("--dtype", choices=list(DTYPES),
                    help="float type of parameters and data (default float32; float64 for gradient checks)")
-    t.add_argument("--valid", type=_nonneg_int, help="hold out N training images and report the valid loss")
+    t.add_argument("--valid", type=_nonneg_int, metavar="N",
+                   help="hold out N training images and report the valid loss (default 0)")
     t.add_argument("--data-dir", help="folder of IDX files in the MNIST layout (default $MINIVAE_DATA or the "
                                       "embedded MNIST)")
-    t.add_argument("--n-train", type=_positive_int, help="use only the first N training images")
-    t.add_argument("--n-test", type=_positive_int, help="use only the first N test images")
-    t.add_argument("--iw-k", type=_nonneg_int, help="final evaluation: importance-weighted bound with K samples")
+    t.add_argument("--n-train", type=_positive_int, metavar="N",
+                   help="use only the first N training images (default: all)")
+    t.add_argument("--n-test", type=_positive_int, metavar="N", help="use only the first N test images (default: all)")
+    t.add_argument("--nll-k", "--iw-k", dest="iw_k", type=_nonneg_int, metavar="K",
+                   help="after training, also estimate the test NLL by importance weighting with K samples "
+                        "(evaluates only; --iwae-k trains) (default 0: no estimate)")
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     t.add_argument("--conditional", action="store_true", default=None,
                    help="a conditional VAE of p(x|y) on the dataset's labels (the number of classes is read from "
                         "them); without --recipe, the conditional recipe (minivae/recipes.py); writes class_grid.png")
     t.add_argument("--label-decoder", choices=list(LABEL_DECODERS),
                    help="with --conditional, how the decoder reads the label: " +
-                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()))
+                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()) +
+                        " (default: the recipe's; outer in the conditional recipe, input in the others)")
     t.add_argument("--label-encoder", choices=list(LABEL_ENCODERS),
                    help="with --conditional, how the encoder reads the label: " +
-                        "; ".join(f"{k}: {v}" for k, v in LABEL_ENCODERS.items()))
+                        "; ".join(f"{k}: {v}" for k, v in LABEL_ENCODERS.items()) + " (default: the recipe's)")
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")
@@ -180,29 +196,37 @@ def build_parser():
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test negative ELBO of a checkpoint",
-                       description="Print the test negative ELBO and its parts (the test set is binarized once "
-                                   "with a fixed seed, so numbers compare between runs).")
+                       description="Print the test negative ELBO and its parts, the active units and the KL of "
+                                   "each latent dimension (the test set is binarized once with a fixed seed, so "
+                                   "numbers compare between runs).")
     _ckpt_args(e)
-    e.add_argument("--iw-k", type=_nonneg_int, default=0, help="also the importance-weighted bound with K samples")
+    e.add_argument("--nll-k", "--iw-k", dest="iw_k", type=_nonneg_int, default=0, metavar="K",
+                   help="also estimate the test NLL -log p(x) by importance weighting with K samples per image "
+                        "(evaluates only; --iwae-k of train is a training objective) (default 0: no estimate)")
     e.add_argument("--n", type=_positive_int, help="evaluate the first N test images only (active units are "
-                                                     "counted from 20 images up)")
+                                                     "counted from 20 images up) (default: all)")
     e.add_argument("--label-accuracy", action="store_true",
                    help="a conditional model: the fraction of 1000 prior samples (100 per label) that a pixel "
                         "classifier trained on the real training digits recognises as their label, with its own "
                         "accuracy on the real test digits (the classifier is trained once and cached in the run "
                         "folder as judge.npz)")
-    e.add_argument("--json", help="write the numbers to this JSON file (strict JSON: null for a missing number)")
+    e.add_argument("--json", metavar="FILE",
+                   help="also write the numbers as JSON to FILE, or with '-' print only the JSON, on stdout "
+                        "(strict JSON: null for a missing number) (default: no JSON)")
     _threads_flag(e)
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="an 8x8 grid of samples from the prior",
-                       description="Decode z ~ N(0, I) and save E[x|z]: a grid picture (samples.png) for up to "
-                                   "1024 samples, else an .npz (samples.npz, array x of shape (N, D)), "
-                                   "written in chunks so memory stays bounded whatever N is.")
+                       description="Decode z ~ N(0, I) and save E[x|z] in a new file: a grid picture (.png) for "
+                                   "up to 1024 samples, else an .npz (array x of shape (N, D)), written in chunks "
+                                   "so memory stays bounded whatever N is. An existing file is never replaced "
+                                   "unless --out names it.")
     _ckpt_args(s)
-    s.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
+    s.add_argument("--out", metavar="PATH",
+                   help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
+                        "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
     _threads_flag(s)
     s.set_defaults(func=cmd_sample)
@@ -243,19 +267,30 @@ def build_parser():
                                      "be new or empty.")
     les.add_argument("dir", metavar="DIR", help="a new or empty folder")
     les.set_defaults(func=cmd_lessons)
+
+    asg = sub.add_parser("assignments", add_help=False,
+                         description="The assignments tool: make OUT_DIR writes a student copy with exercise "
+                                     "stubs, grade SUBMISSION... grades submissions, list lists the exercises; "
+                                     "python -m minivae assignments --help for its options.",
+                         help="make student copies with exercises and grade them (make, grade, list; "
+                              "the same as python -m minivae.assignments)")
+    asg.add_argument("args", nargs=argparse.REMAINDER, help="make OUT_DIR | grade SUBMISSION... | list | --help")
+    asg.set_defaults(func=cmd_assignments)
     return p
 
 
 def _threads_flag(p):
-    p.add_argument("--threads", type=_positive_int,
-                   help="threads for BLAS and the fused kernels, any N >= 1 (default: every core, BLAS its own "
-                        "setting); another N can change the last bits of BLAS's products")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="threads for BLAS and the fused kernels, any N >= 1 (default: every core); another N "
+                        "can change the last bits of BLAS's products")
 
 
 def _ckpt_args(p):
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.npz (or the run folder holding one)")
-    p.add_argument("--data-dir", help="test data folder (default: the one the run was trained on; another "
-                                      "folder must hold the same files)")
+    p.add_argument("run", nargs="?", metavar="RUN",
+                   help="a run folder, its checkpoint.npz, or 'latest' (runs/latest, the newest run in runs/)")
+    p.add_argument("--checkpoint", help="the same as RUN")
+    p.add_argument("--data-dir", metavar="DIR", help="test data folder (default: the one the run was trained on; "
+                                                     "another folder must hold the same files)")
     p.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy or cupy (default $MINIVAE_BACKEND or numpy)")
 
@@ -298,7 +333,8 @@ def cmd_train(args):
         settings = TrainSettings.from_recipe(args.recipe or ("conditional" if args.conditional else "default"),
                                              **overrides)
     settings.validate()                      # before a default folder is created
-    out = args.out or str(new_run_dir("runs", settings.recipe))
+    out = args.out or str(new_run_dir(RUNS, settings.recipe))
+    old_latest = _point_latest_at(out)       # runs/latest: the newest run
     t0 = time.perf_counter()
     try:
         history = train(settings, out, resume=args.resume, progress=not args.quiet, force=args.force)
@@ -312,15 +348,70 @@ def cmd_train(args):
                     os.rmdir(out)
                 except OSError:
                     pass
+                _restore_latest(out, old_latest)
         raise
     print(f"done: {len(history)} epochs in {out} ({time.perf_counter() - t0:.1f}s this session)")
     return 0
 
 
+RUNS, LATEST = "runs", "latest"
+
+
+def _run_path(args):
+    """The checkpoint to read: RUN or --checkpoint (one of them), where 'latest' means runs/latest."""
+    if args.run is not None and args.checkpoint is not None and args.run != args.checkpoint:
+        raise ValueError(f"give the run once, as RUN or as --checkpoint (got {args.run!r} and {args.checkpoint!r})")
+    path = args.run if args.run is not None else args.checkpoint
+    if path is None:
+        raise ValueError(f"which run? give RUN: a run folder, its checkpoint.npz, or {LATEST} (the newest in {RUNS}/)")
+    if path == LATEST and not os.path.exists(LATEST):
+        path = os.path.join(RUNS, LATEST)
+        if not os.path.exists(path):
+            raise ValueError(f"no {path} here: train a run first (python -m minivae train), or name a run folder")
+    return path
+
+
+def _point_latest_at(out):
+    """Make runs/latest a link to the run folder ``out`` when ``out`` is in runs/; return the link's old target.
+
+    The link is relative (it survives moving runs/) and replaced atomically; where links cannot be made, or
+    runs/latest is not a link, nothing changes (returns False)."""
+    out = Path(out)
+    runs = Path(RUNS)
+    if not runs.is_dir() or out.resolve().parent != runs.resolve():
+        return False
+    link = runs / LATEST
+    if link.exists() and not link.is_symlink():
+        return False                             # a run folder someone named 'latest': never touched
+    old = os.readlink(link) if link.is_symlink() else None
+    tmp = runs / f".{LATEST}-{os.getpid()}"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(out.name, tmp)
+        os.replace(tmp, link)
+    except OSError:
+        return False
+    return old
+
+
+def _restore_latest(out, old):
+    """Point runs/latest back at ``old`` (None: remove it) if it still points at the removed folder ``out``."""
+    link = Path(RUNS) / LATEST
+    if old is False or not link.is_symlink() or os.readlink(link) != Path(out).name:
+        return
+    try:
+        link.unlink()
+        if old is not None:
+            os.symlink(old, link)
+    except OSError:
+        pass
+
+
 def _load(args):
     from .checkpoint import CheckpointError, load_checkpoint
     from .train import TrainSettings
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(_run_path(args))
     try:
         settings = TrainSettings.from_dict(ckpt.settings) if ckpt.settings else TrainSettings()
     except (TypeError, ValueError) as exc:
@@ -355,6 +446,32 @@ def _out_dir(args, ckpt):
     return Path(args.out) if args.out else Path(ckpt.path).parent / "figures"
 
 
+def _check_output(path, flag, args, ckpt, settings=None):
+    """``path``, unless it is a file this command reads (the checkpoint, a data file): a one-line refusal."""
+    from .atomic import check_not_input
+    inputs = [ckpt.path]
+    data = getattr(args, "data_dir", None) or (settings.data_dir if settings is not None else None) or \
+        (ckpt.settings.get("data_dir") if isinstance(ckpt.settings, dict) else None)
+    if data and Path(data).is_dir():
+        inputs += [p for p in Path(data).iterdir() if p.is_file()]
+    return Path(check_not_input(path, inputs, flag))
+
+
+def _check_sample_size(n, model, target):
+    """sample --n: refused before anything is drawn when its file cannot fit on the disk or its decoding cannot
+    finish (minivae.limits); a long but feasible one shows its estimate."""
+    from . import limits
+    limits.check_disk(limits.sample_file_bytes(model.config, n), target.parent, f"sample --n {n}",
+                      "choose a smaller --n")
+    _note(limits.check_work(n * limits.weights(model.config, "dec."), f"sample --n {n}", "choose a smaller --n",
+                            model.backend if isinstance(getattr(model, "backend", None), str) else "numpy"))
+
+
+def _note(note):
+    if note:
+        print(f"minivae: estimate: {note}", file=sys.stderr)
+
+
 def cmd_eval(args):
     import math
 
@@ -367,6 +484,13 @@ def cmd_eval(args):
     if args.n is None:
         settings.n_test = None          # the whole test set unless --n
     x_eval, _, y = _test_data(args, ckpt, settings, n=args.n)
+    if args.json and args.json != "-":
+        _check_output(args.json, "--json", args, ckpt, settings)
+    if args.iw_k:
+        from . import limits
+        _note(limits.check_work(limits.iw_macs(model.config, len(x_eval), args.iw_k),
+                                f"eval --iw-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --iw-k or --n",
+                                _backend(args)))
     from .train import label_kwargs
     rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True,
                           **label_kwargs(model, y))
@@ -374,25 +498,14 @@ def cmd_eval(args):
     if bad:
         raise ValueError(f"{ckpt.path}: the evaluation gave a non-finite {bad[0]} ({rep[bad[0]]}); the model "
                          "overflows on this data")
-    print(f"{ckpt.path} (epoch {ckpt.epoch}, {model!r})")
-    of = " of log p(x|y)" if model.config.n_classes is not None else ""
-    print(f"test -ELBO{of} {rep['neg_elbo']:.4f} nats/image (recon {rep['recon']:.4f}, KL {rep['kl']:.4f}) "
-          f"on {rep['n']} images")
-    for k, v in rep.items():
-        if k in ("neg_elbo", "recon", "kl", "n", "au_note", "label_accuracy") or v is None or isinstance(v, bool):
-            continue
-        if k == "iw_k" and not v:        # no IW estimate was asked for
-            continue
-        if isinstance(v, float):
-            print(f"  {k}: {v:.4f}")
-        elif isinstance(v, int):
-            print(f"  {k}: {v}")
-    if rep.get("kl_per_dim") is not None:
-        print("  KL per dimension: " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
-    if rep.get("au_note"):
-        print(f"  note: {rep['au_note']}")
-    if isinstance(rep.get("collapse_warning"), str):
-        print(f"  warning: {rep['collapse_warning']}")
+    if args.json == "-":                         # for machines: the JSON alone, on stdout
+        if args.label_accuracy:
+            with contextlib.redirect_stdout(sys.stderr):
+                rep["label_accuracy"] = _label_accuracy(args, ckpt, settings, model)
+        print(json_text(dict(rep, checkpoint=str(ckpt.path), epoch=ckpt.epoch)), end="")
+        return 0
+    for line in eval_lines(rep, ckpt, model):
+        print(line)
     if args.label_accuracy:
         rep["label_accuracy"] = _label_accuracy(args, ckpt, settings, model)
     if args.json:
@@ -401,6 +514,28 @@ def cmd_eval(args):
         atomic_write(args.json, lambda f: f.write(json_text(doc)), mode="w")
         print(f"wrote {args.json}")
     return 0
+
+
+def eval_lines(rep, ckpt, model):
+    """The lines ``eval`` prints for people: each number with its name and unit (``--json`` has the raw keys)."""
+    px = "p(x|y)" if model.config.n_classes is not None else "p(x)"
+    lines = [f"{ckpt.path} (epoch {ckpt.epoch}, {model!r})",
+             f"test -ELBO (a bound on -log {px}): {rep['neg_elbo']:.4f} nats/image (reconstruction "
+             f"{rep['recon']:.4f} + KL {rep['kl']:.4f}), {rep['n']} images"]
+    if rep.get("iw_nll") is not None:
+        sem = f" +- {rep['iw_nll_sem']:.4f}" if rep.get("iw_nll_sem") is not None else ""
+        lines.append(f"test NLL -log {px}, importance-weighted with k = {rep['iw_k']}: {rep['iw_nll']:.4f}{sem} "
+                     f"nats/image ({rep['iw_seconds']:.1f} s)")
+    if rep.get("active_units") is not None:
+        lines.append(f"active latent units: {rep['active_units']} of {rep['n_latent']} (Cov_x E_q[z_j] > "
+                     f"{rep['au_threshold']:g})")
+    if rep.get("kl_per_dim") is not None:
+        lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
+    if rep.get("au_note"):
+        lines.append(f"note: {rep['au_note']}")
+    if isinstance(rep.get("collapse_warning"), str):
+        lines.append(f"warning: {rep['collapse_warning']}")
+    return lines
 
 
 def _label_accuracy(args, ckpt, settings, model):
@@ -422,22 +557,46 @@ def cmd_sample(args):
     from . import figures
     ckpt, _, model = _load(args)
     rng = np.random.default_rng(args.seed)
-    K = model.config.n_classes
-    if K is None and args.label is not None:
+    n_classes = model.config.n_classes
+    if n_classes is None and args.label is not None:
         raise ValueError(f"--label needs a conditional model; {ckpt.path} is unconditional (train with --conditional)")
-    if K is not None and (args.label is None or args.label >= K):
-        raise ValueError(f"{ckpt.path} is a conditional model of {K} classes: give --label 0..{K - 1}"
+    if n_classes is not None and (args.label is None or args.label >= n_classes):
+        raise ValueError(f"{ckpt.path} is a conditional model of {n_classes} classes: give --label 0..{n_classes - 1}"
                          + ("" if args.label is None else f" (got {args.label})"))
-    stem = "samples" if K is None else f"samples_label{args.label}"
-    if args.n > figures.MAX_PICTURE:          # too many for a picture: an .npz, written chunk by chunk
-        path = figures.save_samples_npz(model, _out_dir(args, ckpt) / f"{stem}.npz", rng, args.n, y=args.label)
+    stem = "samples" if n_classes is None else f"samples_label{args.label}"
+    suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
+    path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
+    path = _check_output(path, "--out", args, ckpt)          # never over the checkpoint or a data file
+    if suffix == ".npz":                         # written chunk by chunk
+        _check_sample_size(args.n, model, path)
+        path = figures.save_samples_npz(model, path, rng, args.n, y=args.label)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
         return 0
     nrow = int(np.ceil(np.sqrt(args.n)))
-    path = figures.prior_samples(model, _out_dir(args, ckpt) / f"{stem}.png", rng, n=args.n, nrow=nrow, y=args.label)
+    path = figures.prior_samples(model, path, rng, n=args.n, nrow=nrow, y=args.label)
     print(f"wrote {path}")
     return 0
+
+
+def sample_path(out, default_folder, stem, suffix):
+    """Where ``sample`` writes: ``out`` itself when it names a file (it ends in .png or .npz, which must be
+    ``suffix``), else a new file ``stem.suffix``, ``stem-2.suffix``... in the folder ``out`` (default: the run's
+    figures/), so an existing picture is never replaced unless asked for by name."""
+    if out is not None and Path(out).suffix.lower() in (".png", ".npz") and not Path(out).is_dir():
+        if Path(out).suffix.lower() != suffix:
+            what = "a picture (.png) of at most 1024" if suffix == ".png" else "an .npz above 1024"
+            raise ValueError(f"--out {out}: these samples are written as {what} samples; name a {suffix} "
+                             "file or a folder")
+        return Path(out)
+    folder = Path(out) if out is not None else Path(default_folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder (a file to write must end in {suffix})")
+    for i in range(1, 100000):
+        path = folder / (stem + (f"-{i}" if i > 1 else "") + suffix)
+        if not path.exists():
+            return path
+    raise ValueError(f"{folder}: no free name for {stem}{suffix}")
 
 
 def cmd_interpolate(args):
@@ -449,6 +608,10 @@ def cmd_interpolate(args):
     a = args.a
     b = args.b
     conditional = model.config.n_classes is not None
+    for flag, idx in (("--a", a), ("--b", b)):
+        if idx is not None and idx >= len(x):
+            raise ValueError(f"{flag} {idx} is out of range: the test set has {len(x)} images (indices 0.."
+                             f"{len(x) - 1})")
     if b is None:                   # a conditional model decodes one label: the first other digit with a's label
         others = np.flatnonzero((y == y[a]) if conditional else (y != y[a])) if a < len(y) else []
         others = others[others != a]
@@ -459,7 +622,8 @@ def cmd_interpolate(args):
     if conditional and y[a] != y[b]:
         raise ValueError(f"a conditional model interpolates between two digits of one label; test images {a} and "
                          f"{b} have labels {y[a]} and {y[b]}")
-    path = figures.interpolation(model, x[[a]], x[[b]], _out_dir(args, ckpt) / "interpolation.png",
+    path = figures.interpolation(model, x[[a]], x[[b]], _check_output(_out_dir(args, ckpt) / "interpolation.png",
+                                                                      "--out", args, ckpt, settings),
                                  steps=args.steps, y=y[[a]] if conditional else None)
     print(f"wrote {path}")
     return 0
@@ -475,14 +639,16 @@ def cmd_manifold(args):
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
     out = _out_dir(args, ckpt)
-    K = model.config.n_classes
-    if args.label is not None and (K is None or args.label >= K):
+    n_classes = model.config.n_classes
+    if args.label is not None and (n_classes is None or args.label >= n_classes):
         raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
-                         f"{ckpt.path} has " + ("no labels" if K is None else f"{K} classes"))
-    label = (args.label or 0) if K is not None else None
-    p1 = figures.manifold(model, out / "manifold.png", n=args.grid, y=label)
+                         f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
+    label = (args.label or 0) if n_classes is not None else None
+    targets = [_check_output(out / name, "--out", args, ckpt, settings) for name in ("manifold.png",
+                                                                                    "latent_scatter.png")]
+    p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
-    p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")
+    p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
     print(f"wrote {p1}\nwrote {p2}")
     return 0
 
@@ -502,19 +668,59 @@ def cmd_lessons(args):
     return 0
 
 
+def cmd_assignments(args):
+    try:
+        from .assignments.__main__ import main as assignments_main
+    except ImportError:
+        raise ValueError("this copy of minivae has no assignments tool (a student's copy leaves out the grader)") \
+            from None
+    return assignments_main(args.args)
+
+
 # ----------------------------------------------------------------------- main
 def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv=None):
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["assignments"]:              # every later word is the assignments tool's, --help included
+        args = argparse.Namespace(func=cmd_assignments, args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    if args.func is cmd_assignments:             # its own tool, with its own output (and warnings)
+        code, line = _run(args)
+        if line is not None:
+            print(line, file=sys.stderr)
+        return code
+    # warnings (NumPy's RuntimeWarnings before a divergence, ...) are collected: an error folds them into its
+    # one line; a command that succeeds prints each once at the end, one line each
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code, line = _run(args)
+    seen = []
+    for w in caught:
+        text = f"{w.category.__name__}: {_one_line(w.message)}"
+        if text not in seen:
+            seen.append(text)
+    if line is not None:
+        if seen:
+            more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+            line += f" (after the warning {seen[0]}{more})"
+        print(line, file=sys.stderr)
+    else:
+        for text in seen:
+            print(f"minivae: warning: {text}", file=sys.stderr)
+    return code
+
+
+def _run(args):
+    """Run the command: (exit status, None) on success, else (status, the one line that says why)."""
     from .checkpoint import CheckpointError
     from .download import DownloadError
-    from .train import RunLocked, TrainingDiverged
+    from .train import RunLocked, TrainingDiverged, using_threads
     from . import signals
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .train import using_threads
     try:
         # every command: Ctrl-C and SIGTERM unwind as one exception (temporary files removed), even one whose
         # first exception a library swallowed (signals.check, at the end), and end in one line, exit 130/143
@@ -522,24 +728,21 @@ def main(argv=None):
             with using_threads(getattr(args, "threads", None)):      # --threads of train, eval and sample
                 code = int(args.func(args) or 0)
             signals.check()
-        return code
+        return code, None
     except KeyboardInterrupt as exc:
         terminated = signals.signal_of(exc) == signal.SIGTERM
-        default = (f"{args.command} terminated (SIGTERM)" if terminated else f"{args.command} interrupted (Ctrl-C)") \
+        command = getattr(args, "command", None) or "minivae"
+        default = (f"{command} terminated (SIGTERM)" if terminated else f"{command} interrupted (Ctrl-C)") \
             + "; no file was left half-written"
-        print(f"minivae: {_one_line(exc) if str(exc) else default}", file=sys.stderr)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return (EXIT_TERMINATED if terminated else EXIT_INTERRUPTED), \
+            f"minivae: {_one_line(exc) if str(exc) else default}"
     except TrainingDiverged as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return EXIT_DIVERGED, f"minivae: error: {_one_line(exc)}"
     except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_ERROR, f"minivae: error: {_one_line(exc)}"
     except MemoryError:
-        print("minivae: error: out of memory (the request is larger than this machine's memory)", file=sys.stderr)
-        return EXIT_ERROR
-
+        return EXIT_ERROR, "minivae: error: out of memory (the request is larger than this machine's memory)"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .atomic import copy_file
+from .atomic import atomic_write
 from .notebook import write_notebook
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -57,10 +57,11 @@ def export_lessons(dest, source=None):
     try:
         dest.mkdir(parents=True, exist_ok=True)
         for script in scripts:           # every file through the atomic writer (minivae.atomic)
-            written.append(copy_file(script, dest / script.name))
-            written.append(write_notebook(script, dest / (script.stem + ".ipynb")))
+            copy = dest / script.name
+            written.append(_write_text(copy, as_exported(script.read_text(encoding="utf-8"))))
+            written.append(write_notebook(copy, dest / (script.stem + ".ipynb")))
         for doc in sorted(src.glob("*.md")):
-            written.append(copy_file(doc, dest / doc.name))
+            written.append(_write_text(dest / doc.name, as_exported(doc.read_text(encoding="utf-8"))))
     except BaseException:
         # all or nothing: a failed or interrupted export (full disk, Ctrl-C, SIGTERM) takes back what it wrote
         for p in written:
@@ -75,3 +76,18 @@ def export_lessons(dest, source=None):
                 pass
         raise
     return written
+
+
+# "lessons/05_elbo.py", "lessons/MISTAKES.md": a lesson file named by its path in the repository
+_IN_LESSONS = re.compile(r"(?<![\w/.])lessons/(?=\d\d_\w+\.(?:py|ipynb)\b|[A-Z]+\.md\b)")
+
+
+def _write_text(path, text):
+    return Path(atomic_write(path, lambda f: f.write(text.encode("utf-8"))))
+
+
+def as_exported(text):
+    """A lesson's text as it must read in the exported folder, where the lessons lie side by side: a path
+    ``lessons/05_elbo.py`` (run it as ``python lessons/05_elbo.py`` from the repository root) becomes
+    ``05_elbo.py``, and ``lessons/MISTAKES.md`` becomes ``MISTAKES.md``; nothing else changes."""
+    return _IN_LESSONS.sub("", text)

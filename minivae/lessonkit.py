@@ -64,10 +64,11 @@ def in_notebook():
 
 
 def save_figure(fig, out, name):
-    """Save ``fig`` as ``out/name`` (PNG, 100 dpi), show it inline in a notebook, close it; return the path.
+    """Save ``fig`` as ``out/name`` (PNG, 100 dpi), show it inline in a notebook, close it; print the path.
 
     From the command line the figure is only saved.  In a Jupyter kernel it is also displayed, so every
     lesson reads as a notebook with its pictures.  Closing it keeps pyplot from showing it a second time.
+    It returns None: a cell that ends with ``save_figure(...)`` shows the picture, not an ``Out:`` line.
     """
     from .atomic import save_figure as write_atomically
     path = os.path.join(out, name)
@@ -78,7 +79,6 @@ def save_figure(fig, out, name):
     import matplotlib.pyplot as plt
     plt.close(fig)
     print(f"figure: {path}")
-    return path
 
 
 def check(cond, claim):

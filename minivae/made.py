@@ -105,7 +105,7 @@ def connectivity(masks):
     """(n_in, n_out) 0/1 matrix: entry (i, o) is 1 when output o can depend on input i through the masks.
 
     The product of the masks, thresholded: a path exists when some chain of kept connections joins i to o.
-    For a correct MADE it is strictly upper triangular within each output group (``tests/test_made.py``).
+    For a correct MADE it is strictly upper triangular within each output group (the test suite checks it).
     """
     reach = np.asarray(masks[0], dtype=np.float64)
     for m in masks[1:]:

@@ -44,6 +44,7 @@ few vectorised passes.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -517,6 +518,9 @@ class VAE:
             objective = "iwae" if iwae_k is not None else "free_bits"
         x = self.as_input(x, validate)
         N, L, D = x.shape[0], self.config.z_dim, self.config.x_dim
+        if eps is None and iwae_k is not None and iwae_k > self._iwae_chunk(N):
+            # large K: the noise is drawn chunk by chunk too, so memory does not grow with K
+            return self._iwae_chunked(x, None, beta, backward, self.labels_one_hot(y, N), n_samples=iwae_k)
         eps = self.as_eps(eps, N, iwae_k if iwae_k is not None else n_samples)
         S = eps.shape[0]
         if iwae_k is not None and S != iwae_k:
@@ -624,48 +628,77 @@ class VAE:
         width = networks.get_architecture(self.config.arch).widest_row(self.config)
         return max(1, self.IWAE_CHUNK_ELEMENTS // (N * width))
 
-    def _iwae_chunked(self, x, eps, beta, backward, y=None):
+    def _iwae_chunked(self, x, eps, beta, backward, y=None, n_samples=None):
         """The IWAE loss and gradients of :meth:`loss`, over the K samples in chunks.
 
         Same math, memory bounded by one chunk of samples whatever K is.  The normalized weights
-        wtilde need every log w_nk first, so it takes two passes over the chunks: (1) forward
-        only, collecting log_w (K, N); (2) forward again with caches, then the shared backward
-        (:meth:`_loss_backward`) of each chunk with its slice of the IWAE cache, i.e. of
-        g = dloss/dlog w.  Every parameter's gradient is a sum over the chunks' rows (the encoder's
-        too: its backward is linear in (dmu, dlogvar)), so the chunks' gradients add up to the
-        one-block result, up to float summation order.
+        wtilde_kn = exp(log w_kn - m_n) / s_n need the per-example log-sum-exp first, so it takes two
+        passes over the chunks: (1) forward only, keeping a running max m_n and sum s_n = sum_k exp(log w_kn
+        - m_n) (rescaled when m_n grows: nothing of size K x N is kept); (2) forward again with caches, then
+        the shared backward (:meth:`_loss_backward`) of each chunk with its wtilde, i.e. of g = dloss/dlog w.
+        Every parameter's gradient is a sum over the chunks' rows (the encoder's too: its backward is linear
+        in (dmu, dlogvar)), so the chunks' gradients add up to the one-block result, up to float summation order.
+
+        ``eps=None`` (with ``n_samples`` = K): the noise is drawn from ``self.rng`` one chunk at a time, the
+        same stream as one (K, N, L) draw; pass 2 draws the same chunks again from the saved generator state.
         """
         xp = self.xp
-        S, N, L = eps.shape
+        N, L = x.shape[0], self.config.z_dim
         D = self.config.x_dim
+        if eps is None:
+            S = int(n_samples)
+            start = self.rng.bit_generator.state
+
+            def eps_of(s0, s1):
+                return xp.asarray(self.rng.standard_normal((s1 - s0, N, L), dtype=self.dtype))
+        else:
+            S = eps.shape[0]
+
+            def eps_of(s0, s1):
+                return eps[s0:s1]
         step = self._iwae_chunk(N)
         mu, logvar, c_enc = self.encoder_forward(x, y)                 # y: one-hot (N, K), or None
         kl, _ = kl_forward(mu, logvar)
 
         def chunk_forward(s0, s1):
-            z, c_rep = reparameterize_forward(mu, logvar, eps[s0:s1])     # (s, N, L)
+            e = eps_of(s0, s1)
+            z, c_rep = reparameterize_forward(mu, logvar, e)              # (s, N, L)
             outs, c_dec = self.decoder_forward(z.reshape((s1 - s0) * N, L), tile_labels(y, s1 - s0))
             rec, c_rec = self._recon_forward([o.reshape(s1 - s0, N, D) for o in outs], x)   # (s, N)
             log_pz = log_standard_normal(z)
-            log_qz = -0.5 * (eps[s0:s1] * eps[s0:s1] + logvar + LOG_2PI).sum(axis=-1)
+            log_qz = -0.5 * (e * e + logvar + LOG_2PI).sum(axis=-1)
             return rec, -rec + beta * (log_pz - log_qz), (z, c_enc, c_rep, c_dec, c_rec)
 
-        log_w = xp.empty((S, N), dtype=self.dtype)
+        m = s_run = None
         rec_sum = 0.0
-        for s0 in range(0, S, step):                                      # pass 1: log-weights only
+        for s0 in range(0, S, step):                                      # pass 1: the log-sum-exp only
             s1 = min(S, s0 + step)
-            rec, log_w[s0:s1], _ = chunk_forward(s0, s1)
+            rec, log_w, _ = chunk_forward(s0, s1)
             rec_sum = rec_sum + rec.sum()
-        loss, (wtilde, n) = iwae_forward(log_w)
+            cm = log_w.max(axis=0)                                        # (N,)
+            if m is None:
+                m, s_run = cm, xp.exp(log_w - cm).sum(axis=0)
+            else:                   # a stable running sum: rescale the old sum when the max grows
+                new_m = xp.maximum(m, cm)
+                s_run = s_run * xp.exp(m - new_m) + xp.exp(log_w - new_m).sum(axis=0)
+                m = new_m
+        bound = m + xp.log(s_run) - math.log(S)                          # L_K per example, as iwae_forward
+        loss = -bound.mean()
         self.parts = {"loss": loss, "recon": rec_sum / (S * N), "kl": kl.mean(), "iwae_k": S}
         if not backward:
             return loss, None
+        if eps is None:
+            end = self.rng.bit_generator.state
+            self.rng.bit_generator.state = start                          # pass 2 draws the same chunks again
         grads, part = self.new_grads(), self.new_grads()
         for s0 in range(0, S, step):                                      # pass 2: backward per chunk
             s1 = min(S, s0 + step)
-            _, _, cache = chunk_forward(s0, s1)
-            self._loss_backward("iwae", beta, cache + ((wtilde[s0:s1], n),), part)
+            _, log_w, cache = chunk_forward(s0, s1)
+            wtilde = xp.exp(log_w - m) / s_run                            # (s, N): this chunk's softmax weights
+            self._loss_backward("iwae", beta, cache + ((wtilde, N),), part)
             grads.flat += part.flat
+        if eps is None:
+            self.rng.bit_generator.state = end
         return loss, grads
 
     def encode(self, x, y=None):

@@ -23,6 +23,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def skip_summary(reports):
+    """One line counting skipped tests by reason, e.g. ``35 skipped: 30 no usable GPU (CuPy ...); 5 no jupytext``
+    (pytest's -ra would print one line per skipped test; the CuPy and GPU skips alone are dozens)."""
+    counts = {}
+    for rep in reports:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ") if hasattr(reason, "removeprefix") else reason
+        counts[reason] = counts.get(reason, 0) + 1
+    if not counts:
+        return None
+    parts = [f"{n} × {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return f"{sum(counts.values())} skipped: " + "; ".join(parts)
+
+
+def pytest_terminal_summary(terminalreporter):
+    line = skip_summary(terminalreporter.stats.get("skipped", []))
+    if line:
+        terminalreporter.write_line(line)
+
+
 # ---- mutation testing (tools/mutation.sh); inert in any other run -----------------------------------------
 # Both hooks act only when mutmut has set MUTANT_UNDER_TEST to a mutant's name (mutmut copies this file into
 # mutants/tests/).  mutmut runs a mutant's tests fastest first and stops at the first failure (-x).  Most

@@ -358,7 +358,7 @@ def test_cli_train_sample_eval_on_tiny_labelled_data(tmp_path, capsys):
     assert f"label accuracy {100 * acc['overall']:.1f}% of 400 prior samples" in text
     js = tmp_path / "e.json"
     assert main(["eval", "--checkpoint", str(out), "--json", str(js)]) == 0
-    assert "test -ELBO of log p(x|y)" in capsys.readouterr().out
+    assert "test -ELBO (a bound on -log p(x|y))" in capsys.readouterr().out
     assert json.loads(js.read_text())["neg_elbo"] == pytest.approx(res["neg_elbo"], rel=1e-6)
     assert main(["sample", "--checkpoint", str(out), "--label", "3", "--n", "9", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "samples_label3.png").read_bytes()[:4] == b"\x89PNG"

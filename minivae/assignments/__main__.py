@@ -32,12 +32,18 @@ def _parser():
     g.add_argument("--out", metavar="DIR", default=None,
                    help="write gradebook.csv and one JSON report per student here")
     g.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel (default 1)")
-    g.add_argument("--exercises", default="all", help="comma-separated ids to grade (default: all)")
-    g.add_argument("--manifest", default=None, help="the manifest written by make (checks the starter and grader)")
+    g.add_argument("--exercises", default=None,
+                   help="comma-separated ids to grade (default: the manifest's exercises, or all without one)")
+    g.add_argument("--manifest", default=None,
+                   help="the manifest written by make: grades exactly its exercises, checks the starter and grader")
     g.add_argument("--timeout", type=float, default=grading.DEFAULT_TIMEOUT,
                    help=f"seconds per exercise before it counts as hanging (default {grading.DEFAULT_TIMEOUT:g})")
     g.add_argument("--seed", type=int, default=None,
-                   help="seed of the check inputs (default: a fresh one, recorded in the report)")
+                   help="the batch's secret seed; each student's inputs come from it and the student's name "
+                        "(default: a fresh one, recorded in every report: give it again to regrade)")
+    g.add_argument("--no-sandbox", action="store_true",
+                   help="run student code without the bubblewrap sandbox (recorded in every report and the "
+                        "gradebook); only for code you trust")
     sub.add_parser("list", help="list the exercises")
     return p
 
@@ -57,20 +63,20 @@ def main(argv=None):
             print(f"stubbed {len(info['stubbed'])} exercise(s): {', '.join(info['stubbed']) or 'none'}")
             print(f"wrote the manifest to {manifest} (keep it for grading; it is not part of the copy)")
             return 0
-        ids = select(args.exercises)
-        if not ids:
+        ids = None if args.exercises is None else select(args.exercises)
+        if ids is not None and not ids:
             raise ValueError("no exercises to grade")
+        sandbox = not args.no_sandbox
         subs = grading.expand_submissions(args.dirs)
-        single = len(subs) == 1 and args.out is None
+        single = len(subs) == 1 and args.out is None and Path(subs[0][1]).suffix != ".zip"
         if single:
-            name, path = subs[0]
-            if Path(path).suffix == ".zip":
-                single = False
-        if single:
+            name, path, notes = subs[0]
             report_dir = grading.check_student_dir(path)
             print(grading.format_header(report_dir), flush=True)
             report = grading.grade(report_dir, ids, timeout=args.timeout, seed=args.seed, manifest=args.manifest,
+                                   sandbox=sandbox, name=name,
                                    progress=lambda r: print(grading.format_line(r), flush=True))
+            report["notes"] = notes + report["notes"]
             print(grading.format_footer(report))
             if args.json:
                 grading.write_atomic(args.json, json.dumps(report, indent=2) + "\n")
@@ -79,20 +85,25 @@ def main(argv=None):
         if args.json:
             raise ValueError("--json takes one submission; use --out DIR for many")
         out = args.out or "grades"
-        reports = grading.grade_batch(args.dirs, ids, timeout=args.timeout, seed=args.seed, jobs=args.jobs,
-                                      out_dir=out, manifest=args.manifest, progress=True)
+        reports, stopped = grading.grade_batch(args.dirs, ids, timeout=args.timeout, seed=args.seed,
+                                               jobs=args.jobs, out_dir=out, manifest=args.manifest,
+                                               progress=True, sandbox=sandbox)
         for name in sorted(reports):
             r = reports[name]
-            print(f"{name:<24} {r['score']:6.2f}  ({r['passed']} of {r['total']})")
-        seed = next(iter(reports.values()))["seed"] if reports else args.seed
+            state = "" if r.get("graded") else "  not graded"
+            print(f"{name:<24} {r['score']:6.2f}  ({r['passed']} of {r['total']}){state}")
+        seed = next((r["seed"] for r in reports.values() if r.get("seed") is not None), args.seed)
         print(f"seed: {seed} (--seed {seed} reproduces this run)")
         print(f"wrote {Path(out) / 'gradebook.csv'} and {len(reports)} report(s) in {out}")
+        if stopped:
+            print(f"stopped early: {stopped}; the students not graded are marked so", file=sys.stderr)
+            return 130 if "interrupted" in stopped else 2
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {grading.clean(' '.join(str(e).split()), 1000)}", file=sys.stderr)
         return 2
 
 

@@ -32,11 +32,10 @@ import zlib
 import numpy as np
 
 from . import reference as ref
-from .harness import H, numerical_gradient  # finite differences as the student's check.py computes them
+# finite differences and tolerances as the student's check.py has them (one source: a pass there is a pass here)
+from .harness import GRAD_TOL, H, VALUE_TOL, numerical_gradient
 from .sandbox import ChildError, text_of
 
-GRAD_TOL = 1e-6       # finite differences vs analytic, float64, h = 1e-5
-VALUE_TOL = 1e-9      # forward values vs the reference formula, float64
 COST_FACTOR = 50      # a backward may take this many times the reference backward on the large input ...
 COST_SLACK_S = 2.0    # ... plus this many seconds (start-up, transfer, a busy machine)
 
@@ -100,6 +99,8 @@ def take_array(reply, key, shape, name):
     if "type:" + key in reply:
         raise Fail(name, f"{name} should be a numpy array of shape {tuple(shape)}, got "
                          f"{text_of(reply['type:' + key]) or 'something else'}")
+    if "num:" + key in reply:
+        raise Fail(name, f"{name} should be a numpy array of shape {tuple(shape)}, got a number")
     if "len:" + key in reply:
         raise Fail(name, f"{name} should be one array of shape {tuple(shape)}, got a "
                          f"{int(reply['len:' + key])}-tuple")
@@ -164,7 +165,8 @@ def no_side_effects(reply, args, names):
         if after is None or after.shape != sent.shape or not np.array_equal(after, sent, equal_nan=True):
             idx = key.split(".")[1:]
             what = names.get(idx[0], f"argument {idx[0]}") + ("" if len(idx) == 1 else f" (cache item {'.'.join(idx[1:])})")
-            raise Fail(what, f"the function modified its input {what}; a backward must leave its inputs and "
+            whose = what if what.startswith("the ") else f"its input {what}"
+            raise Fail(what, f"the function modified {whose}; a backward must leave its inputs and "
                              f"the upstream gradient unchanged (work on new arrays, e.g. dx = dy * mask, not "
                              f"dx = dy; dx[...] = 0)")
 
@@ -288,13 +290,9 @@ OP_CHECKS = {
     "upsample_nearest2d_backward": ("minivae.conv:upsample_nearest2d_backward", _upsample),
 }
 
-# the reference backward of each exercise, for the cost check
-REF_BACKWARD = {"dense_backward": ref.dense_backward, "relu_backward": ref.relu_backward,
-                "tanh_backward": ref.tanh_backward, "sigmoid_backward": ref.sigmoid_backward,
-                "reparameterize_backward": ref.reparameterize_backward, "kl_backward": ref.kl_backward,
-                "bernoulli_nll_backward": ref.bernoulli_nll_backward, "conv2d_backward": ref.conv2d_backward,
-                "maxpool2d_backward": ref.maxpool2d_backward,
-                "upsample_nearest2d_backward": ref.upsample_nearest2d_backward}
+# the reference backward of each exercise, for the cost check (from reference.OP_PAIRS)
+REF_BACKWARD = {f"{p}_backward": getattr(ref, f"{p}_backward") for p in ref.OP_PAIRS
+                if f"{p}_backward" in OP_CHECKS}
 
 
 def check_op_backward(ex_id, child, judge, seed, timeout):
@@ -313,8 +311,9 @@ def check_op_backward(ex_id, child, judge, seed, timeout):
         no_side_effects(rep, (dout, cache), {"0": "the upstream gradient", "1": "cache"})
 
 
-def check_cost(ex_id, child, seed, timeout):
-    """The student's backward on one large input must take at most a generous multiple of the reference's."""
+def check_cost(ex_id, child, judge, seed, timeout):
+    """The student's backward on one large input: its answer must be right (against the reference backward,
+    exact up to round-off) and come within a generous multiple of the reference backward's time."""
     fn, make = OP_CHECKS[ex_id]
     back = REF_BACKWARD[ex_id]
     rng = rng_for(seed, ex_id + "/large")
@@ -322,12 +321,15 @@ def check_cost(ex_id, child, seed, timeout):
     out, cache = case.forward(*case.inputs)
     dout = rng.standard_normal(np.shape(out))
     t_ref = min(_timed(lambda: back(dout, cache)) for _ in range(3))
+    want = back(dout, cache)
+    want = list(want) if isinstance(want, tuple) else [want]
     t0 = time.perf_counter()
     t_fwd = _timed(lambda: case.forward(*case.inputs))
-    req = {"job": np.array("call"), "fn": np.array(fn), "status_only": np.array(1)}
+    req = {"job": np.array("call"), "fn": np.array(fn), "result_only": np.array(1)}
     req["spec"] = np.array(json.dumps(encode_args((dout, cache), req)))
     buf = io.BytesIO()
     np.savez(buf, **req)
+    np.savez(io.BytesIO(), **{f"r.{i}": w for i, w in enumerate(want)})
     t_transfer = 2 * (time.perf_counter() - t0 - t_fwd)
     limit = COST_FACTOR * t_ref + t_transfer + COST_SLACK_S
     n_in = sum(int(x.size) for x in case.inputs)
@@ -342,6 +344,10 @@ def check_cost(ex_id, child, seed, timeout):
                          f"finite differences (or loops over entries) cost one forward pass per input entry. "
                          f"Derive the gradient and compute it with whole-array operations.") from None
     _status(rep)
+    keys = take_tuple(rep, "r", len(case.names), case.names, fn.split(":")[1])
+    for name, key, x, w in zip(case.names, keys, case.inputs, want):
+        what = f"{name} (large input, {n_in} entries)"
+        judge.compare(what, take_array(rep, key, x.shape, what), w, GRAD_TOL)
 
 
 def _timed(f):
@@ -351,6 +357,47 @@ def _timed(f):
 
 
 # ------------------------------------------------------- forward checks
+def take_like(reply, key, like, name):
+    """The reply's tree under ``key`` in the layout of ``like`` (tuples, arrays, numbers), or Fail naming it."""
+    if isinstance(like, tuple):
+        n = reply.get("len:" + key)
+        if n is None or int(n) != len(like):
+            raise Fail(name, f"{name} should be a {len(like)}-tuple, like the backward expects")
+        return tuple(take_like(reply, f"{key}.{i}", item, f"{name} item {i}") for i, item in enumerate(like))
+    if isinstance(like, np.ndarray):
+        a = take_array(reply, key, like.shape, name) if like.dtype == np.float64 else reply.get(key)
+        if a is None or a.shape != like.shape or a.dtype.kind not in "biuf":
+            raise Fail(name, f"{name} should be an array of shape {like.shape}")
+        return a
+    got = reply.get("num:" + key)
+    if got is None or got.ndim != 0 or got.dtype.kind not in "biuf" or got.item() != like:
+        raise Fail(name, f"{name} should be the number {like!r}")
+    return like
+
+
+def check_cache(judge, reply, key, ref_cache, names, backward, dout_shape, seed, label, fn):
+    """The cache a forward returned: every item as the reference's, and the reference backward, run on it,
+    gives the gradients it gives on the reference's own cache (the engine's unchanged backward reads it)."""
+    keys = take_tuple(reply, key, len(ref_cache), names, f"the cache of {fn}")
+    cache = []
+    for k, want, name in zip(keys, ref_cache, names):
+        what = f"{name} (in the cache){label}"
+        if isinstance(want, np.ndarray):
+            got = take_array(reply, k, want.shape, what)
+            judge.compare(what, got, want, VALUE_TOL)
+            cache.append(got)
+        else:
+            cache.append(take_like(reply, k, want, what))
+    dout = rng_for(seed, f"cache{label}").standard_normal(dout_shape)
+    want = backward(dout, ref_cache)
+    with np.errstate(all="ignore"):
+        got = backward(dout, tuple(cache))
+    want, got = (list(w) if isinstance(w, tuple) else [w] for w in (want, got))
+    for i, (g, w) in enumerate(zip(got, want)):
+        judge.compare(f"gradient {i} of the reference {backward.__name__} from your cache{label}", np.asarray(g), w,
+                      VALUE_TOL)
+
+
 def check_reparameterize_forward(child, judge, seed, timeout):
     rng = rng_for(seed, "reparameterize_forward")
     mu, logvar = _gauss(rng)
@@ -358,26 +405,23 @@ def check_reparameterize_forward(child, judge, seed, timeout):
         eps = rng.standard_normal(shape)
         args = (mu, logvar, eps)
         rep = call(child, "minivae.gaussian:reparameterize_forward", args, timeout)
-        z_want, (sigma_want, _) = ref.reparameterize_forward(mu, logvar, eps)
+        z_want = ref.reparameterize_forward(mu, logvar, eps)[0]
         k_out, k_cache = take_tuple(rep, "r", 2, ["z", "cache"], "reparameterize_forward")
         judge.compare("z" + label, take_array(rep, k_out, shape, "z" + label), z_want, VALUE_TOL)
-        k_sigma, _ = take_tuple(rep, k_cache, 2, ["sigma", "eps"], "the cache of reparameterize_forward")
-        judge.compare("sigma (in the cache)", take_array(rep, k_sigma, sigma_want.shape, "sigma (in the cache)"),
-                      sigma_want, VALUE_TOL)
         no_side_effects(rep, args, {"0": "mu", "1": "logvar", "2": "eps"})
+        check_cache(judge, rep, k_cache, ref.reparameterize_forward(mu, logvar, eps)[1], ["sigma", "eps"],
+                    ref.reparameterize_backward, shape, seed, label, "reparameterize_forward")
 
 
 def check_kl_forward(child, judge, seed, timeout):
     rng = rng_for(seed, "kl_forward")
     mu, logvar = _gauss(rng, 5, 3)
     rep = call(child, "minivae.gaussian:kl_forward", (mu, logvar), timeout)
-    kl_want, (_, var_want) = ref.kl_forward(mu, logvar)
+    kl_want, cache_want = ref.kl_forward(mu, logvar)
     k_out, k_cache = take_tuple(rep, "r", 2, ["kl", "cache"], "kl_forward")
     judge.compare("kl", take_array(rep, k_out, kl_want.shape, "kl"), kl_want, VALUE_TOL)
-    _, k_var = take_tuple(rep, k_cache, 2, ["mu", "var"], "the cache of kl_forward")
-    judge.compare("var (in the cache)", take_array(rep, k_var, var_want.shape, "var (in the cache)"), var_want,
-                  VALUE_TOL)
     no_side_effects(rep, (mu, logvar), {"0": "mu", "1": "logvar"})
+    check_cache(judge, rep, k_cache, cache_want, ["mu", "var"], ref.kl_backward, kl_want.shape, seed, "", "kl_forward")
 
 
 def check_bernoulli_nll_forward(child, judge, seed, timeout):
@@ -391,10 +435,12 @@ def check_bernoulli_nll_forward(child, judge, seed, timeout):
     ]
     for label, logits, x in cases:
         rep = call(child, "minivae.likelihoods:bernoulli_nll_forward", (logits, x), timeout)
-        want = ref.bernoulli_nll_forward(logits, x)[0]
-        k_out, _ = take_tuple(rep, "r", 2, ["nll", "cache"], "bernoulli_nll_forward")
+        want, cache_want = ref.bernoulli_nll_forward(logits, x)
+        k_out, k_cache = take_tuple(rep, "r", 2, ["nll", "cache"], "bernoulli_nll_forward")
         judge.compare("nll" + label, take_array(rep, k_out, want.shape, "nll" + label), want, VALUE_TOL)
         no_side_effects(rep, (logits, x), {"0": "logits", "1": "x"})
+        check_cache(judge, rep, k_cache, cache_want, ["logits", "x"], ref.bernoulli_nll_backward, want.shape, seed,
+                    label, "bernoulli_nll_forward")
 
 
 def check_conv_transpose2d_forward(child, judge, seed, timeout):
@@ -404,10 +450,12 @@ def check_conv_transpose2d_forward(child, judge, seed, timeout):
         x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((C, Cout, K, K)), rng.standard_normal(Cout)
         args = (x, W, b, s, p)
         rep = call(child, "minivae.conv:conv_transpose2d_forward", args, timeout)
-        y_want, (X_want, *_) = ref.conv_transpose2d_forward(x, W, b, s, p)
+        y_want, cache_want = ref.conv_transpose2d_forward(x, W, b, s, p)
         k_out, k_cache = take_tuple(rep, "r", 2, ["y", "cache"], "conv_transpose2d_forward")
         judge.compare("y" + label, take_array(rep, k_out, y_want.shape, "y" + label), y_want, VALUE_TOL)
         no_side_effects(rep, args, {"0": "x", "1": "W", "2": "b"})
+        check_cache(judge, rep, k_cache, cache_want, ["X", "W", "x_shape", "stride", "padding"],
+                    ref.conv_transpose2d_backward, y_want.shape, seed, label, "conv_transpose2d_forward")
 
 
 def check_adam_step(child, judge, seed, timeout):
@@ -443,33 +491,57 @@ VAE_CASES = (
     (dict(x_dim=4, hidden=(3,), z_dim=3, activation="tanh", likelihood="bernoulli"), 4, 1, 1.1, {"free_bits": 0.05}),
 )
 
-# every op of an exercise, answered by the parent inside vae_backward: "module:function/number of outputs"
-PROXIED_OPS = {
-    "minivae.layers:dense_forward": ref.dense_forward, "minivae.layers:dense_backward": ref.dense_backward,
-    "minivae.layers:relu_forward": ref.relu_forward, "minivae.layers:relu_backward": ref.relu_backward,
-    "minivae.layers:tanh_forward": ref.tanh_forward, "minivae.layers:tanh_backward": ref.tanh_backward,
-    "minivae.layers:sigmoid_forward": ref.sigmoid_forward, "minivae.layers:sigmoid_backward": ref.sigmoid_backward,
-    "minivae.gaussian:reparameterize_forward": ref.reparameterize_forward,
-    "minivae.gaussian:reparameterize_backward": ref.reparameterize_backward,
-    "minivae.gaussian:kl_forward": ref.kl_forward, "minivae.gaussian:kl_backward": ref.kl_backward,
-    "minivae.likelihoods:bernoulli_nll_forward": ref.bernoulli_nll_forward,
-    "minivae.likelihoods:bernoulli_nll_backward": ref.bernoulli_nll_backward,
-    "minivae.conv:conv2d_forward": ref.conv2d_forward, "minivae.conv:conv2d_backward": ref.conv2d_backward,
-    "minivae.conv:conv_transpose2d_forward": ref.conv_transpose2d_forward,
-    "minivae.conv:conv_transpose2d_backward": ref.conv_transpose2d_backward,
-    "minivae.conv:maxpool2d_forward": ref.maxpool2d_forward, "minivae.conv:maxpool2d_backward": ref.maxpool2d_backward,
-    "minivae.conv:upsample_nearest2d_forward": ref.upsample_nearest2d_forward,
-    "minivae.conv:upsample_nearest2d_backward": ref.upsample_nearest2d_backward,
-}
-N_OUT = {"dense_backward": 3, "reparameterize_backward": 2, "kl_backward": 2, "conv2d_backward": 3,
-         "conv_transpose2d_backward": 3}
+# every op the check's MLP VAE calls, answered by the parent inside vae_backward (from reference.OP_PAIRS)
+PROXIED_OPS = {f"minivae.{ref.OP_PAIRS[p][0]}:{p}_{d}": getattr(ref, f"{p}_{d}")
+               for p in ref.VAE_PAIRS for d in ("forward", "backward")}
+N_OUT = {f"{p}_backward": n for p, (_, n) in ref.OP_PAIRS.items()}
+MAX_OP_ENTRIES = 1 << 21          # entries of one proxied op's inputs, and of its result
+MAX_OP_CALLS = 4000               # proxied op calls in one vae request, at most (see op_call_limit)
+MAX_CACHE_BYTES = 128 << 20       # the caches the parent keeps for one child
+
+
+def _op_entries(name, args):
+    """How many entries the op's result would have (before computing it); ValueError if implausible."""
+    leaves = []
+
+    def walk(a):
+        for x in a:
+            if isinstance(x, (tuple, list)):
+                walk(x)
+            elif isinstance(x, np.ndarray):
+                leaves.append(x)
+    walk(args)
+    for a in leaves:
+        if a.ndim > 4 or a.size > MAX_OP_ENTRIES:
+            raise ValueError(f"an argument of shape {a.shape} is larger than the check's model ever makes")
+    if name.endswith("dense_forward"):
+        x, W = args[0], args[1]
+        if x.ndim < 1 or W.ndim != 2:
+            raise ValueError("dense_forward takes x (N, D_in) and W (D_in, D_out)")
+        return int(np.prod(x.shape[:-1])) * W.shape[1]
+    if name.endswith("dense_backward"):
+        dy, (x, W) = args[0], args[1]
+        if dy.ndim < 1 or W.ndim != 2 or x.ndim < 1:
+            raise ValueError("dense_backward takes dy (N, D_out) and the cache (x, W)")
+        return int(np.prod(dy.shape[:-1])) * W.shape[0] + x.shape[-1] * dy.shape[-1]
+    # elementwise ops and their reductions: at most the broadcast of the arguments (each axis, counted from the
+    # right, as long as the longest of them: an upper bound even where the shapes do not broadcast)
+    ndim = max((a.ndim for a in leaves), default=0)
+    dims = [max((a.shape[a.ndim - k] for a in leaves if a.ndim >= k), default=1) for k in range(1, ndim + 1)]
+    return int(np.prod(dims, dtype=np.float64))
 
 
 class OpServer:
-    """Answers the child's op calls with the reference ops; caches stay here, the child gets handles."""
+    """Answers the child's op calls with the reference ops; caches stay here, the child gets handles.
 
-    def __init__(self):
+    Bounded: each call's arguments and result (:data:`MAX_OP_ENTRIES`), the number of calls
+    (:data:`MAX_OP_CALLS`) and the bytes of the caches kept (:data:`MAX_CACHE_BYTES`)."""
+
+    def __init__(self, max_calls=None):
         self.caches = {}
+        self.calls = 0
+        self.cache_bytes = 0
+        self.max_calls = MAX_OP_CALLS if max_calls is None else min(int(max_calls), MAX_OP_CALLS)
 
     def _decode(self, spec, msg, prefix="a"):
         args = []
@@ -495,20 +567,49 @@ class OpServer:
 
     def __call__(self, msg):
         name = text_of(msg.get("op")) or ""
+        self.calls += 1
+        if self.calls > self.max_calls:
+            raise Fail(None, f"the model called the ops more than {self.max_calls} times for one loss and its "
+                             "gradients (one forward and one backward pass call each op once or twice): finite "
+                             "differences, repeated forward passes or a loop over entries instead of the chain rule")
         try:
             fn = PROXIED_OPS[name]
             spec = json.loads(text_of(msg.get("spec")) or "[]")
+            args = self._decode(spec, msg)
+            if _op_entries(name, args) > MAX_OP_ENTRIES:
+                raise ValueError("its result would be larger than the check's model ever makes")
             with np.errstate(all="ignore"):
-                result = fn(*self._decode(spec, msg))
+                result = fn(*args)
         except Exception as e:          # noqa: BLE001 -- the student's chain passed something wrong
             return {"error": np.array(f"{name.split(':')[-1]}: {type(e).__name__}: {e}"[:500])}
         if name.endswith("_forward"):
             out, cache = result
+            size = _nbytes(cache)
+            if self.cache_bytes + size > MAX_CACHE_BYTES:
+                return {"error": np.array(f"{name.split(':')[-1]}: the caches of this check passed "
+                                          f"{MAX_CACHE_BYTES >> 20} MiB (one forward pass keeps a few: finite "
+                                          "differences or repeated forward passes?)")}
+            self.cache_bytes += size
             h = len(self.caches) + 1
             self.caches[h] = cache
             return {"out.0": np.asarray(out), "handle": np.array(h)}
         outs = result if isinstance(result, tuple) else (result,)
         return {f"out.{i}": np.asarray(o) for i, o in enumerate(outs)}
+
+
+def _nbytes(value):
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 64
+
+
+def op_call_limit(n_params):
+    """Proxied op calls allowed for one loss and its gradients: a forward pass calls at most one op per
+    parameter array and a few more (reparameterization, KL, likelihood), the backward as many again; twice
+    that is allowed.  Finite differences need two forward passes per parameter entry."""
+    return 4 * (int(n_params) + 4)
 
 
 def proxy_list():
@@ -537,7 +638,8 @@ def check_vae_backward(child, judge, seed, timeout):
                "kwargs": np.array(json.dumps(loss_kwargs)), "x": x, "eps": eps, "proxy": np.array(proxy_list())}
         for k in names:
             req[f"param/{k}"] = np.array(model.params[k])
-        rep = child.request(req, max(deadline - time.monotonic(), 0.1), handler=OpServer())
+        rep = child.request(req, max(deadline - time.monotonic(), 0.1),
+                            handler=OpServer(op_call_limit(len(names))))
         _status(rep)
 
         def f():
@@ -558,6 +660,49 @@ def check_vae_backward(child, judge, seed, timeout):
             worst = max(wrong, key=lambda w: float("inf") if w.err is None else w.err)
             raise Fail(worst.quantity, f"{len(wrong)} wrong gradient(s) ({case}): "
                                        f"{', '.join(w.quantity for w in wrong)}; worst: {worst.message}", err=worst.err)
+    check_vae_cost(child, judge, rng, deadline)
+
+
+# the cost case of vae_backward: a model of MNIST's size, where finite differences of the loss would take
+# hundreds of thousands of forward passes
+VAE_COST_CASE = (dict(x_dim=784, hidden=(256,), z_dim=16, activation="relu", likelihood="bernoulli"), 64, 1, 1.0)
+VAE_PROXY_SLACK_S = 5.0     # the op calls' round trips to the parent (a few dozen, each well under 0.1 s)
+
+
+def check_vae_cost(child, judge, rng, deadline):
+    """The student's chain on a large model: the gradients right (against the reference model's backward), in
+    a generous multiple of the reference's time, with a bounded number of op calls."""
+    from minivae.config import VAEConfig
+    from minivae.model import VAE
+    kwargs, N, S, beta = VAE_COST_CASE
+    cfg = dict(kwargs, dtype="float64")
+    model = VAE(VAEConfig(**cfg), rng=np.random.default_rng(rng.integers(2 ** 31)))
+    x = rng.uniform(0.05, 0.95, (N, kwargs["x_dim"]))
+    eps = rng.standard_normal((S, N, kwargs["z_dim"]))
+    names = list(model.params)
+    loss_kwargs = dict(beta=beta, n_samples=S)
+    t_ref = min(_timed(lambda: model.loss(x, eps=eps.copy(), **loss_kwargs)) for _ in range(2))
+    want = {k: np.array(v) for k, v in model.loss(x, eps=eps.copy(), **loss_kwargs)[1].items()}
+    req = {"job": np.array("vae"), "config": np.array(json.dumps(cfg)), "names": np.array(names),
+           "kwargs": np.array(json.dumps(loss_kwargs)), "x": x, "eps": eps, "proxy": np.array(proxy_list())}
+    for k in names:
+        req[f"param/{k}"] = np.array(model.params[k])
+    limit = COST_FACTOR * t_ref + COST_SLACK_S + VAE_PROXY_SLACK_S
+    n_params = sum(int(np.size(v)) for v in model.params.values())
+    try:
+        rep = child.request(req, max(min(limit, deadline - time.monotonic()), 0.1),
+                            handler=OpServer(op_call_limit(len(names))))
+    except ChildError as e:
+        if str(e) != "timeout":
+            raise
+        raise Fail(None, f"too slow: on a model with {n_params} parameters the loss and its gradients took more "
+                         f"than {limit:.1f} s, where the reference takes {t_ref * 1e3:.1f} ms. Backpropagation "
+                         "costs a small multiple of one forward pass; finite differences cost two forward passes "
+                         "per parameter. Chain the op backwards.") from None
+    _status(rep)
+    for name in names:
+        what = f"{name} (large model, {n_params} parameters)"
+        judge.compare(what, take_array(rep, f"grad/{name}", want[name].shape, what), want[name], GRAD_TOL)
 
 
 FORWARD_CHECKS = {"reparameterize_forward": check_reparameterize_forward, "kl_forward": check_kl_forward,
@@ -578,7 +723,7 @@ def run_check(ex_id, child, seed, timeout):
     try:
         if ex_id in OP_CHECKS:
             check_op_backward(ex_id, child, judge, seed, timeout)
-            check_cost(ex_id, child, seed, max(deadline - time.monotonic(), 0.1))
+            check_cost(ex_id, child, judge, seed, max(deadline - time.monotonic(), 0.1))
         else:
             FORWARD_CHECKS[ex_id](child, judge, seed, timeout)
     except Fail as e:

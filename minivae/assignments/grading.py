@@ -27,8 +27,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -40,40 +42,37 @@ from . import checks
 from .exercises import BY_ID, IDS
 from .harness import format_line  # one report line, the same in the grader and the student's check.py
 from .markers import MarkerError, find_regions, region_bodies
-from .sandbox import Child, ChildError, Zygote, become_subreaper, namespaces_available
+from .sandbox import Child, ChildError, Sandbox, SandboxError, become_subreaper, kill_all
+from .make import grader_hashes, make_starter
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = HERE.parent                          # the installed reference package (solutions included)
 SOURCE_ROOT = PACKAGE.parent
 DEFAULT_TIMEOUT = 60.0
-MAX_ZIP_BYTES = 64 << 20
+MAX_ZIP_BYTES = 64 << 20         # a submission, uncompressed
+MAX_FILES = 10000                # files in a submission
+MAX_SOURCE_BYTES = 1 << 20       # one source file of the submission
 
 
 # ------------------------------------------------------------------ integrity
-def grader_hashes():
-    """sha256 of every file of the grader and of the reference package it imports."""
-    out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        out[path.relative_to(PACKAGE).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
+class IntegrityError(RuntimeError):
+    """The grader's own files changed: nothing more is graded."""
 
 
 class Integrity:
     """The grader's own files, hashed when the run began; :meth:`verify` before each submission."""
 
     def __init__(self, manifest=None):
-        self.baseline = grader_hashes()
+        self.baseline = grader_hashes(PACKAGE)
         if manifest is not None:
             want = manifest.get("grader", {})
             self._compare(want, "the grader that made the starter (manifest)")
 
     def _compare(self, want, what):
-        now = grader_hashes()
+        now = grader_hashes(PACKAGE)
         changed = sorted(k for k in set(want) | set(now) if want.get(k) != now.get(k))
         if changed:
-            raise RuntimeError(f"the grader's own files differ from {what}: {', '.join(changed[:5])}"
+            raise IntegrityError(f"the grader's own files differ from {what}: {', '.join(changed[:5])}"
                                f"{' ...' if len(changed) > 5 else ''}; reinstall the grader before grading")
 
     def verify(self):
@@ -209,9 +208,12 @@ def build_graded_copy(submission, pristine, graded, dest):
                 notes.append(f"minivae/{rel}: missing from the submission (its exercises count as not done)")
             continue
         try:
+            if s_path.stat().st_size > MAX_SOURCE_BYTES:
+                raise ValueError(f"larger than {MAX_SOURCE_BYTES >> 20} MiB")
             s_text = s_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            notes.append(f"minivae/{rel}: unreadable ({type(e).__name__}); the starter's version was used")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            notes.append(f"minivae/{rel}: unreadable ({type(e).__name__}: {e}); the starter's version was used "
+                         "(its exercises count as not done)")
             continue
         if s_text == p_text:
             continue
@@ -220,46 +222,104 @@ def build_graded_copy(submission, pristine, graded, dest):
                                                                    s_text.splitlines())) if a != b), 1)
             notes.append(f"edits outside the exercise regions were ignored: minivae/{rel}:{first}")
             continue
-        text, file_notes = merge_file(p_text, s_text, set(graded), f"minivae/{rel}")
+        try:
+            text, file_notes = merge_file(p_text, s_text, set(graded), f"minivae/{rel}")
+        except (RecursionError, MemoryError, ValueError, SyntaxError) as e:   # e.g. a 200,000-term expression
+            text, file_notes = p_text, [f"minivae/{rel}: cannot be read as Python ({type(e).__name__}); this file's "
+                                        "exercises were graded as not done"]
         notes.extend(file_notes)
         (Path(dest) / "minivae" / rel).write_text(text, encoding="utf-8")
     return notes
 
 
 # --------------------------------------------------------------- one student
-class Run:
-    """One grading run: a private folder, the pristine starter, the seed, the integrity baseline."""
+class Interrupted(Exception):
+    """Grading stopped (Ctrl-C, or the grader's files changed) before this student was done."""
 
-    def __init__(self, exercises=None, seed=None, timeout=DEFAULT_TIMEOUT, manifest=None, namespace=True):
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+
+
+def clean(text, limit=2000):
+    """Text safe to print to a terminal and to store: control and direction characters become '?'."""
+    return _CONTROL.sub("?", str(text))[:limit]
+
+
+def _clean_tree(value):
+    if isinstance(value, str):
+        return clean(value, 4000)
+    if isinstance(value, list):
+        return [_clean_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {clean(k, 200): _clean_tree(v) for k, v in value.items()}
+    return value
+
+
+def input_seed(seed, name):
+    """The seed of one student's check inputs: the batch's secret seed and the student's name."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _readable(folder):
+    """Make the graded copy readable by the sandbox's user (it lives in the run's private 0700 folder)."""
+    for dirpath, dirs, files in os.walk(folder):
+        os.chmod(dirpath, 0o755)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+
+
+class Run:
+    """One grading run: a private folder, the pristine starter, the seed, the sandbox, the integrity baseline.
+
+    ``exercises``: the ids to grade; with a ``manifest``, the manifest's exercises (``exercises`` may only
+    narrow them).  ``sandbox=False`` runs student code without isolation (``--no-sandbox``).
+    """
+
+    def __init__(self, exercises=None, seed=None, timeout=DEFAULT_TIMEOUT, manifest=None, sandbox=True):
+        self.manifest = read_manifest(manifest) if manifest else None
+        if self.manifest is not None:
+            assigned = tuple(e for e in IDS if e in self.manifest["exercises"])
+            if exercises is None:
+                exercises = assigned
+            else:
+                extra = [e for e in exercises if e not in assigned]
+                if extra:
+                    raise ValueError(f"{', '.join(extra)} not assigned: the manifest lists "
+                                     f"{', '.join(assigned) or 'no exercise'}")
         self.ids = IDS if exercises is None else tuple(exercises)
         unknown = [e for e in self.ids if e not in BY_ID]
         if unknown:
             raise ValueError(f"unknown exercise {', '.join(unknown)}")
+        if not self.ids:
+            raise ValueError("no exercises to grade")
         missing = [e for e in self.ids if not checks.has_check(e)]
         if missing:
             raise ValueError(f"the grader has no check for exercise {', '.join(missing)}")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        self.manifest = read_manifest(manifest) if manifest else None
         self.integrity = Integrity(self.manifest)
-        self.seed = int(secrets.randbits(31)) if seed is None else int(seed)
+        self.seed = int(secrets.randbits(63)) if seed is None else int(seed)
         self.timeout = float(timeout)
-        self.namespace = namespace and namespaces_available()      # probed once, before any thread starts
+        self.stop = threading.Event()
         become_subreaper()
         self._n = 0
         self._lock = threading.Lock()
-        self.zygote = None
         self.root = Path(tempfile.mkdtemp(prefix="minivae-grade-"))
-        try:                    # leave no folder and no fork server behind when the set-up fails
+        try:                    # leave no folder behind when the set-up fails
             os.chmod(self.root, 0o700)
-            from .make import make_starter
+            self.sandbox = Sandbox("find" if sandbox is True else sandbox) if sandbox else Sandbox(None)
             stub = tuple(self.manifest["exercises"]) if self.manifest else IDS
             self.pristine = self.root / "pristine"
             make_starter(self.pristine, stub, record_expected=False, lessons=False,
                          hide_derivations=bool(self.manifest and self.manifest.get("hide_derivations")))
             if self.manifest:
                 self._check_pristine()
-            self.zygote = Zygote() if sys.platform.startswith("linux") else None
+            probe = self.root / "probe"
+            probe.mkdir()
+            shutil.copy2(HERE / "runner.py", probe / "runner.py")
+            _readable(probe)
+            self.sandbox.probe(probe)
         except BaseException:
             self.close()
             raise
@@ -274,8 +334,6 @@ class Run:
                                    "(the manifest's hash differs): grade with the minivae version that made it")
 
     def close(self):
-        if self.zygote is not None:
-            self.zygote.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self):
@@ -289,80 +347,78 @@ class Run:
             self._n += 1
             return self.root / f"s{self._n}"
 
-    def hidden_paths(self, submission):
-        """Folders a child must not see: the reference package and its repository, the submissions' folders."""
-        keep = [Path(sys.executable).resolve(), Path(checks.np.__file__).resolve(), self.root.resolve()]
-
-        def ok(p):
-            p = p.resolve()
-            return p != Path("/") and not any(p == k or p in k.parents for k in keep)
-        out = [p for p in (PACKAGE, SOURCE_ROOT if (SOURCE_ROOT / "pyproject.toml").is_file() else None) if p]
-        out.append(Path(submission).resolve().parent)
-        return [str(p) for p in out if ok(p)]
-
-    def grade(self, submission, progress=None):
+    def grade(self, submission, name=None, progress=None, notes=()):
         """Grade one submission folder; return its report dict."""
         submission = check_student_dir(submission)
+        name = name or submission.name
         self.integrity.verify()
         slot = self._slot()
         slot.mkdir()
+        try:
+            return self._grade(submission, name, slot, progress, list(notes))
+        finally:
+            shutil.rmtree(slot, ignore_errors=True)
+
+    def _grade(self, submission, name, slot, progress, notes):
         t0 = time.perf_counter()
-        notes = build_graded_copy(submission, self.pristine, self.ids, slot / "graded")
-        hide = self.hidden_paths(submission)
-        results, isolation = [], None
+        check_submission_files(submission)
+        graded = slot / "graded"
+        notes += build_graded_copy(submission, self.pristine, self.ids, graded)
+        shutil.copy2(HERE / "runner.py", graded / "runner.py")
+        _readable(graded)
+        seed = input_seed(self.seed, name)
+        results = []
         for ex in self.ids:
-            work = slot / f"w-{ex}"
-            work.mkdir()
-            shutil.copytree(slot / "graded" / "minivae", work / "minivae")
-            shutil.copy2(HERE / "runner.py", work / "runner.py")
+            if self.stop.is_set():
+                raise Interrupted("grading was stopped")
             t1 = time.perf_counter()
-            kwargs = dict(hide=hide, cover=self.root, cpu_seconds=self.timeout + 5, namespace=self.namespace)
-            try:
-                child = Child(work, slot / f"out-{ex}.txt", zygote=self.zygote, **kwargs)
-            except (ChildError, OSError):      # no fork server: start an interpreter
-                child = Child(work, slot / f"out-{ex}.txt", **kwargs)
-            try:
-                try:
-                    child.hello()
-                    r = checks.run_check(ex, child, self.seed, self.timeout)
-                except Exception as e:        # noqa: BLE001 -- the child broke the protocol
-                    r = {"status": "error", "passed": False, "worst_rel_error": None, "gradient": None,
-                         "message": str(e)[:500], "checked": 0}
-            finally:
-                child.close()
-            isolation = isolation or child.isolation
+            r = self._check(ex, graded, slot, seed)
+            if self.stop.is_set():          # its child was killed by the stop, not by the student's code
+                raise Interrupted("grading was stopped")
             r = dict({"id": ex, "title": BY_ID[ex].title}, **r, seconds=round(time.perf_counter() - t1, 3))
+            r = _clean_tree(r)
             results.append(r)
-            shutil.rmtree(work, ignore_errors=True)
             if progress is not None:
                 progress(r)
-        shutil.rmtree(slot, ignore_errors=True)
         passed = sum(1 for r in results if r["passed"])
         total = len(results)
-        iso = isolation or {"namespaces": False, "subreaper": False, "hidden": []}
-        return {
+        return _clean_tree({
+            "student": name,
             "dir": str(submission),
+            "graded": True,
             "score": round(100.0 * passed / total, 2) if total else 0.0,
             "passed": passed,
             "total": total,
             "exercises": results,
             "notes": notes,
             "seed": self.seed,
+            "input_seed": seed,
             "timeout_s": self.timeout,
             "seconds": round(time.perf_counter() - t0, 3),
             "tolerances": {"gradient": checks.GRAD_TOL, "value": checks.VALUE_TOL,
                            "finite_difference_h": checks.H, "cost_factor": checks.COST_FACTOR},
-            "isolation": {
-                "grader_hidden_from_student": bool(iso.get("namespaces")),
-                "namespaces": bool(iso.get("namespaces")),
-                "kill_orphans_subreaper": bool(iso.get("subreaper")),
-                "hidden_paths": iso.get("hidden", []),
-                "not_in_force": [] if iso.get("namespaces") else
-                ["the student's process could read the grader's files and write outside its working folder "
-                 "(no mount/PID namespace on this machine): grade in a container or a throwaway VM"]
-                + [str(n) for n in iso.get("notes", [])],
-            },
-        }
+            "sandbox": dict(self.sandbox.info),
+        })
+
+    def _check(self, ex, graded, slot, seed):
+        """One exercise's check in a fresh child (a fresh sandbox); the child is dead when this returns."""
+        src = graded
+        if not self.sandbox.enabled:          # no sandbox: a throwaway copy on disk for each check
+            src = slot / f"w-{ex}"
+            shutil.copytree(graded, src)
+        child = None
+        try:
+            child = Child(self.sandbox, src, slot / f"out-{ex}.txt", cpu_seconds=self.timeout + 5)
+            child.hello()
+            return checks.run_check(ex, child, seed, self.timeout)
+        except Exception as e:        # noqa: BLE001 -- the child broke the protocol, or could not start
+            return {"status": "error", "passed": False, "worst_rel_error": None, "gradient": None,
+                    "message": str(e)[:500] or type(e).__name__, "checked": 0}
+        finally:
+            if child is not None:
+                child.close()
+            if src is not graded:
+                shutil.rmtree(src, ignore_errors=True)
 
 
 def check_student_dir(student_dir):
@@ -374,11 +430,34 @@ def check_student_dir(student_dir):
     return d.resolve()
 
 
-def grade(student_dir, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, progress=None, manifest=None):
+def check_submission_files(folder):
+    """Refuse a submission whose minivae/ holds links, devices, or too many or too large files."""
+    root = Path(folder) / "minivae"
+    if root.is_symlink():
+        raise ValueError("the submission's minivae/ is a symbolic link")
+    count, total = 0, 0
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        for n in dirs + files:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            rel = p.relative_to(folder).as_posix()
+            if stat.S_ISLNK(st.st_mode):
+                raise ValueError(f"the submission holds a symbolic link ({rel}); links are not graded")
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                raise ValueError(f"the submission holds a special file ({rel})")
+            count += 1
+            total += st.st_size
+        if count > MAX_FILES or total > MAX_ZIP_BYTES:
+            raise ValueError(f"the submission's minivae/ holds more than {MAX_FILES} files or "
+                             f"{MAX_ZIP_BYTES >> 20} MiB")
+
+
+def grade(student_dir, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, progress=None, manifest=None,
+          sandbox=True, name=None):
     """Grade one submission folder; return the report dict (see :func:`format_report`)."""
     student_dir = check_student_dir(student_dir)
-    with Run(exercises, seed=seed, timeout=timeout, manifest=manifest) as run:
-        return run.grade(student_dir, progress=progress)
+    with Run(exercises, seed=seed, timeout=timeout, manifest=manifest, sandbox=sandbox) as run:
+        return run.grade(student_dir, name=name, progress=progress)
 
 
 def grade_one(student_dir, exercise_id, timeout=DEFAULT_TIMEOUT, seed=None):
@@ -390,37 +469,61 @@ def _safe_extract(zip_path, dest):
     """Extract a submission .zip (no absolute paths, no '..', no links, bounded size); return the folder."""
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{zip_path}: not a readable .zip ({e})") from None
+    except Exception as e:          # noqa: BLE001 -- any unreadable archive
+        raise ValueError(f"not a readable .zip ({type(e).__name__}: {e})") from None
     with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_FILES:
+            raise ValueError(f"more than {MAX_FILES} files")
         total = 0
-        for info in zf.infolist():
+        for info in infos:
             name = info.filename
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or ".." in parts or (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise ValueError(f"{zip_path}: unsafe member {name!r}")
+            parts = name.replace("\\", "/").split("/")
+            kind = (info.external_attr >> 16) & 0o170000
+            if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0] or _CONTROL.search(name) \
+                    or kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise ValueError(f"unsafe member {clean(name, 100)!r} (absolute, '..', a link or a special file)")
             total += info.file_size
             if total > MAX_ZIP_BYTES:
-                raise ValueError(f"{zip_path}: more than {MAX_ZIP_BYTES >> 20} MiB uncompressed")
-        zf.extractall(dest)
+                raise ValueError(f"more than {MAX_ZIP_BYTES >> 20} MiB uncompressed")
+        try:
+            zf.extractall(dest)
+        except Exception as e:      # noqa: BLE001 -- a bad CRC, a truncated member, ...
+            raise ValueError(f"cannot be extracted ({type(e).__name__}: {clean(e, 200)})") from None
     found = [p.parent.parent for p in Path(dest).rglob("minivae/__init__.py")
              if "__MACOSX" not in p.parts]
     if not found:
-        raise ValueError(f"{zip_path} has no minivae/__init__.py")
+        raise ValueError("has no minivae/__init__.py")
     return min(found, key=lambda p: len(p.parts))
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def safe_name(raw):
+    """``(name, note)``: the raw name when it is safe (letters, digits, ``_ . -``, no ``..``, not led by a
+    sign), else a stable id made from it and a note saying why."""
+    if _SAFE_NAME.fullmatch(raw) and ".." not in raw:
+        return raw, None
+    sid = "student-" + hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return sid, (f"the submission name {clean(ascii(raw), 120)} was refused (only letters, digits and _ . - are "
+                 f"allowed, not '..' or a leading = + - @); graded as {sid}")
+
+
 def expand_submissions(paths):
-    """[(student name, folder or .zip)] from folders, .zip files, or folders of them."""
+    """[(student name, folder or .zip, notes)] from folders, .zip files, or folders of them.
+
+    Names are checked (see :func:`safe_name`); a submission that is a symbolic link inside a folder of
+    submissions is listed with the note that it is not graded."""
     out = []
     for p in map(Path, paths):
         if p.is_file() and p.suffix == ".zip":
             out.append((p.stem, p))
         elif p.is_dir() and (p / "minivae" / "__init__.py").is_file():
-            out.append((p.name, p))
+            out.append((p.resolve().name, p))
         elif p.is_dir():
-            subs = sorted(q for q in p.iterdir() if (q.is_dir() and (q / "minivae" / "__init__.py").is_file())
-                          or (q.is_file() and q.suffix == ".zip"))
+            subs = sorted(q for q in p.iterdir() if (q.is_dir() and (q / "minivae" / "__init__.py").exists())
+                          or (q.suffix == ".zip" and (q.is_file() or q.is_symlink())))
             if not subs:
                 raise ValueError(f"{p} has no minivae/__init__.py and no submissions (folders or .zip files) inside")
             out.extend((q.stem if q.suffix == ".zip" else q.name, q) for q in subs)
@@ -428,11 +531,15 @@ def expand_submissions(paths):
             raise ValueError(f"{p} is not a directory")
         else:
             raise ValueError(f"{p} is neither a folder nor a .zip file")
-    names = [n for n, _ in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"two submissions have the same name: {', '.join(dup)}")
-    return out
+    items, seen = [], {}
+    for raw, path in out:
+        name, note = safe_name(raw)
+        if name in seen:
+            raise ValueError(f"two submissions have the same name: {name} ({clean(seen[name], 200)} and "
+                             f"{clean(path, 200)})")
+        seen[name] = path
+        items.append((name, path, [note] if note else []))
+    return items
 
 
 def write_atomic(path, text):
@@ -444,80 +551,144 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def not_graded(name, path, why, ids, seed=None, notes=(), sandbox=None):
+    return _clean_tree({"student": name, "dir": str(path), "graded": False, "score": 0.0, "passed": 0,
+                        "total": len(ids), "exercises": [], "notes": list(notes) + [f"not graded: {why}"],
+                        "seed": seed, "sandbox": dict(sandbox or {})})
+
+
 def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=1, out_dir=None,
-                manifest=None, progress=True):
-    """Grade many submissions with ``jobs`` in parallel; write per-student JSON and ``gradebook.csv``."""
-    subs = expand_submissions(paths)
+                manifest=None, progress=True, sandbox=True):
+    """Grade many submissions with ``jobs`` in parallel; write per-student JSON and ``gradebook.csv``.
+
+    Never stops at one student: whatever goes wrong with a submission is that student's 0 with a note.
+    Ctrl-C (or a change of the grader's own files) stops the batch: the students graded so far keep their
+    reports, the rest are marked "not graded", and the gradebook and reports are written all the same.
+    Returns ``(reports, stopped)``, ``stopped`` None or the reason the batch stopped early.
+    """
     if int(jobs) < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    reports = {}
-    with Run(exercises, seed=seed, timeout=timeout, manifest=manifest) as run:
+    subs = expand_submissions(paths)
+    reports, stopped, ids, written = {}, None, tuple(exercises or IDS), set()
+    bar = None
+    run = None
+    try:
+        run = Run(exercises, seed=seed, timeout=timeout, manifest=manifest, sandbox=sandbox)
+        ids = run.ids
         zips = run.root / "zips"
 
         def one(item):
-            name, path = item
+            name, path, notes = item
             try:
+                if path.is_symlink():
+                    raise ValueError("the submission is a symbolic link; copy the folder or .zip itself in")
                 folder = path
-                if Path(path).suffix == ".zip":
-                    folder = _safe_extract(path, zips / name)
-                rep = run.grade(folder)
-            except (ValueError, OSError) as e:
-                rep = {"dir": str(path), "score": 0.0, "passed": 0, "total": len(run.ids), "exercises": [],
-                       "notes": [f"not graded: {e}"], "seed": run.seed}
-            rep["student"] = name
-            return name, rep
+                if path.suffix == ".zip":
+                    try:
+                        folder = _safe_extract(path, zips / name)
+                    except ValueError as e:
+                        raise ValueError(f"{path.name}: {e}") from None
+                return run.grade(folder, name=name, notes=notes)
+            except Interrupted as e:
+                return not_graded(name, path, str(e), run.ids, run.seed, notes, run.sandbox.info)
+            except IntegrityError as e:
+                run.stop.set()
+                return not_graded(name, path, str(e), run.ids, run.seed, notes, run.sandbox.info)
+            except RecursionError:
+                return not_graded(name, path, "RecursionError while reading it", run.ids, run.seed, notes,
+                                  run.sandbox.info)
+            except Exception as e:  # noqa: BLE001 -- any failure of one submission is that student's 0
+                return not_graded(name, path, f"{type(e).__name__}: {e}", run.ids, run.seed, notes,
+                                  run.sandbox.info)
 
-        bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(subs), desc="grading", unit="submission", file=sys.stderr)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=int(jobs)) as pool:
-            for name, rep in pool.map(one, subs):
-                reports[name] = rep
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(jobs))
+        try:
+            futures = {pool.submit(one, item): item[0] for item in subs}
+            for fut in concurrent.futures.as_completed(futures):
+                rep = fut.result()
+                reports[futures[fut]] = rep
                 if out_dir is not None:
-                    write_atomic(Path(out_dir) / f"{name}.json", json.dumps(rep, indent=2) + "\n")
+                    write_atomic(Path(out_dir) / f"{futures[fut]}.json", json.dumps(rep, indent=2) + "\n")
+                    written.add(futures[fut])
                 if bar is not None:
                     bar.update(1)
+                if run.stop.is_set() and stopped is None:
+                    stopped = "the grader's own files changed during grading"
+        except KeyboardInterrupt:
+            stopped = "interrupted (Ctrl-C)"
+            run.stop.set()
+            kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for fut, name in futures.items():
+                if name not in reports and fut.done() and not fut.cancelled() and fut.exception() is None:
+                    reports[name] = fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    except KeyboardInterrupt:
+        stopped = "interrupted (Ctrl-C)"
+    finally:
         if bar is not None:
             bar.close()
-        ids = run.ids
-    if out_dir is not None:
-        write_atomic(Path(out_dir) / "gradebook.csv", gradebook_csv(reports, ids))
-    return reports
+        if run is None and stopped is None:         # refused to start (no sandbox, a bad manifest): no gradebook
+            return_now = True
+        else:
+            return_now = False
+        why = stopped or "grading stopped"
+        for name, path, notes in subs:
+            if name not in reports:
+                reports[name] = not_graded(name, path, why, ids, run.seed if run else seed, notes,
+                                           run.sandbox.info if run else None)
+        if out_dir is not None and not return_now:
+            for name, path, _ in subs:
+                if name not in written:
+                    write_atomic(Path(out_dir) / f"{name}.json", json.dumps(reports[name], indent=2) + "\n")
+            write_atomic(Path(out_dir) / "gradebook.csv", gradebook_csv(reports, ids))
+        if run is not None:
+            run.close()
+    return reports, stopped
+
+
+def _cell(value):
+    """A CSV cell that no spreadsheet reads as a formula."""
+    text = clean(value, 300)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def gradebook_csv(reports, ids):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["student", *ids, "total"])
+    w.writerow(["student", *ids, "total", "sandbox", "graded"])
     for name in sorted(reports):
         rep = reports[name]
         by = {e["id"]: e for e in rep.get("exercises", [])}
-        w.writerow([name, *[1 if by.get(e, {}).get("passed") else 0 for e in ids], f"{rep['score']:g}"])
+        sandbox = (rep.get("sandbox") or {}).get("sandbox", "")
+        w.writerow([_cell(name), *[1 if by.get(e, {}).get("passed") else 0 for e in ids], f"{rep['score']:g}",
+                    _cell(sandbox.split(" ")[0] if sandbox else ""),
+                    "yes" if rep.get("graded") else _cell(rep["notes"][-1] if rep.get("notes") else "no")])
     return buf.getvalue()
 
 
 # ------------------------------------------------------------------ text
 def format_header(report_dir):
-    return f"grading {report_dir}"
-
-
+    return f"grading {clean(report_dir, 500)}"
 
 
 def format_footer(report):
     failed = [r["id"] for r in report["exercises"] if not r["passed"]]
-    lines = [f"note: {n}" for n in report.get("notes", [])]
+    lines = [f"note: {clean(n)}" for n in report.get("notes", [])]
     lines.append(f"score: {report['score']:g}/100 ({report['passed']} of {report['total']} exercises passed)")
     if failed:
         lines.append(f"not passed: {', '.join(failed)}")
     lines.append(f"seed: {report['seed']} (--seed {report['seed']} reproduces this run)")
-    iso = report.get("isolation", {})
-    for n in iso.get("not_in_force", []):
-        lines.append(f"isolation not in force: {n}")
+    sandbox = (report.get("sandbox") or {}).get("sandbox", "")
+    if sandbox.startswith("none"):
+        lines.append(f"sandbox: {sandbox}")
     return "\n".join(lines)
 
 
 def format_report(report):
     return "\n".join([format_header(report["dir"])] + [format_line(r) for r in report["exercises"]]
                      + [format_footer(report)])
-

@@ -54,6 +54,17 @@ def _ignore_misc(folder, names):
     return {n for n in names if n in ("__pycache__", ".ipynb_checkpoints") or n.endswith((".pyc", ".pyo"))}
 
 
+def grader_hashes(package=None):
+    """sha256 of every file of the grader and of the reference package it imports."""
+    package = Path(package or HERE.parent)
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        out[path.relative_to(package).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
 def scan_regions(package_dir):
     """{exercise id: [(relative file, line)]} for every marked region under ``package_dir``."""
     found = {}
@@ -115,7 +126,6 @@ def make_starter(out_dir, exercises=None, source=None, record_expected=True, les
         shutil.rmtree(out, ignore_errors=True)       # it was empty or absent: leave no half-made copy
         raise
     if manifest is not None:
-        from .grading import grader_hashes
         files = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                  for p in sorted(out.rglob("*")) if p.is_file()}
         data = {"exercises": info["stubbed"], "hide_derivations": bool(hide_derivations), "files": files,

@@ -224,3 +224,15 @@ def upsample_nearest2d_forward(x, scale=2):
 def upsample_nearest2d_backward(dy, cache):
     (N, C, H, Wd), s = cache
     return dy.reshape(N, C, H, s, Wd, s).sum(axis=(3, 5))
+
+
+# ------------------------------------------------------------- the table
+# every op pair above: name -> (the minivae module that holds it, the number of gradients its backward returns).
+# The grader derives from it the reference backward of each op exercise, the ops it answers for the student's
+# model in the vae_backward check, and how many outputs each answer has.
+OP_PAIRS = {"dense": ("layers", 3), "relu": ("layers", 1), "tanh": ("layers", 1), "sigmoid": ("layers", 1),
+            "reparameterize": ("gaussian", 2), "kl": ("gaussian", 2), "bernoulli_nll": ("likelihoods", 1),
+            "conv2d": ("conv", 3), "conv_transpose2d": ("conv", 3), "maxpool2d": ("conv", 1),
+            "upsample_nearest2d": ("conv", 1)}
+# the pairs the MLP VAE of the vae_backward check calls (the grader answers them for the student's model)
+VAE_PAIRS = ("dense", "relu", "tanh", "sigmoid", "reparameterize", "kl", "bernoulli_nll")

@@ -1,7 +1,8 @@
 """The whole training step of the dense VAE as one CUDA graph, replayed every step (CuPy).
 
 On a GPU a step of the 784-400-20 VAE is a few microseconds of arithmetic in ~20 kernels; launched one by
-one from Python (FastTrainer on CuPy) the step costs ~0.8 ms at batch 128, nearly all of it launch overhead.
+one from Python (FastTrainer on CuPy) the step's time is nearly all launch overhead (the measurement:
+benchmarks/README.md, "Notes from the code").
 Here the step -- forward, backward and the Adam update of one batch shape -- is captured once into a CUDA
 graph and replayed for every batch of the epoch: one launch per step, no Python in between, and no
 synchronisation with the host inside an epoch.
@@ -442,7 +443,7 @@ class Program:
         model, cfg = trainer.model, trainer.config
         self.cfg = cfg
         H, L, D = list(cfg.hidden), cfg.z_dim, cfg.x_dim
-        K = len(H)
+        n_hidden = len(H)
         f32, i32, f64 = np.float32, np.int32, np.float64
         P, G = model.flat, trainer.grads.flat
         st = trainer.opt.state[0]
@@ -481,7 +482,7 @@ class Program:
         # ---- encoder
         h = self.xb
         enc = []
-        for i in range(K):
+        for i in range(n_hidden):
             a = M(f"enc{i}", N, H[i])
             ops.append(_mm(dev, a, h, par(P, f"enc.{i}.W")))
             k("bias_act", _blocks(N * H[i]), (THREADS,),
@@ -502,7 +503,7 @@ class Program:
         # ---- decoder
         h = M("z", N, L)
         dec = []
-        for i in range(K):
+        for i in range(n_hidden):
             a = M(f"dec{i}", N, Hd[i])
             ops.append(_mm(dev, a, h, par(P, f"dec.{i}.W")))
             k("bias_act", _blocks(N * Hd[i]), (THREADS,),
@@ -536,7 +537,7 @@ class Program:
 
         dh = next_dh(h_dec.cols)
         ops.append(_mm(dev, dh, out, par(P, "dec.out.W"), tb=True))
-        for i in reversed(range(K)):
+        for i in reversed(range(n_hidden)):
             hi = dec[i]
             k("act_bwd_db", (-(-Hd[i] // 32),), (32, by),
               (hi.view(), dh.view(), par(G, f"dec.{i}.b").view(), i32(N), i32(Hd[i]), i32(act)))
@@ -556,11 +557,11 @@ class Program:
         dmu, dlv = Mat(ws, offs["dheads"], N, L, 2 * L), Mat(ws, offs["dheads"] + L, N, L, 2 * L)
         ops.append(_mm_pair(dev, [par(G, "enc.mu.W"), par(G, "enc.logvar.W")], [h_enc, h_enc], [dmu, dlv], ta=True))
         # ---- backward through the encoder
-        if K:
+        if n_hidden:
             dh = next_dh(Hl)
             ops.append(_mm(dev, dh, dmu, Wmu, tb=True))
             ops.append(_mm(dev, dh, dlv, Wlv, tb=True, beta=1.0))
-        for i in reversed(range(K)):
+        for i in reversed(range(n_hidden)):
             hi = enc[i]
             k("act_bwd_db", (-(-H[i] // 32),), (32, by),
               (hi.view(), dh.view(), par(G, f"enc.{i}.b").view(), i32(N), i32(H[i]), i32(act)))

@@ -7,7 +7,7 @@ Every fused CuPy kernel the library uses is declared here, or by a module throug
 * the module that runs the kernel builds it on first use with :func:`build` (CuPy is imported only then);
 * ``tests/test_nvrtc.py`` regenerates the CUDA source CuPy would compile for each spec and compiles it
   with NVRTC for sm_80 and sm_90, in float32 and float64.  That needs CuPy and NVRTC but no GPU, so
-  the kernels are compiled on every machine with ``pip install minivae[cuda12x]``, and a typo in a
+  the kernels are compiled on every machine with ``pip install -e '.[cuda12x]'``, and a typo in a
   kernel shows up there instead of on the first GPU that runs it.
 
 A test also fails if any module of the package builds a CuPy kernel outside this registry.

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import evaluate, signals
 from ..backend import get_array_module, get_xp, to_numpy
+from ..atomic import WriteError
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
 from ..data import binarize, default_data_dir, embedded_dir, fingerprint
 from ..model import build_model
@@ -93,13 +94,16 @@ def loss_kwargs(settings, model):
     return kw
 
 
+EPOCH_COLUMNS = "per epoch: -ELBO in nats/image on train[, valid] and test (= recon + KL), lr, beta, seconds"
+
+
 def format_epoch(rec, epochs):
-    line = (f"epoch {rec['epoch']:>3}/{epochs}  "
-            f"train -ELBO {rec['train_neg_elbo']:8.3f} (recon {rec['train_recon']:8.3f}, KL {rec['train_kl']:7.3f})  "
-            f"test -ELBO {rec['test_neg_elbo']:8.3f} (recon {rec['test_recon']:8.3f}, KL {rec['test_kl']:7.3f})")
+    """One epoch's line, at most 100 columns (the columns are named once, by :data:`EPOCH_COLUMNS`)."""
+    line = f"epoch {rec['epoch']:>{len(str(epochs))}}/{epochs}  train {rec['train_neg_elbo']:.3f}  "
     if "valid_neg_elbo" in rec:
-        line += f"  valid -ELBO {rec['valid_neg_elbo']:8.3f}"
-    return line + f"  lr {rec['lr']:.3g}  beta {rec['beta']:.3g}  {rec['time_s']:.1f}s"
+        line += f"valid {rec['valid_neg_elbo']:.3f}  "
+    line += f"test {rec['test_neg_elbo']:.3f} = {rec['test_recon']:.3f} + {rec['test_kl']:.3f}"
+    return line + f"  lr {rec['lr']:.2g}  beta {rec['beta']:.2g}  {rec['time_s']:.1f}s"
 
 
 def using_threads(n):
@@ -151,7 +155,8 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     data = Data(s)
     config = s.model_config(data.x_dim, data.image_shape, data.n_classes)
     from ..limits import check_fits, training_bytes
-    check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}")
+    check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}",
+               "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if s.iwae_k else ""))
     rngs = make_rngs(s.seed)
     model = build_model(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]
@@ -160,17 +165,24 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     history, start = [], 0
     if ckpt is not None:
         history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
+    _check_work(s, config, data, out, ckpt.epoch if ckpt is not None else 0, log)
+    if ckpt is not None:
         write_history(out, history)        # history.json/csv from the checkpoint's own record
     else:
-        _start_fresh(s, out, replace, model, data, log)
+        _start_fresh(s, model, data)
     out.mkdir(parents=True, exist_ok=True)
     # a run folder is a run or nothing: settings.json is written with the session's first checkpoint (a run that
-    # fails before it leaves no file behind), and an --epochs 0 run saves its untrained model as epoch 0
+    # fails before it leaves no file behind), and an --epochs 0 run saves its untrained model as epoch 0.  The files
+    # of the run that --force replaces go only then, so a forced run that fails early leaves the old run whole.
     settings_written = []
 
     def save(epoch, hist):
         save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch, hist)
         if not settings_written:
+            old = [name for name in replace if name not in (CHECKPOINT, "settings.json")]
+            if replace:
+                remove_run_files(out, old)
+                log(f"replaced the earlier run's files in {out}: {', '.join(replace)}")
             atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
             settings_written.append(True)
 
@@ -192,6 +204,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         src = "the embedded MNIST" if Path(s.data_dir) == embedded_dir() else s.data_dir
         log(f"training {model!r} on {n} images ({data.x_dim} values each) from {src}, {spe} steps per epoch; "
             f"writing to {out}")
+        log(EPOCH_COLUMNS)
     try:
         for epoch in range(start, s.epochs):
             where["epoch"] = epoch + 1
@@ -219,6 +232,10 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     except TrainingDiverged:
         sync_history(out, ckpt_path)
         raise
+    except OSError as exc:          # a full disk, ulimit -f, a folder made read-only: the file, where, what is kept
+        sync_history(out, ckpt_path)
+        raise WriteError(exc.errno, f"{_one_line(exc)}; training stopped at epoch {where['epoch']}, {last_ckpt()}",
+                         getattr(exc, "path", None)) from None
     finally:
         step.close()
 
@@ -226,10 +243,34 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         save(0, [])                           # an untrained run is still a run: resume, eval and sample work
     elif not settings_written:                # resumed at its last epoch: --iw-k, --no-figures may have changed
         atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
-    if history:
-        write_history(out, history)
-    finish(model, s, data, out, progress=progress, log=log)
+    try:
+        if history:
+            write_history(out, history)
+        finish(model, s, data, out, progress=progress, log=log)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"{_one_line(exc)}; the {len(history)} epochs trained are complete in {ckpt_path}"
+                         , getattr(exc, "path", None)) from None
     return history
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_work(s, config, data, out, start, log):
+    """Before the first step: refuse a run whose training (IWAE K included) and final IW bound cannot finish,
+    or whose checkpoint cannot fit on the disk (minivae.limits); log the estimate of a long one."""
+    from ..limits import check_disk, check_work, iw_macs, model_bytes, training_macs
+    check_disk(model_bytes(config, 4), out, f"training {describe(config)} (its checkpoint)",
+               "free some space or choose another --out")
+    k = f" with --iwae-k {s.iwae_k}" if s.iwae_k else ""
+    macs = training_macs(config, len(data.x_train), max(0, s.epochs - start), s.iwae_k) + \
+        (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
+    note = check_work(macs, f"training {describe(config)} for {max(0, s.epochs - start)} epochs on "
+                            f"{len(data.x_train)} images{k}" + (f" and its --iw-k {s.iw_k} bound" if s.iw_k else ""),
+                      "choose fewer epochs, a smaller --iwae-k or --iw-k, or fewer images", s.backend)
+    if note:
+        log(f"estimate: {note}")
 
 
 def _open_run_folder(s, out, resume, force):
@@ -272,12 +313,8 @@ def _restore(ckpt, config, model, opt, rngs, backend):
     return list(ckpt.history), ckpt.epoch
 
 
-def _start_fresh(s, out, replace, model, data, log=print):
-    """A new run: remove the old run's files ``replace`` (all of them with ``force``, figures included); the output
-    bias at the data's logits if asked."""
-    if replace:
-        remove_run_files(out, replace)
-        log(f"removed the earlier run's files in {out}: {', '.join(replace)}")
+def _start_fresh(s, model, data):
+    """A new run: the output bias at the data's logits if asked."""
     if s.init_output_bias:
         out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for an image model
         x = data.x_train

@@ -49,11 +49,19 @@ def _read_split(split, d):
                 y = np.asarray(z["y"]) if "y" in z.files else np.zeros(len(x), dtype=np.int64)
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise DataError(f"{npz}: cannot read ({type(exc).__name__}: {exc})") from None
-        if x.ndim < 2 or len(y) != len(x):
+        if x.ndim < 2 or y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{npz}: expected x (N, D) and y (N,), got shapes {x.shape} and {y.shape}")
+        if x.size == 0:
+            raise DataError(f"{npz}: x holds no images (shape {x.shape}); expected at least one image of at least "
+                            "one value")
         for name, a in (("x", x), ("y", y)):
             if a.dtype.kind not in "biuf":         # complex, text, dates...: no silent conversion
                 raise DataError(f"{npz}: {name} has dtype {a.dtype}; expected real numbers")
+        if y.dtype.kind == "f":                    # labels are whole numbers: never truncate 7.7 to 7 or NaN to -9e18
+            bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) > 2 ** 53))
+            if bad.size:
+                raise DataError(f"{npz}: y holds labels that are not whole numbers (row {int(bad[0])}: "
+                                f"{float(y[bad[0]])!r}, {bad.size} in all); labels must be integers")
         return x.reshape(len(x), -1).astype(np.float32), y.astype(np.int64)
     return load_mnist(split, d)
 
@@ -85,7 +93,11 @@ class Data:
         self.x_test, self.y_test = x_te.astype(dt), y_te
         self.x_valid, self.y_valid = (x_va.astype(dt), y_va) if x_va is not None else (None, None)
         self.x_dim = x_tr.shape[1]
-        self.image_shape = image_shape(s.data_dir) if get_architecture(s.arch).image else None   # (1, H, W) or None
+        shapes = {split: image_shape(s.data_dir, split) for split in ("train", "test")}
+        if None not in shapes.values() and shapes["train"] != shapes["test"]:      # same D, other H x W
+            raise DataError(f"{src}: train images have shape {shapes['train'][1:]}, test images "
+                            f"{shapes['test'][1:]}; both splits must hold images of one shape")
+        self.image_shape = shapes["train"] if get_architecture(s.arch).image else None   # (1, H, W) or None
         if s.binarize == "static":
             self.x_train = static_binarize(self.x_train, seed=s.seed)
         if s.binarize != "none":   # evaluation data: binarized once, with a seed independent of the run's

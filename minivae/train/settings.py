@@ -45,6 +45,7 @@ class TrainSettings:
     dtype: str = "float32"
     decoder: str = "factorised"  # "made": the autoregressive decoder (minivae.families)
     flow: str | None = None      # "planar:T" or "iaf:T": a flow in q(z|x) (minivae.families)
+    prior: str | None = None     # "mog:C" or "vamp:C": a learned prior p(z) (minivae.priors)
     # data
     binarize: str = "dynamic"
     data_dir: str | None = None
@@ -139,6 +140,8 @@ class TrainSettings:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.warmup >= 0, f"warmup must be >= 0 epochs, got {self.warmup}")
+        need(not isinstance(self.seed, bool) and isinstance(self.seed, (int, np.integer)) and self.seed >= 0,
+             f"seed (--seed) must be an integer >= 0, got {self.seed!r}")
         need(self.beta_start >= 0, f"beta_start must be >= 0, got {self.beta_start}")
         need(not self.beta_start or self.warmup, f"beta_start={self.beta_start:g} needs warmup > 0 epochs (the "
                                                  f"epochs over which the KL weight moves from beta_start to beta)")
@@ -165,30 +168,34 @@ class TrainSettings:
         need(self.iwae_grad == "iwae" or self.flow is None,
              f"iwae_grad={self.iwae_grad!r} cannot be combined with a flow (it needs log q at any z, i.e. the "
              "flow's inverse)")
-        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or
+        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or self.prior or
                                         self.iwae_grad != "iwae")),
              "the decoder, flow and iwae_grad options are for the unconditional VAE, not --conditional")
-        need(not (self.flow is not None and self.free_bits),
-             "free bits floor the analytic KL per dimension, which a flow's q(z|x) does not have")
+        need(not ((self.flow is not None or self.prior is not None) and self.free_bits),
+             "free bits floor the analytic KL per dimension, which a flow or a learned prior does not have")
+        need(self.iwae_grad == "iwae" or self.prior is None,
+             f"iwae_grad={self.iwae_grad!r} is implemented for the N(0, I) prior, not a learned prior")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
         # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
         config = self.model_config(784, n_classes=10 if self.conditional else None)
         from ..limits import check_fits, training_bytes
-        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}")
+        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}",
+               "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if self.iwae_k else ""))
         return self
 
     def model_config(self, x_dim, image_shape=None, n_classes=None):
         """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
         a conditional run its number of classes ``n_classes``."""
         image = get_architecture(self.arch).image
-        if self.decoder != "factorised" or self.flow is not None or self.iwae_grad != "iwae":
+        if self.decoder != "factorised" or self.flow is not None or self.prior is not None or \
+                self.iwae_grad != "iwae":
             from ..families import FamilyConfig           # the model kind of minivae.families
             return FamilyConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                                 likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                                 dec_logvar_min=self.dec_logvar_min, image_shape=image_shape if image else None,
                                 n_classes=n_classes if self.conditional else None, decoder=self.decoder,
-                                flow=self.flow)
+                                flow=self.flow, prior=self.prior)
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                          dec_logvar_min=self.dec_logvar_min,
