@@ -56,7 +56,8 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     The log-weights come from ``model.log_weights`` -- or, when ``minivae.fast``
     is present, from its twin ``minivae.fast.log_weights``, which gives the same
     numbers up to float rounding with about 12x fewer logarithms for the
-    Bernoulli likelihood (1.8x faster in all; the test suite compares them).
+    Bernoulli likelihood (the test suite compares them; the speed-up is in
+    benchmarks/README.md, "Notes from the code").
 
     Memory bound: one call for the log-weights sees at most
     ``chunk * batch_size`` rows z, so the peak is a few arrays of
