@@ -618,7 +618,8 @@ def cmd_interpolate(args):
     if conditional and y[a] != y[b]:
         raise ValueError(f"a conditional model interpolates between two digits of one label; test images {a} and "
                          f"{b} have labels {y[a]} and {y[b]}")
-    path = figures.interpolation(model, x[[a]], x[[b]], _out_dir(args, ckpt) / "interpolation.png",
+    path = figures.interpolation(model, x[[a]], x[[b]], _check_output(_out_dir(args, ckpt) / "interpolation.png",
+                                                                      "--out", args, ckpt, settings),
                                  steps=args.steps, y=y[[a]] if conditional else None)
     print(f"wrote {path}")
     return 0
@@ -639,9 +640,11 @@ def cmd_manifold(args):
         raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
                          f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
     label = (args.label or 0) if n_classes is not None else None
-    p1 = figures.manifold(model, out / "manifold.png", n=args.grid, y=label)
+    targets = [_check_output(out / name, "--out", args, ckpt, settings) for name in ("manifold.png",
+                                                                                    "latent_scatter.png")]
+    p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
-    p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")
+    p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
     print(f"wrote {p1}\nwrote {p2}")
     return 0
 
