@@ -220,7 +220,8 @@ def build_parser():
     _ckpt_args(s)
     s.add_argument("--out", metavar="PATH",
                    help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
-                        "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
+                        "gets a new samples.png, or samples-2.png, -3... when the name is taken (default: the run's "
+                        "figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
@@ -284,7 +285,7 @@ def _threads_flag(p):
 def _ckpt_args(p):
     p.add_argument("run", nargs="?", metavar="RUN",
                    help="a run folder, its checkpoint.npz, or 'latest' (runs/latest, the newest run in runs/)")
-    p.add_argument("--checkpoint", help="the same as RUN")
+    p.add_argument("--checkpoint", metavar="RUN", help="the same as RUN")
     p.add_argument("--data-dir", metavar="DIR", help="test data folder (default: the one the run was trained on; "
                                                      "another folder must hold the same files)")
     p.add_argument("--backend", choices=BACKENDS,
