@@ -224,7 +224,8 @@ def build_parser():
     _ckpt_args(s)
     s.add_argument("--out", metavar="PATH",
                    help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
-                        "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
+                        "gets a new samples.png, or samples-2.png, -3... when the name is taken (default: the run's "
+                        "figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
@@ -288,7 +289,7 @@ def _threads_flag(p):
 def _ckpt_args(p):
     p.add_argument("run", nargs="?", metavar="RUN",
                    help="a run folder, its checkpoint.npz, or 'latest' (runs/latest, the newest run in runs/)")
-    p.add_argument("--checkpoint", help="the same as RUN")
+    p.add_argument("--checkpoint", metavar="RUN", help="the same as RUN")
     p.add_argument("--data-dir", metavar="DIR", help="test data folder (default: the one the run was trained on; "
                                                      "another folder must hold the same files)")
     p.add_argument("--backend", choices=BACKENDS,
@@ -306,7 +307,7 @@ def _backend(args):
 
 
 def cmd_train(args):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .train import CHECKPOINT, TrainSettings, new_run_dir, train
     overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
     if args.backend is None and os.environ.get("MINIVAE_BACKEND", "").strip():
@@ -326,7 +327,10 @@ def cmd_train(args):
         if args.recipe is not None and args.recipe != saved.get("recipe"):
             raise ValueError(f"{ckpt.path} was trained with recipe {saved.get('recipe')!r}, not {args.recipe!r}")
         saved.update(overrides)
-        settings = TrainSettings.from_dict(saved)
+        try:
+            settings = TrainSettings.from_dict(saved)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt.path}: corrupt field settings ({_one_line(exc)})") from None
     else:
         # --conditional without --recipe: the conditional recipe (minivae.recipes), the one measured to draw the
         # digit it is asked for

@@ -139,7 +139,7 @@ def test_the_install_text_matches_the_package():
     assert "pip install 'minivae[" not in text, "minivae is not on an index: extras install from a clone, -e '.[...]'"
 
 
-@pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", USER_DOCS + [ROOT / "lessons" / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_user_docs_hold_no_clock_times_or_load(path):
     text = path.read_text(encoding="utf-8")
     for pattern in (r"\b\d\d:\d\d(-\d\d:\d\d)? UTC", r"load average", r"busy (shared )?machine", r"\b20\d\d-\d\d-\d\d\b"):
