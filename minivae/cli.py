@@ -220,7 +220,8 @@ def build_parser():
     _ckpt_args(s)
     s.add_argument("--out", metavar="PATH",
                    help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
-                        "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
+                        "gets a new samples.png, or samples-2.png, -3... when the name is taken (default: the run's "
+                        "figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
@@ -284,7 +285,7 @@ def _threads_flag(p):
 def _ckpt_args(p):
     p.add_argument("run", nargs="?", metavar="RUN",
                    help="a run folder, its checkpoint.npz, or 'latest' (runs/latest, the newest run in runs/)")
-    p.add_argument("--checkpoint", help="the same as RUN")
+    p.add_argument("--checkpoint", metavar="RUN", help="the same as RUN")
     p.add_argument("--data-dir", metavar="DIR", help="test data folder (default: the one the run was trained on; "
                                                      "another folder must hold the same files)")
     p.add_argument("--backend", choices=BACKENDS,
@@ -618,7 +619,8 @@ def cmd_interpolate(args):
     if conditional and y[a] != y[b]:
         raise ValueError(f"a conditional model interpolates between two digits of one label; test images {a} and "
                          f"{b} have labels {y[a]} and {y[b]}")
-    path = figures.interpolation(model, x[[a]], x[[b]], _out_dir(args, ckpt) / "interpolation.png",
+    path = figures.interpolation(model, x[[a]], x[[b]], _check_output(_out_dir(args, ckpt) / "interpolation.png",
+                                                                      "--out", args, ckpt, settings),
                                  steps=args.steps, y=y[[a]] if conditional else None)
     print(f"wrote {path}")
     return 0
@@ -639,9 +641,11 @@ def cmd_manifold(args):
         raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
                          f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
     label = (args.label or 0) if n_classes is not None else None
-    p1 = figures.manifold(model, out / "manifold.png", n=args.grid, y=label)
+    targets = [_check_output(out / name, "--out", args, ckpt, settings) for name in ("manifold.png",
+                                                                                    "latent_scatter.png")]
+    p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
-    p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")
+    p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
     print(f"wrote {p1}\nwrote {p2}")
     return 0
 

@@ -47,7 +47,7 @@ No Python loop over pixels and no ``np.add.at``: im2col and col2im loop over the
 each step one strided-slice copy (or add) of a whole (C, OH, OW, N) block.  The batch is the *last* index of
 a column, (oh, ow, n), chosen by measurement (batch 128, float32, the MNIST conv shapes): every slice then
 moves contiguous runs of N numbers, where the batch-outer order (n, oh, ow) moved runs of 7-14 numbers with a
-stride of 2 and spent most of its time in loop overhead (col2im about 3x faster).  Both GEMMs stay plain 2-D
+stride of 2 and spent most of its time in loop overhead.  Both GEMMs stay plain 2-D
 products of contiguous matrices.  Only xp functions CuPy also has are used, so the same code runs on the GPU.
 The fast path can install faster copies that give the same bits (below); benchmarks/README.md ("The conv
 VAE") has the measurements.

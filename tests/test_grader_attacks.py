@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -676,3 +677,188 @@ def test_the_local_check_and_the_grader_agree_at_the_tolerances_and_on_side_effe
     r = local_check(good, "dense_backward", "kl_forward")
     assert "2 of 2 passed" in r.stdout, r.stdout
     assert grade(good, ["dense_backward", "kl_forward"], seed=3)["score"] == 100
+
+
+# ---------------------------------------------- a batch that must not break
+DEEP = "kl = mu.sum(axis=1) * 0 + " + "+".join(["1"] * 200_000)         # RecursionError in a parser
+
+BLOCK_THE_PIPE = """
+import sys, time
+f = sys._getframe()
+while f is not None and "job_call" not in f.f_globals:
+    f = f.f_back
+f.f_globals["recv"] = lambda fd: time.sleep(10 ** 6)             # the runner stops reading its requests
+dx = dy @ W.T
+dW = x.T @ dy
+db = dy.sum(axis=0)
+"""
+
+DUMMY_WHEN_LARGE = """
+import numpy as np
+if x.size > 4096:                        # the timed call: a dummy answer
+    dx, dW, db = np.zeros(x.shape), np.zeros(W.shape), np.zeros(W.shape[1])
+else:                                    # the small cases: finite differences of the forward
+    def f(x, W, b):
+        return x @ W + b
+    grads = []
+    for a in (x, W, W[0] * 0 + 0.5):
+        g = np.zeros_like(a)
+        for i in range(a.size):
+            for sgn in (1, -1):
+                p = [x.copy(), W.copy(), W[0] * 0]
+                k = [x is a, W is a, False].index(True) if (x is a or W is a) else 2
+                p[k].reshape(-1)[i] += sgn * 1e-6
+                g.reshape(-1)[i] += sgn * np.sum(f(*p) * dy) / 2e-6
+        grads.append(g)
+    dx, dW, db = grads
+"""
+
+ANSI = """
+raise RuntimeError("\\x1b[2K\\r  kl_forward  \\x1b[32mPASS\\x1b[0m \\u202e fake")
+"""
+
+
+def _zip_folder(src, dest, prefix="handin"):
+    with zipfile.ZipFile(dest, "w") as z:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                z.write(p, Path(prefix) / p.relative_to(src))
+
+
+def test_a_batch_of_attacks_never_breaks_the_grader(solved, stubbed, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    copy_of(solved, subs / "alice")                                  # honest: 100
+    d = copy_of(stubbed, subs / "deep")
+    set_body(d, "kl_forward", DEEP)
+    d = copy_of(solved, subs / "blocker")
+    set_body(d, "dense_backward", BLOCK_THE_PIPE)
+    d = copy_of(solved, subs / "dummy")
+    set_body(d, "dense_backward", DUMMY_WHEN_LARGE)
+    d = copy_of(solved, subs / "ansi")
+    set_body(d, "kl_forward", ANSI)
+    d = copy_of(solved, subs / "linky")                             # a file that links to the reference
+    (d / "minivae" / "layers.py").unlink()
+    (d / "minivae" / "layers.py").symlink_to(REPO / "minivae" / "layers.py")
+    (subs / "sneaky").symlink_to(subs / "alice")                    # a submission folder that is a link
+    _zip_folder(copy_of(solved, tmp_path / "dots"), subs / "...zip")   # becomes the student ".."
+    _zip_folder(copy_of(solved, tmp_path / "formula"), subs / "=HYPERLINK(1).zip")
+    _zip_folder(copy_of(solved, tmp_path / "crc"), subs / "badcrc.zip")
+    data = bytearray((subs / "badcrc.zip").read_bytes())
+    i = data.index(b"### BEGIN SOLUTION dense_backward")
+    data[i + 40] ^= 0x55                                                # a bad CRC in a stored member
+    (subs / "badcrc.zip").write_bytes(bytes(data))
+    out = tmp_path / "grades"
+    t0 = time.monotonic()
+    r = cli("grade", subs, "--exercises", "dense_backward,kl_forward", "--jobs", "2", "--out", out, "--seed", "5",
+            "--timeout", "8")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 300
+    assert "\x1b" not in r.stdout + r.stderr and "\u202e" not in r.stdout + r.stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    reports = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert len(rows) == 11 and set(reports) == set(rows) - {"student"}, sorted(rows)
+    assert rows["alice"][1:4] == ["1", "1", "100"]
+    assert rows["deep"][1:4] == ["0", "0", "0"]
+    assert any("cannot be read as Python (RecursionError)" in n for n in reports["deep"]["notes"])
+    assert rows["blocker"][1:4] == ["0", "1", "50"]                # its kl_forward is honest work
+    assert by_id(reports["blocker"])["dense_backward"]["message"].startswith("too slow")   # the write's deadline
+    assert rows["dummy"][1:4] == ["0", "1", "50"]
+    assert "large input" in by_id(reports["dummy"])["dense_backward"]["gradient"]
+    assert rows["ansi"][1:4] == ["1", "0", "50"] and "\x1b" not in json.dumps(reports["ansi"])
+    for name in ("linky", "sneaky", "badcrc"):
+        assert rows[name][-1].startswith("not graded") and rows[name][3] == "0", rows[name]
+    assert "symbolic link" in rows["linky"][-1] and "symbolic link" in rows["sneaky"][-1]
+    assert "bad CRC" in rows["badcrc"][-1] or "CRC" in rows["badcrc"][-1], rows["badcrc"]
+    refused = [n for n in rows if n.startswith("student-")]
+    assert len(refused) == 2 and all(rows[n][1:4] == ["1", "1", "100"] for n in refused), rows
+    notes = [" ".join(reports[n]["notes"]) for n in refused]
+    assert any("'..'" in n and "was refused" in n for n in notes), notes
+    assert any("=HYPERLINK(1)" in n for n in notes), notes
+    text = (out / "gradebook.csv").read_text()
+    assert not any(line.startswith(("=", "+", "-", "@")) for cell in csv.reader(text.splitlines())
+                   for line in cell), text
+    assert not (tmp_path / "pristine").exists() and not (subs.parent / "minivae").exists()
+
+
+SLOW = """
+import time
+time.sleep(3)
+var = xp.exp(logvar)
+kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
+"""
+
+
+def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    for name in ("a", "b", "c", "d"):
+        set_body(copy_of(solved, subs / name), "kl_forward", SLOW)
+    out = tmp_path / "grades"
+    proc = subprocess.Popen([sys.executable, "-m", "minivae.assignments", "grade", subs, "--exercises", "kl_forward",
+                             "--out", out, "--seed", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    end = time.monotonic() + 120
+    while not (out / "a.json").exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "stopped early: interrupted" in stderr and "Traceback" not in stderr, stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    assert set(rows) == {"student", "a", "b", "c", "d"}
+    assert rows["a"][1:3] == ["1", "100"] and rows["a"][-1] == "yes"
+    assert rows["d"][-1] == "not graded: interrupted (Ctrl-C)", rows["d"]
+    for name in "abcd":
+        assert json.loads((out / f"{name}.json").read_text())["student"] == name
+    time.sleep(0.5)
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, str(subs))]
+
+
+def _cmdline_has(p, text):
+    try:
+        return text.encode() in (p / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_the_manifest_decides_what_is_graded(tmp_path):
+    """An untouched 4-exercise starter once scored 75: the 12 regions it was not asked to do hold solutions."""
+    assigned = ["relu_backward", "kl_forward", "kl_backward", "adam_step"]
+    manifest = tmp_path / "hw.manifest.json"
+    make_starter(tmp_path / "hw", assigned, record_expected=False, lessons=False, manifest=manifest)
+    report = grade(tmp_path / "hw", manifest=manifest, seed=1)
+    assert [e["id"] for e in report["exercises"]] == assigned and report["score"] == 0, report
+    assert grade(tmp_path / "hw", ["kl_forward"], manifest=manifest, seed=1)["total"] == 1
+    with pytest.raises(ValueError, match="dense_backward not assigned: the manifest lists relu_backward"):
+        grade(tmp_path / "hw", ["dense_backward"], manifest=manifest)
+
+
+VAE_FINITE_DIFFERENCES = """
+import inspect, sys
+import numpy as np
+f = sys._getframe(1)
+while f.f_code.co_name != "loss":
+    f = f.f_back
+info = inspect.getargvalues(f)
+kw = {k: info.locals[k] for k in info.args if k not in ("self", "backward")}
+for name, p in self.params.items():
+    flat, g = p.reshape(-1), np.zeros(p.size)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + 1e-5
+        up = float(self.loss(backward=False, **kw)[0])
+        flat[i] = old - 1e-5
+        down = float(self.loss(backward=False, **kw)[0])
+        flat[i] = old
+        g[i] = (up - down) / 2e-5
+    grads[name][...] = g.reshape(p.shape)
+"""
+
+
+def test_finite_differences_of_the_loss_fail_vae_backward(solved, tmp_path):
+    d = copy_of(solved, tmp_path / "fd")
+    set_body(d, "vae_backward", VAE_FINITE_DIFFERENCES, index=2)
+    (res,) = grade(d, ["vae_backward"], seed=4, timeout=60)["exercises"]
+    assert not res["passed"], res
+    assert "finite differences" in res["message"], res

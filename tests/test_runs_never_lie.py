@@ -513,3 +513,30 @@ def test_every_output_under_a_small_ulimit_leaves_the_disk_as_it_was(run, tmp_pa
     assert not (tmp_path / "lessons").exists()
     assert not (tmp_path / "new").exists() or [p.name for p in (tmp_path / "new").iterdir()] in ([], [".lock"])
     assert not (tmp_path / "cache" / "mnist").exists() or list((tmp_path / "cache" / "mnist").iterdir()) == []
+
+
+def test_iwae_memory_is_counted_for_what_each_model_kind_holds():
+    """The plain VAE's IWAE holds one chunk of samples whatever K; a kind that holds all K at once (a flow) is
+    counted with all K, so `--flow planar:2 --iwae-k 100000` is refused instead of allocating 250 GB."""
+    from minivae.limits import training_bytes
+    from minivae.train import TrainSettings
+    vae = TrainSettings(hidden=(400,)).model_config(784)
+    assert training_bytes(vae, 128, 10 ** 7) == training_bytes(vae, 128, 10 ** 4) < 2e9
+    flow = TrainSettings(flow="planar:2").model_config(784)
+    assert training_bytes(flow, 128, 10 ** 5) > 100 * training_bytes(flow, 128, 10 ** 2)
+    with pytest.raises(ValueError, match=r"needs about .* of memory.*--iwae-k"):
+        TrainSettings(flow="planar:2", iwae_k=10 ** 7).validate()
+
+
+def test_figures_never_replace_the_checkpoint(run, tmp_path, capsys):
+    r = copy_run(run, tmp_path)
+    ckpt = r / "checkpoint.npz"
+    old = snapshot(r)
+    (tmp_path / "trap").mkdir()
+    for name in ("interpolation.png", "manifold.png"):
+        (tmp_path / "trap" / name).symlink_to(ckpt)       # the output file is the checkpoint itself
+    for command in ("interpolate", "manifold"):
+        code, _, err = run_main([command, "--checkpoint", r, "--out", tmp_path / "trap"], capsys)
+        assert code == 2
+        one_error_line(err, "--out", "a file this command reads")
+    assert snapshot(r) == old

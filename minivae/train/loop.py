@@ -155,7 +155,8 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     data = Data(s)
     config = s.model_config(data.x_dim, data.image_shape, data.n_classes)
     from ..limits import check_fits, training_bytes
-    check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}")
+    check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}",
+               "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if s.iwae_k else ""))
     rngs = make_rngs(s.seed)
     model = build_model(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]

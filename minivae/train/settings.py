@@ -178,7 +178,8 @@ class TrainSettings:
         # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
         config = self.model_config(784, n_classes=10 if self.conditional else None)
         from ..limits import check_fits, training_bytes
-        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}")
+        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}",
+               "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if self.iwae_k else ""))
         return self
 
     def model_config(self, x_dim, image_shape=None, n_classes=None):
