@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import to_numpy
+from . import signals
 from .gaussian import kl_per_dim as gaussian_kl_per_dim
 from .networks import get_architecture
 
@@ -92,6 +93,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
             run_sum = np.zeros(n)
             done = 0
             while done < k:
+                signals.check()          # a Ctrl-C or SIGTERM whose exception a library swallowed stops here
                 s = min(chunk, k - done)
                 eps = rng.standard_normal((s, n, L)).astype(model.dtype)
                 yb = ys(start, n)                                                  # labels, or None

@@ -862,3 +862,19 @@ def test_finite_differences_of_the_loss_fail_vae_backward(solved, tmp_path):
     (res,) = grade(d, ["vae_backward"], seed=4, timeout=60)["exercises"]
     assert not res["passed"], res
     assert "finite differences" in res["message"], res
+
+
+def test_hide_derivations_leaves_no_backward_formula_in_the_conv_starter(tmp_path):
+    ids = ["conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward"]
+    make_starter(tmp_path / "hw", ids, record_expected=False, hide_derivations=True)
+    conv = (tmp_path / "hw" / "minivae" / "conv.py").read_text()
+    for formula in ("dcol = Wmᵀ", "col2im(dcol)", "Aᵀ y = col2im", "Its input-gradient is col2im", "col  = Wmᵀ · X",
+                    "1[i·size + j = arg", "Σ_{0 <= i, j < scale}", "so its gradient is the *sum*", "Wm.T @ G",
+                    "dcol = Wm.T", "gets dy", "sum of dy"):
+        assert formula not in conv, formula
+    assert "derive this: dW, dx and db from G = dy" in conv and "derive this: dx from dy" in conv
+    assert not (tmp_path / "hw" / "lessons").exists()
+    assert "the lessons (which derive every gradient) are not included" in (tmp_path / "hw" / "README.md").read_text()
+    make_starter(tmp_path / "open", ids, record_expected=False)            # without the flag: all there
+    assert "col2im(dcol)" in (tmp_path / "open" / "minivae" / "conv.py").read_text()
+    assert (tmp_path / "open" / "lessons").is_dir()
