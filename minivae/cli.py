@@ -322,6 +322,8 @@ def cmd_train(args):
         overrides["figures"] = False
     if args.reference_path:
         overrides["fast"] = False
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder; a run writes a folder of files")
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")

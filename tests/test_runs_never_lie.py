@@ -604,3 +604,12 @@ def test_a_sigterm_during_numbas_compilation_waits_for_it_then_stops(tmp_path, c
     code, out, err = run_main(["train", *SMALL, "--epochs", "2", "--no-figures", "--out", tmp_path / "r"], capsys)
     assert compiled == [True] and code == 143, err
     one_error_line(err, "terminated (SIGTERM) at epoch 1, step 1; no checkpoint was written yet")
+
+
+def test_train_out_that_is_a_file_is_named(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    code, _, err = run_main(["train", *SMALL, "--out", f], capsys)
+    assert code == 2
+    one_error_line(err, f"--out {f} exists and is not a folder")
+    assert f.read_text() == "mine"
