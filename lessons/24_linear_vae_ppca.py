@@ -309,18 +309,27 @@ check(err < 1e-7, f"the hand-chained backward matches central differences for al
 # Monte Carlo loss that the op pairs computed must agree with the closed form too.
 
 # %%
-p = {"Ve": rng.normal(0, 0.01, (D, L)), "be": np.zeros(L), "lv": np.zeros(L),
-     "Wd": rng.normal(0, 0.01, (L, D)), "bd": np.zeros(D)}
-p = {k: a.astype(np.float32) for k, a in p.items()}
+def init_params(L):
+    """A small random start, float32: encoder (Ve, be, lv) and decoder (Wd, bd)."""
+    p = {"Ve": rng.normal(0, 0.01, (D, L)), "be": np.zeros(L), "lv": np.zeros(L),
+         "Wd": rng.normal(0, 0.01, (L, D)), "bd": np.zeros(D)}
+    return {k: a.astype(np.float32) for k, a in p.items()}
+
+
+def train(p, steps, v):
+    """Adam on minibatches of 256 images, step size 1e-2 -> 1e-4 (geometric), a fresh eps each step; p in place."""
+    L = p["lv"].shape[0]
+    opt = Adam(lr=1e-2)
+    for t in range(steps):
+        opt.lr = 1e-2 * 0.01 ** (t / steps)
+        idx = rng.integers(0, N, 256)
+        _, grads = linear_vae_loss(p, x32[idx], rng.standard_normal((256, L)).astype(np.float32), v)
+        opt.step(p, grads)
+    return p
+
+
 x32 = x.astype(np.float32)
-opt = Adam(lr=1e-2)
-history = []
-for t in range(STEPS):
-    opt.lr = 1e-2 * 0.01 ** (t / STEPS)                                    # 1e-2 -> 1e-4, geometric
-    idx = rng.integers(0, N, 256)
-    loss, grads = linear_vae_loss(p, x32[idx], rng.standard_normal((256, L)).astype(np.float32), V_DEC)
-    opt.step(p, grads)
-    history.append(float(loss.mean()))
+p = train(init_params(L), STEPS, V_DEC)
 W_tr = p["Wd"].T.astype(np.float64)                                        # (D, L), the math's W
 b_tr = p["bd"].astype(np.float64)
 m_tr = x @ p["Ve"].astype(np.float64) + p["be"]
@@ -454,4 +463,33 @@ check(lam[0] < 392.0 / 50, f"at lesson 23's v = 392 even the largest eigenvalue 
 check(int((lam > 0.5).sum()) == 23 and lam[1] > 0.5 * 5,
       f"at v = 1/2, 23 directions exceed v (lambda_23 = {lam[22]:.3f}, lambda_24 = {lam[23]:.3f}): "
       "both of a 2-D latent's units survive, lambda_2 > 5 v")
+
+# %% [markdown]
+# The same two settings, trained: a 2-D linear VAE at $v = \tfrac12$ from a small random start, and then the same
+# weights trained on at $v = 392$, as if the loss had been switched from a summed to a per-pixel mean squared error.
+# The rule predicts two units carrying $\frac12 \log(\lambda_1 / v) + \frac12 \log(\lambda_2 / v)$ nats, and then
+# their collapse: no active unit, no KL, and an ELBO equal to the collapsed model's exact $\ell^*$.
+
+# %%
+results_2d = {}
+p2 = init_params(2)
+for v in (0.5, 392.0):
+    train(p2, STEPS // 2, v)                                               # at v = 392, from the v = 1/2 weights
+    m2 = x @ p2["Ve"].astype(np.float64) + p2["be"]
+    lv2 = p2["lv"].astype(np.float64)
+    elbo2 = elbo_closed_form(x, p2["Wd"].T.astype(np.float64), p2["bd"].astype(np.float64), v, m2, lv2).mean()
+    kl2 = 0.5 * (m2 ** 2 + np.exp(lv2) - 1 - lv2).sum(1).mean()
+    results_2d[v] = (int((m2.var(0) > 0.01).sum()), kl2, ell_star(lam, v, 2) - elbo2)
+    print(f"  2-D linear VAE at v = {v:g}: {results_2d[v][0]}/2 active units, KL {kl2:.4f} nats "
+          f"(rule: {0.5 * np.log(np.maximum(lam[:2], v) / v).sum():.4f}), l* - ELBO = {results_2d[v][2]:.4f} nats")
+au_half, kl_half, gap_half = results_2d[0.5]
+kl_rule = 0.5 * np.log(lam[:2] / 0.5).sum()
+gain_half = ell_star(lam, 0.5, 2) - ell_star(lam, 0.5, 0)                  # what the two units are worth
+check(au_half == 2 and abs(kl_half - kl_rule) < 0.1 * kl_rule and gap_half < 0.1,
+      f"trained at v = 1/2: both units active, KL {kl_half:.2f} = the rule's {kl_rule:.2f} nats (within 10%), "
+      f"ELBO within 0.1 nats of l* (the two units are worth {gain_half:.2f} nats)")
+au_392, kl_392, gap_392 = results_2d[392.0]
+check(au_392 == 0 and kl_392 < 0.01 and abs(gap_392) < 0.01,
+      f"trained on at v = 392: both units collapse (0 active, KL {kl_392:.4f} < 0.01 nats), "
+      "and the ELBO is the collapsed model's exact l* (within 0.01 nats)")
 print(f"done in {time.time() - t0:.1f} s")

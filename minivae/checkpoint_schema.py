@@ -93,13 +93,15 @@ SETTINGS = {
     "warmup": integer(0), "beta_start": number(nonneg=True), "iwae_k": optional(integer(1)), "free_bits": optional(number(nonneg=True)),
     "seed": integer(0), "backend": text, "iw_k": integer(0), "figures": boolean, "fast": boolean,
     "threads": optional(integer(1)), "decoder": text, "flow": optional(text), "iwae_grad": text,
+    "prior": optional(text), "stochastic_layers": integer(1), "latent2": optional(integer(1)),
 }
 
 CONFIG = {
     "x_dim": integer(1), "hidden": int_list(1), "z_dim": integer(1), "activation": text, "likelihood": text,
     "dtype": text, "obs_var": number(positive=True), "arch": text, "image_shape": optional(int_list(1, length=3)),
     "dec_logvar_min": optional(number()), "n_classes": optional(integer(1)), "label_decoder": text,
-    "kind": text, "decoder": text, "flow": optional(text),           # the model kinds of minivae.model
+    "kind": text, "decoder": text, "flow": optional(text), "prior": optional(text),
+    "z2_dim": integer(1), "hidden2": int_list(1),           # the model kinds of minivae.model
 }
 
 BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
@@ -114,7 +116,7 @@ def _fields(doc, table, where, required=()):
         if name not in doc:
             raise SchemaError(f"{where}.{name}: missing")
     for name, value in doc.items():
-        check = table.get(name)
+        check = table.get(name)        # an unknown name is for the dataclass to refuse (TrainSettings.from_dict)
         reason = check(value) if check is not None else None
         if reason:
             raise SchemaError(f"{where}.{name}: expected {reason}, got {_show(value)}")

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,8 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads",
-                "conditional", "label_decoder", "beta_start", "decoder", "flow", "iwae_grad")
+                "conditional", "label_decoder", "beta_start", "decoder", "flow", "iwae_grad", "prior",
+                "stochastic_layers", "latent2")
 
 
 def build_parser():
@@ -153,6 +155,13 @@ def build_parser():
                         "(Bernoulli; see minivae/families.py)")
     t.add_argument("--flow", help="a normalising flow in q(z|x): planar:T (T planar steps) or iaf:T (T inverse "
                                   "autoregressive steps), e.g. planar:4 (default: none)")
+    t.add_argument("--stochastic-layers", type=_positive_int, choices=[1, 2],
+                   help="2: two stochastic layers z1 (--latent) and z2 (--latent2), the architecture of Burda et al. "
+                        "2015 (minivae/twolayer.py; hidden widths halved between z1 and z2) (default 1)")
+    t.add_argument("--latent2", type=_positive_int, help="with --stochastic-layers 2: z2's dimension (default: half "
+                                                         "of --latent)")
+    t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
+                                   "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
     t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
     t.add_argument("--backend", choices=BACKENDS,
                    help="array library: numpy (CPU) or cupy (NVIDIA GPU) (default $MINIVAE_BACKEND or numpy)")
@@ -217,7 +226,8 @@ def build_parser():
     _ckpt_args(s)
     s.add_argument("--out", metavar="PATH",
                    help="a file (name.png, or name.npz above 1024 samples), written as named; or a folder, which "
-                        "gets a new sample-seed<SEED>.png (default: the run's figures/ folder)")
+                        "gets a new samples.png, or samples-2.png, -3... when the name is taken (default: the run's "
+                        "figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
     s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
@@ -281,7 +291,7 @@ def _threads_flag(p):
 def _ckpt_args(p):
     p.add_argument("run", nargs="?", metavar="RUN",
                    help="a run folder, its checkpoint.npz, or 'latest' (runs/latest, the newest run in runs/)")
-    p.add_argument("--checkpoint", help="the same as RUN")
+    p.add_argument("--checkpoint", metavar="RUN", help="the same as RUN")
     p.add_argument("--data-dir", metavar="DIR", help="test data folder (default: the one the run was trained on; "
                                                      "another folder must hold the same files)")
     p.add_argument("--backend", choices=BACKENDS,
@@ -299,7 +309,7 @@ def _backend(args):
 
 
 def cmd_train(args):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .train import CHECKPOINT, TrainSettings, new_run_dir, train
     overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
     if args.backend is None and os.environ.get("MINIVAE_BACKEND", "").strip():
@@ -319,7 +329,10 @@ def cmd_train(args):
         if args.recipe is not None and args.recipe != saved.get("recipe"):
             raise ValueError(f"{ckpt.path} was trained with recipe {saved.get('recipe')!r}, not {args.recipe!r}")
         saved.update(overrides)
-        settings = TrainSettings.from_dict(saved)
+        try:
+            settings = TrainSettings.from_dict(saved)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt.path}: corrupt field settings ({_one_line(exc)})") from None
     else:
         # --conditional without --recipe: the conditional recipe (minivae.recipes), the one measured to draw the
         # digit it is asked for
@@ -615,7 +628,8 @@ def cmd_interpolate(args):
     if conditional and y[a] != y[b]:
         raise ValueError(f"a conditional model interpolates between two digits of one label; test images {a} and "
                          f"{b} have labels {y[a]} and {y[b]}")
-    path = figures.interpolation(model, x[[a]], x[[b]], _out_dir(args, ckpt) / "interpolation.png",
+    path = figures.interpolation(model, x[[a]], x[[b]], _check_output(_out_dir(args, ckpt) / "interpolation.png",
+                                                                      "--out", args, ckpt, settings),
                                  steps=args.steps, y=y[[a]] if conditional else None)
     print(f"wrote {path}")
     return 0
@@ -636,9 +650,11 @@ def cmd_manifold(args):
         raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
                          f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
     label = (args.label or 0) if n_classes is not None else None
-    p1 = figures.manifold(model, out / "manifold.png", n=args.grid, y=label)
+    targets = [_check_output(out / name, "--out", args, ckpt, settings) for name in ("manifold.png",
+                                                                                    "latent_scatter.png")]
+    p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
-    p2 = figures.latent_scatter(model, x[:5000], y[:5000], out / "latent_scatter.png")
+    p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
     print(f"wrote {p1}\nwrote {p2}")
     return 0
 
@@ -673,17 +689,44 @@ def _one_line(exc):
 
 
 def main(argv=None):
-    from .checkpoint import CheckpointError
-    from .download import DownloadError
-    from .train import RunLocked, TrainingDiverged
-    from . import signals
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] == ["assignments"]:              # every later word is the assignments tool's, --help included
         args = argparse.Namespace(func=cmd_assignments, args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    from .train import using_threads
+    if args.func is cmd_assignments:             # its own tool, with its own output (and warnings)
+        code, line = _run(args)
+        if line is not None:
+            print(line, file=sys.stderr)
+        return code
+    # warnings (NumPy's RuntimeWarnings before a divergence, ...) are collected: an error folds them into its
+    # one line; a command that succeeds prints each once at the end, one line each
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code, line = _run(args)
+    seen = []
+    for w in caught:
+        text = f"{w.category.__name__}: {_one_line(w.message)}"
+        if text not in seen:
+            seen.append(text)
+    if line is not None:
+        if seen:
+            more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+            line += f" (after the warning {seen[0]}{more})"
+        print(line, file=sys.stderr)
+    else:
+        for text in seen:
+            print(f"minivae: warning: {text}", file=sys.stderr)
+    return code
+
+
+def _run(args):
+    """Run the command: (exit status, None) on success, else (status, the one line that says why)."""
+    from .checkpoint import CheckpointError
+    from .download import DownloadError
+    from .train import RunLocked, TrainingDiverged, using_threads
+    from . import signals
     try:
         # every command: Ctrl-C and SIGTERM unwind as one exception (temporary files removed), even one whose
         # first exception a library swallowed (signals.check, at the end), and end in one line, exit 130/143
@@ -691,24 +734,21 @@ def main(argv=None):
             with using_threads(getattr(args, "threads", None)):      # --threads of train, eval and sample
                 code = int(args.func(args) or 0)
             signals.check()
-        return code
+        return code, None
     except KeyboardInterrupt as exc:
         terminated = signals.signal_of(exc) == signal.SIGTERM
-        default = (f"{args.command} terminated (SIGTERM)" if terminated else f"{args.command} interrupted (Ctrl-C)") \
+        command = getattr(args, "command", None) or "minivae"
+        default = (f"{command} terminated (SIGTERM)" if terminated else f"{command} interrupted (Ctrl-C)") \
             + "; no file was left half-written"
-        print(f"minivae: {_one_line(exc) if str(exc) else default}", file=sys.stderr)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return (EXIT_TERMINATED if terminated else EXIT_INTERRUPTED), \
+            f"minivae: {_one_line(exc) if str(exc) else default}"
     except TrainingDiverged as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return EXIT_DIVERGED, f"minivae: error: {_one_line(exc)}"
     except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
-        print(f"minivae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_ERROR, f"minivae: error: {_one_line(exc)}"
     except MemoryError:
-        print("minivae: error: out of memory (the request is larger than this machine's memory)", file=sys.stderr)
-        return EXIT_ERROR
-
+        return EXIT_ERROR, "minivae: error: out of memory (the request is larger than this machine's memory)"
 
 if __name__ == "__main__":
     sys.exit(main())

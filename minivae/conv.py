@@ -20,12 +20,14 @@ and the whole convolution becomes one GEMM with the filters flattened to rows, W
 
     Y = Wm · col + b          Y: (F, OH·OW·N), then transposed to (N, F, OH, OW)
 
+Derivation (conv2d's backward from the dense layer's):
 The backward follows from the dense layer's (Y = Wm·col is a dense layer with the roles of rows/columns swapped):
 
     dWm  = dY · colᵀ                     (F, C·KH·KW)     summed over every (oh, ow, n): over the batch too
     dcol = Wmᵀ · dY                      (C·KH·KW, OH·OW·N)
     dx   = col2im(dcol)                  (N, C, H, W)     each patch entry added back where it was copied from
     db   = Σ_{n, oh, ow} dy[n, f, oh, ow]                 (F,)
+(end of derivation)
 
 :func:`col2im` is the adjoint (transpose) of :func:`im2col`: im2col copies one input pixel into several
 columns, so col2im *adds* the several column entries back into that pixel (a scatter-add).
@@ -36,10 +38,12 @@ For fixed W, conv2d (bias 0) is a linear map A: x -> y.  The transposed convolut
 
     ⟨A x, y⟩ = ⟨x, Aᵀ y⟩       for all x, y.
 
+Derivation (conv_transpose2d from conv2d's dx):
 Aᵀ is exactly what conv2d's backward computes for dx: Aᵀ y = col2im(Wmᵀ · y).  So conv_transpose2d's
-*forward* is conv2d's dx (col2im of Wᵀ·x), and its *backward* (for dx) is conv2d's forward.  This is why
-its weight layout is (C_in, C_out, KH, KW): it is the (F, C, KH, KW) weight of the conv2d it transposes, and
-why its output size H_out is the conv2d input size that maps back to H.
+*forward* is conv2d's dx (col2im of Wᵀ·x), and its *backward* (for dx) is conv2d's forward.
+(end of derivation)
+This is why its weight layout is (C_in, C_out, KH, KW): it is the (F, C, KH, KW) weight of the conv2d it
+transposes, and why its output size H_out is the conv2d input size that maps back to H.
 
 Speed
 -----
@@ -47,7 +51,7 @@ No Python loop over pixels and no ``np.add.at``: im2col and col2im loop over the
 each step one strided-slice copy (or add) of a whole (C, OH, OW, N) block.  The batch is the *last* index of
 a column, (oh, ow, n), chosen by measurement (batch 128, float32, the MNIST conv shapes): every slice then
 moves contiguous runs of N numbers, where the batch-outer order (n, oh, ow) moved runs of 7-14 numbers with a
-stride of 2 and spent most of its time in loop overhead (col2im about 3x faster).  Both GEMMs stay plain 2-D
+stride of 2 and spent most of its time in loop overhead.  Both GEMMs stay plain 2-D
 products of contiguous matrices.  Only xp functions CuPy also has are used, so the same code runs on the GPU.
 The fast path can install faster copies that give the same bits (below); benchmarks/README.md ("The conv
 VAE") has the measurements.
@@ -255,14 +259,17 @@ def conv2d_forward(x, W, b, stride=1, padding=0):
 def conv2d_backward(dy, cache):
     """Gradients of conv2d, from the matrix form Y = Wm · col + b (a dense layer over patches).
 
+    Derivation (dW, dx and db from G = dy):
     With G = dY = dy as (F, OH·OW·N) (batch last, like col's columns):
 
         dWm  = G · colᵀ                     (F, C·KH·KW)   -> dW (F, C, KH, KW)   (sums over oh, ow, n)
         dcol = Wmᵀ · G                      (C·KH·KW, OH·OW·N)
         dx   = col2im(dcol)                 (N, C, H, W)    scatter-add of overlapping patches
         db   = Σ_{n, oh, ow} dy[:, f]       (F,)
+    (end of derivation)
 
-    Returns ``(dx, dW, db)``.
+    Shapes: dy (N, F, OH, OW), the cache (col, W, x_shape, stride, padding) -> dx (N, C, H, W),
+    dW (F, C, KH, KW), db (F,).  Returns ``(dx, dW, db)``.
     """
     col, W, x_shape, stride, padding = cache
     xp = get_array_module(dy)                       # noqa: F841 (NumPy or CuPy, for the exercise's code)
@@ -285,12 +292,14 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
     """Transposed convolution: the adjoint of conv2d, i.e. conv2d's dx applied to x.
 
     Think of the conv2d that maps a (C_out, OH, OW) image to a (C_in, H, W) one with weight W, which then
-    has layout (F=C_in, C=C_out, KH, KW).  Its input-gradient is col2im(Wmᵀ · G); the transposed
-    convolution applies exactly that to x:
+    has layout (F=C_in, C=C_out, KH, KW).
+    Derivation (y as conv2d's dx):
+    Its input-gradient is col2im(Wmᵀ · G); the transposed convolution applies exactly that to x:
 
         X    = x as (C_in, H·W·N)          (batch last, the column order of im2col)
         col  = Wmᵀ · X                      (C_out·KH·KW, H·W·N),  Wm = W.reshape(C_in, C_out·KH·KW)
         y    = col2im(col) + b              (N, C_out, OH, OW),    OH = (H - 1)·stride - 2·padding + KH
+    (end of derivation)
 
     Equivalently: each input pixel x[n, c, h, w] stamps the kernel W[c, :, :, :] scaled by its value onto
     the output at (h·stride - padding, w·stride - padding), and overlapping stamps add.
@@ -370,13 +379,16 @@ def maxpool2d_forward(x, size=2):
 
 
 def maxpool2d_backward(dy, cache):
-    """The max passes its gradient to the element it selected, and nothing to the others.
+    """Gradient of max-pooling: dx from dy, through the element each window selected.
 
+    Derivation (dx from dy):
+    The max passes its gradient to the element it selected, and nothing to the others.
     Within a window, y = x_a with a = argmax; so ∂y/∂x_{ij} = 1 if i·size + j = a, else 0, and
 
         dx[n, c, oh·size + i, ow·size + j] = dy[n, c, oh, ow] · 1[i·size + j = arg[n, c, oh, ow]]
 
     On ties only the first maximum (row-major) gets it, as in PyTorch; pixels outside every window get 0.
+    (end of derivation)
     Shapes: dy (N, C, OH, OW) -> dx (N, C, H, W).  One masked copy per window offset.
     """
     arg, x_shape, k = cache
@@ -415,9 +427,13 @@ def upsample_nearest2d_forward(x, scale=2):
 
 
 def upsample_nearest2d_backward(dy, cache):
-    """Each input pixel was copied to scale² outputs, so its gradient is the *sum* of their gradients.
+    """Gradient of nearest-neighbour upsampling: dx from dy.
+
+    Derivation (dx from dy):
+    Each input pixel was copied to scale² outputs, so its gradient is the *sum* of their gradients.
 
         dx[n, c, h, w] = Σ_{0 <= i, j < scale} dy[n, c, h·scale + i, w·scale + j]
+    (end of derivation)
 
     Shapes: dy (N, C, H·scale, W·scale) -> dx (N, C, H, W).  scale² strided additions (faster than a
     reduction over the two short block axes).

@@ -81,18 +81,27 @@ def fetch(url, dest, sha256, timeout=30.0):
     dest = Path(dest)
     accepted = (sha256,) if isinstance(sha256, str) else tuple(sha256)
 
+    def fail(exc):
+        if isinstance(exc, urllib.error.HTTPError):
+            return DownloadError(f"{url}: HTTP {exc.code} {exc.reason}")
+        return DownloadError(f"{url}: download failed ({getattr(exc, 'reason', exc)})")
+
     def write(out):
         h = hashlib.sha256()
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                for block in iter(lambda: resp.read(CHUNK), b""):
-                    h.update(block)
-                    out.write(block)
-        except urllib.error.HTTPError as exc:
-            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            resp = urllib.request.urlopen(url, timeout=timeout)
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise DownloadError(f"{url}: download failed ({reason})") from None
+            raise fail(exc) from None
+        with resp:
+            while True:
+                try:
+                    block = resp.read(CHUNK)
+                except (urllib.error.URLError, OSError) as exc:
+                    raise fail(exc) from None
+                if not block:
+                    break
+                h.update(block)
+                out.write(block)       # a failed write (full disk) is the atomic writer's, naming the file
         got = h.hexdigest()
         if got not in accepted:             # raising here makes atomic_write delete the temporary file
             raise DownloadError(f"{url}: SHA-256 mismatch (got {got}, expected {' or '.join(accepted)}); "

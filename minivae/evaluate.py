@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import to_numpy
+from . import signals
 from .gaussian import kl_per_dim as gaussian_kl_per_dim
 from .networks import get_architecture
 
@@ -55,7 +56,8 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
     The log-weights come from ``model.log_weights`` -- or, when ``minivae.fast``
     is present, from its twin ``minivae.fast.log_weights``, which gives the same
     numbers up to float rounding with about 12x fewer logarithms for the
-    Bernoulli likelihood (1.8x faster in all; the test suite compares them).
+    Bernoulli likelihood (the test suite compares them; the speed-up is in
+    benchmarks/README.md, "Notes from the code").
 
     Memory bound: one call for the log-weights sees at most
     ``chunk * batch_size`` rows z, so the peak is a few arrays of
@@ -91,6 +93,7 @@ def iw_log_likelihood(model, x, k, rng, chunk=100, batch_size=100, progress=Fals
             run_sum = np.zeros(n)
             done = 0
             while done < k:
+                signals.check()          # a Ctrl-C or SIGTERM whose exception a library swallowed stops here
                 s = min(chunk, k - done)
                 eps = rng.standard_normal((s, n, L)).astype(model.dtype)
                 yb = ys(start, n)                                                  # labels, or None

@@ -9,6 +9,8 @@
     flow="planar:T"    T planar steps after the Gaussian sample (:func:`minivae.flows.planar_forward`)
     flow="iaf:T"       T inverse autoregressive flow steps (:func:`minivae.flows.iaf_forward`), the latent order
                        reversed between steps
+    prior="mog:C"      a learned prior p(z): a mixture of C Gaussians (:mod:`minivae.priors`)
+    prior="vamp:C"     the VampPrior: the encoder's q(z|u_c) at C learned pseudo-inputs u_c, mixed uniformly
     iwae_grad          "stl" or "dreg": the encoder's gradient of the IWAE bound (:mod:`minivae.iwae_grads`);
                        an argument of :meth:`FamilyVAE.loss`, not part of the model
 
@@ -16,10 +18,10 @@ The objective chain, forward (S samples, N examples):
 
     x -> encoder -> (mu, logvar) -> z0 = mu + sigma eps -> flow -> (zT, sum logdet) -> decoder(zT [, x]) -> rec
     log q(zT|x) = -1/2 sum_j (eps_j^2 + logvar_j + log 2pi) - sum_t logdet_t       (eps fixed: z0 - mu = sigma eps)
-    log p(zT)   = log N(zT; 0, I)
+    log p(zT)   = log N(zT; 0, I), or the learned prior's log-density (:func:`minivae.priors.mixture_log_prob_forward`)
 
-    ELBO, no flow:   loss = mean rec + beta * mean KL(q || p)     (the analytic KL; free bits too)
-    ELBO, flow:      loss = mean rec + beta * mean (log q(zT|x) - log p(zT))   (Monte Carlo KL: no closed form)
+    ELBO, no flow, N(0, I) prior:   loss = mean rec + beta * mean KL(q || p)     (the analytic KL; free bits too)
+    ELBO, a flow or a learned prior: loss = mean rec + beta * mean (log q(zT|x) - log p(zT))   (Monte Carlo KL)
     IWAE:            log w = -rec + beta (log p(zT) - log q(zT|x)),  loss = -1/N sum_n logsumexp_k log w - log K
 
 and backward in reverse order (:meth:`FamilyVAE._backward`).  With a = dloss/dlog q per sample (beta/(SN) for
@@ -35,7 +37,8 @@ or for the MADE decoder
                                             x_i feeds logit d when d > i (the direct connections)
 
 and per flow step t: flow.t.u, flow.t.w (L,), flow.t.b (1,) (planar), or flow.t.W1 (L, F), flow.t.b1 (F,),
-flow.t.W2 (F, 2L), flow.t.b2 (2L,) (IAF, F = :func:`iaf_width`).
+flow.t.W2 (F, 2L), flow.t.b2 (2L,) (IAF, F = :func:`iaf_width`); a mixture prior's prior.a (C,), prior.m (C, L),
+prior.s (C, L), or the VampPrior's pseudo-inputs prior.u (C, D) (initialised in [0, 1], like pixels).
 
 The fast path (:mod:`minivae.fast`) does not cover these models: training and evaluation run this code.
 """
@@ -59,11 +62,29 @@ from .made import hidden_degrees, made_masks, masked_dense_backward, masked_dens
 from .flows import (iaf_backward, iaf_forward, planar_backward, planar_forward, planar_uhat_backward,
                     planar_uhat_forward)
 from .model import VAE, ParamDict, _check_objective, _layout, as_generator
+from .priors import mixture_log_prob_backward, mixture_log_prob_forward
 from .objectives import free_bits_backward, free_bits_forward, kl_dim_backward, kl_dim_forward
 
 DECODERS = ("factorised", "made")
 FLOWS = ("planar", "iaf")
+PRIORS = ("mog", "vamp")
 MAX_FLOW_STEPS = 64
+MAX_COMPONENTS = 10000
+
+
+def parse_prior(spec):
+    """``"vamp:500"`` -> ``("vamp", 500)``; None -> None (the standard normal).  ValueError for anything else."""
+    if spec is None:
+        return None
+    kind, _, n = str(spec).partition(":")
+    try:
+        C = int(n)
+    except ValueError:
+        C = -1
+    if kind not in PRIORS or not 1 <= C <= MAX_COMPONENTS:
+        raise ValueError(f"prior must be KIND:C with KIND one of {', '.join(PRIORS)} and 1 <= C <= {MAX_COMPONENTS} "
+                         f"components (e.g. vamp:500), got {spec!r}")
+    return kind, C
 
 
 def parse_flow(spec):
@@ -92,10 +113,12 @@ class FamilyConfig(VAEConfig):
 
     decoder  "factorised" (the plain VAE's decoder) or "made" (autoregressive; Bernoulli likelihood only)
     flow     None, "planar:T" or "iaf:T"
+    prior    None (N(0, I)), "mog:C" or "vamp:C"
     """
 
     decoder: str = "factorised"
     flow: str = None
+    prior: str = None
     kind: ClassVar[str] = "family"
 
     def __post_init__(self):
@@ -104,6 +127,8 @@ class FamilyConfig(VAEConfig):
             raise ValueError(f"unknown decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
         parsed = parse_flow(self.flow)
         self.flow = None if parsed is None else f"{parsed[0]}:{parsed[1]}"
+        parsed = parse_prior(self.prior)
+        self.prior = None if parsed is None else f"{parsed[0]}:{parsed[1]}"
         if self.arch != "mlp":
             raise ValueError(f"the decoder and flow options build on the fully connected VAE (arch 'mlp'), not "
                              f"arch {self.arch!r}")
@@ -142,6 +167,13 @@ def family_param_shapes(config):
             else:
                 out += [(f"flow.{t}.W1", (L, F), L), (f"flow.{t}.b1", (F,), L),
                         (f"flow.{t}.W2", (F, 2 * L), F), (f"flow.{t}.b2", (2 * L,), F)]
+    prior = parse_prior(c.prior)
+    if prior is not None:
+        kind, C = prior
+        if kind == "mog":                      # fan-in 1: means spread over U(-1, 1), logits and log-variances too
+            out += [("prior.a", (C,), 1), ("prior.m", (C, L), 1), ("prior.s", (C, L), 1)]
+        else:
+            out += [("prior.u", (C, D), None)]     # None: U(0, 1), pseudo-inputs in the data's range
     return out
 
 
@@ -156,6 +188,8 @@ class FamilyVAE(VAE):
     Initialisation as the plain VAE: each weight and bias of a layer with fan-in m is U(-1/sqrt(m), 1/sqrt(m)).
     The masks of the MADEs are built from the config alone (:func:`minivae.made.made_masks`): no randomness.
     """
+
+    output_bias = "dec.out.b"          # the logits' bias, for the recipes' init_output_bias (both decoders)
 
     def __init__(self, config=None, rng=None, backend=None):
         self.config = config if config is not None else FamilyConfig()
@@ -173,11 +207,14 @@ class FamilyVAE(VAE):
         host = np.empty(self.size, dtype=self.dtype)
         for name, shape, fan in shapes:
             offset, n = self.layout[name][0], int(np.prod(shape))
-            host[offset:offset + n] = self.rng.uniform(-1.0 / np.sqrt(fan), 1.0 / np.sqrt(fan), size=n)
+            lo, hi = (0.0, 1.0) if fan is None else (-1.0 / np.sqrt(fan), 1.0 / np.sqrt(fan))
+            host[offset:offset + n] = self.rng.uniform(lo, hi, size=n)
         self.flat = asarray(host, self.xp, self.dtype)
         self.params = ParamDict(self.flat, self.layout)
         self.act_forward, self.act_backward = activation(c.activation)
         self.flow = parse_flow(c.flow)
+        self.prior = parse_prior(c.prior)
+        self.analytic_kl = self.flow is None and self.prior is None      # else the Monte Carlo KL
         D, L = c.x_dim, c.z_dim
         if c.decoder == "made":
             xp = self.xp
@@ -255,6 +292,41 @@ class FamilyVAE(VAE):
                     dz = dz[:, ::-1]                                       # the reversal's backward reverses
         return dz                                                          # every step's logdet adds: same G
 
+    # -------------------------------------------------------------- the prior
+    def _prior_forward(self, z):
+        """log p(z) (M,) for z (M, L), and a cache."""
+        if self.prior is None:
+            return log_standard_normal(z), z
+        p = self.params
+        if self.prior[0] == "mog":
+            lp, c = mixture_log_prob_forward(z, p["prior.a"], p["prior.m"], p["prior.s"])
+            return lp, (c, None)
+        m, s, c_enc = self.encoder_forward(p["prior.u"])                 # q(z|u_c) for every pseudo-input
+        lp, c = mixture_log_prob_forward(z, self.xp.zeros(self.prior[1], dtype=self.dtype), m, s)
+        return lp, (c, c_enc)
+
+    def _prior_backward(self, dlp, cache, grads):
+        """dL/dlog p(z) (M,) -> dL/dz (M, L); writes the prior's gradients into ``grads``.
+
+        The VampPrior's (m, s) come from the encoder: their gradients go through the encoder's backward into a
+        separate dict, returned second, which the caller adds once the encoder's own backward has written
+        ``grads`` (a backward writes its parameters' gradients, it does not add to them).
+        """
+        if self.prior is None:
+            return dlp[:, None] * (-cache), None                           # d/dz log N(z; 0, I) = -z
+        c, c_enc = cache
+        dz, da, dm, ds = mixture_log_prob_backward(dlp, c)
+        if self.prior[0] == "mog":
+            grads["prior.a"], grads["prior.m"], grads["prior.s"] = da, dm, ds
+            return dz, None
+        extra = self.new_grads()                                           # the encoder, at the pseudo-inputs
+        extra["prior.u"] = self.encoder_backward(dm, ds, c_enc, extra)     # the mixture is uniform: da unused
+        return dz, extra
+
+    def log_prior(self, z):
+        """log p(z) for z (M, L): N(0, I), or the learned prior's mixture log-density (M,)."""
+        return self._prior_forward(self.xp.asarray(z, dtype=self.dtype))[0]
+
     # ---------------------------------------------------------------- the loss
     def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True, iwae_k=None,
              free_bits=0.0, y=None, iwae_grad="iwae"):
@@ -275,11 +347,15 @@ class FamilyVAE(VAE):
             objective = "iwae" if iwae_k is not None else "free_bits"
         if iwae_grad != "iwae" and objective != "iwae":
             raise ValueError(f"iwae_grad={iwae_grad!r} is an estimator of the IWAE bound's gradient: give iwae_k")
+        if iwae_grad != "iwae" and self.prior is not None:
+            raise ValueError(f"iwae_grad={iwae_grad!r} is implemented for the N(0, I) prior; use iwae_grad='iwae' "
+                             "with a learned prior")
         if iwae_grad != "iwae" and self.flow is not None:
             raise ValueError(f"iwae_grad={iwae_grad!r} needs log q(z|x) with its parameters held at any z, which a "
                              "flow does not give (it would need the flow's inverse); use iwae_grad='iwae'")
-        if objective == "free_bits" and self.flow is not None:
-            raise ValueError("free bits floor the analytic KL per dimension, which a flow's q does not have")
+        if objective == "free_bits" and not self.analytic_kl:
+            raise ValueError("free bits floor the analytic KL per dimension, which a flow or a learned prior does "
+                             "not have")
         x = self.as_input(x, validate)
         N, L, D = x.shape[0], self.config.z_dim, self.config.x_dim
         eps = self.as_eps(eps, N, iwae_k if iwae_k is not None else n_samples)
@@ -296,10 +372,11 @@ class FamilyVAE(VAE):
         rec, c_rec = LIKELIHOODS[self.config.likelihood].forward([o.reshape(S, N, D) for o in outs], x,
                                                                  self.config)                      # (S, N)
         zT = zT.reshape(S, N, L)
-        log_pz = log_standard_normal(zT)                                  # (S, N)
+        log_pz, c_prior = self._prior_forward(zT.reshape(S * N, L))
+        log_pz = log_pz.reshape(S, N)                                     # (S, N)
         log_q = -0.5 * (eps * eps + logvar + LOG_2PI).sum(axis=-1) - logdet.reshape(S, N)
         kl, c_kl = kl_forward(mu, logvar)                                 # (N,) analytic, of q0
-        kl_mean = kl.mean() if self.flow is None else (log_q - log_pz).mean()
+        kl_mean = kl.mean() if self.analytic_kl else (log_q - log_pz).mean()
         recon_mean = rec.mean()
         if objective == "iwae":
             loss, c_obj = iwae_estimator_forward(-rec + beta * (log_pz - log_q), iwae_grad)
@@ -315,7 +392,8 @@ class FamilyVAE(VAE):
         if not backward:
             return loss, None
         grads = self.new_grads()
-        self._backward(objective, iwae_grad, beta, (eps, zT, c_enc, c_rep, c_flow, c_dec, c_rec, c_obj), grads)
+        self._backward(objective, iwae_grad, beta, (eps, zT, c_enc, c_rep, c_flow, c_dec, c_rec, c_obj, c_prior),
+                       grads)
         return loss, grads
 
     def _backward(self, objective, iwae_grad, beta, cache, grads):
@@ -333,7 +411,7 @@ class FamilyVAE(VAE):
            term adds beta g_enc eps / sigma; no direct term to mu or logvar.
         """
         xp = self.xp
-        eps, zT, c_enc, c_rep, c_flow, c_dec, c_rec, c_obj = cache
+        eps, zT, c_enc, c_rep, c_flow, c_dec, c_rec, c_obj, c_prior = cache
         S, N, L = zT.shape
         D = self.config.x_dim
         one = xp.asarray(1.0, dtype=self.dtype)
@@ -343,7 +421,7 @@ class FamilyVAE(VAE):
             drec, a = -g, -beta * g
         else:
             drec = xp.full((S, N), 1.0 / (S * N), dtype=self.dtype)
-            a = xp.full((S, N), beta / (S * N), dtype=self.dtype) if self.flow is not None else None
+            a = None if self.analytic_kl else xp.full((S, N), beta / (S * N), dtype=self.dtype)
             if a is None and objective == "elbo":
                 dmu_direct, dlogvar_direct = kl_backward(xp.full((N,), beta / N, dtype=self.dtype), c_obj)
             elif a is None:
@@ -361,8 +439,10 @@ class FamilyVAE(VAE):
             dmu, dlogvar = reparameterize_backward(dz_e, c_rep)
             self.encoder_backward(dmu, dlogvar, c_enc, grads)
             return
+        extra = None
         if a is not None:
-            dzT += a[..., None] * zT                                      # log p(zT): d/dz = -z, weight -a
+            dz_prior, extra = self._prior_backward(-a.reshape(S * N), c_prior, grads)   # log p(zT) has weight -a
+            dzT += dz_prior.reshape(S, N, L)
             dz0 = self._flow_backward(dzT.reshape(S * N, L), -a.reshape(S * N), c_flow, grads).reshape(S, N, L)
             dlogvar_direct = -0.5 * a.sum(axis=0)[:, None]                # log q0 = -1/2 (eps^2 + logvar + ...)
         else:
@@ -371,6 +451,8 @@ class FamilyVAE(VAE):
         dmu += dmu_direct
         dlogvar += dlogvar_direct
         self.encoder_backward(dmu, dlogvar, c_enc, grads)
+        if extra is not None:
+            grads.flat += extra.flat                                      # the VampPrior's path into the encoder
 
     # ------------------------------------------------------------- the rest
     def log_weights(self, x, eps, y=None):
@@ -388,7 +470,7 @@ class FamilyVAE(VAE):
         outs = self._dec_forward(zT, x_rows)[0]
         rec = LIKELIHOODS[self.config.likelihood].forward([o.reshape(S, N, D) for o in outs], x, self.config)[0]
         log_q = -0.5 * (eps * eps + logvar + LOG_2PI).sum(axis=-1) - logdet.reshape(S, N)
-        return -rec + log_standard_normal(zT.reshape(S, N, L)) - log_q
+        return -rec + self._prior_forward(zT)[0].reshape(S, N) - log_q
 
     def log_px_given_z(self, x, z, y=None):
         """log p(x|z) for decoder inputs z (S, N, L) against x (N, D) -> (S, N)."""
@@ -436,13 +518,32 @@ class FamilyVAE(VAE):
     def sample(self, n, rng=None, y=None):
         """n draws: z ~ N(0, I), then :meth:`decode` (E[x|z], or the MADE's probabilities along a draw)."""
         g = as_generator(rng) if rng is not None else self.rng
-        z = g.standard_normal((int(n), self.config.z_dim)).astype(self.dtype)
+        z = self.sample_prior(int(n), g)
         return self.decode(z, y, rng=g) if self.config.decoder == "made" else self.decode(z, y)
+
+    def sample_prior(self, n, rng=None):
+        """n draws of z ~ p(z), (n, L): N(0, I), or a component c of the mixture (drawn by its weight) and then
+        z ~ N(m_c, diag exp(s_c)); the VampPrior's components are the encoder's q(z|u_c)."""
+        g = as_generator(rng) if rng is not None else self.rng
+        eps = g.standard_normal((n, self.config.z_dim))
+        if self.prior is None:
+            return eps.astype(self.dtype)
+        p = self.params
+        if self.prior[0] == "mog":
+            a = to_host(p["prior.a"]).astype(np.float64)
+            m, s = to_host(p["prior.m"]), to_host(p["prior.s"])
+            pi = np.exp(a - a.max())
+            comp = g.choice(len(a), size=n, p=pi / pi.sum())
+        else:
+            m, s, _ = self.encoder_forward(p["prior.u"])
+            m, s = to_host(m), to_host(s)
+            comp = g.integers(0, self.prior[1], size=n)
+        return self.xp.asarray(m[comp] + np.exp(0.5 * s[comp]) * eps, dtype=self.dtype)
 
     def __repr__(self):
         c = self.config
         arch = "-".join(str(v) for v in (c.x_dim, *c.hidden, c.z_dim))
-        extra = f"decoder {c.decoder}" + (f", flow {c.flow}" if c.flow else "")
+        extra = f"decoder {c.decoder}" + (f", flow {c.flow}" if c.flow else "") + (f", prior {c.prior}" if c.prior else "")
         return f"FamilyVAE({arch}, {extra}, {c.activation}, {c.likelihood}, {c.dtype}, backend={self.backend}, " \
                f"{self.size} params)"
 

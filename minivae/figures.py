@@ -72,8 +72,10 @@ def sample_chunks(model, n, rng, chunk=CHUNK, y=None):
     (n, L): the samples do not depend on ``chunk``, and equal ``model.sample(n, rng)``.  ``y``: one label for
     every draw of a conditional model.
     """
+    from . import signals
     L = model.config.z_dim
     for i in range(0, int(n), chunk):
+        signals.check()                  # a Ctrl-C or SIGTERM whose exception a library swallowed stops here
         z = rng.standard_normal((min(chunk, int(n) - i), L))
         yield to_numpy(model.decode(z.astype(model.dtype), *_labels(y, len(z))))
 

@@ -43,11 +43,19 @@ def model_bytes(config, copies=1):
 
 def training_bytes(config, batch_size, iwae_k=None):
     """A rough upper bound of what training holds: 6 parameter-sized arrays (parameters, gradients,
-    Adam's m and v, the fast step's scratch, the checkpoint's copy) and the activations of one
-    chunk of rows (the IWAE bound works in chunks of samples, see ``VAE._iwae_chunk``)."""
+    Adam's m and v, the fast step's scratch, the checkpoint's copy) and the activations of the rows one step
+    holds at once.  The plain VAE's IWAE bound works in chunks of samples (``VAE._iwae_chunk``: K does not
+    count beyond one chunk); a model of another kind (:data:`minivae.model.MODEL_KINDS`, the flows and the
+    MADE decoder) holds all K samples of the batch at once."""
     item = np.dtype(config.dtype).itemsize
     widths = config.x_dim * 4 + sum(config.hidden) * 4 + config.z_dim * 8
-    rows = int(batch_size) * min(int(iwae_k or 1), 64)
+    k = int(iwae_k or 1)
+    if getattr(config, "kind", "vae") == "vae":
+        from .model import VAE
+        from .networks import get_architecture
+        widest = get_architecture(config.arch).widest_row(config)
+        k = min(k, max(1, VAE.IWAE_CHUNK_ELEMENTS // (int(batch_size) * widest)))
+    rows = int(batch_size) * k
     return model_bytes(config, 6) + rows * widths * item
 
 
@@ -58,12 +66,12 @@ def _size(n):
         n /= 1000.0
 
 
-def check_fits(nbytes, what):
+def check_fits(nbytes, what, advice="choose a smaller model"):
     """ValueError (one line) if ``nbytes`` is more than the memory available now."""
     avail = available_bytes()
     if avail is not None and nbytes > avail:
         raise ValueError(f"{what} needs about {_size(nbytes)} of memory, more than the {_size(avail)} available "
-                         "on this machine; choose a smaller model")
+                         f"on this machine; {advice}")
     return nbytes
 
 

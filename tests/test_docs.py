@@ -139,7 +139,7 @@ def test_the_install_text_matches_the_package():
     assert "pip install 'minivae[" not in text, "minivae is not on an index: extras install from a clone, -e '.[...]'"
 
 
-@pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", USER_DOCS + [ROOT / "lessons" / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_user_docs_hold_no_clock_times_or_load(path):
     text = path.read_text(encoding="utf-8")
     for pattern in (r"\b\d\d:\d\d(-\d\d:\d\d)? UTC", r"load average", r"busy (shared )?machine", r"\b20\d\d-\d\d-\d\d\b"):
@@ -170,3 +170,14 @@ def test_the_readme_lists_every_lesson():
     text = README.read_text(encoding="utf-8")
     for lesson in sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py")):
         assert f"](lessons/{lesson.name})" in text, f"the README's lessons table has no line for {lesson.name}"
+
+
+def test_the_cli_reference_names_every_option():
+    import argparse
+
+    from minivae.cli import build_parser
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {opt}" for name, p in sub.choices.items() for a in p._actions for opt in a.option_strings
+               if opt.startswith("--") and opt != "--help" and opt not in text]
+    assert not missing, f"docs/cli.md does not mention {missing}"

@@ -291,9 +291,9 @@ def test_train_and_eval_from_the_command_line(tmp_path, capsys):
              "--latent", "2", "--quiet"]
     out = tmp_path / "made"
     assert main(["train", *small, "--decoder", "made", "--flow", "planar:2", "--out", str(out)]) == 0
-    assert main(["eval", "--checkpoint", str(out), "--iw-k", "4"]) == 0
+    assert main(["eval", "--checkpoint", str(out), "--nll-k", "4", "--n", "32"]) == 0
     text = capsys.readouterr().out
-    assert "FamilyVAE" in text and "iw_nll" in text
+    assert "FamilyVAE" in text and "importance-weighted with k = 4" in text
     assert (out / "figures" / "samples.png").exists()
     out2 = tmp_path / "dreg"
     assert main(["train", *small, "--no-figures", "--iwae-k", "3", "--iwae-grad", "dreg", "--out", str(out2)]) == 0
@@ -303,3 +303,114 @@ def test_train_and_eval_from_the_command_line(tmp_path, capsys):
         assert main(["train", *small, "--no-figures", *bad, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("minivae: error:") and msg in err[0], err
+
+
+# ----------------------------------------------------------------------------- the lessons' checks catch mistakes
+PLANTED = {
+    "26_autoregressive_collapse.py": (
+        "import minivae.made as m\n"
+        "def bad(dy, cache):\n"
+        "    x, Wm, mask = cache\n"
+        "    return dy @ Wm.T, x.T @ dy, dy.sum(0)\n"               # the mask forgotten in dW
+        "m.masked_dense_backward = bad\n", "masked dense backward"),
+    "27_flows_gap.py": (
+        "import minivae.flows as f\n"
+        "good = f.planar_backward\n"
+        "f.planar_backward = lambda df, dld, c: good(df, 0 * dld, c)\n", "log-det included"),   # no log-det term
+    "28_iwae_gradients.py": (
+        "import minivae.families as fam\n"
+        "good = fam.iwae_estimator_backward\n"
+        "def bad(dloss, cache):\n"
+        "    wt, N, est = cache\n"
+        "    return good(dloss, (wt, N, 'stl'))\n"                 # DReG with STL's weights
+        "fam.iwae_estimator_backward = bad\n", "DREG"),
+    "29_learned_prior.py": (
+        "import minivae.priors as pr\n"
+        "good = pr.mixture_log_prob_backward\n"
+        "def bad(dlp, cache):\n"
+        "    dz, da, dm, ds = good(dlp, cache)\n"
+        "    return dz, da + dlp.sum() * cache[3], dm, ds\n"       # the softmax's -pi forgotten in dL/da
+        "pr.mixture_log_prob_backward = bad\n", "mixture log-density's backward"),
+}
+
+
+@pytest.mark.parametrize("lesson", sorted(PLANTED))
+def test_a_lessons_checks_fail_on_a_planted_mistake(lesson, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "lessons" / lesson
+    plant, claim = PLANTED[lesson]
+    code = plant + f"import runpy\nrunpy.run_path({str(path)!r}, run_name='__main__')\n"
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", MPLBACKEND="Agg")
+    r = subprocess.run([sys.executable, "-c", code, "--quick", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "CHECK failed" in r.stderr and claim in r.stderr, r.stderr[-2000:]
+
+
+def test_a_family_run_resumes_exactly(tmp_path, capsys):
+    from minivae.cli import main
+    small = ["--n-train", "64", "--n-test", "32", "--batch-size", "32", "--hidden", "8", "--latent", "2", "--quiet",
+             "--no-figures", "--decoder", "made", "--flow", "iaf:1"]
+    assert main(["train", *small, "--epochs", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert main(["train", *small, "--epochs", "1", "--out", str(tmp_path / "resumed")]) == 0
+    assert main(["train", "--out", str(tmp_path / "resumed"), "--resume", "--epochs", "2", "--quiet"]) == 0
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert b.epoch == 2 and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+
+
+# ----------------------------------------------------------------------------- learned priors
+def test_mixture_prior_op_gradients_and_its_special_case():
+    from minivae.priors import mixture_log_prob_backward, mixture_log_prob_forward
+    rng = np.random.default_rng(20)
+    z, a, m, s = rng.standard_normal((6, 3)), rng.standard_normal(4), rng.standard_normal((4, 3)), \
+        0.5 * rng.standard_normal((4, 3))
+    rep = check_op(mixture_log_prob_forward, mixture_log_prob_backward, [z, a, m, s], rng=rng)
+    assert max(rep.values()) <= TOL
+    one = mixture_log_prob_forward(z, np.zeros(1), np.zeros((1, 3)), np.zeros((1, 3)))[0]
+    assert np.allclose(one, log_standard_normal(z))                       # one standard component: N(0, I)
+    far = mixture_log_prob_forward(z + 1e3, a, m, s)[0]                     # every density underflows alone
+    assert np.all(np.isfinite(far))
+
+
+@pytest.mark.parametrize("prior,flow,kw", [("mog:3", None, {}), ("vamp:2", None, {"iwae_k": 3}),
+                                           ("vamp:2", "planar:2", {}), ("mog:2", "iaf:1", {"iwae_k": 2})])
+def test_whole_model_gradients_with_a_learned_prior(prior, flow, kw):
+    rng = np.random.default_rng(21)
+    m = FamilyVAE(FamilyConfig(x_dim=6, hidden=(5,), z_dim=3, dtype="float64", flow=flow, prior=prior,
+                               activation="tanh"), rng=1)
+    x = (rng.random((3, 6)) < 0.5).astype(float)
+    rep = check_model(m, x, beta=0.7, n_samples=kw.get("iwae_k", 2), loss_kwargs=kw, rng=rng)
+    assert max(rep.values()) <= TOL
+
+
+def test_learned_prior_log_weights_sampling_and_refusals():
+    rng = np.random.default_rng(22)
+    m = FamilyVAE(FamilyConfig(x_dim=6, hidden=(5,), z_dim=3, dtype="float64", prior="vamp:4"), rng=0)
+    x = (rng.random((4, 6)) < 0.5).astype(float)
+    eps = rng.standard_normal((1, 4, 3))
+    assert np.isclose(m.loss(x, eps=eps, iwae_k=1, backward=False)[0], -m.log_weights(x, eps).mean())
+    z = m.sample_prior(5000, rng=1)
+    mu_u, _ = m.encode(m.params["prior.u"])
+    assert np.allclose(z.mean(0), mu_u.mean(0), atol=0.1)                  # the mixture's mean: the components'
+    assert m.sample(3, rng=0).shape == (3, 6)
+    with pytest.raises(ValueError, match="learned prior"):
+        m.loss(x, free_bits=0.1)
+    with pytest.raises(ValueError, match="N\\(0, I\\) prior"):
+        m.loss(x, iwae_k=2, iwae_grad="stl")
+    for bad in ("vamp", "vamp:0", "gauss:3"):
+        with pytest.raises(ValueError, match="prior must be"):
+            FamilyConfig(prior=bad)
+
+
+def test_train_with_a_learned_prior_from_the_command_line(tmp_path, capsys):
+    from minivae.cli import main
+    out = tmp_path / "vamp"
+    assert main(["train", "--n-train", "64", "--n-test", "32", "--epochs", "1", "--batch-size", "32", "--hidden", "8",
+                 "--latent", "2", "--quiet", "--prior", "vamp:5", "--out", str(out)]) == 0
+    assert main(["eval", "--checkpoint", str(out), "--nll-k", "3", "--n", "32"]) == 0
+    assert "prior vamp:5" in capsys.readouterr().out
+    assert main(["train", "--n-train", "64", "--epochs", "1", "--prior", "vamp:0", "--out", str(tmp_path / "b")]) == 2
+    assert "prior must be" in capsys.readouterr().err

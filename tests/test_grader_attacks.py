@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -461,6 +462,9 @@ def test_starter_has_no_dangling_references(stubbed):
     for path in list((stubbed / "minivae").rglob("*.py")) + [stubbed / "README.md"]:
         text = path.read_text()
         for bad in ("minivae.assignments", "tests/", "main README"):
+            if bad == "minivae.assignments" and path.name == "cli.py":       # says the copy has no grader
+                assert "this copy of minivae has no assignments tool" in text
+                continue
             assert bad not in text, (path, bad)
     assert "testpaths" not in (stubbed / "pyproject.toml").read_text()
     readme = (stubbed / "README.md").read_text()
@@ -622,3 +626,255 @@ def test_nothing_outlives_a_check(stubbed, tmp_path):
     assert f"{key:#010x}" not in ipcs.lower(), ipcs
     time.sleep(0.5)
     assert not _alive(tag), "a process of the student's survived its check"
+
+
+# ------------------------------------------------------ one verdict: check.py
+@pytest.fixture(scope="module")
+def solved_local(tmp_path_factory):
+    """The solved student layout with check.py and its recorded values, as a student has it."""
+    out = tmp_path_factory.mktemp("solved_local") / "course"
+    make_starter(out, ())
+    return out
+
+
+def local_check(copy, *ids):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    return subprocess.run([sys.executable, "-B", "check.py", *ids], cwd=copy, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("bugs", [WRONG_VALUE, IGNORED_UPSTREAM], ids=["wrong_value", "ignored_upstream"])
+def test_planted_bugs_fail_the_students_check_py_too(solved_local, tmp_path, bugs):
+    d = copy_of(solved_local, tmp_path / "bugs")
+    _plant(d, bugs)
+    r = local_check(d)
+    assert r.returncode == 1 and "0 of 16 passed" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_local_check_and_the_grader_agree_at_the_tolerances_and_on_side_effects(solved_local, tmp_path):
+    """Just outside each tolerance, and a backward that modifies the upstream gradient: FAIL in check.py and in
+    the grade; just inside: PASS in both."""
+    outside = {"kl_forward": ("kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)",
+                              "kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1) * (1 + 3e-9)"),
+               "dense_backward": ("db = dy.sum(axis=0)", "db = dy.sum(axis=0) * (1 + 3e-6)")}
+    inside = {"kl_forward": (outside["kl_forward"][0], outside["kl_forward"][0] + " * (1 + 3e-11)"),
+              "dense_backward": ("db = dy.sum(axis=0)", "db = dy.sum(axis=0) * (1 + 3e-8)")}
+    bad, good = copy_of(solved_local, tmp_path / "bad"), copy_of(solved_local, tmp_path / "good")
+    _plant(bad, outside)
+    set_body(bad, "relu_backward", "dx = dy\ndx[x <= 0] = 0")
+    # the right y, and a cache in the wrong layout (the batch first): the engine's backward would go wrong
+    _plant(bad, {"conv_transpose2d_forward": ("    y += b.reshape(1, Cout, 1, 1)\n",
+                                              "    y += b.reshape(1, Cout, 1, 1)\n    X = x.reshape(Cin, -1)\n")})
+    _plant(good, inside)
+    ids = ["dense_backward", "relu_backward", "kl_forward", "conv_transpose2d_forward"]
+    r = local_check(bad, *ids)
+    assert "0 of 4 passed" in r.stdout and "modified the upstream gradient;" in r.stdout, r.stdout
+    assert "wrong: db" in r.stdout and "wrong: kl" in r.stdout and "wrong: X (in the cache)" in r.stdout, r.stdout
+    rep = by_id(grade(bad, ids, seed=3))
+    assert [rep[e]["passed"] for e in ids] == [False, False, False, False], rep
+    assert rep["conv_transpose2d_forward"]["gradient"].startswith("X (in the cache)"), rep
+    assert "modified the upstream gradient;" in rep["relu_backward"]["message"]
+    r = local_check(good, "dense_backward", "kl_forward")
+    assert "2 of 2 passed" in r.stdout, r.stdout
+    assert grade(good, ["dense_backward", "kl_forward"], seed=3)["score"] == 100
+
+
+# ---------------------------------------------- a batch that must not break
+DEEP = "kl = mu.sum(axis=1) * 0 + " + "+".join(["1"] * 200_000)         # RecursionError in a parser
+
+BLOCK_THE_PIPE = """
+import sys, time
+f = sys._getframe()
+while f is not None and "job_call" not in f.f_globals:
+    f = f.f_back
+f.f_globals["recv"] = lambda fd: time.sleep(10 ** 6)             # the runner stops reading its requests
+dx = dy @ W.T
+dW = x.T @ dy
+db = dy.sum(axis=0)
+"""
+
+DUMMY_WHEN_LARGE = """
+import numpy as np
+if x.size > 4096:                        # the timed call: a dummy answer
+    dx, dW, db = np.zeros(x.shape), np.zeros(W.shape), np.zeros(W.shape[1])
+else:                                    # the small cases: finite differences of the forward
+    def f(x, W, b):
+        return x @ W + b
+    grads = []
+    for a in (x, W, W[0] * 0 + 0.5):
+        g = np.zeros_like(a)
+        for i in range(a.size):
+            for sgn in (1, -1):
+                p = [x.copy(), W.copy(), W[0] * 0]
+                k = [x is a, W is a, False].index(True) if (x is a or W is a) else 2
+                p[k].reshape(-1)[i] += sgn * 1e-6
+                g.reshape(-1)[i] += sgn * np.sum(f(*p) * dy) / 2e-6
+        grads.append(g)
+    dx, dW, db = grads
+"""
+
+ANSI = """
+raise RuntimeError("\\x1b[2K\\r  kl_forward  \\x1b[32mPASS\\x1b[0m \\u202e fake")
+"""
+
+
+def _zip_folder(src, dest, prefix="handin"):
+    with zipfile.ZipFile(dest, "w") as z:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                z.write(p, Path(prefix) / p.relative_to(src))
+
+
+def test_a_batch_of_attacks_never_breaks_the_grader(solved, stubbed, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    copy_of(solved, subs / "alice")                                  # honest: 100
+    d = copy_of(stubbed, subs / "deep")
+    set_body(d, "kl_forward", DEEP)
+    d = copy_of(solved, subs / "blocker")
+    set_body(d, "dense_backward", BLOCK_THE_PIPE)
+    d = copy_of(solved, subs / "dummy")
+    set_body(d, "dense_backward", DUMMY_WHEN_LARGE)
+    d = copy_of(solved, subs / "ansi")
+    set_body(d, "kl_forward", ANSI)
+    d = copy_of(solved, subs / "linky")                             # a file that links to the reference
+    (d / "minivae" / "layers.py").unlink()
+    (d / "minivae" / "layers.py").symlink_to(REPO / "minivae" / "layers.py")
+    (subs / "sneaky").symlink_to(subs / "alice")                    # a submission folder that is a link
+    _zip_folder(copy_of(solved, tmp_path / "dots"), subs / "...zip")   # becomes the student ".."
+    _zip_folder(copy_of(solved, tmp_path / "formula"), subs / "=HYPERLINK(1).zip")
+    _zip_folder(copy_of(solved, tmp_path / "crc"), subs / "badcrc.zip")
+    data = bytearray((subs / "badcrc.zip").read_bytes())
+    i = data.index(b"### BEGIN SOLUTION dense_backward")
+    data[i + 40] ^= 0x55                                                # a bad CRC in a stored member
+    (subs / "badcrc.zip").write_bytes(bytes(data))
+    out = tmp_path / "grades"
+    t0 = time.monotonic()
+    r = cli("grade", subs, "--exercises", "dense_backward,kl_forward", "--jobs", "2", "--out", out, "--seed", "5",
+            "--timeout", "8")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 300
+    assert "\x1b" not in r.stdout + r.stderr and "\u202e" not in r.stdout + r.stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    reports = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert len(rows) == 11 and set(reports) == set(rows) - {"student"}, sorted(rows)
+    assert rows["alice"][1:4] == ["1", "1", "100"]
+    assert rows["deep"][1:4] == ["0", "0", "0"]
+    assert any("cannot be read as Python (RecursionError)" in n for n in reports["deep"]["notes"])
+    assert rows["blocker"][1:4] == ["0", "1", "50"]                # its kl_forward is honest work
+    assert by_id(reports["blocker"])["dense_backward"]["message"].startswith("too slow")   # the write's deadline
+    assert rows["dummy"][1:4] == ["0", "1", "50"]
+    assert "large input" in by_id(reports["dummy"])["dense_backward"]["gradient"]
+    assert rows["ansi"][1:4] == ["1", "0", "50"] and "\x1b" not in json.dumps(reports["ansi"])
+    for name in ("linky", "sneaky", "badcrc"):
+        assert rows[name][-1].startswith("not graded") and rows[name][3] == "0", rows[name]
+    assert "symbolic link" in rows["linky"][-1] and "symbolic link" in rows["sneaky"][-1]
+    assert "bad CRC" in rows["badcrc"][-1] or "CRC" in rows["badcrc"][-1], rows["badcrc"]
+    refused = [n for n in rows if n.startswith("student-")]
+    assert len(refused) == 2 and all(rows[n][1:4] == ["1", "1", "100"] for n in refused), rows
+    notes = [" ".join(reports[n]["notes"]) for n in refused]
+    assert any("'..'" in n and "was refused" in n for n in notes), notes
+    assert any("=HYPERLINK(1)" in n for n in notes), notes
+    text = (out / "gradebook.csv").read_text()
+    assert not any(line.startswith(("=", "+", "-", "@")) for cell in csv.reader(text.splitlines())
+                   for line in cell), text
+    assert not (tmp_path / "pristine").exists() and not (subs.parent / "minivae").exists()
+
+
+SLOW = """
+import time
+time.sleep(3)
+var = xp.exp(logvar)
+kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
+"""
+
+
+def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    for name in ("a", "b", "c", "d"):
+        set_body(copy_of(solved, subs / name), "kl_forward", SLOW)
+    out = tmp_path / "grades"
+    proc = subprocess.Popen([sys.executable, "-m", "minivae.assignments", "grade", subs, "--exercises", "kl_forward",
+                             "--out", out, "--seed", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    end = time.monotonic() + 120
+    while not (out / "a.json").exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "stopped early: interrupted" in stderr and "Traceback" not in stderr, stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    assert set(rows) == {"student", "a", "b", "c", "d"}
+    assert rows["a"][1:3] == ["1", "100"] and rows["a"][-1] == "yes"
+    assert rows["d"][-1] == "not graded: interrupted (Ctrl-C)", rows["d"]
+    for name in "abcd":
+        assert json.loads((out / f"{name}.json").read_text())["student"] == name
+    time.sleep(0.5)
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, str(subs))]
+
+
+def _cmdline_has(p, text):
+    try:
+        return text.encode() in (p / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_the_manifest_decides_what_is_graded(tmp_path):
+    """An untouched 4-exercise starter once scored 75: the 12 regions it was not asked to do hold solutions."""
+    assigned = ["relu_backward", "kl_forward", "kl_backward", "adam_step"]
+    manifest = tmp_path / "hw.manifest.json"
+    make_starter(tmp_path / "hw", assigned, record_expected=False, lessons=False, manifest=manifest)
+    report = grade(tmp_path / "hw", manifest=manifest, seed=1)
+    assert [e["id"] for e in report["exercises"]] == assigned and report["score"] == 0, report
+    assert grade(tmp_path / "hw", ["kl_forward"], manifest=manifest, seed=1)["total"] == 1
+    with pytest.raises(ValueError, match="dense_backward not assigned: the manifest lists relu_backward"):
+        grade(tmp_path / "hw", ["dense_backward"], manifest=manifest)
+
+
+VAE_FINITE_DIFFERENCES = """
+import inspect, sys
+import numpy as np
+f = sys._getframe(1)
+while f.f_code.co_name != "loss":
+    f = f.f_back
+info = inspect.getargvalues(f)
+kw = {k: info.locals[k] for k in info.args if k not in ("self", "backward")}
+for name, p in self.params.items():
+    flat, g = p.reshape(-1), np.zeros(p.size)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + 1e-5
+        up = float(self.loss(backward=False, **kw)[0])
+        flat[i] = old - 1e-5
+        down = float(self.loss(backward=False, **kw)[0])
+        flat[i] = old
+        g[i] = (up - down) / 2e-5
+    grads[name][...] = g.reshape(p.shape)
+"""
+
+
+def test_finite_differences_of_the_loss_fail_vae_backward(solved, tmp_path):
+    d = copy_of(solved, tmp_path / "fd")
+    set_body(d, "vae_backward", VAE_FINITE_DIFFERENCES, index=2)
+    (res,) = grade(d, ["vae_backward"], seed=4, timeout=60)["exercises"]
+    assert not res["passed"], res
+    assert "finite differences" in res["message"], res
+
+
+def test_hide_derivations_leaves_no_backward_formula_in_the_conv_starter(tmp_path):
+    ids = ["conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward"]
+    make_starter(tmp_path / "hw", ids, record_expected=False, hide_derivations=True)
+    conv = (tmp_path / "hw" / "minivae" / "conv.py").read_text()
+    for formula in ("dcol = Wmᵀ", "col2im(dcol)", "Aᵀ y = col2im", "Its input-gradient is col2im", "col  = Wmᵀ · X",
+                    "1[i·size + j = arg", "Σ_{0 <= i, j < scale}", "so its gradient is the *sum*", "Wm.T @ G",
+                    "dcol = Wm.T", "gets dy", "sum of dy"):
+        assert formula not in conv, formula
+    assert "derive this: dW, dx and db from G = dy" in conv and "derive this: dx from dy" in conv
+    assert not (tmp_path / "hw" / "lessons").exists()
+    assert "the lessons (which derive every gradient) are not included" in (tmp_path / "hw" / "README.md").read_text()
+    make_starter(tmp_path / "open", ids, record_expected=False)            # without the flag: all there
+    assert "col2im(dcol)" in (tmp_path / "open" / "minivae" / "conv.py").read_text()
+    assert (tmp_path / "open" / "lessons").is_dir()

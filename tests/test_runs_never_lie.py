@@ -41,9 +41,10 @@ def one_error_line(err, *fragments):
 
 
 def snapshot(folder):
-    """{relative path: bytes} of every file under ``folder``."""
+    """{relative path: bytes} of every file under ``folder`` (but a run folder's .lock, which names its last holder)."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def temp_files(folder):
@@ -421,3 +422,185 @@ def test_a_negative_seed_names_the_flag(run, tmp_path, capsys):
         code, _, err = run_main(argv, capsys)
         assert code == 2
         assert "argument --seed: expected an integer >= 0, got '-1'" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------- 14, 15: one line, naming the culprit
+WARNS_THEN_DIVERGES = """
+import sys
+import numpy as np
+import minivae.train.loop as loop
+def loss(self, xb, idx, beta):
+    with np.errstate(all="warn"):
+        v = np.exp(np.float32(1000.0)) - np.exp(np.float32(1000.0))      # overflow, then inf - inf
+        np.log(np.float32(-1.0))
+    return v, {"recon": v, "kl": v}
+loop._Step.loss = loss
+from minivae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_warnings_are_folded_into_the_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, "-c", WARNS_THEN_DIVERGES, "train", *SMALL, "--no-figures", "--out",
+                        tmp_path / "o"], capture_output=True, text=True, env=ENV, timeout=240)
+    assert p.returncode == 1, p.stderr
+    line = one_error_line(p.stderr.replace("RuntimeWarning", "Runtime-warning"), "loss became nan at epoch 1, step 1")
+    assert "after the warning Runtime-warning: overflow encountered in exp and 2 more" in line
+
+
+def test_a_full_disk_names_the_file_and_the_last_good_epoch(tmp_path, capsys, monkeypatch):
+    real, calls = np.savez, []
+
+    def savez(f, **arrays):
+        calls.append(1)
+        if len(calls) == 2:                        # the second epoch's checkpoint: the disk is full
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(f, **arrays)
+    monkeypatch.setattr(np, "savez", savez)
+    r = tmp_path / "r"
+    code, _, err = run_main(["train", *SMALL, "--epochs", "3", "--no-figures", "--out", r], capsys)
+    assert code == 2
+    one_error_line(err, f"cannot write {r / 'checkpoint.npz'} (No space left on device)",
+                   "training stopped at epoch 2", f"last good checkpoint kept at {r / 'checkpoint.npz'} (epoch 1)")
+    assert load_checkpoint(r).epoch == 1 and temp_files(r) == []
+    assert [h["epoch"] for h in json.loads((r / "history.json").read_text())] == [1]
+
+
+# ------------------------------------------------- fault injection: every output under a small ulimit -f
+UNDER_ULIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # a write past the limit fails with EFBIG, not a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+from minivae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_every_output_under_a_small_ulimit_leaves_the_disk_as_it_was(run, tmp_path):
+    """Each command that writes, run with every file limited to 200 bytes (``ulimit -f``): each fails with one
+    line naming the file, and nothing that was on disk before has changed, no temporary file is left, and a
+    new output folder holds nothing (a run or nothing)."""
+    r = copy_run(run, tmp_path)
+    assert main(["sample", "--checkpoint", str(r), "--n", "2000", "--out", str(r / "figures" / "big.npz")]) == 0
+    (tmp_path / "mirror").mkdir()
+    from minivae.data import embedded_dir
+    for f in embedded_dir().iterdir():                      # a local mirror of the registry's files
+        if f.is_file():
+            shutil.copy(f, tmp_path / "mirror" / f.name)
+    before = snapshot(tmp_path)
+    cases = [
+        ["train", *SMALL, "--out", tmp_path / "new"],                              # a new run
+        ["train", "--resume", "--out", r, "--epochs", "2", "--quiet"],           # checkpoint, history, settings
+        ["train", *SMALL, "--epochs", "0", "--out", r, "--force"],               # a forced run over the old one
+        ["eval", "--checkpoint", r, "--n", "16", "--json", r / "results.json"],
+        ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"],
+        ["sample", "--checkpoint", r, "--n", "2000", "--out", r / "figures" / "big.npz"],
+        ["sample", "--checkpoint", r, "--out", r / "figures"],                     # a new picture
+        ["interpolate", "--checkpoint", r, "--out", r / "figures"],
+        ["manifold", "--checkpoint", r, "--out", r / "figures"],
+        ["lessons", tmp_path / "lessons"],
+        ["download", "mnist", "--cache", tmp_path / "cache", "--url", (tmp_path / "mirror").as_uri()],
+    ]
+    for argv in cases:
+        p = subprocess.run([sys.executable, "-c", UNDER_ULIMIT, *map(str, argv)], capture_output=True, text=True,
+                           env=ENV, timeout=240)
+        assert p.returncode == 2, (argv, p.returncode, p.stdout[-1000:], p.stderr[-2000:])
+        line = one_error_line(p.stderr)
+        assert "cannot write" in line and "File too large" in line, (argv, line)
+        assert snapshot(tmp_path) == before, argv
+        assert temp_files(tmp_path) == [], argv
+    assert not (tmp_path / "lessons").exists()
+    assert not (tmp_path / "new").exists() or [p.name for p in (tmp_path / "new").iterdir()] in ([], [".lock"])
+    assert not (tmp_path / "cache" / "mnist").exists() or list((tmp_path / "cache" / "mnist").iterdir()) == []
+
+
+def test_iwae_memory_is_counted_for_what_each_model_kind_holds():
+    """The plain VAE's IWAE holds one chunk of samples whatever K; a kind that holds all K at once (a flow) is
+    counted with all K, so `--flow planar:2 --iwae-k 100000` is refused instead of allocating 250 GB."""
+    from minivae.limits import training_bytes
+    from minivae.train import TrainSettings
+    vae = TrainSettings(hidden=(400,)).model_config(784)
+    assert training_bytes(vae, 128, 10 ** 7) == training_bytes(vae, 128, 10 ** 4) < 2e9
+    flow = TrainSettings(flow="planar:2").model_config(784)
+    assert training_bytes(flow, 128, 10 ** 5) > 100 * training_bytes(flow, 128, 10 ** 2)
+    with pytest.raises(ValueError, match=r"needs about .* of memory.*--iwae-k"):
+        TrainSettings(flow="planar:2", iwae_k=10 ** 7).validate()
+
+
+def test_figures_never_replace_the_checkpoint(run, tmp_path, capsys):
+    r = copy_run(run, tmp_path)
+    ckpt = r / "checkpoint.npz"
+    old = snapshot(r)
+    (tmp_path / "trap").mkdir()
+    for name in ("interpolation.png", "manifold.png"):
+        (tmp_path / "trap" / name).symlink_to(ckpt)       # the output file is the checkpoint itself
+    for command in ("interpolate", "manifold"):
+        code, _, err = run_main([command, "--checkpoint", r, "--out", tmp_path / "trap"], capsys)
+        assert code == 2
+        one_error_line(err, "--out", "a file this command reads")
+    assert snapshot(r) == old
+
+
+def test_an_unknown_settings_field_is_named_with_the_file(run, tmp_path, capsys):
+    r = copy_run(run, tmp_path)
+    corrupt(r / "checkpoint.npz", "settings", lambda d: d.update(bogus=1))
+    for argv in (["train", "--resume", "--out", r, "--epochs", "2"], ["eval", "--checkpoint", r, "--n", "16"]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2
+        one_error_line(err, str(r / "checkpoint.npz"), "settings", "bogus")
+
+
+def test_a_signal_during_the_cleanup_still_removes_the_temporary_file(tmp_path):
+    """Ctrl-C twice: the second arrives while atomic_write removes its temporary file after the first."""
+    code = f"""
+import os, signal, sys
+from minivae import signals
+from minivae.atomic import atomic_write
+def write(f):
+    f.write(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGINT)
+real = os.unlink
+def unlink(p, *a, **k):                   # the second Ctrl-C lands just before the file is removed
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(p, *a, **k)
+os.unlink = unlink
+try:
+    with signals.handled():
+        atomic_write({str(tmp_path / 'out.bin')!r}, write)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert p.returncode == 130, p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+COMPILING = '''
+import os, signal
+def compile_kernel():
+    """Stands in for numba's compiler: its LLVM callbacks swallow an exception and leave the compilation broken."""
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        done = True
+    except BaseException:
+        raise RuntimeError("no compiled object yet")
+    return done
+'''
+
+
+def test_a_sigterm_during_numbas_compilation_waits_for_it_then_stops(tmp_path, capsys, monkeypatch):
+    import minivae.train.loop as loop
+    namespace = {"__name__": "numba.core.compiler_stand_in"}
+    exec(COMPILING, namespace)
+    real = loop._Step.loss
+    compiled = []
+
+    def loss(self, *a, **k):
+        if not compiled:
+            compiled.append(namespace["compile_kernel"]())       # the first step compiles the kernels
+        return real(self, *a, **k)
+    monkeypatch.setattr(loop._Step, "loss", loss)
+    code, out, err = run_main(["train", *SMALL, "--epochs", "2", "--no-figures", "--out", tmp_path / "r"], capsys)
+    assert compiled == [True] and code == 143, err
+    one_error_line(err, "terminated (SIGTERM) at epoch 1, step 1; no checkpoint was written yet")

@@ -32,11 +32,10 @@ import zlib
 import numpy as np
 
 from . import reference as ref
-from .harness import H, numerical_gradient  # finite differences as the student's check.py computes them
+# finite differences and tolerances as the student's check.py has them (one source: a pass there is a pass here)
+from .harness import GRAD_TOL, H, VALUE_TOL, numerical_gradient
 from .sandbox import ChildError, text_of
 
-GRAD_TOL = 1e-6       # finite differences vs analytic, float64, h = 1e-5
-VALUE_TOL = 1e-9      # forward values vs the reference formula, float64
 COST_FACTOR = 50      # a backward may take this many times the reference backward on the large input ...
 COST_SLACK_S = 2.0    # ... plus this many seconds (start-up, transfer, a busy machine)
 
@@ -497,7 +496,7 @@ PROXIED_OPS = {f"minivae.{ref.OP_PAIRS[p][0]}:{p}_{d}": getattr(ref, f"{p}_{d}")
                for p in ref.VAE_PAIRS for d in ("forward", "backward")}
 N_OUT = {f"{p}_backward": n for p, (_, n) in ref.OP_PAIRS.items()}
 MAX_OP_ENTRIES = 1 << 21          # entries of one proxied op's inputs, and of its result
-MAX_OP_CALLS = 4000               # proxied op calls in one vae request (the honest chain makes a few dozen)
+MAX_OP_CALLS = 4000               # proxied op calls in one vae request, at most (see op_call_limit)
 MAX_CACHE_BYTES = 128 << 20       # the caches the parent keeps for one child
 
 
@@ -538,10 +537,11 @@ class OpServer:
     Bounded: each call's arguments and result (:data:`MAX_OP_ENTRIES`), the number of calls
     (:data:`MAX_OP_CALLS`) and the bytes of the caches kept (:data:`MAX_CACHE_BYTES`)."""
 
-    def __init__(self):
+    def __init__(self, max_calls=None):
         self.caches = {}
         self.calls = 0
         self.cache_bytes = 0
+        self.max_calls = MAX_OP_CALLS if max_calls is None else min(int(max_calls), MAX_OP_CALLS)
 
     def _decode(self, spec, msg, prefix="a"):
         args = []
@@ -568,10 +568,10 @@ class OpServer:
     def __call__(self, msg):
         name = text_of(msg.get("op")) or ""
         self.calls += 1
-        if self.calls > MAX_OP_CALLS:
-            raise Fail(None, f"the model called the ops more than {MAX_OP_CALLS} times for one loss (the backward "
-                             "of one loss needs a few dozen calls): finite differences, or a loop over entries, "
-                             "instead of the chain rule")
+        if self.calls > self.max_calls:
+            raise Fail(None, f"the model called the ops more than {self.max_calls} times for one loss and its "
+                             "gradients (one forward and one backward pass call each op once or twice): finite "
+                             "differences, repeated forward passes or a loop over entries instead of the chain rule")
         try:
             fn = PROXIED_OPS[name]
             spec = json.loads(text_of(msg.get("spec")) or "[]")
@@ -587,7 +587,8 @@ class OpServer:
             size = _nbytes(cache)
             if self.cache_bytes + size > MAX_CACHE_BYTES:
                 return {"error": np.array(f"{name.split(':')[-1]}: the caches of this check passed "
-                                          f"{MAX_CACHE_BYTES >> 20} MiB (the check's model needs a few)")}
+                                          f"{MAX_CACHE_BYTES >> 20} MiB (one forward pass keeps a few: finite "
+                                          "differences or repeated forward passes?)")}
             self.cache_bytes += size
             h = len(self.caches) + 1
             self.caches[h] = cache
@@ -602,6 +603,13 @@ def _nbytes(value):
     if isinstance(value, (tuple, list)):
         return sum(_nbytes(v) for v in value)
     return 64
+
+
+def op_call_limit(n_params):
+    """Proxied op calls allowed for one loss and its gradients: a forward pass calls at most one op per
+    parameter array and a few more (reparameterization, KL, likelihood), the backward as many again; twice
+    that is allowed.  Finite differences need two forward passes per parameter entry."""
+    return 4 * (int(n_params) + 4)
 
 
 def proxy_list():
@@ -630,7 +638,8 @@ def check_vae_backward(child, judge, seed, timeout):
                "kwargs": np.array(json.dumps(loss_kwargs)), "x": x, "eps": eps, "proxy": np.array(proxy_list())}
         for k in names:
             req[f"param/{k}"] = np.array(model.params[k])
-        rep = child.request(req, max(deadline - time.monotonic(), 0.1), handler=OpServer())
+        rep = child.request(req, max(deadline - time.monotonic(), 0.1),
+                            handler=OpServer(op_call_limit(len(names))))
         _status(rep)
 
         def f():
@@ -681,7 +690,8 @@ def check_vae_cost(child, judge, rng, deadline):
     limit = COST_FACTOR * t_ref + COST_SLACK_S + VAE_PROXY_SLACK_S
     n_params = sum(int(np.size(v)) for v in model.params.values())
     try:
-        rep = child.request(req, max(min(limit, deadline - time.monotonic()), 0.1), handler=OpServer())
+        rep = child.request(req, max(min(limit, deadline - time.monotonic()), 0.1),
+                            handler=OpServer(op_call_limit(len(names))))
     except ChildError as e:
         if str(e) != "timeout":
             raise

@@ -110,7 +110,9 @@ class Context:
             if key not in self.expected:
                 raise KeyError(f"{EXPECTED_FILE} has no value {key!r}: regenerate the starter with make")
             return self.expected[key]
-        value = np.asarray(compute(), dtype=np.float64)
+        value = np.asarray(compute())
+        if value.dtype.kind not in "iu":     # integers (a shape, a stride in a cache) stay integers
+            value = value.astype(np.float64)
         if self.mode == "record":
             self.recorded[key] = value
         return value
@@ -204,6 +206,29 @@ def _copy(obj):
     return obj
 
 
+def _leaves(obj, prefix):
+    if isinstance(obj, (tuple, list)):
+        for i, o in enumerate(obj):
+            yield from _leaves(o, prefix + (i,))
+    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        yield prefix, obj
+
+
+def no_side_effects(args, saved, names):
+    """The arguments after the call must equal what was sent (``saved``: copies taken before); the grader
+    compares the arrays it gets back after the call the same way, with the same message."""
+    after = dict(_leaves(args, ()))
+    for key, before in _leaves(saved, ()):
+        now = _to_numpy(after.get(key))
+        if now is None or now.shape != before.shape or not np.array_equal(now, _to_numpy(before), equal_nan=True):
+            what = names.get(str(key[0]), f"argument {key[0]}") + (
+                "" if len(key) == 1 else f" (cache item {'.'.join(map(str, key[1:]))})")
+            whose = what if what.startswith("the ") else f"its input {what}"
+            raise CheckFailed((what, f"the function modified {whose}; a backward must leave its inputs and "
+                                     f"the upstream gradient unchanged (work on new arrays, e.g. dx = dy * mask, not "
+                                     f"dx = dy; dx[...] = 0)"))
+
+
 def check_op_backward(ctx, res, fwd_name, backward, inputs, names, case=""):
     """Finite differences of the (reference) forward against the student's backward."""
     fwd = ctx.op(fwd_name)
@@ -213,10 +238,29 @@ def check_op_backward(ctx, res, fwd_name, backward, inputs, names, case=""):
         ctx.expect_forward(fwd_name + case, out)
     dout = ctx.rng(fwd_name + case).standard_normal(out.shape)
     nums = [numerical_gradient(lambda: np.asarray(fwd(*inputs)[0], dtype=np.float64), x, dout) for x in inputs]
-    got = backward(dout.copy(), _copy(cache))
+    args = (dout.copy(), _copy(cache))
+    saved = _copy(args)
+    got = backward(*args)
     got = _unpack(got, len(names), names, backward.__name__)
     for name, g, num in zip(names, got, nums):
         res.compare(name + case, g, num, GRAD_TOL)
+    no_side_effects(args, saved, {"0": "the upstream gradient", "1": "cache"})
+
+
+def cache_items(ctx, res, key, cache, like, names, label=""):
+    """Every item of a forward's cache as the reference's (the engine's unchanged backward reads it): arrays
+    within VALUE_TOL of the recorded ones, numbers equal; the grader checks the same items, and runs its
+    reference backward on the cache."""
+    fn = key.split(" ")[0]
+    items = _unpack(cache, len(names), names, f"the cache of {fn}")
+    for item, want_like, name in zip(items, like, names):
+        what = f"{name} (in the cache){label}"
+        want = ctx.expect(f"{key}/cache/{name}", lambda: np.asarray(want_like))
+        if want.dtype.kind == "f":
+            res.compare(what, item, want, VALUE_TOL)
+        elif isinstance(item, np.ndarray) or np.asarray(item).shape != want.shape or \
+                not np.array_equal(np.asarray(item), want):
+            raise CheckFailed((what, f"{what} should be {tuple(want.tolist()) if want.ndim else want.item()!r}"))
 
 
 # ----------------------------------------------------------------------------
@@ -259,13 +303,13 @@ def check_reparameterize_forward(ctx, res):
     f = ctx.mods["gaussian"].reparameterize_forward
     for case, shape in (("", (4, 3)), (" (S, N, L) eps", (2, 4, 3))):
         eps = rng.standard_normal(shape)
-        z, cache = _unpack(f(mu.copy(), logvar.copy(), eps.copy()), 2, ["z", "cache"], "reparameterize_forward")
+        args = (mu.copy(), logvar.copy(), eps.copy())
+        z, cache = _unpack(f(*args), 2, ["z", "cache"], "reparameterize_forward")
         want = ctx.expect(f"reparameterize_forward/z{case}", lambda: ctx.ref.reparameterize_forward(mu, logvar, eps)[0])
         res.compare("z" + case, z, want, VALUE_TOL)
-        sigma = _unpack(cache, 2, ["sigma", "eps"], "the cache of reparameterize_forward")[0]
-        want_sigma = ctx.expect(f"reparameterize_forward/sigma{case}",
-                                lambda: ctx.ref.reparameterize_forward(mu, logvar, eps)[1][0])
-        res.compare("sigma (in the cache)", sigma, want_sigma, VALUE_TOL)
+        no_side_effects(args, (mu, logvar, eps), {"0": "mu", "1": "logvar", "2": "eps"})
+        ref_cache = ctx.ref.reparameterize_forward(mu, logvar, eps)[1] if ctx.ref else (None, None)
+        cache_items(ctx, res, f"reparameterize_forward{case}", cache, ref_cache, ["sigma", "eps"], case)
 
 
 def check_reparameterize_backward(ctx, res):
@@ -298,12 +342,13 @@ class _FixedOp:
 def check_kl_forward(ctx, res):
     rng = ctx.rng("kl_forward")
     mu, logvar = _gaussian_inputs(rng, N=5, L=3)
-    out = ctx.mods["gaussian"].kl_forward(mu.copy(), logvar.copy())
+    args = (mu.copy(), logvar.copy())
+    out = ctx.mods["gaussian"].kl_forward(*args)
     kl, cache = _unpack(out, 2, ["kl", "cache"], "kl_forward")
     res.compare("kl", kl, ctx.expect("kl_forward/kl", lambda: ctx.ref.kl_forward(mu, logvar)[0]), VALUE_TOL)
-    var = _unpack(cache, 2, ["mu", "var"], "the cache of kl_forward")[1]
-    res.compare("var (in the cache)", var, ctx.expect("kl_forward/var", lambda: ctx.ref.kl_forward(mu, logvar)[1][1]),
-                VALUE_TOL)
+    no_side_effects(args, (mu, logvar), {"0": "mu", "1": "logvar"})
+    ref_cache = ctx.ref.kl_forward(mu, logvar)[1] if ctx.ref else (None, None)
+    cache_items(ctx, res, "kl_forward", cache, ref_cache, ["mu", "var"])
 
 
 def check_kl_backward(ctx, res):
@@ -323,9 +368,13 @@ def check_bernoulli_nll_forward(ctx, res):
          (rng.uniform(size=(N, D)) < 0.5) * 1.0),
     ]
     for case, logits, x in cases:
-        nll, _ = _unpack(f(logits.copy(), x.copy()), 2, ["nll", "cache"], "bernoulli_nll_forward")
+        args = (logits.copy(), x.copy())
+        nll, cache = _unpack(f(*args), 2, ["nll", "cache"], "bernoulli_nll_forward")
         want = ctx.expect(f"bernoulli_nll_forward/nll{case}", lambda: ctx.ref.bernoulli_nll_forward(logits, x)[0])
         res.compare("nll" + case, nll, want, VALUE_TOL)
+        no_side_effects(args, (logits, x), {"0": "logits", "1": "x"})
+        ref_cache = ctx.ref.bernoulli_nll_forward(logits, x)[1] if ctx.ref else (None, None)
+        cache_items(ctx, res, f"bernoulli_nll_forward{case}", cache, ref_cache, ["logits", "x"], case)
 
 
 def check_bernoulli_nll_backward(ctx, res):
@@ -357,10 +406,15 @@ def check_conv_transpose2d_forward(ctx, res):
     for case, (N, C, H, Wd), (Cout, K), s, p in ((" (stride 2, padding 1)", (2, 3, 4, 5), (2, 4), 2, 1),
                                                  (" (stride 1, padding 0)", (3, 2, 3, 4), (3, 3), 1, 0)):
         x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((C, Cout, K, K)), rng.standard_normal(Cout)
-        y, _ = _unpack(f(x.copy(), W.copy(), b.copy(), s, p), 2, ["y", "cache"], "conv_transpose2d_forward")
+        args = (x.copy(), W.copy(), b.copy(), s, p)
+        y, cache = _unpack(f(*args), 2, ["y", "cache"], "conv_transpose2d_forward")
         want = ctx.expect(f"conv_transpose2d_forward/y{case}",
                           lambda: ctx.ref.conv_transpose2d_forward(x, W, b, s, p)[0])
         res.compare("y" + case, y, want, VALUE_TOL)
+        no_side_effects(args, (x, W, b), {"0": "x", "1": "W", "2": "b"})
+        ref_cache = ctx.ref.conv_transpose2d_forward(x, W, b, s, p)[1] if ctx.ref else (None,) * 5
+        cache_items(ctx, res, f"conv_transpose2d_forward{case}", cache, ref_cache,
+                          ["X", "W", "x_shape", "stride", "padding"], case)
 
 
 def _distinct(rng, shape):

@@ -36,7 +36,7 @@ DEFAULT_SOURCE = HERE.parents[1]          # the folder holding the reference min
 
 # not copied into the student package: the grader, and the minivae/fast/ package (the optimized step with its
 # fused kernels, which contain the solutions, fused)
-PACKAGE_LEFT_OUT = ("assignments", "fast")
+PACKAGE_LEFT_OUT = ("assignments", "fast", "lesson_files")     # (a wheel's copy of the lessons: not stubbed)
 
 
 def _ignore_package(root):
@@ -138,7 +138,10 @@ def make_starter(out_dir, exercises=None, source=None, record_expected=True, les
 
 def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hide_derivations=False):
     shutil.copytree(pkg, out / "minivae", ignore=_ignore_package(pkg))
-    hints = {e.id: (HIDDEN_HINT if hide_derivations and e.kind == "backward" else e.hint) for e in EXERCISES}
+    hints = {e.id: (HIDDEN_HINTS.get(e.id, HIDDEN_HINT) if hide_derivations and (e.kind == "backward"
+                                                                               or e.id in HIDDEN_HINTS) else e.hint)
+             for e in EXERCISES}
+    lessons = lessons and not hide_derivations      # the lessons derive every gradient: left out
     stubbed = set()
     if lessons:
         shutil.copytree(source / "lessons", out / "lessons", ignore=_ignore_misc)
@@ -164,11 +167,16 @@ def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hid
     shutil.copy2(HERE / "harness.py", out / "check.py")
     if record_expected:
         _record_expected(source, out / harness.EXPECTED_FILE)
-    (out / "README.md").write_text(student_readme([e for e in IDS if e in stubbed]), encoding="utf-8")
+    (out / "README.md").write_text(student_readme([e for e in IDS if e in stubbed], hide_derivations),
+                                   encoding="utf-8")
     return {"out": str(out), "stubbed": [e for e in IDS if e in stubbed], "regions": found}
 
 
 HIDDEN_HINT = "derive this gradient yourself from the forward formula in the docstring, and match every shape"
+# forward exercises whose usual hint states a backward formula (conv_transpose2d is conv2d's dx)
+HIDDEN_HINTS = {"conv_transpose2d_forward": "each input pixel stamps the kernel, scaled by its value, onto the "
+                                            "output at (h*stride - padding, w*stride - padding); overlapping "
+                                            "stamps add; then add b on each output channel"}
 _DERIV_BEGIN = re.compile(r"^(?P<indent>[ \t]*)Derivation \((?P<what>.*)\):[ \t]*$")
 _DERIV_END = re.compile(r"^[ \t]*\(end of derivation\)[ \t]*$")
 
@@ -223,7 +231,10 @@ def _record_expected(source, dest):
         raise RuntimeError("recording the expected values failed: " + " | ".join(msg[-5:]))
 
 
-def student_readme(stubbed):
+def student_readme(stubbed, hide_derivations=False):
+    hidden = ("\nIn this copy the derivations of the gradients are left out: the docstrings give the forward\n"
+              "formulas and the shapes, and the lessons (which derive every gradient) are not included.\n"
+              if hide_derivations else "")
     rows = "\n".join(f"| `{BY_ID[e].id}` | `minivae/{BY_ID[e].file}` | {BY_ID[e].title} |" for e in stubbed)
     if not rows:
         rows = "| (none) | | |"
@@ -247,7 +258,7 @@ anything outside them: the code around a region (the function's signature,
 the `cache` it receives, the names it returns) is the interface the checks
 and the rest of the library rely on.  The docstring above each region gives
 the formula, the derived gradient and the shapes.
-
+{hidden}
 | exercise | file | what |
 |---|---|---|
 {rows}

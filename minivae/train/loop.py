@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import evaluate, signals
 from ..backend import get_array_module, get_xp, to_numpy
+from ..atomic import WriteError
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, restore_rngs, save_checkpoint
 from ..data import binarize, default_data_dir, embedded_dir, fingerprint
 from ..model import build_model
@@ -154,7 +155,8 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     data = Data(s)
     config = s.model_config(data.x_dim, data.image_shape, data.n_classes)
     from ..limits import check_fits, training_bytes
-    check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}")
+    check_fits(training_bytes(config, s.batch_size, s.iwae_k), f"training {describe(config)}",
+               "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if s.iwae_k else ""))
     rngs = make_rngs(s.seed)
     model = build_model(config, rng=rngs["init"], backend=s.backend)
     model.rng = rngs["eps"]
@@ -167,15 +169,20 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     if ckpt is not None:
         write_history(out, history)        # history.json/csv from the checkpoint's own record
     else:
-        _start_fresh(s, out, replace, model, data, log)
+        _start_fresh(s, model, data)
     out.mkdir(parents=True, exist_ok=True)
     # a run folder is a run or nothing: settings.json is written with the session's first checkpoint (a run that
-    # fails before it leaves no file behind), and an --epochs 0 run saves its untrained model as epoch 0
+    # fails before it leaves no file behind), and an --epochs 0 run saves its untrained model as epoch 0.  The files
+    # of the run that --force replaces go only then, so a forced run that fails early leaves the old run whole.
     settings_written = []
 
     def save(epoch, hist):
         save_checkpoint(ckpt_path, model, opt, rngs, s.to_dict(), epoch, hist)
         if not settings_written:
+            old = [name for name in replace if name not in (CHECKPOINT, "settings.json")]
+            if replace:
+                remove_run_files(out, old)
+                log(f"replaced the earlier run's files in {out}: {', '.join(replace)}")
             atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
             settings_written.append(True)
 
@@ -225,6 +232,10 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     except TrainingDiverged:
         sync_history(out, ckpt_path)
         raise
+    except OSError as exc:          # a full disk, ulimit -f, a folder made read-only: the file, where, what is kept
+        sync_history(out, ckpt_path)
+        raise WriteError(exc.errno, f"{_one_line(exc)}; training stopped at epoch {where['epoch']}, {last_ckpt()}",
+                         getattr(exc, "path", None)) from None
     finally:
         step.close()
 
@@ -232,10 +243,18 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         save(0, [])                           # an untrained run is still a run: resume, eval and sample work
     elif not settings_written:                # resumed at its last epoch: --iw-k, --no-figures may have changed
         atomic_write(out / "settings.json", lambda f: f.write(json_text(s.to_dict())), mode="w")
-    if history:
-        write_history(out, history)
-    finish(model, s, data, out, progress=progress, log=log)
+    try:
+        if history:
+            write_history(out, history)
+        finish(model, s, data, out, progress=progress, log=log)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"{_one_line(exc)}; the {len(history)} epochs trained are complete in {ckpt_path}"
+                         , getattr(exc, "path", None)) from None
     return history
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _check_work(s, config, data, out, start, log):
@@ -294,14 +313,11 @@ def _restore(ckpt, config, model, opt, rngs, backend):
     return list(ckpt.history), ckpt.epoch
 
 
-def _start_fresh(s, out, replace, model, data, log=print):
-    """A new run: remove the old run's files ``replace`` (all of them with ``force``, figures included); the output
-    bias at the data's logits if asked."""
-    if replace:
-        remove_run_files(out, replace)
-        log(f"removed the earlier run's files in {out}: {', '.join(replace)}")
+def _start_fresh(s, model, data):
+    """A new run: the output bias at the data's logits if asked."""
     if s.init_output_bias:
-        out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for an image model
+        # dec.out.b (one bias per channel for an image model); a model kind without dec_heads names its own
+        out_b = getattr(model, "output_bias", None) or model.net.dec_heads[0].name + ".b"
         x = data.x_train
         if get_architecture(s.arch).image:
             x = x.reshape(len(x), model.params[out_b].size, -1).mean(axis=2)

@@ -44,6 +44,9 @@ class TrainSettings:
     dtype: str = "float32"
     decoder: str = "factorised"  # "made": the autoregressive decoder (minivae.families)
     flow: str | None = None      # "planar:T" or "iaf:T": a flow in q(z|x) (minivae.families)
+    prior: str | None = None     # "mog:C" or "vamp:C": a learned prior p(z) (minivae.priors)
+    stochastic_layers: int = 1   # 2: z1 (latent) and z2 (latent2) (minivae.twolayer)
+    latent2: int | None = None   # z2's dimension with two stochastic layers (default latent // 2)
     # data
     binarize: str = "dynamic"
     data_dir: str | None = None
@@ -159,36 +162,55 @@ class TrainSettings:
         need(self.iwae_k is None or self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}")
         need(self.free_bits is None or self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
         from ..iwae_grads import IWAE_GRADS
+        need(self.stochastic_layers in (1, 2), f"stochastic_layers must be 1 or 2, got {self.stochastic_layers!r}")
+        need(self.latent2 is None or (self.stochastic_layers == 2 and self.latent2 >= 1),
+             f"latent2 is z2's dimension (>= 1) and needs two stochastic layers, got {self.latent2!r}")
+        need(self.stochastic_layers == 1 or (self.decoder == "factorised" and self.flow is None and self.prior is None
+                                             and self.iwae_grad == "iwae" and not self.free_bits and self.beta == 1
+                                             and not self.warmup and not self.conditional),
+             "two stochastic layers train on the ELBO or the IWAE bound (--iwae-k) alone: no --decoder, --flow, "
+             "--prior, --iwae-grad, --free-bits, --beta, --warmup or --conditional")
         need(self.iwae_grad in IWAE_GRADS, f"iwae_grad must be one of {', '.join(IWAE_GRADS)}, got {self.iwae_grad!r}")
         need(self.iwae_grad == "iwae" or self.iwae_k is not None,
              f"iwae_grad={self.iwae_grad!r} estimates the IWAE bound's gradient: give iwae_k (--iwae-k K)")
         need(self.iwae_grad == "iwae" or self.flow is None,
              f"iwae_grad={self.iwae_grad!r} cannot be combined with a flow (it needs log q at any z, i.e. the "
              "flow's inverse)")
-        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or
+        need(not (self.conditional and (self.decoder != "factorised" or self.flow is not None or self.prior or
                                         self.iwae_grad != "iwae")),
              "the decoder, flow and iwae_grad options are for the unconditional VAE, not --conditional")
-        need(not (self.flow is not None and self.free_bits),
-             "free bits floor the analytic KL per dimension, which a flow's q(z|x) does not have")
+        need(not ((self.flow is not None or self.prior is not None) and self.free_bits),
+             "free bits floor the analytic KL per dimension, which a flow or a learned prior does not have")
+        need(self.iwae_grad == "iwae" or self.prior is None,
+             f"iwae_grad={self.iwae_grad!r} is implemented for the N(0, I) prior, not a learned prior")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
         # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
         config = self.model_config(784, n_classes=10 if self.conditional else None)
         from ..limits import check_fits, training_bytes
-        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}")
+        check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}",
+               "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if self.iwae_k else ""))
         return self
 
     def model_config(self, x_dim, image_shape=None, n_classes=None):
         """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
         a conditional run its number of classes ``n_classes``."""
         image = get_architecture(self.arch).image
-        if self.decoder != "factorised" or self.flow is not None or self.iwae_grad != "iwae":
+        if self.stochastic_layers == 2:
+            from ..twolayer import TwoLayerConfig            # the model kind of minivae.twolayer
+            L2 = self.latent2 if self.latent2 is not None else max(1, self.latent // 2)
+            return TwoLayerConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent + L2, z2_dim=L2,
+                                  hidden2=tuple(max(1, h // 2) for h in self.hidden), activation=self.activation,
+                                  likelihood=self.likelihood, dtype=self.dtype, arch=self.arch,
+                                  n_classes=n_classes if self.conditional else None)
+        if self.decoder != "factorised" or self.flow is not None or self.prior is not None or \
+                self.iwae_grad != "iwae":
             from ..families import FamilyConfig           # the model kind of minivae.families
             return FamilyConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                                 likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                                 dec_logvar_min=self.dec_logvar_min, image_shape=image_shape if image else None,
                                 n_classes=n_classes if self.conditional else None, decoder=self.decoder,
-                                flow=self.flow)
+                                flow=self.flow, prior=self.prior)
         return VAEConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
                          likelihood=self.likelihood, dtype=self.dtype, obs_var=self.obs_var, arch=self.arch,
                          dec_logvar_min=self.dec_logvar_min,
