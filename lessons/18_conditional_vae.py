@@ -7,7 +7,7 @@
 # -- trains it on the 0/1 subset, asks it for 0s and 1s, and checks with a classifier trained on real digits that
 # it draws what was asked.  In full mode the same model learns all ten digits.
 #
-# Run:  python lessons/18_conditional_vae.py [--quick] [--out DIR] [--seed N]
+# Run:  python lessons/18_conditional_vae.py [--out DIR] [--seed N]
 
 # %% [markdown]
 # ## 1. What `generate_and_classify` got wrong
