@@ -406,17 +406,19 @@ class Run:
         if not self.sandbox.enabled:          # no sandbox: a throwaway copy on disk for each check
             src = slot / f"w-{ex}"
             shutil.copytree(graded, src)
-        child = None
+        child, grace = None, 0.0
         try:
             child = Child(self.sandbox, src, slot / f"out-{ex}.txt", cpu_seconds=self.timeout + 5)
             child.hello()
-            return checks.run_check(ex, child, seed, self.timeout)
+            r = checks.run_check(ex, child, seed, self.timeout)
+            grace = 0.5 if r["status"] in ("pass", "fail", "not_implemented") else 0.0
+            return r
         except Exception as e:        # noqa: BLE001 -- the child broke the protocol, or could not start
             return {"status": "error", "passed": False, "worst_rel_error": None, "gradient": None,
                     "message": str(e)[:500] or type(e).__name__, "checked": 0}
         finally:
             if child is not None:
-                child.close()
+                child.close(grace)
             if src is not graded:
                 shutil.rmtree(src, ignore_errors=True)
 
