@@ -50,7 +50,7 @@ def main(argv=None, clock=time.perf_counter):
     else:
         model = minivae.VAE(minivae.VAEConfig(hidden=(200, 200), z_dim=50, activation="tanh"), rng=0)
     if not cpu_kernels.AVAILABLE:
-        sys.exit("numba is not installed: eval uses the NumPy code (pip install -e .[fast])")
+        sys.exit("numba is not installed: eval uses the NumPy code (pip install -e '.[fast]')")
     set_numba_threads(args.threads)
     K, dt, p = cpu_kernels.KERNELS, model.dtype, model.params
     x_test, _ = load_mnist("test")

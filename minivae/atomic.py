@@ -67,10 +67,12 @@ def atomic_write(path, write, mode="wb"):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        from .signals import deferred
+        with deferred():                # a second Ctrl-C cannot leave the temporary file behind
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         if isinstance(exc, OSError) and not isinstance(exc, WriteError) and type(exc).__module__ == "builtins":
             raise _write_error(exc, path) from None
         raise

@@ -115,7 +115,7 @@ def _fields(doc, table, where, required=()):
         if name not in doc:
             raise SchemaError(f"{where}.{name}: missing")
     for name, value in doc.items():
-        check = table.get(name)
+        check = table.get(name)        # an unknown name is for the dataclass to refuse (TrainSettings.from_dict)
         reason = check(value) if check is not None else None
         if reason:
             raise SchemaError(f"{where}.{name}: expected {reason}, got {_show(value)}")

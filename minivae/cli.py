@@ -303,7 +303,7 @@ def _backend(args):
 
 
 def cmd_train(args):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .train import CHECKPOINT, TrainSettings, new_run_dir, train
     overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
     if args.backend is None and os.environ.get("MINIVAE_BACKEND", "").strip():
@@ -323,7 +323,10 @@ def cmd_train(args):
         if args.recipe is not None and args.recipe != saved.get("recipe"):
             raise ValueError(f"{ckpt.path} was trained with recipe {saved.get('recipe')!r}, not {args.recipe!r}")
         saved.update(overrides)
-        settings = TrainSettings.from_dict(saved)
+        try:
+            settings = TrainSettings.from_dict(saved)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt.path}: corrupt field settings ({_one_line(exc)})") from None
     else:
         # --conditional without --recipe: the conditional recipe (minivae.recipes), the one measured to draw the
         # digit it is asked for

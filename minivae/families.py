@@ -321,6 +321,10 @@ class FamilyVAE(VAE):
         extra["prior.u"] = self.encoder_backward(dm, ds, c_enc, extra)     # the mixture is uniform: da unused
         return dz, extra
 
+    def log_prior(self, z):
+        """log p(z) for z (M, L): N(0, I), or the learned prior's mixture log-density (M,)."""
+        return self._prior_forward(self.xp.asarray(z, dtype=self.dtype))[0]
+
     # ---------------------------------------------------------------- the loss
     def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True, iwae_k=None,
              free_bits=0.0, y=None, iwae_grad="iwae"):

@@ -64,16 +64,18 @@ def export_lessons(dest, source=None):
             written.append(_write_text(dest / doc.name, as_exported(doc.read_text(encoding="utf-8"))))
     except BaseException:
         # all or nothing: a failed or interrupted export (full disk, Ctrl-C, SIGTERM) takes back what it wrote
-        for p in written:
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        if created:
-            try:
-                dest.rmdir()
-            except OSError:
-                pass
+        from .signals import deferred
+        with deferred():
+            for p in written:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            if created:
+                try:
+                    dest.rmdir()
+                except OSError:
+                    pass
         raise
     return written
 

@@ -88,3 +88,19 @@ def handled():
         for s, h in prev.items():
             signal.signal(s, h)
         _pending = None
+
+
+@contextlib.contextmanager
+def deferred():
+    """Hold SIGINT and SIGTERM back (``pthread_sigmask``) for a short cleanup that must finish, e.g. removing a
+    temporary file; a signal that arrives meanwhile is delivered, and raises, right after the block."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):       # no sigmask (Windows): nothing to hold back
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -324,6 +324,13 @@ PLANTED = {
         "    wt, N, est = cache\n"
         "    return good(dloss, (wt, N, 'stl'))\n"                 # DReG with STL's weights
         "fam.iwae_estimator_backward = bad\n", "DREG"),
+    "29_learned_prior.py": (
+        "import minivae.priors as pr\n"
+        "good = pr.mixture_log_prob_backward\n"
+        "def bad(dlp, cache):\n"
+        "    dz, da, dm, ds = good(dlp, cache)\n"
+        "    return dz, da + dlp.sum() * cache[3], dm, ds\n"       # the softmax's -pi forgotten in dL/da
+        "pr.mixture_log_prob_backward = bad\n", "mixture log-density's backward"),
 }
 
 

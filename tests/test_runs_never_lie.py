@@ -540,3 +540,37 @@ def test_figures_never_replace_the_checkpoint(run, tmp_path, capsys):
         assert code == 2
         one_error_line(err, "--out", "a file this command reads")
     assert snapshot(r) == old
+
+
+def test_an_unknown_settings_field_is_named_with_the_file(run, tmp_path, capsys):
+    r = copy_run(run, tmp_path)
+    corrupt(r / "checkpoint.npz", "settings", lambda d: d.update(bogus=1))
+    for argv in (["train", "--resume", "--out", r, "--epochs", "2"], ["eval", "--checkpoint", r, "--n", "16"]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2
+        one_error_line(err, str(r / "checkpoint.npz"), "settings", "bogus")
+
+
+def test_a_signal_during_the_cleanup_still_removes_the_temporary_file(tmp_path):
+    """Ctrl-C twice: the second arrives while atomic_write removes its temporary file after the first."""
+    code = f"""
+import os, signal, sys
+from minivae import signals
+from minivae.atomic import atomic_write
+def write(f):
+    f.write(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGINT)
+real = os.unlink
+def unlink(p, *a, **k):                   # the second Ctrl-C lands just before the file is removed
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(p, *a, **k)
+os.unlink = unlink
+try:
+    with signals.handled():
+        atomic_write({str(tmp_path / 'out.bin')!r}, write)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert p.returncode == 130, p.stderr
+    assert os.listdir(tmp_path) == []

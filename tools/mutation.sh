@@ -4,7 +4,7 @@
 #   bash tools/mutation.sh                 # the functions in tools/mutation_targets.txt (every configured module)
 #   bash tools/mutation.sh "minivae.optim*" "minivae.layers*"    # only some modules' mutants
 #
-# Needs `pip install -e .[dev]` (or `pip install -r requirements-dev.txt`).  mutmut keeps its results in
+# Needs `pip install -e '.[dev]'` (or `pip install -r requirements-dev.txt`).  mutmut keeps its results in
 # mutants/ and reruns only mutants of changed functions; `rm -rf mutants` starts afresh.  The summary
 # printed at the end is the mutation score per module (killed / (killed + survived)), and the list of
 # survivors; `mutmut show NAME` prints one of them as a diff, `bash tools/show_survivors.sh PATTERN` all of them.
