@@ -189,6 +189,8 @@ class FamilyVAE(VAE):
     The masks of the MADEs are built from the config alone (:func:`minivae.made.made_masks`): no randomness.
     """
 
+    output_bias = "dec.out.b"          # the logits' bias, for the recipes' init_output_bias (both decoders)
+
     def __init__(self, config=None, rng=None, backend=None):
         self.config = config if config is not None else FamilyConfig()
         if not isinstance(self.config, FamilyConfig):

@@ -287,7 +287,8 @@ def _open_run_folder(s, out, resume, force):
         raise missing_checkpoint(out)
     ckpt = load_checkpoint(ckpt_path)
     if s.epochs < ckpt.epoch:
-        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epochs; resuming it with epochs={s.epochs} "
+        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epoch{'s' if ckpt.epoch != 1 else ''}; "
+                              f"resuming it with epochs={s.epochs} "
                               f"(--epochs {s.epochs}) would train nothing and misreport the run: give --epochs "
                               f"{ckpt.epoch} or more")
     check_resume(s, ckpt)
@@ -316,7 +317,8 @@ def _restore(ckpt, config, model, opt, rngs, backend):
 def _start_fresh(s, model, data):
     """A new run: the output bias at the data's logits if asked."""
     if s.init_output_bias:
-        out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for an image model
+        # dec.out.b (one bias per channel for an image model); a model kind without dec_heads names its own
+        out_b = getattr(model, "output_bias", None) or model.net.dec_heads[0].name + ".b"
         x = data.x_train
         if get_architecture(s.arch).image:
             x = x.reshape(len(x), model.params[out_b].size, -1).mean(axis=2)
