@@ -613,3 +613,22 @@ def test_train_out_that_is_a_file_is_named(tmp_path, capsys):
     assert code == 2
     one_error_line(err, f"--out {f} exists and is not a folder")
     assert f.read_text() == "mine"
+
+
+def test_the_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(run, tmp_path, capsys):
+    """A SIGKILL during `sample` left `.samples.npz.<pid>.<random>.tmp` for ever; the next write of that file removes
+    the temporary files of writers that are gone, and keeps a live writer's."""
+    import itertools
+    dead = next(pid for pid in itertools.count(4_000_000) if not os.path.exists(f"/proc/{pid}"))
+    out = tmp_path / "s"
+    out.mkdir()
+    stale = out / f".samples.npz.{dead}.k1ll3d.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    live = out / f".samples.npz.{os.getppid()}.w0rk1ng.tmp"
+    live.write_bytes(b"\0" * 10)
+    other = out / f".other.npz.{dead}.k1ll3d.tmp"
+    other.write_bytes(b"\0" * 10)
+    code, _, err = run_main(["sample", "--checkpoint", run, "--n", "1500", "--out", out / "samples.npz"], capsys)
+    assert code == 0, err
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (out / "samples.npz").exists()
