@@ -287,7 +287,8 @@ def _open_run_folder(s, out, resume, force):
         raise missing_checkpoint(out)
     ckpt = load_checkpoint(ckpt_path)
     if s.epochs < ckpt.epoch:
-        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epochs; resuming it with epochs={s.epochs} "
+        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epoch{'s' if ckpt.epoch != 1 else ''}; "
+                              f"resuming it with epochs={s.epochs} "
                               f"(--epochs {s.epochs}) would train nothing and misreport the run: give --epochs "
                               f"{ckpt.epoch} or more")
     check_resume(s, ckpt)

@@ -35,6 +35,7 @@ class TrainSettings:
     arch: str = "mlp"          # "mlp", "conv" or "conv-pool" (minivae.networks)
     conditional: bool = False  # a conditional VAE of p(x|y) on the dataset's labels (minivae.conditional)
     label_decoder: str = "input"  # how a conditional decoder reads y (minivae.networks.LABEL_DECODERS)
+    label_encoder: str = "input"  # how a conditional encoder reads y (minivae.networks.LABEL_ENCODERS)
     hidden: tuple = (400,)
     latent: int = 20
     activation: str = "relu"
@@ -146,8 +147,9 @@ class TrainSettings:
         need(self.beta_start >= 0, f"beta_start must be >= 0, got {self.beta_start}")
         need(not self.beta_start or self.warmup, f"beta_start={self.beta_start:g} needs warmup > 0 epochs (the "
                                                  f"epochs over which the KL weight moves from beta_start to beta)")
-        need(self.label_decoder == "input" or self.conditional,
-             f"label_decoder={self.label_decoder!r} needs a conditional run (--conditional)")
+        for name in ("label_decoder", "label_encoder"):
+            need(getattr(self, name) == "input" or self.conditional,
+                 f"{name}={getattr(self, name)!r} needs a conditional run (--conditional)")
         need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
         need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
         need(self.threads is None or (not isinstance(self.threads, bool) and isinstance(self.threads, (int, np.integer))
@@ -216,7 +218,8 @@ class TrainSettings:
                          dec_logvar_min=self.dec_logvar_min,
                          image_shape=image_shape if image else None,
                          n_classes=n_classes if self.conditional else None,
-                         label_decoder=self.label_decoder if self.conditional else "input")
+                         label_decoder=self.label_decoder if self.conditional else "input",
+                         label_encoder=self.label_encoder if self.conditional else "input")
 
     def make_optimizer(self):
         kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
