@@ -7,7 +7,7 @@
 # -- trains it on the 0/1 subset, asks it for 0s and 1s, and checks with a classifier trained on real digits that
 # it draws what was asked.  In full mode the same model learns all ten digits.
 #
-# Run:  python lessons/18_conditional_vae.py [--quick] [--out DIR] [--seed N]
+# Run:  python lessons/18_conditional_vae.py [--out DIR] [--seed N]
 
 # %% [markdown]
 # ## 1. What `generate_and_classify` got wrong
@@ -269,7 +269,8 @@ check(rate10 > 0.8, "over 80% of the generated digits of all ten classes are cla
 # The command line's conditional model is the default VAE with a 20-D $z$ (`python -m minivae train --recipe default
 # --conditional`).  Its samples obey the label much less often than the 2-D model's: the judge of
 # `minivae.judge` (a 784-512-10 MLP trained on the real training digits, 97.9% right on the real test digits)
-# recognises only 63.7% of 1,000 prior samples after 10 epochs (RESULTS_TODAY).  In its class grid a column
+# recognises only 63.7% of 1,000 prior samples after 10 epochs (47% for the worst label, the 9s; every
+# measurement of this section is in `docs/results.md`, with its command).  In its class grid a column
 # looks alike whatever the row's label: $z$ still carries the class, and the decoder reads it from there.
 #
 # **Why the class stays.**  Averaged over the data, the KL term splits in two (Hoffman & Johnson 2016 make the
@@ -294,13 +295,22 @@ check(rate10 > 0.8, "over 80% of the generated digits of all ten classes are cla
 #   \frac{\partial L}{\partial a_{n,i}} = \sum_k G_{n,i,k}\, b_{n,k}, \qquad
 #   \frac{\partial L}{\partial b_{n,k}} = \sum_i G_{n,i,k}\, a_{n,i}$$
 #
-# (`minivae.conditional.outer_forward` / `outer_backward`; the label is data and its gradient is dropped).
+# (`minivae.conditional.outer_forward` / `outer_backward`; the label is data and its gradient is dropped).  The
+# encoder gets the same op before its two heads, which then read $[h, \mathrm{vec}(h \otimes \mathbf{y})]$
+# (`label_encoder="outer"`): each class maps its features to $(\mu, \log\sigma^2)$ with weights of its own, so
+# the 1s, whose styles vary along fewer directions than the 8s', can still be spread over the whole prior.  That
+# works on the *shape* of $q(z \mid y)$, where most of the class information sits, not only on its mean.
 #
-# **Fix 2: make the KL expensive at first.**  The KL weight starts at $\beta_0 = $ BETA0 and falls linearly per step
-# to 1 over the first WARMUP epochs (`--beta-start BETA0 --warmup WARMUP`).  While information in $z$ is expensive,
+# **Fix 2: make the KL expensive at first.**  The KL weight starts at $\beta_0 = 8$ and falls linearly per step
+# to 1 over the first 6 of the 10 epochs (`--beta-start 8 --warmup 6`).  While information in $z$ is expensive,
 # $z$ keeps only what the label cannot give, so the decoder learns to take the class from $y$; when the weight
-# reaches 1 and $z$ may hold more, the class in $z$ would buy nothing.  From epoch WARMUP + 1 on, the objective is
-# the ELBO again.
+# reaches 1 and $z$ may hold more, the class in $z$ would buy nothing.  From epoch 7 on, the objective is the
+# ELBO again.
+#
+# Measured (10 epochs each, one seed): the outer decoder alone gets 76.4% of the samples recognised, the annealed
+# KL alone 72.0%, the outer decoder with the KL weight 4 -> 1 over 2 epochs 88.0%, with 8 -> 1 over 6 epochs
+# 95.1%, and with the encoder's outer heads as well 96.4% (worst label 93%), at a test bound on
+# $-\log p(x \mid y)$ of 95.82 nats against today's 98.59: obeying the label costs no likelihood, it gains some.
 #
 # The two together are the `conditional` recipe, which `python -m minivae train --conditional` uses.  We check
 # the new op and the whole model with it, then train both models and let the judge look at their samples.
@@ -315,9 +325,9 @@ from minivae.train import TrainSettings, beta_at, train
 a, b = rng.standard_normal((6, 5)), rng.standard_normal((6, 3))
 err_outer = max(check_op(outer_forward, outer_backward, [a, b], names=["a", "b"], rng=rng).values())
 small_outer = minivae.VAE(minivae.VAEConfig(x_dim=12, hidden=(7,), z_dim=3, n_classes=4, dtype="float64",
-                                            activation="tanh", label_decoder="outer"), rng=1)
+                                            activation="tanh", label_decoder="outer", label_encoder="outer"), rng=1)
 err_outer_model = max(check_model(small_outer, x_small, y=y_small, n_samples=2, rng=rng).values())
-print(f"outer op: max rel error {err_outer:.1e};  whole model with the outer decoder: {err_outer_model:.1e}")
+print(f"outer op: max rel error {err_outer:.1e};  whole model with the outer layers: {err_outer_model:.1e}")
 check(err_outer < 1e-7 and err_outer_model < 1e-7, "the outer op and the whole model with it pass the float64 check")
 recipe = get_recipe("conditional")
 spe = 469                                                    # steps per epoch: 60,000 digits in batches of 128
@@ -350,6 +360,9 @@ for name, (model, hist) in models.items():
     print(f"{name:32s} test -ELBO of log p(x|y) {hist[-1]['test_neg_elbo']:6.2f}, KL after epoch 1 "
           f"{hist[0]['test_kl']:5.2f};  recognised {100 * acc[name]['overall']:5.1f}% "
           f"(worst label {acc[name]['worst_label']}: {100 * acc[name]['worst']:.0f}%)")
+if args.quick:
+    print("(quick mode: 2 epochs on 6,000 digits, so neither model draws clean digits yet; the full run checks the "
+          "claims about recognition)")
 (m_today, h_today), (m_new, h_new) = models.values()
 a_today, a_new = acc.values()
 check(h_new[0]["test_kl"] < h_today[0]["test_kl"],
