@@ -6,8 +6,8 @@
 # finite differences, trains it, and then shows what it lacks: its codes follow no known distribution, so there is
 # nothing to draw a *new* code from.  That is the gap the VAE fills (lessons 04-08).
 #
-# Run it as a script, `python lessons/01_autoencoder.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
-# (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/01_autoencoder.py [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # ## The model and its loss
 #

@@ -6,8 +6,8 @@
 # layer that every encoder and decoder is built from, and then shows why the check must use a *random* upstream
 # gradient.
 #
-# Run it as a script, `python lessons/02_backprop_by_hand.py [--quick] [--out DIR] [--seed N]`, or open it as a
-# notebook (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/02_backprop_by_hand.py [--out DIR] [--seed N]`, or open it as a
+# notebook (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # Exercise: `dense_backward` in `minivae/layers.py` (the region between `### BEGIN SOLUTION dense_backward` and
 # `### END SOLUTION`).

@@ -4,8 +4,8 @@
 # The nonlinearities between dense layers, each as a forward/backward pair, each checked against finite differences;
 # why gradient checks avoid kinks; and why sigmoid and log-sigmoid must be computed stably.
 #
-# Run it as a script, `python lessons/03_activations.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
-# (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/03_activations.py [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # Exercises: `relu_backward`, `tanh_backward`, `sigmoid_backward` in `minivae/layers.py`.
 #

@@ -5,8 +5,8 @@
 # where quadrature gives the exact answer, this lesson compares two Monte Carlo estimates of it: naive sampling from
 # the prior, and importance sampling with a Gaussian $q(z \mid x)$, the VAE's recognition model.
 #
-# Run it as a script, `python lessons/04_latent_variable_model.py [--quick] [--out DIR] [--seed N]`, or open it as a
-# notebook (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/04_latent_variable_model.py [--out DIR] [--seed N]`, or open it as a
+# notebook (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # ## The model
 #

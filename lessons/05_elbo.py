@@ -5,8 +5,8 @@
 # then verified term by term on a toy model whose every expectation can be computed by quadrature; the Monte-Carlo
 # ELBO a VAE trains on estimates the same number; and moving $q$ toward the posterior shrinks the gap, but not to 0.
 #
-# Run it as a script, `python lessons/05_elbo.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook (jupytext
-# or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/05_elbo.py [--out DIR] [--seed N]`, or open it as a notebook (jupytext
+# or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # ## The derivation
 #

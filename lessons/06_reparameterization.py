@@ -6,8 +6,8 @@
 # on a function with a closed-form answer, gradient-checks minivae's reparameterization op, and shows why
 # $\sigma = \exp(\tfrac12 \text{logvar})$ and not $\exp(\text{logvar})$.
 #
-# Run it as a script, `python lessons/06_reparameterization.py [--quick] [--out DIR] [--seed N]`, or open it as a
-# notebook (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/06_reparameterization.py [--out DIR] [--seed N]`, or open it as a
+# notebook (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # Exercise: `reparameterize_forward` and `reparameterize_backward` in `minivae/gaussian.py`.
 #

@@ -6,8 +6,8 @@
 # closed form (Kingma & Welling 2014, "Auto-Encoding Variational Bayes", Appendix B), so no sampling is needed for
 # this term.  This lesson derives it, checks it against Monte Carlo, and gradient-checks its backward.
 #
-# Run it as a script, `python lessons/07_gaussian_kl.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
-# (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/07_gaussian_kl.py [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # Exercise: `kl_forward` and `kl_backward` in `minivae/gaussian.py`.
 #

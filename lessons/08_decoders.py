@@ -8,8 +8,8 @@
 # be computed from logits, and trains small VAEs with each to see what they assume: what the fixed variance does to
 # the KL, and how a learned variance collapses on MNIST's black border.
 #
-# Run it as a script, `python lessons/08_decoders.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
-# (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/08_decoders.py [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # Exercise: `bernoulli_nll_forward` / `bernoulli_nll_backward` in `minivae/likelihoods.py`.
 

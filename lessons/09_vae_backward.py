@@ -7,7 +7,7 @@
 # $\varepsilon$).  Then the whole model passes a finite-difference gradient check with two hidden layers, several
 # samples of $z$ and $\beta \ne 1$.
 #
-# **Run** `python lessons/09_vae_backward.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# **Run** `python lessons/09_vae_backward.py [--out DIR] [--seed N]`, or open it as a notebook
 # (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.
 # **Exercise** `vae_backward`: the backward in `minivae/model.py`, and the hand-chained backward cell below.
 

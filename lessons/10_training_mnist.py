@@ -7,9 +7,9 @@
 # 100.  The training loop is written out here in a few lines; later lessons call it as `minivae.lessonkit.fit`.
 # You will see the loss curves, reconstructions and samples from the prior.
 #
-# **Run** `python lessons/10_training_mnist.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
-# (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.  Full mode trains 2 epochs on the 60k
-# training images; `--quick` trains 120 steps on a 6k subset.  **Exercise** `adam_step`.
+# **Run** `python lessons/10_training_mnist.py [--out DIR] [--seed N]`, or open it as a notebook
+# (jupytext); the lesson trains 2 epochs on the 60k training images;
+# `--quick` (or `MINIVAE_QUICK=1` in a kernel), the tests' mode, trains 120 steps on a 6k subset.  **Exercise** `adam_step`.
 
 # %%
 import time

@@ -7,7 +7,7 @@
 # summaries of an image, PCA-2 and the codes of a plain autoencoder (lesson 01), and the 784 raw pixels.
 # Finally we compare samples for latent sizes 2, 5, 10 and 20.
 #
-# **Run** `python lessons/11_latent_2d.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# **Run** `python lessons/11_latent_2d.py [--out DIR] [--seed N]`, or open it as a notebook
 # (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.
 
 # %%

@@ -6,7 +6,7 @@
 # norm, and how to score a grey-level frame honestly (its cross-entropy is mostly its own entropy).  Then decode
 # $z$ drawn near one encoded digit.
 #
-# **Run** `python lessons/12_interpolation.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# **Run** `python lessons/12_interpolation.py [--out DIR] [--seed N]`, or open it as a notebook
 # (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.
 
 # %%

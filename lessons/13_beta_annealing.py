@@ -5,7 +5,7 @@
 # reconstruction for KL; see which $\beta$ still give a bound on $-\log p(x)$; warm $\beta$ up from 0 to 1; count
 # the latent units the encoder actually uses.
 #
-# **Run** `python lessons/13_beta_annealing.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# **Run** `python lessons/13_beta_annealing.py [--out DIR] [--seed N]`, or open it as a notebook
 # (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.
 # **Exercise** `kl_forward`, `kl_backward`.
 

@@ -5,7 +5,7 @@
 # tighter estimates (Burda et al. 2015).  On a model with a 1-D latent we can also compute $\log p(x)$ exactly by
 # quadrature, and watch the estimate converge to it.
 #
-# **Run** `python lessons/14_marginal_likelihood.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# **Run** `python lessons/14_marginal_likelihood.py [--out DIR] [--seed N]`, or open it as a notebook
 # (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.
 
 # %%

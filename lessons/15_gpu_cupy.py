@@ -9,7 +9,7 @@
 # Without a GPU (e.g. in CI) it shows that asking for CuPy raises a clear `minivae.BackendError`, still times
 # NumPy, and ends normally.
 #
-# **Run** `python lessons/15_gpu_cupy.py [--quick] [--out DIR] [--seed N]`, or open it as a notebook
+# **Run** `python lessons/15_gpu_cupy.py [--out DIR] [--seed N]`, or open it as a notebook
 # (jupytext); in a kernel, set `MINIVAE_QUICK=1` for the small version.  For the GPU half, install
 # CuPy on a machine with an NVIDIA GPU (from a clone of minivae: `pip install -e '.[cuda12x]'`, or `.[cuda13x]`).
 

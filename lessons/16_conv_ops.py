@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Lesson 16 - Convolution as a matrix product, and its backward passes by hand
 #
-# Run: `python lessons/16_conv_ops.py [--quick] [--out DIR] [--seed N]`
+# Run: `python lessons/16_conv_ops.py [--out DIR] [--seed N]`
 #
 # A convolutional VAE needs four new ops, each a forward/backward pair in `minivae/conv.py`:
 # the convolution, the *transposed* convolution (the decoder's learned upsampling), max-pooling and

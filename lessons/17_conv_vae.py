@@ -1,15 +1,15 @@
 # %% [markdown]
 # # Lesson 17 - The convolutional VAE on MNIST
 #
-# Run: `python lessons/17_conv_vae.py [--quick] [--out DIR] [--seed N]`
+# Run: `python lessons/17_conv_vae.py [--out DIR] [--seed N]`
 #
 # Lesson 16 built the op pairs: convolution as a matrix product over patches, its adjoint the transposed
 # convolution, max-pooling and upsampling.  Here they become two VAEs, `arch="conv"` and `arch="conv-pool"`,
 # trained next to the fully connected 784-400-20 model with the same objective, the same optimizer and the
 # same number of steps.  Only the encoder and decoder networks differ: the objective chain
 # (reparameterization, KL, likelihood) and its backward are the ones of lesson 09, written once in
-# `minivae/model.py`.  Full mode trains each model 200 steps of batch 64 (60 s of CPU, peak RSS 0.85 GB);
-# `--quick` trains 12 steps (8 s of CPU).
+# `minivae/model.py`.  The lesson trains each model 200 steps of batch 64; `--quick`, the tests' mode, trains 12
+# steps, too few to rank the models.
 #
 # ## 1. Three networks, one objective
 #
@@ -150,7 +150,7 @@ save_figure(fig, args.out, "params_flops.png")
 
 # %%
 steps = 12 if args.quick else 200
-n_test = 200 if args.quick else 1000
+n_test = 200 if args.quick else 500
 x_train, _ = load_mnist("train")
 x_train = x_train[:steps * 64]
 x_test, _ = load_mnist("test")
@@ -170,15 +170,13 @@ for arch, m in models.items():
 
 # %% [markdown]
 # The untrained models start near $784 \log 2 \approx 543$ nats (logits near 0: $p = 1/2$ per pixel; the
-# transposed convolutions' output starts a little further off).  After this short, equal budget the dense model
-# is usually *ahead*, and the KL column says why: the conv VAEs have barely started to use their latent code
-# (KL of a few nats), while the dense one already sends ten or more nats per image through $z$.  A deeper
-# network, with its small gradients at the first layers at PyTorch's initialisation, first learns what every
-# digit shares (strokes, the mean image, through the decoder's biases and last layers) before the encoder's
-# information about *this* digit pays off.  Given time the ranking reverses: a convolution knows that
-# neighbouring pixels belong together and that a stroke looks the same anywhere, which a dense layer must learn
-# from data.  The full 10-epoch recipes (``python -m minivae train --recipe conv``, and ``--recipe default`` for
-# the dense model) are in the README's results table.
+# transposed convolutions' output starts a little further off).  After this short, equal budget of 200 steps the
+# dense model is ahead, and it is also the one that sends the most information through $z$ (the largest KL): the
+# conv models have barely started to use their latent code.  Both facts are measured and checked below.  Why the
+# dense model leads at this budget is not tested here, and a short budget says nothing about which architecture
+# is better trained to the end: the full 10-epoch recipes (``python -m minivae train --recipe conv``, and
+# ``--recipe default`` for the dense model) are in the README's results table.  The quick (test) mode's 12 steps
+# are too few to rank anything: its ranking is printed, not asserted.
 
 # %%
 ranking = sorted(results, key=lambda a: results[a]["after"])
@@ -187,6 +185,12 @@ for arch in ("conv", "conv-pool"):
     check(results[arch]["kl"] < results["mlp"]["kl"],
           f"after {steps} steps {arch} uses its latent code less than the dense model "
           f"(KL {results[arch]['kl']:.1f} against {results['mlp']['kl']:.1f} nats)")
+lead = min(results[a]["after"] for a in ("conv", "conv-pool")) - results["mlp"]["after"]
+if not args.quick:
+    check(lead > 5, f"after {steps} steps the dense model has the lowest test -ELBO, {lead:.1f} nats (> 5) ahead of "
+          "the better conv model")
+else:
+    print(f"  quick mode: the dense model's lead is {lead:+.1f} nats after {steps} steps (not asserted)")
 
 fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.bar(names, [results[a]["after"] for a in names], color=["C0", "C1", "C2"])

@@ -7,7 +7,7 @@
 # -- trains it on the 0/1 subset, asks it for 0s and 1s, and checks with a classifier trained on real digits that
 # it draws what was asked.  In full mode the same model learns all ten digits.
 #
-# Run:  python lessons/18_conditional_vae.py [--quick] [--out DIR] [--seed N]
+# Run:  python lessons/18_conditional_vae.py [--out DIR] [--seed N]
 
 # %% [markdown]
 # ## 1. What `generate_and_classify` got wrong
@@ -264,7 +264,125 @@ save_figure(fig, args.out, "class_grid_mnist.png")
 check(rate10 > 0.8, "over 80% of the generated digits of all ten classes are classified as the requested label")
 
 # %% [markdown]
-# ## 9. Why −log p(x|y) is lower than −log p(x)
+# ## 9. Twenty latent dimensions: why the class stays in z, and what fixes it
+#
+# The command line's conditional model is the default VAE with a 20-D $z$ (`python -m minivae train --recipe default
+# --conditional`).  Its samples obey the label much less often than the 2-D model's: the judge of
+# `minivae.judge` (a 784-512-10 MLP trained on the real training digits, 97.9% right on the real test digits)
+# recognises only 63.7% of 1,000 prior samples after 10 epochs (47% for the worst label, the 9s; every
+# measurement of this section is in `docs/results.md`, with its command).  In its class grid a column
+# looks alike whatever the row's label: $z$ still carries the class, and the decoder reads it from there.
+#
+# **Why the class stays.**  Averaged over the data, the KL term splits in two (Hoffman & Johnson 2016 make the
+# same split without labels):
+#
+# $$\mathbb{E}_{x,y}\, \mathrm{KL}(q(z \mid x, y) \,\|\, p(z)) = I_q(x; z \mid y)
+#   + \mathbb{E}_y\, \mathrm{KL}(q(z \mid y) \,\|\, p(z)),$$
+#
+# where $q(z \mid y)$ is the average posterior of the digits of class $y$.  Class information in $z$ lives in the
+# second term: if the 7s sit in one region of $z$ and the 1s in another, $q(z \mid y)$ differs from $p(z)$.  It costs
+# a few nats at most (the class is worth $\log 10 = 2.3$), so its gradient is weak; and it is learned first, because
+# the class is the largest difference between images, before the decoder has learned to use the label -- which,
+# fed into the first layer beside $z$, only adds a per-class bias there.  Once the decoder reads the class from
+# $z$, removing it from $z$ makes the reconstructions worse before it makes the KL better: a local optimum.
+#
+# **Fix 1: let the label select the map.**  The decoder reads $[z, \mathrm{vec}(z \otimes \mathbf{y}), \mathbf{y}]$
+# (`VAEConfig(label_decoder="outer")`): with a one-hot $\mathbf{y}$ the block $k$ of the outer product is a copy of
+# $z$ for the digits of class $k$ and zero otherwise, so the first layer applies $W_0 + W_k$ to $z$: each class gets
+# its own linear map from $z$, a multiplicative (bilinear) conditioning instead of an additive one.  The op is
+#
+# $$\mathrm{out}_{n, iK + k} = a_{n,i}\, b_{n,k}, \qquad
+#   \frac{\partial L}{\partial a_{n,i}} = \sum_k G_{n,i,k}\, b_{n,k}, \qquad
+#   \frac{\partial L}{\partial b_{n,k}} = \sum_i G_{n,i,k}\, a_{n,i}$$
+#
+# (`minivae.conditional.outer_forward` / `outer_backward`; the label is data and its gradient is dropped).  The
+# encoder gets the same op before its two heads, which then read $[h, \mathrm{vec}(h \otimes \mathbf{y})]$
+# (`label_encoder="outer"`): each class maps its features to $(\mu, \log\sigma^2)$ with weights of its own, so
+# the 1s, whose styles vary along fewer directions than the 8s', can still be spread over the whole prior.  That
+# works on the *shape* of $q(z \mid y)$, where most of the class information sits, not only on its mean.
+#
+# **Fix 2: make the KL expensive at first.**  The KL weight starts at $\beta_0 = 8$ and falls linearly per step
+# to 1 over the first 6 of the 10 epochs (`--beta-start 8 --warmup 6`).  While information in $z$ is expensive,
+# $z$ keeps only what the label cannot give, so the decoder learns to take the class from $y$; when the weight
+# reaches 1 and $z$ may hold more, the class in $z$ would buy nothing.  From epoch 7 on, the objective is the
+# ELBO again.
+#
+# Measured (10 epochs each, one seed): the outer decoder alone gets 76.4% of the samples recognised, the annealed
+# KL alone 72.0%, the outer decoder with the KL weight 4 -> 1 over 2 epochs 88.0%, with 8 -> 1 over 6 epochs
+# 95.1%, and with the encoder's outer heads as well 96.4% (worst label 93%), at a test bound on
+# $-\log p(x \mid y)$ of 95.82 nats against today's 98.59: obeying the label costs no likelihood, it gains some.
+#
+# The two together are the `conditional` recipe, which `python -m minivae train --conditional` uses.  We check
+# the new op and the whole model with it, then train both models and let the judge look at their samples.
+
+# %%
+from minivae.checkpoint import load_checkpoint
+from minivae.conditional import outer_backward, outer_forward
+from minivae.judge import describe, label_accuracy, load_or_train
+from minivae.recipes import get_recipe
+from minivae.train import TrainSettings, beta_at, train
+
+a, b = rng.standard_normal((6, 5)), rng.standard_normal((6, 3))
+err_outer = max(check_op(outer_forward, outer_backward, [a, b], names=["a", "b"], rng=rng).values())
+small_outer = minivae.VAE(minivae.VAEConfig(x_dim=12, hidden=(7,), z_dim=3, n_classes=4, dtype="float64",
+                                            activation="tanh", label_decoder="outer", label_encoder="outer"), rng=1)
+err_outer_model = max(check_model(small_outer, x_small, y=y_small, n_samples=2, rng=rng).values())
+print(f"outer op: max rel error {err_outer:.1e};  whole model with the outer layers: {err_outer_model:.1e}")
+check(err_outer < 1e-7 and err_outer_model < 1e-7, "the outer op and the whole model with it pass the float64 check")
+recipe = get_recipe("conditional")
+spe = 469                                                    # steps per epoch: 60,000 digits in batches of 128
+schedule = [beta_at(TrainSettings.from_recipe("conditional"), e * spe, spe) for e in range(recipe["warmup"] + 2)]
+print("KL weight at the start of each epoch:", " ".join(f"{v:.2f}" for v in schedule))
+
+# %% [markdown]
+# Now both models, trained by `minivae.train.train` exactly as the command line trains them (in quick mode on 6,000
+# digits for 2 epochs, so the numbers are far from the full runs'; the full run is 10 epochs on all 60,000 digits,
+# about a minute of CPU per model with one BLAS thread).  The judge is trained once on the real training digits and
+# cached in the output folder.
+
+# %%
+def run(name, **kw):
+    s = TrainSettings.from_recipe(name, seed=args.seed, figures=False, threads=1, **kw)
+    if args.quick:
+        s.n_train, s.n_test, s.epochs = 6000, 1000, 2
+        s.warmup = min(s.warmup, 1)
+    folder = f"{args.out}/run_{name}"
+    hist = train(s, folder, force=True, progress=False, log=lambda *a: None)
+    return load_checkpoint(folder).build_model("numpy"), hist
+
+
+judge = load_or_train(args.out, log=print, **(dict(hidden=64, epochs=1) if args.quick else {}))
+print(describe(judge))
+models = {"today (default + --conditional)": run("default", conditional=True), "conditional recipe": run("conditional")}
+acc = {}
+for name, (model, hist) in models.items():
+    acc[name] = label_accuracy(model, judge, n_per_label=100)
+    print(f"{name:32s} test -ELBO of log p(x|y) {hist[-1]['test_neg_elbo']:6.2f}, KL after epoch 1 "
+          f"{hist[0]['test_kl']:5.2f};  recognised {100 * acc[name]['overall']:5.1f}% "
+          f"(worst label {acc[name]['worst_label']}: {100 * acc[name]['worst']:.0f}%)")
+if args.quick:
+    print("(quick mode: 2 epochs on 6,000 digits, so neither model draws clean digits yet; the full run checks the "
+          "claims about recognition)")
+(m_today, h_today), (m_new, h_new) = models.values()
+a_today, a_new = acc.values()
+check(h_new[0]["test_kl"] < h_today[0]["test_kl"],
+      "the KL weight that starts high keeps z's information low in the first epoch")
+if not args.quick:
+    check(a_new["overall"] >= 0.95 and a_new["worst"] >= 0.85 and a_today["overall"] < 0.95,
+          "the conditional recipe draws the asked digit (>= 95% of samples, >= 85% for every label); today's "
+          "model does not")
+    check(h_new[-1]["test_neg_elbo"] <= h_today[-1]["test_neg_elbo"] + 1.0,
+          "... at a test bound on -log p(x|y) no worse than today's by more than 1 nat")
+fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
+for ax, (name, (model, _)) in zip(axes, models.items()):
+    grid = class_grid_images(model, np.random.default_rng(9), 10)
+    ax.imshow(tile(grid, 10), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{name}: {100 * acc[name]['overall']:.1f}% recognised", fontsize=9)
+save_figure(fig, args.out, "class_grid_20d.png")
+
+# %% [markdown]
+# ## 10. Why −log p(x|y) is lower than −log p(x)
 #
 # By Bayes, $\log p(x \mid y) = \log p(x) + \log p(y \mid x) - \log p(y)$.  For a digit whose label is clear from
 # the image, $p(y \mid x) \approx 1$, so $-\log p(x \mid y) \approx -\log p(x) - \log(1/p(y))$: knowing the label

@@ -6,7 +6,7 @@
 # that comes from drawing the minibatch and the part that comes from drawing eps (law of total variance), and work
 # out when more samples per datapoint pay off.
 #
-# Run:  python lessons/19_samples_vs_batch.py [--quick] [--out DIR] [--seed N]
+# Run:  python lessons/19_samples_vs_batch.py [--out DIR] [--seed N]
 
 # %% [markdown]
 # ## 1. The estimator and its two sources of noise

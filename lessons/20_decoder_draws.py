@@ -6,7 +6,7 @@
 # variance collapse on MNIST's always-black border (lesson 08), and stop the collapse with a floor on the
 # log-variance, VAEConfig(dec_logvar_min=m), whose gradient is derived by hand.
 #
-# Run:  python lessons/20_decoder_draws.py [--quick] [--out DIR] [--seed N]
+# Run:  python lessons/20_decoder_draws.py [--out DIR] [--seed N]
 
 # %% [markdown]
 # ## 1. A draw from p(x|z) is not the mean

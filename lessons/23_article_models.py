@@ -16,8 +16,8 @@
 # (a sum or a mean over the pixels) is a hidden $\beta$ on the KL, trains small versions of both models with minivae,
 # and shows what the hidden $\beta$ does: at the Keras article's scaling, every latent unit collapses.
 #
-# Run it as a script, `python lessons/23_article_models.py [--quick] [--out DIR] [--seed N]`, or open it as a
-# notebook (jupytext or VS Code; set `MINIVAE_QUICK=1` in the kernel's environment for the quick version).
+# Run it as a script, `python lessons/23_article_models.py [--out DIR] [--seed N]`, or open it as a
+# notebook (jupytext or VS Code; `MINIVAE_QUICK=1` in the kernel's environment selects the tests' quick mode).
 #
 # ## 1. The summed squared error is a Gaussian with variance ½
 #

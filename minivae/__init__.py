@@ -25,6 +25,7 @@ from .gaussian import kl_backward, kl_forward, reparameterize, reparameterize_ba
 from .gradcheck import GradientCheckError, check_model, check_op, numerical_gradient, rel_error
 from .model import VAE
 from . import families  # noqa: E402,F401  (registers the model kind "family": MADE decoder, flows; minivae.model)
+from . import twolayer  # noqa: E402,F401  (registers the model kind "two_layer": z1 and z2)
 from .optim import SGD, Adagrad, Adam, clip_grad_norm, make_optimizer
 
 try:                     # the fast path (minivae/fast/, absent from a course assignment's copy)

@@ -3,9 +3,11 @@
 Every output of every command goes through :func:`atomic_write` (checkpoints, histories, settings,
 results, ``eval --json``, samples, figures through :func:`save_figure`, downloads, the lessons' scripts
 and notebooks through :func:`copy_file`).  It writes a temporary file ``.<name>.<random>.tmp`` in the
-destination's folder, flushes and fsyncs it, then renames it onto the destination with ``os.replace``
+destination's folder (``.<name>.<pid>.<random>.tmp``), flushes and fsyncs it, then renames it onto the destination with ``os.replace``
 (atomic on POSIX and Windows).  So a write that fails (a full disk, ``ulimit -f``, Ctrl-C, SIGTERM, an
-exception inside the writer) leaves the previous file exactly as it was, and removes its temporary file.
+exception inside the writer) leaves the previous file exactly as it was, and removes its temporary file; the
+temporary file of a writer killed without a chance to clean up (SIGKILL) is removed by the next write of the same
+file (:func:`remove_dead_temp_files`).
 
 A failed write is a :class:`WriteError`: an ``OSError`` (same ``errno``) whose one-line message names the
 file, e.g. ``cannot write runs/a/checkpoint.npz (No space left on device)``.
@@ -53,7 +55,8 @@ def atomic_write(path, write, mode="wb"):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
+        remove_dead_temp_files(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise _write_error(exc, path) from None
     try:
@@ -109,6 +112,41 @@ def copy_file(src, dst):
         with open(src, "rb") as s:
             shutil.copyfileobj(s, f)
     return atomic_write(dst, write)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):          # another user's process, or no way to ask: assume alive
+        return True
+    return True
+
+
+def remove_dead_temp_files(path):
+    """Remove the temporary files ``.<name>.<pid>.<random>.tmp`` of ``path`` whose writer ``pid`` is gone (a
+    SIGKILL, a power loss): the next write of the same file cleans up after it.  A live writer's file is kept.
+    Returns the removed paths."""
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        name = p.name
+        if not (name.startswith(prefix) and name.endswith(TMP_SUFFIX)):
+            continue
+        pid = name[len(prefix):-len(TMP_SUFFIX)].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def stale_temp_files(folder):

@@ -83,7 +83,7 @@ def data_record(v):
 
 # ---------------------------------------------------------------------------------------------- the tables
 SETTINGS = {
-    "recipe": text, "arch": text, "conditional": boolean, "label_decoder": text, "hidden": int_list(1), "latent": integer(1),
+    "recipe": text, "arch": text, "conditional": boolean, "label_decoder": text, "label_encoder": text, "hidden": int_list(1), "latent": integer(1),
     "activation": text, "likelihood": text, "obs_var": number(positive=True), "dec_logvar_min": optional(number()),
     "dtype": text, "binarize": text, "data_dir": optional(text), "n_train": optional(integer(1)),
     "n_test": optional(integer(1)), "valid": integer(0), "test_seed": integer(0), "data": optional(data_record),
@@ -93,14 +93,16 @@ SETTINGS = {
     "warmup": integer(0), "beta_start": number(nonneg=True), "iwae_k": optional(integer(1)), "free_bits": optional(number(nonneg=True)),
     "seed": integer(0), "backend": text, "iw_k": integer(0), "figures": boolean, "fast": boolean,
     "threads": optional(integer(1)), "decoder": text, "flow": optional(text), "iwae_grad": text,
-    "prior": optional(text),
+    "prior": optional(text), "stochastic_layers": integer(1), "latent2": optional(integer(1)),
 }
 
 CONFIG = {
     "x_dim": integer(1), "hidden": int_list(1), "z_dim": integer(1), "activation": text, "likelihood": text,
     "dtype": text, "obs_var": number(positive=True), "arch": text, "image_shape": optional(int_list(1, length=3)),
     "dec_logvar_min": optional(number()), "n_classes": optional(integer(1)), "label_decoder": text,
-    "kind": text, "decoder": text, "flow": optional(text), "prior": optional(text),           # the model kinds of minivae.model
+    "label_encoder": text,
+    "kind": text, "decoder": text, "flow": optional(text), "prior": optional(text),
+    "z2_dim": integer(1), "hidden2": int_list(1),           # the model kinds of minivae.model
 }
 
 BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")

@@ -79,7 +79,8 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation", "likelihood", "obs_var", "dec_logvar_min", "binarize",
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads",
-                "conditional", "label_decoder", "beta_start", "decoder", "flow", "iwae_grad", "prior")
+                "conditional", "label_decoder", "label_encoder", "beta_start", "decoder", "flow", "iwae_grad", "prior",
+                "stochastic_layers", "latent2")
 
 
 def build_parser():
@@ -92,7 +93,7 @@ def build_parser():
     from .iwae_grads import IWAE_GRADS
     from .layers import ACTIVATIONS
     from .likelihoods import LIKELIHOODS
-    from .networks import ARCHITECTURES, LABEL_DECODERS
+    from .networks import ARCHITECTURES, LABEL_DECODERS, LABEL_ENCODERS
     from .optim import OPTIMIZERS
     from .recipes import RECIPES
     p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
@@ -154,6 +155,11 @@ def build_parser():
                         "(Bernoulli; see minivae/families.py)")
     t.add_argument("--flow", help="a normalising flow in q(z|x): planar:T (T planar steps) or iaf:T (T inverse "
                                   "autoregressive steps), e.g. planar:4 (default: none)")
+    t.add_argument("--stochastic-layers", type=_positive_int, choices=[1, 2],
+                   help="2: two stochastic layers z1 (--latent) and z2 (--latent2), the architecture of Burda et al. "
+                        "2015 (minivae/twolayer.py; hidden widths halved between z1 and z2) (default 1)")
+    t.add_argument("--latent2", type=_positive_int, help="with --stochastic-layers 2: z2's dimension (default: half "
+                                                         "of --latent)")
     t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
                                    "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
     t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
@@ -177,7 +183,11 @@ def build_parser():
                         "them); without --recipe, the conditional recipe (minivae/recipes.py); writes class_grid.png")
     t.add_argument("--label-decoder", choices=list(LABEL_DECODERS),
                    help="with --conditional, how the decoder reads the label: " +
-                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()) + " (default input)")
+                        "; ".join(f"{k}: {v}" for k, v in LABEL_DECODERS.items()) +
+                        " (default: the recipe's; outer in the conditional recipe, input in the others)")
+    t.add_argument("--label-encoder", choices=list(LABEL_ENCODERS),
+                   help="with --conditional, how the encoder reads the label: " +
+                        "; ".join(f"{k}: {v}" for k, v in LABEL_ENCODERS.items()) + " (default: the recipe's)")
     t.add_argument("--reference-path", action="store_true",
                    help="train with the readable model.loss + optimizer.step instead of the optimized minivae.fast "
                         "step (same math, slower)")
@@ -312,6 +322,8 @@ def cmd_train(args):
         overrides["figures"] = False
     if args.reference_path:
         overrides["fast"] = False
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder; a run writes a folder of files")
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")

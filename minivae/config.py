@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .layers import ACTIVATIONS
 from .likelihoods import LIKELIHOODS
-from .networks import ARCHITECTURES, LABEL_DECODERS
+from .networks import ARCHITECTURES, LABEL_DECODERS, LABEL_ENCODERS
 
 DTYPES = ("float32", "float64")
 
@@ -47,6 +47,8 @@ class VAEConfig:
     label_decoder  how a conditional decoder reads y (:data:`minivae.networks.LABEL_DECODERS`): "input"
                 (default: [z, y] into its first dense layer), "outer" ([z, vec(z ⊗ y), y]: a per-class map
                 of z) or "every" (y into every dense layer, fully connected only)
+    label_encoder  how a conditional encoder reads y (:data:`minivae.networks.LABEL_ENCODERS`): "input" (default:
+                [x, y] into its first dense layer) or "outer" (its heads also read [h, vec(h ⊗ y)])
     """
 
     x_dim: int = None
@@ -61,6 +63,7 @@ class VAEConfig:
     dec_logvar_min: float = None
     n_classes: int = None
     label_decoder: str = "input"
+    label_encoder: str = "input"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -110,6 +113,10 @@ class VAEConfig:
             raise ValueError(f"unknown label_decoder {self.label_decoder!r}: choose one of {', '.join(LABEL_DECODERS)}")
         if self.label_decoder != "input" and self.n_classes is None:
             raise ValueError(f"label_decoder={self.label_decoder!r} needs a conditional model (n_classes=K)")
+        if self.label_encoder not in LABEL_ENCODERS:
+            raise ValueError(f"unknown label_encoder {self.label_encoder!r}: choose one of {', '.join(LABEL_ENCODERS)}")
+        if self.label_encoder != "input" and self.n_classes is None:
+            raise ValueError(f"label_encoder={self.label_encoder!r} needs a conditional model (n_classes=K)")
         if self.label_decoder == "every" and self.arch != "mlp":
             raise ValueError(f"label_decoder='every' needs the fully connected arch 'mlp', not {self.arch!r} "
                              f"(use 'outer' or 'input')")
@@ -132,7 +139,7 @@ class VAEConfig:
         if self.image_shape is not None:
             d["image_shape"] = list(self.image_shape)
         for k, default in (("arch", "mlp"), ("image_shape", None), ("dec_logvar_min", None), ("n_classes", None),
-                            ("label_decoder", "input")):
+                            ("label_decoder", "input"), ("label_encoder", "input")):
             if d[k] == default:        # a fully connected config serialises as before these fields existed
                 del d[k]
         return d

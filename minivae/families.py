@@ -189,6 +189,8 @@ class FamilyVAE(VAE):
     The masks of the MADEs are built from the config alone (:func:`minivae.made.made_masks`): no randomness.
     """
 
+    output_bias = "dec.out.b"          # the logits' bias, for the recipes' init_output_bias (both decoders)
+
     def __init__(self, config=None, rng=None, backend=None):
         self.config = config if config is not None else FamilyConfig()
         if not isinstance(self.config, FamilyConfig):
@@ -320,6 +322,10 @@ class FamilyVAE(VAE):
         extra = self.new_grads()                                           # the encoder, at the pseudo-inputs
         extra["prior.u"] = self.encoder_backward(dm, ds, c_enc, extra)     # the mixture is uniform: da unused
         return dz, extra
+
+    def log_prior(self, z):
+        """log p(z) for z (M, L): N(0, I), or the learned prior's mixture log-density (M,)."""
+        return self._prior_forward(self.xp.asarray(z, dtype=self.dtype))[0]
 
     # ---------------------------------------------------------------- the loss
     def loss(self, x, eps=None, beta=1.0, n_samples=1, backward=True, validate=True, iwae_k=None,

@@ -89,12 +89,15 @@ def free_disk_bytes(folder):
         return None
 
 
+DISK_SHARE = 0.9
+
+
 def check_disk(nbytes, folder, what, advice):
     """ValueError (one line) if writing ``nbytes`` into ``folder`` cannot fit on its disk; returns nbytes."""
     free = free_disk_bytes(folder)
-    if free is not None and nbytes > free:
-        raise ValueError(f"{what} writes about {_size(nbytes)} to {folder}, more than the {_size(free)} free on "
-                         f"that disk; {advice}")
+    if free is not None and nbytes > DISK_SHARE * free:       # never fill a disk: leave a tenth of what is free
+        raise ValueError(f"{what} writes about {_size(nbytes)} to {folder}, more than {DISK_SHARE:.0%} of the "
+                         f"{_size(free)} free on that disk; {advice}")
     return nbytes
 
 

@@ -53,6 +53,9 @@ decoder's input z.  The dense layer after it reads K more inputs::
     "outer"   decoder = [outer y, concat y, dense dec.0 (L + L·K + K, 400), act]     [z, vec(z ⊗ y), y]
     "every"   decoder = [concat y, dense dec.0 (L + K, 400), act, concat y]; dec_heads read 400 + K
 
+and ``VAEConfig.label_encoder="outer"`` ends the encoder with ``outer y``: its heads read [h, vec(h ⊗ y)],
+400 + 400·K inputs (:data:`LABEL_ENCODERS`).
+
 The order of the parameters (``model.params``) is the order of the layers in
 ``encoder + enc_heads + decoder + dec_heads``, W before b.
 """
@@ -94,7 +97,12 @@ class Layer(NamedTuple):
 ACT = Layer("act")
 
 # How a conditional decoder reads the one-hot label y (VAEConfig.label_decoder); the encoder always reads
-# [x, y] in its first dense layer.
+# [x, y] in its first dense layer, and with VAEConfig.label_encoder="outer" its two heads read [h, vec(h ⊗ y)].
+LABEL_ENCODERS = {
+    "input": "[x, y] into the first dense layer",
+    "outer": "[x, y] into the first dense layer, and [h, vec(h ⊗ y)] into the mu and logvar heads: a per-class "
+             "map of the features to the posterior",
+}
 LABEL_DECODERS = {
     "input": "[z, y] into the first dense layer (y adds a per-class bias to it)",
     "every": "y joins the input of every dense layer of the decoder, the output layer too (fully connected only)",
@@ -145,6 +153,8 @@ def _dense_vae(config, enc_front, enc_in, dec_widths):
     c = config
     concat, K = _concat_y(c)
     stack, h = _dense_stack("enc", enc_in + K, c.hidden)
+    if K and c.label_encoder == "outer":     # the heads read [h, vec(h ⊗ y)]: a per-class map of h to mu, logvar
+        stack, h = [*stack, Layer("outer", arg=(K,))], h * (1 + K)
     enc_heads = [Layer("dense", "enc.mu", (h, c.z_dim)), Layer("dense", "enc.logvar", (h, c.z_dim))]
     mode = c.label_decoder if K else "input"
     if mode == "outer":                      # [z, vec(z ⊗ y)], then [.., y]: L + L·K + K inputs

@@ -6,10 +6,12 @@ unwinds through every ``finally`` and every atomic write (which removes its temp
 prints one line and exits with 128 + the signal number (130, 143), as a shell reports a killed process.
 
 An exception raised by a signal handler can be lost: Python runs the handler at the next bytecode of the
-main thread, which may be inside a ``__del__``, a weakref callback or a library's ``except Exception`` (numba's
-first compilation is such a place: "Exception ignored in ..." and the run went on to exit 0).  So the handler
-also records the signal, and :func:`check` raises it again at the next safe point (each training step, the
-end of every command): a signal is never swallowed.
+main thread, which may be inside a ``__del__``, a weakref callback or a library's ``except Exception``.  numba's
+first compilation is such a place, and a bad one: LLVM calls back into Python through ctypes, the exception is
+printed as "Exception ignored ..." and dropped, and the compilation is left broken.  So the handler always
+records the signal, raises nothing while numba or llvmlite code is on the stack, and :func:`check` raises it at
+the next safe point (each training step, each chunk of ``eval``'s IW bound and of ``sample``, the end of every
+command): a signal is never swallowed, and never breaks a compilation.
 """
 from __future__ import annotations
 
@@ -36,9 +38,25 @@ _pending = None        # the signal number of a signal that arrived, until handl
 _depth = 0
 
 
+# Code that must never see the handler's exception: numba compiling a kernel runs Python callbacks from LLVM (ctypes),
+# where an exception is printed and dropped and leaves the compilation broken ("no compiled object yet"); there the
+# signal is only recorded, and check() raises it at the next safe point, once the compilation is done.
+DEFER_IN = ("numba", "llvmlite")
+
+
+def _in_deferring_code(frame):
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(DEFER_IN):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _handler(signum, frame):
     global _pending
     _pending = signum
+    if _in_deferring_code(frame):
+        return
     raise Terminated() if signum == signal.SIGTERM else Interrupted()
 
 

@@ -101,11 +101,21 @@ def test_whole_conditional_model_gradient_check_for_each_label_decoder(mode):
     assert max(check_model(m, x, y=y, n_samples=3, rng=rng, loss_kwargs={"iwae_k": 3}).values()) < 1e-6
 
 
+def test_whole_conditional_model_with_outer_encoder_heads_gradient_check():
+    rng = np.random.default_rng(14)
+    m = VAE(VAEConfig(x_dim=10, hidden=(6,), z_dim=3, n_classes=4, activation="tanh", dtype="float64",
+                      label_decoder="outer", label_encoder="outer"), rng=3)
+    assert [layer.op for layer in m.net.encoder] == ["concat", "dense", "act", "outer"]
+    assert m.params["enc.mu.W"].shape == m.params["enc.logvar.W"].shape == (6 + 6 * 4, 3)
+    x, y = _data(rng, 6, 10, 4)
+    assert max(check_model(m, x, y=y, n_samples=2, beta=0.7, rng=rng).values()) < 1e-7
+
+
 def test_whole_conditional_conv_model_with_the_outer_decoder_gradient_check():
     rng = np.random.default_rng(13)
     m = VAE(VAEConfig(arch="conv", image_shape=(1, 4, 4), hidden=(3,), z_dim=2, n_classes=3, dtype="float64",
-                      activation="tanh", label_decoder="outer"), rng=5)
-    assert m.params["dec.0.W"].shape == (2 + 6 + 3, 3)
+                      activation="tanh", label_decoder="outer", label_encoder="outer"), rng=5)
+    assert m.params["dec.0.W"].shape == (2 + 6 + 3, 3) and m.params["enc.mu.W"].shape == (3 + 9, 2)
     x, y = _data(rng, 3, 16, 3)
     report = check_model(m, x, y=y, rng=rng, max_entries=150)
     assert set(report) == set(m.params) and max(report.values()) < 1e-7
@@ -114,7 +124,9 @@ def test_whole_conditional_conv_model_with_the_outer_decoder_gradient_check():
 def test_label_decoder_config_errors_and_serialisation():
     for kw, msg in ((dict(label_decoder="outer"), "needs a conditional model"),
                     (dict(n_classes=3, label_decoder="sideways"), "unknown label_decoder"),
-                    (dict(n_classes=3, label_decoder="every", arch="conv"), "fully connected")):
+                    (dict(n_classes=3, label_decoder="every", arch="conv"), "fully connected"),
+                    (dict(label_encoder="outer"), "needs a conditional model"),
+                    (dict(n_classes=3, label_encoder="every"), "unknown label_encoder")):
         with pytest.raises(ValueError, match=msg):
             VAEConfig(**kw)
     c = VAEConfig(n_classes=3, label_decoder="outer")
@@ -129,7 +141,7 @@ def test_beta_start_anneals_the_kl_weight_to_beta_over_the_warmup():
     plain = TrainSettings(beta=2.0, warmup=2)          # beta_start 0: the classic warm-up, as before
     assert [beta_at(plain, t, 10) for t in (0, 10, 20)] == [0.0, 1.0, 2.0]
     for kw, msg in ((dict(beta_start=4.0), "needs warmup"), (dict(beta_start=-1.0, warmup=1), "beta_start"),
-                    (dict(label_decoder="outer"), "conditional run")):
+                    (dict(label_decoder="outer"), "conditional run"), (dict(label_encoder="outer"), "conditional run")):
         with pytest.raises(ValueError, match=msg):
             TrainSettings(**kw).validate()
 

@@ -324,6 +324,21 @@ PLANTED = {
         "    wt, N, est = cache\n"
         "    return good(dloss, (wt, N, 'stl'))\n"                 # DReG with STL's weights
         "fam.iwae_estimator_backward = bad\n", "DREG"),
+    "29_learned_prior.py": (
+        "import minivae.priors as pr\n"
+        "good = pr.mixture_log_prob_backward\n"
+        "def bad(dlp, cache):\n"
+        "    dz, da, dm, ds = good(dlp, cache)\n"
+        "    return dz, da + dlp.sum() * cache[3], dm, ds\n"       # the softmax's -pi forgotten in dL/da
+        "pr.mixture_log_prob_backward = bad\n", "mixture log-density's backward"),
+    "30_two_stochastic_layers.py": (
+        "import minivae.twolayer as t\n"
+        "good = t.TwoLayerVAE._net_backward\n"
+        "def bad(self, net, douts, cache, grads):\n"
+        "    if net == 'q2':\n"
+        "        douts = [douts[0], 0 * douts[1]]\n"                # z1's path through q(z2|z1)'s log-variance
+        "    return good(self, net, douts, cache, grads)\n"
+        "t.TwoLayerVAE._net_backward = bad\n", "the ELBO (S = 2)"),
 }
 
 

@@ -44,9 +44,9 @@ def test_unknown_recipe():
     assert set(RECIPES) == {"default", "conv", "conditional", "burda2015", "burda2015-short"}
 
 
-def test_conditional_recipe_is_the_default_model_with_the_label_read_by_an_outer_decoder_and_an_annealed_kl():
+def test_conditional_recipe_is_the_default_model_with_outer_label_layers_and_an_annealed_kl():
     r, d = get_recipe("conditional"), get_recipe("default")
-    assert r["conditional"] is True and r["label_decoder"] == "outer"
+    assert r["conditional"] is True and r["label_decoder"] == r["label_encoder"] == "outer"
     assert r["beta_start"] > 1 and r["warmup"] >= 1
     assert {k: v for k, v in r.items() if k in d} == d          # the same networks, optimizer and schedule
 

@@ -574,3 +574,61 @@ except KeyboardInterrupt:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert p.returncode == 130, p.stderr
     assert os.listdir(tmp_path) == []
+
+
+COMPILING = '''
+import os, signal
+def compile_kernel():
+    """Stands in for numba's compiler: its LLVM callbacks swallow an exception and leave the compilation broken."""
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        done = True
+    except BaseException:
+        raise RuntimeError("no compiled object yet")
+    return done
+'''
+
+
+def test_a_sigterm_during_numbas_compilation_waits_for_it_then_stops(tmp_path, capsys, monkeypatch):
+    import minivae.train.loop as loop
+    namespace = {"__name__": "numba.core.compiler_stand_in"}
+    exec(COMPILING, namespace)
+    real = loop._Step.loss
+    compiled = []
+
+    def loss(self, *a, **k):
+        if not compiled:
+            compiled.append(namespace["compile_kernel"]())       # the first step compiles the kernels
+        return real(self, *a, **k)
+    monkeypatch.setattr(loop._Step, "loss", loss)
+    code, out, err = run_main(["train", *SMALL, "--epochs", "2", "--no-figures", "--out", tmp_path / "r"], capsys)
+    assert compiled == [True] and code == 143, err
+    one_error_line(err, "terminated (SIGTERM) at epoch 1, step 1; no checkpoint was written yet")
+
+
+def test_train_out_that_is_a_file_is_named(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    code, _, err = run_main(["train", *SMALL, "--out", f], capsys)
+    assert code == 2
+    one_error_line(err, f"--out {f} exists and is not a folder")
+    assert f.read_text() == "mine"
+
+
+def test_the_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(run, tmp_path, capsys):
+    """A SIGKILL during `sample` left `.samples.npz.<pid>.<random>.tmp` for ever; the next write of that file removes
+    the temporary files of writers that are gone, and keeps a live writer's."""
+    import itertools
+    dead = next(pid for pid in itertools.count(4_000_000) if not os.path.exists(f"/proc/{pid}"))
+    out = tmp_path / "s"
+    out.mkdir()
+    stale = out / f".samples.npz.{dead}.k1ll3d.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    live = out / f".samples.npz.{os.getppid()}.w0rk1ng.tmp"
+    live.write_bytes(b"\0" * 10)
+    other = out / f".other.npz.{dead}.k1ll3d.tmp"
+    other.write_bytes(b"\0" * 10)
+    code, _, err = run_main(["sample", "--checkpoint", run, "--n", "1500", "--out", out / "samples.npz"], capsys)
+    assert code == 0, err
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (out / "samples.npz").exists()

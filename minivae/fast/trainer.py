@@ -67,8 +67,8 @@ class FastPathError(ValueError):
 def check_supported(config):
     """Raise :class:`FastPathError` (one line) if the fast path cannot train ``config``."""
     if getattr(config, "kind", "vae") != "vae":
-        raise FastPathError(f"the fast path covers the plain VAE, not the {config.kind!r} model kind (a MADE decoder "
-                            "or a flow, minivae.families); use model.loss + optimizer.step instead")
+        raise FastPathError(f"the fast path covers the plain VAE, not the {config.kind!r} model kind "
+                            "(minivae.families, minivae.twolayer); use model.loss + optimizer.step instead")
     if getattr(config, "arch", "mlp") != "mlp":
         raise FastPathError(f"the fast path supports the fully connected VAE (arch 'mlp'), not arch "
                             f"{config.arch!r}; use model.loss + optimizer.step instead")

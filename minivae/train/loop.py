@@ -266,7 +266,8 @@ def _check_work(s, config, data, out, start, log):
     k = f" with --iwae-k {s.iwae_k}" if s.iwae_k else ""
     macs = training_macs(config, len(data.x_train), max(0, s.epochs - start), s.iwae_k) + \
         (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
-    note = check_work(macs, f"training {describe(config)} for {max(0, s.epochs - start)} epochs on "
+    left = max(0, s.epochs - start)
+    note = check_work(macs, f"training {describe(config)} for {left} epoch{'s' if left != 1 else ''} on "
                             f"{len(data.x_train)} images{k}" + (f" and its --iw-k {s.iw_k} bound" if s.iw_k else ""),
                       "choose fewer epochs, a smaller --iwae-k or --iw-k, or fewer images", s.backend)
     if note:
@@ -287,7 +288,8 @@ def _open_run_folder(s, out, resume, force):
         raise missing_checkpoint(out)
     ckpt = load_checkpoint(ckpt_path)
     if s.epochs < ckpt.epoch:
-        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epochs; resuming it with epochs={s.epochs} "
+        raise CheckpointError(f"{ckpt_path} already holds {ckpt.epoch} epoch{'s' if ckpt.epoch != 1 else ''}; "
+                              f"resuming it with epochs={s.epochs} "
                               f"(--epochs {s.epochs}) would train nothing and misreport the run: give --epochs "
                               f"{ckpt.epoch} or more")
     check_resume(s, ckpt)
@@ -316,7 +318,8 @@ def _restore(ckpt, config, model, opt, rngs, backend):
 def _start_fresh(s, model, data):
     """A new run: the output bias at the data's logits if asked."""
     if s.init_output_bias:
-        out_b = model.net.dec_heads[0].name + ".b"        # dec.out.b; one bias per channel for an image model
+        # dec.out.b (one bias per channel for an image model); a model kind without dec_heads names its own
+        out_b = getattr(model, "output_bias", None) or model.net.dec_heads[0].name + ".b"
         x = data.x_train
         if get_architecture(s.arch).image:
             x = x.reshape(len(x), model.params[out_b].size, -1).mean(axis=2)

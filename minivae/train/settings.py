@@ -35,6 +35,7 @@ class TrainSettings:
     arch: str = "mlp"          # "mlp", "conv" or "conv-pool" (minivae.networks)
     conditional: bool = False  # a conditional VAE of p(x|y) on the dataset's labels (minivae.conditional)
     label_decoder: str = "input"  # how a conditional decoder reads y (minivae.networks.LABEL_DECODERS)
+    label_encoder: str = "input"  # how a conditional encoder reads y (minivae.networks.LABEL_ENCODERS)
     hidden: tuple = (400,)
     latent: int = 20
     activation: str = "relu"
@@ -45,6 +46,8 @@ class TrainSettings:
     decoder: str = "factorised"  # "made": the autoregressive decoder (minivae.families)
     flow: str | None = None      # "planar:T" or "iaf:T": a flow in q(z|x) (minivae.families)
     prior: str | None = None     # "mog:C" or "vamp:C": a learned prior p(z) (minivae.priors)
+    stochastic_layers: int = 1   # 2: z1 (latent) and z2 (latent2) (minivae.twolayer)
+    latent2: int | None = None   # z2's dimension with two stochastic layers (default latent // 2)
     # data
     binarize: str = "dynamic"
     data_dir: str | None = None
@@ -144,8 +147,9 @@ class TrainSettings:
         need(self.beta_start >= 0, f"beta_start must be >= 0, got {self.beta_start}")
         need(not self.beta_start or self.warmup, f"beta_start={self.beta_start:g} needs warmup > 0 epochs (the "
                                                  f"epochs over which the KL weight moves from beta_start to beta)")
-        need(self.label_decoder == "input" or self.conditional,
-             f"label_decoder={self.label_decoder!r} needs a conditional run (--conditional)")
+        for name in ("label_decoder", "label_encoder"):
+            need(getattr(self, name) == "input" or self.conditional,
+                 f"{name}={getattr(self, name)!r} needs a conditional run (--conditional)")
         need(self.valid >= 0, f"valid must be >= 0, got {self.valid}")
         need(self.iw_k >= 0, f"iw_k must be >= 0, got {self.iw_k}")
         need(self.threads is None or (not isinstance(self.threads, bool) and isinstance(self.threads, (int, np.integer))
@@ -160,6 +164,14 @@ class TrainSettings:
         need(self.iwae_k is None or self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}")
         need(self.free_bits is None or self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
         from ..iwae_grads import IWAE_GRADS
+        need(self.stochastic_layers in (1, 2), f"stochastic_layers must be 1 or 2, got {self.stochastic_layers!r}")
+        need(self.latent2 is None or (self.stochastic_layers == 2 and self.latent2 >= 1),
+             f"latent2 is z2's dimension (>= 1) and needs two stochastic layers, got {self.latent2!r}")
+        need(self.stochastic_layers == 1 or (self.decoder == "factorised" and self.flow is None and self.prior is None
+                                             and self.iwae_grad == "iwae" and not self.free_bits and self.beta == 1
+                                             and not self.warmup and not self.conditional),
+             "two stochastic layers train on the ELBO or the IWAE bound (--iwae-k) alone: no --decoder, --flow, "
+             "--prior, --iwae-grad, --free-bits, --beta, --warmup or --conditional")
         need(self.iwae_grad in IWAE_GRADS, f"iwae_grad must be one of {', '.join(IWAE_GRADS)}, got {self.iwae_grad!r}")
         need(self.iwae_grad == "iwae" or self.iwae_k is not None,
              f"iwae_grad={self.iwae_grad!r} estimates the IWAE bound's gradient: give iwae_k (--iwae-k K)")
@@ -186,6 +198,13 @@ class TrainSettings:
         """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
         a conditional run its number of classes ``n_classes``."""
         image = get_architecture(self.arch).image
+        if self.stochastic_layers == 2:
+            from ..twolayer import TwoLayerConfig            # the model kind of minivae.twolayer
+            L2 = self.latent2 if self.latent2 is not None else max(1, self.latent // 2)
+            return TwoLayerConfig(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent + L2, z2_dim=L2,
+                                  hidden2=tuple(max(1, h // 2) for h in self.hidden), activation=self.activation,
+                                  likelihood=self.likelihood, dtype=self.dtype, arch=self.arch,
+                                  n_classes=n_classes if self.conditional else None)
         if self.decoder != "factorised" or self.flow is not None or self.prior is not None or \
                 self.iwae_grad != "iwae":
             from ..families import FamilyConfig           # the model kind of minivae.families
@@ -199,7 +218,8 @@ class TrainSettings:
                          dec_logvar_min=self.dec_logvar_min,
                          image_shape=image_shape if image else None,
                          n_classes=n_classes if self.conditional else None,
-                         label_decoder=self.label_decoder if self.conditional else "input")
+                         label_decoder=self.label_decoder if self.conditional else "input",
+                         label_encoder=self.label_encoder if self.conditional else "input")
 
     def make_optimizer(self):
         kw = dict(weight_decay=self.weight_decay, clip_norm=self.clip_norm)
