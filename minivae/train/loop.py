@@ -207,6 +207,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         log(EPOCH_COLUMNS)
     try:
         for epoch in range(start, s.epochs):
+            signals.check()                     # (the CuPy graph runs a whole epoch between two checks)
             where["epoch"] = epoch + 1
             t0 = time.perf_counter()
             rec = _train_epoch(s, epoch, spe, x_train, model, opt, step, rngs, where, last_ckpt, progress)
