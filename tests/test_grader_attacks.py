@@ -744,6 +744,8 @@ def test_a_batch_of_attacks_never_breaks_the_grader(solved, stubbed, tmp_path):
     _zip_folder(copy_of(solved, tmp_path / "dots"), subs / "...zip")   # becomes the student ".."
     _zip_folder(copy_of(solved, tmp_path / "formula"), subs / "=HYPERLINK(1).zip")
     _zip_folder(copy_of(solved, tmp_path / "crc"), subs / "badcrc.zip")
+    _zip_folder(solved, subs / "alice.zip")                            # alice/ and alice.zip: both graded
+    (subs / "empty" / "notes").mkdir(parents=True)                     # handed in without minivae/
     data = bytearray((subs / "badcrc.zip").read_bytes())
     i = data.index(b"### BEGIN SOLUTION dense_backward")
     data[i + 40] ^= 0x55                                                # a bad CRC in a stored member
@@ -757,8 +759,10 @@ def test_a_batch_of_attacks_never_breaks_the_grader(solved, stubbed, tmp_path):
     assert "\x1b" not in r.stdout + r.stderr and "\u202e" not in r.stdout + r.stderr
     rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
     reports = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-    assert len(rows) == 11 and set(reports) == set(rows) - {"student"}, sorted(rows)
-    assert rows["alice"][1:4] == ["1", "1", "100"]
+    assert len(rows) == 13 and set(reports) == set(rows) - {"student"}, sorted(rows)
+    assert rows["alice"][1:4] == ["1", "1", "100"] and rows["alice-2"][1:4] == ["1", "1", "100"]
+    assert any("has the name alice; graded as alice-2" in n for n in reports["alice-2"]["notes"])
+    assert rows["empty"][-1].startswith("not graded") and "no minivae/__init__.py" in rows["empty"][-1]
     assert rows["deep"][1:4] == ["0", "0", "0"]
     assert any("cannot be read as Python (RecursionError)" in n for n in reports["deep"]["notes"])
     assert rows["blocker"][1:4] == ["0", "1", "50"]                # its kl_forward is honest work

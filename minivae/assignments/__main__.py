@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import grading
@@ -48,9 +50,15 @@ def _parser():
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt            # SIGTERM stops a batch as Ctrl-C does: the gradebook is still written
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
+        if args.cmd == "grade" and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
         if args.cmd == "list":
             for e in EXERCISES:
                 print(f"{e.id:<28} minivae/{e.file:<15} {e.title}")

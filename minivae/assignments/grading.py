@@ -406,17 +406,19 @@ class Run:
         if not self.sandbox.enabled:          # no sandbox: a throwaway copy on disk for each check
             src = slot / f"w-{ex}"
             shutil.copytree(graded, src)
-        child = None
+        child, grace = None, 0.0
         try:
             child = Child(self.sandbox, src, slot / f"out-{ex}.txt", cpu_seconds=self.timeout + 5)
             child.hello()
-            return checks.run_check(ex, child, seed, self.timeout)
+            r = checks.run_check(ex, child, seed, self.timeout)
+            grace = 0.5 if r["status"] in ("pass", "fail", "not_implemented") else 0.0
+            return r
         except Exception as e:        # noqa: BLE001 -- the child broke the protocol, or could not start
             return {"status": "error", "passed": False, "worst_rel_error": None, "gradient": None,
                     "message": str(e)[:500] or type(e).__name__, "checked": 0}
         finally:
             if child is not None:
-                child.close()
+                child.close(grace)
             if src is not graded:
                 shutil.rmtree(src, ignore_errors=True)
 
@@ -522,7 +524,8 @@ def expand_submissions(paths):
         elif p.is_dir() and (p / "minivae" / "__init__.py").is_file():
             out.append((p.resolve().name, p))
         elif p.is_dir():
-            subs = sorted(q for q in p.iterdir() if (q.is_dir() and (q / "minivae" / "__init__.py").exists())
+            # every folder (a submission, or a mistake that gets a "not graded" row) and every .zip
+            subs = sorted(q for q in p.iterdir() if not q.name.startswith(".") and (q.is_dir() or q.is_symlink())
                           or (q.suffix == ".zip" and (q.is_file() or q.is_symlink())))
             if not subs:
                 raise ValueError(f"{p} has no minivae/__init__.py and no submissions (folders or .zip files) inside")
@@ -534,21 +537,24 @@ def expand_submissions(paths):
     items, seen = [], {}
     for raw, path in out:
         name, note = safe_name(raw)
-        if name in seen:
-            raise ValueError(f"two submissions have the same name: {name} ({clean(seen[name], 200)} and "
-                             f"{clean(path, 200)})")
+        notes = [note] if note else []
+        if name in seen:              # alice/ and alice.zip: both graded, the second under another name
+            k = 2
+            while f"{name}-{k}" in seen:
+                k += 1
+            notes.append(f"another submission ({clean(seen[name], 200)}) has the name {name}; graded as "
+                         f"{name}-{k}")
+            name = f"{name}-{k}"
         seen[name] = path
-        items.append((name, path, [note] if note else []))
+        items.append((name, path, notes))
     return items
 
 
 def write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """``text`` (UTF-8) to ``path`` through the package's one atomic writer (:func:`minivae.atomic.atomic_write`:
+    fsync'ed, renamed into place, its temporary file removed on any failure)."""
+    from ..atomic import atomic_write
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def not_graded(name, path, why, ids, seed=None, notes=(), sandbox=None):
