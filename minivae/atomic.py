@@ -124,9 +124,23 @@ def _alive(pid):
     return True
 
 
+# a temporary file is another writer's until it has not changed for this long (a writer in another PID namespace
+# sharing the folder looks dead to os.kill, but it keeps writing)
+STALE_AFTER_S = 600.0
+
+
+def _untouched_for(p, seconds):
+    import time
+    try:
+        return time.time() - p.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def remove_dead_temp_files(path):
     """Remove the temporary files ``.<name>.<pid>.<random>.tmp`` of ``path`` whose writer ``pid`` is gone (a
-    SIGKILL, a power loss): the next write of the same file cleans up after it.  A live writer's file is kept.
+    SIGKILL, a power loss) and that have not changed for STALE_AFTER_S: the next write of the same file cleans up
+    after it.  A live writer's file is kept.
     Returns the removed paths."""
     path = Path(path)
     removed = []
@@ -140,7 +154,7 @@ def remove_dead_temp_files(path):
         if not (name.startswith(prefix) and name.endswith(TMP_SUFFIX)):
             continue
         pid = name[len(prefix):-len(TMP_SUFFIX)].split(".")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and _untouched_for(p, STALE_AFTER_S):
             try:
                 p.unlink()
                 removed.append(p)

@@ -134,7 +134,7 @@ def test_jax_columns_train_the_same_model(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed (the fused kernels)")
-def test_profile_iw_accounts_for_a_call(capsys):
+def test_profile_iw_accounts_for_a_call(capsys, monkeypatch):
     """benchmarks/profile_iw.py's accounting, checked with a fake clock that moves 1 ms at every read (a real clock
     would make the test depend on the machine's load): every part is timed by two consecutive reads (1 ms), the
     whole call runs from the call's first read to its last, and the parts plus "unaccounted" are the whole call."""
@@ -142,8 +142,15 @@ def test_profile_iw_accounts_for_a_call(capsys):
     spec = importlib.util.spec_from_file_location("profile_iw", ROOT / "benchmarks" / "profile_iw.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    import numba
+    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT"):
+        monkeypatch.setenv(v, os.environ.get(v, "1"))       # the script sets them; put them back afterwards
+    threads = numba.get_num_threads()
     ticks = itertools.count()
-    mod.main(["--calls", "1", "--threads", "1"], clock=lambda: next(ticks) * 1e-3)
+    try:
+        mod.main(["--calls", "1", "--threads", "1"], clock=lambda: next(ticks) * 1e-3)
+    finally:
+        numba.set_num_threads(threads)
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| part")}

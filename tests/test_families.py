@@ -331,6 +331,14 @@ PLANTED = {
         "    dz, da, dm, ds = good(dlp, cache)\n"
         "    return dz, da + dlp.sum() * cache[3], dm, ds\n"       # the softmax's -pi forgotten in dL/da
         "pr.mixture_log_prob_backward = bad\n", "mixture log-density's backward"),
+    "30_two_stochastic_layers.py": (
+        "import minivae.twolayer as t\n"
+        "good = t.TwoLayerVAE._net_backward\n"
+        "def bad(self, net, douts, cache, grads):\n"
+        "    if net == 'q2':\n"
+        "        douts = [douts[0], 0 * douts[1]]\n"                # z1's path through q(z2|z1)'s log-variance
+        "    return good(self, net, douts, cache, grads)\n"
+        "t.TwoLayerVAE._net_backward = bad\n", "the ELBO (S = 2)"),
 }
 
 

@@ -628,7 +628,11 @@ def test_the_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(run,
     live.write_bytes(b"\0" * 10)
     other = out / f".other.npz.{dead}.k1ll3d.tmp"
     other.write_bytes(b"\0" * 10)
+    fresh = out / f".samples.npz.{dead}.fr3sh.tmp"         # dead to os.kill, but written a moment ago: kept
+    fresh.write_bytes(b"\0" * 10)
+    for p in (stale, live, other):
+        os.utime(p, (1e9, 1e9))                             # untouched since 2001
     code, _, err = run_main(["sample", "--checkpoint", run, "--n", "1500", "--out", out / "samples.npz"], capsys)
     assert code == 0, err
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and other.exists() and fresh.exists()
     assert (out / "samples.npz").exists()

@@ -551,12 +551,10 @@ def expand_submissions(paths):
 
 
 def write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """``text`` (UTF-8) to ``path`` through the package's one atomic writer (:func:`minivae.atomic.atomic_write`:
+    fsync'ed, renamed into place, its temporary file removed on any failure)."""
+    from ..atomic import atomic_write
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def not_graded(name, path, why, ids, seed=None, notes=(), sandbox=None):

@@ -131,8 +131,9 @@ def make_starter(out_dir, exercises=None, source=None, record_expected=True, les
                  for p in sorted(out.rglob("*")) if p.is_file()}
         data = {"exercises": info["stubbed"], "hide_derivations": bool(hide_derivations), "files": files,
                 "grader": grader_hashes()}
-        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
-        Path(manifest).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        from ..atomic import atomic_write
+        text = json.dumps(data, indent=1) + "\n"
+        atomic_write(manifest, lambda f: f.write(text.encode("utf-8")))
         info["manifest"] = str(manifest)
     return info
 

@@ -207,6 +207,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         log(EPOCH_COLUMNS)
     try:
         for epoch in range(start, s.epochs):
+            signals.check()                     # (the CuPy graph runs a whole epoch between two checks)
             where["epoch"] = epoch + 1
             t0 = time.perf_counter()
             rec = _train_epoch(s, epoch, spe, x_train, model, opt, step, rngs, where, last_ckpt, progress)
@@ -266,7 +267,8 @@ def _check_work(s, config, data, out, start, log):
     k = f" with --iwae-k {s.iwae_k}" if s.iwae_k else ""
     macs = training_macs(config, len(data.x_train), max(0, s.epochs - start), s.iwae_k) + \
         (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
-    note = check_work(macs, f"training {describe(config)} for {max(0, s.epochs - start)} epochs on "
+    left = max(0, s.epochs - start)
+    note = check_work(macs, f"training {describe(config)} for {left} epoch{'s' if left != 1 else ''} on "
                             f"{len(data.x_train)} images{k}" + (f" and its --iw-k {s.iw_k} bound" if s.iw_k else ""),
                       "choose fewer epochs, a smaller --iwae-k or --iw-k, or fewer images", s.backend)
     if note:
