@@ -895,3 +895,38 @@ def test_hide_derivations_leaves_no_backward_formula_in_the_conv_starter(tmp_pat
     make_starter(tmp_path / "open", ids, record_expected=False)            # without the flag: all there
     assert "col2im(dcol)" in (tmp_path / "open" / "minivae" / "conv.py").read_text()
     assert (tmp_path / "open" / "lessons").is_dir()
+
+
+# ---------------------------------------------------------------- the second attack round
+MANY_PROCESSES = """
+import os, time
+import numpy
+forked = 0
+for i in range(8):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(20)
+        os._exit(0)
+    forked += 1
+try:
+    numpy.ones(1536 << 17)                 # 1.5 GiB in one process
+    big = "allocated"
+except MemoryError:
+    big = "MemoryError"
+raise RuntimeError(f"forked {forked}, big {big}")
+"""
+
+
+def test_one_check_is_bounded_as_a_whole_not_per_process(stubbed, tmp_path):
+    d = copy_of(stubbed, tmp_path / "membomb")
+    set_body(d, "kl_forward", MANY_PROCESSES)
+    (res,) = grade(d, ["kl_forward"])["exercises"]
+    m = re.search(r"forked (\d+), big (\w+)", res["message"])
+    assert m, res
+    forked = int(m.group(1))
+    # at most NPROC processes (bwrap's init and the child included), each at most RLIMIT_AS
+    assert forked <= sandbox.LIMITS["RLIMIT_NPROC"] - 1 and m.group(2) == "MemoryError", res["message"]
+    assert sandbox.LIMITS["RLIMIT_NPROC"] * sandbox.LIMITS["RLIMIT_AS"] <= 4 << 30
