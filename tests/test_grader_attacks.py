@@ -430,7 +430,11 @@ def test_batch_grading_zip_jobs_gradebook(solved, stubbed, tmp_path):
                         ["carol", "1", "0", "50", "bubblewrap", "yes"]]
     for name in ("alice", "bob", "carol"):
         rep = json.loads((out / f"{name}.json").read_text())
-        assert rep["student"] == name and rep["seed"] == 11
+        assert rep["student"] == name
+        # the secret seed is the instructor's alone: not in any report a student sees, in a private file
+        assert "seed" not in rep and "input_seed" not in rep
+    assert (out / grading.SEED_FILE).read_text().strip() == "11"
+    assert (out / grading.SEED_FILE).stat().st_mode & 0o077 == 0
 
 
 def test_make_manifest_lessons_and_hidden_derivations(tmp_path):
@@ -930,3 +934,12 @@ def test_one_check_is_bounded_as_a_whole_not_per_process(stubbed, tmp_path):
     # at most NPROC processes (bwrap's init and the child included), each at most RLIMIT_AS
     assert forked <= sandbox.LIMITS["RLIMIT_NPROC"] - 1 and m.group(2) == "MemoryError", res["message"]
     assert sandbox.LIMITS["RLIMIT_NPROC"] * sandbox.LIMITS["RLIMIT_AS"] <= 4 << 30
+
+
+def test_the_secret_seed_is_not_in_what_a_student_sees(solved, tmp_path):
+    report = tmp_path / "r.json"
+    r = cli("grade", solved, "--exercises", "kl_forward", "--seed", "987654321", "--json", report)
+    assert r.returncode == 0, r.stderr
+    assert "987654321" not in r.stdout and "987654321" not in report.read_text()
+    assert "seed" not in json.loads(report.read_text())
+    assert "secret seed, for the instructor only: 987654321" in r.stderr

@@ -557,6 +557,27 @@ def write_atomic(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+SECRET_KEYS = ("seed", "input_seed")
+SEED_FILE = "secret-seed.txt"        # in the --out folder, readable by its owner only: never hand it out
+
+
+def public(report):
+    """The report a student may see: without the batch's secret seed and her input seed (either lets her
+    compute every check input in advance of a regrade).  The seed is kept for the instructor in SEED_FILE."""
+    return {k: v for k, v in report.items() if k not in SECRET_KEYS}
+
+
+def write_seed(out_dir, seed):
+    """Record the batch's secret seed where only the instructor reads it (mode 0600), for --seed regrades."""
+    path = Path(out_dir) / SEED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{int(seed)}\n")
+    os.chmod(path, 0o600)
+    return path
+
+
 def not_graded(name, path, why, ids, seed=None, notes=(), sandbox=None):
     return _clean_tree({"student": name, "dir": str(path), "graded": False, "score": 0.0, "passed": 0,
                         "total": len(ids), "exercises": [], "notes": list(notes) + [f"not graded: {why}"],
@@ -617,7 +638,7 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
                 rep = fut.result()
                 reports[futures[fut]] = rep
                 if out_dir is not None:
-                    write_atomic(Path(out_dir) / f"{futures[fut]}.json", json.dumps(rep, indent=2) + "\n")
+                    write_atomic(Path(out_dir) / f"{futures[fut]}.json", json.dumps(public(rep), indent=2) + "\n")
                     written.add(futures[fut])
                 if bar is not None:
                     bar.update(1)
@@ -650,8 +671,10 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
         if out_dir is not None and not return_now:
             for name, path, _ in subs:
                 if name not in written:
-                    write_atomic(Path(out_dir) / f"{name}.json", json.dumps(reports[name], indent=2) + "\n")
+                    write_atomic(Path(out_dir) / f"{name}.json", json.dumps(public(reports[name]), indent=2) + "\n")
             write_atomic(Path(out_dir) / "gradebook.csv", gradebook_csv(reports, ids))
+            if run is not None:
+                write_seed(out_dir, run.seed)
         if run is not None:
             run.close()
     return reports, stopped
@@ -688,7 +711,6 @@ def format_footer(report):
     lines.append(f"score: {report['score']:g}/100 ({report['passed']} of {report['total']} exercises passed)")
     if failed:
         lines.append(f"not passed: {', '.join(failed)}")
-    lines.append(f"seed: {report['seed']} (--seed {report['seed']} reproduces this run)")
     sandbox = (report.get("sandbox") or {}).get("sandbox", "")
     if sandbox.startswith("none"):
         lines.append(f"sandbox: {sandbox}")
