@@ -943,3 +943,17 @@ def test_the_secret_seed_is_not_in_what_a_student_sees(solved, tmp_path):
     assert "987654321" not in r.stdout and "987654321" not in report.read_text()
     assert "seed" not in json.loads(report.read_text())
     assert "secret seed, for the instructor only: 987654321" in r.stderr
+
+
+def test_a_backward_that_runs_a_forward_op_fails(solved, tmp_path):
+    # all entries nudged at once: two forward passes give every partial of an elementwise op, as cheap as backprop
+    d = copy_of(solved, tmp_path / "fd")
+    set_body(d, "tanh_backward", "import numpy as np\nx = np.arctanh(y)\n"
+             "dx = dy * (tanh_forward(x + 1e-5)[0] - tanh_forward(x - 1e-5)[0]) / 2e-5")
+    set_body(d, "sigmoid_backward", "import numpy as np\nx = np.log(y / (1 - y))\n"
+             "try:\n    yp = sigmoid_forward(x + 1e-5)[0]\nexcept Exception:\n    yp = y\n"
+             "dx = dy * (yp - sigmoid_forward(x - 1e-5)[0]) / 2e-5")
+    res = by_id(grade(d, ["tanh_backward", "sigmoid_backward", "relu_backward"]))
+    for ex in ("tanh_backward", "sigmoid_backward"):
+        assert res[ex]["status"] == "fail" and "must derive its gradient" in res[ex]["message"], res[ex]
+    assert res["relu_backward"]["passed"]
