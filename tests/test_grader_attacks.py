@@ -957,3 +957,11 @@ def test_a_backward_that_runs_a_forward_op_fails(solved, tmp_path):
     for ex in ("tanh_backward", "sigmoid_backward"):
         assert res[ex]["status"] == "fail" and "must derive its gradient" in res[ex]["message"], res[ex]
     assert res["relu_backward"]["passed"]
+
+
+def test_a_backward_that_runs_a_forward_op_fails_check_py_too(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "fd")
+    set_body(d, "tanh_backward", "import numpy as np\nx = np.arctanh(y)\n"
+             "dx = dy * (tanh_forward(x + 1e-5)[0] - tanh_forward(x - 1e-5)[0]) / 2e-5")
+    r = local_check(d, "tanh_backward", "relu_backward")
+    assert r.returncode == 1 and "must derive its gradient" in r.stdout and "1 of 2 passed" in r.stdout, r.stdout

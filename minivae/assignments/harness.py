@@ -245,6 +245,36 @@ def no_side_effects(args, saved, names):
                                      f"dx = dy; dx[...] = 0)"))
 
 
+def _without_forward_ops(mods, backward, args):
+    """Call ``backward`` while every ``*_forward`` function of the package raises: a backward that runs a
+    forward op (finite differences, all entries nudged at once) fails, here as in the grader."""
+    import types
+    called, saved = [], []
+
+    def trip(fname):
+        def tripped(*a, **k):
+            called.append(fname)
+            raise RuntimeError(f"{fname} called inside a backward")
+        return tripped
+    for mod in {id(m): m for m in mods.values()}.values():
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, types.FunctionType) and v.__name__.endswith("_forward"):
+                saved.append((mod, k, v))
+                setattr(mod, k, trip(v.__name__))
+    try:
+        got = backward(*args)
+    except Exception:
+        if not called:
+            raise
+    finally:
+        for mod, k, v in saved:
+            setattr(mod, k, v)
+    if called:
+        raise CheckFailed((None, f"{backward.__name__} called {called[0]}: a backward must derive its gradient, "
+                                 "not run a forward op (finite differences)"))
+    return got
+
+
 def check_op_backward(ctx, res, ex, case, backward):
     """Finite differences of the forward (the reference's, or locally the student's own) against the student's
     backward, on one case of cases.py, with a random upstream gradient."""
@@ -260,7 +290,7 @@ def check_op_backward(ctx, res, ex, case, backward):
             for x in case.inputs]
     args = (dout.copy(), _copy(cache))
     saved = _copy(args)
-    got = backward(*args)
+    got = _without_forward_ops(ctx.mods, backward, args)
     got = _unpack(got, len(case.names), case.names, backward.__name__)
     for name, g, num in zip(case.names, got, nums):
         res.compare(name + case.label, g, num, GRAD_TOL)
