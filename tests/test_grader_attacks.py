@@ -980,3 +980,12 @@ def test_hide_derivations_leaves_no_complete_backward_or_formula_elsewhere(tmp_p
              "dx, dW, db = masked_dense_backward(dy, (x, W, (W == W) * 1.0))")
     (res,) = grade(d, ["dense_backward"])["exercises"]
     assert not res["passed"], res
+
+
+def test_line_separator_characters_in_a_comment_do_not_zero_the_file(solved, tmp_path):
+    # pasted text: U+2028, U+0085 and a form feed split str.splitlines() lines but not Python's
+    d = copy_of(solved, tmp_path / "linesep")
+    set_body(d, "relu_backward", "# see the notes:\u2028 dL/dx = G * mask,\u0085 \x0c ok\ndx = dy * (x > 0)")
+    report = grade(d, ["relu_backward", "dense_backward"])
+    assert report["score"] == 100, (report["notes"], report["exercises"])
+    assert not report["notes"], report["notes"]
