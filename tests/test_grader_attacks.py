@@ -989,3 +989,17 @@ def test_line_separator_characters_in_a_comment_do_not_zero_the_file(solved, tmp
     report = grade(d, ["relu_backward", "dense_backward"])
     assert report["score"] == 100, (report["notes"], report["exercises"])
     assert not report["notes"], report["notes"]
+
+
+def test_a_broken_marker_fails_check_py_as_it_fails_the_grader(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "marker")
+    layers = d / "minivae" / "layers.py"
+    text = layers.read_text()
+    layers.write_text(re.sub(r"(?m)^([ \t]*)### END SOLUTION$", r"\1# END SOLUTION", text, count=1))
+    r = local_check(d, "dense_backward", "kl_forward")
+    assert r.returncode == 1 and "1 of 2 passed" in r.stdout, r.stdout + r.stderr
+    assert "exercise markers in minivae/layers.py were changed or broken" in r.stdout, r.stdout
+    res = by_id(grade(d, ["dense_backward", "kl_forward"]))
+    assert not res["dense_backward"]["passed"] and res["kl_forward"]["passed"]
+    layers.write_text(text)
+    assert local_check(d, "dense_backward").returncode == 0
