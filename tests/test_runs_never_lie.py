@@ -636,3 +636,27 @@ def test_the_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(run,
     assert code == 0, err
     assert not stale.exists() and live.exists() and other.exists() and fresh.exists()
     assert (out / "samples.npz").exists()
+
+
+# ------------------------------------------------------- round three: a command never writes over its run's files
+@pytest.mark.parametrize("name", ["settings.json", "results.json", "history.json", "history.csv", ".lock"])
+def test_eval_json_never_replaces_a_record_of_the_run_it_reads(run, tmp_path, capsys, name):
+    r = copy_run(run, tmp_path)
+    old = snapshot(r)
+    code, _, err = run_main(["eval", r, "--json", r / name], capsys)
+    assert code == 2
+    one_error_line(err, f"--json {r / name} is", "a file this command reads")
+    assert snapshot(r) == old
+
+
+def test_force_never_removes_a_file_minivae_did_not_write(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    (proj / "figures").mkdir(parents=True)
+    (proj / "figures" / "my_plot.png").write_bytes(b"mine")
+    (proj / "figures" / "samples.png").write_bytes(b"an old minivae sample grid")
+    (proj / "notes.txt").write_text("precious")
+    code, _, err = run_main(["train", *SMALL, "--no-figures", "--out", proj, "--force"], capsys)
+    assert code == 0, err
+    assert (proj / "figures" / "my_plot.png").read_bytes() == b"mine"
+    assert (proj / "notes.txt").read_text() == "precious"
+    assert not (proj / "figures" / "samples.png").exists()
