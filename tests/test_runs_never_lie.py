@@ -123,7 +123,7 @@ def test_every_command_stops_cleanly_on_a_signal(run, tmp_path, sig, rc):
     cases = [
         ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--n", "3000", "--out", r / "figures"]),
         ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"]),
-        ("minivae.evaluate", "negative_elbo", ["eval", "--checkpoint", r, "--json", r / "results.json"]),
+        ("minivae.evaluate", "negative_elbo", ["eval", "--checkpoint", r, "--json", r / "eval.json"]),
         ("minivae.figures", "decode_chunks", ["interpolate", "--checkpoint", r, "--out", r / "figures"]),
         ("minivae.figures", "decode_chunks", ["manifold", "--checkpoint", r, "--out", r / "figures"]),
         ("minivae.notebook", "percent_to_notebook", ["lessons", tmp_path / "lessons"]),
@@ -493,7 +493,7 @@ def test_every_output_under_a_small_ulimit_leaves_the_disk_as_it_was(run, tmp_pa
         ["train", *SMALL, "--out", tmp_path / "new"],                              # a new run
         ["train", "--resume", "--out", r, "--epochs", "2", "--quiet"],           # checkpoint, history, settings
         ["train", *SMALL, "--epochs", "0", "--out", r, "--force"],               # a forced run over the old one
-        ["eval", "--checkpoint", r, "--n", "16", "--json", r / "results.json"],
+        ["eval", "--checkpoint", r, "--n", "16", "--json", r / "eval.json"],
         ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"],
         ["sample", "--checkpoint", r, "--n", "2000", "--out", r / "figures" / "big.npz"],
         ["sample", "--checkpoint", r, "--out", r / "figures"],                     # a new picture
