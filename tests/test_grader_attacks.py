@@ -965,3 +965,27 @@ def test_a_backward_that_runs_a_forward_op_fails_check_py_too(solved_local, tmp_
              "dx = dy * (tanh_forward(x + 1e-5)[0] - tanh_forward(x - 1e-5)[0]) / 2e-5")
     r = local_check(d, "tanh_backward", "relu_backward")
     assert r.returncode == 1 and "must derive its gradient" in r.stdout and "1 of 2 passed" in r.stdout, r.stdout
+
+
+def test_hide_derivations_leaves_no_complete_backward_or_formula_elsewhere(tmp_path):
+    hw = tmp_path / "hw"
+    make_starter(hw, ["dense_backward", "tanh_backward", "conv_transpose2d_forward"], record_expected=False,
+                 hide_derivations=True)
+    text = "\n".join(p.read_text() for p in hw.rglob("*") if p.is_file() and p.suffix in (".py", ".md"))
+    for leak in ("dy @ Wm.T", "x.T @ dy", "1 - y**2", "1 - y * y", "stamps the kernel", "dlogvar = (exp"):
+        assert leak not in text, leak
+    # MADE's masked backward is the dense backward: calling it with a mask of ones must not pass dense_backward
+    d = copy_of(hw, tmp_path / "madeleak")
+    set_body(d, "dense_backward", "from minivae.made import masked_dense_backward\n"
+             "dx, dW, db = masked_dense_backward(dy, (x, W, (W == W) * 1.0))")
+    (res,) = grade(d, ["dense_backward"])["exercises"]
+    assert not res["passed"], res
+
+
+def test_line_separator_characters_in_a_comment_do_not_zero_the_file(solved, tmp_path):
+    # pasted text: U+2028, U+0085 and a form feed split str.splitlines() lines but not Python's
+    d = copy_of(solved, tmp_path / "linesep")
+    set_body(d, "relu_backward", "# see the notes:\u2028 dL/dx = G * mask,\u0085 \x0c ok\ndx = dy * (x > 0)")
+    report = grade(d, ["relu_backward", "dense_backward"])
+    assert report["score"] == 100, (report["notes"], report["exercises"])
+    assert not report["notes"], report["notes"]
