@@ -1003,3 +1003,12 @@ def test_a_broken_marker_fails_check_py_as_it_fails_the_grader(solved_local, tmp
     assert not res["dense_backward"]["passed"] and res["kl_forward"]["passed"]
     layers.write_text(text)
     assert local_check(d, "dense_backward").returncode == 0
+
+
+def test_a_float32_answer_fails_check_py_as_it_fails_the_grader(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "f32")
+    set_body(d, "relu_backward", "dx = (dy * (x > 0)).astype('float32')")
+    r = local_check(d, "relu_backward")
+    assert r.returncode == 1 and "has dtype float32, expected float64" in r.stdout, r.stdout + r.stderr
+    (res,) = grade(d, ["relu_backward"])["exercises"]
+    assert not res["passed"] and "has dtype float32, expected float64" in res["message"], res

@@ -206,7 +206,9 @@ class Result:
         if tuple(got_np.shape) != tuple(want.shape):
             self.worst = float("inf")
             raise CheckFailed((name, f"{name} has shape {tuple(got_np.shape)}, expected {tuple(want.shape)}"))
-        got_np = got_np.astype(np.float64)
+        if got_np.dtype != np.float64:       # the grader's rule: the inputs are float64, so is every answer
+            self.worst = float("inf")
+            raise CheckFailed((name, f"{name} has dtype {got_np.dtype}, expected float64 (the inputs are float64)"))
         self.checked.append(name)
         if want.size == 0:
             return 0.0
