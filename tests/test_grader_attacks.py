@@ -1012,3 +1012,24 @@ def test_a_float32_answer_fails_check_py_as_it_fails_the_grader(solved_local, tm
     assert r.returncode == 1 and "has dtype float32, expected float64" in r.stdout, r.stdout + r.stderr
     (res,) = grade(d, ["relu_backward"])["exercises"]
     assert not res["passed"] and "has dtype float32, expected float64" in res["message"], res
+
+
+def test_edits_outside_regions_are_located_in_bounded_time(solved, monkeypatch):
+    # 350,000 blank lines padded outside the regions once held the grader for a minute in difflib
+    real = grading.difflib.SequenceMatcher
+
+    def bounded(junk, a, b, **kw):
+        assert len(a) <= grading.DIFF_LINES and len(b) <= grading.DIFF_LINES, (len(a), len(b))
+        return real(junk, a, b, **kw)
+    monkeypatch.setattr(grading.difflib, "SequenceMatcher", bounded)
+    pristine = (solved / "minivae" / "model.py").read_text()
+    lines = pristine.splitlines(keepends=True)
+    k = next(i for i, ln in enumerate(lines) if ln.startswith("import "))
+    padded = "".join(lines[:k + 1]) + "\n" * 100_000 + "".join(lines[k + 1:])
+    text, notes = grading.merge_file(pristine, padded, set(), "minivae/model.py")
+    assert text == pristine
+    assert notes == [f"edits outside the exercise regions were ignored: minivae/model.py:{k + 2}"], notes
+    # a small edit is still located line by line
+    small = pristine.replace(lines[k], lines[k] + "# one\n", 1)
+    assert grading.merge_file(pristine, small, set(), "minivae/model.py")[1] == [
+        f"edits outside the exercise regions were ignored: minivae/model.py:{k + 2}"]
