@@ -1045,3 +1045,17 @@ def test_grading_without_manifest_or_exercises_is_refused(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "score" not in r.stdout
     r = cli("grade", hw, "--exercises", "dense_backward,kl_forward,kl_backward")
     assert r.returncode == 0 and "score: 0/100" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_stray_bare_package_in_a_folder_of_submissions_hides_no_one(solved, stubbed, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    copy_of(solved, subs / "alice")
+    copy_of(stubbed, subs / "bob")
+    shutil.copytree(stubbed / "minivae", subs / "minivae")          # someone's bare upload, extracted at the top
+    out = tmp_path / "grades"
+    r = cli("grade", subs, "--exercises", "kl_forward", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    assert rows["alice"][2] == "100" and rows["bob"][2] == "0", rows
+    assert "minivae" in rows and rows["minivae"][-1] != "yes", rows    # the stray folder: a note, not a student
