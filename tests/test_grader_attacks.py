@@ -1059,3 +1059,43 @@ def test_a_stray_bare_package_in_a_folder_of_submissions_hides_no_one(solved, st
     rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
     assert rows["alice"][2] == "100" and rows["bob"][2] == "0", rows
     assert "minivae" in rows and rows["minivae"][-1] != "yes", rows    # the stray folder: a note, not a student
+
+
+KEYRING = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+nr = {"x86_64": 248, "aarch64": 217}[os.uname().machine]          # add_key
+r = libc.syscall(nr, b"user", b"minivae-channel", b"x", 1, ctypes.c_int(-3))   # the session keyring
+raise RuntimeError(f"add_key {r} errno {ctypes.get_errno()}")
+"""
+
+
+def test_the_keyring_syscalls_are_blocked_in_the_sandbox(stubbed, tmp_path):
+    d = copy_of(stubbed, tmp_path / "keys")
+    set_body(d, "kl_forward", KEYRING)
+    (res,) = grade(d, ["kl_forward"])["exercises"]
+    assert "add_key -1 errno 1" in res["message"], res      # EPERM from the seccomp filter
+    prog = sandbox.seccomp_filter("x86_64")
+    assert len(prog) == 9 * 8          # load arch, check it, load nr, x32, three keyring calls, allow, deny
+    with pytest.raises(sandbox.SandboxError, match="no seccomp filter"):
+        sandbox.seccomp_filter("mips")
+
+
+SYSTEM_DIRS = """
+import os
+seen = sorted(p for p in ("/usr/bin", "/usr/share", "/usr/local", "/usr/lib/google-cloud-sdk", "/usr/sbin",
+                          "/bin/sh", "/usr/bin/python3") if os.path.exists(p))
+raise RuntimeError(f"seen {seen} usr {sorted(os.listdir('/usr'))}")
+"""
+
+
+def test_only_the_shared_library_folders_of_the_system_are_bound(stubbed, tmp_path):
+    d = copy_of(stubbed, tmp_path / "sys")
+    set_body(d, "kl_forward", SYSTEM_DIRS)
+    set_body(d, "kl_backward", "import numpy, json, zlib, hashlib, ctypes\n"
+             "raise RuntimeError('stdlib ok')")
+    res = by_id(grade(d, ["kl_forward", "kl_backward"]))
+    assert "seen [] usr" in res["kl_forward"]["message"], res["kl_forward"]
+    usr = re.search(r"usr (\[.*\])", res["kl_forward"]["message"]).group(1)
+    assert "'bin'" not in usr and "'share'" not in usr and "'local'" not in usr, usr
+    assert "stdlib ok" in res["kl_backward"]["message"], res["kl_backward"]     # extension modules still load

