@@ -63,9 +63,11 @@ def masked_dense_backward(dy, cache):
     Returns ``(dx, dW, db)``.
     """
     x, Wm, mask = cache
+    ### BEGIN SOLUTION masked_dense_backward
     dx = dy @ Wm.T             # dL/dx = G (M * W)^T: only the kept weights carry the gradient back
     dW = (x.T @ dy) * mask     # dL/dW = M * (x^T G): a masked-out weight gets 0
     db = dy.sum(axis=0)        # dL/db = sum_n G_n
+    ### END SOLUTION
     return dx, dW, db
 
 

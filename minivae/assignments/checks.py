@@ -276,6 +276,23 @@ def _upsample(rng, big):
                    ["dx"])]
 
 
+def _masked_dense(rng, big):
+    n_in, width, N = (256, 256, 128) if big else (5, 7, 4)
+    deg_in = np.arange(1, n_in + 1)
+    deg_h = 1 + (np.arange(width) * (n_in - 1)) // width
+    mask = (deg_h[None, :] >= deg_in[:, None]).astype(np.float64)     # a MADE input mask
+    return [OpCase("", lambda x, W, b, mask=mask: ref.masked_dense_forward(x, W, b, mask),
+                   [rng.standard_normal(s) for s in ((N, n_in), (n_in, width), (width,))], ["dx", "dW", "db"])]
+
+
+def _planar(rng, big):
+    M, L = (4096, 64) if big else (5, 3)
+    z, w, b = rng.standard_normal((M, L)), rng.standard_normal(L), rng.standard_normal(1)
+    u = rng.standard_normal(L)
+    u = u + (0.5 - w @ u) * w / (w @ w)                               # w . u = 0.5: det = 1 + h' / 2 > 1
+    return [OpCase("", ref.planar_forward, [z, u, w, b], ["dz", "du", "dw", "db"])]
+
+
 # exercise id -> (qualified backward function, input maker(rng, big) -> [OpCase])
 OP_CHECKS = {
     "dense_backward": ("minivae.layers:dense_backward", _dense),
@@ -288,6 +305,8 @@ OP_CHECKS = {
     "conv2d_backward": ("minivae.conv:conv2d_backward", _conv),
     "maxpool2d_backward": ("minivae.conv:maxpool2d_backward", _maxpool),
     "upsample_nearest2d_backward": ("minivae.conv:upsample_nearest2d_backward", _upsample),
+    "masked_dense_backward": ("minivae.made:masked_dense_backward", _masked_dense),
+    "planar_backward": ("minivae.flows:planar_joint_backward", _planar),
 }
 
 # the reference backward of each exercise, for the cost check (from reference.OP_PAIRS)

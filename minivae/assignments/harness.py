@@ -37,11 +37,11 @@ VALUE_TOL = 1e-9     # forward values vs the reference formula, float64
 H = 1e-5
 LOCAL_SEED = 0
 EXPECTED_FILE = "check_expected.npz"
-MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model")
+MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model", "made", "flows")
 OP_MODULE = {"dense_forward": "layers", "relu_forward": "layers", "tanh_forward": "layers",
              "sigmoid_forward": "layers", "reparameterize_forward": "gaussian", "kl_forward": "gaussian",
              "bernoulli_nll_forward": "likelihoods", "conv2d_forward": "conv", "maxpool2d_forward": "conv",
-             "upsample_nearest2d_forward": "conv"}
+             "upsample_nearest2d_forward": "conv", "masked_dense_forward": "made", "planar_joint_forward": "flows"}
 
 
 class CheckFailed(Exception):
@@ -438,6 +438,25 @@ def check_upsample_nearest2d_backward(ctx, res):
         fwd = ctx.op("upsample_nearest2d_forward")
         ctx_op = _FixedOp(ctx, "upsample_nearest2d_forward", lambda x, k=k: fwd(x, k))
         check_op_backward(ctx_op, res, "upsample_nearest2d_forward", back, [rng.standard_normal(shape)], ["dx"], case)
+
+
+def check_masked_dense_backward(ctx, res):
+    rng = ctx.rng("masked_dense_backward")
+    deg_in, deg_h = np.arange(1, 6), 1 + (np.arange(7) * 4) // 7
+    mask = (deg_h[None, :] >= deg_in[:, None]).astype(np.float64)        # a MADE input mask, 5 inputs, 7 units
+    x, W, b = rng.standard_normal((4, 5)), rng.standard_normal((5, 7)), rng.standard_normal(7)
+    fwd = ctx.op("masked_dense_forward")
+    ctx_op = _FixedOp(ctx, "masked_dense_forward", lambda x, W, b: fwd(x, W, b, mask))
+    check_op_backward(ctx_op, res, "masked_dense_forward", ctx.mods["made"].masked_dense_backward, [x, W, b],
+                      ["dx", "dW", "db"])
+
+
+def check_planar_backward(ctx, res):
+    rng = ctx.rng("planar_backward")
+    z, u, w, b = rng.standard_normal((5, 3)), rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(1)
+    u = u + (0.5 - w @ u) * w / (w @ w)                                   # w . u = 0.5: an invertible step
+    check_op_backward(ctx, res, "planar_joint_forward", ctx.mods["flows"].planar_joint_backward, [z, u, w, b],
+                      ["dz", "du", "dw", "db"])
 
 
 def check_adam_step(ctx, res):
