@@ -581,7 +581,7 @@ def cmd_sample(args):
     path = _check_output(path, "--out", args, ckpt)          # never over the checkpoint or a data file
     if suffix == ".npz":                         # written chunk by chunk
         _check_sample_size(args.n, model, path)
-        path = figures.save_samples_npz(model, path, rng, args.n, y=args.label)
+        path = figures.save_samples_npz(model, path, rng, args.n, y=args.label, progress=True)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
         return 0

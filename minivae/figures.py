@@ -80,10 +80,11 @@ def sample_chunks(model, n, rng, chunk=CHUNK, y=None):
         yield to_numpy(model.decode(z.astype(model.dtype), *_labels(y, len(z))))
 
 
-def save_samples_npz(model, path, rng, n, chunk=CHUNK, y=None):
+def save_samples_npz(model, path, rng, n, chunk=CHUNK, y=None, progress=False):
     """Write n samples E[x|z] as ``x`` (n, D) in an .npz, streamed chunk by chunk (memory: one chunk).
 
-    The archive is written with the package's atomic writer; ``np.load(path)["x"]`` reads it.
+    The archive is written with the package's atomic writer; ``np.load(path)["x"]`` reads it.  ``progress=True``
+    shows a bar on stderr when it is a terminal.
     """
     import zipfile
 
@@ -96,8 +97,21 @@ def save_samples_npz(model, path, rng, n, chunk=CHUNK, y=None):
                 np.lib.format.write_array_header_2_0(
                     member, {"descr": np.lib.format.dtype_to_descr(np.dtype(model.dtype)),
                              "fortran_order": False, "shape": (int(n), D)})
-                for block in sample_chunks(model, n, rng, chunk, y=y):
-                    member.write(np.ascontiguousarray(block, dtype=model.dtype).tobytes())
+                bar = None
+                if progress:
+                    import sys
+
+                    from tqdm import tqdm
+                    bar = tqdm(total=int(n), desc="samples", unit="sample", unit_scale=True, leave=False,
+                               disable=None, file=sys.stderr)
+                try:
+                    for block in sample_chunks(model, n, rng, chunk, y=y):
+                        member.write(np.ascontiguousarray(block, dtype=model.dtype).tobytes())
+                        if bar is not None:
+                            bar.update(len(block))
+                finally:
+                    if bar is not None:
+                        bar.close()
     return atomic_write(path, write)
 
 

@@ -553,6 +553,19 @@ for path in {paths!r}:
 for d in ("/root", "/etc", "/usr/lib/python3", "/python/lib/python3.11/site-packages"):
     seen.append(f"{{d}}: {{len(os.listdir(d)) if os.path.isdir(d) else 'absent'}}")
 seen.append(f"uid {{os.getuid()}}")
+for target in ("/proc/sys/kernel/core_pattern", "/dev/evil", "/usr/evil", "/src/evil"):
+    try:
+        with open(target, "w") as f:
+            f.write("|/bin/sh")
+        seen.append("WROTE " + target)
+    except OSError:
+        pass
+import socket
+try:
+    socket.create_connection(("1.1.1.1", 80), timeout=2)
+    seen.append("NETWORK")
+except OSError:
+    pass
 raise RuntimeError("; ".join(seen))
 """
 
@@ -587,7 +600,7 @@ def test_the_child_sees_only_the_standard_library_numpy_and_its_own_copy(solved,
     msg = by_id(grade(d, ["kl_forward"], seed=1))["kl_forward"]["message"]
     assert f"no {fake_package}" in msg and "no torch" in msg and "no pytest" in msg, msg
     assert "no minivae.assignments" in msg and "imported numpy" in msg and "imported json" in msg, msg
-    assert "READ" not in msg, msg
+    assert "READ" not in msg and "WROTE" not in msg and "NETWORK" not in msg, msg
     assert "/root: absent" in msg and "/python/lib/python3.11/site-packages: 0" in msg, msg
     assert "/usr/lib/python3: 0" in msg or "/usr/lib/python3: absent" in msg, msg
     assert "uid 65534" in msg, msg

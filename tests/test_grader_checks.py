@@ -1030,3 +1030,21 @@ def test_the_reference_conv_caches_have_minivaes_layout_and_dtypes(name):
     ours = getattr(ref, name + "_forward")(*args)[1]
     theirs = getattr(conv, name + "_forward")(*args)[1]
     assert _leaf_types(ours) == _leaf_types(theirs)
+
+
+@pytest.mark.parametrize("ex", [e for e in IDS if e != "vae_backward"])
+def test_check_py_and_the_grader_draw_the_same_inputs_and_judge_them_alike(ex):
+    """Both take their inputs from cases.py: at one seed, the student's check.py (here with the reference ops,
+    as make records it) and the grader see the same cases and reach the same worst error."""
+    import importlib
+
+    from minivae.assignments import harness
+    mods = {m: importlib.import_module(f"minivae.{m}") for m in harness.MODULES}
+    local = harness.run_check(harness.Context("record", mods, SEED, reference=ref), ex)
+    judge = Judge()
+    if ex in checks.OP_CHECKS:
+        checks.check_op_backward(ex, InProcessChild(), judge, SEED, 60)          # the cases, not the cost check
+    else:
+        checks.FORWARD_CHECKS[ex](InProcessChild(), judge, SEED, 60)
+    assert local["passed"] and local["worst_rel_error"] == judge.worst, (local, judge.worst)
+    assert local["checked"] > 0 and list(harness.CHECKS) == list(IDS)

@@ -27,10 +27,10 @@ from __future__ import annotations
 import io
 import json
 import time
-import zlib
 
 import numpy as np
 
+from . import cases
 from . import reference as ref
 # finite differences and tolerances as the student's check.py has them (one source: a pass there is a pass here)
 from .harness import GRAD_TOL, H, VALUE_TOL, numerical_gradient
@@ -79,8 +79,7 @@ class Judge:
         return err
 
 
-def rng_for(seed, key):
-    return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
+rng_for = cases.rng_for
 
 
 # --------------------------------------------------------------- replies
@@ -181,133 +180,26 @@ class OpCase:
         self.label, self.forward, self.inputs, self.names = label, forward, inputs, names
 
 
-def _gauss(rng, N=4, L=3):
-    return rng.standard_normal((N, L)), rng.uniform(-2.5, 2.5, (N, L))
+# the inputs come from cases.py, which the student's check.py draws from too
+_gauss, _away_from_zero, _distinct = cases.gauss, cases.away_from_zero, cases.distinct
 
 
-def _away_from_zero(rng, shape):
-    x = rng.standard_normal(shape)
-    return np.sign(x) * (0.2 + np.abs(x))      # ReLU's kink at 0 breaks finite differences
-
-
-def _dense(rng, big):
-    shapes = ((128, 256), (256, 256), (256,)) if big else ((4, 3), (3, 5), (5,))
-    return [OpCase("", ref.dense_forward, [rng.standard_normal(s) for s in shapes], ["dx", "dW", "db"])]
-
-
-def _act(name, make, rng, big):
-    return [OpCase("", getattr(ref, name), [make(rng, (256, 512) if big else (4, 6))], ["dx"])]
-
-
-def _relu(rng, big):
-    return _act("relu_forward", _away_from_zero, rng, big)
-
-
-def _tanh(rng, big):
-    return _act("tanh_forward", lambda rng, s: 1.5 * rng.standard_normal(s), rng, big)
-
-
-def _sigmoid(rng, big):
-    return _act("sigmoid_forward", lambda rng, s: 3.0 * rng.standard_normal(s), rng, big)
-
-
-def _reparam(rng, big):
-    out = []
-    for label, S in (("", None), (" (S, N, L)", 3)):
-        mu, logvar = _gauss(rng, *((256, 256) if big else (4, 3)))
-        eps = rng.standard_normal(mu.shape if S is None else (S,) + mu.shape)
-        out.append(OpCase(label, lambda m, lv, eps=eps: ref.reparameterize_forward(m, lv, eps), [mu, logvar],
-                          ["dmu", "dlogvar"]))
-        if big:
-            break
-    return out
-
-
-def _kl(rng, big):
-    return [OpCase("", ref.kl_forward, list(_gauss(rng, *((256, 256) if big else (5, 3)))), ["dmu", "dlogvar"])]
-
-
-def _bern(rng, big):
-    out = []
-    N, D = (256, 784) if big else (4, 5)
-    x = rng.uniform(0, 1, (N, D))
-    for label, shape in (("", (N, D)), (" (S, N, D)", (2, N, D))):
-        logits = 2.0 * rng.standard_normal(shape)
-        out.append(OpCase(label, lambda lg, x=x: ref.bernoulli_nll_forward(lg, x), [logits], ["dlogits"]))
-        if big:
-            break
-    return out
-
-
-def _conv(rng, big):
-    if big:
-        x, W = rng.standard_normal((8, 16, 28, 28)), rng.standard_normal((32, 16, 3, 3))
-        b = rng.standard_normal(32)
-        return [OpCase("", lambda x, W, b: ref.conv2d_forward(x, W, b, 1, 1), [x, W, b], ["dx", "dW", "db"])]
-    out = []
-    for label, (N, C, H, Wd), (F, K), s, p in ((" (stride 1, padding 0)", (2, 3, 5, 6), (4, 3), 1, 0),
-                                              (" (stride 2, padding 1)", (3, 2, 7, 6), (3, 4), 2, 1)):
-        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((F, C, K, K)), rng.standard_normal(F)
-        out.append(OpCase(label, lambda x, W, b, s=s, p=p: ref.conv2d_forward(x, W, b, s, p), [x, W, b],
-                          ["dx", "dW", "db"]))
-    return out
-
-
-def _distinct(rng, shape):
-    """Well-separated values (0.01 apart): no two entries of a pooling window within h of each other."""
-    n = int(np.prod(shape))
-    return (rng.permutation(n) * 0.01 - n * 0.005).reshape(shape)
-
-
-def _maxpool(rng, big):
-    if big:
-        return [OpCase("", lambda x: ref.maxpool2d_forward(x, 2), [_distinct(rng, (16, 16, 28, 28))], ["dx"])]
-    return [OpCase(" (size 2, odd H)", lambda x: ref.maxpool2d_forward(x, 2), [_distinct(rng, (2, 3, 5, 6))], ["dx"]),
-            OpCase(" (size 3)", lambda x: ref.maxpool2d_forward(x, 3), [_distinct(rng, (2, 2, 6, 7))], ["dx"])]
-
-
-def _upsample(rng, big):
-    if big:
-        return [OpCase("", lambda x: ref.upsample_nearest2d_forward(x, 2), [rng.standard_normal((16, 16, 14, 14))],
-                       ["dx"])]
-    return [OpCase(" (scale 2)", lambda x: ref.upsample_nearest2d_forward(x, 2), [rng.standard_normal((2, 3, 3, 4))],
-                   ["dx"]),
-            OpCase(" (scale 3)", lambda x: ref.upsample_nearest2d_forward(x, 3), [rng.standard_normal((2, 2, 2, 3))],
-                   ["dx"])]
-
-
-def _masked_dense(rng, big):
-    n_in, width, N = (256, 256, 128) if big else (5, 7, 4)
-    deg_in = np.arange(1, n_in + 1)
-    deg_h = 1 + (np.arange(width) * (n_in - 1)) // width
-    mask = (deg_h[None, :] >= deg_in[:, None]).astype(np.float64)     # a MADE input mask
-    return [OpCase("", lambda x, W, b, mask=mask: ref.masked_dense_forward(x, W, b, mask),
-                   [rng.standard_normal(s) for s in ((N, n_in), (n_in, width), (width,))], ["dx", "dW", "db"])]
-
-
-def _planar(rng, big):
-    M, L = (4096, 64) if big else (5, 3)
-    z, w, b = rng.standard_normal((M, L)), rng.standard_normal(L), rng.standard_normal(1)
-    u = rng.standard_normal(L)
-    u = u + (0.5 - w @ u) * w / (w @ w)                               # w . u = 0.5: det = 1 + h' / 2 > 1
-    return [OpCase("", ref.planar_forward, [z, u, w, b], ["dz", "du", "dw", "db"])]
+def _maker(ex_id):
+    """The exercise's cases (cases.py) with the grader's reference forward bound to them."""
+    def make(rng, big):
+        out = []
+        for c in cases.BACKWARD[ex_id][1](rng, big):
+            fwd = getattr(ref, c.fwd)
+            out.append(OpCase(c.label, lambda *ins, fwd=fwd, extra=c.extra: fwd(*ins, *extra), c.inputs, c.names))
+        return out
+    make.__name__ = f"_{ex_id}"
+    return make
 
 
 # exercise id -> (qualified backward function, input maker(rng, big) -> [OpCase])
-OP_CHECKS = {
-    "dense_backward": ("minivae.layers:dense_backward", _dense),
-    "relu_backward": ("minivae.layers:relu_backward", _relu),
-    "tanh_backward": ("minivae.layers:tanh_backward", _tanh),
-    "sigmoid_backward": ("minivae.layers:sigmoid_backward", _sigmoid),
-    "reparameterize_backward": ("minivae.gaussian:reparameterize_backward", _reparam),
-    "kl_backward": ("minivae.gaussian:kl_backward", _kl),
-    "bernoulli_nll_backward": ("minivae.likelihoods:bernoulli_nll_backward", _bern),
-    "conv2d_backward": ("minivae.conv:conv2d_backward", _conv),
-    "maxpool2d_backward": ("minivae.conv:maxpool2d_backward", _maxpool),
-    "upsample_nearest2d_backward": ("minivae.conv:upsample_nearest2d_backward", _upsample),
-    "masked_dense_backward": ("minivae.made:masked_dense_backward", _masked_dense),
-    "planar_backward": ("minivae.flows:planar_joint_backward", _planar),
-}
+OP_CHECKS = {ex: (f"minivae.{module}:{ex}", _maker(ex)) for ex, (module, _) in cases.BACKWARD.items()}
+_dense, _relu, _reparam, _bern, _conv = (OP_CHECKS[e][1] for e in (
+    "dense_backward", "relu_backward", "reparameterize_backward", "bernoulli_nll_backward", "conv2d_backward"))
 
 # the reference backward of each exercise, for the cost check (from reference.OP_PAIRS)
 REF_BACKWARD = {f"{p}_backward": getattr(ref, f"{p}_backward") for p in ref.OP_PAIRS
@@ -319,7 +211,7 @@ def check_op_backward(ex_id, child, judge, seed, timeout):
     rng = rng_for(seed, ex_id)
     for case in make(rng, False):
         out, cache = case.forward(*case.inputs)
-        dout = rng.standard_normal(np.shape(out))          # a random upstream gradient
+        dout = rng_for(seed, f"{ex_id}/dout{case.label}").standard_normal(np.shape(out))   # a random upstream gradient
         nums = [numerical_gradient(lambda: np.asarray(case.forward(*case.inputs)[0]), x, dout)
                 for x in case.inputs]
         rep = call(child, fn, (dout, cache), timeout)
@@ -418,10 +310,8 @@ def check_cache(judge, reply, key, ref_cache, names, backward, dout_shape, seed,
 
 
 def check_reparameterize_forward(child, judge, seed, timeout):
-    rng = rng_for(seed, "reparameterize_forward")
-    mu, logvar = _gauss(rng)
-    for label, shape in (("", (4, 3)), (" (S, N, L) eps", (2, 4, 3))):
-        eps = rng.standard_normal(shape)
+    for label, mu, logvar, eps in cases.reparameterize_forward(rng_for(seed, "reparameterize_forward")):
+        shape = eps.shape
         args = (mu, logvar, eps)
         rep = call(child, "minivae.gaussian:reparameterize_forward", args, timeout)
         z_want = ref.reparameterize_forward(mu, logvar, eps)[0]
@@ -433,8 +323,7 @@ def check_reparameterize_forward(child, judge, seed, timeout):
 
 
 def check_kl_forward(child, judge, seed, timeout):
-    rng = rng_for(seed, "kl_forward")
-    mu, logvar = _gauss(rng, 5, 3)
+    mu, logvar = cases.kl_forward(rng_for(seed, "kl_forward"))
     rep = call(child, "minivae.gaussian:kl_forward", (mu, logvar), timeout)
     kl_want, cache_want = ref.kl_forward(mu, logvar)
     k_out, k_cache = take_tuple(rep, "r", 2, ["kl", "cache"], "kl_forward")
@@ -444,15 +333,7 @@ def check_kl_forward(child, judge, seed, timeout):
 
 
 def check_bernoulli_nll_forward(child, judge, seed, timeout):
-    rng = rng_for(seed, "bernoulli_nll_forward")
-    N, D = 4, 6
-    cases = [
-        ("", 3.0 * rng.standard_normal((N, D)), rng.uniform(0, 1, (N, D))),
-        (" (S, N, D) logits", 3.0 * rng.standard_normal((2, N, D)), (rng.uniform(size=(N, D)) < 0.5) * 1.0),
-        (" (large |logits|)", rng.choice([-1.0, 1.0], (N, D)) * rng.uniform(30, 60, (N, D)),
-         (rng.uniform(size=(N, D)) < 0.5) * 1.0),
-    ]
-    for label, logits, x in cases:
+    for label, logits, x in cases.bernoulli_nll_forward(rng_for(seed, "bernoulli_nll_forward")):
         rep = call(child, "minivae.likelihoods:bernoulli_nll_forward", (logits, x), timeout)
         want, cache_want = ref.bernoulli_nll_forward(logits, x)
         k_out, k_cache = take_tuple(rep, "r", 2, ["nll", "cache"], "bernoulli_nll_forward")
@@ -463,10 +344,7 @@ def check_bernoulli_nll_forward(child, judge, seed, timeout):
 
 
 def check_conv_transpose2d_forward(child, judge, seed, timeout):
-    rng = rng_for(seed, "conv_transpose2d_forward")
-    for label, (N, C, H, Wd), (Cout, K), s, p in ((" (stride 2, padding 1)", (2, 3, 4, 5), (2, 4), 2, 1),
-                                                  (" (stride 1, padding 0)", (3, 2, 3, 4), (3, 3), 1, 0)):
-        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((C, Cout, K, K)), rng.standard_normal(Cout)
+    for label, x, W, b, s, p in cases.conv_transpose2d_forward(rng_for(seed, "conv_transpose2d_forward")):
         args = (x, W, b, s, p)
         rep = call(child, "minivae.conv:conv_transpose2d_forward", args, timeout)
         y_want, cache_want = ref.conv_transpose2d_forward(x, W, b, s, p)
@@ -478,13 +356,8 @@ def check_conv_transpose2d_forward(child, judge, seed, timeout):
 
 
 def check_adam_step(child, judge, seed, timeout):
-    rng = rng_for(seed, "adam_step")
-    shapes = {"a": (3, 4), "b": (5,)}
-    p0 = {k: rng.standard_normal(s) for k, s in shapes.items()}
-    steps = 6
-    grads = [{k: rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 1) for k, s in shapes.items()} for _ in range(steps)]
-    lr, betas = 10.0 ** rng.uniform(-2.5, -1), (rng.uniform(0.7, 0.9), rng.uniform(0.9, 0.99))
-    eps = 10.0 ** rng.uniform(-3, -2)       # large enough that where eps goes shows in the result
+    shapes, p0, grads, lr, betas, eps = cases.adam_step(rng_for(seed, "adam_step"))
+    steps = len(grads)
     req = {"job": np.array("adam"), "names": np.array(list(shapes)), "lr": np.array(lr),
            "betas": np.array(betas), "eps": np.array(eps), "steps": np.array(steps)}
     for k in shapes:
@@ -502,13 +375,7 @@ def check_adam_step(child, judge, seed, timeout):
 
 
 # ------------------------------------------------------------ vae_backward
-VAE_CASES = (
-    # (config kwargs, N, S, beta, objective kwargs)
-    (dict(x_dim=5, hidden=(4, 3), z_dim=2, activation="tanh", likelihood="bernoulli"), 3, 3, 0.7, {}),
-    (dict(x_dim=4, hidden=(3,), z_dim=2, activation="sigmoid", likelihood="gaussian_learned_var"), 3, 2, 1.3, {}),
-    (dict(x_dim=4, hidden=(3,), z_dim=2, activation="relu", likelihood="bernoulli"), 3, 3, 0.9, {"iwae_k": 3}),
-    (dict(x_dim=4, hidden=(3,), z_dim=3, activation="tanh", likelihood="bernoulli"), 4, 1, 1.1, {"free_bits": 0.05}),
-)
+VAE_CASES = cases.VAE_CASES
 
 # every op the check's MLP VAE calls, answered by the parent inside vae_backward (from reference.OP_PAIRS)
 PROXIED_OPS = {f"minivae.{ref.OP_PAIRS[p][0]}:{p}_{d}": getattr(ref, f"{p}_{d}")
@@ -647,10 +514,7 @@ def check_vae_backward(child, judge, seed, timeout):
     for kwargs, N, S, beta, obj in VAE_CASES:
         cfg = dict(kwargs, dtype="float64")
         model = VAE(VAEConfig(**cfg), rng=np.random.default_rng(rng.integers(2 ** 31)))
-        for p in model.params.values():
-            p += 0.1 * rng.standard_normal(p.shape)
-        x = rng.uniform(0.05, 0.95, (N, kwargs["x_dim"]))
-        eps = rng.standard_normal((S, N, kwargs["z_dim"]))
+        x, eps = cases.vae_inputs(rng, model.params, kwargs["x_dim"], kwargs["z_dim"], N, S)
         names = list(model.params)
         loss_kwargs = dict(obj, beta=beta, n_samples=S)
         req = {"job": np.array("vae"), "config": np.array(json.dumps(cfg)), "names": np.array(names),

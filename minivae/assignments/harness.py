@@ -27,7 +27,6 @@ import os
 import sys
 import time
 import traceback
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,23 @@ OP_MODULE = {"dense_forward": "layers", "relu_forward": "layers", "tanh_forward"
              "sigmoid_forward": "layers", "reparameterize_forward": "gaussian", "kl_forward": "gaussian",
              "bernoulli_nll_forward": "likelihoods", "conv2d_forward": "conv", "maxpool2d_forward": "conv",
              "upsample_nearest2d_forward": "conv", "masked_dense_forward": "made", "planar_joint_forward": "flows"}
+
+
+def _load_cases():
+    """The check inputs, shared with the grader: its cases.py, or beside check.py in a student copy."""
+    if __package__:
+        return importlib.import_module(".cases", __package__)
+    here = Path(__file__).resolve().parent
+    for name in ("check_cases.py", "cases.py"):
+        if (here / name).is_file():
+            spec = importlib.util.spec_from_file_location("_minivae_check_cases", here / name)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+    raise ImportError(f"check_cases.py is missing beside {Path(__file__).name}: regenerate the starter with make")
+
+
+CASES = _load_cases()
 
 
 class CheckFailed(Exception):
@@ -95,8 +111,8 @@ class Context:
         self.ref, self.expected = reference, expected
         self.recorded = {}
 
-    def rng(self, exercise_id):
-        return np.random.default_rng([self.seed, zlib.crc32(exercise_id.encode())])
+    def rng(self, key):
+        return CASES.rng_for(self.seed, key)
 
     def op(self, name):
         """A forward op returning ``(out, cache)``: the reference's, or locally the student's own."""
@@ -229,21 +245,25 @@ def no_side_effects(args, saved, names):
                                      f"dx = dy; dx[...] = 0)"))
 
 
-def check_op_backward(ctx, res, fwd_name, backward, inputs, names, case=""):
-    """Finite differences of the (reference) forward against the student's backward."""
-    fwd = ctx.op(fwd_name)
-    out, cache = fwd(*inputs)
+def check_op_backward(ctx, res, ex, case, backward):
+    """Finite differences of the forward (the reference's, or locally the student's own) against the student's
+    backward, on one case of cases.py, with a random upstream gradient."""
+    fwd = ctx.op(case.fwd)
+
+    def f(*inputs):
+        return fwd(*inputs, *case.extra)
+    out, cache = f(*case.inputs)
     out = np.asarray(_to_numpy(out), dtype=np.float64)
-    if hasattr(ctx, "expect_forward"):
-        ctx.expect_forward(fwd_name + case, out)
-    dout = ctx.rng(fwd_name + case).standard_normal(out.shape)
-    nums = [numerical_gradient(lambda: np.asarray(fwd(*inputs)[0], dtype=np.float64), x, dout) for x in inputs]
+    ctx.expect_forward(case.fwd + case.label, out)
+    dout = ctx.rng(f"{ex}/dout{case.label}").standard_normal(out.shape)
+    nums = [numerical_gradient(lambda: np.asarray(_to_numpy(f(*case.inputs)[0]), dtype=np.float64), x, dout)
+            for x in case.inputs]
     args = (dout.copy(), _copy(cache))
     saved = _copy(args)
     got = backward(*args)
-    got = _unpack(got, len(names), names, backward.__name__)
-    for name, g, num in zip(names, got, nums):
-        res.compare(name + case, g, num, GRAD_TOL)
+    got = _unpack(got, len(case.names), case.names, backward.__name__)
+    for name, g, num in zip(case.names, got, nums):
+        res.compare(name + case.label, g, num, GRAD_TOL)
     no_side_effects(args, saved, {"0": "the upstream gradient", "1": "cache"})
 
 
@@ -264,45 +284,22 @@ def cache_items(ctx, res, key, cache, like, names, label=""):
 
 
 # ----------------------------------------------------------------------------
-# the checks, one per exercise
+# the checks, one per exercise (their inputs: check_cases.py, the grader's too)
 # ----------------------------------------------------------------------------
-def check_dense_backward(ctx, res):
-    rng = ctx.rng("dense_backward")
-    x, W, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 5)), rng.standard_normal(5)
-    check_op_backward(ctx, res, "dense_forward", ctx.mods["layers"].dense_backward, [x, W, b], ["dx", "dW", "db"])
+def _backward_check(ex):
+    module, make = CASES.BACKWARD[ex]
 
-
-def _activation_check(name, make_x):
     def check(ctx, res):
-        rng = ctx.rng(name)
-        x = make_x(rng)
-        check_op_backward(ctx, res, name.replace("_backward", "_forward"), getattr(ctx.mods["layers"], name),
-                          [x], ["dx"])
+        back = getattr(ctx.mods[module], ex)
+        for case in make(ctx.rng(ex), False):
+            check_op_backward(ctx, res, ex, case, back)
+    check.__name__ = f"check_{ex}"
     return check
 
 
-def _away_from_zero(rng):
-    x = rng.standard_normal((4, 6))
-    return np.sign(x) * (0.2 + np.abs(x))      # ReLU's kink at 0 breaks finite differences
-
-
-check_relu_backward = _activation_check("relu_backward", _away_from_zero)
-check_tanh_backward = _activation_check("tanh_backward", lambda rng: 1.5 * rng.standard_normal((4, 6)))
-check_sigmoid_backward = _activation_check("sigmoid_backward", lambda rng: 3.0 * rng.standard_normal((4, 6)))
-
-
-def _gaussian_inputs(rng, N=4, L=3):
-    mu = rng.standard_normal((N, L))
-    logvar = rng.uniform(-2.5, 2.5, (N, L))     # far from 0, so sigma != sigma^2 shows
-    return mu, logvar
-
-
 def check_reparameterize_forward(ctx, res):
-    rng = ctx.rng("reparameterize_forward")
-    mu, logvar = _gaussian_inputs(rng)
     f = ctx.mods["gaussian"].reparameterize_forward
-    for case, shape in (("", (4, 3)), (" (S, N, L) eps", (2, 4, 3))):
-        eps = rng.standard_normal(shape)
+    for case, mu, logvar, eps in CASES.reparameterize_forward(ctx.rng("reparameterize_forward")):
         args = (mu.copy(), logvar.copy(), eps.copy())
         z, cache = _unpack(f(*args), 2, ["z", "cache"], "reparameterize_forward")
         want = ctx.expect(f"reparameterize_forward/z{case}", lambda: ctx.ref.reparameterize_forward(mu, logvar, eps)[0])
@@ -312,36 +309,8 @@ def check_reparameterize_forward(ctx, res):
         cache_items(ctx, res, f"reparameterize_forward{case}", cache, ref_cache, ["sigma", "eps"], case)
 
 
-def check_reparameterize_backward(ctx, res):
-    rng = ctx.rng("reparameterize_backward")
-    mu, logvar = _gaussian_inputs(rng)
-    back = ctx.mods["gaussian"].reparameterize_backward
-    for case, shape in (("", (4, 3)), (" (S, N, L)", (3, 4, 3))):
-        eps = rng.standard_normal(shape)
-        fwd = ctx.op("reparameterize_forward")
-        ctx_op = _FixedOp(ctx, "reparameterize_forward", lambda m, lv: fwd(m, lv, eps))
-        check_op_backward(ctx_op, res, "reparameterize_forward", back, [mu, logvar], ["dmu", "dlogvar"], case)
-
-
-class _FixedOp:
-    """A context whose op(name) is a given function (to hold some inputs fixed)."""
-
-    def __init__(self, ctx, name, fn):
-        self.ctx, self.name, self.fn = ctx, name, fn
-
-    def op(self, name):
-        return self.fn if name == self.name else self.ctx.op(name)
-
-    def rng(self, key):
-        return self.ctx.rng(key)
-
-    def expect_forward(self, key, out):
-        return self.ctx.expect_forward(key, out)
-
-
 def check_kl_forward(ctx, res):
-    rng = ctx.rng("kl_forward")
-    mu, logvar = _gaussian_inputs(rng, N=5, L=3)
+    mu, logvar = CASES.kl_forward(ctx.rng("kl_forward"))
     args = (mu.copy(), logvar.copy())
     out = ctx.mods["gaussian"].kl_forward(*args)
     kl, cache = _unpack(out, 2, ["kl", "cache"], "kl_forward")
@@ -351,23 +320,9 @@ def check_kl_forward(ctx, res):
     cache_items(ctx, res, "kl_forward", cache, ref_cache, ["mu", "var"])
 
 
-def check_kl_backward(ctx, res):
-    rng = ctx.rng("kl_backward")
-    mu, logvar = _gaussian_inputs(rng, N=5, L=3)
-    check_op_backward(ctx, res, "kl_forward", ctx.mods["gaussian"].kl_backward, [mu, logvar], ["dmu", "dlogvar"])
-
-
 def check_bernoulli_nll_forward(ctx, res):
-    rng = ctx.rng("bernoulli_nll_forward")
     f = ctx.mods["likelihoods"].bernoulli_nll_forward
-    N, D = 4, 6
-    cases = [
-        ("", 3.0 * rng.standard_normal((N, D)), rng.uniform(0, 1, (N, D))),
-        (" (S, N, D) logits", 3.0 * rng.standard_normal((2, N, D)), (rng.uniform(size=(N, D)) < 0.5) * 1.0),
-        (" (large |logits|)", rng.choice([-1.0, 1.0], (N, D)) * rng.uniform(30, 60, (N, D)),
-         (rng.uniform(size=(N, D)) < 0.5) * 1.0),
-    ]
-    for case, logits, x in cases:
+    for case, logits, x in CASES.bernoulli_nll_forward(ctx.rng("bernoulli_nll_forward")):
         args = (logits.copy(), x.copy())
         nll, cache = _unpack(f(*args), 2, ["nll", "cache"], "bernoulli_nll_forward")
         want = ctx.expect(f"bernoulli_nll_forward/nll{case}", lambda: ctx.ref.bernoulli_nll_forward(logits, x)[0])
@@ -377,35 +332,9 @@ def check_bernoulli_nll_forward(ctx, res):
         cache_items(ctx, res, f"bernoulli_nll_forward{case}", cache, ref_cache, ["logits", "x"], case)
 
 
-def check_bernoulli_nll_backward(ctx, res):
-    rng = ctx.rng("bernoulli_nll_backward")
-    back = ctx.mods["likelihoods"].bernoulli_nll_backward
-    N, D = 4, 5
-    x = rng.uniform(0, 1, (N, D))
-    for case, shape in (("", (N, D)), (" (S, N, D)", (2, N, D))):
-        logits = 2.0 * rng.standard_normal(shape)
-        fwd = ctx.op("bernoulli_nll_forward")
-        ctx_op = _FixedOp(ctx, "bernoulli_nll_forward", lambda lg: fwd(lg, x))
-        check_op_backward(ctx_op, res, "bernoulli_nll_forward", back, [logits], ["dlogits"], case)
-
-
-def check_conv2d_backward(ctx, res):
-    rng = ctx.rng("conv2d_backward")
-    back = ctx.mods["conv"].conv2d_backward
-    for case, (N, C, H, Wd), (F, K), s, p in ((" (stride 1, padding 0)", (2, 3, 5, 6), (4, 3), 1, 0),
-                                             (" (stride 2, padding 1)", (3, 2, 7, 6), (3, 4), 2, 1)):
-        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((F, C, K, K)), rng.standard_normal(F)
-        fwd = ctx.op("conv2d_forward")
-        ctx_op = _FixedOp(ctx, "conv2d_forward", lambda x, W, b, s=s, p=p: fwd(x, W, b, s, p))
-        check_op_backward(ctx_op, res, "conv2d_forward", back, [x, W, b], ["dx", "dW", "db"], case)
-
-
 def check_conv_transpose2d_forward(ctx, res):
-    rng = ctx.rng("conv_transpose2d_forward")
     f = ctx.mods["conv"].conv_transpose2d_forward
-    for case, (N, C, H, Wd), (Cout, K), s, p in ((" (stride 2, padding 1)", (2, 3, 4, 5), (2, 4), 2, 1),
-                                                 (" (stride 1, padding 0)", (3, 2, 3, 4), (3, 3), 1, 0)):
-        x, W, b = rng.standard_normal((N, C, H, Wd)), rng.standard_normal((C, Cout, K, K)), rng.standard_normal(Cout)
+    for case, x, W, b, s, p in CASES.conv_transpose2d_forward(ctx.rng("conv_transpose2d_forward")):
         args = (x.copy(), W.copy(), b.copy(), s, p)
         y, cache = _unpack(f(*args), 2, ["y", "cache"], "conv_transpose2d_forward")
         want = ctx.expect(f"conv_transpose2d_forward/y{case}",
@@ -414,30 +343,7 @@ def check_conv_transpose2d_forward(ctx, res):
         no_side_effects(args, (x, W, b), {"0": "x", "1": "W", "2": "b"})
         ref_cache = ctx.ref.conv_transpose2d_forward(x, W, b, s, p)[1] if ctx.ref else (None,) * 5
         cache_items(ctx, res, f"conv_transpose2d_forward{case}", cache, ref_cache,
-                          ["X", "W", "x_shape", "stride", "padding"], case)
-
-
-def _distinct(rng, shape):
-    n = int(np.prod(shape))
-    return (rng.permutation(n) * 0.01 - n * 0.005).reshape(shape)
-
-
-def check_maxpool2d_backward(ctx, res):
-    rng = ctx.rng("maxpool2d_backward")
-    back = ctx.mods["conv"].maxpool2d_backward
-    for case, shape, k in ((" (size 2, odd H)", (2, 3, 5, 6), 2), (" (size 3)", (2, 2, 6, 7), 3)):
-        fwd = ctx.op("maxpool2d_forward")
-        ctx_op = _FixedOp(ctx, "maxpool2d_forward", lambda x, k=k: fwd(x, k))
-        check_op_backward(ctx_op, res, "maxpool2d_forward", back, [_distinct(rng, shape)], ["dx"], case)
-
-
-def check_upsample_nearest2d_backward(ctx, res):
-    rng = ctx.rng("upsample_nearest2d_backward")
-    back = ctx.mods["conv"].upsample_nearest2d_backward
-    for case, shape, k in ((" (scale 2)", (2, 3, 3, 4), 2), (" (scale 3)", (2, 2, 2, 3), 3)):
-        fwd = ctx.op("upsample_nearest2d_forward")
-        ctx_op = _FixedOp(ctx, "upsample_nearest2d_forward", lambda x, k=k: fwd(x, k))
-        check_op_backward(ctx_op, res, "upsample_nearest2d_forward", back, [rng.standard_normal(shape)], ["dx"], case)
+                    ["X", "W", "x_shape", "stride", "padding"], case)
 
 
 def check_masked_dense_backward(ctx, res):
@@ -460,12 +366,7 @@ def check_planar_backward(ctx, res):
 
 
 def check_adam_step(ctx, res):
-    rng = ctx.rng("adam_step")
-    shapes = {"a": (3, 4), "b": (5,)}
-    p0 = {k: rng.standard_normal(s) for k, s in shapes.items()}
-    grads_seq = [{k: rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 1) for k, s in shapes.items()}
-                 for _ in range(6)]
-    lr, betas, eps = 0.05, (0.8, 0.95), 1e-3
+    shapes, p0, grads_seq, lr, betas, eps = CASES.adam_step(ctx.rng("adam_step"))
     history = None
     if ctx.mode != "local":
         history = ctx.ref.adam_run([p0[k] for k in shapes], [[g[k] for k in shapes] for g in grads_seq], lr, betas, eps)
@@ -484,13 +385,6 @@ def check_adam_step(ctx, res):
                             ctx.expect(f"adam_step/{s}/{k}/{t}", lambda: history[t - 1][j][i]), VALUE_TOL)
 
 
-VAE_CASES = (
-    # (config kwargs, N, S, beta)
-    (dict(x_dim=5, hidden=(4, 3), z_dim=2, activation="tanh", likelihood="bernoulli"), 3, 3, 0.7),
-    (dict(x_dim=4, hidden=(3,), z_dim=2, activation="sigmoid", likelihood="gaussian_learned_var"), 3, 2, 1.3),
-)
-
-
 def check_vae_backward(ctx, res):
     rng = ctx.rng("vae_backward")
     model_mod, config_mod = ctx.mods["model"], ctx.mods["config"]
@@ -502,19 +396,19 @@ def check_vae_backward(ctx, res):
                 setattr(model_mod, name, getattr(ctx.ref, name))
     wrong = []                # (parameter, message), every wrong parameter of the first bad case
     try:
-        for kwargs, N, S, beta in VAE_CASES:
+        for kwargs, N, S, beta, obj in CASES.VAE_CASES:
             cfg = config_mod.VAEConfig(dtype="float64", **kwargs)
             model = model_mod.VAE(cfg, rng=np.random.default_rng(rng.integers(2 ** 31)))
             if ctx.patch_model:
                 model.act_forward, model.act_backward = ctx.ref.ACTIVATIONS[kwargs["activation"]]
-            x = rng.uniform(0.05, 0.95, (N, kwargs["x_dim"]))
-            eps = rng.standard_normal((S, N, kwargs["z_dim"]))
-            _, grads = model.loss(x, eps=eps.copy(), beta=beta, n_samples=S)
+            x, eps = CASES.vae_inputs(rng, model.params, kwargs["x_dim"], kwargs["z_dim"], N, S)
+            loss_kwargs = dict(obj, beta=beta, n_samples=S)
+            _, grads = model.loss(x, eps=eps.copy(), **loss_kwargs)
             grads = {k: _to_numpy(v).copy() for k, v in grads.items()}
 
             def f():
-                return np.asarray(_to_numpy(model.loss(x, eps=eps.copy(), beta=beta, n_samples=S,
-                                                       backward=False)[0]), dtype=np.float64)
+                return np.asarray(_to_numpy(model.loss(x, eps=eps.copy(), backward=False, **loss_kwargs)[0]),
+                                  dtype=np.float64)
 
             for name, p in model.params.items():
                 if name not in grads:
@@ -526,7 +420,8 @@ def check_vae_backward(ctx, res):
                 except CheckFailed as e:
                     wrong.append(e.args[0] + (res.worst if res.worst > before else float("inf"),))
             if wrong:      # name the worst, so the message agrees with the worst rel error
-                case = f"{kwargs['likelihood']} VAE, hidden={kwargs['hidden']}, S={S}, beta={beta}"
+                case = (f"{kwargs['likelihood']} VAE, hidden={kwargs['hidden']}, S={S}, beta={beta}"
+                        + "".join(f", {k}={v}" for k, v in obj.items()))
                 worst = max(wrong, key=lambda w: w[2])
                 raise CheckFailed((worst[0], f"{len(wrong)} wrong gradient(s) ({case}): "
                                              f"{', '.join(w[0] for w in wrong)}; worst: {worst[1]}"))
@@ -535,8 +430,14 @@ def check_vae_backward(ctx, res):
             setattr(model_mod, name, fn)
 
 
-CHECKS = {name[len("check_"):]: fn for name, fn in list(globals().items())
-          if name.startswith("check_") and name != "check_op_backward" and callable(fn)}
+for _ex in CASES.BACKWARD:
+    globals()[f"check_{_ex}"] = _backward_check(_ex)
+# every exercise, in the course's order
+CHECKS = {ex: globals()[f"check_{ex}"] for ex in (
+    "dense_backward", "relu_backward", "tanh_backward", "sigmoid_backward", "reparameterize_forward",
+    "reparameterize_backward", "kl_forward", "kl_backward", "bernoulli_nll_forward", "bernoulli_nll_backward",
+    "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward", "adam_step",
+    "vae_backward")}
 
 
 # ----------------------------------------------------------------------------

@@ -11,7 +11,8 @@
   so a student's training runs the student's own ops.
 * ``lessons/``, ``pyproject.toml`` and ``requirements.txt`` as in the
   reference, so ``pip install -e OUT_DIR`` works and the package keeps its name.
-* ``check.py`` (the grader's harness) and ``check_expected.npz`` (the
+* ``check.py`` (the grader's harness), ``check_cases.py`` (the inputs of every check, the grader's
+  too) and ``check_expected.npz`` (the
   reference's forward values on the local check inputs, recorded here), so a
   student can run ``python check.py EXERCISE`` without seeing the formulas.
 * ``README.md``: what to do, for the student.
@@ -166,6 +167,7 @@ def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hid
     if not (out / "pyproject.toml").exists():
         (out / "pyproject.toml").write_text(MINIMAL_PYPROJECT, encoding="utf-8")
     shutil.copy2(HERE / "harness.py", out / "check.py")
+    shutil.copy2(HERE / "cases.py", out / "check_cases.py")      # the check inputs, the grader's too
     if record_expected:
         _record_expected(source, out / harness.EXPECTED_FILE)
     (out / "README.md").write_text(student_readme([e for e in IDS if e in stubbed], hide_derivations),
