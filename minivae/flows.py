@@ -119,7 +119,7 @@ def planar_backward(df, dlogdet, cache):
     Returns ``(dz, du, dw, db)``: (M, L), (L,), (L,), (1,).
     """
     z, u, w, h, dh, wu, det = cache
-    ### BEGIN SOLUTION planar_backward
+    ### BEGIN SOLUTION planar_joint_backward
     r = dlogdet * dh / det                                   # (M,) G h' / det: logdet's d/d(w . u)
     da = (df @ u) * dh + r * (-2.0 * h * wu)                 # dL/da through f and through logdet
     dz = df + da[:, None] * w                                # identity path + through a = w . z + b

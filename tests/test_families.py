@@ -439,8 +439,8 @@ def test_the_new_exercises_catch_their_planted_bugs(tmp_path):
     old = "r = dlogdet * dh / det"
     assert src.count(old) == 1
     flows.write_text(src.replace(old, "r = 0 * dlogdet * dh / det"))                 # the log-det's terms dropped
-    report = grade(d, ["masked_dense_backward", "planar_backward"])
+    report = grade(d, ["masked_dense_backward", "planar_joint_backward"])
     res = {e["id"]: e for e in report["exercises"]}
     assert res["masked_dense_backward"]["status"] == "fail" and res["masked_dense_backward"]["gradient"] == "dW"
-    assert res["planar_backward"]["status"] == "fail"
-    assert res["planar_backward"]["gradient"] in ("dz", "du", "dw", "db")
+    assert res["planar_joint_backward"]["status"] == "fail"
+    assert res["planar_joint_backward"]["gradient"] in ("dz", "du", "dw", "db")

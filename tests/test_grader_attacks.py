@@ -354,7 +354,7 @@ WRONG_VALUE = {
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = self.eps * bc2"),
     "vae_backward": ("dh += dh_lv ", "dh = dh_lv "),
     "masked_dense_backward": ("dW = (x.T @ dy) * mask", "dW = x.T @ dy"),
-    "planar_backward": ("r = dlogdet * dh / det", "r = 0 * dlogdet * dh / det"),
+    "planar_joint_backward": ("r = dlogdet * dh / det", "r = 0 * dlogdet * dh / det"),
 }
 IGNORED_UPSTREAM = {
     "dense_backward": ("dW = x.T @ dy", "dW = x.T @ xp_ones_like(dy)"),
@@ -377,7 +377,7 @@ IGNORED_UPSTREAM = {
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = 0.0"),
     "vae_backward": ("dkl = xp.full((N,), beta / N, dtype=self.dtype)", "dkl = xp.full((N,), 1.0 / N, dtype=self.dtype)"),
     "masked_dense_backward": ("dW = (x.T @ dy) * mask", "dW = (x.T @ xp_ones_like(dy)) * mask"),
-    "planar_backward": ("du = h @ df + r.sum() * w", "du = h @ xp_ones_like(df) + r.sum() * w"),
+    "planar_joint_backward": ("du = h @ df + r.sum() * w", "du = h @ xp_ones_like(df) + r.sum() * w"),
 }
 
 

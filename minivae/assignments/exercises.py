@@ -71,7 +71,8 @@ EXERCISES = (
     Exercise("masked_dense_backward", "made.py", "MADE's masked dense layer backward: dx, dW, db", "backward",
              "y = x @ (M * W) + b with the fixed 0/1 mask M; the cache holds x, the masked weight Wm = M * W and M: "
              "dx = G @ Wm.T, dW = M * (x.T @ G) (a masked-out weight gets no gradient), db sums G over the rows"),
-    Exercise("planar_backward", "flows.py", "planar flow step backward, log-determinant included", "backward",
+    Exercise("planar_joint_backward", "flows.py", "planar flow step backward, log-determinant included "
+             "(planar_backward, checked through planar_joint_backward)", "backward",
              "f = z + u tanh(a), a = z @ w + b, logdet = log|1 + (1 - h^2)(w . u)|; first dL/da = (df @ u)(1 - h^2) "
              "+ dlogdet * d logdet/da (with d(1 - h^2)/da = -2 h (1 - h^2)), then dz = df + dL/da w, and du, dw each get a term "
              "from f and one from logdet (r = dlogdet (1 - h^2) / det); db = sum of dL/da, shape (1,)"),

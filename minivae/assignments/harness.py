@@ -346,25 +346,6 @@ def check_conv_transpose2d_forward(ctx, res):
                     ["X", "W", "x_shape", "stride", "padding"], case)
 
 
-def check_masked_dense_backward(ctx, res):
-    rng = ctx.rng("masked_dense_backward")
-    deg_in, deg_h = np.arange(1, 6), 1 + (np.arange(7) * 4) // 7
-    mask = (deg_h[None, :] >= deg_in[:, None]).astype(np.float64)        # a MADE input mask, 5 inputs, 7 units
-    x, W, b = rng.standard_normal((4, 5)), rng.standard_normal((5, 7)), rng.standard_normal(7)
-    fwd = ctx.op("masked_dense_forward")
-    ctx_op = _FixedOp(ctx, "masked_dense_forward", lambda x, W, b: fwd(x, W, b, mask))
-    check_op_backward(ctx_op, res, "masked_dense_forward", ctx.mods["made"].masked_dense_backward, [x, W, b],
-                      ["dx", "dW", "db"])
-
-
-def check_planar_backward(ctx, res):
-    rng = ctx.rng("planar_backward")
-    z, u, w, b = rng.standard_normal((5, 3)), rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(1)
-    u = u + (0.5 - w @ u) * w / (w @ w)                                   # w . u = 0.5: an invertible step
-    check_op_backward(ctx, res, "planar_joint_forward", ctx.mods["flows"].planar_joint_backward, [z, u, w, b],
-                      ["dz", "du", "dw", "db"])
-
-
 def check_adam_step(ctx, res):
     shapes, p0, grads_seq, lr, betas, eps = CASES.adam_step(ctx.rng("adam_step"))
     history = None
@@ -436,7 +417,8 @@ for _ex in CASES.BACKWARD:
 CHECKS = {ex: globals()[f"check_{ex}"] for ex in (
     "dense_backward", "relu_backward", "tanh_backward", "sigmoid_backward", "reparameterize_forward",
     "reparameterize_backward", "kl_forward", "kl_backward", "bernoulli_nll_forward", "bernoulli_nll_backward",
-    "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward", "adam_step",
+    "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward",
+    "masked_dense_backward", "planar_joint_backward", "adam_step",
     "vae_backward")}
 
 
