@@ -68,9 +68,6 @@ EXERCISES = (
     Exercise("upsample_nearest2d_backward", "conv.py", "nearest-neighbour upsampling backward", "backward",
              "every input pixel was copied to a scale x scale block of y: its gradient is the sum of dy "
              "over that block"),
-    Exercise("masked_dense_backward", "made.py", "MADE's masked dense layer backward: dx, dW, db", "backward",
-             "y = x @ (M * W) + b with the fixed 0/1 mask M; the cache holds x, the masked weight Wm = M * W and M: "
-             "dx = G @ Wm.T, dW = M * (x.T @ G) (a masked-out weight gets no gradient), db sums G over the rows"),
     Exercise("planar_joint_backward", "flows.py", "planar flow step backward, log-determinant included "
              "(planar_backward, checked through planar_joint_backward)", "backward",
              "f = z + u tanh(a), a = z @ w + b, logdet = log|1 + (1 - h^2)(w . u)|; first dL/da = (df @ u)(1 - h^2) "

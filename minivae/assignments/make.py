@@ -177,9 +177,9 @@ def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hid
 
 HIDDEN_HINT = "derive this gradient yourself from the forward formula in the docstring, and match every shape"
 # forward exercises whose usual hint states a backward formula (conv_transpose2d is conv2d's dx)
-HIDDEN_HINTS = {"conv_transpose2d_forward": "each input pixel stamps the kernel, scaled by its value, onto the "
-                                            "output at (h*stride - padding, w*stride - padding); overlapping "
-                                            "stamps add; then add b on each output channel"}
+HIDDEN_HINTS = {"conv_transpose2d_forward": "the transpose (adjoint) of conv2d with the same stride and padding, "
+                                            "plus b on each output channel: work out what that does to each "
+                                            "input pixel"}
 _DERIV_BEGIN = re.compile(r"^(?P<indent>[ \t]*)Derivation \((?P<what>.*)\):[ \t]*$")
 _DERIV_END = re.compile(r"^[ \t]*\(end of derivation\)[ \t]*$")
 

@@ -54,10 +54,15 @@ LINUX = sys.platform.startswith("linux")
 UID = 65534                      # the sandbox's user and group ("nobody")
 START_TIMEOUT = 30.0             # seconds for a sandbox to start and say hello
 
+# The limits bound one check as a whole, not one process: the sandbox's uid is its own in a fresh user
+# namespace, so RLIMIT_NPROC counts the processes and threads of this one sandbox (bwrap's own init
+# included), and each holds at most RLIMIT_AS.  A check therefore maps at most NPROC x AS = 4 GiB, whatever
+# it forks.  (A cgroup memory.max would be tighter, but creating cgroups needs privileges a grading machine
+# or a container often lacks; rlimits work everywhere bwrap does.)
 LIMITS = {                       # resource limits of a child (soft = hard)
-    "RLIMIT_AS": 4 << 30,        # address space: 4 GiB
+    "RLIMIT_AS": 1 << 30,        # address space of each process: 1 GiB
     "RLIMIT_FSIZE": 64 << 20,    # any file it writes, its captured output included: 64 MiB
-    "RLIMIT_NPROC": 256,         # processes of its user
+    "RLIMIT_NPROC": 4,           # processes and threads of the sandbox's user, bwrap's init included
     "RLIMIT_CORE": 0,
 }
 TMPFS_BYTES = {"/work": 64 << 20, "/tmp": 64 << 20, "/dev/shm": 16 << 20}
