@@ -991,3 +991,47 @@ def test_line_separator_characters_in_a_comment_do_not_zero_the_file(solved, tmp
     report = grade(d, ["relu_backward", "dense_backward"])
     assert report["score"] == 100, (report["notes"], report["exercises"])
     assert not report["notes"], report["notes"]
+
+
+def test_a_broken_marker_fails_check_py_as_it_fails_the_grader(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "marker")
+    layers = d / "minivae" / "layers.py"
+    text = layers.read_text()
+    layers.write_text(re.sub(r"(?m)^([ \t]*)### END SOLUTION$", r"\1# END SOLUTION", text, count=1))
+    r = local_check(d, "dense_backward", "kl_forward")
+    assert r.returncode == 1 and "1 of 2 passed" in r.stdout, r.stdout + r.stderr
+    assert "exercise markers in minivae/layers.py were changed or broken" in r.stdout, r.stdout
+    res = by_id(grade(d, ["dense_backward", "kl_forward"]))
+    assert not res["dense_backward"]["passed"] and res["kl_forward"]["passed"]
+    layers.write_text(text)
+    assert local_check(d, "dense_backward").returncode == 0
+
+
+def test_a_float32_answer_fails_check_py_as_it_fails_the_grader(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "f32")
+    set_body(d, "relu_backward", "dx = (dy * (x > 0)).astype('float32')")
+    r = local_check(d, "relu_backward")
+    assert r.returncode == 1 and "has dtype float32, expected float64" in r.stdout, r.stdout + r.stderr
+    (res,) = grade(d, ["relu_backward"])["exercises"]
+    assert not res["passed"] and "has dtype float32, expected float64" in res["message"], res
+
+
+def test_edits_outside_regions_are_located_in_bounded_time(solved, monkeypatch):
+    # 350,000 blank lines padded outside the regions once held the grader for a minute in difflib
+    real = grading.difflib.SequenceMatcher
+
+    def bounded(junk, a, b, **kw):
+        assert len(a) <= grading.DIFF_LINES and len(b) <= grading.DIFF_LINES, (len(a), len(b))
+        return real(junk, a, b, **kw)
+    monkeypatch.setattr(grading.difflib, "SequenceMatcher", bounded)
+    pristine = (solved / "minivae" / "model.py").read_text()
+    lines = pristine.splitlines(keepends=True)
+    k = next(i for i, ln in enumerate(lines) if ln.startswith("import "))
+    padded = "".join(lines[:k + 1]) + "\n" * 100_000 + "".join(lines[k + 1:])
+    text, notes = grading.merge_file(pristine, padded, set(), "minivae/model.py")
+    assert text == pristine
+    assert notes == [f"edits outside the exercise regions were ignored: minivae/model.py:{k + 2}"], notes
+    # a small edit is still located line by line
+    small = pristine.replace(lines[k], lines[k] + "# one\n", 1)
+    assert grading.merge_file(pristine, small, set(), "minivae/model.py")[1] == [
+        f"edits outside the exercise regions were ignored: minivae/model.py:{k + 2}"]

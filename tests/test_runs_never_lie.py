@@ -660,3 +660,14 @@ def test_force_never_removes_a_file_minivae_did_not_write(tmp_path, capsys):
     assert (proj / "figures" / "my_plot.png").read_bytes() == b"mine"
     assert (proj / "notes.txt").read_text() == "precious"
     assert not (proj / "figures" / "samples.png").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_without_a_leaked_file(run, tmp_path):
+    r = copy_run(run, tmp_path)
+    data = (r / "checkpoint.npz").read_bytes()
+    (r / "checkpoint.npz").write_bytes(data[:len(data) // 2])
+    p = subprocess.run([sys.executable, "-X", "dev", "-m", "minivae", "eval", str(r)], capture_output=True,
+                       text=True, env=ENV, timeout=240)
+    assert p.returncode == 2, p.stderr
+    one_error_line(p.stderr, "checkpoint.npz: not a readable .npz checkpoint")
+    assert "unclosed file" not in p.stderr

@@ -146,10 +146,9 @@ def merge_file(pristine_text, submitted_text, graded, rel):
         rb = split_lines("".join(rebuilt))
         pr = split_lines(pristine_text)
         changed = []
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, pr, rb, autojunk=False).get_opcodes():
-            if tag != "equal":
-                j = min(j1, len(sub_numbers) - 1) if sub_numbers else 0
-                changed.append(sub_numbers[j] if sub_numbers else 1)
+        for j1 in _changed_lines(pr, rb):
+            j = min(j1, len(sub_numbers) - 1) if sub_numbers else 0
+            changed.append(sub_numbers[j] if sub_numbers else 1)
         lines = ", ".join(f"{rel}:{k}" for k in sorted(set(changed))[:10])
         notes.append(f"edits outside the exercise regions were ignored: {lines}")
     out_lines = split_lines(pristine_text, True)
@@ -577,6 +576,31 @@ def write_seed(out_dir, seed):
         f.write(f"{int(seed)}\n")
     os.chmod(path, 0o600)
     return path
+
+
+DIFF_LINES = 400                 # a differing middle longer than this is not diffed line by line
+
+
+def _changed_lines(old, new):
+    """0-based indices in ``new`` where it starts to differ from ``old``; linear time plus a bounded diff.
+
+    The common head and tail are skipped in one pass each; only a middle of at most DIFF_LINES lines on both
+    sides goes through difflib (whose cost grows faster than linearly: 350,000 padded blank lines once held
+    the grader for a minute).  A longer middle is reported by its first line."""
+    n = min(len(old), len(new))
+    head = 0
+    while head < n and old[head] == new[head]:
+        head += 1
+    tail = 0
+    while tail < n - head and old[len(old) - 1 - tail] == new[len(new) - 1 - tail]:
+        tail += 1
+    a, b = old[head:len(old) - tail], new[head:len(new) - tail]
+    if not a and not b:
+        return []
+    if len(a) > DIFF_LINES or len(b) > DIFF_LINES:
+        return [head]
+    return [head + j1 for tag, _, _, j1, _ in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+            if tag != "equal"]
 
 
 def not_graded(name, path, why, ids, seed=None, notes=(), sandbox=None):

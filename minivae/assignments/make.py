@@ -166,7 +166,16 @@ def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hid
         (out / "pyproject.toml").write_text(re.sub(r"(?m)^testpaths\s*=.*\n", "", text), encoding="utf-8")
     if not (out / "pyproject.toml").exists():
         (out / "pyproject.toml").write_text(MINIMAL_PYPROJECT, encoding="utf-8")
-    shutil.copy2(HERE / "harness.py", out / "check.py")
+    layout = {}
+    for e, places in found.items():
+        for rel, line in places:
+            layout.setdefault(rel, []).append((line, e))
+    layout = {rel: [e for _, e in sorted(v)] for rel, v in sorted(layout.items())}
+    check = (HERE / "harness.py").read_text(encoding="utf-8")
+    if check.count("\nREGIONS = {}\n") != 1:
+        raise RuntimeError("harness.py must hold exactly one line 'REGIONS = {}'")
+    (out / "check.py").write_text(check.replace("\nREGIONS = {}\n", f"\nREGIONS = {json.dumps(layout)}\n"),
+                                  encoding="utf-8")
     shutil.copy2(HERE / "cases.py", out / "check_cases.py")      # the check inputs, the grader's too
     if record_expected:
         _record_expected(source, out / harness.EXPECTED_FILE)
