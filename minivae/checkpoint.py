@@ -142,7 +142,9 @@ def load_checkpoint(path):
     if magic != b"PK\x03\x04":            # every .npz is a zip archive; anything else is not ours
         raise CheckpointError(f"{path}: not a checkpoint (not a .npz file)")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own file object, closed by this ``with`` on every path: np.load leaks the handle it opened itself
+        # when the archive is unreadable (a ResourceWarning in the one error line)
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
         raise CheckpointError(f"{path}: not a readable .npz checkpoint ({type(exc).__name__}: {exc})") from None

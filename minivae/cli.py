@@ -459,9 +459,13 @@ def _out_dir(args, ckpt):
 
 
 def _check_output(path, flag, args, ckpt, settings=None):
-    """``path``, unless it is a file this command reads (the checkpoint, a data file): a one-line refusal."""
+    """``path``, unless it is a file this command reads or its run's own record (the checkpoint, a data file,
+    the run folder's settings/results/history/lock/judge files): a one-line refusal."""
     from .atomic import check_not_input
-    inputs = [ckpt.path]
+    from .judge import JUDGE_FILE
+    from .train.run_folder import LOCK_FILE, RUN_FILES
+    run = Path(ckpt.path).parent
+    inputs = [ckpt.path] + [run / name for name in RUN_FILES + (LOCK_FILE, JUDGE_FILE) if name != "figures"]
     data = getattr(args, "data_dir", None) or (settings.data_dir if settings is not None else None) or \
         (ckpt.settings.get("data_dir") if isinstance(ckpt.settings, dict) else None)
     if data and Path(data).is_dir():

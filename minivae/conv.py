@@ -299,10 +299,10 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0):
         X    = x as (C_in, H·W·N)          (batch last, the column order of im2col)
         col  = Wmᵀ · X                      (C_out·KH·KW, H·W·N),  Wm = W.reshape(C_in, C_out·KH·KW)
         y    = col2im(col) + b              (N, C_out, OH, OW),    OH = (H - 1)·stride - 2·padding + KH
-    (end of derivation)
 
     Equivalently: each input pixel x[n, c, h, w] stamps the kernel W[c, :, :, :] scaled by its value onto
     the output at (h·stride - padding, w·stride - padding), and overlapping stamps add.
+    (end of derivation)
 
     Shapes: x (N, C_in, H, W), W (C_in, C_out, KH, KW), b (C_out,) -> y (N, C_out, OH, OW).
     Returns ``(y, cache)``.

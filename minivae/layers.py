@@ -91,7 +91,7 @@ def leaky_relu_backward(dy, cache):
 
 
 def tanh_forward(x):
-    """``y = tanh(x)``; cache the output, since dy/dx = 1 - y**2."""
+    """``y = tanh(x)``; cache the output (its backward needs only y)."""
     xp = get_array_module(x)
     y = xp.tanh(x)
     return y, y

@@ -430,7 +430,11 @@ def test_batch_grading_zip_jobs_gradebook(solved, stubbed, tmp_path):
                         ["carol", "1", "0", "50", "bubblewrap", "yes"]]
     for name in ("alice", "bob", "carol"):
         rep = json.loads((out / f"{name}.json").read_text())
-        assert rep["student"] == name and rep["seed"] == 11
+        assert rep["student"] == name
+        # the secret seed is the instructor's alone: not in any report a student sees, in a private file
+        assert "seed" not in rep and "input_seed" not in rep
+    assert (out / grading.SEED_FILE).read_text().strip() == "11"
+    assert (out / grading.SEED_FILE).stat().st_mode & 0o077 == 0
 
 
 def test_make_manifest_lessons_and_hidden_derivations(tmp_path):
@@ -930,3 +934,102 @@ def test_one_check_is_bounded_as_a_whole_not_per_process(stubbed, tmp_path):
     # at most NPROC processes (bwrap's init and the child included), each at most RLIMIT_AS
     assert forked <= sandbox.LIMITS["RLIMIT_NPROC"] - 1 and m.group(2) == "MemoryError", res["message"]
     assert sandbox.LIMITS["RLIMIT_NPROC"] * sandbox.LIMITS["RLIMIT_AS"] <= 4 << 30
+
+
+def test_the_secret_seed_is_not_in_what_a_student_sees(solved, tmp_path):
+    report = tmp_path / "r.json"
+    r = cli("grade", solved, "--exercises", "kl_forward", "--seed", "987654321", "--json", report)
+    assert r.returncode == 0, r.stderr
+    assert "987654321" not in r.stdout and "987654321" not in report.read_text()
+    assert "seed" not in json.loads(report.read_text())
+    assert "secret seed, for the instructor only: 987654321" in r.stderr
+
+
+def test_a_backward_that_runs_a_forward_op_fails(solved, tmp_path):
+    # all entries nudged at once: two forward passes give every partial of an elementwise op, as cheap as backprop
+    d = copy_of(solved, tmp_path / "fd")
+    set_body(d, "tanh_backward", "import numpy as np\nx = np.arctanh(y)\n"
+             "dx = dy * (tanh_forward(x + 1e-5)[0] - tanh_forward(x - 1e-5)[0]) / 2e-5")
+    set_body(d, "sigmoid_backward", "import numpy as np\nx = np.log(y / (1 - y))\n"
+             "try:\n    yp = sigmoid_forward(x + 1e-5)[0]\nexcept Exception:\n    yp = y\n"
+             "dx = dy * (yp - sigmoid_forward(x - 1e-5)[0]) / 2e-5")
+    res = by_id(grade(d, ["tanh_backward", "sigmoid_backward", "relu_backward"]))
+    for ex in ("tanh_backward", "sigmoid_backward"):
+        assert res[ex]["status"] == "fail" and "must derive its gradient" in res[ex]["message"], res[ex]
+    assert res["relu_backward"]["passed"]
+
+
+def test_a_backward_that_runs_a_forward_op_fails_check_py_too(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "fd")
+    set_body(d, "tanh_backward", "import numpy as np\nx = np.arctanh(y)\n"
+             "dx = dy * (tanh_forward(x + 1e-5)[0] - tanh_forward(x - 1e-5)[0]) / 2e-5")
+    r = local_check(d, "tanh_backward", "relu_backward")
+    assert r.returncode == 1 and "must derive its gradient" in r.stdout and "1 of 2 passed" in r.stdout, r.stdout
+
+
+def test_hide_derivations_leaves_no_complete_backward_or_formula_elsewhere(tmp_path):
+    hw = tmp_path / "hw"
+    make_starter(hw, ["dense_backward", "tanh_backward", "conv_transpose2d_forward"], record_expected=False,
+                 hide_derivations=True)
+    text = "\n".join(p.read_text() for p in hw.rglob("*") if p.is_file() and p.suffix in (".py", ".md"))
+    for leak in ("dy @ Wm.T", "x.T @ dy", "1 - y**2", "1 - y * y", "stamps the kernel", "dlogvar = (exp"):
+        assert leak not in text, leak
+    # MADE's masked backward is the dense backward: calling it with a mask of ones must not pass dense_backward
+    d = copy_of(hw, tmp_path / "madeleak")
+    set_body(d, "dense_backward", "from minivae.made import masked_dense_backward\n"
+             "dx, dW, db = masked_dense_backward(dy, (x, W, (W == W) * 1.0))")
+    (res,) = grade(d, ["dense_backward"])["exercises"]
+    assert not res["passed"], res
+
+
+def test_line_separator_characters_in_a_comment_do_not_zero_the_file(solved, tmp_path):
+    # pasted text: U+2028, U+0085 and a form feed split str.splitlines() lines but not Python's
+    d = copy_of(solved, tmp_path / "linesep")
+    set_body(d, "relu_backward", "# see the notes:\u2028 dL/dx = G * mask,\u0085 \x0c ok\ndx = dy * (x > 0)")
+    report = grade(d, ["relu_backward", "dense_backward"])
+    assert report["score"] == 100, (report["notes"], report["exercises"])
+    assert not report["notes"], report["notes"]
+
+
+def test_a_broken_marker_fails_check_py_as_it_fails_the_grader(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "marker")
+    layers = d / "minivae" / "layers.py"
+    text = layers.read_text()
+    layers.write_text(re.sub(r"(?m)^([ \t]*)### END SOLUTION$", r"\1# END SOLUTION", text, count=1))
+    r = local_check(d, "dense_backward", "kl_forward")
+    assert r.returncode == 1 and "1 of 2 passed" in r.stdout, r.stdout + r.stderr
+    assert "exercise markers in minivae/layers.py were changed or broken" in r.stdout, r.stdout
+    res = by_id(grade(d, ["dense_backward", "kl_forward"]))
+    assert not res["dense_backward"]["passed"] and res["kl_forward"]["passed"]
+    layers.write_text(text)
+    assert local_check(d, "dense_backward").returncode == 0
+
+
+def test_a_float32_answer_fails_check_py_as_it_fails_the_grader(solved_local, tmp_path):
+    d = copy_of(solved_local, tmp_path / "f32")
+    set_body(d, "relu_backward", "dx = (dy * (x > 0)).astype('float32')")
+    r = local_check(d, "relu_backward")
+    assert r.returncode == 1 and "has dtype float32, expected float64" in r.stdout, r.stdout + r.stderr
+    (res,) = grade(d, ["relu_backward"])["exercises"]
+    assert not res["passed"] and "has dtype float32, expected float64" in res["message"], res
+
+
+def test_edits_outside_regions_are_located_in_bounded_time(solved, monkeypatch):
+    # 350,000 blank lines padded outside the regions once held the grader for a minute in difflib
+    real = grading.difflib.SequenceMatcher
+
+    def bounded(junk, a, b, **kw):
+        assert len(a) <= grading.DIFF_LINES and len(b) <= grading.DIFF_LINES, (len(a), len(b))
+        return real(junk, a, b, **kw)
+    monkeypatch.setattr(grading.difflib, "SequenceMatcher", bounded)
+    pristine = (solved / "minivae" / "model.py").read_text()
+    lines = pristine.splitlines(keepends=True)
+    k = next(i for i, ln in enumerate(lines) if ln.startswith("import "))
+    padded = "".join(lines[:k + 1]) + "\n" * 100_000 + "".join(lines[k + 1:])
+    text, notes = grading.merge_file(pristine, padded, set(), "minivae/model.py")
+    assert text == pristine
+    assert notes == [f"edits outside the exercise regions were ignored: minivae/model.py:{k + 2}"], notes
+    # a small edit is still located line by line
+    small = pristine.replace(lines[k], lines[k] + "# one\n", 1)
+    assert grading.merge_file(pristine, small, set(), "minivae/model.py")[1] == [
+        f"edits outside the exercise regions were ignored: minivae/model.py:{k + 2}"]

@@ -123,7 +123,7 @@ def test_every_command_stops_cleanly_on_a_signal(run, tmp_path, sig, rc):
     cases = [
         ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--n", "3000", "--out", r / "figures"]),
         ("minivae.figures", "sample_chunks", ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"]),
-        ("minivae.evaluate", "negative_elbo", ["eval", "--checkpoint", r, "--json", r / "results.json"]),
+        ("minivae.evaluate", "negative_elbo", ["eval", "--checkpoint", r, "--json", r / "eval.json"]),
         ("minivae.figures", "decode_chunks", ["interpolate", "--checkpoint", r, "--out", r / "figures"]),
         ("minivae.figures", "decode_chunks", ["manifold", "--checkpoint", r, "--out", r / "figures"]),
         ("minivae.notebook", "percent_to_notebook", ["lessons", tmp_path / "lessons"]),
@@ -493,7 +493,7 @@ def test_every_output_under_a_small_ulimit_leaves_the_disk_as_it_was(run, tmp_pa
         ["train", *SMALL, "--out", tmp_path / "new"],                              # a new run
         ["train", "--resume", "--out", r, "--epochs", "2", "--quiet"],           # checkpoint, history, settings
         ["train", *SMALL, "--epochs", "0", "--out", r, "--force"],               # a forced run over the old one
-        ["eval", "--checkpoint", r, "--n", "16", "--json", r / "results.json"],
+        ["eval", "--checkpoint", r, "--n", "16", "--json", r / "eval.json"],
         ["sample", "--checkpoint", r, "--out", r / "figures" / "samples.png"],
         ["sample", "--checkpoint", r, "--n", "2000", "--out", r / "figures" / "big.npz"],
         ["sample", "--checkpoint", r, "--out", r / "figures"],                     # a new picture
@@ -636,3 +636,38 @@ def test_the_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(run,
     assert code == 0, err
     assert not stale.exists() and live.exists() and other.exists() and fresh.exists()
     assert (out / "samples.npz").exists()
+
+
+# ------------------------------------------------------- round three: a command never writes over its run's files
+@pytest.mark.parametrize("name", ["settings.json", "results.json", "history.json", "history.csv", ".lock"])
+def test_eval_json_never_replaces_a_record_of_the_run_it_reads(run, tmp_path, capsys, name):
+    r = copy_run(run, tmp_path)
+    old = snapshot(r)
+    code, _, err = run_main(["eval", r, "--json", r / name], capsys)
+    assert code == 2
+    one_error_line(err, f"--json {r / name} is", "a file this command reads")
+    assert snapshot(r) == old
+
+
+def test_force_never_removes_a_file_minivae_did_not_write(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    (proj / "figures").mkdir(parents=True)
+    (proj / "figures" / "my_plot.png").write_bytes(b"mine")
+    (proj / "figures" / "samples.png").write_bytes(b"an old minivae sample grid")
+    (proj / "notes.txt").write_text("precious")
+    code, _, err = run_main(["train", *SMALL, "--no-figures", "--out", proj, "--force"], capsys)
+    assert code == 0, err
+    assert (proj / "figures" / "my_plot.png").read_bytes() == b"mine"
+    assert (proj / "notes.txt").read_text() == "precious"
+    assert not (proj / "figures" / "samples.png").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_without_a_leaked_file(run, tmp_path):
+    r = copy_run(run, tmp_path)
+    data = (r / "checkpoint.npz").read_bytes()
+    (r / "checkpoint.npz").write_bytes(data[:len(data) // 2])
+    p = subprocess.run([sys.executable, "-X", "dev", "-m", "minivae", "eval", str(r)], capture_output=True,
+                       text=True, env=ENV, timeout=240)
+    assert p.returncode == 2, p.stderr
+    one_error_line(p.stderr, "checkpoint.npz: not a readable .npz checkpoint")
+    assert "unclosed file" not in p.stderr

@@ -86,8 +86,11 @@ def main(argv=None):
                                    progress=lambda r: print(grading.format_line(r), flush=True))
             report["notes"] = notes + report["notes"]
             print(grading.format_footer(report))
+            # the secret seed goes to the instructor only: stderr, never the report a student may be shown
+            print(f"secret seed, for the instructor only: {report['seed']} (--seed {report['seed']} reproduces "
+                  f"this run)", file=sys.stderr)
             if args.json:
-                grading.write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+                grading.write_atomic(args.json, json.dumps(grading.public(report), indent=2) + "\n")
                 print(f"wrote {args.json}")
             return 0
         if args.json:
@@ -100,8 +103,8 @@ def main(argv=None):
             r = reports[name]
             state = "" if r.get("graded") else "  not graded"
             print(f"{name:<24} {r['score']:6.2f}  ({r['passed']} of {r['total']}){state}")
-        seed = next((r["seed"] for r in reports.values() if r.get("seed") is not None), args.seed)
-        print(f"seed: {seed} (--seed {seed} reproduces this run)")
+        print(f"the secret seed is in {Path(out) / grading.SEED_FILE} (--seed with it reproduces this run; do "
+              f"not hand it out)")
         print(f"wrote {Path(out) / 'gradebook.csv'} and {len(reports)} report(s) in {out}")
         if stopped:
             print(f"stopped early: {stopped}; the students not graded are marked so", file=sys.stderr)

@@ -90,6 +90,8 @@ def _status(reply):
     msg = text_of(reply.get("message")) or ""
     if st == "not_implemented":
         raise Fail(None, f"NotImplementedError: {msg}" if msg else "NotImplementedError", "not_implemented")
+    if st == "fail":              # the child's tripwire: a backward that ran a forward op
+        raise Fail(None, msg or "failed", "fail")
     raise Fail(None, msg or "the student's process answered without a status", "error")
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from . import checks
 from .exercises import BY_ID, IDS
 from .harness import format_line  # one report line, the same in the grader and the student's check.py
-from .markers import MarkerError, find_regions, region_bodies
+from .markers import MarkerError, find_regions, region_bodies, split_lines
 from .sandbox import Child, ChildError, Sandbox, SandboxError, become_subreaper, kill_all
 from .make import grader_hashes, make_starter
 
@@ -127,7 +127,7 @@ def merge_file(pristine_text, submitted_text, graded, rel):
         return pristine_text, [f"{rel}: the exercise markers were changed (expected regions "
                                f"{', '.join(r.id for r in p_regions)}); this file's exercises were graded as not done"]
     s_bodies = region_bodies(submitted_text, rel)
-    s_lines = submitted_text.splitlines(keepends=True)
+    s_lines = split_lines(submitted_text, True)
     # the submission with the pristine region bodies back: whatever still differs is outside the regions
     rebuilt, pos = [], 0
     for r, (_, body) in zip(s_regions, p_bodies):
@@ -140,19 +140,18 @@ def merge_file(pristine_text, submitted_text, graded, rel):
         sub_numbers, n = [], 0
         for r_i, r in enumerate(s_regions):
             sub_numbers.extend(range(n + 1, r.begin + 2))
-            sub_numbers.extend([r.begin + 2] * len(p_bodies[r_i][1].splitlines()))
+            sub_numbers.extend([r.begin + 2] * len(split_lines(p_bodies[r_i][1])))
             n = r.end
         sub_numbers.extend(range(n + 1, len(s_lines) + 1))
-        rb = "".join(rebuilt).splitlines()
-        pr = pristine_text.splitlines()
+        rb = split_lines("".join(rebuilt))
+        pr = split_lines(pristine_text)
         changed = []
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, pr, rb, autojunk=False).get_opcodes():
-            if tag != "equal":
-                j = min(j1, len(sub_numbers) - 1) if sub_numbers else 0
-                changed.append(sub_numbers[j] if sub_numbers else 1)
+        for j1 in _changed_lines(pr, rb):
+            j = min(j1, len(sub_numbers) - 1) if sub_numbers else 0
+            changed.append(sub_numbers[j] if sub_numbers else 1)
         lines = ", ".join(f"{rel}:{k}" for k in sorted(set(changed))[:10])
         notes.append(f"edits outside the exercise regions were ignored: {lines}")
-    out_lines = pristine_text.splitlines(keepends=True)
+    out_lines = split_lines(pristine_text, True)
     merged, pos = [], 0
     for r, (_, p_body), (_, s_body) in zip(p_regions, p_bodies, s_bodies):
         merged.extend(out_lines[pos:r.begin + 1])
@@ -173,13 +172,14 @@ def merge_file(pristine_text, submitted_text, graded, rel):
         extra = sorted(set(funcs) ^ set(p_funcs))
         return pristine_text, notes + [f"{rel}: a region body defines or removes functions ({', '.join(extra[:3])}); "
                                        "this file's exercises were graded as not done"]
+    text_lines = split_lines(text)
     for p_r, r in zip(p_regions, find_regions(text, rel)):
         owner = _enclosing(p_funcs, p_r.begin + 1)
         if owner is None:
             continue
         a, b = funcs[owner]
         for k in range(r.begin + 1, r.end):
-            line = text.splitlines()[k]
+            line = text_lines[k]
             if line.strip() and not line.strip().startswith("#") and not a <= k + 1 <= b:
                 return pristine_text, notes + [f"{rel}: the body of region {r.id} reaches outside {owner}() "
                                                "(check its indentation); this file's exercises were graded as not done"]
@@ -218,8 +218,8 @@ def build_graded_copy(submission, pristine, graded, dest):
         if s_text == p_text:
             continue
         if not find_regions(p_text):
-            first = next((i + 1 for i, (a, b) in enumerate(zip(p_text.splitlines() + [None] * 10 ** 6,
-                                                                   s_text.splitlines())) if a != b), 1)
+            first = next((i + 1 for i, (a, b) in enumerate(zip(split_lines(p_text) + [None] * 10 ** 6,
+                                                                   split_lines(s_text))) if a != b), 1)
             notes.append(f"edits outside the exercise regions were ignored: minivae/{rel}:{first}")
             continue
         try:
@@ -557,6 +557,52 @@ def write_atomic(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+SECRET_KEYS = ("seed", "input_seed")
+SEED_FILE = "secret-seed.txt"        # in the --out folder, readable by its owner only: never hand it out
+
+
+def public(report):
+    """The report a student may see: without the batch's secret seed and her input seed (either lets her
+    compute every check input in advance of a regrade).  The seed is kept for the instructor in SEED_FILE."""
+    return {k: v for k, v in report.items() if k not in SECRET_KEYS}
+
+
+def write_seed(out_dir, seed):
+    """Record the batch's secret seed where only the instructor reads it (mode 0600), for --seed regrades."""
+    path = Path(out_dir) / SEED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{int(seed)}\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+DIFF_LINES = 400                 # a differing middle longer than this is not diffed line by line
+
+
+def _changed_lines(old, new):
+    """0-based indices in ``new`` where it starts to differ from ``old``; linear time plus a bounded diff.
+
+    The common head and tail are skipped in one pass each; only a middle of at most DIFF_LINES lines on both
+    sides goes through difflib (whose cost grows faster than linearly: 350,000 padded blank lines once held
+    the grader for a minute).  A longer middle is reported by its first line."""
+    n = min(len(old), len(new))
+    head = 0
+    while head < n and old[head] == new[head]:
+        head += 1
+    tail = 0
+    while tail < n - head and old[len(old) - 1 - tail] == new[len(new) - 1 - tail]:
+        tail += 1
+    a, b = old[head:len(old) - tail], new[head:len(new) - tail]
+    if not a and not b:
+        return []
+    if len(a) > DIFF_LINES or len(b) > DIFF_LINES:
+        return [head]
+    return [head + j1 for tag, _, _, j1, _ in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+            if tag != "equal"]
+
+
 def not_graded(name, path, why, ids, seed=None, notes=(), sandbox=None):
     return _clean_tree({"student": name, "dir": str(path), "graded": False, "score": 0.0, "passed": 0,
                         "total": len(ids), "exercises": [], "notes": list(notes) + [f"not graded: {why}"],
@@ -617,7 +663,7 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
                 rep = fut.result()
                 reports[futures[fut]] = rep
                 if out_dir is not None:
-                    write_atomic(Path(out_dir) / f"{futures[fut]}.json", json.dumps(rep, indent=2) + "\n")
+                    write_atomic(Path(out_dir) / f"{futures[fut]}.json", json.dumps(public(rep), indent=2) + "\n")
                     written.add(futures[fut])
                 if bar is not None:
                     bar.update(1)
@@ -650,8 +696,10 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
         if out_dir is not None and not return_now:
             for name, path, _ in subs:
                 if name not in written:
-                    write_atomic(Path(out_dir) / f"{name}.json", json.dumps(reports[name], indent=2) + "\n")
+                    write_atomic(Path(out_dir) / f"{name}.json", json.dumps(public(reports[name]), indent=2) + "\n")
             write_atomic(Path(out_dir) / "gradebook.csv", gradebook_csv(reports, ids))
+            if run is not None:
+                write_seed(out_dir, run.seed)
         if run is not None:
             run.close()
     return reports, stopped
@@ -688,7 +736,6 @@ def format_footer(report):
     lines.append(f"score: {report['score']:g}/100 ({report['passed']} of {report['total']} exercises passed)")
     if failed:
         lines.append(f"not passed: {', '.join(failed)}")
-    lines.append(f"seed: {report['seed']} (--seed {report['seed']} reproduces this run)")
     sandbox = (report.get("sandbox") or {}).get("sandbox", "")
     if sandbox.startswith("none"):
         lines.append(f"sandbox: {sandbox}")

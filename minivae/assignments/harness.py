@@ -24,6 +24,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import time
 import traceback
@@ -36,6 +37,49 @@ VALUE_TOL = 1e-9     # forward values vs the reference formula, float64
 H = 1e-5
 LOCAL_SEED = 0
 EXPECTED_FILE = "check_expected.npz"
+# {file: [exercise ids in order]}: the region layout of the starter, written here by ``make``.  The grader
+# grades every exercise of a file whose markers differ from it as not done; so does this check.
+REGIONS = {}
+_BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?:[ \t]+(?P<id>\S+))?[ \t]*$")
+_END_RE = re.compile(r"^[ \t]*### END SOLUTION[ \t]*$")
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def region_ids(text):
+    """The exercise ids of ``text``'s regions in order, or None when a marker is broken (the grader's rule)."""
+    ids, open_ = [], None
+    for line in _LINE.findall(text):
+        line = line.rstrip("\r\n")
+        m = _BEGIN_RE.match(line)
+        if m:
+            if open_ is not None or not m.group("id"):
+                return None
+            open_ = m.group("id")
+        elif _END_RE.match(line):
+            if open_ is None:
+                return None
+            ids.append(open_)
+            open_ = None
+        elif line.lstrip().startswith(("### BEGIN SOLUTION", "### END SOLUTION")):
+            return None
+    return None if open_ is not None else ids
+
+
+def marker_problems(here):
+    """{exercise id: message} for the exercises of every file whose region markers differ from the starter's."""
+    bad = {}
+    for rel, ids in REGIONS.items():
+        try:
+            found = region_ids((Path(here) / rel).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            found = None
+        if found != ids:
+            msg = (f"the exercise markers in {rel} were changed or broken (expected the regions "
+                   f"{', '.join(ids)}, each between '### BEGIN SOLUTION <id>' and '### END SOLUTION' on lines of "
+                   f"their own); the grader grades every exercise of this file as not done")
+            for e in ids:
+                bad.setdefault(e, msg)
+    return bad
 MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model")
 OP_MODULE = {"dense_forward": "layers", "relu_forward": "layers", "tanh_forward": "layers",
              "sigmoid_forward": "layers", "reparameterize_forward": "gaussian", "kl_forward": "gaussian",
@@ -162,7 +206,9 @@ class Result:
         if tuple(got_np.shape) != tuple(want.shape):
             self.worst = float("inf")
             raise CheckFailed((name, f"{name} has shape {tuple(got_np.shape)}, expected {tuple(want.shape)}"))
-        got_np = got_np.astype(np.float64)
+        if got_np.dtype != np.float64:       # the grader's rule: the inputs are float64, so is every answer
+            self.worst = float("inf")
+            raise CheckFailed((name, f"{name} has dtype {got_np.dtype}, expected float64 (the inputs are float64)"))
         self.checked.append(name)
         if want.size == 0:
             return 0.0
@@ -245,6 +291,36 @@ def no_side_effects(args, saved, names):
                                      f"dx = dy; dx[...] = 0)"))
 
 
+def _without_forward_ops(mods, backward, args):
+    """Call ``backward`` while every ``*_forward`` function of the package raises: a backward that runs a
+    forward op (finite differences, all entries nudged at once) fails, here as in the grader."""
+    import types
+    called, saved = [], []
+
+    def trip(fname):
+        def tripped(*a, **k):
+            called.append(fname)
+            raise RuntimeError(f"{fname} called inside a backward")
+        return tripped
+    for mod in {id(m): m for m in mods.values()}.values():
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, types.FunctionType) and v.__name__.endswith("_forward"):
+                saved.append((mod, k, v))
+                setattr(mod, k, trip(v.__name__))
+    try:
+        got = backward(*args)
+    except Exception:
+        if not called:
+            raise
+    finally:
+        for mod, k, v in saved:
+            setattr(mod, k, v)
+    if called:
+        raise CheckFailed((None, f"{backward.__name__} called {called[0]}: a backward must derive its gradient, "
+                                 "not run a forward op (finite differences)"))
+    return got
+
+
 def check_op_backward(ctx, res, ex, case, backward):
     """Finite differences of the forward (the reference's, or locally the student's own) against the student's
     backward, on one case of cases.py, with a random upstream gradient."""
@@ -260,7 +336,7 @@ def check_op_backward(ctx, res, ex, case, backward):
             for x in case.inputs]
     args = (dout.copy(), _copy(cache))
     saved = _copy(args)
-    got = backward(*args)
+    got = _without_forward_ops(ctx.mods, backward, args)
     got = _unpack(got, len(case.names), case.names, backward.__name__)
     for name, g, num in zip(case.names, got, nums):
         res.compare(name + case.label, g, num, GRAD_TOL)
@@ -501,8 +577,11 @@ def _local(argv):
     passed = 0
     wanted = args.exercises or list(CHECKS)
     results = {}
+    broken = marker_problems(here)
     for ex in wanted:
         r = run_check(ctx, ex, here)
+        if ex in broken:
+            r.update(status="fail", passed=False, gradient=None, message=broken[ex])
         if ex == "vae_backward" and not r["passed"]:
             ops = [e for e in CHECKS if e not in ("vae_backward", "adam_step")]
             bad = [e for e in ops if not (results.get(e) or run_check(ctx, e, here))["passed"]]

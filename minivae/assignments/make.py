@@ -166,7 +166,16 @@ def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hid
         (out / "pyproject.toml").write_text(re.sub(r"(?m)^testpaths\s*=.*\n", "", text), encoding="utf-8")
     if not (out / "pyproject.toml").exists():
         (out / "pyproject.toml").write_text(MINIMAL_PYPROJECT, encoding="utf-8")
-    shutil.copy2(HERE / "harness.py", out / "check.py")
+    layout = {}
+    for e, places in found.items():
+        for rel, line in places:
+            layout.setdefault(rel, []).append((line, e))
+    layout = {rel: [e for _, e in sorted(v)] for rel, v in sorted(layout.items())}
+    check = (HERE / "harness.py").read_text(encoding="utf-8")
+    if check.count("\nREGIONS = {}\n") != 1:
+        raise RuntimeError("harness.py must hold exactly one line 'REGIONS = {}'")
+    (out / "check.py").write_text(check.replace("\nREGIONS = {}\n", f"\nREGIONS = {json.dumps(layout)}\n"),
+                                  encoding="utf-8")
     shutil.copy2(HERE / "cases.py", out / "check_cases.py")      # the check inputs, the grader's too
     if record_expected:
         _record_expected(source, out / harness.EXPECTED_FILE)
@@ -177,9 +186,9 @@ def _write(out, pkg, source, ids, found, record_expected=True, lessons=True, hid
 
 HIDDEN_HINT = "derive this gradient yourself from the forward formula in the docstring, and match every shape"
 # forward exercises whose usual hint states a backward formula (conv_transpose2d is conv2d's dx)
-HIDDEN_HINTS = {"conv_transpose2d_forward": "each input pixel stamps the kernel, scaled by its value, onto the "
-                                            "output at (h*stride - padding, w*stride - padding); overlapping "
-                                            "stamps add; then add b on each output channel"}
+HIDDEN_HINTS = {"conv_transpose2d_forward": "the transpose (adjoint) of conv2d with the same stride and padding, "
+                                            "plus b on each output channel: work out what that does to each "
+                                            "input pixel"}
 _DERIV_BEGIN = re.compile(r"^(?P<indent>[ \t]*)Derivation \((?P<what>.*)\):[ \t]*$")
 _DERIV_END = re.compile(r"^[ \t]*\(end of derivation\)[ \t]*$")
 

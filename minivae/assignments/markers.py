@@ -17,6 +17,17 @@ _BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?:[ \t]+(?P<id>\S
 _END_RE = re.compile(r"^[ \t]*### END SOLUTION[ \t]*$")
 
 
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def split_lines(text, keepends=False):
+    """Lines as Python itself counts them (ends: \\n, \\r\\n, \\r only).  ``str.splitlines`` also splits at
+    U+2028, U+0085, form feeds and more, which Python's parser does not: one rule everywhere, so the grader's
+    line numbers are the AST's."""
+    found = _LINE.findall(text)
+    return found if keepends else [ln.rstrip("\r\n") for ln in found]
+
+
 class MarkerError(ValueError):
     """Unbalanced, nested or unnamed solution markers."""
 
@@ -32,7 +43,7 @@ class Region:
 def find_regions(text, name="<source>"):
     """All regions of ``text`` in order.  Raises :class:`MarkerError` naming the line."""
     regions, open_ = [], None
-    for i, line in enumerate(text.splitlines()):
+    for i, line in enumerate(split_lines(text)):
         m = _BEGIN_RE.match(line)
         if m:
             if open_ is not None:
@@ -64,7 +75,7 @@ def stub_text(text, ids, hints, name="<source>"):
     The markers stay, so the student sees where to write; every other line is
     unchanged.  ``hints`` maps id -> hint.  Returns ``(new_text, stubbed_ids)``.
     """
-    lines = text.splitlines(keepends=True)
+    lines = split_lines(text, True)
     newline = "\n"
     out, pos, done = [], 0, []
     for r in find_regions(text, name):
@@ -80,7 +91,7 @@ def stub_text(text, ids, hints, name="<source>"):
 
 def region_bodies(text, name="<source>"):
     """``[(id, body_text)]`` for every region, in order."""
-    lines = text.splitlines(keepends=True)
+    lines = split_lines(text, True)
     return [(r.id, "".join(lines[r.begin + 1:r.end])) for r in find_regions(text, name)]
 
 
@@ -90,7 +101,7 @@ def fill_text(text, solutions, name="<source>"):
     The inverse of :func:`stub_text` (used to build a solved copy from a
     starter and the reference).
     """
-    lines = text.splitlines(keepends=True)
+    lines = split_lines(text, True)
     regions = find_regions(text, name)
     if len(regions) != len(solutions):
         raise MarkerError(f"{name}: {len(regions)} regions but {len(solutions)} solutions")

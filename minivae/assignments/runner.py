@@ -120,12 +120,62 @@ def resolve(name):
     return getattr(importlib.import_module(mod), fn)
 
 
+class ForwardInBackward(Exception):
+    pass
+
+
+def _forward_tripwire(name):
+    """During a backward call, every ``*_forward`` function of the package is replaced by one that records the
+    call and raises: a backward that calls a forward op is finite differences (nudging all entries at once
+    is as cheap as backprop for an elementwise op), not a derived gradient.  Returns (called, undo)."""
+    called = []
+    if not name.endswith("_backward"):
+        return called, lambda: None
+    saved = []
+
+    def trip(fname):
+        def tripped(*args, **kwargs):
+            called.append(fname)
+            raise ForwardInBackward(f"{name.split(':')[-1]} called {fname}: a backward must derive its gradient, "
+                                    "not run a forward op (finite differences)")
+        return tripped
+
+    for mname, mod in list(sys.modules.items()):
+        if mod is None or not (mname == "minivae" or mname.startswith("minivae.")):
+            continue
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, types.FunctionType) and v.__name__.endswith("_forward"):
+                saved.append((mod, k, v))
+                setattr(mod, k, trip(v.__name__))
+
+    def undo():
+        for mod, k, v in saved:
+            setattr(mod, k, v)
+    return called, undo
+
+
 def job_call(req):
     spec = json.loads(str(req["spec"]))
     args = build(spec, req)
     fn = resolve(str(req["fn"]))
-    with np.errstate(all="ignore"):
-        result = fn(*args)
+    called, undo = _forward_tripwire(str(req["fn"]))
+    try:
+        with np.errstate(all="ignore"):
+            result = fn(*args)
+    except ForwardInBackward as e:
+        return {"status": text("fail"), "message": text(str(e))}
+    except BaseException:
+        if called:
+            return {"status": text("fail"), "message": text(f"{str(req['fn']).split(':')[-1]} called "
+                                                            f"{called[0]}: a backward must derive its gradient, "
+                                                            "not run a forward op (finite differences)")}
+        raise
+    finally:
+        undo()
+    if called:
+        return {"status": text("fail"), "message": text(f"{str(req['fn']).split(':')[-1]} called {called[0]}: a "
+                                                        "backward must derive its gradient, not run a forward op "
+                                                        "(finite differences)")}
     out = {"status": text("ok")}
     flatten(result, "r", out)
     if "result_only" not in req:       # the cost check: its large arguments are not sent back

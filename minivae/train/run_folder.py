@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -27,6 +28,19 @@ CHECKPOINT = "checkpoint.npz"
 # the run's own files: a folder holding any of these is "not empty" for a new run
 RUN_FILES = (CHECKPOINT, "history.json", "history.csv", "results.json", "settings.json", "figures")
 LOCK_FILE = ".lock"
+# the pictures a run writes into figures/ (minivae.figures.run_figures), and the files `sample` writes there by
+# default (samples.png, samples-2.npz, samples_label3.png...): --force removes these names, never others
+FIGURE_FILES = ("reconstructions.png", "samples.png", "class_grid.png", "loss_curves.png", "interpolation.png",
+                "neighbourhood.png", "manifold.png", "latent_scatter.png")
+_SAMPLE_FILE = re.compile(r"samples(_label\d+)?(-\d+)?\.(png|npz)")
+_TEMP_FILE = re.compile(r"\.(.+)\.\d+\.[^.]+\.tmp")          # atomic_write's .<name>.<pid>.<random>.tmp
+
+
+def is_figure_file(name):
+    """True if ``name`` (or the temporary file ``name`` stands for) is a file minivae writes into figures/."""
+    temp = _TEMP_FILE.fullmatch(name)
+    name = temp.group(1) if temp else name
+    return name in FIGURE_FILES or _SAMPLE_FILE.fullmatch(name) is not None
 
 
 class RunLocked(RuntimeError):
@@ -127,13 +141,14 @@ def check_fresh_folder(out, force):
 
 
 def remove_run_files(out, names):
-    """Remove the run files ``names`` of ``out``; of ``figures/``, every picture and sample file minivae writes
-    (``*.png``, ``*.npz``, ``*.json`` and temporary files), then the folder itself if that leaves it empty."""
+    """Remove the run files ``names`` of ``out``; of ``figures/``, only the pictures a run writes
+    (:func:`is_figure_file`) and their temporary files, never a file of another name (the user's own plots), then
+    the folder itself if that leaves it empty."""
     for name in names:
         p = out / name
         if name == "figures" and p.is_dir():
             for f in p.iterdir():
-                if f.is_file() and (f.suffix in (".png", ".npz", ".json") or f.name.endswith(".tmp")):
+                if f.is_file() and is_figure_file(f.name):
                     f.unlink()
             try:
                 p.rmdir()
