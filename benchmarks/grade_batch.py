@@ -46,7 +46,7 @@ def main():
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "minivae.assignments", "grade", str(subs), "--jobs", str(args.jobs),
-               "--out", str(out)] + (["--no-sandbox"] if args.no_sandbox else [])
+               "--exercises", "all", "--out", str(out)] + (["--no-sandbox"] if args.no_sandbox else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -179,6 +179,11 @@ def load_checkpoint(path):
     if epoch.shape != () or epoch.dtype.kind not in "iu" or int(epoch) < 0:
         raise CheckpointError(f"{path}: corrupt 'epoch' (expected one integer >= 0, got a {epoch.dtype} array "
                               f"of shape {epoch.shape})")
+    from .checkpoint_schema import validate_history_epochs
+    try:
+        validate_history_epochs(history, int(epoch))
+    except SchemaError as exc:
+        raise CheckpointError(f"{path}: corrupt field {exc}") from None
     if not isinstance(settings, dict) or not isinstance(history, list) or \
             not all(isinstance(r, dict) for r in history):
         raise CheckpointError(f"{path}: corrupt metadata (settings must be a JSON object, history a list of "

@@ -149,6 +149,16 @@ def validate_history(doc):
                 raise SchemaError(f"history[{i}].{k}: expected a number, got {_show(v)}")
 
 
+def validate_history_epochs(history, epoch):
+    """The history holds one record per finished epoch, in order: epochs 1..``epoch`` (a resume appends to it, so a
+    missing or extra record would make the run's history skip or repeat an epoch)."""
+    got = [rec.get("epoch") for rec in history]
+    if len(got) != epoch or got != list(range(1, epoch + 1)):      # the length first: epoch may be huge
+        shown = ", ".join(map(str, got[:6])) + (", ..." if len(got) > 6 else "")
+        raise SchemaError(f"history: expected one record per epoch 1..{epoch} (the checkpoint's epoch is {epoch}), "
+                          f"got {len(got)} record(s) for epochs [{shown}]")
+
+
 def validate_rng(doc):
     if not isinstance(doc, dict):
         raise SchemaError(f"rng: expected an object of generator states, got {_show(doc)}")

@@ -473,6 +473,15 @@ def _check_output(path, flag, args, ckpt, settings=None):
     return Path(check_not_input(path, inputs, flag))
 
 
+def _check_parent(path, flag):
+    """``path``, a file the user named, unless its folder does not exist: a one-line refusal (a typo in the folder
+    must not create a chain of folders).  Folders a command owns (a run's figures/, ``--out DIR``) are made."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {parent} does not exist (create it first, or check the path)")
+    return path
+
+
 def _check_sample_size(n, model, target):
     """sample --n: refused before anything is drawn when its file cannot fit on the disk or its decoding cannot
     finish (minivae.limits); a long but feasible one shows its estimate."""
@@ -501,7 +510,7 @@ def cmd_eval(args):
         settings.n_test = None          # the whole test set unless --n
     x_eval, _, y = _test_data(args, ckpt, settings, n=args.n)
     if args.json and args.json != "-":
-        _check_output(args.json, "--json", args, ckpt, settings)
+        _check_output(_check_parent(args.json, "--json"), "--json", args, ckpt, settings)
     if args.iw_k:
         from . import limits
         _note(limits.check_work(limits.iw_macs(model.config, len(x_eval), args.iw_k),
@@ -582,6 +591,8 @@ def cmd_sample(args):
     stem = "samples" if n_classes is None else f"samples_label{args.label}"
     suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
     path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
+    if args.out is not None and path == Path(args.out):        # a file named by --out: its folder must exist
+        _check_parent(path, "--out")
     path = _check_output(path, "--out", args, ckpt)          # never over the checkpoint or a data file
     if suffix == ".npz":                         # written chunk by chunk
         _check_sample_size(args.n, model, path)

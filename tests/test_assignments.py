@@ -141,8 +141,8 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "full" / "x").write_text("1")
     for args, msg in [(("make", tmp_path / "full"), "not an empty folder"),
                       (("make", tmp_path / "new", "--exercises", "dense,kl_forward"), "unknown exercise 'dense'"),
-                      (("grade", tmp_path / "missing"), "is not a directory"),
-                      (("grade", tmp_path / "full"), "has no minivae/__init__.py")]:
+                      (("grade", tmp_path / "missing", "--exercises", "all"), "is not a directory"),
+                      (("grade", tmp_path / "full", "--exercises", "all"), "has no minivae/__init__.py")]:
         r = cli(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.startswith("error: ") and msg in r.stderr and "Traceback" not in r.stderr
@@ -151,7 +151,7 @@ def test_cli_errors_are_one_line(tmp_path):
 # ------------------------------------------------------------------ grade
 def test_grading_the_reference_scores_100(tmp_path):
     report_file = tmp_path / "r" / "report.json"
-    r = cli("grade", REPO, "--json", report_file)
+    r = cli("grade", REPO, "--exercises", "all", "--json", report_file)
     assert r.returncode == 0, r.stderr
     assert f"score: 100/100 ({N} of {N} exercises passed)" in r.stdout
     report = json.loads(report_file.read_text())
@@ -177,7 +177,7 @@ def test_planted_bugs_fail_exactly_the_planted_exercises(unstubbed, tmp_path):
     # dW missing its transpose: (D_out, D_in) instead of (D_in, D_out)
     edit(d / "minivae" / "layers.py", "dW = x.T @ dy", "dW = dy.T @ x")
     json_file = tmp_path / "report.json"
-    r = cli("grade", d, "--json", json_file)
+    r = cli("grade", d, "--exercises", "all", "--json", json_file)
     assert r.returncode == 0, r.stderr
     report = json.loads(json_file.read_text())
     failed = {e["id"]: e for e in report["exercises"] if not e["passed"]}

@@ -234,7 +234,7 @@ def test_every_attack_scores_0(stubbed, tmp_path):
     edit(d / "minivae" / "optim.py", "import math\n", "import math\nimport os; os._exit(0)\n")
     before = {p: p.stat().st_mtime_ns for p in GRADER.glob("*.py")}
     proc = subprocess.Popen([sys.executable, "-m", "minivae.assignments", "grade", d, "--json", report_file,
-                             "--timeout", "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--exercises", "all", "--timeout", "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     time.sleep(1.5)                    # a surviving daemon would rewrite the report now
@@ -1035,3 +1035,29 @@ def test_edits_outside_regions_are_located_in_bounded_time(solved, monkeypatch):
     small = pristine.replace(lines[k], lines[k] + "# one\n", 1)
     assert grading.merge_file(pristine, small, set(), "minivae/model.py")[1] == [
         f"edits outside the exercise regions were ignored: minivae/model.py:{k + 2}"]
+
+
+def test_grading_without_manifest_or_exercises_is_refused(tmp_path):
+    # a starter made for three exercises holds the solutions of the other thirteen: "grade everything" gave
+    # an untouched copy 81.25
+    hw = tmp_path / "hw"
+    make_starter(hw, ["dense_backward", "kl_forward", "kl_backward"], record_expected=False)
+    r = cli("grade", hw)
+    assert r.returncode == 2 and r.stderr.startswith("error: say what to grade: --manifest FILE"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "score" not in r.stdout
+    r = cli("grade", hw, "--exercises", "dense_backward,kl_forward,kl_backward")
+    assert r.returncode == 0 and "score: 0/100" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_stray_bare_package_in_a_folder_of_submissions_hides_no_one(solved, stubbed, tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    copy_of(solved, subs / "alice")
+    copy_of(stubbed, subs / "bob")
+    shutil.copytree(stubbed / "minivae", subs / "minivae")          # someone's bare upload, extracted at the top
+    out = tmp_path / "grades"
+    r = cli("grade", subs, "--exercises", "kl_forward", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    assert rows["alice"][2] == "100" and rows["bob"][2] == "0", rows
+    assert "minivae" in rows and rows["minivae"][-1] != "yes", rows    # the stray folder: a note, not a student

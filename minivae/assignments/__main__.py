@@ -35,7 +35,8 @@ def _parser():
                    help="write gradebook.csv and one JSON report per student here")
     g.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel (default 1)")
     g.add_argument("--exercises", default=None,
-                   help="comma-separated ids to grade (default: the manifest's exercises, or all without one)")
+                   help="comma-separated ids to grade, or 'all' (default: the manifest's exercises; without a manifest "
+                        "this is required)")
     g.add_argument("--manifest", default=None,
                    help="the manifest written by make: grades exactly its exercises, checks the starter and grader")
     g.add_argument("--timeout", type=float, default=grading.DEFAULT_TIMEOUT,
@@ -71,6 +72,11 @@ def main(argv=None):
             print(f"stubbed {len(info['stubbed'])} exercise(s): {', '.join(info['stubbed']) or 'none'}")
             print(f"wrote the manifest to {manifest} (keep it for grading; it is not part of the copy)")
             return 0
+        if args.manifest is None and args.exercises is None:
+            # a starter made for some exercises still holds the reference solutions of the others: grading
+            # "everything" would count those (an untouched 3-exercise starter once scored 81.25)
+            raise ValueError("say what to grade: --manifest FILE (the exercises make handed out) or --exercises "
+                             "IDS (or --exercises all, for a copy in which every exercise was assigned)")
         ids = None if args.exercises is None else select(args.exercises)
         if ids is not None and not ids:
             raise ValueError("no exercises to grade")

@@ -512,6 +512,17 @@ def safe_name(raw):
                  f"allowed, not '..' or a leading = + - @); graded as {sid}")
 
 
+def _holds_submissions(p):
+    """Whether folder ``p`` holds other submissions beside a ``minivae/``: then it is a folder of submissions
+    with one stray bare package in it (graded as the student "minivae", with a note), not one student."""
+    for q in p.iterdir():
+        if q.name.startswith(".") or q.name == "minivae" or q.is_symlink():
+            continue
+        if (q.suffix == ".zip" and q.is_file()) or (q.is_dir() and (q / "minivae").is_dir()):
+            return True
+    return False
+
+
 def expand_submissions(paths):
     """[(student name, folder or .zip, notes)] from folders, .zip files, or folders of them.
 
@@ -521,7 +532,7 @@ def expand_submissions(paths):
     for p in map(Path, paths):
         if p.is_file() and p.suffix == ".zip":
             out.append((p.stem, p))
-        elif p.is_dir() and (p / "minivae" / "__init__.py").is_file():
+        elif p.is_dir() and (p / "minivae" / "__init__.py").is_file() and not _holds_submissions(p):
             out.append((p.resolve().name, p))
         elif p.is_dir():
             # every folder (a submission, or a mistake that gets a "not graded" row) and every .zip
