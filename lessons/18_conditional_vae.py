@@ -270,7 +270,7 @@ check(rate10 > 0.8, "over 80% of the generated digits of all ten classes are cla
 # --conditional`).  Its samples obey the label much less often than the 2-D model's: the judge of
 # `minivae.judge` (a 784-512-10 MLP trained on the real training digits, 97.9% right on the real test digits)
 # recognises only 63.7% of 1,000 prior samples after 10 epochs (47% for the worst label, the 9s; every
-# measurement of this section is in `docs/results.md`, with its command).  In its class grid a column
+# command-line figure quoted in this section is in `docs/results.md`, with its command).  In its class grid a column
 # looks alike whatever the row's label: $z$ still carries the class, and the decoder reads it from there.
 #
 # **Why the class stays.**  Averaged over the data, the KL term splits in two (Hoffman & Johnson 2016 make the
@@ -307,10 +307,12 @@ check(rate10 > 0.8, "over 80% of the generated digits of all ten classes are cla
 # reaches 1 and $z$ may hold more, the class in $z$ would buy nothing.  From epoch 7 on, the objective is the
 # ELBO again.
 #
-# Measured (10 epochs each, one seed): the outer decoder alone gets 76.4% of the samples recognised, the annealed
+# Measured with the command line, not in this lesson (10 epochs on all 60,000 digits, one seed; the commands and
+# the table are in `docs/results.md`): the outer decoder alone gets 76.4% of the samples recognised, the annealed
 # KL alone 72.0%, the outer decoder with the KL weight 4 -> 1 over 2 epochs 88.0%, with 8 -> 1 over 6 epochs
-# 95.1%, and with the encoder's outer heads as well 96.4% (worst label 93%), at a test bound on
-# $-\log p(x \mid y)$ of 95.82 nats against today's 98.59: obeying the label costs no likelihood, it gains some.
+# 95.1%, and with the encoder's outer heads as well -- `python -m minivae train --conditional`, then
+# `python -m minivae eval RUN --label-accuracy` -- 96.4% (worst label 93%), at a test bound on
+# $-\log p(x \mid y)$ of 95.82 nats against 98.59 without the fixes.
 #
 # The two together are the `conditional` recipe, which `python -m minivae train --conditional` uses.  We check
 # the new op and the whole model with it, then train both models and let the judge look at their samples.
@@ -335,24 +337,27 @@ schedule = [beta_at(TrainSettings.from_recipe("conditional"), e * spe, spe) for 
 print("KL weight at the start of each epoch:", " ".join(f"{v:.2f}" for v in schedule))
 
 # %% [markdown]
-# Now both models, trained by `minivae.train.train` exactly as the command line trains them (in quick mode on 6,000
-# digits for 2 epochs, so the numbers are far from the full runs'; the full run is 10 epochs on all 60,000 digits,
-# about a minute of CPU per model with one BLAS thread).  The judge is trained once on the real training digits and
-# cached in the output folder.
+# Now both models, trained by `minivae.train.train` exactly as the command line trains them, but on a shorter
+# schedule so that the lesson stays quick: 4 epochs on 24,000 digits, the KL weight 8 -> 1 over the first 3
+# (in quick mode, the test mode, 2 epochs on 6,000 digits).  That is far from the 10-epoch figures above, so the
+# lesson checks the *mechanism* on its own run: the recipe's samples are recognised far more often than the
+# plain conditional model's.  The judge is the same MLP trained for 3 epochs instead of 5 (its accuracy on the
+# real test digits is printed and checked), once, and cached in the output folder.
 
 # %%
 def run(name, **kw):
     s = TrainSettings.from_recipe(name, seed=args.seed, figures=False, threads=1, **kw)
-    if args.quick:
-        s.n_train, s.n_test, s.epochs = 6000, 1000, 2
-        s.warmup = min(s.warmup, 1)
+    s.n_train, s.n_test, s.epochs = (6000, 1000, 2) if args.quick else (24000, 2000, 4)
+    s.warmup = min(s.warmup, s.epochs - 1)                   # the KL weight reaches 1 before the last epoch
     folder = f"{args.out}/run_{name}"
     hist = train(s, folder, force=True, progress=False, log=lambda *a: None)
     return load_checkpoint(folder).build_model("numpy"), hist
 
 
-judge = load_or_train(args.out, log=print, **(dict(hidden=64, epochs=1) if args.quick else {}))
+judge = load_or_train(args.out, log=print, **(dict(hidden=64, epochs=1) if args.quick else dict(epochs=3)))
 print(describe(judge))
+if not args.quick:
+    check(judge.test_accuracy >= 0.97, "the judge is at least 97% right on the real test digits")
 models = {"today (default + --conditional)": run("default", conditional=True), "conditional recipe": run("conditional")}
 acc = {}
 for name, (model, hist) in models.items():
@@ -361,18 +366,20 @@ for name, (model, hist) in models.items():
           f"{hist[0]['test_kl']:5.2f};  recognised {100 * acc[name]['overall']:5.1f}% "
           f"(worst label {acc[name]['worst_label']}: {100 * acc[name]['worst']:.0f}%)")
 if args.quick:
-    print("(quick mode: 2 epochs on 6,000 digits, so neither model draws clean digits yet; the full run checks the "
-          "claims about recognition)")
+    print("(quick mode: 2 epochs on 6,000 digits, so neither model draws clean digits yet; the default mode checks "
+          "the claim about recognition)")
 (m_today, h_today), (m_new, h_new) = models.values()
 a_today, a_new = acc.values()
 check(h_new[0]["test_kl"] < h_today[0]["test_kl"],
       "the KL weight that starts high keeps z's information low in the first epoch")
 if not args.quick:
-    check(a_new["overall"] >= 0.95 and a_new["worst"] >= 0.85 and a_today["overall"] < 0.95,
-          "the conditional recipe draws the asked digit (>= 95% of samples, >= 85% for every label); today's "
-          "model does not")
-    check(h_new[-1]["test_neg_elbo"] <= h_today[-1]["test_neg_elbo"] + 1.0,
-          "... at a test bound on -log p(x|y) no worse than today's by more than 1 nat")
+    gain = a_new["overall"] - a_today["overall"]
+    check(gain >= 0.25, f"after the same 4 short epochs, the outer layers and the annealed KL weight get "
+                        f"{100 * gain:.1f} points more of the samples recognised ({100 * a_new['overall']:.1f}% "
+                        f"against {100 * a_today['overall']:.1f}%; the check asks for 25)")
+    print(f"test bounds after this short run: {h_new[-1]['test_neg_elbo']:.2f} (recipe) against "
+          f"{h_today[-1]['test_neg_elbo']:.2f} nats; the recipe's KL weight reached 1 only one epoch ago, so "
+          "the bounds are compared by the 10-epoch command-line runs quoted above, not here")
 fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
 for ax, (name, (model, _)) in zip(axes, models.items()):
     grid = class_grid_images(model, np.random.default_rng(9), 10)

@@ -14,7 +14,7 @@ from minivae.assignments.make import scan_regions
 from minivae.assignments.markers import MarkerError, find_regions, fill_text, region_bodies, stub_text
 
 REPO = Path(__file__).resolve().parents[1]
-PKG_FILES = ("layers.py", "gaussian.py", "likelihoods.py", "conv.py", "optim.py", "model.py")
+PKG_FILES = ("layers.py", "gaussian.py", "likelihoods.py", "conv.py", "optim.py", "model.py", "made.py", "flows.py")
 N = len(IDS)
 
 

@@ -422,3 +422,19 @@ def test_train_with_a_learned_prior_from_the_command_line(tmp_path, capsys):
     assert "prior vamp:5" in capsys.readouterr().out
     assert main(["train", "--n-train", "64", "--epochs", "1", "--prior", "vamp:0", "--out", str(tmp_path / "b")]) == 2
     assert "prior must be" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the assignments' new exercises
+def test_the_planar_exercise_catches_its_planted_bug(tmp_path):
+    from pathlib import Path
+
+    from minivae.assignments import grade, make_starter
+    d = tmp_path / "course"
+    make_starter(d, exercises=())                        # the student layout with the reference in every region
+    flows = Path(d) / "minivae" / "flows.py"
+    src = flows.read_text()
+    old = "r = dlogdet * dh / det"
+    assert src.count(old) == 1
+    flows.write_text(src.replace(old, "r = 0 * dlogdet * dh / det"))                 # the log-det's terms dropped
+    (res,) = grade(d, ["planar_joint_backward"])["exercises"]
+    assert res["status"] == "fail" and res["gradient"] in ("dz", "du", "dw", "db"), res

@@ -353,6 +353,7 @@ WRONG_VALUE = {
     "upsample_nearest2d_backward": ("for a in range(1, s * s):", "for a in range(1, 1):"),
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = self.eps * bc2"),
     "vae_backward": ("dh += dh_lv ", "dh = dh_lv "),
+    "planar_joint_backward": ("r = dlogdet * dh / det", "r = 0 * dlogdet * dh / det"),
 }
 IGNORED_UPSTREAM = {
     "dense_backward": ("dW = x.T @ dy", "dW = x.T @ xp_ones_like(dy)"),
@@ -374,6 +375,7 @@ IGNORED_UPSTREAM = {
                                     "blocks = (dy * 0 + 1).reshape(N, C, H, s, W, s)"),
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = 0.0"),
     "vae_backward": ("dkl = xp.full((N,), beta / N, dtype=self.dtype)", "dkl = xp.full((N,), 1.0 / N, dtype=self.dtype)"),
+    "planar_joint_backward": ("du = h @ df + r.sum() * w", "du = h @ xp_ones_like(df) + r.sum() * w"),
 }
 
 
@@ -665,7 +667,7 @@ def test_planted_bugs_fail_the_students_check_py_too(solved_local, tmp_path, bug
     d = copy_of(solved_local, tmp_path / "bugs")
     _plant(d, bugs)
     r = local_check(d)
-    assert r.returncode == 1 and "0 of 16 passed" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and f"0 of {len(bugs)} passed" in r.stdout, r.stdout + r.stderr
 
 
 def test_the_local_check_and_the_grader_agree_at_the_tolerances_and_on_side_effects(solved_local, tmp_path):

@@ -687,3 +687,32 @@ def test_an_output_file_in_a_missing_folder_is_refused_not_created(run, tmp_path
     out = tmp_path / "new" / "folder"                         # a folder sample --out DIR owns: made as documented
     code, _, err = run_main(["sample", run, "--out", out], capsys)
     assert code == 0 and (out / "samples.png").is_file(), err
+
+
+def test_the_memory_check_counts_the_datas_own_width(tmp_path, capsys, monkeypatch):
+    import minivae.limits as limits
+    from minivae.train import TrainSettings
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    write_split(d, "train", rng.random((32, 16)), np.zeros(32, dtype=np.int64))
+    write_split(d, "test", rng.random((16, 16)), np.zeros(16, dtype=np.int64))
+    s = TrainSettings(hidden=(64,), latent=2, batch_size=8)
+    narrow, mnist = (limits.training_bytes(s.model_config(w), 8) for w in (16, 784))
+    monkeypatch.setattr(limits, "available_bytes", lambda: (narrow + mnist) // 2)   # fits 16 inputs, not 784
+    code, out, err = run_main(["train", "--data-dir", d, "--epochs", "1", "--hidden", "64", "--latent", "2",
+                               "--batch-size", "8", "--quiet", "--no-figures", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "o").config.x_dim == 16
+
+
+def test_a_label_far_out_of_range_names_the_label_and_the_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    y = np.array([0, 1, 10 ** 9] * 20)
+    write_split(d, "train", rng.random((60, 16)), y)
+    write_split(d, "test", rng.random((60, 16)), y)
+    code, _, err = run_main(["train", "--epochs", "1", "--hidden", "8", "--latent", "2", "--quiet", "--conditional",
+                             "--no-figures", "--data-dir", d, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    one_error_line(err, str(d / "train.npz"), "label 1000000000 is out of range")
+    assert not (tmp_path / "o").exists()

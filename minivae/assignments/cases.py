@@ -115,6 +115,14 @@ def upsample_nearest2d_backward(rng, big):
             Case(" (scale 3)", "upsample_nearest2d_forward", [rng.standard_normal((2, 2, 2, 3))], (3,), ["dx"])]
 
 
+def planar_joint_backward(rng, big):
+    """z, u, w, b with w . u = 0.5 (an invertible step, det = 1 + (1 - h^2)/2 > 1)."""
+    M, L = (4096, 64) if big else (5, 3)
+    z, u, w, b = rng.standard_normal((M, L)), rng.standard_normal(L), rng.standard_normal(L), rng.standard_normal(1)
+    u = u + (0.5 - w @ u) * w / (w @ w)
+    return [Case("", "planar_joint_forward", [z, u, w, b], (), ["dz", "du", "dw", "db"])]
+
+
 # exercise id -> (minivae module, the backward's name, maker(rng, big) -> [Case]); big: the cost check's input
 BACKWARD = {
     "dense_backward": ("layers", dense_backward),
@@ -127,6 +135,7 @@ BACKWARD = {
     "conv2d_backward": ("conv", conv2d_backward),
     "maxpool2d_backward": ("conv", maxpool2d_backward),
     "upsample_nearest2d_backward": ("conv", upsample_nearest2d_backward),
+    "planar_joint_backward": ("flows", planar_joint_backward),
 }
 
 

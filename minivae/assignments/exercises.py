@@ -68,6 +68,11 @@ EXERCISES = (
     Exercise("upsample_nearest2d_backward", "conv.py", "nearest-neighbour upsampling backward", "backward",
              "every input pixel was copied to a scale x scale block of y: its gradient is the sum of dy "
              "over that block"),
+    Exercise("planar_joint_backward", "flows.py", "planar flow step backward, log-determinant included "
+             "(planar_backward, checked through planar_joint_backward)", "backward",
+             "f = z + u tanh(a), a = z @ w + b, logdet = log|1 + (1 - h^2)(w . u)|; first dL/da = (df @ u)(1 - h^2) "
+             "+ dlogdet * d logdet/da (with d(1 - h^2)/da = -2 h (1 - h^2)), then dz = df + dL/da w, and du, dw each get a term "
+             "from f and one from logdet (r = dlogdet (1 - h^2) / det); db = sum of dL/da, shape (1,)"),
     Exercise("adam_step", "optim.py", "one Adam update", "forward",
              "update m and v in place with betas b1, b2, then p -= lr * m_hat / (sqrt(v_hat) + eps) "
              "with the bias corrections m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)"),

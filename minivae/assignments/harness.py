@@ -80,11 +80,11 @@ def marker_problems(here):
             for e in ids:
                 bad.setdefault(e, msg)
     return bad
-MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model")
+MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model", "flows")
 OP_MODULE = {"dense_forward": "layers", "relu_forward": "layers", "tanh_forward": "layers",
              "sigmoid_forward": "layers", "reparameterize_forward": "gaussian", "kl_forward": "gaussian",
              "bernoulli_nll_forward": "likelihoods", "conv2d_forward": "conv", "maxpool2d_forward": "conv",
-             "upsample_nearest2d_forward": "conv"}
+             "upsample_nearest2d_forward": "conv", "planar_joint_forward": "flows"}
 
 
 def _load_cases():
@@ -493,7 +493,8 @@ for _ex in CASES.BACKWARD:
 CHECKS = {ex: globals()[f"check_{ex}"] for ex in (
     "dense_backward", "relu_backward", "tanh_backward", "sigmoid_backward", "reparameterize_forward",
     "reparameterize_backward", "kl_forward", "kl_backward", "bernoulli_nll_forward", "bernoulli_nll_backward",
-    "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward", "adam_step",
+    "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward",
+    "planar_joint_backward", "adam_step",
     "vae_backward")}
 
 

@@ -226,6 +226,25 @@ def upsample_nearest2d_backward(dy, cache):
     return dy.reshape(N, C, H, s, Wd, s).sum(axis=(3, 5))
 
 
+# ------------------------------------------------- planar flow step, [f | logdet] as one output
+def planar_joint_forward(z, u, w, b):
+    a = z @ w + b[0]
+    h = np.tanh(a)
+    dh = 1.0 - h * h
+    wu = w @ u
+    det = 1.0 + dh * wu
+    f = z + h[:, None] * u
+    return np.concatenate([f, np.log(np.abs(det))[:, None]], axis=1), (z, u, w, h, dh, wu, det)
+
+
+def planar_joint_backward(dout, cache):
+    z, u, w, h, dh, wu, det = cache
+    df, dld = dout[:, :-1], dout[:, -1]
+    r = dld * dh / det
+    da = (df @ u) * dh - 2.0 * r * h * wu
+    return df + da[:, None] * w, h @ df + r.sum() * w, da @ z + r.sum() * u, np.array([da.sum()])
+
+
 # ------------------------------------------------------------- the table
 # every op pair above: name -> (the minivae module that holds it, the number of gradients its backward returns).
 # The grader derives from it the reference backward of each op exercise, the ops it answers for the student's
@@ -233,6 +252,6 @@ def upsample_nearest2d_backward(dy, cache):
 OP_PAIRS = {"dense": ("layers", 3), "relu": ("layers", 1), "tanh": ("layers", 1), "sigmoid": ("layers", 1),
             "reparameterize": ("gaussian", 2), "kl": ("gaussian", 2), "bernoulli_nll": ("likelihoods", 1),
             "conv2d": ("conv", 3), "conv_transpose2d": ("conv", 3), "maxpool2d": ("conv", 1),
-            "upsample_nearest2d": ("conv", 1)}
+            "upsample_nearest2d": ("conv", 1), "planar_joint": ("flows", 4)}
 # the pairs the MLP VAE of the vae_backward check calls (the grader answers them for the student's model)
 VAE_PAIRS = ("dense", "relu", "tanh", "sigmoid", "reparameterize", "kl", "bernoulli_nll")

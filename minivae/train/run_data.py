@@ -159,6 +159,9 @@ def class_count(data_dir, y_train, y_test):
     if not len(y_train):
         raise DataError(f"{d}: no training labels")
     K = int(y_train.max()) + 1
+    if K > len(y_train):              # labels are class indices 0..K-1: a label past the image count is no class
+        raise DataError(f"{d / 'train.npz'}: label {int(y_train.max())} is out of range: labels are class indices "
+                        f"0..K-1 and this would make {K} classes for {len(y_train)} training images")
     for split, y in (("train", y_train), ("test", y_test)):
         check_split_labels(y, K, f"{d} ({split} labels)")
     return K

@@ -187,8 +187,11 @@ class TrainSettings:
              f"iwae_grad={self.iwae_grad!r} is implemented for the N(0, I) prior, not a learned prior")
         need(not (self.iwae_k is not None and self.free_bits),
              "free bits cannot be combined with the IWAE objective (the IWAE bound has no separate KL term)")
-        # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes)
-        config = self.model_config(784, n_classes=10 if self.conditional else None)
+        # checks hidden/latent/activation/likelihood/dtype/label_decoder (a conditional run: as for 10 classes).
+        # The data's width is not known yet: the memory check here counts one input value per image (a lower
+        # bound, the user's data may be narrower than MNIST); the run checks again with the data's real width.
+        image = get_architecture(self.arch).image
+        config = self.model_config(784 if image else 1, n_classes=10 if self.conditional else None)
         from ..limits import check_fits, training_bytes
         check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}",
                "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if self.iwae_k else ""))
