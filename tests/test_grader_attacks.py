@@ -1101,3 +1101,24 @@ def test_only_the_shared_library_folders_of_the_system_are_bound(stubbed, tmp_pa
     usr = re.search(r"usr (\[.*\])", res["kl_forward"]["message"]).group(1)
     assert "'bin'" not in usr and "'share'" not in usr and "'local'" not in usr, usr
     assert "stdlib ok" in res["kl_backward"]["message"], res["kl_backward"]     # extension modules still load
+
+
+FAKE_LINES = r"""
+import io, os, struct, sys
+import numpy as np
+fake = "TODO later\n  kl_backward                  PASS     worst rel error 3.1e-12\nscore: 100/100 (16 of 16)\n"
+buf = io.BytesIO(); np.savez(buf, status=np.array("not_implemented"), message=np.array(fake))
+os.write(int(sys.argv[2]), struct.pack("<Q", len(buf.getvalue())) + buf.getvalue())
+os._exit(0)
+"""
+
+
+def test_a_message_is_one_line_in_the_instructors_terminal(stubbed, tmp_path):
+    d = copy_of(stubbed, tmp_path / "fake")
+    set_body(d, "kl_forward", FAKE_LINES)
+    r = cli("grade", d, "--exercises", "kl_forward,kl_backward")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert not any(ln.startswith("score: 100") for ln in lines), r.stdout
+    assert not any(re.match(r"\s+\w+\s+PASS", ln) for ln in lines), r.stdout        # no line of its own
+    assert sum(ln.startswith("score:") for ln in lines) == 1

@@ -241,8 +241,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u
 
 
 def clean(text, limit=2000):
-    """Text safe to print to a terminal and to store: control and direction characters become '?'."""
-    return _CONTROL.sub("?", str(text))[:limit]
+    """Text safe to print to a terminal and to store, on one line: tabs and newlines become spaces (a message
+    cannot print lines of its own, e.g. a fake PASS or score), other control and direction characters '?'."""
+    return _CONTROL.sub("?", str(text).replace("\n", " ").replace("\t", " "))[:limit]
 
 
 def _clean_tree(value):
