@@ -1122,3 +1122,14 @@ def test_a_message_is_one_line_in_the_instructors_terminal(stubbed, tmp_path):
     assert not any(ln.startswith("score: 100") for ln in lines), r.stdout
     assert not any(re.match(r"\s+\w+\s+PASS", ln) for ln in lines), r.stdout        # no line of its own
     assert sum(ln.startswith("score:") for ln in lines) == 1
+
+
+def test_the_timeout_bounds_the_whole_check_not_each_call(solved, tmp_path):
+    d = copy_of(solved, tmp_path / "slow")
+    n = len(list(grading.checks.cases.bernoulli_nll_forward(grading.checks.rng_for(1, "bernoulli_nll_forward"))))
+    assert n >= 3
+    set_body(d, "bernoulli_nll_forward", "import time\ntime.sleep(1.5)\n"
+             "nll = (softplus(logits) - x * logits).sum(axis=-1)")
+    # each call stays under --timeout, the calls together do not
+    (res,) = grade(d, ["bernoulli_nll_forward"], timeout=1.5 * n - 0.5)["exercises"]
+    assert res["status"] == "timeout", res

@@ -833,7 +833,7 @@ def test_each_request_gets_the_time_left_to_its_check():
     rec = Recorder(InProcessChild())
     run_check("relu_backward", rec, SEED, 1.0)
     (_, t_call, _), (_, t_cost, _) = rec.calls
-    assert t_call == 1.0 and 0.1 < t_cost <= 1.0                 # the cost check gets what the first call left
+    assert 0.9 < t_call <= 1.0 and 0.1 < t_cost <= 1.0          # the cost check gets what the first call left
     rec = Recorder(InProcessChild())
     assert run_check("vae_backward", rec, SEED, 30.0)["passed"]
     ts = [t for _, t, _ in rec.calls]

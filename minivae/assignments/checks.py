@@ -600,11 +600,29 @@ def has_check(ex_id):
     return ex_id in OP_CHECKS or ex_id in FORWARD_CHECKS
 
 
+class _Budget:
+    """``child`` with one deadline for the whole check: ``--timeout`` bounds the exercise, not each request
+    (a check with three cases once ran three timeouts long)."""
+
+    def __init__(self, child, deadline):
+        self._child, self._deadline = child, deadline
+
+    def request(self, arrays, timeout, handler=None):
+        left = max(self._deadline - time.monotonic(), 0.1)      # the time is spent: a short grace, no more
+        if handler is None:
+            return self._child.request(arrays, min(timeout, left))
+        return self._child.request(arrays, min(timeout, left), handler)
+
+    def __getattr__(self, name):
+        return getattr(self._child, name)
+
+
 def run_check(ex_id, child, seed, timeout):
     """Run one exercise's check against ``child``; return the result fields (status, errors, message)."""
     judge = Judge()
     out = {"status": "pass", "passed": True, "worst_rel_error": None, "gradient": None, "message": "ok"}
     deadline = time.monotonic() + timeout
+    child = _Budget(child, deadline)
     try:
         if ex_id in OP_CHECKS:
             check_op_backward(ex_id, child, judge, seed, timeout)
