@@ -1078,7 +1078,7 @@ def test_the_keyring_syscalls_are_blocked_in_the_sandbox(stubbed, tmp_path):
     (res,) = grade(d, ["kl_forward"])["exercises"]
     assert "add_key -1 errno 1" in res["message"], res      # EPERM from the seccomp filter
     prog = sandbox.seccomp_filter("x86_64")
-    assert len(prog) == 9 * 8          # load arch, check it, load nr, x32, three keyring calls, allow, deny
+    assert len(prog) == 21 * 8         # arch, nr, x32, 4 calls, fcntl?, allow, deny, cmd, 7 lock commands, allow, deny
     with pytest.raises(sandbox.SandboxError, match="no seccomp filter"):
         sandbox.seccomp_filter("mips")
 
@@ -1133,3 +1133,27 @@ def test_the_timeout_bounds_the_whole_check_not_each_call(solved, tmp_path):
     # each call stays under --timeout, the calls together do not
     (res,) = grade(d, ["bernoulli_nll_forward"], timeout=1.5 * n - 0.5)["exercises"]
     assert res["status"] == "timeout", res
+
+
+LOCKS = """
+import fcntl, os
+fd = os.open("/site/numpy/__init__.py", os.O_RDONLY)
+got = []
+for name, f in (("lockf", lambda: fcntl.lockf(fd, fcntl.LOCK_SH, 1, 1000)),
+                ("flock", lambda: fcntl.flock(fd, fcntl.LOCK_SH))):
+    try:
+        f()
+        got.append(name + " ok")
+    except OSError as e:
+        got.append(f"{name} errno {e.errno}")
+fcntl.fcntl(fd, fcntl.F_GETFD)                     # other fcntl commands still work
+raise RuntimeError("locks: " + ", ".join(got))
+"""
+
+
+def test_file_locks_are_refused_in_the_sandbox(stubbed, tmp_path):
+    # two sandboxes grading at once share the read-only runtime files: lock bits on them were a channel
+    d = copy_of(stubbed, tmp_path / "locks")
+    set_body(d, "kl_forward", LOCKS)
+    (res,) = grade(d, ["kl_forward"])["exercises"]
+    assert "locks: lockf errno 1, flock errno 1" in res["message"], res

@@ -75,12 +75,17 @@ ENV_ALLOWED = ("LANG", "LC_ALL")
 
 # ------------------------------------------------------------- seccomp
 # A classic-BPF seccomp filter that bwrap installs (--seccomp FD) before it runs the child: the kernel keyring
-# syscalls fail with EPERM.  Without it a child could store keys in the grader's session keyring (shared into
+# syscalls and file locks fail with EPERM.  Without it a child could store keys in the grader's session keyring (shared into
 # the sandbox): a channel between checks and students, and a write outside the sandbox.  A syscall of any other
 # architecture than the machine's own (i386 or x32 on x86-64) fails too, so no other numbering gets through.
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
-_KEYRING_SYSCALLS = {"x86_64": (248, 249, 250),       # add_key, request_key, keyctl
-                     "aarch64": (217, 218, 219)}
+_BLOCKED_SYSCALLS = {"x86_64": (248, 249, 250, 73),    # add_key, request_key, keyctl, flock
+                     "aarch64": (217, 218, 219, 32)}
+_FCNTL = {"x86_64": 72, "aarch64": 25}
+# fcntl's lock commands: F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE.
+# Locks need only read access, so two sandboxes grading at once (--jobs 2) could pass bits to each other
+# through lock state on the read-only files they share (the Python runtime, NumPy).
+_LOCK_CMDS = (5, 6, 7, 36, 37, 38, 1024)
 _X32_BIT = 0x40000000
 _LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
 _RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
@@ -92,19 +97,25 @@ def seccomp_filter(machine=None):
     if machine not in _AUDIT_ARCH:
         raise SandboxError(f"no seccomp filter for the {machine} architecture (the keyring syscalls cannot be "
                            f"blocked): grade on x86-64 or aarch64 Linux, or with --no-sandbox")
-    nrs = _KEYRING_SYSCALLS[machine]
-    # (code, jump-if-true target, jump-if-false target, k); targets are labels "allow" / "deny" / None (next)
+    # (code, jump-if-true label, jump-if-false label, k); a label None is the next instruction
     prog = [(_LD_W_ABS, None, None, 4),                              # A = seccomp_data.arch
             (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
             (_LD_W_ABS, None, None, 0)]                              # A = seccomp_data.nr
     if machine == "x86_64":
         prog.append((_JGE_K, "deny", None, _X32_BIT))                # the x32 ABI's numbers
-    prog += [(_JEQ_K, "deny", None, nr) for nr in nrs]
+    prog += [(_JEQ_K, "deny", None, nr) for nr in _BLOCKED_SYSCALLS[machine]]
+    prog.append((_JEQ_K, "fcntl", None, _FCNTL[machine]))
+    labels = {"allow": len(prog), "deny": len(prog) + 1, "fcntl": len(prog) + 2}
+    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM),
+             (_LD_W_ABS, None, None, 24)]                            # A = low word of args[1] (fcntl's cmd)
+    prog += [(_JEQ_K, "deny_lock", None, cmd) for cmd in _LOCK_CMDS]
+    labels["deny_lock"] = len(prog) + 1                              # (BPF jumps only forward)
     prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM)]
-    where = {"allow": len(prog) - 2, "deny": len(prog) - 1}
     out = b""
     for i, (code, jt, jf, k) in enumerate(prog):
-        off = [0 if lab is None else where[lab] - i - 1 for lab in (jt, jf)]
+        off = [0 if lab is None else labels[lab] - i - 1 for lab in (jt, jf)]
+        if min(off) < 0 or max(off) > 255:
+            raise AssertionError("seccomp filter: a jump backwards or too far")
         out += struct.pack("<HBBI", code, off[0], off[1], k)
     return out
 
