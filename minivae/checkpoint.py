@@ -62,7 +62,15 @@ def restore_rngs(rngs, text, where="checkpoint"):
 
 
 def save_checkpoint(path, model, optimizer=None, rngs=None, settings=None, epoch=0, history=None):
-    """Write a checkpoint atomically to ``path`` (see the module docstring)."""
+    """Write a checkpoint atomically to ``path`` (see the module docstring).
+
+    ``history`` must hold one record per finished epoch, 1..``epoch``: the reader refuses anything else, so the writer
+    refuses it first (a ``ValueError`` before any byte is written, never a checkpoint that cannot be loaded back)."""
+    from .checkpoint_schema import SchemaError, validate_history_epochs
+    try:
+        validate_history_epochs(list(history or []), int(epoch))
+    except SchemaError as exc:
+        raise ValueError(f"save_checkpoint: {exc}") from None
     arrays = {
         "format": _text(FORMAT),
         "config": _text(model.config.to_json()),

@@ -23,12 +23,12 @@ def test_round_trip(tmp_path):
     model, opt = trained()
     rngs = {"shuffle": np.random.default_rng(5), "eps": model.rng}
     rngs["shuffle"].random(3)
-    path = ck.save_checkpoint(tmp_path / "c.npz", model, opt, rngs, {"lr": 0.01}, epoch=4,
-                              history=[{"epoch": 1, "x": 2.5}])
+    path = ck.save_checkpoint(tmp_path / "c.npz", model, opt, rngs, {"lr": 0.01}, epoch=2,
+                              history=[{"epoch": 1, "x": 2.5}, {"epoch": 2, "x": 2.0}])
     with np.load(path, allow_pickle=False) as z:                # no object arrays anywhere
         assert "param/enc.0.W" in z.files and "opt/0.m" in z.files
     c = ck.load_checkpoint(path)
-    assert c.epoch == 4 and c.settings == {"lr": 0.01} and c.history == [{"epoch": 1, "x": 2.5}]
+    assert c.epoch == 2 and c.settings == {"lr": 0.01} and c.history == [{"epoch": 1, "x": 2.5}, {"epoch": 2, "x": 2.0}]
     assert c.config == model.config
     m2 = c.build_model()
     for k in model.params:
@@ -52,7 +52,7 @@ def test_folder_argument(tmp_path):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model, opt = trained()
-    path = ck.save_checkpoint(tmp_path / "checkpoint.npz", model, opt, epoch=1)
+    path = ck.save_checkpoint(tmp_path / "checkpoint.npz", model, opt, epoch=1, history=[{"epoch": 1}])
     before = path.read_bytes()
 
     def broken_savez(f, **arrays):
@@ -61,7 +61,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", broken_savez)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_checkpoint(path, model, opt, epoch=2)
+        ck.save_checkpoint(path, model, opt, epoch=2, history=[{"epoch": 1}, {"epoch": 2}])
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["checkpoint.npz"]           # the temp file is gone
     assert ck.load_checkpoint(path).epoch == 1
@@ -206,7 +206,7 @@ def test_build_model_is_deterministic_and_checks_the_parameter_names(tmp_path):
 
 def test_load_refuses_pickles_bad_history_and_names_the_first_shape_mismatch(tmp_path):
     m, _ = trained()
-    ck.save_checkpoint(tmp_path / "a.npz", m, history=[{"epoch": 1}])
+    ck.save_checkpoint(tmp_path / "a.npz", m, epoch=1, history=[{"epoch": 1}])
     with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
         arrays = dict(z)
     np.savez(tmp_path / "pickle.npz", **{**arrays, "history": np.array([{"x": 1}], dtype=object)})
@@ -263,3 +263,12 @@ def test_loading_never_unpickles(tmp_path):
     np.savez(tmp_path / "extra.npz", **arrays)
     with pytest.raises(ck.CheckpointError, match="first mismatch: 'extra.W'"):
         ck.load_checkpoint(tmp_path / "extra.npz")
+
+
+def test_save_refuses_a_history_the_loader_would_refuse(tmp_path):
+    m, opt = trained()
+    for epoch, history in ((4, [{"epoch": 1}]), (1, []), (0, [{"epoch": 1}]), (2, [{"epoch": 2}, {"epoch": 1}])):
+        with pytest.raises(ValueError, match=r"save_checkpoint: history: expected one record per epoch"):
+            ck.save_checkpoint(tmp_path / "c.npz", m, opt, epoch=epoch, history=history)
+        assert not (tmp_path / "c.npz").exists()                   # nothing written, not even a temp file
+        assert os.listdir(tmp_path) == []
