@@ -104,7 +104,7 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a VAE",
                        description="Train a VAE. Flags override the recipe's fields; with --resume, they override "
-                                   "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
+                                   "the saved run's (only --epochs, --nll-k, --backend and --no-figures may differ).")
     t.add_argument("--recipe", choices=sorted(RECIPES), default=None, metavar="RECIPE",
                    help="starting settings, one of: " + ", ".join(sorted(RECIPES)) +
                         " (see minivae/recipes.py; without --recipe: default, or conditional with --conditional)")
@@ -514,7 +514,7 @@ def cmd_eval(args):
     if args.iw_k:
         from . import limits
         _note(limits.check_work(limits.iw_macs(model.config, len(x_eval), args.iw_k),
-                                f"eval --iw-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --iw-k or --n",
+                                f"eval --nll-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --nll-k or --n",
                                 _backend(args)))
     from .train import label_kwargs
     rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True,

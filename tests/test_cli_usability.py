@@ -101,6 +101,8 @@ def test_iw_k_is_an_alias_of_nll_k_and_the_help_tells_training_from_evaluation(c
     text = " ".join(out.split())
     assert "--nll-k K, --iw-k K" in text and "evaluates only; --iwae-k trains" in text
     assert "a training objective; --nll-k only evaluates" in text
+    # the old name is only an alias: help and messages name --nll-k, so the two k's are never mixed up
+    assert text.count("--iw-k") == 1 and "only --epochs, --nll-k," in text
 
 
 def test_sample_writes_a_new_file_and_never_replaces_the_runs_picture(home, capsys):
