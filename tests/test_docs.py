@@ -149,6 +149,20 @@ def test_user_docs_hold_no_clock_times_or_load(path):
         assert hit is None, f"{path.name}: {hit.group(0)!r}: user docs carry results, not when or under what load"
 
 
+def test_the_readmes_results_are_those_of_docs_results():
+    """One number per result, one place: every result the README quotes (a number like 102.3, 86.37, 96.4) is a
+    number of docs/results.md, as written there or rounded to the README's digits."""
+    def numbers(text):
+        return re.findall(r"(?<![\d.])(\d{2,3})\.(\d+)(?![\d.])", text)      # 2-3 digits: not a version (3.9)
+    results = [float(f"{a}.{b}") for a, b in numbers((ROOT / "docs" / "results.md").read_text(encoding="utf-8"))]
+    quoted = numbers(README.read_text(encoding="utf-8"))
+    assert len(quoted) >= 4, "the README quotes the main results"
+    for a, b in quoted:
+        x = float(f"{a}.{b}")
+        assert any(round(r, len(b)) == x for r in results), \
+            f"the README quotes {a}.{b}, which is no number of docs/results.md (rounded to {len(b)} decimals)"
+
+
 def test_an_exported_lesson_reads_right_where_it_stands(tmp_path):
     """In the folder `python -m minivae lessons DIR` writes, the lessons lie side by side: every
     `python NN_name.py` and every lesson file the texts name is there, and no text sends the reader to lessons/."""
