@@ -116,6 +116,16 @@ def test_sample_writes_a_new_file_and_never_replaces_the_runs_picture(home, caps
     assert (figures / "samples.png").read_bytes() == before
 
 
+def test_sample_draws_the_same_grid_for_a_seed_and_another_for_another_seed(home, tmp_path, capsys):
+    """What the README promises: `sample RUN --seed 1` draws new samples; the same seed draws the same ones."""
+    import numpy as np
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert run_main(["sample", "latest", "--n", "1100", "--seed", seed, "--out", tmp_path / f"{name}.npz"],
+                        capsys)[0] == 0
+    a, b, c = (np.load(tmp_path / f"{name}.npz")["x"] for name in "abc")
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
 def test_sample_out_is_a_file_or_a_folder_as_its_name_says(home, tmp_path, capsys):
     assert run_main(["sample", "latest", "--n", "4", "--out", tmp_path / "x.png"], capsys)[0] == 0
     assert (tmp_path / "x.png").is_file()
