@@ -26,6 +26,7 @@ from .gradcheck import GradientCheckError, check_model, check_op, numerical_grad
 from .model import VAE
 from . import families  # noqa: E402,F401  (registers the model kind "family": MADE decoder, flows; minivae.model)
 from . import twolayer  # noqa: E402,F401  (registers the model kind "two_layer": z1 and z2)
+from . import m2  # noqa: E402,F401  (registers the model kind "m2": semi-supervised, discrete y)
 from .optim import SGD, Adagrad, Adam, clip_grad_norm, make_optimizer
 
 try:                     # the fast path (minivae/fast/, absent from a course assignment's copy)

@@ -107,6 +107,7 @@ SETTINGS = {
     "seed": integer(0), "backend": choice(*BACKENDS), "iw_k": integer(0), "figures": boolean, "fast": boolean,
     "threads": optional(integer(1)), "decoder": text, "flow": optional(text), "iwae_grad": text,
     "prior": optional(text), "stochastic_layers": integer(1), "latent2": optional(integer(1)),
+    "labels": optional(integer(1)), "alpha": number(nonneg=True),
 }
 
 CONFIG = {
@@ -115,7 +116,7 @@ CONFIG = {
     "dec_logvar_min": optional(number()), "n_classes": optional(integer(1)), "label_decoder": text,
     "label_encoder": text,
     "kind": text, "decoder": text, "flow": optional(text), "prior": optional(text),
-    "z2_dim": integer(1), "hidden2": int_list(1),           # the model kinds of minivae.model
+    "z2_dim": integer(1), "hidden2": int_list(1), "classes": integer(2),   # the model kinds of minivae.model
 }
 
 BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")

@@ -55,19 +55,21 @@ def masked_dense_backward(dy, cache):
         dL/dx_ni = sum_j G_nj M_ij W_ij         ->  dL/dx = G @ (M * W).T
         dL/dW_ij = M_ij sum_n x_ni G_nj          ->  dL/dW = M * (x.T @ G)
         dL/db_j  = sum_n G_nj                    ->  dL/db = sum_n G_n
-    (end of derivation)
-
     The mask multiplies the weight gradient: a masked-out weight does not exist in the forward pass, so its
     gradient is exactly 0 (and an optimizer step leaves it where it was: it never enters y).
+    (end of derivation)
 
     Returns ``(dx, dW, db)``.
     """
     from .layers import dense_backward   # (imported here: the dense layer's module does not know MADE)
     x, Wm, mask = cache
-    # the dense layer's gradients with the masked weight M * W; a starter whose dense_backward is an exercise
-    # then carries no second, complete copy of it here
-    dx, dW, db = dense_backward(dy, (x, Wm))
-    return dx, dW * mask, db   # a masked-out weight gets 0
+    # the solution calls dense_backward (layers.py): a starter whose dense_backward is an exercise then carries
+    # no second, complete copy of it in this file
+    ### BEGIN SOLUTION masked_dense_backward
+    dx, dW, db = dense_backward(dy, (x, Wm))    # the dense layer's gradients, with the weight the forward used
+    dW = dW * mask                              # a masked-out weight gets 0 (a new array: dW is not modified)
+    ### END SOLUTION
+    return dx, dW, db
 
 
 # ----------------------------------------------------------------------------

@@ -356,6 +356,7 @@ def test_cli_train_sample_eval_on_tiny_labelled_data(tmp_path, capsys):
     acc = json.loads((out / "results.json").read_text())["label_accuracy"]
     assert (out / "judge.npz").exists() and len(acc["per_label"]) == 4 and acc["n"] == 400
     assert f"label accuracy {100 * acc['overall']:.1f}% of 400 prior samples" in text
+    assert "training the judge (a pixel classifier) on" in text       # the pause it takes is announced
     js = tmp_path / "e.json"
     assert main(["eval", "--checkpoint", str(out), "--json", str(js)]) == 0
     assert "test -ELBO (a bound on -log p(x|y))" in capsys.readouterr().out

@@ -438,3 +438,23 @@ def test_the_planar_exercise_catches_its_planted_bug(tmp_path):
     flows.write_text(src.replace(old, "r = 0 * dlogdet * dh / det"))                 # the log-det's terms dropped
     (res,) = grade(d, ["planar_joint_backward"])["exercises"]
     assert res["status"] == "fail" and res["gradient"] in ("dz", "du", "dw", "db"), res
+
+
+def test_the_masked_dense_exercise_grades_and_catches_a_forgotten_mask(tmp_path):
+    from pathlib import Path
+
+    from minivae.assignments import grade, make_starter
+    from minivae.assignments.exercises import EXERCISES
+    from minivae.assignments.harness import NEEDS
+    assert NEEDS == {e.id: e.needs for e in EXERCISES if e.needs}       # check.py's copy of the table's needs
+    d = tmp_path / "course"
+    make_starter(d, exercises=(), record_expected=False)     # the student layout with the reference in every region
+    (res,) = grade(d, ["masked_dense_backward"])["exercises"]
+    assert res["passed"], res                                # the reference passes
+    made = Path(d) / "minivae" / "made.py"
+    src = made.read_text()
+    old = "dW = dW * mask "
+    assert src.count(old) == 1
+    made.write_text(src.replace(old, "dW = dW * 1.0 "))     # the mask forgotten: dW = x^T G everywhere
+    (res,) = grade(d, ["masked_dense_backward"])["exercises"]
+    assert res["status"] == "fail" and res["gradient"] == "dW", res

@@ -353,6 +353,7 @@ WRONG_VALUE = {
     "upsample_nearest2d_backward": ("for a in range(1, s * s):", "for a in range(1, 1):"),
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = self.eps * bc2"),
     "vae_backward": ("dh += dh_lv ", "dh = dh_lv "),
+    "masked_dense_backward": ("dW = dW * mask ", "dW = dW * 1.0 "),
     "planar_joint_backward": ("r = dlogdet * dh / det", "r = 0 * dlogdet * dh / det"),
 }
 IGNORED_UPSTREAM = {
@@ -375,6 +376,7 @@ IGNORED_UPSTREAM = {
                                     "blocks = (dy * 0 + 1).reshape(N, C, H, s, W, s)"),
     "adam_step": ("eps_t = self.eps * math.sqrt(bc2)", "eps_t = 0.0"),
     "vae_backward": ("dkl = xp.full((N,), beta / N, dtype=self.dtype)", "dkl = xp.full((N,), 1.0 / N, dtype=self.dtype)"),
+    "masked_dense_backward": ("dense_backward(dy, (x, Wm))", "dense_backward(xp_ones_like(dy), (x, Wm))"),
     "planar_joint_backward": ("du = h @ df + r.sum() * w", "du = h @ xp_ones_like(df) + r.sum() * w"),
 }
 
@@ -844,6 +846,22 @@ def _cmdline_has(p, text):
     except OSError:
         return False
 
+
+def test_the_grader_answers_the_dense_backward_that_masked_dense_backward_calls(tmp_path):
+    """masked_dense_backward's solution calls dense_backward: in its check the parent answers that call with its
+    own op (as in vae_backward), so an unfinished dense_backward fails only itself, and a loop of calls is cut."""
+    manifest = tmp_path / "hw.manifest.json"
+    hw = tmp_path / "hw"
+    make_starter(hw, ["dense_backward", "masked_dense_backward"], record_expected=False, lessons=False,
+                 manifest=manifest)
+    set_body(hw, "masked_dense_backward", "dx, dW, db = dense_backward(dy, (x, Wm))\ndW = dW * mask")
+    res = by_id(grade(hw, manifest=manifest, seed=1))
+    assert res["dense_backward"]["status"] == "not_implemented", res["dense_backward"]
+    assert res["masked_dense_backward"]["passed"], res["masked_dense_backward"]
+    set_body(hw, "masked_dense_backward", "for _ in range(20):\n    dx, dW, db = dense_backward(dy, (x, Wm))\n"
+                                          "dW = dW * mask")
+    (res,) = grade(hw, ["masked_dense_backward"], manifest=manifest, seed=1)["exercises"]
+    assert not res["passed"] and "more than 8 times" in res["message"], res
 
 def test_the_manifest_decides_what_is_graded(tmp_path):
     """An untouched 4-exercise starter once scored 75: the 12 regions it was not asked to do hold solutions."""

@@ -3,6 +3,10 @@
 Each case replaces one line of a lesson with a plausible wrong version (the substitution must apply exactly once, so
 a rewritten lesson makes this test fail loudly instead of passing vacuously), runs the copy in quick mode, and
 requires a nonzero exit with the named claim in the ``CHECK failed`` message.
+
+The lessons of the model families (26-30) plant theirs in the library op the lesson checks (a forgotten mask, a
+dropped log-det term, ...): ``PLANTED`` in tests/test_families.py, run by ``test_a_lessons_checks_fail_on_a_planted_
+mistake`` there; :func:`test_every_family_lesson_has_a_planted_mistake` below keeps that list complete.
 """
 import os
 import subprocess
@@ -48,3 +52,17 @@ def test_a_planted_mistake_fails_the_lessons_check(case, tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode != 0, f"{case}: the lesson passed with the planted mistake:\n{proc.stdout[-2000:]}"
     assert f"CHECK failed: {claim}" in proc.stderr, f"{case}: failed elsewhere:\n{proc.stderr[-2000:]}"
+
+
+FAMILY_LESSONS = ("26", "27", "28", "29", "30")     # issue 30's families 1, 2, 3, 5, 6
+
+
+def test_every_family_lesson_has_a_planted_mistake():
+    import ast
+    tree = ast.parse((ROOT / "tests" / "test_families.py").read_text(encoding="utf-8"))
+    planted = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                   and any(getattr(t, "id", None) == "PLANTED" for t in node.targets))
+    covered = {name[:2] for name in planted} | {name[:2] for name, *_ in CASES.values()}
+    for number in FAMILY_LESSONS:
+        (lesson,) = (ROOT / "lessons").glob(f"{number}_*.py")
+        assert number in covered, f"{lesson.name} has no planted-mistake test"

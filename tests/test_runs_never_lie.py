@@ -315,7 +315,7 @@ def test_work_that_cannot_finish_is_refused_with_its_estimate(run, tmp_path, cap
     monkeypatch.setattr(evaluate, "iw_log_likelihood", lambda *a, **k: pytest.fail("the IW bound was started"))
     code, _, err = run_main(["eval", "--checkpoint", run, "--iw-k", "1e12"], capsys)
     assert code == 2
-    one_error_line(err, "eval --iw-k 1000000000000 on 10000 images needs at least", "multiply-adds", "smaller --iw-k")
+    one_error_line(err, "eval --nll-k 1000000000000 on 10000 images needs at least", "multiply-adds", "smaller --nll-k")
     code, _, err = run_main(["train", *SMALL, "--iwae-k", "1e13", "--out", tmp_path / "t"], capsys)
     assert code == 2
     one_error_line(err, "--iwae-k 10000000000000", "needs at least", "multiply-adds")

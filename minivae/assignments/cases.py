@@ -115,6 +115,15 @@ def upsample_nearest2d_backward(rng, big):
             Case(" (scale 3)", "upsample_nearest2d_forward", [rng.standard_normal((2, 2, 2, 3))], (3,), ["dx"])]
 
 
+def masked_dense_backward(rng, big):
+    """A MADE input mask (degrees 1..n_in against evenly spread hidden degrees, as minivae.made builds it)."""
+    n_in, width, N = (256, 256, 128) if big else (5, 7, 4)
+    deg_h = 1 + (np.arange(width) * (n_in - 1)) // width
+    mask = (deg_h[None, :] >= np.arange(1, n_in + 1)[:, None]).astype(np.float64)
+    return [Case("", "masked_dense_forward", [rng.standard_normal(s) for s in ((N, n_in), (n_in, width), (width,))],
+                 (mask,), ["dx", "dW", "db"])]
+
+
 def planar_joint_backward(rng, big):
     """z, u, w, b with w . u = 0.5 (an invertible step, det = 1 + (1 - h^2)/2 > 1)."""
     M, L = (4096, 64) if big else (5, 3)
@@ -135,6 +144,7 @@ BACKWARD = {
     "conv2d_backward": ("conv", conv2d_backward),
     "maxpool2d_backward": ("conv", maxpool2d_backward),
     "upsample_nearest2d_backward": ("conv", upsample_nearest2d_backward),
+    "masked_dense_backward": ("made", masked_dense_backward),
     "planar_joint_backward": ("flows", planar_joint_backward),
 }
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import cases
 from . import reference as ref
+from .exercises import BY_ID
 # finite differences and tolerances as the student's check.py has them (one source: a pass there is a pass here)
 from .harness import GRAD_TOL, H, VALUE_TOL, numerical_gradient
 from .sandbox import ChildError, text_of
@@ -151,12 +152,32 @@ def _leaves(args, prefix="after"):
             yield key, a
 
 
-def call(child, fn, args, timeout):
+def call(child, fn, args, timeout, ops=None):
+    """The child runs ``fn(*args)``; ``ops`` ({qualified name: reference op}) are answered by the parent."""
     req = {"job": np.array("call"), "fn": np.array(fn)}
     req["spec"] = np.array(json.dumps(encode_args(args, req)))
-    rep = child.request(req, timeout)
+    rep = child.request(req, timeout, handler=_with_ops(req, ops))
     _status(rep)
     return rep
+
+
+def needed_ops(ex_id):
+    """{qualified name: reference op} of the exercises that ``ex_id``'s solution calls (``needs`` in
+    exercises.py): masked_dense_backward calls dense_backward.  The parent answers them during its check (as it
+    answers the ops of vae_backward), so an unfinished or wrong dense_backward does not fail masked_dense_backward
+    too, and the reference's code of the other exercise never enters the child."""
+    return {f"minivae.{cases.BACKWARD[n][0]}:{n}": getattr(ref, n) for n in BY_ID[ex_id].needs}
+
+
+NEEDED_OP_CALLS = 8      # calls of the needed ops in one request: a backward calls each once
+
+
+def _with_ops(req, ops):
+    """Add the proxy list of ``ops`` to the request; return the handler that answers them (None without ops)."""
+    if not ops:
+        return None
+    req["proxy"] = np.array([f"{q}/{N_OUT.get(q.split(':')[1], 1)}" for q in ops])
+    return OpServer(NEEDED_OP_CALLS, ops, what="the backward called")
 
 
 def no_side_effects(reply, args, names):
@@ -216,7 +237,7 @@ def check_op_backward(ex_id, child, judge, seed, timeout):
         dout = rng_for(seed, f"{ex_id}/dout{case.label}").standard_normal(np.shape(out))   # a random upstream gradient
         nums = [numerical_gradient(lambda: np.asarray(case.forward(*case.inputs)[0]), x, dout)
                 for x in case.inputs]
-        rep = call(child, fn, (dout, cache), timeout)
+        rep = call(child, fn, (dout, cache), timeout, needed_ops(ex_id))
         keys = take_tuple(rep, "r", len(case.names), case.names, fn.split(":")[1])
         for name, key, x, num in zip(case.names, keys, case.inputs, nums):
             got = take_array(rep, key, x.shape, name + case.label)
@@ -240,6 +261,7 @@ def check_cost(ex_id, child, judge, seed, timeout):
     t_fwd = _timed(lambda: case.forward(*case.inputs))
     req = {"job": np.array("call"), "fn": np.array(fn), "result_only": np.array(1)}
     req["spec"] = np.array(json.dumps(encode_args((dout, cache), req)))
+    handler = _with_ops(req, needed_ops(ex_id))
     buf = io.BytesIO()
     np.savez(buf, **req)
     np.savez(io.BytesIO(), **{f"r.{i}": w for i, w in enumerate(want)})
@@ -247,7 +269,7 @@ def check_cost(ex_id, child, judge, seed, timeout):
     limit = COST_FACTOR * t_ref + t_transfer + COST_SLACK_S
     n_in = sum(int(x.size) for x in case.inputs)
     try:
-        rep = child.request(req, min(limit, timeout))
+        rep = child.request(req, min(limit, timeout), handler=handler)
     except ChildError as e:
         if str(e) != "timeout":
             raise
@@ -425,11 +447,13 @@ class OpServer:
     Bounded: each call's arguments and result (:data:`MAX_OP_ENTRIES`), the number of calls
     (:data:`MAX_OP_CALLS`) and the bytes of the caches kept (:data:`MAX_CACHE_BYTES`)."""
 
-    def __init__(self, max_calls=None):
+    def __init__(self, max_calls=None, ops=None, what="the model called the ops"):
         self.caches = {}
         self.calls = 0
         self.cache_bytes = 0
         self.max_calls = MAX_OP_CALLS if max_calls is None else min(int(max_calls), MAX_OP_CALLS)
+        self.ops = PROXIED_OPS if ops is None else ops       # the ops it answers, by qualified name
+        self.what = what
 
     def _decode(self, spec, msg, prefix="a"):
         args = []
@@ -457,11 +481,11 @@ class OpServer:
         name = text_of(msg.get("op")) or ""
         self.calls += 1
         if self.calls > self.max_calls:
-            raise Fail(None, f"the model called the ops more than {self.max_calls} times for one loss and its "
+            raise Fail(None, f"{self.what} more than {self.max_calls} times for one loss and its "
                              "gradients (one forward and one backward pass call each op once or twice): finite "
                              "differences, repeated forward passes or a loop over entries instead of the chain rule")
         try:
-            fn = PROXIED_OPS[name]
+            fn = self.ops[name]
             spec = json.loads(text_of(msg.get("spec")) or "[]")
             args = self._decode(spec, msg)
             if _op_entries(name, args) > MAX_OP_ENTRIES:

@@ -22,6 +22,7 @@ class Exercise:
     title: str
     kind: str          # "backward" (checked with finite differences) or "forward" (checked against values)
     hint: str          # shown in the stub's NotImplementedError
+    needs: tuple = ()  # exercises whose functions the reference solution calls (see grading: the graded copy)
 
 
 EXERCISES = (
@@ -68,6 +69,11 @@ EXERCISES = (
     Exercise("upsample_nearest2d_backward", "conv.py", "nearest-neighbour upsampling backward", "backward",
              "every input pixel was copied to a scale x scale block of y: its gradient is the sum of dy "
              "over that block"),
+    Exercise("masked_dense_backward", "made.py", "MADE's masked dense layer backward: dx, dW, db", "backward",
+             "y = x @ (M * W) + b with a fixed 0/1 mask M; the cache holds x, the masked weight Wm = M * W and M. "
+             "dx and db are those of a dense layer with the weight Wm (dense_backward may do that part: when it is "
+             "an exercise of yours too, it must pass first); a masked-out weight is not in the forward pass, so dW "
+             "must be 0 there", needs=("dense_backward",)),
     Exercise("planar_joint_backward", "flows.py", "planar flow step backward, log-determinant included "
              "(planar_backward, checked through planar_joint_backward)", "backward",
              "f = z + u tanh(a), a = z @ w + b, logdet = log|1 + (1 - h^2)(w . u)|; first dL/da = (df @ u)(1 - h^2) "

@@ -80,11 +80,12 @@ def marker_problems(here):
             for e in ids:
                 bad.setdefault(e, msg)
     return bad
-MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model", "flows")
+MODULES = ("config", "layers", "gaussian", "likelihoods", "conv", "optim", "model", "made", "flows")
 OP_MODULE = {"dense_forward": "layers", "relu_forward": "layers", "tanh_forward": "layers",
              "sigmoid_forward": "layers", "reparameterize_forward": "gaussian", "kl_forward": "gaussian",
              "bernoulli_nll_forward": "likelihoods", "conv2d_forward": "conv", "maxpool2d_forward": "conv",
-             "upsample_nearest2d_forward": "conv", "planar_joint_forward": "flows"}
+             "upsample_nearest2d_forward": "conv", "masked_dense_forward": "made",
+             "planar_joint_forward": "flows"}
 
 
 def _load_cases():
@@ -489,12 +490,14 @@ def check_vae_backward(ctx, res):
 
 for _ex in CASES.BACKWARD:
     globals()[f"check_{_ex}"] = _backward_check(_ex)
+# the exercises whose reference solution calls another's function (exercises.py's ``needs``)
+NEEDS = {"masked_dense_backward": ("dense_backward",)}
 # every exercise, in the course's order
 CHECKS = {ex: globals()[f"check_{ex}"] for ex in (
     "dense_backward", "relu_backward", "tanh_backward", "sigmoid_backward", "reparameterize_forward",
     "reparameterize_backward", "kl_forward", "kl_backward", "bernoulli_nll_forward", "bernoulli_nll_backward",
     "conv2d_backward", "conv_transpose2d_forward", "maxpool2d_backward", "upsample_nearest2d_backward",
-    "planar_joint_backward", "adam_step",
+    "masked_dense_backward", "planar_joint_backward", "adam_step",
     "vae_backward")}
 
 
@@ -584,11 +587,17 @@ def _local(argv):
         if ex in broken:
             r.update(status="fail", passed=False, gradient=None, message=broken[ex])
         if ex == "vae_backward" and not r["passed"]:
-            ops = [e for e in CHECKS if e not in ("vae_backward", "adam_step")]
+            ops = [e for e in CHECKS if e not in ("vae_backward", "adam_step")   # the MLP VAE's ops, not MADE's or
+                   and CASES.BACKWARD.get(e, ("",))[0] not in ("made", "flows")]     # the flows'
             bad = [e for e in ops if not (results.get(e) or run_check(ctx, e, here))["passed"]]
             if bad:
                 r["message"] += (f" (locally vae_backward runs through your own ops, and these fail their own "
                                  f"checks: {', '.join(bad)}; the grader uses its own ops here)")
+        elif not r["passed"] and NEEDS.get(ex):
+            bad = [e for e in NEEDS[ex] if not (results.get(e) or run_check(ctx, e, here))["passed"]]
+            if bad:
+                r["message"] += (f" (locally {ex} runs your own {', '.join(bad)}, which fails its own check; the "
+                                 f"grader uses its own here)")
         results[ex] = r
         passed += r["passed"]
         print(format_line(r))

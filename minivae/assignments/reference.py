@@ -226,6 +226,17 @@ def upsample_nearest2d_backward(dy, cache):
     return dy.reshape(N, C, H, s, Wd, s).sum(axis=(3, 5))
 
 
+# ------------------------------------------------------ masked dense (MADE)
+def masked_dense_forward(x, W, b, mask):
+    Wm = W * mask
+    return x @ Wm + b, (x, Wm, mask)
+
+
+def masked_dense_backward(dy, cache):
+    x, Wm, mask = cache
+    return dy @ Wm.T, (x.T @ dy) * mask, dy.sum(axis=0)
+
+
 # ------------------------------------------------- planar flow step, [f | logdet] as one output
 def planar_joint_forward(z, u, w, b):
     a = z @ w + b[0]
@@ -252,6 +263,7 @@ def planar_joint_backward(dout, cache):
 OP_PAIRS = {"dense": ("layers", 3), "relu": ("layers", 1), "tanh": ("layers", 1), "sigmoid": ("layers", 1),
             "reparameterize": ("gaussian", 2), "kl": ("gaussian", 2), "bernoulli_nll": ("likelihoods", 1),
             "conv2d": ("conv", 3), "conv_transpose2d": ("conv", 3), "maxpool2d": ("conv", 1),
-            "upsample_nearest2d": ("conv", 1), "planar_joint": ("flows", 4)}
+            "upsample_nearest2d": ("conv", 1), "masked_dense": ("made", 3),
+            "planar_joint": ("flows", 4)}
 # the pairs the MLP VAE of the vae_backward check calls (the grader answers them for the student's model)
 VAE_PAIRS = ("dense", "relu", "tanh", "sigmoid", "reparameterize", "kl", "bernoulli_nll")

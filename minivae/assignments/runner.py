@@ -12,7 +12,9 @@ A request is an ``.npz`` with a ``job`` string and arrays:
 ``call``   import ``fn`` (``module:function``) from the student's package and
            call it on the arguments (a tree of arrays described by ``spec``);
            send back the result and the arguments as they are afterwards
-           (so the parent can see side effects).
+           (so the parent can see side effects).  The ops named in ``proxy``
+           (those of other exercises that ``fn`` calls) ask the parent, as in
+           ``vae``.
 ``adam``   run the package's ``Adam`` for a few steps; send back the
            parameters and the moments after each step.
 ``vae``    build the package's ``VAE`` with given parameters, run
@@ -154,10 +156,12 @@ def _forward_tripwire(name):
     return called, undo
 
 
-def job_call(req):
+def job_call(req, io_fds):
     spec = json.loads(str(req["spec"]))
     args = build(spec, req)
     fn = resolve(str(req["fn"]))
+    if "proxy" in req:        # the ops of other exercises that this one calls: the parent answers them
+        install_proxies(_proxy_table(req["proxy"], io_fds))
     called, undo = _forward_tripwire(str(req["fn"]))
     try:
         with np.errstate(all="ignore"):
@@ -295,6 +299,15 @@ def install_proxies(table):
                 setattr(mod, k, new)
 
 
+def _proxy_table(entries, io_fds):
+    """{the package's op: its proxy} for entries ``module:function/n_out``."""
+    table = {}
+    for entry in entries:
+        qual, n_out = str(entry).rsplit("/", 1)
+        table[resolve(qual)] = make_proxy(io_fds, qual, int(n_out))
+    return table
+
+
 def job_vae(req, io_fds):
     for m in ("config", "layers", "gaussian", "likelihoods", "objectives", "model"):
         try:
@@ -302,11 +315,7 @@ def job_vae(req, io_fds):
         except ImportError:
             if m in ("config", "model"):
                 raise
-    table = {}
-    for entry in req["proxy"]:
-        qual, n_out = str(entry).rsplit("/", 1)
-        fn = resolve(qual)
-        table[fn] = make_proxy(io_fds, qual, int(n_out))
+    table = _proxy_table(req["proxy"], io_fds)
     install_proxies(table)
     model_mod = importlib.import_module("minivae.model")
     cfg = importlib.import_module("minivae.config").VAEConfig(**json.loads(str(req["config"])))
@@ -342,7 +351,7 @@ def main():
             return 0
         try:
             if job == "call":
-                out = job_call(req)
+                out = job_call(req, (rfd, wfd))
             elif job == "adam":
                 out = job_adam(req)
             elif job == "vae":

@@ -68,7 +68,7 @@ def check_supported(config):
     """Raise :class:`FastPathError` (one line) if the fast path cannot train ``config``."""
     if getattr(config, "kind", "vae") != "vae":
         raise FastPathError(f"the fast path covers the plain VAE, not the {config.kind!r} model kind "
-                            "(minivae.families, minivae.twolayer); use model.loss + optimizer.step instead")
+                            "(minivae.families, minivae.twolayer, minivae.m2); use model.loss + optimizer.step instead")
     if getattr(config, "arch", "mlp") != "mlp":
         raise FastPathError(f"the fast path supports the fully connected VAE (arch 'mlp'), not arch "
                             f"{config.arch!r}; use model.loss + optimizer.step instead")
