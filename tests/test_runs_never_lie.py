@@ -325,9 +325,9 @@ def test_work_that_cannot_finish_is_refused_with_its_estimate(run, tmp_path, cap
 def test_a_long_but_feasible_request_shows_its_estimate(run, tmp_path, capsys, monkeypatch):
     import minivae.limits as limits
     monkeypatch.setattr(limits, "SHOW_SECONDS", 0.0)      # every request counts as long here
-    code, out, err = run_main(["eval", "--checkpoint", run, "--iw-k", "3", "--n", "16"], capsys)
+    code, out, err = run_main(["eval", "--checkpoint", run, "--nll-k", "3", "--n", "16"], capsys)
     assert code == 0, err
-    assert "minivae: estimate: eval --iw-k 3 on 16 images: at least" in err
+    assert "minivae: estimate: eval --nll-k 3 on 16 images: at least" in err
 
 
 def test_iwae_noise_is_drawn_in_chunks_whatever_k(monkeypatch):

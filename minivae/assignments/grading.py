@@ -541,9 +541,10 @@ def expand_submissions(paths):
         elif p.is_dir() and (p / "minivae" / "__init__.py").is_file() and not _holds_submissions(p):
             out.append((p.resolve().name, p))
         elif p.is_dir():
-            # every entry but hidden ones gets a row: a folder or .zip (any case) is a submission; anything
-            # else (a .tar.gz, a loose .py) is a mistake that gets a "not graded" row, never silently no row
-            subs = sorted(q for q in p.iterdir() if not q.name.startswith("."))
+            # every entry gets a row but hidden ones (.DS_Store; a .zip is never hidden: "...zip" is a student):
+            # a folder or .zip (any case) is a submission; anything else (a .tar.gz, a loose .py) is a mistake
+            # that gets a "not graded" row, never silently no row
+            subs = sorted(q for q in p.iterdir() if not q.name.startswith(".") or _is_zip_name(q))
             if not any(q.is_dir() or q.is_symlink() or _is_zip_name(q) for q in subs):
                 raise ValueError(f"{p} has no minivae/__init__.py and no submissions (folders or .zip files) inside")
             out.extend((q.stem if _is_zip_name(q) else q.name, q) for q in subs)
