@@ -96,7 +96,7 @@ def build_parser():
     from .networks import ARCHITECTURES, LABEL_DECODERS, LABEL_ENCODERS
     from .optim import OPTIMIZERS
     from .recipes import RECIPES
-    p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
+    p = _Parser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
     p.add_argument("--version", action="version", version=f"minivae {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -721,6 +721,14 @@ def cmd_assignments(args):
 # ----------------------------------------------------------------------- main
 def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag refused in one line like every other error (its subcommands' parsers are of this
+    class too); the usage block is what --help is for."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv=None):
