@@ -96,7 +96,7 @@ def build_parser():
     from .networks import ARCHITECTURES, LABEL_DECODERS, LABEL_ENCODERS
     from .optim import OPTIMIZERS
     from .recipes import RECIPES
-    p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
+    p = _Parser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
     p.add_argument("--version", action="version", version=f"minivae {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -104,7 +104,7 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a VAE",
                        description="Train a VAE. Flags override the recipe's fields; with --resume, they override "
-                                   "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
+                                   "the saved run's (only --epochs, --nll-k, --backend and --no-figures may differ).")
     t.add_argument("--recipe", choices=sorted(RECIPES), default=None, metavar="RECIPE",
                    help="starting settings, one of: " + ", ".join(sorted(RECIPES)) +
                         " (see minivae/recipes.py; without --recipe: default, or conditional with --conditional)")
@@ -521,7 +521,7 @@ def cmd_eval(args):
     if args.iw_k:
         from . import limits
         _note(limits.check_work(limits.iw_macs(model.config, len(x_eval), args.iw_k),
-                                f"eval --iw-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --iw-k or --n",
+                                f"eval --nll-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --nll-k or --n",
                                 _backend(args)))
     from .train import label_kwargs
     rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True,
@@ -721,6 +721,14 @@ def cmd_assignments(args):
 # ----------------------------------------------------------------------- main
 def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag refused in one line like every other error (its subcommands' parsers are of this
+    class too); the usage block is what --help is for."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv=None):

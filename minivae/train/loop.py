@@ -273,8 +273,8 @@ def _check_work(s, config, data, out, start, log):
         (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
     left = max(0, s.epochs - start)
     note = check_work(macs, f"training {describe(config)} for {left} epoch{'s' if left != 1 else ''} on "
-                            f"{len(data.x_train)} images{k}" + (f" and its --iw-k {s.iw_k} bound" if s.iw_k else ""),
-                      "choose fewer epochs, a smaller --iwae-k or --iw-k, or fewer images", s.backend)
+                            f"{len(data.x_train)} images{k}" + (f" and its --nll-k {s.iw_k} bound" if s.iw_k else ""),
+                      "choose fewer epochs, a smaller --iwae-k or --nll-k, or fewer images", s.backend)
     if note:
         log(f"estimate: {note}")
 

@@ -164,6 +164,9 @@ def class_count(data_dir, y_train, y_test):
                     raise DataError(f"{npz}: no labels (an array y); a conditional run needs one label per image")
     if not len(y_train):
         raise DataError(f"{d}: no training labels")
+    lo = float(np.min(y_train))
+    if lo < 0:                        # K = max + 1 would then count no class at all ("outside 0..-1")
+        raise DataError(f"{d / 'train.npz'}: label {lo:g} is negative: labels are class indices 0..K-1")
     K = int(y_train.max()) + 1
     if K > len(y_train):              # labels are class indices 0..K-1: a label past the image count is no class
         raise DataError(f"{d / 'train.npz'}: label {int(y_train.max())} is out of range: labels are class indices "
