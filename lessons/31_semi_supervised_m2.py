@@ -180,8 +180,8 @@ names = list(stats)
 axes[0].bar(names, [stats[n][0] for n in names], color=["C3", "C0", "C2"])
 axes[0].set_yscale("log")
 axes[0].set_title("total variance of the classifier's gradient, one draw of y", fontsize=9)
-z = np.random.default_rng(9).standard_normal((8, 16))
-rows = [np.asarray(m2.decode(z, np.full(8, k))) for k in range(10)]
+z = np.random.default_rng(9).standard_normal((10, 16))
+rows = [np.asarray(m2.decode(z, np.full(10, k))) for k in range(10)]
 axes[1].imshow(tile(np.concatenate(rows), nrow=10), cmap="gray")
 axes[1].set_title("E[x|y, z]: rows y = 0..9, columns shared z", fontsize=9)
 axes[1].axis("off")
