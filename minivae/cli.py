@@ -165,8 +165,9 @@ def build_parser():
                         "each of the K classes, drawn with --seed; the other digits are unlabelled; eval reports "
                         "the classifier's test error (default: an unsupervised VAE)")
     t.add_argument("--alpha", type=float,
-                   help="with --labels: the weight of the classifier's cross-entropy per data point (the paper's "
-                        "alpha = 0.1 N) (default 0.1)")
+                   help="with --labels: the weight of the classifier's mean cross-entropy per data point (the "
+                        "paper's alpha = 0.1 N with its expectation read as a mean; 0.1 x N labels reads it as a sum "
+                        "over the labelled digits; minivae/m2.py) (default 0.1)")
     t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
                                    "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
     t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
@@ -561,7 +562,8 @@ def eval_lines(rep, ckpt, model):
              f"{rep['recon']:.4f} + KL {rep['kl']:.4f}), {rep['n']} images"]
     if rep.get("iw_nll") is not None:
         sem = f" +- {rep['iw_nll_sem']:.4f}" if rep.get("iw_nll_sem") is not None else ""
-        lines.append(f"test NLL -log {px}, importance-weighted with k = {rep['iw_k']}: {rep['iw_nll']:.4f}{sem} "
+        how = " per class, the classes summed" if getattr(model, "semi_supervised", False) else ""   # M2: log_weights
+        lines.append(f"test NLL -log {px}, importance-weighted with k = {rep['iw_k']}{how}: {rep['iw_nll']:.4f}{sem} "
                      f"nats/image ({rep['iw_seconds']:.1f} s)")
     if rep.get("error") is not None:
         lines.append(f"test classification error of q(y|x): {100 * rep['error']:.2f}% ({rep['n']} images)")

@@ -13,8 +13,10 @@ network (:func:`label_dense_forward`: h W + onehot(y) V + b).  The bounds, in na
 
 U enumerates the K classes: it is the labelled bound averaged under q(y|x), minus the entropy H(q(y|x)).
 The objective of the paper (its eq. 9, written per data point of a training set of N digits) adds the
-classifier's cross-entropy on the labelled digits with weight alpha (the paper's alpha = 0.1 N is
-``alpha = 0.1`` here, because our objective is divided by N):
+classifier's cross-entropy on the labelled digits with weight alpha.  The paper's alpha = 0.1 N multiplies
+E_labelled[-log q(y|x)]: read as a mean over the labelled digits it is ``alpha = 0.1`` here (our objective is
+divided by N, the default); read as a sum over them, as common reimplementations do, it is 0.1 N_l (10 for 100
+labels), which gives the classifier much more of the gradient:
 
     J = 1/N [ sum_{labelled} L(x, y) + sum_{unlabelled} U(x) ] + alpha * mean_{labelled} -log q(y|x)
 
