@@ -814,7 +814,10 @@ kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
 """
 
 
-def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path):
+@pytest.mark.parametrize("sig, code, why", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path, sig, code, why):
+    """Ctrl-C, or a SIGTERM (a SIGTERM once exited 130 and wrote "interrupted (Ctrl-C)" in the gradebook)."""
     subs = tmp_path / "subs"
     subs.mkdir()
     for name in ("a", "b", "c", "d"):
@@ -826,14 +829,14 @@ def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path):
     end = time.monotonic() + 120
     while not (out / "a.json").exists() and time.monotonic() < end and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stdout + stderr
-    assert "stopped early: interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert proc.returncode == code, stdout + stderr
+    assert f"stopped early: {why}" in stderr and "Traceback" not in stderr, stderr
     rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
     assert set(rows) == {"student", "a", "b", "c", "d"}
     assert rows["a"][1:3] == ["1", "100"] and rows["a"][-1] == "yes"
-    assert rows["d"][-1] == "not graded: interrupted (Ctrl-C)", rows["d"]
+    assert rows["d"][-1] == f"not graded: {why}", rows["d"]
     for name in "abcd":
         assert json.loads((out / f"{name}.json").read_text())["student"] == name
     time.sleep(0.5)

@@ -52,7 +52,8 @@ def _parser():
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt            # SIGTERM stops a batch as Ctrl-C does: the gradebook is still written
+    from ..signals import Terminated
+    raise Terminated()                 # SIGTERM stops a batch as Ctrl-C does (the gradebook is still written), exit 143
 
 
 def main(argv=None):
@@ -114,11 +115,12 @@ def main(argv=None):
         print(f"wrote {Path(out) / 'gradebook.csv'} and {len(reports)} report(s) in {out}")
         if stopped:
             print(f"stopped early: {stopped}; the students not graded are marked so", file=sys.stderr)
-            return 130 if "interrupted" in stopped else 2
+            return grading.stop_exit_code(stopped)
         return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        why = grading.stop_reason(e)
+        print(why, file=sys.stderr)
+        return grading.stop_exit_code(why)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {grading.clean(' '.join(str(e).split()), 1000)}", file=sys.stderr)
         return 2

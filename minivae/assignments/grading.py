@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -690,8 +691,8 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
                     bar.update(1)
                 if run.stop.is_set() and stopped is None:
                     stopped = "the grader's own files changed during grading"
-        except KeyboardInterrupt:
-            stopped = "interrupted (Ctrl-C)"
+        except KeyboardInterrupt as e:
+            stopped = stop_reason(e)
             run.stop.set()
             kill_all()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -700,8 +701,8 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
                     reports[name] = fut.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    except KeyboardInterrupt:
-        stopped = "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as e:
+        stopped = stop_reason(e)
     finally:
         if bar is not None:
             bar.close()
@@ -724,6 +725,21 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
         if run is not None:
             run.close()
     return reports, stopped
+
+
+STOPPED = {signal.SIGINT: ("interrupted (Ctrl-C)", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+
+
+def stop_reason(exc):
+    """Why a batch stopped, for a KeyboardInterrupt: Ctrl-C, or SIGTERM (raised as :class:`minivae.signals.Terminated`
+    by the command line), so the gradebook and the exit code (130, 143) say which."""
+    from ..signals import signal_of
+    return STOPPED.get(signal_of(exc), STOPPED[signal.SIGINT])[0]
+
+
+def stop_exit_code(stopped):
+    """The exit code of a batch that stopped early: 130 (Ctrl-C), 143 (SIGTERM), 2 (the grader's files changed)."""
+    return next((code for why, code in STOPPED.values() if why == stopped), 2)
 
 
 def _cell(value):
