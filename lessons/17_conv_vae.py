@@ -175,7 +175,7 @@ for arch, m in models.items():
 # conv models have barely started to use their latent code.  Both facts are measured and checked below.  Why the
 # dense model leads at this budget is not tested here, and a short budget says nothing about which architecture
 # is better trained to the end: the full 10-epoch recipes (``python -m minivae train --recipe conv``, and
-# ``--recipe default`` for the dense model) are in the README's results table.  The quick (test) mode's 12 steps
+# ``--recipe default`` for the dense model) are in docs/results.md.  The quick (test) mode's 12 steps
 # are too few to rank anything: its ranking is printed, not asserted.
 
 # %%

@@ -394,8 +394,8 @@ save_figure(fig, args.out, "class_grid_20d.png")
 # By Bayes, $\log p(x \mid y) = \log p(x) + \log p(y \mid x) - \log p(y)$.  For a digit whose label is clear from
 # the image, $p(y \mid x) \approx 1$, so $-\log p(x \mid y) \approx -\log p(x) - \log(1/p(y))$: knowing the label
 # saves about $\log K$ nats ($\log 10 = 2.3$ for balanced MNIST) and never more than $-\log p(y)$.  That holds
-# for *one* model of the pair $(x, y)$.  The main README compares two separately trained models (the default
-# recipe with and without `--conditional`): their importance-weighted NLLs differ by 3.5 nats, more than
+# for *one* model of the pair $(x, y)$.  The project's results (docs/results.md) compare two separately trained models (the default
+# recipe with and without `--conditional`): their importance-weighted NLLs differ by 3.4 nats, more than
 # $\log 10$, because the conditional model also fits better.  As a model of $x$ alone,
 # $p(x) = \sum_y p(x \mid y)\, p(y)$ is at least $p(x \mid y_{\text{true}}) / 10$, so it scores at most
 # $-\log p(x \mid y) + \log 10$ -- below the plain VAE, whose single Gaussian prior must hold all ten classes.

@@ -47,6 +47,19 @@ def text(v):
         return "a string"
 
 
+def choice(*options):
+    """One of a fixed set of names (a field the code uses as is, e.g. ``np.dtype(settings.dtype)``)."""
+    def check(v):
+        if v not in options:
+            return "one of " + ", ".join(repr(o) for o in options)
+    return check
+
+
+DTYPES = ("float32", "float64")                 # minivae.config: training dtypes
+BINARIZE = ("none", "dynamic", "static")        # minivae.data.BINARIZE (test_checkpoint checks they agree)
+BACKENDS = ("numpy", "cupy")                    # minivae.backend.BACKENDS
+
+
 def boolean(v):
     if not isinstance(v, bool):
         return "true or false"
@@ -85,20 +98,21 @@ def data_record(v):
 SETTINGS = {
     "recipe": text, "arch": text, "conditional": boolean, "label_decoder": text, "label_encoder": text, "hidden": int_list(1), "latent": integer(1),
     "activation": text, "likelihood": text, "obs_var": number(positive=True), "dec_logvar_min": optional(number()),
-    "dtype": text, "binarize": text, "data_dir": optional(text), "n_train": optional(integer(1)),
+    "dtype": choice(*DTYPES), "binarize": choice(*BINARIZE), "data_dir": optional(text), "n_train": optional(integer(1)),
     "n_test": optional(integer(1)), "valid": integer(0), "test_seed": integer(0), "data": optional(data_record),
     "optimizer": text, "lr": number(positive=True), "adam_eps": number(positive=True), "momentum": number(nonneg=True),
     "weight_decay": number(nonneg=True), "clip_norm": optional(number(positive=True)), "batch_size": integer(1),
     "epochs": integer(0), "schedule": optional(schedule), "init_output_bias": boolean, "beta": number(nonneg=True),
     "warmup": integer(0), "beta_start": number(nonneg=True), "iwae_k": optional(integer(1)), "free_bits": optional(number(nonneg=True)),
-    "seed": integer(0), "backend": text, "iw_k": integer(0), "figures": boolean, "fast": boolean,
+    "seed": integer(0), "backend": choice(*BACKENDS), "iw_k": integer(0), "figures": boolean, "fast": boolean,
     "threads": optional(integer(1)), "decoder": text, "flow": optional(text), "iwae_grad": text,
     "prior": optional(text), "stochastic_layers": integer(1), "latent2": optional(integer(1)),
+    "labels": optional(integer(1)), "alpha": number(nonneg=True),
 }
 
 CONFIG = {
     "x_dim": integer(1), "hidden": int_list(1), "z_dim": integer(1), "activation": text, "likelihood": text,
-    "dtype": text, "obs_var": number(positive=True), "arch": text, "image_shape": optional(int_list(1, length=3)),
+    "dtype": choice(*DTYPES), "obs_var": number(positive=True), "arch": text, "image_shape": optional(int_list(1, length=3)),
     "dec_logvar_min": optional(number()), "n_classes": optional(integer(1)), "label_decoder": text,
     "label_encoder": text,
     "kind": text, "decoder": text, "flow": optional(text), "prior": optional(text),

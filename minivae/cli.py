@@ -80,7 +80,7 @@ TRAIN_FIELDS = ("arch", "epochs", "batch_size", "hidden", "latent", "activation"
                 "beta", "warmup", "lr", "optimizer", "adam_eps", "momentum", "weight_decay", "clip_norm", "seed",
                 "backend", "dtype", "valid", "data_dir", "n_train", "n_test", "iw_k", "iwae_k", "free_bits", "threads",
                 "conditional", "label_decoder", "label_encoder", "beta_start", "decoder", "flow", "iwae_grad", "prior",
-                "stochastic_layers", "latent2")
+                "stochastic_layers", "latent2", "labels", "alpha")
 
 
 def build_parser():
@@ -96,7 +96,7 @@ def build_parser():
     from .networks import ARCHITECTURES, LABEL_DECODERS, LABEL_ENCODERS
     from .optim import OPTIMIZERS
     from .recipes import RECIPES
-    p = argparse.ArgumentParser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
+    p = _Parser(prog="minivae", description="Train, evaluate and sample a VAE written in NumPy.")
     p.add_argument("--version", action="version", version=f"minivae {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -104,7 +104,7 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a VAE",
                        description="Train a VAE. Flags override the recipe's fields; with --resume, they override "
-                                   "the saved run's (only --epochs, --iw-k, --backend and --no-figures may differ).")
+                                   "the saved run's (only --epochs, --nll-k, --backend and --no-figures may differ).")
     t.add_argument("--recipe", choices=sorted(RECIPES), default=None, metavar="RECIPE",
                    help="starting settings, one of: " + ", ".join(sorted(RECIPES)) +
                         " (see minivae/recipes.py; without --recipe: default, or conditional with --conditional)")
@@ -160,6 +160,14 @@ def build_parser():
                         "2015 (minivae/twolayer.py; hidden widths halved between z1 and z2) (default 1)")
     t.add_argument("--latent2", type=_positive_int, help="with --stochastic-layers 2: z2's dimension (default: half "
                                                          "of --latent)")
+    t.add_argument("--labels", type=_positive_int, metavar="N",
+                   help="semi-supervised M2 (Kingma et al. 2014; minivae/m2.py): N labelled training digits, N/K of "
+                        "each of the K classes, drawn with --seed; the other digits are unlabelled; eval reports "
+                        "the classifier's test error (default: an unsupervised VAE)")
+    t.add_argument("--alpha", type=float,
+                   help="with --labels: the weight of the classifier's mean cross-entropy per data point (the "
+                        "paper's alpha = 0.1 N with its expectation read as a mean; 0.1 x N labels reads it as a sum "
+                        "over the labelled digits; minivae/m2.py) (default 0.1)")
     t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
                                    "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
     t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
@@ -514,11 +522,16 @@ def cmd_eval(args):
     if args.iw_k:
         from . import limits
         _note(limits.check_work(limits.iw_macs(model.config, len(x_eval), args.iw_k),
-                                f"eval --iw-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --iw-k or --n",
+                                f"eval --nll-k {args.iw_k} on {len(x_eval)} images", "choose a smaller --nll-k or --n",
                                 _backend(args)))
     from .train import label_kwargs
     rep = evaluate.report(model, x_eval, np.random.default_rng(settings.test_seed), iw_k=args.iw_k, progress=True,
                           **label_kwargs(model, y))
+    if getattr(model, "semi_supervised", False):            # M2: the test classification error of q(y|x)
+        from .train import check_split_labels
+        check_split_labels(y, model.config.classes, f"{args.data_dir or settings.data_dir} (test labels for M2 "
+                                                    f"of {model.config.classes} classes)")
+        rep["error"] = model.error_rate(x_eval, y)
     bad = [k for k in ("neg_elbo", "recon", "kl", "iw_nll") if rep.get(k) is not None and not math.isfinite(rep[k])]
     if bad:
         raise ValueError(f"{ckpt.path}: the evaluation gave a non-finite {bad[0]} ({rep[bad[0]]}); the model "
@@ -549,8 +562,11 @@ def eval_lines(rep, ckpt, model):
              f"{rep['recon']:.4f} + KL {rep['kl']:.4f}), {rep['n']} images"]
     if rep.get("iw_nll") is not None:
         sem = f" +- {rep['iw_nll_sem']:.4f}" if rep.get("iw_nll_sem") is not None else ""
-        lines.append(f"test NLL -log {px}, importance-weighted with k = {rep['iw_k']}: {rep['iw_nll']:.4f}{sem} "
+        how = " per class, the classes summed" if getattr(model, "semi_supervised", False) else ""   # M2: log_weights
+        lines.append(f"test NLL -log {px}, importance-weighted with k = {rep['iw_k']}{how}: {rep['iw_nll']:.4f}{sem} "
                      f"nats/image ({rep['iw_seconds']:.1f} s)")
+    if rep.get("error") is not None:
+        lines.append(f"test classification error of q(y|x): {100 * rep['error']:.2f}% ({rep['n']} images)")
     if rep.get("active_units") is not None:
         lines.append(f"active latent units: {rep['active_units']} of {rep['n_latent']} (Cov_x E_q[z_j] > "
                      f"{rep['au_threshold']:g})")
@@ -707,6 +723,14 @@ def cmd_assignments(args):
 # ----------------------------------------------------------------------- main
 def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag refused in one line like every other error (its subcommands' parsers are of this
+    class too); the usage block is what --help is for."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv=None):

@@ -214,6 +214,8 @@ def load_or_train(run_dir, data_dir=None, log=print, **train_kw):
     x, y = load_split("train", d)
     xt, yt = load_split("test", d)
     train_kw.setdefault("n_classes", int(max(y.max(), yt.max()) + 1))
+    # say so first: on a busy CPU this takes a while, and nothing else is printed meanwhile
+    log(f"training the judge (a pixel classifier) on {len(x)} real training images, once: cached as {path}")
     judge = train_judge(x, y, xt, yt, **train_kw)
     judge.info["files"] = files
     judge.save(path)

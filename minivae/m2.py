@@ -13,8 +13,10 @@ network (:func:`label_dense_forward`: h W + onehot(y) V + b).  The bounds, in na
 
 U enumerates the K classes: it is the labelled bound averaged under q(y|x), minus the entropy H(q(y|x)).
 The objective of the paper (its eq. 9, written per data point of a training set of N digits) adds the
-classifier's cross-entropy on the labelled digits with weight alpha (the paper's alpha = 0.1 N is
-``alpha = 0.1`` here, because our objective is divided by N):
+classifier's cross-entropy on the labelled digits with weight alpha.  The paper's alpha = 0.1 N multiplies
+E_labelled[-log q(y|x)]: read as a mean over the labelled digits it is ``alpha = 0.1`` here (our objective is
+divided by N, the default); read as a sum over them, as common reimplementations do, it is 0.1 N_l (10 for 100
+labels), which gives the classifier much more of the gradient:
 
     J = 1/N [ sum_{labelled} L(x, y) + sum_{unlabelled} U(x) ] + alpha * mean_{labelled} -log q(y|x)
 
@@ -576,6 +578,12 @@ class M2VAE(VAE):
         (mu, logvar), _ = self._mlp_forward("enc", x, ("mu", "logvar"), self.one_hot(yv))
         return mu, logvar
 
+    def reconstruct(self, x, y=None):
+        """E[x|y, mu(x, y)], y defaulting to the classifier's most probable class: (N, D)."""
+        x = self.as_input(x)
+        yv = self.classify(x) if y is None else self._labels(y, x.shape[0])
+        return self.decode(self.encode(x, yv)[0], yv)
+
     def decode(self, z, y=None):
         """E[x|y, z] for z (N, L) and classes y (N,) or one class (default 0)."""
         z = self.xp.asarray(z, dtype=self.dtype)
@@ -595,6 +603,29 @@ class M2VAE(VAE):
         c = self.config
         return (f"M2VAE({c.x_dim}-{'-'.join(map(str, c.hidden))}-{c.z_dim}, {self.K} classes, {c.activation}, "
                 f"{c.dtype}, backend={self.backend}, {self.size} params)")
+
+
+def choose_labelled(y, n_labels, n_classes, seed):
+    """The rows of a training set whose labels M2 may see: ``n_labels / n_classes`` of each class, drawn without
+    replacement with the generator of ``seed`` (the paper's protocol: a balanced random subset).  Returns the
+    sorted row indices (n_labels,); ValueError (one line) when n_labels is not a positive multiple of the
+    number of classes or a class has too few rows."""
+    y = np.asarray(y)
+    if n_labels < n_classes or n_labels % n_classes:
+        raise ValueError(f"--labels {n_labels}: M2 draws the same number of labelled digits from each of the "
+                         f"{n_classes} classes, so the count must be a positive multiple of {n_classes}")
+    if n_labels > len(y):
+        raise ValueError(f"--labels {n_labels} is more than the {len(y)} training images")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2014]))
+    per = n_labels // n_classes
+    rows = []
+    for k in range(n_classes):
+        of_k = np.flatnonzero(y == k)
+        if len(of_k) < per:
+            raise ValueError(f"--labels {n_labels} needs {per} training images of class {k}, which has only "
+                             f"{len(of_k)}")
+        rows.append(rng.choice(of_k, size=per, replace=False))
+    return np.sort(np.concatenate(rows))
 
 
 def _register():

@@ -101,6 +101,8 @@ def test_iw_k_is_an_alias_of_nll_k_and_the_help_tells_training_from_evaluation(c
     text = " ".join(out.split())
     assert "--nll-k K, --iw-k K" in text and "evaluates only; --iwae-k trains" in text
     assert "a training objective; --nll-k only evaluates" in text
+    # the old name is only an alias: help and messages name --nll-k, so the two k's are never mixed up
+    assert text.count("--iw-k") == 1 and "only --epochs, --nll-k," in text
 
 
 def test_sample_writes_a_new_file_and_never_replaces_the_runs_picture(home, capsys):
@@ -112,6 +114,16 @@ def test_sample_writes_a_new_file_and_never_replaces_the_runs_picture(home, caps
     code, out, _ = run_main(["sample", f"runs/{first}", "--n", "4"], capsys)
     assert code == 0 and out.strip() == f"wrote {figures / 'samples-3.png'}"
     assert (figures / "samples.png").read_bytes() == before
+
+
+def test_sample_draws_the_same_grid_for_a_seed_and_another_for_another_seed(home, tmp_path, capsys):
+    """What the README promises: `sample RUN --seed 1` draws new samples; the same seed draws the same ones."""
+    import numpy as np
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert run_main(["sample", "latest", "--n", "1100", "--seed", seed, "--out", tmp_path / f"{name}.npz"],
+                        capsys)[0] == 0
+    a, b, c = (np.load(tmp_path / f"{name}.npz")["x"] for name in "abc")
+    assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
 def test_sample_out_is_a_file_or_a_folder_as_its_name_says(home, tmp_path, capsys):

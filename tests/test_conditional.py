@@ -338,7 +338,10 @@ def test_readable_and_fast_settings_train_a_conditional_model_identically(tmp_pa
     assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
 
 
-def test_cli_train_sample_eval_on_tiny_labelled_data(tmp_path, capsys):
+def test_cli_train_sample_eval_on_tiny_labelled_data(tmp_path, capsys, monkeypatch):
+    import minivae.figures as figures
+    titles, real_title = [], figures.class_grid_title
+    monkeypatch.setattr(figures, "class_grid_title", lambda acc=None: titles.append(real_title(acc)) or titles[-1])
     d = make_labelled(tmp_path / "data")
     out = tmp_path / "run"
     assert main(["train", "--conditional", "--data-dir", str(d), "--epochs", "2", "--batch-size", "32", "--hidden",
@@ -356,6 +359,9 @@ def test_cli_train_sample_eval_on_tiny_labelled_data(tmp_path, capsys):
     acc = json.loads((out / "results.json").read_text())["label_accuracy"]
     assert (out / "judge.npz").exists() and len(acc["per_label"]) == 4 and acc["n"] == 400
     assert f"label accuracy {100 * acc['overall']:.1f}% of 400 prior samples" in text
+    # class_grid.png's title carries the run's own verdict (issue 32: the rate written into the figure)
+    assert len(titles) == 1 and f"{100 * acc['overall']:.1f}% of 400 prior samples recognised" in titles[0]
+    assert "training the judge (a pixel classifier) on" in text       # the pause it takes is announced
     js = tmp_path / "e.json"
     assert main(["eval", "--checkpoint", str(out), "--json", str(js)]) == 0
     assert "test -ELBO (a bound on -log p(x|y))" in capsys.readouterr().out

@@ -136,7 +136,9 @@ def test_the_install_text_matches_the_package():
     text = README.read_text(encoding="utf-8")
     for extra in re.findall(r"pip install -e '\.\[(\w+)\]'", text):
         assert extra in project["optional-dependencies"], f"the README shows an extra [{extra}] that does not exist"
-    assert "pip install 'minivae[" not in text, "minivae is not on an index: extras install from a clone, -e '.[...]'"
+    for path in USER_DOCS:
+        hit = re.search(r"pip install [\"']?minivae\b", path.read_text(encoding="utf-8"))
+        assert hit is None, f"{path.name}: {hit.group(0)!r}: minivae is not on an index; from a clone: -e '.[...]'"
 
 
 @pytest.mark.parametrize("path", USER_DOCS + [ROOT / "lessons" / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
@@ -145,6 +147,20 @@ def test_user_docs_hold_no_clock_times_or_load(path):
     for pattern in (r"\b\d\d:\d\d(-\d\d:\d\d)? UTC", r"load average", r"busy (shared )?machine", r"\b20\d\d-\d\d-\d\d\b"):
         hit = re.search(pattern, text)
         assert hit is None, f"{path.name}: {hit.group(0)!r}: user docs carry results, not when or under what load"
+
+
+def test_the_readmes_results_are_those_of_docs_results():
+    """One number per result, one place: every result the README quotes (a number like 102.3, 86.37, 96.4) is a
+    number of docs/results.md, as written there or rounded to the README's digits."""
+    def numbers(text):
+        return re.findall(r"(?<![\d.])(\d{2,3})\.(\d+)(?![\d.])", text)      # 2-3 digits: not a version (3.9)
+    results = [float(f"{a}.{b}") for a, b in numbers((ROOT / "docs" / "results.md").read_text(encoding="utf-8"))]
+    quoted = numbers(README.read_text(encoding="utf-8"))
+    assert len(quoted) >= 4, "the README quotes the main results"
+    for a, b in quoted:
+        x = float(f"{a}.{b}")
+        assert any(round(r, len(b)) == x for r in results), \
+            f"the README quotes {a}.{b}, which is no number of docs/results.md (rounded to {len(b)} decimals)"
 
 
 def test_an_exported_lesson_reads_right_where_it_stands(tmp_path):

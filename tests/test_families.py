@@ -339,6 +339,12 @@ PLANTED = {
         "        douts = [douts[0], 0 * douts[1]]\n"                # z1's path through q(z2|z1)'s log-variance
         "    return good(self, net, douts, cache, grads)\n"
         "t.TwoLayerVAE._net_backward = bad\n", "the ELBO (S = 2)"),
+    "31_semi_supervised_m2.py": (
+        "import minivae.m2 as m\n"
+        "def bad(dU, cache):\n"
+        "    q, Lk, logq = cache\n"
+        "    return dU[:, None] * q * (Lk + 1.0), dU[:, None] * q\n"    # the entropy's log q_k forgotten
+        "m.enumerate_bound_backward = bad\n", "unlabelled digits (U enumerates y)"),
 }
 
 

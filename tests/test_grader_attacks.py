@@ -1175,3 +1175,24 @@ def test_file_locks_are_refused_in_the_sandbox(stubbed, tmp_path):
     set_body(d, "kl_forward", LOCKS)
     (res,) = grade(d, ["kl_forward"])["exercises"]
     assert "locks: lockf errno 1, flock errno 1" in res["message"], res
+
+
+def test_every_entry_of_a_folder_of_submissions_gets_a_row(solved, tmp_path):
+    """A hand-in named ``Bob.ZIP`` is a zip like any other, and a ``.tar.gz`` or a loose ``.py`` is a "not graded"
+    row with a note: none silently drops out of the gradebook (they once got no row at all)."""
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    copy_of(solved, subs / "alice")
+    _zip_folder(copy_of(solved, tmp_path / "bob"), subs / "Bob.ZIP")
+    (subs / "carol.tar.gz").write_bytes(b"\x1f\x8b not really")
+    shutil.copy(solved / "minivae" / "gaussian.py", subs / "dave.py")
+    out = tmp_path / "grades"
+    r = cli("grade", subs, "--exercises", "kl_forward", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
+    assert set(rows) == {"student", "alice", "Bob", "carol.tar.gz", "dave.py"}, sorted(rows)
+    assert rows["alice"][1:3] == ["1", "100"] and rows["Bob"][1:3] == ["1", "100"], rows
+    for name in ("carol.tar.gz", "dave.py"):
+        assert rows[name][1:3] == ["0", "0"] and rows[name][-1].startswith("not graded"), rows[name]
+        assert "neither a folder nor a .zip file" in rows[name][-1], rows[name]
+        assert (out / f"{name}.json").is_file()

@@ -115,3 +115,32 @@ def test_the_core_imports_only_the_core():
     for m in sorted(core):
         above = sorted(g[m] - core)
         assert not above, f"{m} imports {above}, which are not in the core"
+
+
+def _private_uses(path):
+    """(line, text) of every private name ``path`` takes from elsewhere: ``obj._name`` on anything but ``self`` or
+    ``cls``, and ``from minivae... import _name``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("minivae")):
+            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_the_fast_path_uses_only_the_cores_public_names(tmp_path):
+    """Issue 27: minivae/fast talks to the core through public names only (it once reached into model._tile,
+    optim._pairs, opt._init_state and private VAE methods)."""
+    import textwrap
+    bad = [f"{p.name}:{line}: {text}" for p in sorted((PACKAGE / "fast").glob("*.py"))
+           for line, text in _private_uses(p)]
+    assert not bad, f"the fast path uses private names: {bad}"
+    demo = tmp_path / "demo.py"             # the reader sees both kinds of use
+    demo.write_text(textwrap.dedent("""
+        from .model import _tile
+        def f(model, self):
+            return model._tile(self._x)
+    """))
+    assert [t for _, t in _private_uses(demo)] == ["import _tile", "model._tile"]

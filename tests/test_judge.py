@@ -63,6 +63,9 @@ def test_load_or_train_caches_in_the_run_folder_and_retrains_for_other_data(tmp_
     logs = []
     j1 = load_or_train(tmp_path / "run", d, log=logs.append, hidden=8, epochs=2, batch_size=32)
     assert (tmp_path / "run" / JUDGE_FILE).exists() and j1.info["n_train"] == 200
+    assert logs == [f"training the judge (a pixel classifier) on 200 real training images, once: cached as "
+                    f"{tmp_path / 'run' / JUDGE_FILE}"]
+    logs.clear()
     import minivae.judge as judge_mod
     monkeypatch.setattr(judge_mod, "train_judge", lambda *a, **k: pytest.fail("the cached judge was not used"))
     j2 = load_or_train(tmp_path / "run", d, log=logs.append)

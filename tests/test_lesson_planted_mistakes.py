@@ -36,6 +36,12 @@ CASES = {
         "    z = mu + np.exp(0.5 * logvar) * eps                                   # z_n ~ q(z | x_n), sigma = e^(logvar/2)",
         "    z = mu + np.exp(logvar) * eps",
         "I + marginal KL = the analytic rate"),
+    # the score-function estimator fed classes drawn from the uniform prior p(y) instead of q(y|x)
+    "31-reinforce-draws-from-the-prior": (
+        "31_semi_supervised_m2.py",
+        "    ys = np.array([draws.choice(10, p=row / row.sum()) for row in q])",
+        "    ys = draws.integers(0, 10, size=len(q))",
+        "REINFORCE is unbiased"),
 }
 
 

@@ -127,3 +127,52 @@ def test_checkpoint_round_trip_and_the_fast_path_declines(tmp_path):
     assert type(m2) is M2VAE and m2.config.classes == 4 and np.array_equal(m2.flat, m.flat)
     with pytest.raises(FastPathError, match="m2"):
         check_supported(m.config)
+
+
+def test_train_resume_and_eval_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from minivae.checkpoint import load_checkpoint
+    from minivae.cli import main
+    small = ["--n-train", "100", "--n-test", "40", "--batch-size", "40", "--hidden", "8", "--latent", "3", "--quiet",
+             "--no-figures", "--labels", "20"]
+    assert main(["train", *small, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert "test classification error of q(y|x)" in capsys.readouterr().out
+    assert main(["train", *small, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--epochs", "2", "--quiet"]) == 0
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a.config.kind == "m2" and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    assert "test_error" in a.history[-1] and a.settings["labels"] == 20
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "a"), "--nll-k", "2", "--n", "40", "--json", "-"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert 0 <= rep["error"] <= 1 and rep["iw_nll"] > 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--labels", "15"], "multiple of 10"),
+    (["--labels", "500"], "more than the 100 training images"),
+    (["--labels", "20", "--flow", "planar:2"], "--labels trains M2"),
+    (["--labels", "20", "--likelihood", "gaussian", "--binarize", "none"], "Bernoulli"),
+    (["--alpha", "2"], "needs --labels"),
+    (["--labels", "20", "--alpha", "-1"], "alpha must be"),
+])
+def test_bad_label_flags_get_one_line(tmp_path, capsys, flags, message):
+    from minivae.cli import main
+    rc = main(["train", "--n-train", "100", "--epochs", "1", "--quiet", "--no-figures", "--hidden", "8",
+               "--out", str(tmp_path / "r"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_labels_missing_gets_one_line(tmp_path, capsys):
+    from minivae.cli import main
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+    np.savez(d / "train.npz", x=rng.random((30, 4)))
+    np.savez(d / "test.npz", x=rng.random((10, 4)))
+    rc = main(["train", "--data-dir", str(d), "--labels", "10", "--epochs", "1", "--quiet", "--no-figures",
+               "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no labels" in err and len(err.strip().splitlines()) == 1

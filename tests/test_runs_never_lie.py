@@ -253,6 +253,10 @@ def _drop(key):
     ("settings", lambda d: d.update(hidden=[-8]), "settings.hidden"),
     ("settings", lambda d: d.update(lr=-1.0), "settings.lr"),
     ("settings", lambda d: d.update(seed=None), "settings.seed"),
+    ("settings", lambda d: d.update(dtype="x"), "settings.dtype"),        # eval once cast the data with it: TypeError
+    ("settings", lambda d: d.update(binarize="x"), "settings.binarize"),  # eval once binarized for any name
+    ("settings", lambda d: d.update(backend="x"), "settings.backend"),
+    ("config", lambda d: d.update(dtype="float16"), "config.dtype"),
     ("opt/meta", _drop("t"), "opt/meta.t"),
     ("opt/meta", lambda d: d.update(t="many"), "opt/meta.t"),
     ("opt/meta", lambda d: d.update(lr=None), "opt/meta.lr"),
@@ -286,6 +290,9 @@ def test_the_schema_covers_every_field():
     assert set(SETTINGS) == {f.name for f in dataclasses.fields(TrainSettings)}
     fields = {"kind"}.union(*({f.name for f in dataclasses.fields(k.config)} for k in MODEL_KINDS.values()))
     assert set(CONFIG) == fields
+    from minivae import backend, checkpoint_schema, config, data        # the schema's names are the code's
+    assert checkpoint_schema.DTYPES == config.DTYPES and checkpoint_schema.BINARIZE == data.BINARIZE
+    assert checkpoint_schema.BACKENDS == backend.BACKENDS
 
 
 # ------------------------------------------------------ 1, 4, 15: every size checked before work starts
@@ -308,7 +315,7 @@ def test_work_that_cannot_finish_is_refused_with_its_estimate(run, tmp_path, cap
     monkeypatch.setattr(evaluate, "iw_log_likelihood", lambda *a, **k: pytest.fail("the IW bound was started"))
     code, _, err = run_main(["eval", "--checkpoint", run, "--iw-k", "1e12"], capsys)
     assert code == 2
-    one_error_line(err, "eval --iw-k 1000000000000 on 10000 images needs at least", "multiply-adds", "smaller --iw-k")
+    one_error_line(err, "eval --nll-k 1000000000000 on 10000 images needs at least", "multiply-adds", "smaller --nll-k")
     code, _, err = run_main(["train", *SMALL, "--iwae-k", "1e13", "--out", tmp_path / "t"], capsys)
     assert code == 2
     one_error_line(err, "--iwae-k 10000000000000", "needs at least", "multiply-adds")
@@ -318,9 +325,9 @@ def test_work_that_cannot_finish_is_refused_with_its_estimate(run, tmp_path, cap
 def test_a_long_but_feasible_request_shows_its_estimate(run, tmp_path, capsys, monkeypatch):
     import minivae.limits as limits
     monkeypatch.setattr(limits, "SHOW_SECONDS", 0.0)      # every request counts as long here
-    code, out, err = run_main(["eval", "--checkpoint", run, "--iw-k", "3", "--n", "16"], capsys)
+    code, out, err = run_main(["eval", "--checkpoint", run, "--nll-k", "3", "--n", "16"], capsys)
     assert code == 0, err
-    assert "minivae: estimate: eval --iw-k 3 on 16 images: at least" in err
+    assert "minivae: estimate: eval --nll-k 3 on 16 images: at least" in err
 
 
 def test_iwae_noise_is_drawn_in_chunks_whatever_k(monkeypatch):
@@ -401,6 +408,19 @@ def test_float_labels_are_checked_not_truncated(tmp_path, capsys, bad, shown):
     write_split(d, "test", rng.random((16, 784)), y)      # whole numbers stored as floats are fine
     assert run_main(["train", *SMALL, "--conditional", "--no-figures", "--data-dir", d, "--out", tmp_path / "o"],
                     capsys)[0] == 0
+
+
+def test_negative_labels_are_named_as_negative(tmp_path, capsys):
+    """All-negative labels once read "the labels holds label -1, outside 0..-1 (0 classes)"."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    write_split(d, "train", rng.random((16, 784)), -(np.arange(16) % 3) - 1)
+    write_split(d, "test", rng.random((16, 784)), np.arange(16) % 3)
+    code, _, err = run_main(["train", *SMALL, "--conditional", "--data-dir", d, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    line = one_error_line(err, str(d / "train.npz"), "label -3 is negative", "class indices 0..K-1")
+    assert "0..-1" not in line and "0 classes" not in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_empty_npz_is_named(tmp_path, capsys):

@@ -513,13 +513,18 @@ def safe_name(raw):
                  f"allowed, not '..' or a leading = + - @); graded as {sid}")
 
 
+def _is_zip_name(p):
+    """Whether ``p`` is named like a zip archive (``.zip``, in any case: ``alice.ZIP`` too)."""
+    return p.suffix.lower() == ".zip"
+
+
 def _holds_submissions(p):
     """Whether folder ``p`` holds other submissions beside a ``minivae/``: then it is a folder of submissions
     with one stray bare package in it (graded as the student "minivae", with a note), not one student."""
     for q in p.iterdir():
         if q.name.startswith(".") or q.name == "minivae" or q.is_symlink():
             continue
-        if (q.suffix == ".zip" and q.is_file()) or (q.is_dir() and (q / "minivae").is_dir()):
+        if (_is_zip_name(q) and q.is_file()) or (q.is_dir() and (q / "minivae").is_dir()):
             return True
     return False
 
@@ -531,17 +536,18 @@ def expand_submissions(paths):
     submissions is listed with the note that it is not graded."""
     out = []
     for p in map(Path, paths):
-        if p.is_file() and p.suffix == ".zip":
+        if p.is_file() and _is_zip_name(p):
             out.append((p.stem, p))
         elif p.is_dir() and (p / "minivae" / "__init__.py").is_file() and not _holds_submissions(p):
             out.append((p.resolve().name, p))
         elif p.is_dir():
-            # every folder (a submission, or a mistake that gets a "not graded" row) and every .zip
-            subs = sorted(q for q in p.iterdir() if not q.name.startswith(".") and (q.is_dir() or q.is_symlink())
-                          or (q.suffix == ".zip" and (q.is_file() or q.is_symlink())))
-            if not subs:
+            # every entry gets a row but hidden ones (.DS_Store; a .zip is never hidden: "...zip" is a student):
+            # a folder or .zip (any case) is a submission; anything else (a .tar.gz, a loose .py) is a mistake
+            # that gets a "not graded" row, never silently no row
+            subs = sorted(q for q in p.iterdir() if not q.name.startswith(".") or _is_zip_name(q))
+            if not any(q.is_dir() or q.is_symlink() or _is_zip_name(q) for q in subs):
                 raise ValueError(f"{p} has no minivae/__init__.py and no submissions (folders or .zip files) inside")
-            out.extend((q.stem if q.suffix == ".zip" else q.name, q) for q in subs)
+            out.extend((q.stem if _is_zip_name(q) else q.name, q) for q in subs)
         elif not p.exists():
             raise ValueError(f"{p} is not a directory")
         else:
@@ -647,7 +653,10 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
                 if path.is_symlink():
                     raise ValueError("the submission is a symbolic link; copy the folder or .zip itself in")
                 folder = path
-                if path.suffix == ".zip":
+                if not path.is_dir() and not (path.is_file() and _is_zip_name(path)):
+                    raise ValueError(f"{path.name}: neither a folder nor a .zip file; hand in the folder that holds "
+                                     "minivae/, or a .zip of it")
+                if _is_zip_name(path) and path.is_file():
                     try:
                         folder = _safe_extract(path, zips / name)
                     except ValueError as e:

@@ -103,6 +103,8 @@ def format_epoch(rec, epochs):
     if "valid_neg_elbo" in rec:
         line += f"valid {rec['valid_neg_elbo']:.3f}  "
     line += f"test {rec['test_neg_elbo']:.3f} = {rec['test_recon']:.3f} + {rec['test_kl']:.3f}"
+    if "test_error" in rec:
+        line += f"  error {100 * rec['test_error']:.2f}%"
     return line + f"  lr {rec['lr']:.2g}  beta {rec['beta']:.2g}  {rec['time_s']:.1f}s"
 
 
@@ -162,6 +164,8 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     model.rng = rngs["eps"]
     opt = s.make_optimizer()
     step = _Step(s, model, opt, data.y_train, threads)
+    if data.labelled is not None:
+        step.semi_supervised(s, data, rngs)
     history, start = [], 0
     if ckpt is not None:
         history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
@@ -269,8 +273,8 @@ def _check_work(s, config, data, out, start, log):
         (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
     left = max(0, s.epochs - start)
     note = check_work(macs, f"training {describe(config)} for {left} epoch{'s' if left != 1 else ''} on "
-                            f"{len(data.x_train)} images{k}" + (f" and its --iw-k {s.iw_k} bound" if s.iw_k else ""),
-                      "choose fewer epochs, a smaller --iwae-k or --iw-k, or fewer images", s.backend)
+                            f"{len(data.x_train)} images{k}" + (f" and its --nll-k {s.iw_k} bound" if s.iw_k else ""),
+                      "choose fewer epochs, a smaller --iwae-k or --nll-k, or fewer images", s.backend)
     if note:
         log(f"estimate: {note}")
 
@@ -344,6 +348,16 @@ class _Step:
         self.fused_adam = None if self.trainer is not None else fused_adam(settings, threads)
         self.grads = None
         self.runner = None          # CuPy: whole epochs as CUDA-graph replays (use_graph), else None
+        self.m2 = None              # M2's labelled set (semi_supervised)
+        self.at = 0                 # the global step of the next loss (set by _train_epoch)
+
+    def semi_supervised(self, settings, data, rngs):
+        """M2 (minivae.m2): each step's batch carries its partial labels (-1: unlabelled), and the classifier's
+        cross-entropy is taken on a labelled batch appended to it: every labelled digit when they fit in a batch,
+        else the next ``batch_size`` of them in a fixed cycle (by the global step, so a resumed run takes the
+        same ones), binarized like the batch."""
+        self.y_train = data.y_partial
+        self.m2 = (data.x_train[data.labelled], data.y_train[data.labelled], settings, rngs)
 
     def use_graph(self, settings, x_train, log):
         """CuPy with the fast path: capture the whole step as one CUDA graph where it applies
@@ -361,6 +375,16 @@ class _Step:
             # minivae.backend), put on the model's backend; then loss, grads, update
             eps = model.xp.asarray(model.rng.standard_normal((len(idx), model.config.z_dim), dtype=model.dtype))
             return self.trainer.step(xb, eps, beta=beta), self.trainer.parts
+        if self.m2 is not None:
+            x_l, y_l, s, rngs = self.m2
+            n = len(y_l)
+            rows = np.arange(n) if n <= s.batch_size else (self.at * s.batch_size + np.arange(s.batch_size)) % n
+            x_c = model.xp.asarray(x_l[rows])
+            if s.binarize == "dynamic":
+                x_c = binarize(x_c, rngs["binarize"])
+            loss, self.grads = model.loss(xb, validate=False, y=self.y_train[idx], alpha=s.alpha, x_cls=x_c,
+                                          y_cls=y_l[rows])
+            return loss, model.parts
         loss, self.grads = model.loss(xb, beta=beta, validate=False, **self.obj_kw,
                                       **label_kwargs(model, self.y_train[idx]))
         return loss, model.parts
@@ -413,6 +437,7 @@ def _train_epoch(s, epoch, spe, x_train, model, opt, step, rngs, where, last_ckp
             xb = x_train[xp.asarray(idx)]
             if s.binarize == "dynamic":
                 xb = binarize(xb, rngs["binarize"])
+            step.at = epoch * spe + i
             loss, parts = step.loss(xb, idx, beta_at(s, epoch * spe + i, spe))
             steps[i, 0], steps[i, 1], steps[i, 2] = loss, parts["recon"], parts["kl"]
             if (i + 1) % check_every == 0 or i + 1 == spe:
@@ -444,6 +469,8 @@ def _evaluate_epoch(s, epoch, model, data, last_ckpt):
             raise TrainingDiverged(f"{name} loss became {ev['loss']:.6g} after epoch {epoch + 1}"
                                    f"{_absurd(ev['loss'])}; training stopped, {last_ckpt()}")
         rec.update({f"{name}_neg_elbo": ev["loss"], f"{name}_recon": ev["recon"], f"{name}_kl": ev["kl"]})
+        if getattr(model, "semi_supervised", False):          # M2: q(y|x)'s classification error
+            rec[f"{name}_error"] = model.error_rate(x, y)
     return rec
 
 
@@ -508,6 +535,8 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
     s = settings
     rep = evaluate.report(model, data.test_eval, np.random.default_rng(s.test_seed), iw_k=s.iw_k,
                           progress=progress, **label_kwargs(model, data.y_test))
+    if getattr(model, "semi_supervised", False):              # M2: q(y|x)'s test classification error
+        rep["error"] = model.error_rate(data.test_eval, data.y_test)
     results = {"test": rep}
     if data.valid_eval is not None:
         results["valid"] = evaluate.report(model, data.valid_eval, np.random.default_rng(s.test_seed),
@@ -517,6 +546,8 @@ def finish(model, settings, data, out_dir, progress=True, log=print):
         px = "-log p(x|y)" if model.config.n_classes is not None else "-log p(x)"
         line += f"; IW bound (k={rep['iw_k']}) {px} <= {rep['iw_nll']:.3f}"
     log(line + f" on {rep['n']} test images")
+    if rep.get("error") is not None:
+        log(f"test classification error of q(y|x): {100 * rep['error']:.2f}% ({s.labels} labelled training digits)")
     if rep.get("collapse_warning"):
         log(f"warning: {rep['collapse_warning']}")
     label_acc = None

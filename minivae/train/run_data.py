@@ -76,7 +76,7 @@ class Data:
         src = s.data_dir or str(default_data_dir())
         if x_tr.shape[1] != x_te.shape[1]:
             raise DataError(f"{src}: train images have {x_tr.shape[1]} values, test images {x_te.shape[1]}")
-        self.n_classes = class_count(s.data_dir, y_tr, y_te) if s.conditional else None
+        self.n_classes = class_count(s.data_dir, y_tr, y_te) if s.conditional or s.labels else None
         if s.n_train:
             x_tr, y_tr = x_tr[:s.n_train], y_tr[:s.n_train]
         if s.n_test:
@@ -88,6 +88,12 @@ class Data:
             if s.valid >= len(x_tr):
                 raise ValueError(f"valid={s.valid} leaves no training images (only {len(x_tr)})")
             x_tr, y_tr, x_va, y_va = split_validation(x_tr, y_tr, s.valid, seed=s.seed)
+        self.labelled = self.y_partial = None
+        if s.labels:            # M2 (minivae.m2): s.labels / K labelled digits per class, the rest unlabelled (-1)
+            from ..m2 import UNLABELLED, choose_labelled
+            self.labelled = choose_labelled(y_tr, s.labels, self.n_classes, s.seed)
+            self.y_partial = np.full(len(y_tr), UNLABELLED, dtype=np.int64)
+            self.y_partial[self.labelled] = y_tr[self.labelled]
         dt = np.dtype(s.dtype)
         self.x_train, self.y_train = x_tr.astype(dt), y_tr
         self.x_test, self.y_test = x_te.astype(dt), y_te
@@ -158,6 +164,9 @@ def class_count(data_dir, y_train, y_test):
                     raise DataError(f"{npz}: no labels (an array y); a conditional run needs one label per image")
     if not len(y_train):
         raise DataError(f"{d}: no training labels")
+    lo = float(np.min(y_train))
+    if lo < 0:                        # K = max + 1 would then count no class at all ("outside 0..-1")
+        raise DataError(f"{d / 'train.npz'}: label {lo:g} is negative: labels are class indices 0..K-1")
     K = int(y_train.max()) + 1
     if K > len(y_train):              # labels are class indices 0..K-1: a label past the image count is no class
         raise DataError(f"{d / 'train.npz'}: label {int(y_train.max())} is out of range: labels are class indices "

@@ -48,6 +48,8 @@ class TrainSettings:
     prior: str | None = None     # "mog:C" or "vamp:C": a learned prior p(z) (minivae.priors)
     stochastic_layers: int = 1   # 2: z1 (latent) and z2 (latent2) (minivae.twolayer)
     latent2: int | None = None   # z2's dimension with two stochastic layers (default latent // 2)
+    labels: int | None = None    # M2 (minivae.m2): this many labelled training digits, the same number per class
+    alpha: float = 0.1           # M2: the classifier's cross-entropy weight per data point (the paper's 0.1 N)
     # data
     binarize: str = "dynamic"
     data_dir: str | None = None
@@ -172,6 +174,19 @@ class TrainSettings:
                                              and not self.warmup and not self.conditional),
              "two stochastic layers train on the ELBO or the IWAE bound (--iwae-k) alone: no --decoder, --flow, "
              "--prior, --iwae-grad, --free-bits, --beta, --warmup or --conditional")
+        need(self.labels is None or (not isinstance(self.labels, bool) and isinstance(self.labels, (int, np.integer))
+                                     and self.labels >= 1), f"labels must be a positive integer, got {self.labels!r}")
+        need(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0,
+             f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        need(self.alpha == 0.1 or self.labels is not None, "alpha weighs M2's classifier: it needs --labels N")
+        need(self.labels is None or (self.stochastic_layers == 1 and self.decoder == "factorised" and self.flow is None
+                                     and self.prior is None and self.iwae_k is None and self.iwae_grad == "iwae"
+                                     and not self.free_bits and self.beta == 1 and not self.warmup
+                                     and not self.conditional),
+             "--labels trains M2 on its own bound: no --stochastic-layers, --decoder, --flow, --prior, --iwae-k, "
+             "--iwae-grad, --free-bits, --beta, --warmup or --conditional")
+        need(self.labels is None or (self.arch == "mlp" and self.likelihood == "bernoulli"),
+             "--labels (M2) is built on the fully connected Bernoulli VAE: arch mlp, likelihood bernoulli")
         need(self.iwae_grad in IWAE_GRADS, f"iwae_grad must be one of {', '.join(IWAE_GRADS)}, got {self.iwae_grad!r}")
         need(self.iwae_grad == "iwae" or self.iwae_k is not None,
              f"iwae_grad={self.iwae_grad!r} estimates the IWAE bound's gradient: give iwae_k (--iwae-k K)")
@@ -191,7 +206,7 @@ class TrainSettings:
         # The data's width is not known yet: the memory check here counts one input value per image (a lower
         # bound, the user's data may be narrower than MNIST); the run checks again with the data's real width.
         image = get_architecture(self.arch).image
-        config = self.model_config(784 if image else 1, n_classes=10 if self.conditional else None)
+        config = self.model_config(784 if image else 1, n_classes=10 if self.conditional or self.labels else None)
         from ..limits import check_fits, training_bytes
         check_fits(training_bytes(config, self.batch_size, self.iwae_k), f"training {describe(config)}",
                "choose a smaller --batch-size, --hidden, --latent" + (" or --iwae-k" if self.iwae_k else ""))
@@ -201,6 +216,10 @@ class TrainSettings:
         """The model's config for data of ``x_dim`` values per image; the conv archs record ``image_shape``,
         a conditional run its number of classes ``n_classes``."""
         image = get_architecture(self.arch).image
+        if self.labels is not None:
+            from ..m2 import M2Config                        # the model kind of minivae.m2
+            return M2Config(x_dim=x_dim, hidden=self.hidden, z_dim=self.latent, activation=self.activation,
+                            likelihood=self.likelihood, dtype=self.dtype, classes=n_classes or 10)
         if self.stochastic_layers == 2:
             from ..twolayer import TwoLayerConfig            # the model kind of minivae.twolayer
             L2 = self.latent2 if self.latent2 is not None else max(1, self.latent // 2)
