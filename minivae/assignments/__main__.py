@@ -58,9 +58,20 @@ def _interrupt(signum, frame):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    prev = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM as Ctrl-C, for every command: a batch still writes its gradebook, and make removes its
+        # half-made copy (the default action killed it mid-copy, leaving a folder that blocks the rerun)
+        prev = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.cmd == "grade" and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
+        return _run(args)
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _run(args):
+    try:
         if args.cmd == "list":
             for e in EXERCISES:
                 print(f"{e.id:<28} minivae/{e.file:<15} {e.title}")
