@@ -1199,3 +1199,14 @@ def test_every_entry_of_a_folder_of_submissions_gets_a_row(solved, tmp_path):
         assert rows[name][1:3] == ["0", "0"] and rows[name][-1].startswith("not graded"), rows[name]
         assert "neither a folder nor a .zip file" in rows[name][-1], rows[name]
         assert (out / f"{name}.json").is_file()
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e300", "nan", "0"])
+def test_a_timeout_that_is_no_deadline_is_refused_before_grading(solved, tmp_path, timeout):
+    """--timeout inf once graded every honest student 0 ("cannot convert float infinity to integer", from the
+    child's CPU limit); a check must have a finite deadline."""
+    r = cli("grade", solved, "--exercises", "kl_forward", "--timeout", timeout, "--out", tmp_path / "g", timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: timeout must be positive and at most"), r.stderr
+    assert not (tmp_path / "g").exists()

@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 PACKAGE = HERE.parent                          # the installed reference package (solutions included)
 SOURCE_ROOT = PACKAGE.parent
 DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 86400.0            # one day: a finite deadline for every check (and the child's CPU-time limit)
 MAX_ZIP_BYTES = 64 << 20         # a submission, uncompressed
 MAX_FILES = 10000                # files in a submission
 MAX_SOURCE_BYTES = 1 << 20       # one source file of the submission
@@ -298,8 +299,9 @@ class Run:
         missing = [e for e in self.ids if not checks.has_check(e)]
         if missing:
             raise ValueError(f"the grader has no check for exercise {', '.join(missing)}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        if not 0 < timeout <= MAX_TIMEOUT:      # inf once graded every student 0 ("cannot convert float infinity")
+            raise ValueError(f"timeout must be positive and at most {MAX_TIMEOUT:g} s (a check that runs longer "
+                             f"counts as hanging), got {timeout}")
         self.integrity = Integrity(self.manifest)
         self.seed = int(secrets.randbits(63)) if seed is None else int(seed)
         self.timeout = float(timeout)
