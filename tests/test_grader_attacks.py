@@ -1199,6 +1199,10 @@ def test_every_entry_of_a_folder_of_submissions_gets_a_row(solved, tmp_path):
         assert rows[name][1:3] == ["0", "0"] and rows[name][-1].startswith("not graded"), rows[name]
         assert "neither a folder nor a .zip file" in rows[name][-1], rows[name]
         assert (out / f"{name}.json").is_file()
+    # alone and without --out, as a .zip is: graded into ./grades (it was "Bob.ZIP is not a directory")
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", subs / "Bob.ZIP", "--exercises",
+                        "kl_forward"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and "Bob,1,100" in (tmp_path / "grades" / "gradebook.csv").read_text(), r.stderr
 
 
 @pytest.mark.parametrize("timeout", ["inf", "1e300", "nan", "0"])

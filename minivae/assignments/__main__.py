@@ -94,7 +94,7 @@ def _run(args):
             raise ValueError("no exercises to grade")
         sandbox = not args.no_sandbox
         subs = grading.expand_submissions(args.dirs)
-        single = len(subs) == 1 and args.out is None and Path(subs[0][1]).suffix != ".zip"
+        single = len(subs) == 1 and args.out is None and Path(subs[0][1]).suffix.lower() != ".zip"
         if single:
             name, path, notes = subs[0]
             report_dir = grading.check_student_dir(path)
