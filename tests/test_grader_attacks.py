@@ -1214,3 +1214,17 @@ def test_a_timeout_that_is_no_deadline_is_refused_before_grading(solved, tmp_pat
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: timeout must be positive and at most"), r.stderr
     assert not (tmp_path / "g").exists()
+
+
+def test_the_report_is_never_written_over_the_submission_or_the_manifest(tmp_path):
+    """`grade alice --json alice/minivae/gaussian.py` once replaced the student's file with the report, and
+    `--json` naming the manifest replaced the manifest."""
+    course = tmp_path / "hw"
+    make_starter(course, ("kl_forward",), record_expected=False, manifest=tmp_path / "hw.manifest.json")
+    before = {p: p.read_bytes() for p in [tmp_path / "hw.manifest.json", *sorted(course.rglob("*.py"))]}
+    for target, what in ((course / "minivae" / "gaussian.py", "inside the submission"),
+                         (course / "report.json", "inside the submission"),
+                         (tmp_path / "hw.manifest.json", "is the manifest")):
+        r = cli("grade", course, "--manifest", tmp_path / "hw.manifest.json", "--json", target, timeout=120)
+        assert r.returncode == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {p: p.read_bytes() for p in before} == before and not (course / "report.json").exists()

@@ -56,6 +56,18 @@ def _interrupt(signum, frame):
     raise Terminated()                 # SIGTERM stops a batch as Ctrl-C does (the gradebook is still written), exit 143
 
 
+def _check_json_path(json_path, submission, manifest):
+    """ValueError (one line) if the report would be written over the manifest or into the submission it grades
+    (``--json alice/minivae/gaussian.py`` once replaced the student's file with the report)."""
+    from ..atomic import same_file
+    target = Path(json_path).resolve()
+    if manifest is not None and same_file(json_path, manifest):
+        raise ValueError(f"--json {json_path} is the manifest {manifest}, which this command reads: choose another path")
+    if target == submission or submission in target.parents:
+        raise ValueError(f"--json {json_path} is inside the submission {submission}, which this command reads: "
+                         "write the report outside it")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     prev = None
@@ -98,6 +110,8 @@ def _run(args):
         if single:
             name, path, notes = subs[0]
             report_dir = grading.check_student_dir(path)
+            if args.json:
+                _check_json_path(args.json, report_dir, args.manifest)
             print(grading.format_header(report_dir), flush=True)
             report = grading.grade(report_dir, ids, timeout=args.timeout, seed=args.seed, manifest=args.manifest,
                                    sandbox=sandbox, name=name,
