@@ -1228,3 +1228,7 @@ def test_the_report_is_never_written_over_the_submission_or_the_manifest(tmp_pat
         r = cli("grade", course, "--manifest", tmp_path / "hw.manifest.json", "--json", target, timeout=120)
         assert r.returncode == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert {p: p.read_bytes() for p in before} == before and not (course / "report.json").exists()
+    r = cli("grade", course, "--manifest", tmp_path / "hw.manifest.json", "--out",
+            course / "minivae" / "grades", timeout=120)                   # a batch: --out inside a submission
+    assert r.returncode == 2 and "--out" in r.stderr and "inside the submission" in r.stderr, r.stderr
+    assert not (course / "minivae" / "grades").exists()

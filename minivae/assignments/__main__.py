@@ -128,6 +128,12 @@ def _run(args):
         if args.json:
             raise ValueError("--json takes one submission; use --out DIR for many")
         out = args.out or "grades"
+        target = Path(out).resolve()
+        for _, path, _ in subs:                 # the reports go beside the submissions, never into one
+            sub = Path(path).resolve()
+            if sub.is_dir() and (target == sub or sub in target.parents):
+                raise ValueError(f"--out {out} is inside the submission {path}, which this command reads: "
+                                 "write the gradebook outside it")
         reports, stopped = grading.grade_batch(args.dirs, ids, timeout=args.timeout, seed=args.seed,
                                                jobs=args.jobs, out_dir=out, manifest=args.manifest,
                                                progress=True, sandbox=sandbox)
