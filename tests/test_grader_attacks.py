@@ -814,7 +814,10 @@ kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
 """
 
 
-def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path):
+@pytest.mark.parametrize("sig, code, why", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path, sig, code, why):
+    """Ctrl-C, or a SIGTERM (a SIGTERM once exited 130 and wrote "interrupted (Ctrl-C)" in the gradebook)."""
     subs = tmp_path / "subs"
     subs.mkdir()
     for name in ("a", "b", "c", "d"):
@@ -826,14 +829,14 @@ def test_ctrl_c_ends_the_batch_with_a_complete_gradebook(solved, tmp_path):
     end = time.monotonic() + 120
     while not (out / "a.json").exists() and time.monotonic() < end and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stdout + stderr
-    assert "stopped early: interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert proc.returncode == code, stdout + stderr
+    assert f"stopped early: {why}" in stderr and "Traceback" not in stderr, stderr
     rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
     assert set(rows) == {"student", "a", "b", "c", "d"}
     assert rows["a"][1:3] == ["1", "100"] and rows["a"][-1] == "yes"
-    assert rows["d"][-1] == "not graded: interrupted (Ctrl-C)", rows["d"]
+    assert rows["d"][-1] == f"not graded: {why}", rows["d"]
     for name in "abcd":
         assert json.loads((out / f"{name}.json").read_text())["student"] == name
     time.sleep(0.5)
@@ -1196,3 +1199,36 @@ def test_every_entry_of_a_folder_of_submissions_gets_a_row(solved, tmp_path):
         assert rows[name][1:3] == ["0", "0"] and rows[name][-1].startswith("not graded"), rows[name]
         assert "neither a folder nor a .zip file" in rows[name][-1], rows[name]
         assert (out / f"{name}.json").is_file()
+    # alone and without --out, as a .zip is: graded into ./grades (it was "Bob.ZIP is not a directory")
+    r = subprocess.run([sys.executable, "-m", "minivae.assignments", "grade", subs / "Bob.ZIP", "--exercises",
+                        "kl_forward"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and "Bob,1,100" in (tmp_path / "grades" / "gradebook.csv").read_text(), r.stderr
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e300", "nan", "0"])
+def test_a_timeout_that_is_no_deadline_is_refused_before_grading(solved, tmp_path, timeout):
+    """--timeout inf once graded every honest student 0 ("cannot convert float infinity to integer", from the
+    child's CPU limit); a check must have a finite deadline."""
+    r = cli("grade", solved, "--exercises", "kl_forward", "--timeout", timeout, "--out", tmp_path / "g", timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: timeout must be positive and at most"), r.stderr
+    assert not (tmp_path / "g").exists()
+
+
+def test_the_report_is_never_written_over_the_submission_or_the_manifest(tmp_path):
+    """`grade alice --json alice/minivae/gaussian.py` once replaced the student's file with the report, and
+    `--json` naming the manifest replaced the manifest."""
+    course = tmp_path / "hw"
+    make_starter(course, ("kl_forward",), record_expected=False, manifest=tmp_path / "hw.manifest.json")
+    before = {p: p.read_bytes() for p in [tmp_path / "hw.manifest.json", *sorted(course.rglob("*.py"))]}
+    for target, what in ((course / "minivae" / "gaussian.py", "inside the submission"),
+                         (course / "report.json", "inside the submission"),
+                         (tmp_path / "hw.manifest.json", "is the manifest")):
+        r = cli("grade", course, "--manifest", tmp_path / "hw.manifest.json", "--json", target, timeout=120)
+        assert r.returncode == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {p: p.read_bytes() for p in before} == before and not (course / "report.json").exists()
+    r = cli("grade", course, "--manifest", tmp_path / "hw.manifest.json", "--out",
+            course / "minivae" / "grades", timeout=120)                   # a batch: --out inside a submission
+    assert r.returncode == 2 and "--out" in r.stderr and "inside the submission" in r.stderr, r.stderr
+    assert not (course / "minivae" / "grades").exists()

@@ -629,6 +629,36 @@ def test_a_sigterm_during_numbas_compilation_waits_for_it_then_stops(tmp_path, c
     one_error_line(err, "terminated (SIGTERM) at epoch 1, step 1; no checkpoint was written yet")
 
 
+MAKE_INTERRUPTED = """
+import os, signal, sys
+import minivae.assignments.make as mk
+real = mk._write
+def _write(out, *a, **k):
+    (out / "partial.txt").write_text("half a copy")
+    os.kill(os.getpid(), signal.{sig})
+    return real(out, *a, **k)
+mk._write = _write
+from minivae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, rc, said", [("SIGTERM", 143, "terminated (SIGTERM)"), ("SIGINT", 130, "interrupted")])
+@pytest.mark.parametrize("prog", [["assignments"], []], ids=["minivae-assignments", "minivae.assignments"])
+def test_assignments_make_stopped_by_a_signal_leaves_no_half_made_copy(tmp_path, sig, rc, said, prog):
+    """A SIGTERM during `make` once killed it mid-copy (no message): a half-made student copy that a rerun refused
+    as "not an empty folder", and that could be handed out."""
+    out = tmp_path / "hw1"
+    code = MAKE_INTERRUPTED.format(sig=sig)
+    if not prog:                                    # python -m minivae.assignments: its own main
+        code = code.replace("from minivae.cli import main", "from minivae.assignments.__main__ import main")
+    p = subprocess.run([sys.executable, "-c", code, *prog, "make", str(out)], capture_output=True, text=True,
+                       env=ENV, timeout=240)
+    assert p.returncode == rc, (p.returncode, p.stdout, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr and said in p.stderr.strip().splitlines()[-1], p.stderr
+    assert not out.exists() and not (tmp_path / "hw1.manifest.json").exists(), os.listdir(tmp_path)
+
+
 def test_train_out_that_is_a_file_is_named(tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("mine")

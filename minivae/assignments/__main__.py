@@ -52,14 +52,38 @@ def _parser():
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt            # SIGTERM stops a batch as Ctrl-C does: the gradebook is still written
+    from ..signals import Terminated
+    raise Terminated()                 # SIGTERM stops a batch as Ctrl-C does (the gradebook is still written), exit 143
+
+
+def _check_json_path(json_path, submission, manifest):
+    """ValueError (one line) if the report would be written over the manifest or into the submission it grades
+    (``--json alice/minivae/gaussian.py`` once replaced the student's file with the report)."""
+    from ..atomic import same_file
+    target = Path(json_path).resolve()
+    if manifest is not None and same_file(json_path, manifest):
+        raise ValueError(f"--json {json_path} is the manifest {manifest}, which this command reads: choose another path")
+    if target == submission or submission in target.parents:
+        raise ValueError(f"--json {json_path} is inside the submission {submission}, which this command reads: "
+                         "write the report outside it")
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    prev = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM as Ctrl-C, for every command: a batch still writes its gradebook, and make removes its
+        # half-made copy (the default action killed it mid-copy, leaving a folder that blocks the rerun)
+        prev = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.cmd == "grade" and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
+        return _run(args)
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _run(args):
+    try:
         if args.cmd == "list":
             for e in EXERCISES:
                 print(f"{e.id:<28} minivae/{e.file:<15} {e.title}")
@@ -82,10 +106,12 @@ def main(argv=None):
             raise ValueError("no exercises to grade")
         sandbox = not args.no_sandbox
         subs = grading.expand_submissions(args.dirs)
-        single = len(subs) == 1 and args.out is None and Path(subs[0][1]).suffix != ".zip"
+        single = len(subs) == 1 and args.out is None and Path(subs[0][1]).suffix.lower() != ".zip"
         if single:
             name, path, notes = subs[0]
             report_dir = grading.check_student_dir(path)
+            if args.json:
+                _check_json_path(args.json, report_dir, args.manifest)
             print(grading.format_header(report_dir), flush=True)
             report = grading.grade(report_dir, ids, timeout=args.timeout, seed=args.seed, manifest=args.manifest,
                                    sandbox=sandbox, name=name,
@@ -102,6 +128,12 @@ def main(argv=None):
         if args.json:
             raise ValueError("--json takes one submission; use --out DIR for many")
         out = args.out or "grades"
+        target = Path(out).resolve()
+        for _, path, _ in subs:                 # the reports go beside the submissions, never into one
+            sub = Path(path).resolve()
+            if sub.is_dir() and (target == sub or sub in target.parents):
+                raise ValueError(f"--out {out} is inside the submission {path}, which this command reads: "
+                                 "write the gradebook outside it")
         reports, stopped = grading.grade_batch(args.dirs, ids, timeout=args.timeout, seed=args.seed,
                                                jobs=args.jobs, out_dir=out, manifest=args.manifest,
                                                progress=True, sandbox=sandbox)
@@ -114,11 +146,12 @@ def main(argv=None):
         print(f"wrote {Path(out) / 'gradebook.csv'} and {len(reports)} report(s) in {out}")
         if stopped:
             print(f"stopped early: {stopped}; the students not graded are marked so", file=sys.stderr)
-            return 130 if "interrupted" in stopped else 2
+            return grading.stop_exit_code(stopped)
         return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        why = grading.stop_reason(e)
+        print(why, file=sys.stderr)
+        return grading.stop_exit_code(why)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {grading.clean(' '.join(str(e).split()), 1000)}", file=sys.stderr)
         return 2

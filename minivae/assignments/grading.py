@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -49,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 PACKAGE = HERE.parent                          # the installed reference package (solutions included)
 SOURCE_ROOT = PACKAGE.parent
 DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 86400.0            # one day: a finite deadline for every check (and the child's CPU-time limit)
 MAX_ZIP_BYTES = 64 << 20         # a submission, uncompressed
 MAX_FILES = 10000                # files in a submission
 MAX_SOURCE_BYTES = 1 << 20       # one source file of the submission
@@ -297,8 +299,9 @@ class Run:
         missing = [e for e in self.ids if not checks.has_check(e)]
         if missing:
             raise ValueError(f"the grader has no check for exercise {', '.join(missing)}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        if not 0 < timeout <= MAX_TIMEOUT:      # inf once graded every student 0 ("cannot convert float infinity")
+            raise ValueError(f"timeout must be positive and at most {MAX_TIMEOUT:g} s (a check that runs longer "
+                             f"counts as hanging), got {timeout}")
         self.integrity = Integrity(self.manifest)
         self.seed = int(secrets.randbits(63)) if seed is None else int(seed)
         self.timeout = float(timeout)
@@ -690,8 +693,8 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
                     bar.update(1)
                 if run.stop.is_set() and stopped is None:
                     stopped = "the grader's own files changed during grading"
-        except KeyboardInterrupt:
-            stopped = "interrupted (Ctrl-C)"
+        except KeyboardInterrupt as e:
+            stopped = stop_reason(e)
             run.stop.set()
             kill_all()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -700,8 +703,8 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
                     reports[name] = fut.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    except KeyboardInterrupt:
-        stopped = "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as e:
+        stopped = stop_reason(e)
     finally:
         if bar is not None:
             bar.close()
@@ -724,6 +727,21 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
         if run is not None:
             run.close()
     return reports, stopped
+
+
+STOPPED = {signal.SIGINT: ("interrupted (Ctrl-C)", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+
+
+def stop_reason(exc):
+    """Why a batch stopped, for a KeyboardInterrupt: Ctrl-C, or SIGTERM (raised as :class:`minivae.signals.Terminated`
+    by the command line), so the gradebook and the exit code (130, 143) say which."""
+    from ..signals import signal_of
+    return STOPPED.get(signal_of(exc), STOPPED[signal.SIGINT])[0]
+
+
+def stop_exit_code(stopped):
+    """The exit code of a batch that stopped early: 130 (Ctrl-C), 143 (SIGTERM), 2 (the grader's files changed)."""
+    return next((code for why, code in STOPPED.values() if why == stopped), 2)
 
 
 def _cell(value):
