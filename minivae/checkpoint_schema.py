@@ -107,7 +107,7 @@ SETTINGS = {
     "seed": integer(0), "backend": choice(*BACKENDS), "iw_k": integer(0), "figures": boolean, "fast": boolean,
     "threads": optional(integer(1)), "decoder": text, "flow": optional(text), "iwae_grad": text,
     "prior": optional(text), "stochastic_layers": integer(1), "latent2": optional(integer(1)),
-    "labels": optional(integer(1)), "alpha": number(nonneg=True),
+    "labels": optional(integer(1)), "alpha": optional(number(nonneg=True)),
 }
 
 CONFIG = {

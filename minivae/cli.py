@@ -165,9 +165,10 @@ def build_parser():
                         "each of the K classes, drawn with --seed; the other digits are unlabelled; eval reports "
                         "the classifier's test error (default: an unsupervised VAE)")
     t.add_argument("--alpha", type=float,
-                   help="with --labels: the weight of the classifier's mean cross-entropy per data point (the "
-                        "paper's alpha = 0.1 N with its expectation read as a mean; 0.1 x N labels reads it as a sum "
-                        "over the labelled digits; minivae/m2.py) (default 0.1)")
+                   help="with --labels: the weight of the classifier's mean cross-entropy per data point; the "
+                        "paper's alpha = 0.1 N reads as 0.1 with its expectation a mean over the labelled digits, "
+                        "as 0.1 x N labels with it a sum (minivae/m2.py) (default: labels / 10, the sum reading; "
+                        "0.1 trains poorly, docs/results.md)")
     t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
                                    "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
     t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
@@ -323,6 +324,7 @@ def _backend(args):
 def cmd_train(args):
     from .checkpoint import CheckpointError, load_checkpoint
     from .train import CHECKPOINT, TrainSettings, new_run_dir, train
+    from .train.settings import upgrade_saved
     overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
     if args.backend is None and os.environ.get("MINIVAE_BACKEND", "").strip():
         overrides["backend"] = _backend(args)
@@ -339,12 +341,12 @@ def cmd_train(args):
             from .train.run_folder import missing_checkpoint
             raise missing_checkpoint(args.out)
         ckpt = load_checkpoint(Path(args.out) / CHECKPOINT)
-        saved = dict(ckpt.settings)
+        saved = upgrade_saved(ckpt.settings)
         if args.recipe is not None and args.recipe != saved.get("recipe"):
             raise ValueError(f"{ckpt.path} was trained with recipe {saved.get('recipe')!r}, not {args.recipe!r}")
         saved.update(overrides)
         try:
-            settings = TrainSettings.from_dict(saved)
+            settings = TrainSettings.from_saved(saved)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{ckpt.path}: corrupt field settings ({_one_line(exc)})") from None
     else:
@@ -433,7 +435,7 @@ def _load(args):
     from .train import TrainSettings
     ckpt = load_checkpoint(_run_path(args))
     try:
-        settings = TrainSettings.from_dict(ckpt.settings) if ckpt.settings else TrainSettings()
+        settings = TrainSettings.from_saved(ckpt.settings) if ckpt.settings else TrainSettings()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt.path}: unreadable settings ({exc})") from None
     model = ckpt.build_model(_backend(args))

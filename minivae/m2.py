@@ -16,7 +16,8 @@ The objective of the paper (its eq. 9, written per data point of a training set 
 classifier's cross-entropy on the labelled digits with weight alpha.  The paper's alpha = 0.1 N multiplies
 E_labelled[-log q(y|x)]: read as a mean over the labelled digits it is ``alpha = 0.1`` here (our objective is
 divided by N, the default); read as a sum over them, as common reimplementations do, it is 0.1 N_l (10 for 100
-labels), which gives the classifier much more of the gradient:
+labels), which gives the classifier much more of the gradient and is ``train --labels N``'s default (with
+0.1 the error stays near 50%: docs/results.md):
 
     J = 1/N [ sum_{labelled} L(x, y) + sum_{unlabelled} U(x) ] + alpha * mean_{labelled} -log q(y|x)
 

@@ -298,7 +298,7 @@ def _open_run_folder(s, out, resume, force):
                               f"(--epochs {s.epochs}) would train nothing and misreport the run: give --epochs "
                               f"{ckpt.epoch} or more")
     check_resume(s, ckpt)
-    saved = TrainSettings.from_dict(dict(TrainSettings().to_dict(), **ckpt.settings))
+    saved = TrainSettings.from_saved(dict(TrainSettings().to_dict(), **ckpt.settings))
     if saved.data:          # the recorded data (or the same files elsewhere), else a one-line refusal
         s.data_dir = run_data_dir(saved, s.data_dir if s.data_dir != saved.data_dir else None,
                                   where=str(ckpt_path))
@@ -382,7 +382,7 @@ class _Step:
             x_c = model.xp.asarray(x_l[rows])
             if s.binarize == "dynamic":
                 x_c = binarize(x_c, rngs["binarize"])
-            loss, self.grads = model.loss(xb, validate=False, y=self.y_train[idx], alpha=s.alpha, x_cls=x_c,
+            loss, self.grads = model.loss(xb, validate=False, y=self.y_train[idx], alpha=s.m2_alpha, x_cls=x_c,
                                           y_cls=y_l[rows])
             return loss, model.parts
         loss, self.grads = model.loss(xb, beta=beta, validate=False, **self.obj_kw,
