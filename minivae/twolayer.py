@@ -285,9 +285,18 @@ class TwoLayerVAE(VAE):
                 f"{self.size} params)")
 
 
+def work(config, labelled=False):
+    """``(once, per_draw)`` multiply-adds per example (minivae.limits): q(z1|x) once; q(z2|z1), p(z1|z2) and
+    p(x|z1) for every draw."""
+    n = {net: sum(int(np.prod(s)) for name, s in param_shapes(config) if name.startswith(net + ".")
+                  and name.endswith(".W"))                 # each weight once (the biases are adds)
+         for net in ("q1", "q2", "p1", "px")}
+    return n["q1"], n["q2"] + n["p1"] + n["px"]
+
+
 def _register():
     from .model import ModelKind, register_model_kind
-    register_model_kind("two_layer", ModelKind(TwoLayerConfig, TwoLayerVAE, param_shapes))
+    register_model_kind("two_layer", ModelKind(TwoLayerConfig, TwoLayerVAE, param_shapes, work))
 
 
 _register()
