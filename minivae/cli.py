@@ -589,8 +589,9 @@ def eval_lines(rep, ckpt, model):
                      + " ".join(f"{v:.2f}" for v in per[L1:]))
     elif rep.get("kl_per_dim") is not None:
         lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
-    if rep.get("au_note"):
-        lines.append(f"note: {rep['au_note']}")
+    for note in ("au_note", "kl_note"):
+        if rep.get(note):
+            lines.append(f"note: {rep[note]}")
     if isinstance(rep.get("collapse_warning"), str):
         lines.append(f"warning: {rep['collapse_warning']}")
     return lines

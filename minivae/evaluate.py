@@ -218,13 +218,38 @@ def kl_per_dim(model, x, batch_size=1000, y=None):
     return tot / x.shape[0]
 
 
-def collapse_warning(n_active, n_latent):
-    """A message when fewer than half of the latent units are active, else False."""
+def collapse_warning(n_active, n_latent, remedies=("KL warm-up", "free bits")):
+    """A message when fewer than half of the latent units are active, else False; it suggests ``remedies``, the
+    ones training offers the model (:func:`collapse_remedies`)."""
     if n_active < n_latent / 2:
+        fix = f"; to fight it, try {' or '.join(remedies)}" if remedies else ""
         return (f"posterior collapse: only {n_active} of {n_latent} latent units are active; the rest carry "
                 "no information about x (partial collapse is normal for a wide latent: Burda et al. 2015 report "
-                "19-20 of 50 for their VAE; to fight it, try KL warm-up or free bits)")
+                f"19-20 of 50 for their VAE{fix})")
     return False
+
+
+def kl_unsplit_reason(model):
+    """None when the ELBO's KL term is the sum of each latent dimension's analytic KL(q(z_j|x) || N(0, 1)) (what
+    :func:`kl_per_dim` gives), else why not: a flow in q(z|x) mixes the dimensions, a learned prior (a mixture)
+    does not factorise over them, and M2's KL also holds the class's term, KL(q(y|x) || p(y))."""
+    c = model.config
+    if getattr(c, "flow", None):
+        return f"the flow {c.flow} in q(z|x) mixes the dimensions"
+    if getattr(c, "prior", None):
+        return f"the learned prior {c.prior} does not factorise over them"
+    if getattr(model, "semi_supervised", False):
+        return "M2's KL also holds the class's term, KL(q(y|x) || p(y))"
+    return None
+
+
+def collapse_remedies(model):
+    """The remedies for posterior collapse that training offers this model (minivae.train.settings' checks):
+    free bits floor an analytic KL per dimension, which a flow or a learned prior lacks; two stochastic layers
+    and M2 train on their own bound, with neither warm-up nor free bits."""
+    if hasattr(model, "kl_per_unit") or getattr(model, "semi_supervised", False):
+        return ()
+    return ("KL warm-up", "free bits") if kl_unsplit_reason(model) is None else ("KL warm-up",)
 
 
 # Active units are a variance over the data: with fewer examples than this the estimate means nothing,
@@ -244,7 +269,8 @@ def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_
     iw_seconds      time spent on the IW estimate
     active_units, n_latent, au_threshold   units with Cov_x(E_q[z_j]) > au_threshold (active_units is
                     None below AU_MIN_N examples, with the reason in ``au_note``)
-    kl_per_dim      list of the mean KL of each latent dimension (sums to ``kl``)
+    kl_per_dim      list of the mean KL of each latent dimension (sums to ``kl``); None for a model whose KL
+                    does not split by dimension (:func:`kl_unsplit_reason`), with the reason in ``kl_note``
     collapse_warning  False, or a message when fewer than half of the units are active
 
     Two stochastic layers (a model with ``kl_per_unit``, ``L1`` and ``L2``): ``kl`` is a Monte Carlo estimate of
@@ -269,16 +295,23 @@ def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_
     if x.shape[0] >= AU_MIN_N:
         active = posterior_mean_variance(model, x, y=y) > au_threshold
         n_active = int(active.sum())
-        warn = collapse_warning(n_active, n_latent)
+        warn = collapse_warning(n_active, n_latent, collapse_remedies(model))
         if two_layers:
             out.update(active_units_z1=int(active[:model.L1].sum()), active_units_z2=int(active[model.L1:].sum()))
     else:
         n_active, warn = None, False
         out["au_note"] = (f"active units not counted: they need at least {AU_MIN_N} examples, got "
                           f"{x.shape[0]}")
-    per = parts["kl_per_unit"] if two_layers else kl_per_dim(model, x, y=y)
+    if two_layers:
+        per = parts["kl_per_unit"]
+    elif kl_unsplit_reason(model) is None:
+        per = kl_per_dim(model, x, y=y)
+    else:                           # an analytic KL per dimension against N(0, 1) would not add up to ``kl``
+        per = None
+        out["kl_note"] = (f"no KL per latent dimension: this model's KL term does not split into one per "
+                          f"dimension ({kl_unsplit_reason(model)})")
     out.update(active_units=n_active, n_latent=n_latent, au_threshold=float(au_threshold),
-               kl_per_dim=[float(v) for v in per], collapse_warning=warn)
+               kl_per_dim=None if per is None else [float(v) for v in per], collapse_warning=warn)
     if two_layers:
         out["latent_layers"] = {"z1": int(model.L1), "z2": int(model.L2)}
     return out
