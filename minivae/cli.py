@@ -592,10 +592,23 @@ def eval_lines(rep, ckpt, model):
                      f"nats/image ({rep['iw_seconds']:.1f} s)")
     if rep.get("error") is not None:
         lines.append(f"test classification error of q(y|x): {100 * rep['error']:.2f}% ({rep['n']} images)")
-    if rep.get("active_units") is not None:
+    layers = rep.get("latent_layers")              # two stochastic layers: {"z1": L1, "z2": L2}
+    if rep.get("active_units") is not None and layers:
+        lines.append(f"active latent units: {rep['active_units']} of {rep['n_latent']}: z1 {rep['active_units_z1']} "
+                     f"of {layers['z1']}, z2 {rep['active_units_z2']} of {layers['z2']} (Cov_x E_q[z_j] > "
+                     f"{rep['au_threshold']:g}; z2's mean at z1 = E_q[z1|x])")
+    elif rep.get("active_units") is not None:
         lines.append(f"active latent units: {rep['active_units']} of {rep['n_latent']} (Cov_x E_q[z_j] > "
                      f"{rep['au_threshold']:g})")
-    if rep.get("kl_per_dim") is not None:
+    if rep.get("kl_per_dim") is not None and layers:
+        per, L1 = rep["kl_per_dim"], layers["z1"]
+        lines.append(f"KL term per latent unit, each unit's share of the KL {rep['kl']:.4f} above (nats; the same "
+                     f"Monte Carlo draws; the {len(per)} shares sum to it):")
+        lines.append(f"  z1, log q(z1_j|x) - log p(z1_j|z2), sum {sum(per[:L1]):.4f}: "
+                     + " ".join(f"{v:.2f}" for v in per[:L1]))
+        lines.append(f"  z2, log q(z2_j|z1) - log p(z2_j), sum {sum(per[L1:]):.4f}: "
+                     + " ".join(f"{v:.2f}" for v in per[L1:]))
+    elif rep.get("kl_per_dim") is not None:
         lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in rep["kl_per_dim"]))
     if rep.get("au_note"):
         lines.append(f"note: {rep['au_note']}")

@@ -144,16 +144,20 @@ def _progress_bar(progress, total, desc):
     return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=False, disable=None)
 
 
-def negative_elbo(model, x, rng, batch_size=1000, y=None):
+def negative_elbo(model, x, rng, batch_size=1000, y=None, per_unit=False):
     """Mean negative ELBO and its parts over a dataset (one eps draw per example; labels y if conditional).
 
     Returns ``{"loss", "recon", "kl"}`` as Python floats, nats per example.  The eps draws, and so the
     result up to float rounding, do not depend on ``batch_size`` (capped for the conv architectures).
+    ``per_unit=True``, for a model with ``kl_per_unit`` (two stochastic layers, whose KL term is a Monte Carlo
+    estimate): also ``"kl_per_unit"``, (L,) float64, each unit's share of ``kl`` from the same draws (it sums to
+    ``kl``).
     """
     batch_size = _row_budget(model, batch_size)
     x = np.asarray(to_numpy(x))
     N = x.shape[0]
     tot = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    units = np.zeros(model.config.z_dim) if per_unit else None
     ys = _label_batches(y, N)
     for start in range(0, N, batch_size):
         xb = x[start:start + batch_size]
@@ -162,7 +166,12 @@ def negative_elbo(model, x, rng, batch_size=1000, y=None):
         model.loss(xb, eps=eps, backward=False, **({} if yb is None else {"y": yb}))
         for key in tot:
             tot[key] += float(to_numpy(model.parts[key])) * xb.shape[0]
-    return {key: v / N for key, v in tot.items()}
+        if per_unit:
+            units += to_numpy(model.kl_per_unit(xb, eps)).astype(np.float64).sum(axis=(0, 1))
+    out = {key: v / N for key, v in tot.items()}
+    if per_unit:
+        out["kl_per_unit"] = units / N
+    return out
 
 
 def posterior_mean_variance(model, x, batch_size=1000, y=None):
@@ -237,10 +246,17 @@ def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_
                     None below AU_MIN_N examples, with the reason in ``au_note``)
     kl_per_dim      list of the mean KL of each latent dimension (sums to ``kl``)
     collapse_warning  False, or a message when fewer than half of the units are active
+
+    Two stochastic layers (a model with ``kl_per_unit``, ``L1`` and ``L2``): ``kl`` is a Monte Carlo estimate of
+    E_q[log q(z1|x) + log q(z2|z1) - log p(z1|z2) - log p(z2)], and ``kl_per_dim`` holds each unit's share of it
+    from the same draws (z1's L1 units, then z2's L2; it sums to ``kl``; a z1 share is against p(z1|z2), not
+    N(0, 1)).  Also ``latent_layers`` {"z1": L1, "z2": L2} and ``active_units_z1``, ``active_units_z2``
+    (z2's posterior mean is taken at z1 = E_q[z1|x], as ``encode`` gives it).
     """
     import time
     x = np.asarray(to_numpy(x))
-    parts = negative_elbo(model, x, rng, batch_size=batch_size, y=y)
+    two_layers = hasattr(model, "kl_per_unit")
+    parts = negative_elbo(model, x, rng, batch_size=batch_size, y=y, per_unit=two_layers)
     out = {"n": int(x.shape[0]), "neg_elbo": parts["loss"], "recon": parts["recon"], "kl": parts["kl"],
            "iw_k": int(iw_k) if iw_k else 0, "iw_nll": None, "iw_nll_sem": None, "iw_seconds": None}
     if iw_k:
@@ -251,12 +267,18 @@ def report(model, x, rng, iw_k=0, chunk=100, batch_size=100, progress=False, au_
         out["iw_nll_sem"] = float(ll.std(ddof=1) / np.sqrt(len(ll))) if len(ll) > 1 else None
     n_latent = int(model.config.z_dim)
     if x.shape[0] >= AU_MIN_N:
-        n_active = active_units(model, x, threshold=au_threshold, y=y)
+        active = posterior_mean_variance(model, x, y=y) > au_threshold
+        n_active = int(active.sum())
         warn = collapse_warning(n_active, n_latent)
+        if two_layers:
+            out.update(active_units_z1=int(active[:model.L1].sum()), active_units_z2=int(active[model.L1:].sum()))
     else:
         n_active, warn = None, False
         out["au_note"] = (f"active units not counted: they need at least {AU_MIN_N} examples, got "
                           f"{x.shape[0]}")
+    per = parts["kl_per_unit"] if two_layers else kl_per_dim(model, x, y=y)
     out.update(active_units=n_active, n_latent=n_latent, au_threshold=float(au_threshold),
-               kl_per_dim=[float(v) for v in kl_per_dim(model, x, y=y)], collapse_warning=warn)
+               kl_per_dim=[float(v) for v in per], collapse_warning=warn)
+    if two_layers:
+        out["latent_layers"] = {"z1": int(model.L1), "z2": int(model.L2)}
     return out

@@ -553,9 +553,23 @@ def to_host(a):
     return to_numpy(a)
 
 
+def work(config, labelled=False):
+    """``(once, per_draw)`` multiply-adds per example (minivae.limits).  Once: the encoder.  Per draw of z: the
+    decoder (factorised, or the MADE's two masked layers, counted dense, as they are computed), every flow step,
+    and a mixture prior's C components in L dimensions.  (The VampPrior's encoder pass over its C pseudo-inputs
+    is once per step, not per example: left out, so the count stays a lower bound.)"""
+    size = {name: int(np.prod(s)) for name, s, _ in family_param_shapes(config)}
+    enc, dec = networks.work(config)
+    if config.decoder != "factorised":
+        dec = sum(n for name, n in size.items() if name.startswith("dec."))
+    flow = sum(n for name, n in size.items() if name.startswith("flow."))
+    prior = parse_prior(config.prior)
+    return enc, dec + flow + (prior[1] * config.z_dim if prior else 0)
+
+
 def _register():
     from .model import ModelKind, register_model_kind
-    register_model_kind("family", ModelKind(FamilyConfig, FamilyVAE, param_shapes))
+    register_model_kind("family", ModelKind(FamilyConfig, FamilyVAE, param_shapes, work))
 
 
 _register()

@@ -123,16 +123,41 @@ def weights(config, prefix):
     return sum(math.prod(shape) for name, shape in param_shapes(config) if name.startswith(prefix))
 
 
+def example_macs(config, labelled=False):
+    """``(once, per_draw)``: at least this many multiply-adds per example in one forward pass of the model's
+    loss, the part computed once per example and the part computed again for every draw of z.
+
+    The model kind says it (:class:`minivae.model.ModelKind`'s ``work``): the VAE counts its layers (a
+    convolution at each position), two stochastic layers run q(z1|x) once and q(z2|z1), p(z1|z2), p(x|z1) per
+    draw, the MADE decoder and the flows run per draw, and M2 runs its classifier and the first layer of its
+    encoder once but the rest of q(z|x, y) and p(x|y, z) once per class for an unlabelled example
+    (``labelled=True``: the one class given).  A kind without ``work``: its encoder's (enc.*) weights once,
+    its decoder's (dec.*) per draw."""
+    from .model import get_model_kind
+    kind = get_model_kind(config)
+    if kind.work is not None:
+        once, per_draw = kind.work(config, labelled)
+        return int(once), int(per_draw)
+    return weights(config, "enc."), weights(config, "dec.")
+
+
 def iw_macs(config, n_images, k):
     """At least this many multiply-adds for an importance-weighted bound with k samples of n images."""
-    return int(n_images) * (weights(config, "enc.") + int(k) * weights(config, "dec."))
+    once, per_draw = example_macs(config)
+    return int(n_images) * (once + int(k) * per_draw)
 
 
-def training_macs(config, n_train, epochs, iwae_k=None):
+def training_macs(config, n_train, epochs, iwae_k=None, n_labelled=0):
     """At least this many multiply-adds for ``epochs`` passes over n_train images (forward and backward, ~3x;
-    the IWAE bound decodes K samples of each image)."""
+    the IWAE bound decodes K samples of each image; :func:`example_macs` per family).  ``n_labelled``: how many
+    of the images carry a label (M2: those cost one class, the others every class)."""
     k = int(iwae_k or 1)
-    return 3 * int(epochs) * int(n_train) * (weights(config, "enc.") + k * weights(config, "dec."))
+    once, per_draw = example_macs(config)
+    per_epoch = (int(n_train) - int(n_labelled)) * (once + k * per_draw)
+    if n_labelled:
+        once_l, per_draw_l = example_macs(config, labelled=True)
+        per_epoch += int(n_labelled) * (once_l + k * per_draw_l)
+    return 3 * int(epochs) * per_epoch
 
 
 def _duration(seconds):

@@ -629,9 +629,21 @@ def choose_labelled(y, n_labels, n_classes, seed):
     return np.sort(np.concatenate(rows))
 
 
+def work(config, labelled=False):
+    """``(once, per_draw)`` multiply-adds per example (minivae.limits), for the C classes an example enumerates
+    (an unlabelled one all K, a labelled one its own).  Once: the classifier q(y|x), the encoder's x @ enc.0.W,
+    which the class copies share (:func:`label_dense_forward`), and C times the rest of q(z|x, y) (its label term
+    Y @ enc.0.V, the hidden layers, the heads).  Per draw of z: C times the decoder p(x|y, z)."""
+    size = {name: math.prod(s) for name, s in param_shapes(config) if not name.endswith(".b")}   # b: adds
+    C = 1 if labelled else config.classes
+    enc_rest = sum(n for name, n in size.items() if name.startswith("enc.")) - size["enc.0.W"]
+    once = sum(n for name, n in size.items() if name.startswith("cls.")) + size["enc.0.W"] + C * enc_rest
+    return once, C * sum(n for name, n in size.items() if name.startswith("dec."))
+
+
 def _register():
     from .model import ModelKind, register_model_kind
-    register_model_kind("m2", ModelKind(M2Config, M2VAE, param_shapes))
+    register_model_kind("m2", ModelKind(M2Config, M2VAE, param_shapes, work))
 
 
 _register()

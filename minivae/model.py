@@ -803,6 +803,8 @@ class ModelKind(NamedTuple):
     config: type
     model: type
     param_shapes: Callable
+    work: Callable = None     # config, labelled -> (once, per_draw) multiply-adds per example (minivae.limits);
+                              # None: the encoder's (enc.*) weights once, the decoder's (dec.*) per draw of z
 
 
 MODEL_KINDS = {}   # name -> ModelKind
@@ -848,4 +850,4 @@ def build_model(config, rng=None, backend=None):
 
 
 # minivae.families registers "family" when the package is imported (minivae/__init__.py imports it)
-register_model_kind("vae", ModelKind(VAEConfig, VAE, networks.param_shapes))
+register_model_kind("vae", ModelKind(VAEConfig, VAE, networks.param_shapes, networks.work))

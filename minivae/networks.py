@@ -289,6 +289,47 @@ def param_shapes(config):
     return [s for layer in build(config).layers() for s in layer.param_shapes()]
 
 
+def _layer_macs(layer, shape):
+    """Multiply-adds of one layer on one row whose input has ``shape`` ((C, H, W) or None for a flat row), and
+    the shape of its output.  A dense layer uses each weight once; a convolution each weight once per output
+    position, a transposed convolution once per input position."""
+    op, W, arg = layer.op, layer.W, layer.arg
+    if op == "dense":
+        return W[0] * W[1], None
+    if op == "unflatten":
+        return 0, tuple(arg)
+    if op == "flatten":
+        return 0, None
+    if op == "conv":
+        (s, p), (_, H, Wd) = arg, shape
+        Ho, Wo = (H + 2 * p - W[2]) // s + 1, (Wd + 2 * p - W[3]) // s + 1
+        return W[0] * W[1] * W[2] * W[3] * Ho * Wo, (W[0], Ho, Wo)
+    if op == "deconv":
+        (s, p), (_, H, Wd) = arg, shape
+        return W[0] * W[1] * W[2] * W[3] * H * Wd, (W[1], (H - 1) * s - 2 * p + W[2], (Wd - 1) * s - 2 * p + W[3])
+    if op == "maxpool":
+        return 0, (shape[0], shape[1] // arg[0], shape[2] // arg[0])
+    if op == "upsample":
+        return 0, (shape[0], shape[1] * arg[0], shape[2] * arg[0])
+    return 0, shape                                   # act, concat, outer: no weights
+
+
+def _stack_macs(layers, heads):
+    """Multiply-adds of ``layers`` in turn, then of each of ``heads`` on their common input."""
+    total, shape = 0, None
+    for layer in layers:
+        n, shape = _layer_macs(layer, shape)
+        total += n
+    return total + sum(_layer_macs(head, shape)[0] for head in heads)
+
+
+def work(config, labelled=False):
+    """``(once, per_draw)``: the multiply-adds of one example's forward pass, the encoder's (once) and the
+    decoder's (per draw of z), counted layer by layer (a convolution at every position it slides to)."""
+    net = build(config)
+    return _stack_macs(net.encoder, net.enc_heads), _stack_macs(net.decoder, net.dec_heads)
+
+
 def fan_in(w_shape):
     """The fan-in of a weight of this shape, as PyTorch's default init counts it.
 

@@ -221,6 +221,36 @@ class TwoLayerVAE(VAE):
         dl1 = dl1 + 0.5 * g.sum(axis=0)[:, None]                           # -log q(z1|x)
         self._net_backward("q1", [dm1, dl1], c_q1, grads)
 
+    def kl_per_unit(self, x, eps):
+        """Each latent unit's share of the Monte Carlo KL term, (S, N, L1 + L2); the L1 + L2 entries of a row sum
+        to the ``kl`` of :meth:`loss` for the same eps (``parts["kl"]`` is their mean over S and N).
+
+        With two stochastic layers the KL term is E_q[log q(z1|x) + log q(z2|z1) - log p(z1|z2) - log p(z2)], and
+        every density is diagonal, so it splits over units (the log 2 pi terms cancel pairwise):
+
+            z1 unit j:  log q(z1_j|x) - log p(z1_j|z2)  = 1/2 ((z1_j - mp_j)^2 / exp(lp_j) + lp_j - eps1_j^2 - l1_j)
+            z2 unit k:  log q(z2_k|z1) - log p(z2_k)    = 1/2 (z2_k^2 - eps2_k^2 - l2_k)
+
+        Columns :L1 are z1's units, L1: z2's.  A z1 entry is measured against the learned prior p(z1|z2), not
+        N(0, 1), so it can be negative for one draw; it is not KL(q(z1_j|x) || N(0, 1)).
+        """
+        x = self.as_input(x, validate=False)
+        eps = self.as_eps(eps, x.shape[0])
+        S, N, _ = eps.shape
+        L1, L2 = self.L1, self.L2
+        e1, e2 = eps[..., :L1], eps[..., L1:].reshape(S * N, L2)
+        (m1, l1), _ = self._net_forward("q1", x, ("mu", "logvar"))
+        z1, _ = reparameterize_forward(m1, l1, e1)                                      # (S, N, L1)
+        z1r = z1.reshape(S * N, L1)
+        (m2, l2), _ = self._net_forward("q2", z1r, ("mu", "logvar"))
+        z2, _ = reparameterize_forward(m2, l2, e2)                                      # (S*N, L2)
+        (mp, lp), _ = self._net_forward("p1", z2, ("mu", "logvar"))
+        d1 = z1r - mp
+        k1 = 0.5 * (d1 * d1 * self.xp.exp(-lp) + lp - e1.reshape(S * N, L1) ** 2 - self.xp.broadcast_to(
+            l1, (S, N, L1)).reshape(S * N, L1))
+        k2 = 0.5 * (z2 * z2 - e2 * e2 - l2)
+        return self.xp.concatenate([k1, k2], axis=1).reshape(S, N, L1 + L2)
+
     # ------------------------------------------------------------ the rest
     def log_weights(self, x, eps, y=None):
         """log w = log p(x|z1) + log p(z1|z2) + log p(z2) - log q(z1|x) - log q(z2|z1), (S, N)."""
@@ -255,9 +285,18 @@ class TwoLayerVAE(VAE):
                 f"{self.size} params)")
 
 
+def work(config, labelled=False):
+    """``(once, per_draw)`` multiply-adds per example (minivae.limits): q(z1|x) once; q(z2|z1), p(z1|z2) and
+    p(x|z1) for every draw."""
+    n = {net: sum(int(np.prod(s)) for name, s in param_shapes(config) if name.startswith(net + ".")
+                  and name.endswith(".W"))                 # each weight once (the biases are adds)
+         for net in ("q1", "q2", "p1", "px")}
+    return n["q1"], n["q2"] + n["p1"] + n["px"]
+
+
 def _register():
     from .model import ModelKind, register_model_kind
-    register_model_kind("two_layer", ModelKind(TwoLayerConfig, TwoLayerVAE, param_shapes))
+    register_model_kind("two_layer", ModelKind(TwoLayerConfig, TwoLayerVAE, param_shapes, work))
 
 
 _register()

@@ -60,3 +60,42 @@ def test_train_resume_and_eval_from_the_command_line(tmp_path, capsys):
     assert main(["train", *small, "--recipe", "burda2015-short", "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
     assert main(["train", *small, "--flow", "planar:2", "--out", str(tmp_path / "bad")]) == 2
     assert "two stochastic layers" in capsys.readouterr().err
+
+
+def test_kl_per_unit_sums_to_the_kl_term():
+    rng = np.random.default_rng(2)
+    m = tiny()
+    x = (rng.random((4, 6)) < 0.5).astype(float)
+    eps = rng.standard_normal((3, 4, 5))
+    m.loss(x, eps=eps, n_samples=3, backward=False)
+    per = m.kl_per_unit(x, eps)
+    assert per.shape == (3, 4, 5)
+    assert np.isclose(per.sum(axis=-1).mean(), m.parts["kl"], rtol=1e-12)
+
+
+def test_eval_reports_per_unit_kl_shares_that_add_up_to_the_total(tmp_path, capsys):
+    """eval's per-unit KL figures of a two-layer model are its shares of the reported KL, labelled z1 and z2."""
+    import json
+    import re
+    from minivae.cli import main
+    assert main(["train", "--n-train", "64", "--n-test", "40", "--batch-size", "32", "--hidden", "8", "--latent", "5",
+                 "--quiet", "--no-figures", "--stochastic-layers", "2", "--epochs", "2",
+                 "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--n", "40", "--json", "-"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    L1, L2 = rep["latent_layers"]["z1"], rep["latent_layers"]["z2"]
+    assert L1 + L2 == rep["n_latent"] == len(rep["kl_per_dim"])
+    assert np.isclose(sum(rep["kl_per_dim"]), rep["kl"], rtol=1e-6, atol=1e-6)
+    assert rep["active_units_z1"] + rep["active_units_z2"] == rep["active_units"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--n", "40"]) == 0
+    out = capsys.readouterr().out
+    kl = float(re.search(r"KL (-?[\d.]+)\)", out).group(1))
+    z1 = [float(v) for v in re.search(r"z1, log q\(z1_j\|x\) - log p\(z1_j\|z2\), sum [-\d.]+: (.*)", out)
+          .group(1).split()]
+    z2 = [float(v) for v in re.search(r"z2, log q\(z2_j\|z1\) - log p\(z2_j\), sum [-\d.]+: (.*)", out)
+          .group(1).split()]
+    assert (len(z1), len(z2)) == (L1, L2)
+    assert abs(sum(z1) + sum(z2) - kl) <= 0.005 * (L1 + L2) + 1e-4      # printed to 2 decimals each
+    assert np.isclose(kl, rep["kl"], atol=1e-4)                           # the same seed: the same draws
+    assert f"z1 {rep['active_units_z1']} of {L1}, z2 {rep['active_units_z2']} of {L2}" in out

@@ -269,7 +269,7 @@ def _check_work(s, config, data, out, start, log):
     check_disk(model_bytes(config, 4), out, f"training {describe(config)} (its checkpoint)",
                "free some space or choose another --out")
     k = f" with --iwae-k {s.iwae_k}" if s.iwae_k else ""
-    macs = training_macs(config, len(data.x_train), max(0, s.epochs - start), s.iwae_k) + \
+    macs = training_macs(config, len(data.x_train), max(0, s.epochs - start), s.iwae_k, n_labelled=s.labels or 0) + \
         (iw_macs(config, len(data.test_eval), s.iw_k) if s.iw_k else 0)
     left = max(0, s.epochs - start)
     note = check_work(macs, f"training {describe(config)} for {left} epoch{'s' if left != 1 else ''} on "
