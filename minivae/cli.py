@@ -243,7 +243,9 @@ def build_parser():
                         "figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
-    s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
+    s.add_argument("--label", type=_nonneg_int,
+                   help="the class to draw (a conditional model: required; M2, trained with --labels: optional, "
+                        "by default each sample's class is drawn from p(y))")
     _threads_flag(s)
     s.set_defaults(func=cmd_sample)
 
@@ -265,7 +267,7 @@ def build_parser():
     _ckpt_args(m)
     m.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
     m.add_argument("--grid", type=_positive_int, default=20, help="grid size, at most 100 (default 20)")
-    m.add_argument("--label", type=_nonneg_int, help="a conditional model: decode the grid with this label "
+    m.add_argument("--label", type=_nonneg_int, help="a conditional model or M2: decode the grid with this label "
                                                      "(default 0)")
     m.set_defaults(func=cmd_manifold)
 
@@ -636,13 +638,16 @@ def cmd_sample(args):
     from . import figures
     ckpt, _, model = _load(args)
     rng = np.random.default_rng(args.seed)
-    n_classes = model.config.n_classes
+    n_classes = figures.label_classes(model)     # M2's too: without --label it draws each class from p(y)
     if n_classes is None and args.label is not None:
-        raise ValueError(f"--label needs a conditional model; {ckpt.path} is unconditional (train with --conditional)")
-    if n_classes is not None and (args.label is None or args.label >= n_classes):
-        raise ValueError(f"{ckpt.path} is a conditional model of {n_classes} classes: give --label 0..{n_classes - 1}"
+        raise ValueError(f"--label needs a conditional model or M2; {ckpt.path} is unconditional (train with "
+                         "--conditional or --labels N)")
+    if n_classes is not None and ((args.label is None and model.config.n_classes is not None) or
+                                  (args.label is not None and args.label >= n_classes)):
+        kind = "a conditional model" if model.config.n_classes is not None else "M2"
+        raise ValueError(f"{ckpt.path} is {kind} of {n_classes} classes: give --label 0..{n_classes - 1}"
                          + ("" if args.label is None else f" (got {args.label})"))
-    stem = "samples" if n_classes is None else f"samples_label{args.label}"
+    stem = "samples" if args.label is None else f"samples_label{args.label}"
     suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
     path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
     if args.out is not None and path == Path(args.out):        # a file named by --out: its folder must exist
@@ -690,7 +695,7 @@ def cmd_interpolate(args):
     _, x, y = _test_data(args, ckpt, settings)
     a = args.a
     b = args.b
-    conditional = model.config.n_classes is not None
+    conditional = figures.label_classes(model) is not None     # M2 too: its decoder reads the class
     for flag, idx in (("--a", a), ("--b", b)):
         if idx is not None and idx >= len(x):
             raise ValueError(f"{flag} {idx} is out of range: the test set has {len(x)} images (indices 0.."
@@ -703,7 +708,8 @@ def cmd_interpolate(args):
         if idx >= len(x):
             raise ValueError(f"test index {idx} is out of range (the test set has {len(x)} images)")
     if conditional and y[a] != y[b]:
-        raise ValueError(f"a conditional model interpolates between two digits of one label; test images {a} and "
+        raise ValueError(f"a model that reads labels (conditional, M2) interpolates between two digits of one "
+                         f"label; test images {a} and "
                          f"{b} have labels {y[a]} and {y[b]}")
     target = _check_output(_out_dir(args, ckpt) / "interpolation.png", "--out", args, ckpt, settings)
     with refusing_overflow(ckpt, "interpolation"):
@@ -723,9 +729,9 @@ def cmd_manifold(args):
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
     out = _out_dir(args, ckpt)
-    n_classes = model.config.n_classes
+    n_classes = figures.label_classes(model)     # a conditional model's or M2's
     if args.label is not None and (n_classes is None or args.label >= n_classes):
-        raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
+        raise ValueError(f"--label {args.label} needs a conditional model or M2 with more than {args.label} classes; "
                          f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
     label = (args.label or 0) if n_classes is not None else None
     targets = [_check_output(out / name, "--out", args, ckpt, settings) for name in ("manifold.png",

@@ -61,7 +61,7 @@ def export_lessons(dest, source=None):
             written.append(_write_text(copy, as_exported(script.read_text(encoding="utf-8"))))
             written.append(write_notebook(copy, dest / (script.stem + ".ipynb")))
         for doc in sorted(src.glob("*.md")):
-            written.append(_write_text(dest / doc.name, as_exported(doc.read_text(encoding="utf-8"))))
+            written.append(_write_text(dest / doc.name, exported_doc(doc.name, doc.read_text(encoding="utf-8"))))
     except BaseException:
         # all or nothing: a failed or interrupted export (full disk, Ctrl-C, SIGTERM) takes back what it wrote
         from .signals import deferred
@@ -86,6 +86,40 @@ _IN_LESSONS = re.compile(r"(?<![\w/.])lessons/(?=\d\d_\w+\.(?:py|ipynb)\b|[A-Z]+
 
 def _write_text(path, text):
     return Path(atomic_write(path, lambda f: f.write(text.encode("utf-8"))))
+
+
+# The lessons' docs speak from the repository ("pip install -e ." at its root, its tests/); the exported folder
+# is not the repository, so these sentences are rewritten for it (tests/test_docs.py checks that each one is
+# still in lessons/ and that no exported text sends the reader to the repository's root as if it were here).
+DOC_REWRITES = {
+    "README.md": [
+        ("pip install -e .                       # once, from the repository root; lessons import the installed "
+         "package\npython lessons/05_elbo.py              # the lesson, figures under lesson_output/05_elbo/\n",
+         "# the lessons import minivae: run them with the Python whose minivae wrote this folder (python -m minivae\n"
+         "# lessons DIR), or install minivae into yours from a clone of its repository: pip install -e . at the\n"
+         "# clone's root (its README, \"Install\"); then, from this folder:\n"
+         "python 05_elbo.py                      # the lesson, figures under lesson_output/05_elbo/ here\n"),
+        ("`jupytext --to ipynb lessons/05_elbo.py`",
+         "`jupytext --to ipynb 05_elbo.py` (this folder holds the notebooks already: `05_elbo.ipynb`)"),
+        ("mode. `tests/test_lessons.py` runs", "mode. In the minivae repository, `tests/test_lessons.py` runs"),
+        ("(see the main\nREADME, *Assignments*)", "(see the README of the\nminivae repository, *Assignments*)"),
+    ],
+    "MISTAKES.md": [
+        ("(`tests/test_mistakes.py` holds the cheap checks; run\n`python -m pytest tests/test_mistakes.py -v`)",
+         "(`tests/test_mistakes.py` of the minivae repository holds the cheap checks; run\n"
+         "`python -m pytest tests/test_mistakes.py -v` at the root of a clone of it)"),
+        ("`tests/test_gaussian.py` (the sampler's statistics)",
+         "`tests/test_gaussian.py` of the repository (the sampler's statistics)"),
+    ],
+}
+
+
+def exported_doc(name, text):
+    """A lessons doc (``README.md``, ``MISTAKES.md``) as it must read in the exported folder: its sentences about
+    the repository rewritten (:data:`DOC_REWRITES`), then :func:`as_exported`."""
+    for old, new in DOC_REWRITES.get(name, []):
+        text = text.replace(old, new)
+    return as_exported(text)
 
 
 def as_exported(text):

@@ -182,6 +182,34 @@ def test_an_exported_lesson_reads_right_where_it_stands(tmp_path):
             pytest.fail(f"{path.name} names lessons/{ref}; in the exported folder it is {ref}")
 
 
+def test_the_exported_docs_say_how_to_install_and_run_from_where_they_land(tmp_path):
+    """The exported folder is not the repository: its README does not say "pip install -e ., from the repository
+    root" as if it were; it says where minivae comes from (a clone, or the Python that exported the folder) and
+    runs the lessons from this folder, which works; the repository's tests are named as the repository's."""
+    from minivae.lessonfiles import DOC_REWRITES, export_lessons
+    for name, rewrites in DOC_REWRITES.items():          # each rewrite still finds its sentence in lessons/
+        source = (ROOT / "lessons" / name).read_text(encoding="utf-8")
+        for old, _ in rewrites:
+            assert old in source, f"lessons/{name} no longer holds {old!r}: update minivae.lessonfiles.DOC_REWRITES"
+    dest = tmp_path / "my-lessons"
+    export_lessons(dest)
+    for doc in sorted(dest.glob("*.md")):
+        text = doc.read_text(encoding="utf-8")
+        assert "repository root" not in text, f"{doc.name}: the exported folder is not the repository"
+        for sentence in re.split(r"(?<=[.;:])\s+(?=[A-Z(#])|\n#", text):
+            if "pip install -e ." in sentence:
+                assert "clone" in sentence, f"{doc.name}: {sentence!r}: pip install -e . from where?"
+            if re.search(r"(?<![\w/])tests/", sentence):
+                assert "repository" in sentence or "clone" in sentence, f"{doc.name}: {sentence!r}: whose tests/?"
+    block = re.search(r"```bash\n(.*?)```", (dest / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    assert "python -m minivae" in block and "from this folder" in block
+    script = re.search(r"^python (\d\d_\w+\.py)", block, re.M).group(1)
+    r = subprocess.run([sys.executable, script, "--quick"], cwd=dest, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    assert r.returncode == 0 and "CHECK passed" in r.stdout, r.stderr[-2000:]
+    assert any((dest / "lesson_output" / script[:-3]).iterdir()), "its figures go under lesson_output/ here"
+
+
 def test_the_readme_lists_every_lesson():
     text = README.read_text(encoding="utf-8")
     for lesson in sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py")):
