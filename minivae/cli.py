@@ -436,6 +436,11 @@ def _load(args):
     from .checkpoint import CheckpointError, load_checkpoint
     from .train import TrainSettings
     ckpt = load_checkpoint(_run_path(args))
+    from .train.run_folder import removed_line, tidy_run_folder
+    run = Path(ckpt.path).parent                 # a killed writer's temporary files go, if no run holds the folder
+    line = removed_line(run, tidy_run_folder(run))
+    if line:
+        print(f"minivae: {line}", file=sys.stderr)
     try:
         settings = TrainSettings.from_saved(ckpt.settings) if ckpt.settings else TrainSettings()
     except (TypeError, ValueError) as exc:

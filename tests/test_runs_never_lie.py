@@ -869,3 +869,48 @@ def test_every_optimizer_resumes_bit_exactly_with_a_short_last_batch_and_a_sched
         assert np.array_equal(a.params[k], b.params[k]), k
     for k in a.opt_state:
         assert np.array_equal(a.opt_state[k], b.opt_state[k]), k
+
+
+def dead_pid():
+    import itertools
+    return next(pid for pid in itertools.count(4_000_000) if not os.path.exists(f"/proc/{pid}"))
+
+
+@pytest.mark.parametrize("argv", [["sample", "{r}", "--out", "{o}"], ["eval", "{r}", "--n", "8"],
+                                  ["interpolate", "{r}", "--out", "{o}"],
+                                  ["train", "--resume", "--out", "{r}", "--epochs", "2", "--quiet", "--no-figures"]])
+def test_a_killed_writers_temporary_files_go_with_the_next_command_on_the_run(run, tmp_path, capsys, argv):
+    """A SIGKILL during a save left `.checkpoint.npz.<pid>.<random>.tmp` (as large as the checkpoint) in the run
+    folder until that same file was written again.  Now the next command on the run removes every temporary file
+    of minivae's exact name whose writer is gone, when no run holds the folder's lock; never another file."""
+    r = copy_run(run, tmp_path)
+    dead = dead_pid()
+    stale = [r / f".checkpoint.npz.{dead}.k1ll3d_0.tmp", r / "figures" / f".samples.png.{dead}.abcdefgh.tmp"]
+    kept = [r / ".notes.tmp", r / f".checkpoint.npz.{dead}.short.tmp", r / ".checkpoint.npz.k1ll3d_0.tmp",
+            r / f"checkpoint.npz.{dead}.k1ll3d_0.tmp", r / f".checkpoint.npz.{dead}.k1ll3d_0.tmp.bak",
+            r / f".checkpoint.npz.{dead}.K1LL3D_0.tmp", r / f".history.json.{os.getppid()}.w0rk1ng_.tmp",
+            r / "figures" / f".samples.png.x{dead}.abcdefgh.tmp"]
+    for p in stale + kept:
+        p.write_bytes(b"\0" * 4096)
+    words = [a.format(r=r, o=tmp_path / "o") for a in argv]
+    code, out, err = run_main(words, capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale), [p.name for p in stale if p.exists()]
+    assert all(p.exists() for p in kept), [p.name for p in kept if not p.exists()]
+    said = (out + err).replace(str(r), "RUN")
+    assert f"removed 2 temporary file(s) left in RUN by an interrupted write: {stale[0].name}, figures/{stale[1].name}" \
+        in said, said
+
+
+def test_a_folder_a_run_is_writing_keeps_its_temporary_files(run, tmp_path, capsys):
+    """While a run holds the folder's lock (it writes there), another command removes nothing in it."""
+    from minivae.train import RunLock
+    r = copy_run(run, tmp_path)
+    stale = r / f".checkpoint.npz.{dead_pid()}.k1ll3d_0.tmp"
+    with RunLock(r):
+        stale.write_bytes(b"\0" * 4096)
+        code, _, err = run_main(["sample", r, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert stale.exists() and "removed" not in err
+    code, _, err = run_main(["sample", r, "--out", tmp_path / "o"], capsys)      # the lock is free: it goes
+    assert code == 0 and not stale.exists() and "removed 1 temporary file(s)" in err
