@@ -243,7 +243,9 @@ def build_parser():
                         "figures/ folder)")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the z draws (default 0)")
-    s.add_argument("--label", type=_nonneg_int, help="the class to draw (a conditional model only; required there)")
+    s.add_argument("--label", type=_nonneg_int,
+                   help="the class to draw (a conditional model: required; M2, trained with --labels: optional, "
+                        "by default each sample's class is drawn from p(y))")
     _threads_flag(s)
     s.set_defaults(func=cmd_sample)
 
@@ -265,7 +267,7 @@ def build_parser():
     _ckpt_args(m)
     m.add_argument("--out", help="output folder (default: the checkpoint's figures/ folder)")
     m.add_argument("--grid", type=_positive_int, default=20, help="grid size, at most 100 (default 20)")
-    m.add_argument("--label", type=_nonneg_int, help="a conditional model: decode the grid with this label "
+    m.add_argument("--label", type=_nonneg_int, help="a conditional model or M2: decode the grid with this label "
                                                      "(default 0)")
     m.set_defaults(func=cmd_manifold)
 
@@ -507,6 +509,30 @@ def _note(note):
         print(f"minivae: estimate: {note}", file=sys.stderr)
 
 
+class ModelOverflow(ValueError):
+    """A checkpoint whose numbers are finite but so large that computing with them overflows (its weights
+    scaled by 1e30, say): ``eval`` gets a non-finite bound, ``sample``/``interpolate``/``manifold`` would draw
+    NaN or saturated pictures.  One line naming the checkpoint, the computation and the first non-finite value;
+    the NumPy warnings that led here are not repeated after it (this line says what they meant)."""
+
+    def __init__(self, ckpt, what, value):
+        super().__init__(f"{ckpt.path}: the {what} gave a non-finite {value}; the model overflows on this data "
+                         "(its weights are too large to compute with)")
+
+
+@contextlib.contextmanager
+def refusing_overflow(ckpt, what):
+    """Run a command's model arithmetic with NumPy's overflow and invalid-value warnings raised as errors, so a
+    checkpoint that overflows (:class:`ModelOverflow`) is refused before a picture or file is written, instead of
+    a picture of NaN (or of logits that overflowed to +-inf and saturated) with RuntimeWarnings.  The commands that
+    draw their output through it: sample, interpolate, manifold (eval checks its bound for the same reason)."""
+    with np.errstate(over="raise", invalid="raise"):
+        try:
+            yield
+        except FloatingPointError as exc:
+            raise ModelOverflow(ckpt, what, f"value ({exc})") from None
+
+
 def cmd_eval(args):
     import math
 
@@ -536,8 +562,7 @@ def cmd_eval(args):
         rep["error"] = model.error_rate(x_eval, y)
     bad = [k for k in ("neg_elbo", "recon", "kl", "iw_nll") if rep.get(k) is not None and not math.isfinite(rep[k])]
     if bad:
-        raise ValueError(f"{ckpt.path}: the evaluation gave a non-finite {bad[0]} ({rep[bad[0]]}); the model "
-                         "overflows on this data")
+        raise ModelOverflow(ckpt, "evaluation", f"{bad[0]} ({rep[bad[0]]})")
     if args.json == "-":                         # for machines: the JSON alone, on stdout
         if args.label_accuracy:
             with contextlib.redirect_stdout(sys.stderr):
@@ -613,13 +638,16 @@ def cmd_sample(args):
     from . import figures
     ckpt, _, model = _load(args)
     rng = np.random.default_rng(args.seed)
-    n_classes = model.config.n_classes
+    n_classes = figures.label_classes(model)     # M2's too: without --label it draws each class from p(y)
     if n_classes is None and args.label is not None:
-        raise ValueError(f"--label needs a conditional model; {ckpt.path} is unconditional (train with --conditional)")
-    if n_classes is not None and (args.label is None or args.label >= n_classes):
-        raise ValueError(f"{ckpt.path} is a conditional model of {n_classes} classes: give --label 0..{n_classes - 1}"
+        raise ValueError(f"--label needs a conditional model or M2; {ckpt.path} is unconditional (train with "
+                         "--conditional or --labels N)")
+    if n_classes is not None and ((args.label is None and model.config.n_classes is not None) or
+                                  (args.label is not None and args.label >= n_classes)):
+        kind = "a conditional model" if model.config.n_classes is not None else "M2"
+        raise ValueError(f"{ckpt.path} is {kind} of {n_classes} classes: give --label 0..{n_classes - 1}"
                          + ("" if args.label is None else f" (got {args.label})"))
-    stem = "samples" if n_classes is None else f"samples_label{args.label}"
+    stem = "samples" if args.label is None else f"samples_label{args.label}"
     suffix = ".npz" if args.n > figures.MAX_PICTURE else ".png"      # too many for a picture: an .npz
     path = sample_path(args.out, Path(ckpt.path).parent / "figures", stem, suffix)
     if args.out is not None and path == Path(args.out):        # a file named by --out: its folder must exist
@@ -627,12 +655,14 @@ def cmd_sample(args):
     path = _check_output(path, "--out", args, ckpt)          # never over the checkpoint or a data file
     if suffix == ".npz":                         # written chunk by chunk
         _check_sample_size(args.n, model, path)
-        path = figures.save_samples_npz(model, path, rng, args.n, y=args.label, progress=True)
+        with refusing_overflow(ckpt, "sampling"):
+            path = figures.save_samples_npz(model, path, rng, args.n, y=args.label, progress=True)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
         return 0
     nrow = int(np.ceil(np.sqrt(args.n)))
-    path = figures.prior_samples(model, path, rng, n=args.n, nrow=nrow, y=args.label)
+    with refusing_overflow(ckpt, "sampling"):
+        path = figures.prior_samples(model, path, rng, n=args.n, nrow=nrow, y=args.label)
     print(f"wrote {path}")
     return 0
 
@@ -665,7 +695,7 @@ def cmd_interpolate(args):
     _, x, y = _test_data(args, ckpt, settings)
     a = args.a
     b = args.b
-    conditional = model.config.n_classes is not None
+    conditional = figures.label_classes(model) is not None     # M2 too: its decoder reads the class
     for flag, idx in (("--a", a), ("--b", b)):
         if idx is not None and idx >= len(x):
             raise ValueError(f"{flag} {idx} is out of range: the test set has {len(x)} images (indices 0.."
@@ -678,11 +708,13 @@ def cmd_interpolate(args):
         if idx >= len(x):
             raise ValueError(f"test index {idx} is out of range (the test set has {len(x)} images)")
     if conditional and y[a] != y[b]:
-        raise ValueError(f"a conditional model interpolates between two digits of one label; test images {a} and "
+        raise ValueError(f"a model that reads labels (conditional, M2) interpolates between two digits of one "
+                         f"label; test images {a} and "
                          f"{b} have labels {y[a]} and {y[b]}")
-    path = figures.interpolation(model, x[[a]], x[[b]], _check_output(_out_dir(args, ckpt) / "interpolation.png",
-                                                                      "--out", args, ckpt, settings),
-                                 steps=args.steps, y=y[[a]] if conditional else None)
+    target = _check_output(_out_dir(args, ckpt) / "interpolation.png", "--out", args, ckpt, settings)
+    with refusing_overflow(ckpt, "interpolation"):
+        path = figures.interpolation(model, x[[a]], x[[b]], target, steps=args.steps,
+                                     y=y[[a]] if conditional else None)
     print(f"wrote {path}")
     return 0
 
@@ -697,16 +729,17 @@ def cmd_manifold(args):
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
     out = _out_dir(args, ckpt)
-    n_classes = model.config.n_classes
+    n_classes = figures.label_classes(model)     # a conditional model's or M2's
     if args.label is not None and (n_classes is None or args.label >= n_classes):
-        raise ValueError(f"--label {args.label} needs a conditional model with more than {args.label} classes; "
+        raise ValueError(f"--label {args.label} needs a conditional model or M2 with more than {args.label} classes; "
                          f"{ckpt.path} has " + ("no labels" if n_classes is None else f"{n_classes} classes"))
     label = (args.label or 0) if n_classes is not None else None
     targets = [_check_output(out / name, "--out", args, ckpt, settings) for name in ("manifold.png",
                                                                                     "latent_scatter.png")]
-    p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
-    p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
+    with refusing_overflow(ckpt, "manifold decoding"):
+        p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
+        p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
     print(f"wrote {p1}\nwrote {p2}")
     return 0
 
@@ -765,6 +798,8 @@ def main(argv=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         code, line = _run(args)
+    if isinstance(line, _Explained):              # the line says what the warnings meant: not repeated
+        caught = []
     seen = []
     for w in caught:
         text = f"{w.category.__name__}: {_one_line(w.message)}"
@@ -779,6 +814,10 @@ def main(argv=None):
         for text in seen:
             print(f"minivae: warning: {text}", file=sys.stderr)
     return code
+
+
+class _Explained(str):
+    """An error line that already says what the warnings before it meant (a ModelOverflow): main prints it alone."""
 
 
 def _run(args):
@@ -804,6 +843,8 @@ def _run(args):
             f"minivae: {_one_line(exc) if str(exc) else default}"
     except TrainingDiverged as exc:
         return EXIT_DIVERGED, f"minivae: error: {_one_line(exc)}"
+    except ModelOverflow as exc:
+        return EXIT_ERROR, _Explained(f"minivae: error: {_one_line(exc)}")
     except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
         return EXIT_ERROR, f"minivae: error: {_one_line(exc)}"

@@ -74,10 +74,14 @@ def sample_chunks(model, n, rng, chunk=CHUNK, y=None):
     """
     from . import signals
     L = model.config.z_dim
+    draw_y = y is None and getattr(model, "semi_supervised", False)    # M2 without a label: y ~ p(y), uniform
     for i in range(0, int(n), chunk):
         signals.check()                  # a Ctrl-C or SIGTERM whose exception a library swallowed stops here
-        z = rng.standard_normal((min(chunk, int(n) - i), L))
-        yield to_numpy(model.decode(z.astype(model.dtype), *_labels(y, len(z))))
+        m = min(chunk, int(n) - i)
+        # M2 (minivae.m2) draws y before z, as M2VAE.sample does: one chunk is model.sample(n, rng) exactly
+        yy = (rng.integers(0, model.config.classes, size=m),) if draw_y else _labels(y, m)
+        z = rng.standard_normal((m, L))
+        yield to_numpy(model.decode(z.astype(model.dtype), *yy))
 
 
 def save_samples_npz(model, path, rng, n, chunk=CHUNK, y=None, progress=False):
@@ -178,12 +182,15 @@ def reconstructions(model, x, path, n=10, y=None):
 def prior_samples(model, path, rng, n=64, nrow=8, y=None):
     """An nrow x nrow grid of E[x|z] for z ~ N(0, I) drawn from ``rng`` (at most MAX_PICTURE images).
 
-    A conditional model draws E[x|z, y] for the label ``y``."""
+    A conditional model draws E[x|z, y] for the label ``y``; M2 (minivae.m2) too, or without ``y`` draws each
+    sample's class from its prior p(y)."""
     if n > MAX_PICTURE:
         raise ValueError(f"a picture shows at most {MAX_PICTURE} samples, got n={n}; write them with "
                          "save_samples_npz")
     images = np.concatenate(list(sample_chunks(model, n, rng, y=y)))
     title = "E[x|z], z ~ N(0, I)" if y is None else f"E[x|z, y={y}], z ~ N(0, I)"
+    if y is None and getattr(model, "semi_supervised", False):
+        title = "E[x|z, y], y ~ p(y), z ~ N(0, I)"
     return image_grid(images, nrow, path, title=title, shape=_hw(model))
 
 
@@ -262,7 +269,7 @@ def latent_scatter(model, x, y, path):
     """(z_dim = 2) the posterior means mu(x) coloured by the labels y."""
     if model.config.z_dim != 2:
         raise ValueError(f"the latent scatter needs z_dim=2; this model has z_dim={model.config.z_dim}")
-    conditional = getattr(model.config, "n_classes", None) is not None
+    conditional = label_classes(model) is not None
     mu = to_numpy(model.encode(np.asarray(x), *((np.asarray(y),) if conditional else ()))[0])
     fig, ax = _subplots(figsize=(6, 5))
     sc = ax.scatter(mu[:, 0], mu[:, 1], c=np.asarray(y), cmap="tab10", s=3, alpha=0.7)
@@ -285,7 +292,7 @@ def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0, label
             _side(x.shape[1])
         except ValueError:
             return []                               # not images: only numbers, no pictures
-    if getattr(model.config, "n_classes", None) is not None:
+    if label_classes(model) is not None:             # a conditional model, or M2: each decode takes a label
         return _conditional_figures(model, x, np.asarray(y_test), d, history_path, rng, label_accuracy)
     paths = [reconstructions(model, x, d / "reconstructions.png"),
              prior_samples(model, d / "samples.png", rng)]
@@ -315,6 +322,16 @@ def _two_different(y):
 
 
 # --------------------------------------------------------------- conditional
+def label_classes(model):
+    """The number of classes whose label a model's decoder reads: a conditional model's ``n_classes``, and M2's
+    ``classes`` (minivae.m2: p(x|y, z) takes the class, which q(y|x) guesses when it is not given; its
+    ``n_classes`` stays None, as it models p(x)); None for a model that reads no labels."""
+    n = getattr(model.config, "n_classes", None)
+    if n is None and getattr(model, "semi_supervised", False):
+        n = model.config.classes
+    return n
+
+
 def _labels(y, n):
     """``()`` without labels, else ``(labels,)``: y broadcast to n labels (a scalar) or its first n."""
     if y is None:
@@ -329,7 +346,7 @@ def class_grid_images(model, rng, n_cols=10):
     Returns (K * n_cols, D): row k * n_cols + j is class k decoded at z_j.  The same z in every row is
     the same "style" (slant, thickness) written as each digit.
     """
-    K = model.config.n_classes
+    K = label_classes(model)
     if K is None:
         raise ValueError("the class grid needs a conditional model (n_classes=K); this one is unconditional")
     z = rng.standard_normal((int(n_cols), model.config.z_dim)).astype(model.dtype)
@@ -358,7 +375,7 @@ def class_grid(model, path, rng, n_cols=10, label_accuracy=None):
 
 
 def _conditional_figures(model, x, y, d, history_path, rng, label_accuracy=None):
-    """The figures of a conditional run: every decode uses the test digit's own label."""
+    """The figures of a conditional run, or of M2: every decode uses the test digit's own label."""
     paths = [reconstructions(model, x, d / "reconstructions.png", y=y),
              class_grid(model, d / "class_grid.png", rng, label_accuracy=label_accuracy)]
     if history_path is not None and Path(history_path).exists():

@@ -168,7 +168,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         step.semi_supervised(s, data, rngs)
     history, start = [], 0
     if ckpt is not None:
-        history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
+        history, start = _restore(ckpt, config, model, opt, rngs, s, math.ceil(len(data.x_train) / s.batch_size))
     _check_work(s, config, data, out, ckpt.epoch if ckpt is not None else 0, log)
     if ckpt is not None:
         write_history(out, history)        # history.json/csv from the checkpoint's own record
@@ -308,14 +308,18 @@ def _open_run_folder(s, out, resume, force):
     return ckpt, []
 
 
-def _restore(ckpt, config, model, opt, rngs, backend):
-    """Load a resumed run's parameters, optimizer state and generators; returns (history, epochs done)."""
+def _restore(ckpt, config, model, opt, rngs, s, spe):
+    """Load a resumed run's parameters, optimizer state and generators; returns (history, epochs done).
+
+    ``spe``: steps per epoch.  The optimizer state must be the one ``ckpt.epoch`` epochs leave: ``spe`` steps
+    each, and the learning rate of the last epoch (``s.lr``, or its schedule's; ``s.lr`` before the first)."""
     if ckpt.config.to_dict() != config.to_dict():
         raise CheckpointError(f"{ckpt.path}: saved model {ckpt.config.to_dict()} does not match this run's "
                               f"{config.to_dict()}")
-    loaded = ckpt.build_model(backend)
+    loaded = ckpt.build_model(s.backend)
     model.params.flat[...] = loaded.flat
-    ckpt.load_optimizer(opt, model.params)
+    ckpt.load_optimizer(opt, model.params, steps=ckpt.epoch * spe,
+                        lr=lr_at_epoch(s.schedule, ckpt.epoch - 1, s.lr) if ckpt.epoch else s.lr)
     restore_rngs(rngs, ckpt.rng, where=str(ckpt.path))
     return list(ckpt.history), ckpt.epoch
 
