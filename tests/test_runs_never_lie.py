@@ -252,6 +252,7 @@ def _drop(key):
     ("settings", lambda d: d.update(n_test="32"), "settings.n_test"),
     ("settings", lambda d: d.update(hidden=[-8]), "settings.hidden"),
     ("settings", lambda d: d.update(lr=-1.0), "settings.lr"),
+    ("settings", lambda d: d.update(momentum=1.0), "settings.momentum: expected a finite number in [0, 1)"),
     ("settings", lambda d: d.update(seed=None), "settings.seed"),
     ("settings", lambda d: d.update(dtype="x"), "settings.dtype"),        # eval once cast the data with it: TypeError
     ("settings", lambda d: d.update(binarize="x"), "settings.binarize"),  # eval once binarized for any name
