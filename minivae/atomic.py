@@ -7,7 +7,8 @@ destination's folder (``.<name>.<pid>.<random>.tmp``), flushes and fsyncs it, th
 (atomic on POSIX and Windows).  So a write that fails (a full disk, ``ulimit -f``, Ctrl-C, SIGTERM, an
 exception inside the writer) leaves the previous file exactly as it was, and removes its temporary file; the
 temporary file of a writer killed without a chance to clean up (SIGKILL) is removed by the next write of the same
-file (:func:`remove_dead_temp_files`).
+file (:func:`remove_dead_temp_files`), and by the next command that takes its run folder's lock
+(:func:`stale_temp_files`, :class:`minivae.train.RunLock`).
 
 A failed write is a :class:`WriteError`: an ``OSError`` (same ``errno``) whose one-line message names the
 file, e.g. ``cannot write runs/a/checkpoint.npz (No space left on device)``.
@@ -18,10 +19,14 @@ file, e.g. ``cannot write runs/a/checkpoint.npz (No space left on device)``.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# the exact name of atomic_write's temporary file: "." + the destination's name + "." + the writer's PID + "." +
+# mkstemp's 8 random characters (a-z, 0-9, _) + ".tmp"; the only files that stale_temp_files may remove
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
 
 
 class WriteError(OSError):
@@ -164,16 +169,23 @@ def remove_dead_temp_files(path):
 
 
 def stale_temp_files(folder):
-    """Temporary files ``.<name>.*.tmp`` that :func:`atomic_write` left in ``folder``.
+    """The temporary files that :func:`atomic_write` left in ``folder`` when its writer was killed without a chance
+    to clean up (SIGKILL, power loss): names that match :data:`TEMP_NAME` exactly, whose writer PID is not a live
+    process (nor this one).  Nothing else is ever listed: a file of the user's own named ``.notes.tmp``, or
+    ``.x.123.abc.tmp``, is not minivae's.
 
-    Only a process killed without a chance to clean up (SIGKILL, power loss) leaves one;
-    the caller must hold the folder's lock (:class:`minivae.train.RunLock`) before removing them.
+    The caller must hold the folder's run lock (:class:`minivae.train.RunLock`) before removing them: that says no
+    run writes there now, and the PID says no other command's write is under way.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file())
+    found = []
+    for p in sorted(folder.iterdir()):
+        m = TEMP_NAME.fullmatch(p.name)
+        if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])) and p.is_file() and not p.is_symlink():
+            found.append(p)
+    return found
 
 
 def same_file(a, b):

@@ -116,14 +116,31 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: {exc}") from None
         return model
 
-    def load_optimizer(self, optimizer, params):
-        """Restore ``optimizer``'s state (it must be of the saved kind)."""
+    def load_optimizer(self, optimizer, params, steps=None, lr=None):
+        """Restore ``optimizer``'s state (it must be of the saved kind).
+
+        A resumed run passes what the state must be after ``self.epoch`` finished epochs: ``steps``, the
+        optimizer steps they took (Adam's bias correction counts them), and ``lr``, the learning rate of the last
+        one (its schedule's).  A state that is of the right types but not that (a hand-edited ``t``, a learning
+        rate no schedule gave, a negative sum of squares) is refused in one line naming the field and the
+        value it must have, instead of a resume that silently trains differently."""
         if self.opt_meta is None:
             raise CheckpointError(f"{self.path}: no optimizer state saved")
         name = type(optimizer).__name__.lower()
         if self.opt_meta["name"] != name:
             raise CheckpointError(f"{self.path}: saved with optimizer {self.opt_meta['name']!r}, "
                                   f"this run uses {name!r}")
+        t, saved_lr = self.opt_meta["t"], self.opt_meta["lr"]
+        if steps is not None and t != steps:
+            raise CheckpointError(f"{self.path}: corrupt field opt/meta.t: expected {steps} (the optimizer steps of "
+                                  f"the {self.epoch} finished epoch{'s' if self.epoch != 1 else ''}), got {t}")
+        if lr is not None and not (saved_lr > 0 and abs(saved_lr - lr) <= 1e-12 * abs(lr)):
+            raise CheckpointError(f"{self.path}: corrupt field opt/meta.lr: expected {lr!r} (the learning rate of "
+                                  f"epoch {self.epoch} in this run's settings), got {saved_lr!r}")
+        for key, v in self.opt_state.items():
+            if key.split(".")[-1] in getattr(optimizer, "nonneg_state", ()) and v.size and v.min() < 0:
+                raise CheckpointError(f"{self.path}: corrupt field opt/{key}: expected entries >= 0 (a sum of "
+                                      f"squared gradients), got a minimum of {v.min()!r}")
         d = dict(self.opt_state, t=self.opt_meta["t"], lr=self.opt_meta["lr"])
         try:
             optimizer.load_state_dict(d, params)

@@ -35,10 +35,14 @@ def integer(lo=None):
     return check
 
 
-def number(positive=False, nonneg=False):
+def number(positive=False, nonneg=False, below=None):
+    """A finite number (> 0 with ``positive``, >= 0 with ``nonneg``, and < ``below`` if given)."""
     def check(v):
-        if not _is_num(v) or (positive and v <= 0) or (nonneg and v < 0):
-            return "a finite number" + (" > 0" if positive else " >= 0" if nonneg else "")
+        if not _is_num(v) or (positive and v <= 0) or (nonneg and v < 0) or (below is not None and v >= below):
+            if below is not None and nonneg:
+                return f"a finite number in [0, {below:g})"
+            return "a finite number" + (" > 0" if positive else " >= 0" if nonneg else "") + \
+                (f" < {below:g}" if below is not None else "")
     return check
 
 
@@ -100,7 +104,7 @@ SETTINGS = {
     "activation": text, "likelihood": text, "obs_var": number(positive=True), "dec_logvar_min": optional(number()),
     "dtype": choice(*DTYPES), "binarize": choice(*BINARIZE), "data_dir": optional(text), "n_train": optional(integer(1)),
     "n_test": optional(integer(1)), "valid": integer(0), "test_seed": integer(0), "data": optional(data_record),
-    "optimizer": text, "lr": number(positive=True), "adam_eps": number(positive=True), "momentum": number(nonneg=True),
+    "optimizer": text, "lr": number(positive=True), "adam_eps": number(positive=True), "momentum": number(nonneg=True, below=1),
     "weight_decay": number(nonneg=True), "clip_norm": optional(number(positive=True)), "batch_size": integer(1),
     "epochs": integer(0), "schedule": optional(schedule), "init_output_bias": boolean, "beta": number(nonneg=True),
     "warmup": integer(0), "beta_start": number(nonneg=True), "iwae_k": optional(integer(1)), "free_bits": optional(number(nonneg=True)),

@@ -436,6 +436,11 @@ def _load(args):
     from .checkpoint import CheckpointError, load_checkpoint
     from .train import TrainSettings
     ckpt = load_checkpoint(_run_path(args))
+    from .train.run_folder import removed_line, tidy_run_folder
+    run = Path(ckpt.path).parent                 # a killed writer's temporary files go, if no run holds the folder
+    line = removed_line(run, tidy_run_folder(run))
+    if line:
+        print(f"minivae: {line}", file=sys.stderr)
     try:
         settings = TrainSettings.from_saved(ckpt.settings) if ckpt.settings else TrainSettings()
     except (TypeError, ValueError) as exc:
@@ -509,6 +514,30 @@ def _note(note):
         print(f"minivae: estimate: {note}", file=sys.stderr)
 
 
+class ModelOverflow(ValueError):
+    """A checkpoint whose numbers are finite but so large that computing with them overflows (its weights
+    scaled by 1e30, say): ``eval`` gets a non-finite bound, ``sample``/``interpolate``/``manifold`` would draw
+    NaN or saturated pictures.  One line naming the checkpoint, the computation and the first non-finite value;
+    the NumPy warnings that led here are not repeated after it (this line says what they meant)."""
+
+    def __init__(self, ckpt, what, value):
+        super().__init__(f"{ckpt.path}: the {what} gave a non-finite {value}; the model overflows on this data "
+                         "(its weights are too large to compute with)")
+
+
+@contextlib.contextmanager
+def refusing_overflow(ckpt, what):
+    """Run a command's model arithmetic with NumPy's overflow and invalid-value warnings raised as errors, so a
+    checkpoint that overflows (:class:`ModelOverflow`) is refused before a picture or file is written, instead of
+    a picture of NaN (or of logits that overflowed to +-inf and saturated) with RuntimeWarnings.  The commands that
+    draw their output through it: sample, interpolate, manifold (eval checks its bound for the same reason)."""
+    with np.errstate(over="raise", invalid="raise"):
+        try:
+            yield
+        except FloatingPointError as exc:
+            raise ModelOverflow(ckpt, what, f"value ({exc})") from None
+
+
 def cmd_eval(args):
     import math
 
@@ -538,8 +567,7 @@ def cmd_eval(args):
         rep["error"] = model.error_rate(x_eval, y)
     bad = [k for k in ("neg_elbo", "recon", "kl", "iw_nll") if rep.get(k) is not None and not math.isfinite(rep[k])]
     if bad:
-        raise ValueError(f"{ckpt.path}: the evaluation gave a non-finite {bad[0]} ({rep[bad[0]]}); the model "
-                         "overflows on this data")
+        raise ModelOverflow(ckpt, "evaluation", f"{bad[0]} ({rep[bad[0]]})")
     if args.json == "-":                         # for machines: the JSON alone, on stdout
         if args.label_accuracy:
             with contextlib.redirect_stdout(sys.stderr):
@@ -633,12 +661,14 @@ def cmd_sample(args):
     path = _check_output(path, "--out", args, ckpt)          # never over the checkpoint or a data file
     if suffix == ".npz":                         # written chunk by chunk
         _check_sample_size(args.n, model, path)
-        path = figures.save_samples_npz(model, path, rng, args.n, y=args.label, progress=True)
+        with refusing_overflow(ckpt, "sampling"):
+            path = figures.save_samples_npz(model, path, rng, args.n, y=args.label, progress=True)
         print(f"wrote {path} ({args.n} samples, more than the {figures.MAX_PICTURE} a picture shows; "
               "np.load(path)['x'] has shape (N, D))")
         return 0
     nrow = int(np.ceil(np.sqrt(args.n)))
-    path = figures.prior_samples(model, path, rng, n=args.n, nrow=nrow, y=args.label)
+    with refusing_overflow(ckpt, "sampling"):
+        path = figures.prior_samples(model, path, rng, n=args.n, nrow=nrow, y=args.label)
     print(f"wrote {path}")
     return 0
 
@@ -687,9 +717,10 @@ def cmd_interpolate(args):
         raise ValueError(f"a model that reads labels (conditional, M2) interpolates between two digits of one "
                          f"label; test images {a} and "
                          f"{b} have labels {y[a]} and {y[b]}")
-    path = figures.interpolation(model, x[[a]], x[[b]], _check_output(_out_dir(args, ckpt) / "interpolation.png",
-                                                                      "--out", args, ckpt, settings),
-                                 steps=args.steps, y=y[[a]] if conditional else None)
+    target = _check_output(_out_dir(args, ckpt) / "interpolation.png", "--out", args, ckpt, settings)
+    with refusing_overflow(ckpt, "interpolation"):
+        path = figures.interpolation(model, x[[a]], x[[b]], target, steps=args.steps,
+                                     y=y[[a]] if conditional else None)
     print(f"wrote {path}")
     return 0
 
@@ -711,9 +742,10 @@ def cmd_manifold(args):
     label = (args.label or 0) if n_classes is not None else None
     targets = [_check_output(out / name, "--out", args, ckpt, settings) for name in ("manifold.png",
                                                                                     "latent_scatter.png")]
-    p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
     _, x, y = _test_data(args, ckpt, settings)
-    p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
+    with refusing_overflow(ckpt, "manifold decoding"):
+        p1 = figures.manifold(model, targets[0], n=args.grid, y=label)
+        p2 = figures.latent_scatter(model, x[:5000], y[:5000], targets[1])
     print(f"wrote {p1}\nwrote {p2}")
     return 0
 
@@ -772,6 +804,8 @@ def main(argv=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         code, line = _run(args)
+    if isinstance(line, _Explained):              # the line says what the warnings meant: not repeated
+        caught = []
     seen = []
     for w in caught:
         text = f"{w.category.__name__}: {_one_line(w.message)}"
@@ -786,6 +820,10 @@ def main(argv=None):
         for text in seen:
             print(f"minivae: warning: {text}", file=sys.stderr)
     return code
+
+
+class _Explained(str):
+    """An error line that already says what the warnings before it meant (a ModelOverflow): main prints it alone."""
 
 
 def _run(args):
@@ -811,6 +849,8 @@ def _run(args):
             f"minivae: {_one_line(exc) if str(exc) else default}"
     except TrainingDiverged as exc:
         return EXIT_DIVERGED, f"minivae: error: {_one_line(exc)}"
+    except ModelOverflow as exc:
+        return EXIT_ERROR, _Explained(f"minivae: error: {_one_line(exc)}")
     except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
         return EXIT_ERROR, f"minivae: error: {_one_line(exc)}"

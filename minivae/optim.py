@@ -60,6 +60,7 @@ class Optimizer:
     """Base class: handles weight decay, clipping, step counting and state."""
 
     state_names = ()
+    nonneg_state = ()           # state arrays that are sums of squares: a negative entry is corrupt
 
     def __init__(self, lr, weight_decay=0.0, clip_norm=None):
         if not lr > 0:
@@ -161,6 +162,7 @@ class Adagrad(Optimizer):
     """
 
     state_names = ("sum_sq",)
+    nonneg_state = ("sum_sq",)
 
     def __init__(self, lr=1e-2, eps=1e-10, weight_decay=0.0, clip_norm=None):
         super().__init__(lr, weight_decay, clip_norm)
@@ -187,6 +189,7 @@ class Adam(Optimizer):
     """
 
     state_names = ("m", "v")
+    nonneg_state = ("v",)
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_norm=None):
         super().__init__(lr, weight_decay, clip_norm)

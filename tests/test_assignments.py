@@ -129,6 +129,28 @@ def test_starter_is_the_reference_with_stubbed_regions(starter):
     assert "x.T @ dy" not in (starter / "minivae" / "layers.py").read_text()
 
 
+def test_grade_jobs_has_an_upper_bound_of_cpus_and_memory(tmp_path, monkeypatch):
+    """Each check may map 4 GiB (4 processes x 1 GiB): --jobs above min(CPUs, memory / 4 GiB) is refused with
+    one line naming the bound, before anything is graded."""
+    from minivae.assignments import grading
+    assert grading.CHECK_BYTES == 4 << 30
+    bound, _ = grading.max_jobs()
+    for jobs in (bound + 1, 10 ** 6):
+        r = cli("grade", tmp_path / "missing", "--exercises", "all", "--jobs", jobs)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(f"error: --jobs {jobs} ")
+        assert f"at most {bound} (" in r.stderr and "CPU" in r.stderr and "4 GiB" in r.stderr
+    with pytest.raises(ValueError, match=f"at most {bound} "):
+        grading.grade_batch([tmp_path / "missing"], ["kl_forward"], jobs=bound + 1, progress=False)
+    for cpus, gib, want in [(16, 8.5, 2), (2, 64, 2), (8, 3, 1), (1, 1000, 1), (4, None, 4)]:
+        monkeypatch.setattr(grading, "_cpus", lambda: cpus)
+        monkeypatch.setattr(grading, "_memory_bytes", lambda: None if gib is None else int(gib * (1 << 30)))
+        assert grading.max_jobs()[0] == want, (cpus, gib)
+        assert grading.check_jobs(want) == want
+        with pytest.raises(ValueError, match=f"--jobs {want + 1} is more than .* at most {want} "):
+            grading.check_jobs(want + 1)
+
+
 def test_make_stubs_only_the_chosen_exercises(tmp_path):
     info = make_starter(tmp_path / "c", ["kl_backward", "adam_step"])
     assert info["stubbed"] == ["kl_backward", "adam_step"]

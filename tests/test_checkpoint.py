@@ -170,10 +170,14 @@ def test_atomic_write_follows_the_umask(tmp_path, umask):
 
 
 def test_stale_temp_files_are_found(tmp_path):
-    (tmp_path / ".checkpoint.npz.abc123.tmp").write_bytes(b"x" * 10)
-    (tmp_path / "history.json").write_text("[]")
-    (tmp_path / ".lock").write_text("1")
-    assert [p.name for p in ck.stale_temp_files(tmp_path)] == [".checkpoint.npz.abc123.tmp"]
+    """Only atomic_write's exact names, of writers that are gone: never another file, nor a live writer's."""
+    import itertools
+    dead = next(pid for pid in itertools.count(4_000_000) if not os.path.exists(f"/proc/{pid}"))
+    (tmp_path / f".checkpoint.npz.{dead}.abc123de.tmp").write_bytes(b"x" * 10)
+    for name in (".checkpoint.npz.abc123.tmp", f".checkpoint.npz.{os.getppid()}.abc123de.tmp",
+                 f".checkpoint.npz.{os.getpid()}.abc123de.tmp", ".notes.tmp", "history.json", ".lock"):
+        (tmp_path / name).write_text("1")
+    assert [p.name for p in ck.stale_temp_files(tmp_path)] == [f".checkpoint.npz.{dead}.abc123de.tmp"]
 
 
 def test_archive_layout_and_defaults(tmp_path):

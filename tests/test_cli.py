@@ -581,7 +581,7 @@ def test_sigterm_and_the_lock_of_a_running_run(tmp_path, capsys):
     assert f"checkpoint kept at {out / 'checkpoint.npz'} (epoch {c.epoch})" in last
     assert [f for f in os.listdir(out) if f.endswith(".tmp")] == []
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == list(range(1, c.epoch + 1))
-    stale = out / ".checkpoint.npz.s1gk1ll.tmp"                  # what a SIGKILL during a save leaves
+    stale = out / f".checkpoint.npz.{p.pid}.s1gk1ll_.tmp"  # what a SIGKILL during a save leaves
     stale.write_bytes(b"\0" * 1000)
     code, stdout, err = run_main(["train", "--out", out, "--resume", "--epochs", c.epoch + 1, "--no-figures",
                                   "--quiet"], capsys)

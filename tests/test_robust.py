@@ -131,7 +131,9 @@ def test_interrupt_during_the_save_names_the_epoch_in_the_file(tmp_path, monkeyp
 def test_resume_removes_stale_temporary_files_and_says_so(tmp_path):
     out = tmp_path / "run"
     quiet_train(tiny(epochs=1), out)
-    stale = out / ".checkpoint.npz.k1ll3d.tmp"           # what SIGKILL during a save leaves
+    import itertools
+    dead = next(pid for pid in itertools.count(4_000_000) if not os.path.exists(f"/proc/{pid}"))
+    stale = out / f".checkpoint.npz.{dead}.k1ll3d_0.tmp"    # what SIGKILL during a save leaves
     stale.write_bytes(b"\0" * 4096)
     (out / "history.json").write_text('{"not": "a list"}')  # a corrupt history is rebuilt from the checkpoint
     _, lines = quiet_train(tiny(epochs=2), out, resume=True)

@@ -252,6 +252,7 @@ def _drop(key):
     ("settings", lambda d: d.update(n_test="32"), "settings.n_test"),
     ("settings", lambda d: d.update(hidden=[-8]), "settings.hidden"),
     ("settings", lambda d: d.update(lr=-1.0), "settings.lr"),
+    ("settings", lambda d: d.update(momentum=1.0), "settings.momentum: expected a finite number in [0, 1)"),
     ("settings", lambda d: d.update(seed=None), "settings.seed"),
     ("settings", lambda d: d.update(dtype="x"), "settings.dtype"),        # eval once cast the data with it: TypeError
     ("settings", lambda d: d.update(binarize="x"), "settings.binarize"),  # eval once binarized for any name
@@ -766,3 +767,151 @@ def test_a_label_far_out_of_range_names_the_label_and_the_file(tmp_path, capsys)
     assert code == 2
     one_error_line(err, str(d / "train.npz"), "label 1000000000 is out of range")
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------- leftovers: huge weights, optimizer state, temp files
+def scaled_checkpoint(run, tmp_path, factor=1e30):
+    """A copy of ``run`` whose every parameter is multiplied by ``factor``: finite, but overflowing when used."""
+    r = copy_run(run, tmp_path)
+    path = r / "checkpoint.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    for k in arrays:
+        if k.startswith("param/"):
+            arrays[k] = arrays[k] * arrays[k].dtype.type(factor)
+    np.savez(path, **arrays)
+    return r
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["eval"], "the evaluation gave a non-finite neg_elbo"),
+    (["sample"], "the sampling gave a non-finite value"),
+    (["sample", "--n", "1100"], "the sampling gave a non-finite value"),          # the .npz path
+    (["interpolate"], "the interpolation gave a non-finite value"),
+    (["manifold", "--grid", "3"], "the manifold decoding gave a non-finite value")])
+def test_a_checkpoint_whose_weights_overflow_is_refused_by_every_command(run, tmp_path, capsys, argv, what):
+    """Parameters times 1e30 are finite, so the checkpoint loads; eval refused it, but sample, interpolate and
+    manifold drew NaN (or saturated) pictures with NumPy RuntimeWarnings.  Now each refuses in one line, exit 2,
+    without the warnings and without writing anything."""
+    r = scaled_checkpoint(run, tmp_path)
+    old = snapshot(r)
+    code, out, err = run_main([argv[0], r, *argv[1:]], capsys)
+    assert code == 2, (out, err)
+    one_error_line(err, f"{r / 'checkpoint.npz'}: {what}", "the model overflows")
+    assert "wrote" not in out
+    assert snapshot(r) == old and temp_files(r) == []
+
+
+def edit_checkpoint(path, change):
+    """Rewrite the checkpoint at ``path`` with ``change(arrays)`` applied (arrays: {key: array})."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+def set_meta(**fields):
+    def change(arrays):
+        meta = json.loads(str(arrays["opt/meta"]))
+        meta.update(fields)
+        arrays["opt/meta"] = np.array(json.dumps(meta))
+    return change
+
+
+def negate_first(key):
+    def change(arrays):
+        a = arrays[key].copy()
+        a.flat[0] = -1.0
+        arrays[key] = a
+    return change
+
+
+@pytest.mark.parametrize("optimizer, change, fragment", [
+    ("adam", set_meta(t=0), "corrupt field opt/meta.t: expected 2 (the optimizer steps of the 1 finished epoch), "
+                            "got 0"),
+    ("adam", set_meta(t=3), "corrupt field opt/meta.t: expected 2"),
+    ("sgd", set_meta(t=1), "corrupt field opt/meta.t: expected 2"),
+    ("adam", set_meta(lr=0.0), "corrupt field opt/meta.lr: expected 0.001"),
+    ("adam", set_meta(lr=0.5), "corrupt field opt/meta.lr: expected 0.001"),
+    ("adam", set_meta(lr=-1e-3), "corrupt field opt/meta.lr"),
+    ("adam", negate_first("opt/0.v"), "corrupt field opt/0.v: expected entries >= 0"),
+    ("adagrad", negate_first("opt/0.sum_sq"), "corrupt field opt/0.sum_sq: expected entries >= 0"),
+])
+def test_implausible_optimizer_state_is_refused_on_resume(tmp_path, capsys, optimizer, change, fragment):
+    """Type-correct but impossible optimizer state (Adam's step count t = 0 after an epoch, a learning rate the
+    settings never gave, a negative sum of squares) was resumed silently and trained differently; it is refused
+    in one line naming the field and the value it must have, and the run folder is left as it was."""
+    r = tmp_path / "r"
+    code, _, err = run_main(["train", *SMALL, "--no-figures", "--optimizer", optimizer, "--out", r], capsys)
+    assert code == 0, err
+    edit_checkpoint(r / "checkpoint.npz", change)
+    old = snapshot(r)
+    code, _, err = run_main(["train", "--resume", "--out", r, "--epochs", "2", "--quiet"], capsys)
+    assert code == 2
+    one_error_line(err, f"{r / 'checkpoint.npz'}: ", fragment)
+    assert snapshot(r) == old
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adagrad"])
+def test_every_optimizer_resumes_bit_exactly_with_a_short_last_batch_and_a_schedule(tmp_path, optimizer):
+    """The checks of the resumed optimizer state accept every honest checkpoint: 70 images in batches of 32 (a
+    last batch of 6), a learning-rate schedule that changes between the epochs, each optimizer."""
+    from minivae.train import TrainSettings, train
+    kw = dict(n_train=70, n_test=16, batch_size=32, hidden=(8,), latent=2, figures=False, optimizer=optimizer,
+              lr=2e-3, schedule=[[1, 2e-3], [1, 1e-3], [1, 5e-4]])
+    train(TrainSettings.from_recipe("default", epochs=3, **kw), tmp_path / "full", progress=False, log=lambda m: 0)
+    train(TrainSettings.from_recipe("default", epochs=2, **kw), tmp_path / "part", progress=False, log=lambda m: 0)
+    assert load_checkpoint(tmp_path / "part").opt_meta["t"] == 2 * 3
+    train(TrainSettings.from_recipe("default", epochs=3, **kw), tmp_path / "part", resume=True, progress=False,
+          log=lambda m: 0)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert a.epoch == b.epoch == 3 and a.opt_meta == b.opt_meta == {"name": optimizer, "t": 9, "lr": 5e-4}
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+    for k in a.opt_state:
+        assert np.array_equal(a.opt_state[k], b.opt_state[k]), k
+
+
+def dead_pid():
+    import itertools
+    return next(pid for pid in itertools.count(4_000_000) if not os.path.exists(f"/proc/{pid}"))
+
+
+@pytest.mark.parametrize("argv", [["sample", "{r}", "--out", "{o}"], ["eval", "{r}", "--n", "8"],
+                                  ["interpolate", "{r}", "--out", "{o}"],
+                                  ["train", "--resume", "--out", "{r}", "--epochs", "2", "--quiet", "--no-figures"]])
+def test_a_killed_writers_temporary_files_go_with_the_next_command_on_the_run(run, tmp_path, capsys, argv):
+    """A SIGKILL during a save left `.checkpoint.npz.<pid>.<random>.tmp` (as large as the checkpoint) in the run
+    folder until that same file was written again.  Now the next command on the run removes every temporary file
+    of minivae's exact name whose writer is gone, when no run holds the folder's lock; never another file."""
+    r = copy_run(run, tmp_path)
+    dead = dead_pid()
+    stale = [r / f".checkpoint.npz.{dead}.k1ll3d_0.tmp", r / "figures" / f".samples.png.{dead}.abcdefgh.tmp"]
+    kept = [r / ".notes.tmp", r / f".checkpoint.npz.{dead}.short.tmp", r / ".checkpoint.npz.k1ll3d_0.tmp",
+            r / f"checkpoint.npz.{dead}.k1ll3d_0.tmp", r / f".checkpoint.npz.{dead}.k1ll3d_0.tmp.bak",
+            r / f".checkpoint.npz.{dead}.K1LL3D_0.tmp", r / f".history.json.{os.getppid()}.w0rk1ng_.tmp",
+            r / "figures" / f".samples.png.x{dead}.abcdefgh.tmp"]
+    for p in stale + kept:
+        p.write_bytes(b"\0" * 4096)
+    words = [a.format(r=r, o=tmp_path / "o") for a in argv]
+    code, out, err = run_main(words, capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale), [p.name for p in stale if p.exists()]
+    assert all(p.exists() for p in kept), [p.name for p in kept if not p.exists()]
+    said = (out + err).replace(str(r), "RUN")
+    assert f"removed 2 temporary file(s) left in RUN by an interrupted write: {stale[0].name}, figures/{stale[1].name}" \
+        in said, said
+
+
+def test_a_folder_a_run_is_writing_keeps_its_temporary_files(run, tmp_path, capsys):
+    """While a run holds the folder's lock (it writes there), another command removes nothing in it."""
+    from minivae.train import RunLock
+    r = copy_run(run, tmp_path)
+    stale = r / f".checkpoint.npz.{dead_pid()}.k1ll3d_0.tmp"
+    with RunLock(r):
+        stale.write_bytes(b"\0" * 4096)
+        code, _, err = run_main(["sample", r, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert stale.exists() and "removed" not in err
+    code, _, err = run_main(["sample", r, "--out", tmp_path / "o"], capsys)      # the lock is free: it goes
+    assert code == 0 and not stale.exists() and "removed 1 temporary file(s)" in err

@@ -33,7 +33,9 @@ def _parser():
     g.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON (one submission)")
     g.add_argument("--out", metavar="DIR", default=None,
                    help="write gradebook.csv and one JSON report per student here")
-    g.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel (default 1)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help=f"submissions graded in parallel (default 1; at most the CPUs, and the memory / "
+                        f"{grading.CHECK_BYTES >> 30} GiB)")
     g.add_argument("--exercises", default=None,
                    help="comma-separated ids to grade, or 'all' (default: the manifest's exercises; without a manifest "
                         "this is required)")
@@ -104,6 +106,7 @@ def _run(args):
         ids = None if args.exercises is None else select(args.exercises)
         if ids is not None and not ids:
             raise ValueError("no exercises to grade")
+        grading.check_jobs(args.jobs)                  # before any work: a bound of CPUs and memory
         sandbox = not args.no_sandbox
         subs = grading.expand_submissions(args.dirs)
         single = len(subs) == 1 and args.out is None and Path(subs[0][1]).suffix.lower() != ".zip"

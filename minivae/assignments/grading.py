@@ -43,7 +43,7 @@ from . import checks
 from .exercises import BY_ID, IDS
 from .harness import format_line  # one report line, the same in the grader and the student's check.py
 from .markers import MarkerError, find_regions, region_bodies, split_lines
-from .sandbox import Child, ChildError, Sandbox, SandboxError, become_subreaper, kill_all
+from .sandbox import LIMITS, Child, ChildError, Sandbox, SandboxError, become_subreaper, kill_all
 from .make import grader_hashes, make_starter
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +54,58 @@ MAX_TIMEOUT = 86400.0            # one day: a finite deadline for every check (a
 MAX_ZIP_BYTES = 64 << 20         # a submission, uncompressed
 MAX_FILES = 10000                # files in a submission
 MAX_SOURCE_BYTES = 1 << 20       # one source file of the submission
+
+
+# What one check may map at most: each of its RLIMIT_NPROC processes holds RLIMIT_AS (minivae.assignments.sandbox).
+CHECK_BYTES = LIMITS["RLIMIT_AS"] * LIMITS["RLIMIT_NPROC"]
+
+
+def _cpus():
+    try:
+        return len(os.sched_getaffinity(0))          # the CPUs this process may run on
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _memory_bytes():
+    """The memory this process may use in all: the physical memory, or a smaller cgroup (v2) limit; None unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = int(limit) if total is None else min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def max_jobs():
+    """``(bound, why)``: the most submissions ``grade --jobs`` grades at once on this machine, and the reason.
+
+    Each job runs one sandboxed check at a time.  A check is CPU-bound and its cost check times the student's
+    code, so more jobs than CPUs grade no faster and slow honest code toward its time limit; and a check may map
+    up to CHECK_BYTES (4 GiB), so more jobs than the memory holds at that much each can exhaust it.  The bound is
+    the smaller of the two (at least 1)."""
+    cpus, mem = _cpus(), _memory_bytes()
+    by_mem = mem // CHECK_BYTES if mem is not None else cpus
+    bound = max(1, min(cpus, by_mem))
+    gib = CHECK_BYTES / (1 << 30)
+    mem_text = (f"{mem / (1 << 30):.1f} GiB of memory holds {by_mem} check{'s' if by_mem != 1 else ''} at the "
+                f"{gib:g} GiB each may map" if mem is not None else "memory unknown")
+    return bound, f"{cpus} CPU{'s' if cpus != 1 else ''}; {mem_text}"
+
+
+def check_jobs(jobs):
+    """ValueError (one line) unless 1 <= jobs <= :func:`max_jobs`."""
+    if int(jobs) < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    bound, why = max_jobs()
+    if int(jobs) > bound:
+        raise ValueError(f"--jobs {jobs} is more than this machine can grade at once: at most {bound} ({why})")
+    return int(jobs)
 
 
 # ------------------------------------------------------------------ integrity
@@ -639,8 +691,7 @@ def grade_batch(paths, exercises=None, timeout=DEFAULT_TIMEOUT, seed=None, jobs=
     reports, the rest are marked "not graded", and the gradebook and reports are written all the same.
     Returns ``(reports, stopped)``, ``stopped`` None or the reason the batch stopped early.
     """
-    if int(jobs) < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    check_jobs(jobs)
     subs = expand_submissions(paths)
     reports, stopped, ids, written = {}, None, tuple(exercises or IDS), set()
     bar = None

@@ -24,8 +24,8 @@ from ..model import build_model
 from ..networks import get_architecture
 from ..recipes import lr_at_epoch, output_bias_init
 from .run_data import Data, label_kwargs, run_data_dir
-from .run_folder import (CHECKPOINT, LOCK_FILE, RunLock, check_fresh_folder, clean_stale, json_text,
-                         missing_checkpoint, remove_run_files, sync_history, write_history)
+from .run_folder import (CHECKPOINT, LOCK_FILE, RunLock, check_fresh_folder, json_text,
+                         missing_checkpoint, remove_run_files, removed_line, sync_history, write_history)
 from .settings import TrainSettings, check_resume, describe
 
 # A finite loss above this (nats per example) stops training like a NaN: no model of this package on
@@ -136,7 +136,9 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
     out = Path(out_dir)
     created = not out.exists()
     try:
-        with signals.handled(), RunLock(out), using_threads(s.threads) as threads:
+        with signals.handled(), RunLock(out) as lock, using_threads(s.threads) as threads:
+            if lock.removed:
+                log(removed_line(out, lock.removed))
             return _train_locked(s, out, resume, progress, log, force, threads)
     except BaseException:
         # a run that failed before writing anything leaves no folder behind
@@ -152,7 +154,6 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
 def _train_locked(s, out, resume, progress, log, force, threads):
     ckpt_path = out / CHECKPOINT
     ckpt, replace = _open_run_folder(s, out, resume, force)
-    clean_stale(out, log)
     get_xp(s.backend)               # BackendError early if cupy is asked for without a GPU
     data = Data(s)
     config = s.model_config(data.x_dim, data.image_shape, data.n_classes)
@@ -168,7 +169,7 @@ def _train_locked(s, out, resume, progress, log, force, threads):
         step.semi_supervised(s, data, rngs)
     history, start = [], 0
     if ckpt is not None:
-        history, start = _restore(ckpt, config, model, opt, rngs, s.backend)
+        history, start = _restore(ckpt, config, model, opt, rngs, s, math.ceil(len(data.x_train) / s.batch_size))
     _check_work(s, config, data, out, ckpt.epoch if ckpt is not None else 0, log)
     if ckpt is not None:
         write_history(out, history)        # history.json/csv from the checkpoint's own record
@@ -308,14 +309,18 @@ def _open_run_folder(s, out, resume, force):
     return ckpt, []
 
 
-def _restore(ckpt, config, model, opt, rngs, backend):
-    """Load a resumed run's parameters, optimizer state and generators; returns (history, epochs done)."""
+def _restore(ckpt, config, model, opt, rngs, s, spe):
+    """Load a resumed run's parameters, optimizer state and generators; returns (history, epochs done).
+
+    ``spe``: steps per epoch.  The optimizer state must be the one ``ckpt.epoch`` epochs leave: ``spe`` steps
+    each, and the learning rate of the last epoch (``s.lr``, or its schedule's; ``s.lr`` before the first)."""
     if ckpt.config.to_dict() != config.to_dict():
         raise CheckpointError(f"{ckpt.path}: saved model {ckpt.config.to_dict()} does not match this run's "
                               f"{config.to_dict()}")
-    loaded = ckpt.build_model(backend)
+    loaded = ckpt.build_model(s.backend)
     model.params.flat[...] = loaded.flat
-    ckpt.load_optimizer(opt, model.params)
+    ckpt.load_optimizer(opt, model.params, steps=ckpt.epoch * spe,
+                        lr=lr_at_epoch(s.schedule, ckpt.epoch - 1, s.lr) if ckpt.epoch else s.lr)
     restore_rngs(rngs, ckpt.rng, where=str(ckpt.path))
     return list(ckpt.history), ckpt.epoch
 

@@ -5,8 +5,10 @@
     out/history.json     one record per epoch, and history.csv, the same as a table (:func:`write_history`)
     out/settings.json    the run's settings;  out/results.json  the final report;  out/figures/
 
-A new run needs a new or empty folder (or ``force``, :func:`check_fresh_folder`); a resumed one starts by
-removing the temporary files an interrupted atomic write left (:func:`clean_stale`).
+A new run needs a new or empty folder (or ``force``, :func:`check_fresh_folder`).  Whoever takes the lock (a run,
+and every command that reads a run's checkpoint, :func:`tidy_run_folder`) first removes the temporary files that a
+killed writer left in the folder and its figures/ (:func:`minivae.atomic.stale_temp_files`: minivae's own names
+only, of writers that are gone).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, stale_temp_files
+from ..atomic import stale_temp_files
+from ..checkpoint import CheckpointError, atomic_write, load_checkpoint
 
 CHECKPOINT = "checkpoint.npz"
 # the run's own files: a folder holding any of these is "not empty" for a new run
@@ -56,18 +59,24 @@ class RunLock:
     (Windows) runs are not locked.
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, create=True):
         self.folder = Path(folder)
+        self.create = create             # False: only a folder that has a lock file already (a run's) is locked
         self.fd = None
+        self.removed = []                # the stale temporary files removed on acquiring (stale_temp_files)
 
     def acquire(self):
+        """Take the lock (RunLocked if another process holds it), then remove the temporary files that writers
+        killed without a chance to clean up left in the folder and its figures/ (:attr:`removed` lists them).
+        ``create=False``: a folder without a lock file raises FileNotFoundError, and nothing is created."""
         try:
             import fcntl
-        except ImportError:              # Windows: no flock
+        except ImportError:              # Windows: no flock, so no way to know the folder is ours: nothing removed
             return self
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.create:
+            self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if self.create else 0), 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -82,6 +91,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        self.removed = remove_stale(self.folder)
         return self
 
     def release(self):
@@ -167,14 +177,41 @@ def missing_checkpoint(out):
     return CheckpointError(f"{out / CHECKPOINT}: checkpoint not found; {why}")
 
 
-def clean_stale(out, log):
-    """Remove the temporary files an interrupted atomic write left in ``out``, and say so through ``log``."""
-    stale = stale_temp_files(out)
-    for p in stale:
-        p.unlink()
-    if stale:
-        log(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted write: "
-            + ", ".join(p.name for p in stale))
+def remove_stale(folder):
+    """Remove the stale temporary files of the run folder ``folder`` and of its figures/ (the caller holds its
+    lock); returns the removed paths."""
+    removed = []
+    for d in (Path(folder), Path(folder) / "figures"):
+        for p in stale_temp_files(d):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:              # gone meanwhile, or a folder we may not write: left as it is
+                pass
+    return removed
+
+
+def removed_line(folder, removed):
+    """The line that says which stale temporary files were removed from ``folder`` ('' if none)."""
+    if not removed:
+        return ""
+    return (f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted write: "
+            + ", ".join(str(p.relative_to(folder)) for p in removed))
+
+
+def tidy_run_folder(folder):
+    """Remove the stale temporary files of a run folder that no run is writing now; returns the removed paths.
+
+    For the commands that read a run's checkpoint (eval, sample, interpolate, manifold): the lock is taken only
+    for the cleanup and only when it is free (a run in progress keeps its folder as it is) and the folder is a
+    run's (it has a lock file: nothing is created); a folder that cannot be locked (read-only) is left alone."""
+    lock = RunLock(folder, create=False)
+    try:
+        lock.acquire()
+    except (RunLocked, OSError):
+        return []
+    lock.release()
+    return lock.removed
 
 
 def json_text(doc):
