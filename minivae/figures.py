@@ -66,22 +66,18 @@ def decode_chunks(model, z, chunk=CHUNK, y=None):
 
 
 def sample_chunks(model, n, rng, chunk=CHUNK, y=None):
-    """Yield E[x|z], z ~ N(0, I), in blocks of at most ``chunk`` rows; n rows in all.
+    """Yield the model's samples ``model.sample(m, rng, y)`` in blocks of at most ``chunk`` rows; n rows in all.
 
-    The z are drawn from ``rng`` block after block, which is the same stream as one draw of
-    (n, L): the samples do not depend on ``chunk``, and equal ``model.sample(n, rng)``.  ``y``: one label for
-    every draw of a conditional model.
+    Each block is the model's own draw: E[x|z] for z ~ N(0, I); a learned prior's z ~ p(z); two stochastic
+    layers' z2 ~ N(0, I), z1 ~ p(z1|z2); M2's class y ~ p(y) unless ``y`` is given; the MADE decoder's pixels
+    drawn from ``rng``.  For a model whose draw is z ~ N(0, I) alone, the blocks are the same stream as one draw
+    of (n, L): the samples do not depend on ``chunk``, and equal ``model.sample(n, rng)``.  ``y``: one label for
+    every draw of a conditional model (or M2).
     """
     from . import signals
-    L = model.config.z_dim
-    draw_y = y is None and getattr(model, "semi_supervised", False)    # M2 without a label: y ~ p(y), uniform
     for i in range(0, int(n), chunk):
         signals.check()                  # a Ctrl-C or SIGTERM whose exception a library swallowed stops here
-        m = min(chunk, int(n) - i)
-        # M2 (minivae.m2) draws y before z, as M2VAE.sample does: one chunk is model.sample(n, rng) exactly
-        yy = (rng.integers(0, model.config.classes, size=m),) if draw_y else _labels(y, m)
-        z = rng.standard_normal((m, L))
-        yield to_numpy(model.decode(z.astype(model.dtype), *yy))
+        yield to_numpy(model.sample(min(chunk, int(n) - i), rng, y=y))
 
 
 def save_samples_npz(model, path, rng, n, chunk=CHUNK, y=None, progress=False):
@@ -188,10 +184,21 @@ def prior_samples(model, path, rng, n=64, nrow=8, y=None):
         raise ValueError(f"a picture shows at most {MAX_PICTURE} samples, got n={n}; write them with "
                          "save_samples_npz")
     images = np.concatenate(list(sample_chunks(model, n, rng, y=y)))
-    title = "E[x|z], z ~ N(0, I)" if y is None else f"E[x|z, y={y}], z ~ N(0, I)"
-    if y is None and getattr(model, "semi_supervised", False):
-        title = "E[x|z, y], y ~ p(y), z ~ N(0, I)"
+    title = sample_title(model, y)
     return image_grid(images, nrow, path, title=title, shape=_hw(model))
+
+
+def sample_title(model, y=None):
+    """What a grid of ``model.sample`` shows: E[x|z] and where z came from (the model's prior)."""
+    c = model.config
+    given = "z" if y is None else f"z, y={y}"
+    if getattr(model, "semi_supervised", False) and y is None:
+        return "E[x|z, y], y ~ p(y), z ~ N(0, I)"
+    if hasattr(model, "L2"):                                    # two stochastic layers (minivae.twolayer)
+        return "E[x|z1], z2 ~ N(0, I), z1 ~ p(z1|z2)"
+    if getattr(c, "decoder", "factorised") == "made":
+        return f"p(x_d = 1|x_<d, z) along a draw x ~ p(x|z), z ~ {getattr(c, 'prior', None) or 'N(0, I)'}"
+    return f"E[x|{given}], z ~ " + (f"p(z) = {c.prior}" if getattr(c, "prior", None) else "N(0, I)")
 
 
 def loss_curves(history, path):
