@@ -233,8 +233,8 @@ def build_parser():
 
     s = sub.add_parser("sample", help="an 8x8 grid of samples from the prior",
                        description="Draw z from the model's prior (N(0, I), a learned prior's p(z), z1 ~ p(z1|z2) "
-                                   "with two stochastic layers) and save E[x|z] in a new file: a grid picture (.png) for "
-                                   "up to 1024 samples, else an .npz (array x of shape (N, D)), written in chunks "
+                                   "with two stochastic layers) and save E[x|z] in a new file: a grid picture (.png) "
+                                   "for up to 1024 samples, else an .npz (array x of shape (N, D)), written in chunks "
                                    "so memory stays bounded whatever N is. An existing file is never replaced "
                                    "unless --out names it.")
     _ckpt_args(s)
