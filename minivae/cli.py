@@ -732,6 +732,8 @@ def cmd_manifold(args):
         raise ValueError(f"--grid is at most {figures.MAX_GRID} (a {figures.MAX_GRID}x{figures.MAX_GRID} picture "
                          f"is already {figures.MAX_GRID * 29} pixels wide), got {args.grid}")
     ckpt, settings, model = _load(args)
+    if hasattr(model, "L2"):                     # two stochastic layers: the decoder reads z1 alone
+        raise ValueError(figures.two_layer_manifold_refusal(model, str(ckpt.path)))
     if model.config.z_dim != 2:
         raise ValueError(f"manifold needs a model with a 2-D latent space; {ckpt.path} has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")

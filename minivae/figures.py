@@ -253,9 +253,18 @@ def neighbourhood(model, x, path, rng, n=63, nrow=8, y=None):
                       title="first: a test digit; others: E[x|z] for z ~ q(z|x)", shape=_hw(model))
 
 
+def two_layer_manifold_refusal(model, name="this model"):
+    """Why there is no 2-D manifold of two stochastic layers (minivae.twolayer)."""
+    return (f"the 2-D manifold decodes a grid over one latent layer; {name} has two stochastic layers (z1 of "
+            f"{model.L1}, z2 of {model.L2} dimensions) and its decoder reads z1 alone, so a grid over [z1, z2] "
+            "would repeat each picture along z2")
+
+
 def manifold(model, path, n=20, lo=0.05, hi=0.95, y=None):
     """(z_dim = 2) an n x n grid of E[x|z] (E[x|z, y] for the label y if conditional) at z = Phi^-1 of an even
     grid in (lo, hi)^2."""
+    if hasattr(model, "L2"):        # two stochastic layers: z is [z1, z2], and the decoder reads z1 alone
+        raise ValueError(two_layer_manifold_refusal(model))
     if model.config.z_dim != 2:
         raise ValueError(f"the 2-D manifold needs a model with a 2-D latent space; this one has z_dim="
                          f"{model.config.z_dim} (train with --latent 2)")
@@ -310,7 +319,7 @@ def run_figures(model, x_test, y_test, out_dir, history_path=None, seed=0, label
     paths.append(interpolation(model, x[[a, min(a + 1, last)]], x[[b, min(b + 1, last)]],
                                d / "interpolation.png"))
     paths.append(neighbourhood(model, x[a], d / "neighbourhood.png", rng))
-    if model.config.z_dim == 2:
+    if model.config.z_dim == 2 and not hasattr(model, "L2"):       # (two layers: figures.manifold's refusal)
         paths.append(manifold(model, d / "manifold.png"))
         k = min(len(x), 5000)
         paths.append(latent_scatter(model, x[:k], np.asarray(y_test)[:k], d / "latent_scatter.png"))

@@ -119,3 +119,13 @@ def test_samples_come_from_the_models_own_prior(fields):
     assert got.shape == (7, 12) and np.isfinite(got).all()
     if fields.get("prior") or fields.get("stochastic_layers"):      # the picture's title names the prior drawn
         assert "z ~ N(0, I)" not in figures.sample_title(model)
+
+
+def test_no_manifold_of_two_stochastic_layers(tmp_path, capsys):
+    # --stochastic-layers 2 --latent 1 --latent2 1 has z_dim = 2: manifold drew a grid over [z1, z2] whose rows
+    # were all the same picture (the decoder reads z1 alone), in the run's figures and from the manifold command;
+    # with another size it said "train with --latent 2", which for two layers still gives z_dim = 3
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--latent", "1", "--stochastic-layers", "2", "--latent2", "1", "--out", str(out)]) == 0
+    assert (out / "figures" / "samples.png").exists() and not (out / "figures" / "manifold.png").exists()
+    assert "decoder reads z1 alone" in _error(["manifold", str(out), "--grid", "3"], capsys)
