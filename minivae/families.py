@@ -515,6 +515,16 @@ class FamilyVAE(VAE):
             direct += x_d[:, None] * W_out[H + d]                         # ... and the logits after it
         return probs
 
+    def flow_z(self, z0):
+        """The z the decoder reads for points z0 (N, L) of the base posterior q0: z_T = f_T(...f_1(z0)) (the
+        flow is a function of z alone), z0 itself without a flow.  ``encode`` gives q0's mu and logvar."""
+        z0 = self.xp.asarray(z0, dtype=self.dtype)
+        return z0 if self.flow is None else self._flow_forward(z0)[0]
+
+    def reconstruct(self, x, y=None):
+        """decode(f(mu0(x))): the base posterior's mean through the flow, the decoder's own space, (N, D)."""
+        return self.decode(self.flow_z(self.encode(x, y)[0]), y)
+
     def sample(self, n, rng=None, y=None):
         """n draws: z ~ N(0, I), then :meth:`decode` (E[x|z], or the MADE's probabilities along a draw)."""
         g = as_generator(rng) if rng is not None else self.rng

@@ -233,6 +233,7 @@ def interpolation(model, xa, xb, path, steps=10, y=None):
     mu_b = to_numpy(model.encode(xb, *_labels(y, len(xb)))[0])
     t = np.linspace(0.0, 1.0, steps)[None, :, None]
     z = ((1 - t) * mu_a[:, None, :] + t * mu_b[:, None, :]).reshape(-1, mu_a.shape[1])
+    z = through_flow(model, z)           # a flow's image of the line: from f(mu(xa)) to f(mu(xb))
     if steps > MAX_GRID:
         raise ValueError(f"an interpolation shows at most {MAX_GRID} steps, got {steps}")
     y_rows = None if y is None else np.repeat(np.broadcast_to(np.asarray(to_numpy(y)), (len(xa),)), steps)
@@ -247,7 +248,7 @@ def neighbourhood(model, x, path, rng, n=63, nrow=8, y=None):
     """The digit x (first cell), then decodes of z ~ q(z|x) = N(mu(x), sigma(x)^2) (label ``y`` if conditional)."""
     x = np.atleast_2d(to_numpy(x))[:1]
     mu, logvar = (to_numpy(a) for a in model.encode(x, *_labels(y, 1)))
-    z = mu + np.exp(0.5 * logvar) * rng.standard_normal((n, mu.shape[1]))
+    z = through_flow(model, mu + np.exp(0.5 * logvar) * rng.standard_normal((n, mu.shape[1])))   # z ~ q(z|x)
     dec = to_numpy(model.decode(z.astype(model.dtype), *_labels(y, n)))
     return image_grid(np.concatenate([x, dec]), nrow, path,
                       title="first: a test digit; others: E[x|z] for z ~ q(z|x)", shape=_hw(model))
@@ -282,11 +283,12 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95, y=None):
 
 
 def latent_scatter(model, x, y, path):
-    """(z_dim = 2) the posterior means mu(x) coloured by the labels y."""
+    """(z_dim = 2) the posterior means mu(x) (through a flow in q(z|x): f(mu(x)), where the decoder reads) coloured
+    by the labels y."""
     if model.config.z_dim != 2:
         raise ValueError(f"the latent scatter needs z_dim=2; this model has z_dim={model.config.z_dim}")
     conditional = label_classes(model) is not None
-    mu = to_numpy(model.encode(np.asarray(x), *((np.asarray(y),) if conditional else ()))[0])
+    mu = through_flow(model, to_numpy(model.encode(np.asarray(x), *((np.asarray(y),) if conditional else ()))[0]))
     fig, ax = _subplots(figsize=(6, 5))
     sc = ax.scatter(mu[:, 0], mu[:, 1], c=np.asarray(y), cmap="tab10", s=3, alpha=0.7)
     fig.colorbar(sc, ax=ax, label="label")
@@ -335,6 +337,13 @@ def _two_different(y):
     others = np.flatnonzero(y[: n - 1] != y[0])
     b = int(others[0]) if len(others) else 2
     return 0, min(b, n - 2)
+
+
+def through_flow(model, z):
+    """Points z of q(z|x)'s base Gaussian (what ``encode`` describes) as the decoder reads them: through a flow in
+    q(z|x) (``model.flow_z``, minivae.families), unchanged for a model without one.  Host array (N, L)."""
+    f = getattr(model, "flow_z", None)
+    return np.asarray(z) if f is None else to_numpy(f(np.asarray(z)))
 
 
 # --------------------------------------------------------------- conditional
