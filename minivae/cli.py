@@ -405,6 +405,7 @@ def _point_latest_at(out):
     runs = Path(RUNS)
     if not runs.is_dir() or out.resolve().parent != runs.resolve():
         return False
+    target = out.resolve().name        # the folder itself: --out runs/latest (a resume) must not link latest to itself
     link = runs / LATEST
     if link.exists() and not link.is_symlink():
         return False                             # a run folder someone named 'latest': never touched
@@ -413,7 +414,7 @@ def _point_latest_at(out):
     try:
         if tmp.is_symlink():
             tmp.unlink()
-        os.symlink(out.name, tmp)
+        os.symlink(target, tmp)
         os.replace(tmp, link)
     except OSError:
         return False

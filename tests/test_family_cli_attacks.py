@@ -151,3 +151,18 @@ def test_figures_of_a_flow_decode_where_the_decoder_reads(flow, monkeypatch, tmp
     monkeypatch.setattr(figures, "image_grid", lambda rows, *a, **k: shown.setdefault("rows", rows))
     figures.interpolation(m, x[[0]], x[[1]], tmp_path / "i.png", steps=3)
     assert np.allclose(shown["rows"][1], m.decode(fz[[0]])[0]) and np.allclose(shown["rows"][3], m.decode(fz[[1]])[0])
+
+
+def test_resume_through_runs_latest_keeps_the_link(tmp_path, monkeypatch, capsys):
+    # train --resume --out runs/latest pointed runs/latest at itself (latest -> latest) and failed with
+    # "[Errno 17] File exists: 'runs/latest'"; every later 'latest' then failed too
+    import os
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["train", *TINY, "--no-figures", "--labels", "20"]) == 0
+    run = os.readlink("runs/latest")
+    assert main(["train", "--resume", "--out", "runs/latest", "--epochs", "2", "--quiet", "--no-figures"]) == 0
+    assert os.readlink("runs/latest") == run
+    assert load_checkpoint(Path("runs") / run).epoch == 2
+    capsys.readouterr()
+    assert main(["eval", "latest", "--n", "20"]) == 0 and "(epoch 2," in capsys.readouterr().out
