@@ -166,3 +166,14 @@ def test_resume_through_runs_latest_keeps_the_link(tmp_path, monkeypatch, capsys
     assert load_checkpoint(Path("runs") / run).epoch == 2
     capsys.readouterr()
     assert main(["eval", "latest", "--n", "20"]) == 0 and "(epoch 2," in capsys.readouterr().out
+
+
+def test_resume_m2_with_its_default_alpha_spelled_out(tmp_path, capsys):
+    # --labels 20 trains with alpha = labels / 10 = 2; resuming with --alpha 2 was refused as a different run,
+    # "alpha=None (this run: 2.0)"
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--no-figures", "--labels", "20", "--out", str(out)]) == 0
+    err = _error(["train", "--resume", "--out", str(out), "--epochs", "2", "--alpha", "3"], capsys)
+    assert "alpha=2.0 (this run: 3.0)" in err
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--alpha", "2", "--quiet"]) == 0
+    assert load_checkpoint(out).epoch == 2

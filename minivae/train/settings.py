@@ -291,6 +291,9 @@ def check_resume(settings, ckpt):
     # a setting the checkpoint predates counts as saved with its default value
     saved = upgrade_saved(dict(TrainSettings().to_dict(), **ckpt.settings))
     now = settings.to_dict()
+    for d in (saved, now):      # M2's default alpha is labels / 10 (m2_alpha): --labels 20 --alpha 2 is that run
+        if d.get("labels") is not None and d.get("alpha") is None:
+            d["alpha"] = d["labels"] / 10
     # the data is checked by its fingerprint (run_data_dir), not by the folder's name
     skip = RESUME_MUTABLE + (("data_dir", "data") if saved.get("data") else ())
     diffs = [f"{k}={saved.get(k)!r} (this run: {now[k]!r})" for k in now
