@@ -88,9 +88,10 @@ def _write_text(path, text):
     return Path(atomic_write(path, lambda f: f.write(text.encode("utf-8"))))
 
 
-# The lessons' docs speak from the repository ("pip install -e ." at its root, its tests/); the exported folder
-# is not the repository, so these sentences are rewritten for it (tests/test_docs.py checks that each one is
-# still in lessons/ and that no exported text sends the reader to the repository's root as if it were here).
+# The lessons' docs speak from the repository ("pip install -e ." at its root, its test suite); the exported
+# folder is not the repository, so these sentences are rewritten for it (the repository's test_docs.py checks that
+# each one is still in lessons/ and that no exported text sends the reader to the repository's root as if it were
+# here).  Every rewritten sentence that names a test file says it is the repository's.
 DOC_REWRITES = {
     "README.md": [
         ("pip install -e .                       # once, from the repository root; lessons import the installed "
