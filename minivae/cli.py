@@ -808,6 +808,11 @@ def main(argv=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         code, line = _run(args)
+    if line is None and code != EXIT_PIPE:
+        try:                                      # a pipe closed after the last line: stop as above
+            sys.stdout.flush()
+        except BrokenPipeError:
+            code = _stdout_closed()
     if isinstance(line, _Explained):              # the line says what the warnings meant: not repeated
         caught = []
     seen = []
@@ -824,6 +829,20 @@ def main(argv=None):
         for text in seen:
             print(f"minivae: warning: {text}", file=sys.stderr)
     return code
+
+
+EXIT_PIPE = 128 + signal.SIGPIPE      # what a shell reports for a program that a closed pipe stopped
+
+
+def _stdout_closed():
+    """Point stdout at /dev/null, so that the interpreter's last flush finds no closed pipe (which Python reports
+    as "Exception ignored ... BrokenPipeError" on stderr), and return the exit status of a program a pipe stopped."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):      # stdout replaced by an object without a file (tests)
+        pass
+    return EXIT_PIPE
 
 
 class _Explained(str):
@@ -855,6 +874,9 @@ def _run(args):
         return EXIT_DIVERGED, f"minivae: error: {_one_line(exc)}"
     except ModelOverflow as exc:
         return EXIT_ERROR, _Explained(f"minivae: error: {_one_line(exc)}")
+    except BrokenPipeError:
+        # the reader of our output went away (eval | head): stop quietly, as cat or grep do, and say nothing
+        return _stdout_closed(), None
     except (CheckpointError, DataError, DownloadError, BackendError, RunLocked, ValueError, FileNotFoundError,
             OSError) as exc:
         return EXIT_ERROR, f"minivae: error: {_one_line(exc)}"

@@ -177,3 +177,17 @@ def test_resume_m2_with_its_default_alpha_spelled_out(tmp_path, capsys):
     assert "alpha=2.0 (this run: 3.0)" in err
     assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--alpha", "2", "--quiet"]) == 0
     assert load_checkpoint(out).epoch == 2
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly(m2_run):
+    # eval | head: eval printed "minivae: error: [Errno 32] Broken pipe" (and Python an "Exception ignored" line)
+    # when the reader closed the pipe; now it stops as cat or grep do: nothing on stderr, exit 128 + SIGPIPE
+    import signal
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "minivae", "eval", str(m2_run), "--iw-k", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                       # before eval's first line: its first write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 128 + signal.SIGPIPE, err
+    assert err == ""

@@ -156,6 +156,8 @@ def test_train_resume_and_eval_from_the_command_line(tmp_path, capsys):
     (["--labels", "20", "--likelihood", "gaussian", "--binarize", "none"], "Bernoulli"),
     (["--alpha", "2"], "needs --labels"),
     (["--labels", "20", "--alpha", "-1"], "alpha must be"),
+    (["--labels", "20", "--alpha", "1e308"], "alpha must be at most 1e+06"),   # trained, then diverged
+    (["--labels", "20", "--alpha", "inf"], "alpha must be a finite number"),
 ])
 def test_bad_label_flags_get_one_line(tmp_path, capsys, flags, message):
     from minivae.cli import main

@@ -22,6 +22,7 @@ from ..optim import OPTIMIZERS, make_optimizer
 from ..recipes import get_recipe
 
 TEST_SEED = 12345
+ALPHA_MAX = 1e6          # M2's --alpha: the largest classifier weight accepted (TrainSettings.validate)
 # settings that may change when a run is resumed (everything else must match the checkpoint)
 RESUME_MUTABLE = ("epochs", "iw_k", "figures", "backend", "threads")
 
@@ -192,6 +193,12 @@ class TrainSettings:
         need(self.alpha is None or (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
                                     and math.isfinite(self.alpha) and self.alpha >= 0),
              f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        # an upper bound, so that a typo (1e308) is refused here and not found as a divergence: float32 Adam squares
+        # the gradient, which alpha scales, and overflows near alpha = 1e19; useful weights are far below (the
+        # default labels / 10 is at most 6000 on MNIST)
+        need(self.alpha is None or self.alpha <= ALPHA_MAX,
+             f"alpha must be at most {ALPHA_MAX:g} (the classifier's weight; the default is labels / 10), "
+             f"got {self.alpha!r}")
         need(self.alpha is None or self.labels is not None, "alpha weighs M2's classifier: it needs --labels N")
         need(self.labels is None or (self.stochastic_layers == 1 and self.decoder == "factorised" and self.flow is None
                                      and self.prior is None and self.iwae_k is None and self.iwae_grad == "iwae"
