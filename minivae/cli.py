@@ -345,6 +345,10 @@ def cmd_train(args):
             raise missing_checkpoint(args.out)
         ckpt = load_checkpoint(Path(args.out) / CHECKPOINT)
         saved = upgrade_saved(ckpt.settings)
+        try:                                 # the file's own settings, before this command's flags change any
+            TrainSettings.from_saved(dict(saved)).validate()
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt.path}: invalid field settings ({_one_line(exc)})") from None
         if args.recipe is not None and args.recipe != saved.get("recipe"):
             raise ValueError(f"{ckpt.path} was trained with recipe {saved.get('recipe')!r}, not {args.recipe!r}")
         saved.update(overrides)
@@ -445,8 +449,9 @@ def _load(args):
         print(f"minivae: {line}", file=sys.stderr)
     try:
         settings = TrainSettings.from_saved(ckpt.settings) if ckpt.settings else TrainSettings()
+        settings.validate()
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt.path}: unreadable settings ({exc})") from None
+        raise CheckpointError(f"{ckpt.path}: invalid field settings ({_one_line(exc)})") from None
     model = ckpt.build_model(_backend(args))
     return ckpt, settings, model
 

@@ -191,3 +191,24 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(m2_run):
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 128 + signal.SIGPIPE, err
     assert err == ""
+
+
+@pytest.mark.parametrize("field, value, says", [("iwae_grad", "bogus", "iwae_grad must be one of"),
+                                                ("decoder", "bogus", "decoder"),
+                                                ("alpha", 2.0, "it needs --labels N")])
+def test_an_invalid_hand_edited_setting_names_the_checkpoint(field, value, says, tmp_path, capsys):
+    # a hand-edited settings field that has the right type but an impossible value was refused on resume and by
+    # eval with the bare reason ("iwae_grad must be one of ..."), naming neither the file nor the field's place
+    import json
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--no-figures", "--out", str(out)]) == 0
+    ckpt = out / "checkpoint.npz"
+    with np.load(ckpt) as z:
+        arrays = {k: z[k] for k in z.files}
+    settings = json.loads(str(arrays["settings"]))
+    settings[field] = value
+    arrays["settings"] = np.array(json.dumps(settings))
+    np.savez(ckpt, **arrays)
+    for argv in (["train", "--resume", "--out", str(out), "--epochs", "2", "--quiet"], ["eval", str(out)]):
+        err = _error(argv, capsys)
+        assert str(ckpt) in err and "invalid field settings" in err and says in err, err
