@@ -167,8 +167,8 @@ def build_parser():
     t.add_argument("--alpha", type=float,
                    help="with --labels: the weight of the classifier's mean cross-entropy per data point; the "
                         "paper's alpha = 0.1 N reads as 0.1 with its expectation a mean over the labelled digits, "
-                        "as 0.1 x N labels with it a sum (minivae/m2.py) (default: labels / 10, the sum reading; "
-                        "0.1 trains poorly, docs/results.md)")
+                        "as 0.1 x N labels with it a sum (minivae/m2.py); at most 1e6 (default: labels / 10, the "
+                        "sum reading; 0.1 trains poorly, docs/results.md)")
     t.add_argument("--prior", help="a learned prior p(z): mog:C (a mixture of C Gaussians) or vamp:C (the VampPrior, "
                                    "C pseudo-inputs), e.g. vamp:500 (default: N(0, I))")
     t.add_argument("--seed", type=_nonneg_int, help="seed of every random draw of the run (default 0)")
