@@ -915,3 +915,37 @@ def test_a_folder_a_run_is_writing_keeps_its_temporary_files(run, tmp_path, caps
     assert stale.exists() and "removed" not in err
     code, _, err = run_main(["sample", r, "--out", tmp_path / "o"], capsys)      # the lock is free: it goes
     assert code == 0 and not stale.exists() and "removed 1 temporary file(s)" in err
+
+
+def test_a_forced_run_stopped_before_its_first_checkpoint_does_not_call_the_earlier_one_its_own(tmp_path, capsys,
+                                                                                             monkeypatch):
+    # train --force over a 2-epoch run, SIGTERM in the new run's first step: the message said "last good
+    # checkpoint kept at .../checkpoint.npz (epoch 2)", as if this run had got that far; the file is the
+    # earlier run's, kept whole
+    import minivae.train.loop as loop
+    out = tmp_path / "r"
+    code, _, err = run_main(["train", *SMALL, "--epochs", "2", "--no-figures", "--out", out], capsys)
+    assert code == 0, err
+    before = (out / "checkpoint.npz").read_bytes()
+    real = loop._Step.loss
+
+    def loss(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+    monkeypatch.setattr(loop._Step, "loss", loss)
+    code, _, err = run_main(["train", *SMALL, "--epochs", "3", "--no-figures", "--force", "--out", out], capsys)
+    assert code == 143, err
+    one_error_line(err, f"this run wrote no checkpoint yet; the earlier run's {out / 'checkpoint.npz'} (epoch 2) "
+                        "is kept as it was")
+    assert (out / "checkpoint.npz").read_bytes() == before
+    # a run that did write one names it as before
+    calls = []
+
+    def later(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:                        # epoch 3: this run has written two checkpoints
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+    monkeypatch.setattr(loop._Step, "loss", later)
+    code, _, err = run_main(["train", *SMALL, "--epochs", "9", "--no-figures", "--force", "--out", out], capsys)
+    assert code == 143 and "last good checkpoint kept at" in err and "earlier run" not in err, err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import signal
 import sys
 import time
@@ -151,6 +152,15 @@ def train(settings, out_dir, resume=False, progress=True, log=print, force=False
         raise
 
 
+def _file_identity(path):
+    """(inode, size, mtime) of a file, or None when there is none: a file renamed over it has another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _train_locked(s, out, resume, progress, log, force, threads):
     ckpt_path = out / CHECKPOINT
     ckpt, replace = _open_run_folder(s, out, resume, force)
@@ -197,12 +207,19 @@ def _train_locked(s, out, resume, progress, log, force, threads):
     step.use_graph(s, x_train, log)
     where = {"epoch": start + 1, "step": 0}
 
+    # the checkpoint a --force run found in the folder: until this run writes its first one (a new file, renamed
+    # over it), that file is the earlier run's, kept whole, and not this run's progress
+    earlier = _file_identity(ckpt_path) if not resume else None
+
     def last_ckpt():
         # the epoch actually in the file (an interrupt during the save leaves the previous one)
         try:
             epoch = load_checkpoint(ckpt_path).epoch
         except CheckpointError:
             return "no checkpoint was written yet"
+        if earlier is not None and _file_identity(ckpt_path) == earlier:
+            return (f"this run wrote no checkpoint yet; the earlier run's {ckpt_path} (epoch {epoch}) is kept as it "
+                    "was")
         return f"last good checkpoint kept at {ckpt_path} (epoch {epoch})"
 
     if start < s.epochs:
