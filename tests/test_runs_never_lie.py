@@ -949,3 +949,12 @@ def test_a_forced_run_stopped_before_its_first_checkpoint_does_not_call_the_earl
     monkeypatch.setattr(loop._Step, "loss", later)
     code, _, err = run_main(["train", *SMALL, "--epochs", "9", "--no-figures", "--force", "--out", out], capsys)
     assert code == 143 and "last good checkpoint kept at" in err and "earlier run" not in err, err
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_anything_runs(tmp_path, capsys):
+    # every size a user gives is checked: --batch-size 1e9 on the default model asks for terabytes of activations
+    out = tmp_path / "r"
+    code, _, err = run_main(["train", "--batch-size", "1e9", "--epochs", "1", "--no-figures", "--out", out], capsys)
+    assert code == 2, err
+    one_error_line(err, "memory")
+    assert "TB" in err and not out.exists()
