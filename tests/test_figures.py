@@ -168,3 +168,25 @@ def test_run_figures_interpolate_between_two_different_labels(tmp_path, drawn):
     got, _ = cells(inter[0], 12, 24)
     assert np.allclose(got[0], x[0]) and np.allclose(got[11], x[3])         # first pair: images 0 and 3
     assert np.allclose(got[12], x[1]) and np.allclose(got[23], x[4])        # second pair: 1 and 4
+
+
+def test_saving_many_samples_shows_a_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    # sample --n above the picture's cap writes an .npz chunk by chunk; the long write shows a bar counting
+    # samples on a terminal, and nothing in a log file
+    import io
+    import sys
+
+    from minivae import VAE, VAEConfig
+    from minivae.figures import save_samples_npz
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    m = VAE(VAEConfig(x_dim=4, hidden=(3,), z_dim=2), rng=0)
+    for tty in (True, False):
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        path = save_samples_npz(m, tmp_path / f"s{tty}.npz", np.random.default_rng(0), 300, chunk=100,
+                                progress=True)
+        assert np.load(path)["x"].shape == (300, 4)
+        assert ("samples" in err.getvalue() and "/300" in err.getvalue()) == tty, err.getvalue()
