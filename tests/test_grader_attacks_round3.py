@@ -40,8 +40,9 @@ def with_body(src, dst, exercise, body):
 # Memory that no rlimit of the sandbox bounds: a memfd is capped only by RLIMIT_FSIZE per file (64 MiB) times the
 # open files (tens of thousands), a System V segment by the IPC namespace's limits (the whole machine), and its
 # pages stay after shmdt; a nested user namespace (allowed where the grader runs as root) gives the student every
-# capability in it, her own mounts among them (a tmpfs without a size cap).  Before the fix, one check pinned
-# 6 GiB of the grading machine's memory with 48 memfds and 6 segments, past the 4 GiB a check may map.
+# capability in it, her own mounts among them (a tmpfs without a size cap); a socket's send buffer holds what its
+# peer has not read.  Before the fix, one check pinned 6 GiB of the grading machine's memory with 48 memfds and 6
+# segments, past the 4 GiB a check may map, and one process 6 GiB more in 930 socket pairs.
 UNBOUNDED_MEMORY = """
 import ctypes, os, threading
 libc = ctypes.CDLL(None, use_errno=True)
@@ -58,6 +59,13 @@ addr = libc.shmat(shmid, None, 0)
 seen.append(f"shmat {'ok' if addr not in (None, 2 ** 64 - 1) else 'errno %d' % ctypes.get_errno()}")
 r = libc.msgget(0, 0o1600)
 seen.append(f"msgget {'ok' if r >= 0 else 'errno %d' % ctypes.get_errno()}")
+import resource, socket
+try:
+    socket.socketpair()
+    seen.append("socketpair ok")
+except OSError as e:
+    seen.append(f"socketpair errno {e.errno}")
+seen.append(f"nofile {resource.getrlimit(resource.RLIMIT_NOFILE)[1]}")
 r = libc.unshare(0x10000000)                                     # CLONE_NEWUSER
 seen.append(f"unshare {'ok' if r == 0 else 'errno %d' % ctypes.get_errno()}")
 done = []
@@ -76,8 +84,9 @@ def test_memory_no_rlimit_bounds_and_nested_user_namespaces_are_refused(stubbed,
     d = with_body(stubbed, tmp_path / "mem", "kl_forward", UNBOUNDED_MEMORY)
     (res,) = grade(d, ["kl_forward"])["exercises"]
     msg = res["message"]
-    for what in ("memfd", "shmat", "msgget", "unshare"):
+    for what in ("memfd", "shmat", "msgget", "socketpair", "unshare"):
         assert re.search(rf"\b{what} errno 1\b", msg), (what, msg)        # EPERM from the second filter
+    assert int(re.search(r"nofile (\d+)", msg).group(1)) <= 256, msg        # and the other fds: few
     assert "thread 1 fork 7" in msg, msg                                 # threads and processes still work
     assert len(sandbox.resource_filter("x86_64")) % 8 == 0 and sandbox.resource_filter("aarch64")
     with pytest.raises(sandbox.SandboxError, match="no seccomp filter"):
@@ -120,3 +129,24 @@ def test_the_files_of_each_tmpfs_are_capped(stubbed, tmp_path):
     for where, k in counts.items():
         assert 0 < int(k) < 20000, (where, res["message"])              # stopped by the cap, not by the loop
         assert int(k) < sandbox.TMPFS_INODES, (where, res["message"])
+
+
+# A process the student's code forks is a copy of the runner: if its exec fails (there is no /bin/sleep in the
+# sandbox) or it returns, it went on to answer the request too, on the same pipe, and two answers interleave
+# (test_nothing_outlives_a_check failed about one run in two this way).  The parent waits here so that the
+# child's answer would come first: the honest kl_forward must pass all the same.
+FORKED_HELPER = """
+import os
+pid = os.fork()
+if pid == 0:
+    raise OSError("the exec of a helper failed")
+os.waitpid(pid, 0)
+var = xp.exp(logvar)
+kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
+"""
+
+
+def test_a_forked_copy_of_the_runner_never_answers(stubbed, tmp_path):
+    d = with_body(stubbed, tmp_path / "fork", "kl_forward", FORKED_HELPER)
+    (res,) = grade(d, ["kl_forward"])["exercises"]
+    assert res["passed"], res

@@ -341,6 +341,7 @@ def main():
     # an editable install of the reference adds a finder after the path finder: never fall back on it
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
     sys.dont_write_bytecode = True
+    me = os.getpid()
     while True:
         try:
             req = recv(rfd)
@@ -362,6 +363,8 @@ def main():
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             out = error_reply(e)
+        if os.getpid() != me:        # a process the student's code forked (its exec failed, or it returned): it
+            os._exit(0)              # must not answer too; two answers on one pipe interleave into garbage
         send(wfd, out)
 
 

@@ -16,8 +16,8 @@ Every child that runs student code is a new ``bwrap`` (bubblewrap, the sandbox F
   The grader, the checkout, ``--out``, other submissions, ``/root`` and ``/etc`` are not there;
 * resource limits: address space, file size (its captured output included), CPU time, processes.
 * two seccomp filters: bwrap's (no keyring, no file locks, no foreign ABI) and one BOOT installs
-  (:func:`resource_filter`: no memfd, no attaching a System V segment, no message queue, no nested user
-  namespace); as root, BOOT also caps the files of each tmpfs (``TMPFS_INODES``).
+  (:func:`resource_filter`: no memfd, no attaching a System V segment, no message queue, no socket, no io_uring,
+  no nested user namespace); as root, BOOT also caps the files of each tmpfs (``TMPFS_INODES``).
 
 BOOT, the grader's own code, runs first in the sandbox: it closes every file descriptor but its two
 pipes, drops to the unprivileged uid (as root), sets the limits, copies the submission into ``/work``,
@@ -67,6 +67,7 @@ LIMITS = {                       # resource limits of a child (soft = hard)
     "RLIMIT_FSIZE": 64 << 20,    # any file it writes, its captured output included: 64 MiB
     "RLIMIT_NPROC": 4,           # processes and threads of the sandbox's user, bwrap's init included
     "RLIMIT_CORE": 0,
+    "RLIMIT_NOFILE": 256,        # open files: each pipe, epoll or eventfd holds a little kernel memory
 }
 TMPFS_BYTES = {"/work": 64 << 20, "/tmp": 64 << 20, "/dev/shm": 16 << 20}
 TMPFS_INODES = 4096              # files and folders in each of them (see BOOT)
@@ -131,11 +132,13 @@ def seccomp_filter(machine=None):
 # past its 4 GiB.  shmget stays allowed (an empty segment holds no memory), shmat, which fills one, is refused;
 # message queues (msgget) would hold 32,000 x 16 KiB.  A new user namespace (which bwrap run as root does not
 # forbid) would give the student every capability inside it: her own mounts (a tmpfs without a size cap) and more
-# of the kernel to attack.
+# of the kernel to attack.  A socket's send buffer holds what its peer has not read, outside RLIMIT_AS: one process
+# once queued 7.3 GiB (the machine's free memory fell 6.3 GiB) in 930 Unix socket pairs in 15 s, and there is no
+# network in the sandbox to need a socket.  io_uring's rings are kernel memory too, and much kernel to attack.
 _RESOURCE_SYSCALLS = {"x86_64": {"memfd_create": 319, "memfd_secret": 447, "shmat": 30, "msgget": 68,
-                                 "unshare": 272},
+                                 "unshare": 272, "socket": 41, "socketpair": 53, "io_uring_setup": 425},
                       "aarch64": {"memfd_create": 279, "memfd_secret": 447, "shmat": 196, "msgget": 186,
-                                  "unshare": 97}}
+                                  "unshare": 97, "socket": 198, "socketpair": 199, "io_uring_setup": 425}}
 _CLONE = {"x86_64": (56, 435), "aarch64": (220, 435)}     # clone, clone3
 _CLONE_NEWUSER = 0x10000000
 _JSET_K = 0x45
@@ -143,7 +146,8 @@ _RET_ENOSYS = 0x00050000 | 38
 
 
 def resource_filter(machine=None):
-    """The second filter program: memfd_create, memfd_secret, shmat, msgget and unshare fail with EPERM, clone
+    """The second filter program: memfd_create, memfd_secret, shmat, msgget, unshare, socket, socketpair and
+    io_uring_setup fail with EPERM, clone
     with CLONE_NEWUSER too, and clone3 (whose flags a filter cannot read) with ENOSYS, so the C library falls back
     on clone for threads and processes."""
     machine = machine or os.uname().machine
