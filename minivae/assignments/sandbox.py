@@ -146,7 +146,7 @@ for name in os.listdir("/proc/self/fd"):          # nothing of the grader's but 
             os.close(int(name))
         except OSError:
             pass
-import ctypes, resource
+import ctypes, resource, struct
 libc = ctypes.CDLL(None, use_errno=True)
 if cfg["drop"] is not None:                        # root in the sandbox (mapped to root outside): leave it
     for cap in range(64):
@@ -154,7 +154,10 @@ if cfg["drop"] is not None:                        # root in the sandbox (mapped
     u = cfg["drop"]
     os.setgroups([])
     os.setresgid(u, u, u)
-    os.setresuid(u, u, u)                          # every capability goes with uid 0
+    os.setresuid(u, u, u)                          # the permitted and effective sets go with uid 0
+    # the inheritable set stays (bwrap's --cap-add put CAP_SETUID, CAP_SETGID, CAP_SETPCAP there): clear it
+    if libc.capset(struct.pack("<Ii", 0x20080522, 0), bytes(24)) != 0:     # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "capset")
 libc.prctl(38, 1, 0, 0, 0)                         # PR_SET_NO_NEW_PRIVS
 for name, value in cfg["limits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
@@ -556,7 +559,8 @@ class Child:
             if self.sandbox.enabled:
                 caps = info.get("caps", {})
                 if info.get("uid") != UID or info.get("euid") != UID or any(caps.get(k, 1) for k in
-                                                                            ("CapPrm", "CapEff", "CapBnd", "CapAmb")):
+                                                                            ("CapInh", "CapPrm", "CapEff", "CapBnd",
+                                                                             "CapAmb")):
                     raise ChildError(f"the sandbox is not in force (uid {info.get('uid')}, capabilities {caps}): "
                                      "the student's code was not run")
             self._hello = info
