@@ -1113,7 +1113,9 @@ def test_the_keyring_syscalls_are_blocked_in_the_sandbox(stubbed, tmp_path):
     (res,) = grade(d, ["kl_forward"])["exercises"]
     assert "add_key -1 errno 1" in res["message"], res      # EPERM from the seccomp filter
     prog = sandbox.seccomp_filter("x86_64")
-    assert len(prog) == 21 * 8         # arch, nr, x32, 4 calls, fcntl?, allow, deny, cmd, 7 lock commands, allow, deny
+    # arch, nr, x32, 4 calls, fcntl?, unshare?, clone?, clone3?, allow, deny; cmd, 7 lock commands, allow, deny;
+    # flags, CLONE_NEWUSER?, allow, deny; ENOSYS
+    assert len(prog) == 29 * 8
     with pytest.raises(sandbox.SandboxError, match="no seccomp filter"):
         sandbox.seccomp_filter("mips")
 
@@ -1461,20 +1463,35 @@ def test_under_one_seed_each_student_gets_inputs_of_her_own(stubbed, tmp_path):
 
 
 CAPS = """
+import ctypes, os, threading
 fields = {}
 with open("/proc/self/status") as f:
     for line in f:
         k, _, v = line.partition(":")
         fields[k] = v.split()
-raise RuntimeError("status " + "; ".join(f"{k} {' '.join(fields.get(k, ['absent']))}" for k in
-                   ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
-                    "Seccomp")))
+seen = [f"{k} {' '.join(fields.get(k, ['absent']))}" for k in
+        ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")]
+# a user namespace of its own would hold every capability again
+libc = ctypes.CDLL(None, use_errno=True)
+nr = {"x86_64": (56, 435), "aarch64": (220, 435)}[os.uname().machine]            # clone, clone3
+for name, call in (("unshare", lambda: libc.unshare(0x10000000)),                  # CLONE_NEWUSER
+                   ("clone", lambda: libc.syscall(nr[0], 0x10000000 | 17, 0, 0, 0, 0)),   # | SIGCHLD
+                   ("clone3", lambda: libc.syscall(nr[1], (ctypes.c_uint64 * 11)(0x10000000), 88))):
+    r = call()
+    if r == 0 and name != "unshare":          # the child of a clone that got through
+        os._exit(0)
+    seen.append(f"{name} {r} errno {ctypes.get_errno()}")
+t = threading.Thread(target=lambda: seen.append("thread ok"))          # threads still start (clone3 -> clone)
+t.start()
+t.join()
+raise RuntimeError("status " + "; ".join(seen))
 """
 
 
-def test_the_students_code_runs_with_no_capabilities(stubbed, tmp_path):
+def test_the_students_code_runs_with_no_capabilities_and_makes_no_user_namespace(stubbed, tmp_path):
     """Read by the student's own code (not BOOT's report): uid 65534, no capability in any set, no new
-    privileges, the seccomp filter on.  The grader here may run as root."""
+    privileges, the seccomp filter on; and no new user namespace (as root, one was allowed: inside it the
+    code held every capability again).  The grader here may run as root."""
     d = copy_of(stubbed, tmp_path / "caps")
     set_body(d, "kl_forward", CAPS)
     (res,) = grade(d, ["kl_forward"], seed=1)["exercises"]
@@ -1484,4 +1501,5 @@ def test_the_students_code_runs_with_no_capabilities(stubbed, tmp_path):
     zero = "0" * 16
     assert found == {"Uid": "65534 65534 65534 65534", "Gid": "65534 65534 65534 65534", "Groups": "",
                      "CapInh": zero, "CapPrm": zero, "CapEff": zero, "CapBnd": zero, "CapAmb": zero,
-                     "NoNewPrivs": "1", "Seccomp": "2"}, found
+                     "NoNewPrivs": "1", "Seccomp": "2", "unshare": "-1 errno 1", "clone": "-1 errno 1",
+                     "clone3": "-1 errno 38", "thread": "ok"}, found
