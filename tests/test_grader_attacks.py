@@ -632,8 +632,11 @@ libc = ctypes.CDLL(None, use_errno=True)
 shmid = libc.shmget({key}, 4096, 0o1666)              # IPC_CREAT | 0666: a SysV segment
 assert shmid >= 0 and libc.shmget({key}, 0, 0) == shmid
 if os.fork() == 0:                                      # a daemon that would outlive the check
-    os.setsid()
-    os.execv("/bin/sleep", ["/bin/sleep", "{tag}"])
+    try:                                                # (never back into the runner: two replies on one pipe)
+        os.setsid()
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{tag}"])
+    finally:
+        os._exit(0)
 var = xp.exp(logvar)
 kl = 0.5 * (mu * mu + var - 1.0 - logvar).sum(axis=1)
 """
