@@ -789,11 +789,10 @@ def test_a_batch_of_attacks_never_breaks_the_grader(solved, stubbed, tmp_path):
     data[i + 40] ^= 0x55                                                # a bad CRC in a stored member
     (subs / "badcrc.zip").write_bytes(bytes(data))
     out = tmp_path / "grades"
-    t0 = time.monotonic()
+    # a grader that hangs (on the blocked pipe, say) fails by cli's timeout, a guard and not a measurement
     r = cli("grade", subs, "--exercises", "dense_backward,kl_forward", "--jobs", JOBS, "--out", out, "--seed", "5",
             "--timeout", "8")
     assert r.returncode == 0, r.stderr
-    assert time.monotonic() - t0 < 300
     assert "\x1b" not in r.stdout + r.stderr and "\u202e" not in r.stdout + r.stderr
     rows = {row[0]: row for row in csv.reader((out / "gradebook.csv").open())}
     reports = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
