@@ -3,7 +3,8 @@
 Every child that runs student code is a new ``bwrap`` (bubblewrap, the sandbox Flatpak uses):
 
 * every namespace unshared: user, mount, PID, IPC, network (no interfaces but a down loopback),
-  UTS, cgroup; ``--die-with-parent`` and ``--new-session``; no capability left;
+  UTS, cgroup; ``--die-with-parent`` and ``--new-session``; no capability left, and no new user
+  namespace (the seccomp filter) in which the child would have them again;
 * an unprivileged uid (65534, "nobody").  Run by an ordinary user, the sandbox's uid is that user
   outside.  Run by root, the grader maps uid 65534 to 65534 outside too (``--userns-block-fd``), so
   the student's process is not root anywhere and the process limit holds;
@@ -78,17 +79,24 @@ ENV_ALLOWED = ("LANG", "LC_ALL")
 # syscalls and file locks fail with EPERM.  Without it a child could store keys in the grader's session keyring (shared into
 # the sandbox): a channel between checks and students, and a write outside the sandbox.  A syscall of any other
 # architecture than the machine's own (i386 or x32 on x86-64) fails too, so no other numbering gets through.
+# A new user namespace fails too (unshare or clone with CLONE_NEWUSER: EPERM; clone3, whose flags a filter
+# cannot read: ENOSYS, so the C library falls back to clone): in one the child would hold every capability
+# again, and the kernel code that needs them.  Run as an ordinary user, bwrap's --disable-userns stops this
+# too; as root it cannot (it does not combine with --userns-block-fd, and its limit counts uid 0 only).
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _BLOCKED_SYSCALLS = {"x86_64": (248, 249, 250, 73),    # add_key, request_key, keyctl, flock
                      "aarch64": (217, 218, 219, 32)}
 _FCNTL = {"x86_64": 72, "aarch64": 25}
+_NEW_TASK = {"x86_64": (272, 56, 435),                 # unshare, clone, clone3
+             "aarch64": (97, 220, 435)}
+_CLONE_NEWUSER = 0x10000000
 # fcntl's lock commands: F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE.
 # Locks need only read access, so two sandboxes grading at once (--jobs 2) could pass bits to each other
 # through lock state on the read-only files they share (the Python runtime, NumPy).
 _LOCK_CMDS = (5, 6, 7, 36, 37, 38, 1024)
 _X32_BIT = 0x40000000
-_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
-_RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_RET_ALLOW, _RET_EPERM, _RET_ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
 
 
 def seccomp_filter(machine=None):
@@ -97,26 +105,36 @@ def seccomp_filter(machine=None):
     if machine not in _AUDIT_ARCH:
         raise SandboxError(f"no seccomp filter for the {machine} architecture (the keyring syscalls cannot be "
                            f"blocked): grade on x86-64 or aarch64 Linux, or with --no-sandbox")
-    # (code, jump-if-true label, jump-if-false label, k); a label None is the next instruction
+    unshare, clone, clone3 = _NEW_TASK[machine]
+    # (code, jump-if-true label, jump-if-false label, k), a label None the next instruction; a str: a label here
     prog = [(_LD_W_ABS, None, None, 4),                              # A = seccomp_data.arch
             (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
             (_LD_W_ABS, None, None, 0)]                              # A = seccomp_data.nr
     if machine == "x86_64":
         prog.append((_JGE_K, "deny", None, _X32_BIT))                # the x32 ABI's numbers
     prog += [(_JEQ_K, "deny", None, nr) for nr in _BLOCKED_SYSCALLS[machine]]
-    prog.append((_JEQ_K, "fcntl", None, _FCNTL[machine]))
-    labels = {"allow": len(prog), "deny": len(prog) + 1, "fcntl": len(prog) + 2}
-    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM),
-             (_LD_W_ABS, None, None, 24)]                            # A = low word of args[1] (fcntl's cmd)
+    prog += [(_JEQ_K, "fcntl", None, _FCNTL[machine]), (_JEQ_K, "flags", None, unshare),
+             (_JEQ_K, "flags", None, clone), (_JEQ_K, "enosys", None, clone3),
+             (_RET_K, None, None, _RET_ALLOW), "deny", (_RET_K, None, None, _RET_EPERM),
+             "fcntl", (_LD_W_ABS, None, None, 24)]                   # A = low word of args[1] (fcntl's cmd)
     prog += [(_JEQ_K, "deny_lock", None, cmd) for cmd in _LOCK_CMDS]
-    labels["deny_lock"] = len(prog) + 1                              # (BPF jumps only forward)
-    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM)]
+    prog += [(_RET_K, None, None, _RET_ALLOW), "deny_lock", (_RET_K, None, None, _RET_EPERM),
+             "flags", (_LD_W_ABS, None, None, 16),                   # A = low word of args[0] (the flags)
+             (_JSET_K, "deny_ns", None, _CLONE_NEWUSER),
+             (_RET_K, None, None, _RET_ALLOW), "deny_ns", (_RET_K, None, None, _RET_EPERM),
+             "enosys", (_RET_K, None, None, _RET_ENOSYS)]
+    labels, code = {}, []
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(code)
+        else:
+            code.append(item)
     out = b""
-    for i, (code, jt, jf, k) in enumerate(prog):
+    for i, (op, jt, jf, k) in enumerate(code):
         off = [0 if lab is None else labels[lab] - i - 1 for lab in (jt, jf)]
-        if min(off) < 0 or max(off) > 255:
+        if min(off) < 0 or max(off) > 255:                           # (BPF jumps only forward)
             raise AssertionError("seccomp filter: a jump backwards or too far")
-        out += struct.pack("<HBBI", code, off[0], off[1], k)
+        out += struct.pack("<HBBI", op, off[0], off[1], k)
     return out
 
 
@@ -146,7 +164,7 @@ for name in os.listdir("/proc/self/fd"):          # nothing of the grader's but 
             os.close(int(name))
         except OSError:
             pass
-import ctypes, resource
+import ctypes, resource, struct
 libc = ctypes.CDLL(None, use_errno=True)
 if cfg["drop"] is not None:                        # root in the sandbox (mapped to root outside): leave it
     for cap in range(64):
@@ -154,7 +172,10 @@ if cfg["drop"] is not None:                        # root in the sandbox (mapped
     u = cfg["drop"]
     os.setgroups([])
     os.setresgid(u, u, u)
-    os.setresuid(u, u, u)                          # every capability goes with uid 0
+    os.setresuid(u, u, u)                          # the permitted and effective sets go with uid 0
+    # the inheritable set stays (bwrap's --cap-add put CAP_SETUID, CAP_SETGID, CAP_SETPCAP there): clear it
+    if libc.capset(struct.pack("<Ii", 0x20080522, 0), bytes(24)) != 0:     # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "capset")
 libc.prctl(38, 1, 0, 0, 0)                         # PR_SET_NO_NEW_PRIVS
 for name, value in cfg["limits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
@@ -556,7 +577,8 @@ class Child:
             if self.sandbox.enabled:
                 caps = info.get("caps", {})
                 if info.get("uid") != UID or info.get("euid") != UID or any(caps.get(k, 1) for k in
-                                                                            ("CapPrm", "CapEff", "CapBnd", "CapAmb")):
+                                                                            ("CapInh", "CapPrm", "CapEff", "CapBnd",
+                                                                             "CapAmb")):
                     raise ChildError(f"the sandbox is not in force (uid {info.get('uid')}, capabilities {caps}): "
                                      "the student's code was not run")
             self._hello = info
