@@ -291,12 +291,14 @@ class Interrupted(Exception):
     """Grading stopped (Ctrl-C, or the grader's files changed) before this student was done."""
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ud800-\udfff]")
 
 
 def clean(text, limit=2000):
     """Text safe to print to a terminal and to store, on one line: tabs and newlines become spaces (a message
-    cannot print lines of its own, e.g. a fake PASS or score), other control and direction characters '?'."""
+    cannot print lines of its own, e.g. a fake PASS or score), other control and direction characters '?', and
+    so do lone surrogates (a file name in bytes that are not UTF-8, or a student's message): a strict UTF-8
+    terminal cannot print them, which once stopped the report before the score."""
     return _CONTROL.sub("?", str(text).replace("\n", " ").replace("\t", " "))[:limit]
 
 

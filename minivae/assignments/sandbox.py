@@ -3,7 +3,8 @@
 Every child that runs student code is a new ``bwrap`` (bubblewrap, the sandbox Flatpak uses):
 
 * every namespace unshared: user, mount, PID, IPC, network (no interfaces but a down loopback),
-  UTS, cgroup; ``--die-with-parent`` and ``--new-session``; no capability left;
+  UTS, cgroup; ``--die-with-parent`` and ``--new-session``; no capability left, and no new user
+  namespace (the seccomp filter) in which the child would have them again;
 * an unprivileged uid (65534, "nobody").  Run by an ordinary user, the sandbox's uid is that user
   outside.  Run by root, the grader maps uid 65534 to 65534 outside too (``--userns-block-fd``), so
   the student's process is not root anywhere and the process limit holds;
@@ -15,9 +16,9 @@ Every child that runs student code is a new ``bwrap`` (bubblewrap, the sandbox F
   ``/tmp`` and ``/dev/shm``; a minimal ``/dev``; a read-only ``/proc`` of its own PID namespace.
   The grader, the checkout, ``--out``, other submissions, ``/root`` and ``/etc`` are not there;
 * resource limits: address space, file size (its captured output included), CPU time, processes.
-* two seccomp filters: bwrap's (no keyring, no file locks, no foreign ABI) and one BOOT installs
-  (:func:`resource_filter`: no memfd, no attaching a System V segment, no message queue, no socket, no io_uring,
-  no nested user namespace); as root, BOOT also caps the files of each tmpfs (``TMPFS_INODES``).
+* two seccomp filters: bwrap's (no keyring, no file locks, no foreign ABI, no new user namespace) and one
+  BOOT installs (:func:`resource_filter`: no memfd, no attaching a System V segment, no message queue, no
+  socket, no io_uring); as root, BOOT also caps the files of each tmpfs (``TMPFS_INODES``).
 
 BOOT, the grader's own code, runs first in the sandbox: it closes every file descriptor but its two
 pipes, drops to the unprivileged uid (as root), sets the limits, copies the submission into ``/work``,
@@ -83,17 +84,24 @@ ENV_ALLOWED = ("LANG", "LC_ALL")
 # syscalls and file locks fail with EPERM.  Without it a child could store keys in the grader's session keyring (shared into
 # the sandbox): a channel between checks and students, and a write outside the sandbox.  A syscall of any other
 # architecture than the machine's own (i386 or x32 on x86-64) fails too, so no other numbering gets through.
+# A new user namespace fails too (unshare or clone with CLONE_NEWUSER: EPERM; clone3, whose flags a filter
+# cannot read: ENOSYS, so the C library falls back to clone): in one the child would hold every capability
+# again, and the kernel code that needs them.  Run as an ordinary user, bwrap's --disable-userns stops this
+# too; as root it cannot (it does not combine with --userns-block-fd, and its limit counts uid 0 only).
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _BLOCKED_SYSCALLS = {"x86_64": (248, 249, 250, 73),    # add_key, request_key, keyctl, flock
                      "aarch64": (217, 218, 219, 32)}
 _FCNTL = {"x86_64": 72, "aarch64": 25}
+_NEW_TASK = {"x86_64": (272, 56, 435),                 # unshare, clone, clone3
+             "aarch64": (97, 220, 435)}
+_CLONE_NEWUSER = 0x10000000
 # fcntl's lock commands: F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE.
 # Locks need only read access, so two sandboxes grading at once (--jobs 2) could pass bits to each other
 # through lock state on the read-only files they share (the Python runtime, NumPy).
 _LOCK_CMDS = (5, 6, 7, 36, 37, 38, 1024)
 _X32_BIT = 0x40000000
-_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
-_RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_RET_ALLOW, _RET_EPERM, _RET_ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
 
 
 def seccomp_filter(machine=None):
@@ -102,70 +110,69 @@ def seccomp_filter(machine=None):
     if machine not in _AUDIT_ARCH:
         raise SandboxError(f"no seccomp filter for the {machine} architecture (the keyring syscalls cannot be "
                            f"blocked): grade on x86-64 or aarch64 Linux, or with --no-sandbox")
-    # (code, jump-if-true label, jump-if-false label, k); a label None is the next instruction
+    unshare, clone, clone3 = _NEW_TASK[machine]
+    # (code, jump-if-true label, jump-if-false label, k), a label None the next instruction; a str: a label here
     prog = [(_LD_W_ABS, None, None, 4),                              # A = seccomp_data.arch
             (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
             (_LD_W_ABS, None, None, 0)]                              # A = seccomp_data.nr
     if machine == "x86_64":
         prog.append((_JGE_K, "deny", None, _X32_BIT))                # the x32 ABI's numbers
     prog += [(_JEQ_K, "deny", None, nr) for nr in _BLOCKED_SYSCALLS[machine]]
-    prog.append((_JEQ_K, "fcntl", None, _FCNTL[machine]))
-    labels = {"allow": len(prog), "deny": len(prog) + 1, "fcntl": len(prog) + 2}
-    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM),
-             (_LD_W_ABS, None, None, 24)]                            # A = low word of args[1] (fcntl's cmd)
+    prog += [(_JEQ_K, "fcntl", None, _FCNTL[machine]), (_JEQ_K, "flags", None, unshare),
+             (_JEQ_K, "flags", None, clone), (_JEQ_K, "enosys", None, clone3),
+             (_RET_K, None, None, _RET_ALLOW), "deny", (_RET_K, None, None, _RET_EPERM),
+             "fcntl", (_LD_W_ABS, None, None, 24)]                   # A = low word of args[1] (fcntl's cmd)
     prog += [(_JEQ_K, "deny_lock", None, cmd) for cmd in _LOCK_CMDS]
-    labels["deny_lock"] = len(prog) + 1                              # (BPF jumps only forward)
-    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM)]
+    prog += [(_RET_K, None, None, _RET_ALLOW), "deny_lock", (_RET_K, None, None, _RET_EPERM),
+             "flags", (_LD_W_ABS, None, None, 16),                   # A = low word of args[0] (the flags)
+             (_JSET_K, "deny_ns", None, _CLONE_NEWUSER),
+             (_RET_K, None, None, _RET_ALLOW), "deny_ns", (_RET_K, None, None, _RET_EPERM),
+             "enosys", (_RET_K, None, None, _RET_ENOSYS)]
+    labels, code = {}, []
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(code)
+        else:
+            code.append(item)
     out = b""
-    for i, (code, jt, jf, k) in enumerate(prog):
+    for i, (op, jt, jf, k) in enumerate(code):
         off = [0 if lab is None else labels[lab] - i - 1 for lab in (jt, jf)]
-        if min(off) < 0 or max(off) > 255:
+        if min(off) < 0 or max(off) > 255:                           # (BPF jumps only forward)
             raise AssertionError("seccomp filter: a jump backwards or too far")
-        out += struct.pack("<HBBI", code, off[0], off[1], k)
+        out += struct.pack("<HBBI", op, off[0], off[1], k)
     return out
 
 
 # A second filter, which BOOT installs itself (prctl) before any student code runs: the ways to hold host memory that
-# no rlimit bounds, and nested user namespaces.  A memfd is limited only by RLIMIT_FSIZE per file times the open
-# files (20,000 x 64 MiB here); a System V shared-memory segment by the IPC namespace's limits (about the whole
-# machine), and its pages stay after shmdt: one check once pinned 6 GiB of the grading machine's memory with them,
-# past its 4 GiB.  shmget stays allowed (an empty segment holds no memory), shmat, which fills one, is refused;
-# message queues (msgget) would hold 32,000 x 16 KiB.  A new user namespace (which bwrap run as root does not
-# forbid) would give the student every capability inside it: her own mounts (a tmpfs without a size cap) and more
-# of the kernel to attack.  A socket's send buffer holds what its peer has not read, outside RLIMIT_AS: one process
-# once queued 7.3 GiB (the machine's free memory fell 6.3 GiB) in 930 Unix socket pairs in 15 s, and there is no
-# network in the sandbox to need a socket.  io_uring's rings are kernel memory too, and much kernel to attack.
+# no rlimit bounds.  A memfd is limited only by RLIMIT_FSIZE per file times the open files (64 MiB x 20,000 here
+# before RLIMIT_NOFILE); a System V shared-memory segment by the IPC namespace's limits (about the whole machine),
+# and its pages stay after shmdt: one check once pinned 6 GiB of the grading machine's memory with them, past its
+# 4 GiB.  shmget stays allowed (an empty segment holds no memory), shmat, which fills one, is refused; message
+# queues (msgget) would hold 32,000 x 16 KiB.  A socket's send buffer holds what its peer has not read, outside
+# RLIMIT_AS: one process once queued 7.3 GiB (the machine's free memory fell 6.3 GiB) in 930 Unix socket pairs in
+# 15 s, and there is no network in the sandbox to need a socket.  io_uring's rings are kernel memory too, and much
+# kernel to attack.
 _RESOURCE_SYSCALLS = {"x86_64": {"memfd_create": 319, "memfd_secret": 447, "shmat": 30, "msgget": 68,
-                                 "unshare": 272, "socket": 41, "socketpair": 53, "io_uring_setup": 425},
+                                 "socket": 41, "socketpair": 53, "io_uring_setup": 425},
                       "aarch64": {"memfd_create": 279, "memfd_secret": 447, "shmat": 196, "msgget": 186,
-                                  "unshare": 97, "socket": 198, "socketpair": 199, "io_uring_setup": 425}}
-_CLONE = {"x86_64": (56, 435), "aarch64": (220, 435)}     # clone, clone3
-_CLONE_NEWUSER = 0x10000000
-_JSET_K = 0x45
-_RET_ENOSYS = 0x00050000 | 38
+                                  "socket": 198, "socketpair": 199, "io_uring_setup": 425}}
 
 
 def resource_filter(machine=None):
-    """The second filter program: memfd_create, memfd_secret, shmat, msgget, unshare, socket, socketpair and
-    io_uring_setup fail with EPERM, clone
-    with CLONE_NEWUSER too, and clone3 (whose flags a filter cannot read) with ENOSYS, so the C library falls back
-    on clone for threads and processes."""
+    """The second filter program: memfd_create, memfd_secret, shmat, msgget, socket, socketpair and
+    io_uring_setup fail with EPERM (new user namespaces are the first filter's, :func:`seccomp_filter`)."""
     machine = machine or os.uname().machine
     if machine not in _AUDIT_ARCH:
         raise SandboxError(f"no seccomp filter for the {machine} architecture: grade on x86-64 or aarch64 Linux, "
                            f"or with --no-sandbox")
-    clone, clone3 = _CLONE[machine]
     prog = [(_LD_W_ABS, None, None, 4),
             (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
             (_LD_W_ABS, None, None, 0)]
     if machine == "x86_64":
         prog.append((_JGE_K, "deny", None, _X32_BIT))
     prog += [(_JEQ_K, "deny", None, nr) for nr in _RESOURCE_SYSCALLS[machine].values()]
-    prog += [(_JEQ_K, "enosys", None, clone3), (_JEQ_K, None, "allow", clone),
-             (_LD_W_ABS, None, None, 16),                           # A = low word of args[0] (clone's flags)
-             (_JSET_K, "deny", None, _CLONE_NEWUSER)]
-    labels = {"allow": len(prog), "deny": len(prog) + 1, "enosys": len(prog) + 2}
-    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM), (_RET_K, None, None, _RET_ENOSYS)]
+    labels = {"allow": len(prog), "deny": len(prog) + 1}
+    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM)]
     out = b""
     for i, (code, jt, jf, k) in enumerate(prog):
         off = [0 if lab is None else labels[lab] - i - 1 for lab in (jt, jf)]
@@ -201,7 +208,7 @@ for name in os.listdir("/proc/self/fd"):          # nothing of the grader's but 
             os.close(int(name))
         except OSError:
             pass
-import ctypes, resource
+import ctypes, resource, struct
 libc = ctypes.CDLL(None, use_errno=True)
 if cfg["drop"] is not None:                        # root in the sandbox (mapped to root outside): leave it
     for path in cfg["tmpfs"]:                      # bwrap cannot cap a tmpfs's files: MS_REMOUNT|MS_NOSUID|MS_NODEV
@@ -212,7 +219,11 @@ if cfg["drop"] is not None:                        # root in the sandbox (mapped
     u = cfg["drop"]
     os.setgroups([])
     os.setresgid(u, u, u)
-    os.setresuid(u, u, u)                          # every capability goes with uid 0
+    os.setresuid(u, u, u)                          # the permitted and effective sets go with uid 0
+    # the inheritable set stays (bwrap's --cap-add put CAP_SETUID, CAP_SETGID, CAP_SETPCAP, CAP_SYS_ADMIN
+    # there): clear it
+    if libc.capset(struct.pack("<Ii", 0x20080522, 0), bytes(24)) != 0:     # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "capset")
 libc.prctl(38, 1, 0, 0, 0)                         # PR_SET_NO_NEW_PRIVS
 blocked = None
 if cfg.get("filter"):                              # the second seccomp filter (resource_filter)
@@ -629,7 +640,8 @@ class Child:
             if self.sandbox.enabled:
                 caps = info.get("caps", {})
                 if info.get("uid") != UID or info.get("euid") != UID or any(caps.get(k, 1) for k in
-                                                                            ("CapPrm", "CapEff", "CapBnd", "CapAmb")):
+                                                                            ("CapInh", "CapPrm", "CapEff", "CapBnd",
+                                                                             "CapAmb")):
                     raise ChildError(f"the sandbox is not in force (uid {info.get('uid')}, capabilities {caps}): "
                                      "the student's code was not run")
                 if info.get("memfd_blocked") is not True:
