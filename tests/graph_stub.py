@@ -22,7 +22,7 @@ from minivae.fast.cublas import OP_N, OP_T
 
 def _h(a):
     """A plain NumPy view (the stand-in CuPy's arrays are a NumPy subclass)."""
-    return np.asarray(a) if isinstance(a, np.ndarray) else a
+    return a.view(np.ndarray) if isinstance(a, np.ndarray) else a
 
 
 def _colmajor(buf, rows, cols, ld, what):

@@ -5,8 +5,10 @@ from a module named ``cupy...`` is a device array).  This module makes a module 
 arrays are a NumPy subclass declared in that module, and whose functions are NumPy's, with their array
 results turned into such arrays.  Put in ``sys.modules["cupy"]`` (:func:`installed`), it lets the CuPy code
 paths of the library run on the CPU: a NumPy array that reaches code expecting the model's (device) arrays is
-then caught exactly as on a GPU, where it is a ``TypeError``; nothing here makes a host array pass as a
-device one.
+then caught exactly as on a GPU, where it is a ``TypeError`` (a 0-d one, or one inside a list such as
+``cupy.concatenate``'s, too); nothing here makes a host array pass as a device one.  The other way round,
+``np.asarray(a device array)`` in the library is a ``TypeError`` as on CuPy (:func:`installed`): a device
+array reaches the host by ``.get()`` or ``cupy.asnumpy`` only.
 
 The fused CuPy kernels of :mod:`minivae.fast` are C++ and cannot run here; :data:`FAST_KERNELS` are NumPy
 twins of them (the same formulas as their ``operation`` strings), so FastTrainer's CuPy path runs too.  What
@@ -23,7 +25,15 @@ import numpy as np
 
 
 def _host_arrays(values):
-    return [v for v in values if type(v) is np.ndarray and v.ndim > 0]
+    # into lists and tuples too: cupy.concatenate([device, host]) is refused as well ("Only cupy arrays can be
+    # concatenated")
+    found = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            found += _host_arrays(v)
+        elif type(v) is np.ndarray:
+            found.append(v)
+    return found
 
 
 def _refuse_host(values, what):
@@ -37,7 +47,7 @@ class ndarray(np.ndarray):
     """A NumPy array that claims to be a device array (its type's module is ``cupy``)."""
 
     def get(self):
-        return np.array(self)                 # a host copy, as cupy.ndarray.get()
+        return self.view(np.ndarray).copy()   # a host copy, as cupy.ndarray.get()
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kw):
         out = kw.get("out", ())
@@ -65,6 +75,9 @@ def _dev(a):
 _CONVERTERS = {"asarray", "array", "ascontiguousarray", "asanyarray"}
 
 
+_NUMPY_CONVERTERS = {name: getattr(np, name) for name in _CONVERTERS}
+
+
 def _wrap(fn, name):
     def call(*args, **kw):
         if name not in _CONVERTERS:
@@ -82,12 +95,12 @@ def make_module():
     mod.__version__ = "stand-in"
 
     def asnumpy(a):
-        return np.array(a)
+        return a.get() if isinstance(a, ndarray) else _NUMPY_CONVERTERS["array"](a)
 
     mod.asnumpy = asnumpy
 
     def _getattr(name):
-        obj = getattr(np, name)                # AttributeError for what NumPy does not have either
+        obj = _NUMPY_CONVERTERS.get(name) or getattr(np, name)   # AttributeError for what NumPy does not have either
         if isinstance(obj, type) or not callable(obj):
             return obj
         return _wrap(obj, name)
@@ -147,12 +160,28 @@ FAST_KERNELS = {k: _on_views(f) for k, f in {
     "kl_terms": _kl_terms, "bernoulli": _bernoulli, "adam": _adam}.items()}
 
 
+def _no_implicit_copy(fn):
+    # CuPy refuses np.asarray(a device array) ("Implicit conversion to a NumPy array is not allowed"): a device
+    # array reaches the host only by .get() or cupy.asnumpy.  NumPy lets the stand-in's arrays (a NumPy
+    # subclass) through, so np.asarray, np.array, ... refuse them here when the library calls them (NumPy's own
+    # Python code calls them too, where CuPy would have taken the call over: those pass)
+    def call(a, *args, **kw):
+        if isinstance(a, ndarray) and sys._getframe(1).f_globals.get("__name__", "").startswith("minivae"):
+            raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
+                            "a NumPy array explicitly.")
+        return fn(a, *args, **kw)
+    call.__name__ = fn.__name__
+    return call
+
+
 @contextlib.contextmanager
 def installed(monkeypatch):
     """``sys.modules["cupy"]`` is the stand-in, and FastTrainer's CuPy kernels are the NumPy twins."""
     from minivae.fast import ops_cupy
     mod = make_module()
     monkeypatch.setitem(sys.modules, "cupy", mod)
+    for name, fn in _NUMPY_CONVERTERS.items():          # np.asarray(device array): a TypeError, as on CuPy
+        monkeypatch.setattr(np, name, _no_implicit_copy(fn))
     monkeypatch.setenv("MINIVAE_CONV_KERNELS", "0")      # conv's CUDA im2col/col2im cannot run here: the CuPy slices do
     saved = dict(ops_cupy._BUILT)
     ops_cupy._BUILT.clear()
