@@ -104,30 +104,20 @@ _LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 _RET_ALLOW, _RET_EPERM, _RET_ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
 
 
-def seccomp_filter(machine=None):
-    """The filter program (bytes of ``struct sock_filter``), or SandboxError on an architecture it does not know."""
-    machine = machine or os.uname().machine
-    if machine not in _AUDIT_ARCH:
-        raise SandboxError(f"no seccomp filter for the {machine} architecture (the keyring syscalls cannot be "
-                           f"blocked): grade on x86-64 or aarch64 Linux, or with --no-sandbox")
-    unshare, clone, clone3 = _NEW_TASK[machine]
+def _prologue(machine):
+    """The start of both filters: a syscall of another architecture (or x86-64's x32 ABI) jumps to "deny";
+    then A = the syscall's number."""
     # (code, jump-if-true label, jump-if-false label, k), a label None the next instruction; a str: a label here
     prog = [(_LD_W_ABS, None, None, 4),                              # A = seccomp_data.arch
             (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
             (_LD_W_ABS, None, None, 0)]                              # A = seccomp_data.nr
     if machine == "x86_64":
         prog.append((_JGE_K, "deny", None, _X32_BIT))                # the x32 ABI's numbers
-    prog += [(_JEQ_K, "deny", None, nr) for nr in _BLOCKED_SYSCALLS[machine]]
-    prog += [(_JEQ_K, "fcntl", None, _FCNTL[machine]), (_JEQ_K, "flags", None, unshare),
-             (_JEQ_K, "flags", None, clone), (_JEQ_K, "enosys", None, clone3),
-             (_RET_K, None, None, _RET_ALLOW), "deny", (_RET_K, None, None, _RET_EPERM),
-             "fcntl", (_LD_W_ABS, None, None, 24)]                   # A = low word of args[1] (fcntl's cmd)
-    prog += [(_JEQ_K, "deny_lock", None, cmd) for cmd in _LOCK_CMDS]
-    prog += [(_RET_K, None, None, _RET_ALLOW), "deny_lock", (_RET_K, None, None, _RET_EPERM),
-             "flags", (_LD_W_ABS, None, None, 16),                   # A = low word of args[0] (the flags)
-             (_JSET_K, "deny_ns", None, _CLONE_NEWUSER),
-             (_RET_K, None, None, _RET_ALLOW), "deny_ns", (_RET_K, None, None, _RET_EPERM),
-             "enosys", (_RET_K, None, None, _RET_ENOSYS)]
+    return prog
+
+
+def _assemble(prog):
+    """The bytes of a classic BPF program written as a list of (code, jt label, jf label, k) and str labels."""
     labels, code = {}, []
     for item in prog:
         if isinstance(item, str):
@@ -141,6 +131,27 @@ def seccomp_filter(machine=None):
             raise AssertionError("seccomp filter: a jump backwards or too far")
         out += struct.pack("<HBBI", op, off[0], off[1], k)
     return out
+
+
+def seccomp_filter(machine=None):
+    """The filter program (bytes of ``struct sock_filter``), or SandboxError on an architecture it does not know."""
+    machine = machine or os.uname().machine
+    if machine not in _AUDIT_ARCH:
+        raise SandboxError(f"no seccomp filter for the {machine} architecture (the keyring syscalls cannot be "
+                           f"blocked): grade on x86-64 or aarch64 Linux, or with --no-sandbox")
+    unshare, clone, clone3 = _NEW_TASK[machine]
+    prog = _prologue(machine) + [(_JEQ_K, "deny", None, nr) for nr in _BLOCKED_SYSCALLS[machine]]
+    prog += [(_JEQ_K, "fcntl", None, _FCNTL[machine]), (_JEQ_K, "flags", None, unshare),
+             (_JEQ_K, "flags", None, clone), (_JEQ_K, "enosys", None, clone3),
+             (_RET_K, None, None, _RET_ALLOW), "deny", (_RET_K, None, None, _RET_EPERM),
+             "fcntl", (_LD_W_ABS, None, None, 24)]                   # A = low word of args[1] (fcntl's cmd)
+    prog += [(_JEQ_K, "deny_lock", None, cmd) for cmd in _LOCK_CMDS]
+    prog += [(_RET_K, None, None, _RET_ALLOW), "deny_lock", (_RET_K, None, None, _RET_EPERM),
+             "flags", (_LD_W_ABS, None, None, 16),                   # A = low word of args[0] (the flags)
+             (_JSET_K, "deny_ns", None, _CLONE_NEWUSER),
+             (_RET_K, None, None, _RET_ALLOW), "deny_ns", (_RET_K, None, None, _RET_EPERM),
+             "enosys", (_RET_K, None, None, _RET_ENOSYS)]
+    return _assemble(prog)
 
 
 # A second filter, which BOOT installs itself (prctl) before any student code runs: the ways to hold host memory that
@@ -165,21 +176,8 @@ def resource_filter(machine=None):
     if machine not in _AUDIT_ARCH:
         raise SandboxError(f"no seccomp filter for the {machine} architecture: grade on x86-64 or aarch64 Linux, "
                            f"or with --no-sandbox")
-    prog = [(_LD_W_ABS, None, None, 4),
-            (_JEQ_K, None, "deny", _AUDIT_ARCH[machine]),
-            (_LD_W_ABS, None, None, 0)]
-    if machine == "x86_64":
-        prog.append((_JGE_K, "deny", None, _X32_BIT))
-    prog += [(_JEQ_K, "deny", None, nr) for nr in _RESOURCE_SYSCALLS[machine].values()]
-    labels = {"allow": len(prog), "deny": len(prog) + 1}
-    prog += [(_RET_K, None, None, _RET_ALLOW), (_RET_K, None, None, _RET_EPERM)]
-    out = b""
-    for i, (code, jt, jf, k) in enumerate(prog):
-        off = [0 if lab is None else labels[lab] - i - 1 for lab in (jt, jf)]
-        if min(off) < 0 or max(off) > 255:
-            raise AssertionError("seccomp filter: a jump backwards or too far")
-        out += struct.pack("<HBBI", code, off[0], off[1], k)
-    return out
+    prog = _prologue(machine) + [(_JEQ_K, "deny", None, nr) for nr in _RESOURCE_SYSCALLS[machine].values()]
+    return _assemble(prog + [(_RET_K, None, None, _RET_ALLOW), "deny", (_RET_K, None, None, _RET_EPERM)])
 
 
 class SandboxError(RuntimeError):
